@@ -1,0 +1,3 @@
+from exoctl.cli.app import main
+
+main()

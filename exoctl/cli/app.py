@@ -1,0 +1,69 @@
+"""The `exoctl` command line: one Typer app, one error boundary.
+
+Commands live one per module; torch is imported only by commands that run the engine, so
+`exoctl --help` and `exoctl models` start fast.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated
+
+import typer
+
+from exoctl import __version__
+from exoctl.cli import models as models_cmd
+from exoctl.cli import run as run_cmd
+from exoctl.cli.output import print_error
+from exoctl.errors import ExoctlError
+
+app = typer.Typer(
+    name="exoctl",
+    help="Shard large language models across a small cluster of CPU machines and chat with them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("models", help=models_cmd.HELP, epilog=models_cmd.EXAMPLES)(models_cmd.models)
+app.command("run", help=run_cmd.HELP, epilog=run_cmd.EXAMPLES)(run_cmd.run)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"exoctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    pass
+
+
+def main() -> None:
+    """Entry point: known errors become one line and exit 1 (EXOCTL_DEBUG=1 shows the traceback)."""
+    try:
+        app(standalone_mode=False)
+    except ExoctlError as exc:
+        if os.environ.get("EXOCTL_DEBUG"):
+            raise
+        print_error(exc)
+        sys.exit(1)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.exit(130)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as exc:
+        # Click usage errors carry their own message and exit code.
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise

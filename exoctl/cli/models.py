@@ -1,0 +1,55 @@
+"""`exoctl models`: the catalog."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+
+from exoctl.catalog import ModelCard, load_catalog
+from exoctl.cli.options import JsonOption
+from exoctl.cli.output import console, print_json, use_json_errors
+
+HELP = "List the models exoctl knows: id, size, layers, tags."
+EXAMPLES = "Examples:\n\n  exoctl models\n\n  exoctl models --json | jq '.[] | select(.tags[] == \"cpu\") | .id'"
+
+
+def card_json(card: ModelCard) -> dict[str, Any]:
+    return {
+        "id": card.id,
+        "name": card.name,
+        "hugging_face_id": card.hf_repo,
+        "architecture": card.architecture,
+        "n_layers": card.n_layers,
+        "hidden_size": card.hidden_size,
+        "num_attention_heads": card.num_attention_heads,
+        "num_key_value_heads": card.num_key_value_heads,
+        "intermediate_size": card.intermediate_size,
+        "num_experts": card.num_experts,
+        "vocab_size": card.vocab_size,
+        "parameters": card.parameters,
+        "storage_size_megabytes": round(card.storage_bytes / 1e6),
+        "tags": list(card.tags),
+    }
+
+
+def models(json_output: JsonOption = False) -> None:
+    use_json_errors(json_output)
+    cards = load_catalog()
+    if json_output:
+        print_json([card_json(c) for c in cards])
+        return
+    table = Table(title="Models")
+    for column in ("id", "hugging face repo", "arch", "layers", "params", "size", "tags"):
+        table.add_column(column, justify="right" if column in ("layers", "params", "size") else "left")
+    for card in cards:
+        table.add_row(
+            card.id,
+            card.hf_repo,
+            card.architecture,
+            str(card.n_layers),
+            f"{card.parameters / 1e9:.2f} B",
+            f"{card.storage_bytes / 1e9:.1f} GB",
+            ", ".join(card.tags),
+        )
+    console.print(table)

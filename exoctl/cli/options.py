@@ -1,0 +1,20 @@
+"""Options shared by several commands, as Annotated aliases."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from exoctl.catalog import DEFAULT_MODEL_ID
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print a JSON document instead of tables/text.")]
+ModelOption = Annotated[
+    str,
+    typer.Option("--model", "-m", help="Catalog id, Hugging Face repo id, or a local model folder."),
+]
+DtypeOption = Annotated[
+    str,
+    typer.Option("--dtype", help="Runtime dtype: auto (float32 without native bf16), float32, bfloat16."),
+]
+DEFAULT_MODEL = DEFAULT_MODEL_ID

@@ -1,0 +1,58 @@
+"""Per-sequence KV cache for the layers one runner holds."""
+
+from __future__ import annotations
+
+import torch
+
+_CHUNK = 256  # capacity grows in steps of this many positions
+
+
+class KVCache:
+    """Keys and values of one sequence for layers [start, end), each [KVH, capacity, D].
+
+    `length` counts the positions the whole model has seen; every layer of the range is
+    appended once per forward, and the range's last layer advances `length`.
+    """
+
+    def __init__(self, layers: range, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
+        self.layers = layers
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.dtype = dtype
+        self.length = 0
+        self.capacity = 0
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys.values(), *self.values.values()))
+
+    def _reserve(self, needed: int) -> None:
+        if needed <= self.capacity:
+            return
+        capacity = max(needed, 2 * self.capacity)
+        capacity = -(-capacity // _CHUNK) * _CHUNK
+        for store in (self.keys, self.values):
+            for layer in self.layers:
+                grown = torch.empty(self.num_kv_heads, capacity, self.head_dim, dtype=self.dtype)
+                if layer in store:
+                    grown[:, : self.length] = store[layer][:, : self.length]
+                store[layer] = grown
+        self.capacity = capacity
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Store k/v [T, KVH, D] of `layer`; return its keys/values so far [KVH, past + T, D] and past."""
+        steps = k.shape[0]
+        past = self.length
+        self._reserve(past + steps)
+        keys, values = self.keys[layer], self.values[layer]
+        keys[:, past : past + steps] = k.transpose(0, 1)
+        values[:, past : past + steps] = v.transpose(0, 1)
+        if layer == self.layers[-1]:
+            self.length = past + steps
+        return keys[:, : past + steps], values[:, : past + steps], past
+
+    def truncate(self, length: int) -> None:
+        """Forget positions from `length` on (a rejected prefix, a retried step)."""
+        self.length = min(self.length, length)

@@ -1,0 +1,159 @@
+"""A causal LM built for a half-open layer range [start, end) with absolute layer indices.
+
+The first range owns the token embedding, the last owns the final norm and lm_head; a range
+that is both is the whole model. Each range reads only its own tensors from safetensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from exoctl.engine import llama, mixtral, qwen2
+from exoctl.engine.config import ModelConfig, load_config
+from exoctl.engine.kv_cache import KVCache
+from exoctl.engine.layers import DecoderLayer, Linear, RMSNorm, Rotary
+from exoctl.engine.weights import WeightReader
+from exoctl.errors import UnsupportedModelError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+LayerLoader = Callable[[WeightReader, ModelConfig, int], DecoderLayer]
+LAYER_LOADERS: dict[str, LayerLoader] = {
+    "llama": llama.load_layer,
+    "qwen2": qwen2.load_layer,
+    "mixtral": mixtral.load_layer,
+}
+
+
+def cpu_has_native_bf16() -> bool:
+    capability = torch.backends.cpu.get_cpu_capability()
+    return bool(torch.cpu._is_avx512_bf16_supported()) or capability in ("AMX",)
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """`auto` is bfloat16 on CPUs with native bf16 maths, float32 elsewhere (AVX2 prefills bf16 2-3x slower)."""
+    if name == "auto":
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise UnsupportedModelError(
+            f"dtype {name!r} is not supported", hint=f"use one of auto, {', '.join(DTYPES)}"
+        ) from None
+
+
+class CausalLM:
+    def __init__(
+        self,
+        config: ModelConfig,
+        layers: range,
+        dtype: torch.dtype,
+        embed: torch.Tensor | None,
+        blocks: list[DecoderLayer],
+        norm: RMSNorm | None,
+        lm_head: Linear | None,
+    ) -> None:
+        self.config = config
+        self.layers = layers
+        self.dtype = dtype
+        self.embed = embed
+        self.blocks = blocks
+        self.norm = norm
+        self.lm_head = lm_head
+        self.rotary = Rotary(config.head_dim, config.rope_theta, config.rope_scaling, dtype)
+
+    @property
+    def is_first(self) -> bool:
+        return self.layers.start == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.layers.stop == self.config.num_hidden_layers
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.layers, self.config.num_key_value_heads, self.config.head_dim, self.dtype)
+
+    @torch.inference_mode()
+    def forward(
+        self, inputs: torch.Tensor, positions: torch.Tensor, caches: list[KVCache], all_logits: bool = False
+    ) -> torch.Tensor:
+        """Run this range on B sequences of T new positions each.
+
+        inputs: token ids [B, T] on the first range, hidden states [B, T, D] elsewhere.
+        positions: absolute positions [B, T]; caches: one per sequence, in batch order.
+        Returns hidden states [B, T, D], or on the last range float32 logits [B, T, V]
+        (only the last position, [B, 1, V], unless `all_logits`).
+        """
+        if len(caches) != inputs.shape[0]:
+            raise ValueError(f"{inputs.shape[0]} sequences but {len(caches)} caches")
+        h = F.embedding(inputs, self.embed) if self.embed is not None else inputs.to(self.dtype)
+        cos, sin = self.rotary(positions)
+        for block in self.blocks:
+            h = block(h, cos, sin, caches)
+        if self.lm_head is None or self.norm is None:
+            return h
+        if not all_logits:
+            h = h[:, -1:]
+        return self.lm_head(self.norm(h)).float()
+
+    def weight_bytes(self) -> int:
+        """Bytes of weights this range holds (matmul weights, embeddings, norms)."""
+        total = 0 if self.embed is None else self.embed.numel() * self.embed.element_size()
+        if self.lm_head is not None:
+            total += self.lm_head.nbytes
+        for block in self.blocks:
+            for value in _linears(block):
+                total += value.nbytes
+        return total
+
+
+def _linears(block: DecoderLayer) -> list[Linear]:
+    found = [block.attention.qkv, block.attention.o_proj]
+    mlp = block.mlp
+    if isinstance(mlp, mixtral.SparseMoE):
+        found.append(mlp.router)
+        for expert in mlp.experts.values():
+            found += [expert.gate_up, expert.down]
+    else:
+        found += [mlp.gate_up, mlp.down]
+    return found
+
+
+def check_range(config: ModelConfig, layers: tuple[int, int] | None) -> range:
+    n = config.num_hidden_layers
+    if layers is None:
+        return range(n)
+    start, end = layers
+    if not 0 <= start < end <= n:
+        raise UnsupportedModelError(
+            f"layer range [{start}, {end}) is not within the model's {n} layers",
+            hint=f"give 0 <= start < end <= {n}",
+        )
+    return range(start, end)
+
+
+def load_model(
+    folder: Path, layers: tuple[int, int] | None = None, dtype: str = "float32", reader: WeightReader | None = None
+) -> CausalLM:
+    """Build the model (or the layer range [start, end) of it) from a Hugging Face folder."""
+    config = load_config(folder)
+    span = check_range(config, layers)
+    torch_dtype = resolve_dtype(dtype)
+    reader = reader or WeightReader(folder, torch_dtype)
+    load_layer = LAYER_LOADERS[config.architecture]
+    d, v = config.hidden_size, config.vocab_size
+    try:
+        embed = reader.get("model.embed_tokens.weight", (v, d)) if span.start == 0 else None
+        blocks = [load_layer(reader, config, i) for i in span]
+        norm = lm_head = None
+        if span.stop == config.num_hidden_layers:
+            norm = RMSNorm(reader.get("model.norm.weight", (d,)), config.rms_norm_eps)
+            head_name = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
+            lm_head = Linear(reader.get(head_name, (v, d)))
+    finally:
+        reader.close()
+    return CausalLM(config, span, torch_dtype, embed, blocks, norm, lm_head)

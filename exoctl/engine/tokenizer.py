@@ -1,0 +1,124 @@
+"""Tokenizer and chat template through transformers, and streaming detokenisation."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from exoctl.errors import InvalidRequestError, ModelFormatError
+
+
+class Tokenizer:
+    """The model folder's tokenizer, its chat template and its end-of-sequence ids."""
+
+    def __init__(self, folder: Path) -> None:
+        from transformers import AutoTokenizer
+
+        try:
+            self.hf = AutoTokenizer.from_pretrained(str(folder))
+        except (OSError, ValueError) as exc:
+            raise ModelFormatError(
+                f"{folder}: no usable tokenizer ({exc})", hint="the folder needs tokenizer.json or equivalent"
+            ) from None
+        self.eos_token_ids = self._eos_ids(Path(folder))
+
+    def _eos_ids(self, folder: Path) -> frozenset[int]:
+        ids: set[int] = set()
+        if self.hf.eos_token_id is not None:
+            ids.add(int(self.hf.eos_token_id))
+        for name in ("generation_config.json", "config.json"):
+            path = folder / name
+            if path.is_file():
+                eos = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
+                ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        return frozenset(ids)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(self.hf.chat_template)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.hf.encode(text))
+
+    def encode_chat(self, messages: Sequence[dict[str, Any]]) -> list[int]:
+        """Token ids of a conversation with the generation prompt for the assistant's turn."""
+        if not messages:
+            raise InvalidRequestError("a chat needs at least one message")
+        if not self.has_chat_template:
+            raise InvalidRequestError("this model has no chat template; send a raw prompt instead")
+        ids = self.hf.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
+            ids = ids["input_ids"]
+        return [int(i) for i in ids]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return str(self.hf.decode(list(ids), skip_special_tokens=True))
+
+
+class IncrementalDecoder:
+    """Turns a growing list of token ids into text deltas that never split a UTF-8 character.
+
+    Byte-level tokenizers split multi-byte characters across tokens; decoding a partial
+    character yields U+FFFD. Text is emitted only once the tail decodes cleanly, and each
+    step decodes a short window (a few tokens of context), not the whole sequence.
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix_offset = 0  # window start: tokens before it are never decoded again
+        self.read_offset = 0  # tokens before it have been emitted as text
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        prefix = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset])
+        full = self.tokenizer.decode(self.ids[self.prefix_offset :])
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            delta = full[len(prefix) :]
+            self.prefix_offset = self.read_offset
+            self.read_offset = len(self.ids)
+            return delta
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is still held back at the end of the sequence."""
+        prefix = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset])
+        full = self.tokenizer.decode(self.ids[self.prefix_offset :])
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return full[len(prefix) :]
+
+
+class StopMatcher:
+    """Holds back text that could be the start of a stop string; reports when one is complete."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = tuple(stops)
+        self.pending = ""
+        self.stopped = False
+
+    def feed(self, text: str) -> str:
+        """Text safe to emit now (everything before a completed stop string, or not a stop prefix)."""
+        if self.stopped:
+            return ""
+        self.pending += text
+        hits = [(self.pending.find(s), s) for s in self.stops if s in self.pending]
+        if hits:
+            cut = min(index for index, _ in hits)
+            self.stopped = True
+            out, self.pending = self.pending[:cut], ""
+            return out
+        hold = 0
+        for stop in self.stops:
+            for size in range(min(len(stop) - 1, len(self.pending)), 0, -1):
+                if self.pending.endswith(stop[:size]):
+                    hold = max(hold, size)
+                    break
+        out = self.pending[: len(self.pending) - hold]
+        self.pending = self.pending[len(self.pending) - hold :]
+        return out
+
+    def flush(self) -> str:
+        out, self.pending = ("" if self.stopped else self.pending), ""
+        return out

@@ -1,0 +1,87 @@
+"""Lazy, memory-mapped access to a model folder's safetensors, one tensor at a time.
+
+A runner asks for the tensors of its own layers only; the files are opened with `safe_open`
+(memory-mapped) and nothing else is read. `read_names` records what was read, so tests (and
+memory accounting) can check that a layer range touched only its own tensors.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from exoctl.errors import ModelFormatError, ModelNotFoundError
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def read_weight_map(folder: Path) -> dict[str, str]:
+    """Tensor name -> file name, from the index, or from the headers of the folder's files."""
+    folder = Path(folder)
+    index = folder / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ModelFormatError(f"{index}: not a safetensors index ({exc})") from None
+        missing = sorted({f for f in weight_map.values() if not (folder / f).is_file()})
+        if missing:
+            raise ModelFormatError(
+                f"{index} names {len(missing)} file(s) that are not in the folder: {', '.join(missing[:3])}",
+                hint="the download is incomplete; fetch the model again",
+            )
+        return dict(weight_map)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ModelNotFoundError(f"no *.safetensors files in {folder}")
+    weight_map = {}
+    for file in files:
+        with safe_open(file, framework="pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                weight_map[name] = file.name
+    return weight_map
+
+
+class WeightReader:
+    """Reads named tensors from a folder's safetensors files, converting to `dtype` on the way."""
+
+    def __init__(self, folder: Path, dtype: torch.dtype) -> None:
+        self.folder = Path(folder)
+        self.dtype = dtype
+        self.weight_map = read_weight_map(self.folder)
+        self._handles: dict[str, Any] = {}
+        self.read_names: list[str] = []
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def _handle(self, name: str) -> Any:
+        try:
+            file = self.weight_map[name]
+        except KeyError:
+            raise ModelFormatError(
+                f"{self.folder}: tensor {name!r} is missing from the checkpoint",
+                hint="the folder does not hold the model its config.json describes",
+            ) from None
+        if file not in self._handles:
+            self._handles[file] = safe_open(self.folder / file, framework="pt")
+        return self._handles[file]
+
+    def get(self, name: str, shape: Iterable[int] | None = None) -> torch.Tensor:
+        """One tensor, checked against the shape the config implies."""
+        tensor = self._handle(name).get_tensor(name)
+        self.read_names.append(name)
+        if shape is not None and tuple(tensor.shape) != tuple(shape):
+            raise ModelFormatError(
+                f"{self.folder}: tensor {name!r} has shape {tuple(tensor.shape)}, config.json implies "
+                f"{tuple(shape)}"
+            )
+        return tensor.to(self.dtype)
+
+    def close(self) -> None:
+        self._handles.clear()

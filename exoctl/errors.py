@@ -1,0 +1,35 @@
+"""Errors a user can act on: what was wrong, with the numbers, and what to do.
+
+The CLI's error boundary prints `message` and `hint` on one line each and exits non-zero;
+anything that is not an `ExoctlError` is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class ExoctlError(Exception):
+    """Base of every error meant for the user rather than for a developer."""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if not self.hint else f"{self.message} ({self.hint})"
+
+
+class ModelNotFoundError(ExoctlError):
+    """A model id, repo id or folder that names nothing usable."""
+
+
+class ModelFormatError(ExoctlError):
+    """A model folder whose config or weights do not match what the engine expects."""
+
+
+class UnsupportedModelError(ExoctlError):
+    """An architecture, dtype or option the engine does not implement."""
+
+
+class InvalidRequestError(ExoctlError):
+    """A generation request with bad parameters (prompt too long, bad sampling values)."""
