@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# The converted SmolLM2 folder is kept between runs here (conversion takes ~30 s).
+TEST_HOME = Path(os.environ.get("EXOCTL_TEST_HOME", ROOT / ".test-cache")).resolve()
+os.environ["EXOCTL_HOME"] = str(TEST_HOME / "home")
+
+
+@pytest.fixture(scope="session")
+def smollm2_folder() -> Path:
+    from exoctl.engine.default_model import ensure_default_model
+
+    return ensure_default_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory, smollm2_folder: Path) -> dict[str, Path]:
+    from tests.tiny_models import SPECS, make_tiny_model
+
+    base = tmp_path_factory.mktemp("tiny")
+    return {kind: make_tiny_model(kind, base / kind, smollm2_folder) for kind in SPECS}
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_folder: Path):  # type: ignore[no-untyped-def]
+    from exoctl.engine.model import load_model
+    from exoctl.engine.tokenizer import Tokenizer
+
+    return load_model(smollm2_folder), Tokenizer(smollm2_folder)
