@@ -25,7 +25,9 @@ def exoctl(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[
 
 
 def test_help_and_models_do_not_import_torch() -> None:
-    code = "import sys; from exoctl.cli.app import app; import exoctl.cli.models; print('torch' in sys.modules)"
+    code = (
+        "import sys; from exoctl.cli.app import app; import exoctl.cli.models; print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT)
     assert out.stdout.strip() == "False"
     result = exoctl("--help")

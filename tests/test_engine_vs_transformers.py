@@ -28,7 +28,7 @@ def greedy_run(stages: list[CausalLM], ids: torch.Tensor, steps: int) -> tuple[l
     logits: list[torch.Tensor] = []
     for _ in range(steps):
         x = tokens
-        for stage, cache in zip(stages, caches):
+        for stage, cache in zip(stages, caches, strict=False):
             x = stage.forward(x, positions, [cache])
         logits.append(x[0, -1])
         chosen.append(int(x[0, -1].argmax()))
@@ -69,7 +69,7 @@ def test_greedy_decode_equals_transformers(kind: str, tiny_models: dict[str, Pat
     tokens, logits = greedy_run([load_model(folder)], ids, STEPS)
     assert tokens == expected_tokens
     assert len(set(tokens)) > 3  # a decode that loops on one token would prove little
-    for step, (got, want) in enumerate(zip(logits, out.logits)):
+    for step, (got, want) in enumerate(zip(logits, out.logits, strict=False)):
         torch.testing.assert_close(got, want[0], atol=1e-4, rtol=0, msg=lambda m, s=step: f"step {s}: {m}")
 
 
@@ -85,7 +85,7 @@ def test_two_layer_ranges_chained_equal_the_whole(kind: str, tiny_models: dict[s
         assert first.is_first and not first.is_last and second.is_last and not second.is_first
         tokens, logits = greedy_run([first, second], ids, STEPS)
         assert tokens == expected_tokens
-        for got, want in zip(logits, expected_logits):
+        for got, want in zip(logits, expected_logits, strict=False):
             assert torch.equal(got, want)
 
 
@@ -104,7 +104,9 @@ def test_a_range_reads_only_its_tensors(kind: str, tiny_models: dict[str, Path])
         reader = WeightReader(folder, torch.float32)
         load_model(folder, (start, end), reader=reader)
         read = set(reader.read_names)
-        expected = {name for name in all_names if (layer := layer_of(name)) is not None and start <= layer < end}
+        expected = {
+            name for name in all_names if (layer := layer_of(name)) is not None and start <= layer < end
+        }
         if start == 0 or (end == n and tied):
             expected.add("model.embed_tokens.weight")
         if end == n:
@@ -125,7 +127,7 @@ def test_batched_decode_equals_one_sequence_at_a_time(kind: str, tiny_models: di
     alone = [greedy_run([model], p, 6) for p in prompts]
     caches = [model.new_cache() for _ in prompts]
     next_tokens = []
-    for p, cache in zip(prompts, caches):
+    for p, cache in zip(prompts, caches, strict=False):
         logits = model.forward(p, torch.arange(p.shape[1])[None], [cache])
         next_tokens.append(int(logits[0, -1].argmax()))
     batched: list[list[int]] = [[t] for t in next_tokens]

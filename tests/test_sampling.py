@@ -83,5 +83,7 @@ def test_temperature_zero_is_greedy() -> None:
     ],
 )
 def test_bad_parameters_are_refused_with_the_value(kwargs: dict[str, object], text: str) -> None:
-    with pytest.raises(InvalidRequestError, match=text.replace("(", r"\(").replace(")", r"\)").replace("]", r"\]")):
+    with pytest.raises(
+        InvalidRequestError, match=text.replace("(", r"\(").replace(")", r"\)").replace("]", r"\]")
+    ):
         SamplingParams(**kwargs)  # type: ignore[arg-type]

@@ -13,7 +13,9 @@ from exoctl.errors import InvalidRequestError, ModelNotFoundError
 
 def test_greedy_completion_says_paris(smollm2) -> None:  # type: ignore[no-untyped-def]
     model, tokenizer = smollm2
-    out = complete(model, tokenizer, tokenizer.encode("The capital of France is"), SamplingParams(max_tokens=8))
+    out = complete(
+        model, tokenizer, tokenizer.encode("The capital of France is"), SamplingParams(max_tokens=8)
+    )
     assert out.text.strip().startswith("Paris")
     assert out.finish_reason == "length"
     assert len(out.token_ids) == 8
@@ -43,13 +45,17 @@ def test_seeded_sampling_is_reproducible(smollm2) -> None:  # type: ignore[no-un
     model, tokenizer = smollm2
     ids = tokenizer.encode("Once upon a time")
     params = SamplingParams(temperature=1.0, top_p=0.9, seed=42, max_tokens=12)
-    assert complete(model, tokenizer, ids, params).token_ids == complete(model, tokenizer, ids, params).token_ids
+    assert (
+        complete(model, tokenizer, ids, params).token_ids == complete(model, tokenizer, ids, params).token_ids
+    )
 
 
 def test_a_prompt_longer_than_the_context_is_refused(smollm2) -> None:  # type: ignore[no-untyped-def]
     model, tokenizer = smollm2
     too_long = [1] * model.config.max_position_embeddings
-    with pytest.raises(InvalidRequestError, match=r"the prompt has 8192 tokens but the model's context holds 8192"):
+    with pytest.raises(
+        InvalidRequestError, match=r"the prompt has 8192 tokens but the model's context holds 8192"
+    ):
         complete(model, tokenizer, too_long, SamplingParams())
 
 

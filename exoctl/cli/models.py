@@ -11,7 +11,9 @@ from exoctl.cli.options import JsonOption
 from exoctl.cli.output import console, print_json, use_json_errors
 
 HELP = "List the models exoctl knows: id, size, layers, tags."
-EXAMPLES = "Examples:\n\n  exoctl models\n\n  exoctl models --json | jq '.[] | select(.tags[] == \"cpu\") | .id'"
+EXAMPLES = (
+    "Examples:\n\n  exoctl models\n\n  exoctl models --json | jq '.[] | select(.tags[] == \"cpu\") | .id'"
+)
 
 
 def card_json(card: ModelCard) -> dict[str, Any]:

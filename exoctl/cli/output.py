@@ -33,4 +33,6 @@ def print_error(exc: ExoctlError) -> None:
         print_json({"error": {"type": type(exc).__name__, "message": exc.message, "hint": exc.hint}})
     err_console.print(f"[bold red]error:[/] {exc.message}", markup=True, soft_wrap=True)
     if exc.hint:
-        err_console.print(f"[dim]hint:[/] {exc.hint}  (set EXOCTL_DEBUG=1 for the full traceback)", soft_wrap=True)
+        err_console.print(
+            f"[dim]hint:[/] {exc.hint}  (set EXOCTL_DEBUG=1 for the full traceback)", soft_wrap=True
+        )

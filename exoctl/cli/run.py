@@ -31,7 +31,9 @@ def run(
     top_k: Annotated[int, typer.Option(help="Sample among the k most likely tokens (0: all).")] = 0,
     seed: Annotated[int | None, typer.Option(help="Seed for sampling.")] = None,
     stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable).")] = None,
-    raw: Annotated[bool, typer.Option("--raw", help="Send the prompt as is, without the chat template.")] = False,
+    raw: Annotated[
+        bool, typer.Option("--raw", help="Send the prompt as is, without the chat template.")
+    ] = False,
     dtype: DtypeOption = "auto",
     json_output: JsonOption = False,
 ) -> None:
@@ -50,13 +52,20 @@ def run(
     from exoctl.model_store import resolve_model
 
     params = SamplingParams(
-        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, max_tokens=max_tokens, stop=tuple(stop or ())
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        max_tokens=max_tokens,
+        stop=tuple(stop or ()),
     )
     with err_console.status(f"loading {model}…"):
         folder = resolve_model(model)
         tokenizer = Tokenizer(folder)
         engine = load_model(folder, dtype=dtype)
-    prompt_ids = tokenizer.encode(prompt) if raw else tokenizer.encode_chat([{"role": "user", "content": prompt}])
+    prompt_ids = (
+        tokenizer.encode(prompt) if raw else tokenizer.encode_chat([{"role": "user", "content": prompt}])
+    )
     completion: Completion | None = None
     for item in stream_completion(engine, tokenizer, prompt_ids, params):
         if isinstance(item, Completion):

@@ -84,7 +84,13 @@ class ModelConfig:
         if model_type == "qwen2":
             data.setdefault("attention_bias", True)
         known = {f.name for f in fields(cls)} - {"extra"}
-        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+        required = (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+        )
         missing = [k for k in required if data.get(k) is None]
         if missing:
             raise ModelFormatError(f"{source}: missing {', '.join(missing)}")

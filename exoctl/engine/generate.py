@@ -24,7 +24,11 @@ class Timings:
     @property
     def decode_tokens_per_s(self) -> float:
         decode_time = self.total_s - self.time_to_first_token_s
-        return (self.completion_tokens - 1) / decode_time if self.completion_tokens > 1 and decode_time > 0 else 0.0
+        return (
+            (self.completion_tokens - 1) / decode_time
+            if self.completion_tokens > 1 and decode_time > 0
+            else 0.0
+        )
 
 
 @dataclass
@@ -122,7 +126,9 @@ def stream_completion(
     yield completion
 
 
-def complete(model: CausalLM, tokenizer: Tokenizer, prompt_ids: Sequence[int], params: SamplingParams) -> Completion:
+def complete(
+    model: CausalLM, tokenizer: Tokenizer, prompt_ids: Sequence[int], params: SamplingParams
+) -> Completion:
     for item in stream_completion(model, tokenizer, prompt_ids, params):
         if isinstance(item, Completion):
             return item

@@ -6,8 +6,8 @@ dominated by per-call Python overhead, and module hooks cost a few microseconds 
 
 from __future__ import annotations
 
+import functools
 import math
-from functools import cache
 from typing import Any
 
 import torch
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from exoctl.engine.kv_cache import KVCache
 
 
-@cache
+@functools.cache
 def packed_linear_available(dtype: torch.dtype) -> bool:
     """Whether oneDNN can prepack weights of `dtype` on this CPU.
 
@@ -40,7 +40,9 @@ class Linear:
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         self.out_features, self.in_features = weight.shape
-        self.nbytes = weight.numel() * weight.element_size() + (0 if bias is None else bias.numel() * bias.element_size())
+        self.nbytes = weight.numel() * weight.element_size() + (
+            0 if bias is None else bias.numel() * bias.element_size()
+        )
         self.bias = bias
         self.packed = packed_linear_available(weight.dtype)
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1) if self.packed else weight
@@ -87,7 +89,9 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -
 class Rotary:
     """cos/sin tables by absolute position, grown on demand."""
 
-    def __init__(self, head_dim: int, theta: float, scaling: dict[str, Any] | None, dtype: torch.dtype) -> None:
+    def __init__(
+        self, head_dim: int, theta: float, scaling: dict[str, Any] | None, dtype: torch.dtype
+    ) -> None:
         self.inv_freq = rope_inv_freq(head_dim, theta, scaling)
         self.dtype = dtype
         self.cos = torch.empty(0, head_dim, dtype=dtype)
@@ -164,8 +168,10 @@ class Attention:
             allowed = torch.arange(total)[None, :] <= (past + torch.arange(steps))[:, None]  # [T, past+T]
             mask = allowed.repeat(groups, 1)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # [KVH, G*T, D]
-        return out.view(self.num_kv_heads, groups, steps, self.head_dim).permute(2, 0, 1, 3).reshape(
-            steps, self.num_heads, self.head_dim
+        return (
+            out.view(self.num_kv_heads, groups, steps, self.head_dim)
+            .permute(2, 0, 1, 3)
+            .reshape(steps, self.num_heads, self.head_dim)
         )
 
 
@@ -191,6 +197,8 @@ class DecoderLayer:
         self.post_norm = post_norm
         self.mlp = mlp
 
-    def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
+    def __call__(
+        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, caches: list[KVCache]
+    ) -> torch.Tensor:
         h = h + self.attention(self.input_norm(h), cos, sin, caches)
         return h + self.mlp(self.post_norm(h))

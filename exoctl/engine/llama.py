@@ -57,4 +57,6 @@ def load_mlp(reader: WeightReader, config: ModelConfig, layer: int) -> GatedMLP:
 
 def load_layer(reader: WeightReader, config: ModelConfig, layer: int) -> DecoderLayer:
     input_norm, post_norm = load_norms(reader, config, layer)
-    return DecoderLayer(input_norm, load_attention(reader, config, layer), post_norm, load_mlp(reader, config, layer))
+    return DecoderLayer(
+        input_norm, load_attention(reader, config, layer), post_norm, load_mlp(reader, config, layer)
+    )

@@ -54,11 +54,15 @@ def load_moe(reader: WeightReader, config: ModelConfig, layer: int) -> SparseMoE
     experts = {}
     for expert in range(e):
         name = f"{prefix}.experts.{expert}"
-        gate_up = torch.cat([reader.get(f"{name}.w1.weight", (i, d)), reader.get(f"{name}.w3.weight", (i, d))])
+        gate_up = torch.cat(
+            [reader.get(f"{name}.w1.weight", (i, d)), reader.get(f"{name}.w3.weight", (i, d))]
+        )
         experts[expert] = GatedMLP(Linear(gate_up), Linear(reader.get(f"{name}.w2.weight", (d, i))))
     return SparseMoE(router, experts, e, config.num_experts_per_tok)
 
 
 def load_layer(reader: WeightReader, config: ModelConfig, layer: int) -> DecoderLayer:
     input_norm, post_norm = load_norms(reader, config, layer)
-    return DecoderLayer(input_norm, load_attention(reader, config, layer), post_norm, load_moe(reader, config, layer))
+    return DecoderLayer(
+        input_norm, load_attention(reader, config, layer), post_norm, load_moe(reader, config, layer)
+    )

@@ -35,7 +35,7 @@ def cpu_has_native_bf16() -> bool:
 
 
 def resolve_dtype(name: str) -> torch.dtype:
-    """`auto` is bfloat16 on CPUs with native bf16 maths, float32 elsewhere (AVX2 prefills bf16 2-3x slower)."""
+    """`auto`: bfloat16 on CPUs with native bf16 maths, else float32 (AVX2 prefills bf16 2-3x slower)."""
     if name == "auto":
         return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     try:
@@ -137,7 +137,10 @@ def check_range(config: ModelConfig, layers: tuple[int, int] | None) -> range:
 
 
 def load_model(
-    folder: Path, layers: tuple[int, int] | None = None, dtype: str = "float32", reader: WeightReader | None = None
+    folder: Path,
+    layers: tuple[int, int] | None = None,
+    dtype: str = "float32",
+    reader: WeightReader | None = None,
 ) -> CausalLM:
     """Build the model (or the layer range [start, end) of it) from a Hugging Face folder."""
     config = load_config(folder)

@@ -74,7 +74,9 @@ def make_generator(seed: int | None) -> torch.Generator | None:
     return generator
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """[B, V] float logits -> [B] token ids under `params`."""
     if params.greedy:
         return greedy(logits)

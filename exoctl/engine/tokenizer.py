@@ -48,9 +48,9 @@ class Tokenizer:
             raise InvalidRequestError("a chat needs at least one message")
         if not self.has_chat_template:
             raise InvalidRequestError("this model has no chat template; send a raw prompt instead")
-        ids = self.hf.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
-            ids = ids["input_ids"]
+        ids: Any = self.hf.apply_chat_template(
+            list(messages), add_generation_prompt=True, tokenize=True, return_dict=False
+        )
         return [int(i) for i in ids]
 
     def decode(self, ids: Sequence[int]) -> str:

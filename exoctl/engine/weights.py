@@ -42,7 +42,7 @@ def read_weight_map(folder: Path) -> dict[str, str]:
     weight_map = {}
     for file in files:
         with safe_open(file, framework="pt") as handle:
-            for name in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
+            for name in handle.keys():
                 weight_map[name] = file.name
     return weight_map
 
