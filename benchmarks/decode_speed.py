@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import platform
 import tempfile
 import time
@@ -32,6 +33,16 @@ LLAMA_1B = {  # TinyLlama-1.1B's shape, random weights
     "num_key_value_heads": 4,
     "max_position_embeddings": 2048,
 }
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def read_bandwidth_gbs(gib: float = 1.0, repeats: int = 5) -> float:
@@ -118,7 +129,7 @@ def main() -> None:
 
     bandwidth = read_bandwidth_gbs()
     print(
-        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"machine: {cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}, cpu capability {torch.backends.cpu.get_cpu_capability()}"
     )
     print(f"measured read bandwidth: {bandwidth:.1f} GB/s\n")
