@@ -5,7 +5,6 @@ Torch-free except for the one-time conversion of the embedded default (imported 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from pathlib import Path
 
 from exoctl.catalog import DEFAULT_MODEL_ID, ModelCard, get_card
@@ -36,15 +35,15 @@ def resolve_model(model: str, download: bool = False) -> Path:
     return hub_folder(card, download=download)
 
 
-def hub_folder(card: ModelCard, download: bool = False, weight_files: Iterable[str] | None = None) -> Path:
-    """The model's snapshot in the Hugging Face cache, downloading it (or just `weight_files`) if asked.
+def hub_folder(card: ModelCard, download: bool = False) -> Path:
+    """The model's snapshot in the Hugging Face cache, downloading it if asked.
 
     HF_TOKEN, HF_HOME and HF_HUB_OFFLINE are honoured by huggingface_hub itself; downloads resume.
     """
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    patterns = [*METADATA_PATTERNS, *(weight_files if weight_files is not None else ["*.safetensors"])]
+    patterns = [*METADATA_PATTERNS, "*.safetensors"]
     try:
         return Path(snapshot_download(card.hf_repo, allow_patterns=patterns, local_files_only=not download))
     except LocalEntryNotFoundError:

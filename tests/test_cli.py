@@ -87,6 +87,13 @@ def test_user_errors_are_one_line_without_traceback(args: list[str], message: st
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("args", [["run", "--bogus"], ["nosuch"]])
+def test_usage_errors_exit_2_without_traceback(args: list[str]) -> None:
+    result = exoctl(*args)
+    assert result.returncode == 2
+    assert "Usage:" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_json_errors_stay_json() -> None:
     result = exoctl("run", "--json", "-m", "gpt-5", "hi")
     assert result.returncode == 1

@@ -46,24 +46,12 @@ def _root(
 
 def main() -> None:
     """Entry point: known errors become one line and exit 1 (EXOCTL_DEBUG=1 shows the traceback)."""
+    # Typer's standalone mode prints usage errors (exit 2) and handles Ctrl-C; other exceptions
+    # come through to here.
     try:
-        app(standalone_mode=False)
+        app()
     except ExoctlError as exc:
         if os.environ.get("EXOCTL_DEBUG"):
             raise
         print_error(exc)
         sys.exit(1)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except typer.Abort:
-        sys.exit(130)
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except Exception as exc:
-        # Click usage errors carry their own message and exit code.
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise

@@ -6,8 +6,6 @@ from typing import Annotated
 
 import typer
 
-from exoctl.catalog import DEFAULT_MODEL_ID
-
 JsonOption = Annotated[bool, typer.Option("--json", help="Print a JSON document instead of tables/text.")]
 ModelOption = Annotated[
     str,
@@ -17,4 +15,3 @@ DtypeOption = Annotated[
     str,
     typer.Option("--dtype", help="Runtime dtype: auto (float32 without native bf16), float32, bfloat16."),
 ]
-DEFAULT_MODEL = DEFAULT_MODEL_ID

@@ -10,7 +10,8 @@ from typing import Annotated
 
 import typer
 
-from exoctl.cli.options import DEFAULT_MODEL, DtypeOption, JsonOption, ModelOption
+from exoctl.catalog import DEFAULT_MODEL_ID
+from exoctl.cli.options import DtypeOption, JsonOption, ModelOption
 from exoctl.cli.output import err_console, print_json, use_json_errors
 from exoctl.errors import InvalidRequestError
 
@@ -24,7 +25,7 @@ EXAMPLES = (
 
 def run(
     prompt: Annotated[str | None, typer.Argument(help="The prompt; read from stdin when omitted.")] = None,
-    model: ModelOption = DEFAULT_MODEL,
+    model: ModelOption = DEFAULT_MODEL_ID,
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="Most tokens to generate.")] = 256,
     temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
@@ -59,6 +60,10 @@ def run(
         max_tokens=max_tokens,
         stop=tuple(stop or ()),
     )
+    from exoctl.engine.default_model import default_model_folder, is_converted
+
+    if model == DEFAULT_MODEL_ID and not is_converted(default_model_folder()):
+        err_console.print("[dim]converting the embedded SmolLM2 model once (about 30 s)…[/]")
     with err_console.status(f"loading {model}…"):
         folder = resolve_model(model)
         tokenizer = Tokenizer(folder)

@@ -71,10 +71,16 @@ class IncrementalDecoder:
         self.prefix_offset = 0  # window start: tokens before it are never decoded again
         self.read_offset = 0  # tokens before it have been emitted as text
 
+    def _window(self) -> tuple[str, str]:
+        """Text of the window's emitted part, and of the whole window."""
+        return (
+            self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset]),
+            self.tokenizer.decode(self.ids[self.prefix_offset :]),
+        )
+
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        prefix = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset])
-        full = self.tokenizer.decode(self.ids[self.prefix_offset :])
+        prefix, full = self._window()
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
             delta = full[len(prefix) :]
             self.prefix_offset = self.read_offset
@@ -84,8 +90,7 @@ class IncrementalDecoder:
 
     def flush(self) -> str:
         """Whatever is still held back at the end of the sequence."""
-        prefix = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset])
-        full = self.tokenizer.decode(self.ids[self.prefix_offset :])
+        prefix, full = self._window()
         self.prefix_offset = self.read_offset = len(self.ids)
         return full[len(prefix) :]
 
