@@ -1,0 +1,199 @@
+"""Pipeline placement: which nodes hold which layers of a model. A pure function.
+
+`place(card, nodes, request)` returns frozen data or raises `PlacementError` carrying the
+numbers. Memory is counted in the runtime dtype: the layers' weights, the embedding on the
+first node, the final norm and lm_head on the last, a KV-cache reserve for each node's layers,
+and a fixed runtime overhead per node (Python, torch, buffers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from exoctl.catalog import ModelCard, dtype_bytes
+from exoctl.errors import ExoctlError
+
+GB = 10**9
+RUNTIME_OVERHEAD_BYTES = 2 * GB
+KV_RESERVE_TOKENS = 8192  # one sequence of this many tokens fits in every placement
+
+
+class PlacementError(ExoctlError):
+    """A placement that cannot work; the message carries the numbers."""
+
+
+@dataclass(frozen=True)
+class NodeProfile:
+    name: str
+    ram_total: int
+    ram_available: int
+    memory_cap: int | None = None  # declared in the inventory: used instead of reported RAM
+    live: bool = True
+
+    @property
+    def capacity(self) -> int:
+        return self.memory_cap if self.memory_cap is not None else self.ram_available
+
+
+@dataclass(frozen=True)
+class PlacementRequest:
+    dtype: str = "float32"
+    nodes: int | None = None  # exactly this many
+    min_nodes: int = 1  # otherwise the fewest that fit, at least this many
+    kv_tokens: int = KV_RESERVE_TOKENS
+
+
+@dataclass(frozen=True)
+class Shard:
+    node: str
+    start_layer: int
+    end_layer: int  # exclusive
+    memory_bytes: int
+
+    @property
+    def n_layers(self) -> int:
+        return self.end_layer - self.start_layer
+
+
+@dataclass(frozen=True)
+class Placement:
+    model_id: str
+    sharding: str
+    dtype: str
+    shards: tuple[Shard, ...]
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        return tuple(s.node for s in self.shards)
+
+
+@dataclass(frozen=True)
+class _Costs:
+    """Bytes of the pieces of a model in one dtype."""
+
+    layer: int  # one layer's weights plus its KV reserve
+    embed: int
+    head: int  # final norm + lm_head
+    overhead: int
+
+    @classmethod
+    def of(cls, card: ModelCard, request: PlacementRequest) -> _Costs:
+        size = dtype_bytes(request.dtype)
+        kv_per_layer = 2 * card.num_key_value_heads * card.head_dim * size * request.kv_tokens
+        return cls(
+            layer=card.layer_parameters * size + kv_per_layer,
+            embed=card.embedding_parameters * size,
+            # final norm + lm_head; a tied lm_head is still a second copy on the last node
+            head=(card.hidden_size + card.embedding_parameters) * size,
+            overhead=RUNTIME_OVERHEAD_BYTES,
+        )
+
+    def fixed(self, index: int, count: int) -> int:
+        """Bytes a node needs besides its layers, by its position in the pipeline."""
+        return self.overhead + (self.embed if index == 0 else 0) + (self.head if index == count - 1 else 0)
+
+    def total(self, n_layers: int, count: int) -> int:
+        return n_layers * self.layer + self.embed + self.head + count * self.overhead
+
+
+def split_layers(n_layers: int, budgets: list[int]) -> list[int]:
+    """Layers per node in proportion to `budgets` (largest remainder), at least one each."""
+    count = len(budgets)
+    if n_layers < count:
+        raise PlacementError(f"{n_layers} layers cannot be split over {count} nodes", hint="use fewer nodes")
+    spare = n_layers - count  # one layer each is given first
+    weights = [max(b, 0) for b in budgets]
+    total = sum(weights) or count
+    exact = [spare * w / total for w in (weights if sum(weights) else [1] * count)]
+    shares = [int(x) for x in exact]
+    order = sorted(range(count), key=lambda i: (-(exact[i] - shares[i]), i))
+    for i in order[: spare - sum(shares)]:
+        shares[i] += 1
+    return [s + 1 for s in shares]
+
+
+def _rebalance(layers: list[int], budgets: list[int], layer_bytes: int) -> bool:
+    """Move single layers from nodes over budget to nodes with room; False if impossible."""
+    while True:
+        over = [i for i, n in enumerate(layers) if n * layer_bytes > budgets[i]]
+        if not over:
+            return True
+        room = [i for i, n in enumerate(layers) if (n + 1) * layer_bytes <= budgets[i]]
+        giver = over[0]
+        if not room or layers[giver] <= 1:
+            return False
+        layers[giver] -= 1
+        layers[max(room, key=lambda i: budgets[i] - layers[i] * layer_bytes)] += 1
+
+
+def _try(card: ModelCard, chosen: list[NodeProfile], costs: _Costs) -> tuple[Shard, ...] | None:
+    count = len(chosen)
+    budgets = [node.capacity - costs.fixed(i, count) for i, node in enumerate(chosen)]
+    if any(b < costs.layer for b in budgets):
+        return None
+    layers = split_layers(card.n_layers, budgets)
+    if not _rebalance(layers, budgets, costs.layer):
+        return None
+    shards, start = [], 0
+    for i, (node, n) in enumerate(zip(chosen, layers, strict=True)):
+        shards.append(Shard(node.name, start, start + n, n * costs.layer + costs.fixed(i, count)))
+        start += n
+    return tuple(shards)
+
+
+def _gb(value: int) -> str:
+    return f"{value / GB:.1f} GB"
+
+
+def place(card: ModelCard, nodes: list[NodeProfile], request: PlacementRequest) -> Placement:
+    """Choose nodes and split the layers; the largest live nodes are used, kept in inventory order."""
+    costs = _Costs.of(card, request)
+    live = [n for n in nodes if n.live]
+    if request.nodes is not None and request.nodes < 1:
+        raise PlacementError(f"--nodes must be at least 1, got {request.nodes}")
+    if request.min_nodes < 1:
+        raise PlacementError(f"--min-nodes must be at least 1, got {request.min_nodes}")
+    wanted = request.nodes if request.nodes is not None else request.min_nodes
+    if wanted > len(live):
+        down = [n.name for n in nodes if not n.live]
+        detail = f" ({', '.join(down)} down)" if down else ""
+        raise PlacementError(
+            f"{card.id} was asked for {wanted} nodes but only {len(live)} of {len(nodes)} are live{detail}",
+            hint="start the missing workers with `exoctl up`, or ask for fewer nodes",
+        )
+    if wanted > card.n_layers:
+        raise PlacementError(
+            f"{card.id} has {card.n_layers} layers and cannot be split over {wanted} nodes",
+            hint=f"use at most {card.n_layers} nodes",
+        )
+    by_size = sorted(range(len(live)), key=lambda i: (-live[i].capacity, i))
+    counts = [wanted] if request.nodes is not None else range(wanted, min(len(live), card.n_layers) + 1)
+    for count in counts:
+        chosen = [live[i] for i in sorted(by_size[:count])]
+        shards = _try(card, chosen, costs)
+        if shards is not None:
+            return Placement(card.id, "pipeline", request.dtype, shards)
+    count = counts[-1]
+    chosen = [live[i] for i in sorted(by_size[:count])]
+    offered = sum(n.capacity for n in chosen)
+    needed = costs.total(card.n_layers, count)
+    weights = card.weight_bytes(request.dtype)
+    if request.nodes is not None:
+        what = f"{count} nodes offer" if count > 1 else "1 node offers"
+    else:
+        what = f"the {count} largest live nodes offer" if count > 1 else "the largest live node offers"
+    if offered >= needed:
+        smallest = min(chosen, key=lambda n: n.capacity)
+        raise PlacementError(
+            f"{card.id} needs {_gb(needed)} in {request.dtype} and {what} {_gb(offered)}, but node "
+            f"{smallest.name} ({_gb(smallest.capacity)}) cannot hold its share",
+            hint="use more nodes or --dtype bfloat16",
+        )
+    hint = "add a node" if request.nodes is None or count == len(live) else f"use more than {count} nodes"
+    if request.dtype == "float32":
+        hint += " or use --dtype bfloat16"
+    raise PlacementError(
+        f"{card.id} needs {_gb(weights)} in {request.dtype}; {what} {_gb(offered)} but it needs "
+        f"{_gb(needed)} with KV reserve and runtime overhead",
+        hint=hint,
+    )
