@@ -1,0 +1,211 @@
+"""The static YAML inventory of nodes, and where to find it.
+
+Found by `--inventory PATH`, then `$EXOCTL_INVENTORY`, then `./cluster.yaml`; with none, the
+embedded default is a local cluster of worker processes on 127.0.0.1. Every problem in a file
+is reported at once, each naming the file, the node and the field.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from exoctl.errors import ExoctlError
+
+DEFAULT_PORT = 52416
+DEFAULT_INVENTORY_NAME = "cluster.yaml"
+DEVICES = ("cpu", "cuda")
+
+
+class InventoryError(ExoctlError):
+    """An inventory file that cannot be used; `problems` lists each one."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
+        super().__init__(
+            f"{count} in {source}:\n" + "\n".join(f"  - {p}" for p in problems),
+            hint="fix the inventory (cluster.example.yaml documents every field)",
+        )
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    host: str
+    port: int = DEFAULT_PORT
+    ssh_user: str | None = None
+    ssh_port: int = 22
+    ssh_identity: str | None = None
+    command: str = "exoctl"
+    work_dir: str = "~/.cache/exoctl"
+    model_dir: str = "~/models"
+    device: str = "cpu"
+    memory_gb: float | None = None
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Inventory:
+    name: str
+    nodes: tuple[Node, ...]
+    source: str  # the file, or "embedded default"
+
+    def node(self, name: str) -> Node:
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        known = ", ".join(n.name for n in self.nodes)
+        raise ExoctlError(f"no node named {name!r} in {self.source}", hint=f"the nodes are: {known}")
+
+
+NODE_FIELDS = {f.name: f for f in fields(Node)}
+DEFAULTABLE = set(NODE_FIELDS) - {"name", "host"}
+TOP_LEVEL = {"cluster", "defaults", "nodes"}
+
+
+def _check_field(key: str, value: Any, where: str, problems: list[str]) -> Any:
+    """The value converted to the field's type, or None with a problem recorded."""
+    if key in ("port", "ssh_port"):
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+            problems.append(f"{where}: field '{key}' must be a port number from 1 to 65535, got {value!r}")
+            return None
+        return value
+    if key == "memory_gb":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            problems.append(f"{where}: field 'memory_gb' must be a positive number of GB, got {value!r}")
+            return None
+        return float(value)
+    if key == "device":
+        if value not in DEVICES:
+            problems.append(f"{where}: field 'device' must be one of {', '.join(DEVICES)}, got {value!r}")
+            return None
+        return value
+    if not isinstance(value, (str, int)) or isinstance(value, bool) or str(value).strip() == "":
+        problems.append(f"{where}: field '{key}' must be a non-empty string, got {value!r}")
+        return None
+    return str(value)
+
+
+def parse_inventory(data: Any, source: str) -> Inventory:
+    problems: list[str] = []
+    if not isinstance(data, dict):
+        raise InventoryError(source, ["the file must be a mapping with 'cluster', 'defaults' and 'nodes'"])
+    for key in sorted(set(data) - TOP_LEVEL):
+        problems.append(f"unknown top-level key {key!r} (expected cluster, defaults, nodes)")
+    name = str(data.get("cluster") or Path(source).stem)
+
+    defaults: dict[str, Any] = {}
+    raw_defaults = data.get("defaults") or {}
+    if not isinstance(raw_defaults, dict):
+        problems.append("'defaults' must be a mapping of node fields")
+        raw_defaults = {}
+    for key, value in raw_defaults.items():
+        if key not in DEFAULTABLE:
+            problems.append(f"defaults: unknown field {key!r}")
+            continue
+        checked = _check_field(key, value, "defaults", problems)
+        if checked is not None:
+            defaults[key] = checked
+
+    raw_nodes = data.get("nodes")
+    if not isinstance(raw_nodes, list) or not raw_nodes:
+        problems.append("'nodes' must be a non-empty list of nodes")
+        raw_nodes = []
+    nodes: list[Node] = []
+    seen_names: dict[str, int] = {}
+    seen_addresses: dict[str, str] = {}
+    for index, raw in enumerate(raw_nodes):
+        label = f"node {index + 1}"
+        if not isinstance(raw, dict):
+            problems.append(f"{label}: must be a mapping with at least 'name' and 'host'")
+            continue
+        if isinstance(raw.get("name"), str) and raw["name"].strip():
+            label = f"node {raw['name']!r}"
+        values = dict(defaults)
+        ok = True
+        for key, value in raw.items():
+            if key not in NODE_FIELDS:
+                problems.append(f"{label}: unknown field {key!r}")
+                ok = False
+                continue
+            checked = _check_field(key, value, label, problems)
+            if checked is None:
+                ok = False
+            else:
+                values[key] = checked
+        for required in ("name", "host"):
+            if required not in raw:
+                problems.append(f"{label}: missing field '{required}'")
+                ok = False
+        if not ok:
+            continue
+        node = Node(**values)
+        if node.name in seen_names:
+            problems.append(f"{label}: duplicate node name (also node {seen_names[node.name]})")
+            continue
+        if node.address in seen_addresses:
+            other = seen_addresses[node.address]
+            problems.append(f"{label}: duplicate address {node.address} (also node {other!r})")
+            continue
+        seen_names[node.name] = index + 1
+        seen_addresses[node.address] = node.name
+        nodes.append(node)
+    if problems:
+        raise InventoryError(source, problems)
+    return Inventory(name, tuple(nodes), source)
+
+
+def load_inventory_file(path: Path) -> Inventory:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ExoctlError(f"cannot read inventory {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise InventoryError(str(path), [f"not valid YAML{where}: {problem}"]) from None
+    return parse_inventory(data, str(path))
+
+
+def local_inventory(count: int = 2, base_port: int = DEFAULT_PORT, host: str = "127.0.0.1") -> Inventory:
+    """The embedded default: `count` worker processes on this machine."""
+    if count < 1:
+        raise ExoctlError(f"--local must be at least 1, got {count}")
+    nodes = tuple(Node(name=f"local{i + 1}", host=host, port=base_port + i) for i in range(count))
+    return Inventory("local", nodes, "embedded default")
+
+
+def find_inventory_path(explicit: str | None, cwd: Path | None = None) -> Path | None:
+    """`--inventory`, then `$EXOCTL_INVENTORY`, then `./cluster.yaml`; None means the embedded default."""
+    for candidate, origin in (
+        (explicit, "--inventory"),
+        (os.environ.get("EXOCTL_INVENTORY"), "$EXOCTL_INVENTORY"),
+    ):
+        if candidate:
+            path = Path(candidate).expanduser()
+            if not path.is_file():
+                raise ExoctlError(f"{origin} names {path}, which is not a file")
+            return path
+    local = (cwd or Path.cwd()) / DEFAULT_INVENTORY_NAME
+    return local if local.is_file() else None
