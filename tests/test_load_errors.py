@@ -93,6 +93,17 @@ def test_wrong_dtype_is_refused(tiny_models: dict[str, Path]) -> None:
         load_model(tiny_models["llama"], dtype="float64")
 
 
+@pytest.mark.parametrize(("native", "expected"), [(True, torch.bfloat16), (False, torch.float32)])
+def test_auto_dtype_follows_native_bf16(
+    monkeypatch: pytest.MonkeyPatch, native: bool, expected: torch.dtype
+) -> None:
+    from exoctl.engine import model
+
+    monkeypatch.setattr(model, "cpu_has_native_bf16", lambda: native)
+    assert model.resolve_dtype("auto") == expected
+    assert model.resolve_dtype("float32") == torch.float32
+
+
 def test_layer_range_outside_the_model(tiny_models: dict[str, Path]) -> None:
     with pytest.raises(
         UnsupportedModelError, match=r"layer range \[2, 9\) is not within the model's 4 layers"

@@ -30,8 +30,9 @@ LAYER_LOADERS: dict[str, LayerLoader] = {
 
 
 def cpu_has_native_bf16() -> bool:
-    capability = torch.backends.cpu.get_cpu_capability()
-    return bool(torch.cpu._is_avx512_bf16_supported()) or capability in ("AMX",)
+    """AVX512-BF16 or AMX: bf16 dot products in hardware (torch exposes the probes privately)."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -101,7 +102,7 @@ class CausalLM:
         return self.lm_head(self.norm(h)).float()
 
     def weight_bytes(self) -> int:
-        """Bytes of weights this range holds (matmul weights, embeddings, norms)."""
+        """Bytes of the matmul weights and the embedding this range holds (norms are negligible)."""
         total = 0 if self.embed is None else self.embed.numel() * self.embed.element_size()
         if self.lm_head is not None:
             total += self.lm_head.nbytes
