@@ -103,8 +103,10 @@ def split_layers(n_layers: int, budgets: list[int]) -> list[int]:
         raise PlacementError(f"{n_layers} layers cannot be split over {count} nodes", hint="use fewer nodes")
     spare = n_layers - count  # one layer each is given first
     weights = [max(b, 0) for b in budgets]
-    total = sum(weights) or count
-    exact = [spare * w / total for w in (weights if sum(weights) else [1] * count)]
+    if not any(weights):
+        weights = [1] * count
+    total = sum(weights)
+    exact = [spare * w / total for w in weights]
     shares = [int(x) for x in exact]
     order = sorted(range(count), key=lambda i: (-(exact[i] - shares[i]), i))
     for i in order[: spare - sum(shares)]:
@@ -167,14 +169,17 @@ def place(card: ModelCard, nodes: list[NodeProfile], request: PlacementRequest) 
             hint=f"use at most {card.n_layers} nodes",
         )
     by_size = sorted(range(len(live)), key=lambda i: (-live[i].capacity, i))
+
+    def largest(count: int) -> list[NodeProfile]:
+        return [live[i] for i in sorted(by_size[:count])]
+
     counts = [wanted] if request.nodes is not None else range(wanted, min(len(live), card.n_layers) + 1)
     for count in counts:
-        chosen = [live[i] for i in sorted(by_size[:count])]
-        shards = _try(card, chosen, costs)
+        shards = _try(card, largest(count), costs)
         if shards is not None:
             return Placement(card.id, "pipeline", request.dtype, shards)
     count = counts[-1]
-    chosen = [live[i] for i in sorted(by_size[:count])]
+    chosen = largest(count)
     offered = sum(n.capacity for n in chosen)
     needed = costs.total(card.n_layers, count)
     weights = card.weight_bytes(request.dtype)
