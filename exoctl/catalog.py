@@ -6,9 +6,10 @@ Torch-free: the control side reads it for `models`, placement and `--dry-run`.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from exoctl.errors import ModelNotFoundError, UnsupportedModelError
@@ -124,3 +125,50 @@ def get_card(model: str) -> ModelCard:
             hint=f"use a catalog id ({known}), its Hugging Face repo id, or a local model folder",
         )
     return card
+
+
+ARCHITECTURE_OF = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "mixtral": "mixtral"}
+
+
+def card_from_folder(folder: Path) -> ModelCard:
+    """A card for a local Hugging Face folder, read from its config.json (no torch)."""
+    path = folder / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelNotFoundError(
+            f"cannot read {path}: {exc}", hint="a model folder holds config.json"
+        ) from None
+    model_type = config.get("model_type")
+    if model_type not in ARCHITECTURE_OF:
+        raise UnsupportedModelError(
+            f"{folder}: model_type {model_type!r} is not supported",
+            hint=f"supported: {', '.join(sorted(ARCHITECTURE_OF))}",
+        )
+    try:
+        heads = int(config["num_attention_heads"])
+        card = ModelCard(
+            id=folder.name,
+            name=folder.name,
+            hf_repo="",
+            architecture=ARCHITECTURE_OF[model_type],
+            device="cpu",
+            n_layers=int(config["num_hidden_layers"]),
+            hidden_size=int(config["hidden_size"]),
+            num_attention_heads=heads,
+            num_key_value_heads=int(config.get("num_key_value_heads") or heads),
+            intermediate_size=int(config["intermediate_size"]),
+            num_experts=int(config.get("num_local_experts") or 0),
+            experts_per_token=int(config.get("num_experts_per_tok") or 0),
+            vocab_size=int(config["vocab_size"]),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            attention_bias=model_type == "qwen2" or bool(config.get("attention_bias", False)),
+            parameters=0,
+            storage_bytes=sum(f.stat().st_size for f in folder.glob("*.safetensors")),
+            storage_dtype=str(config.get("torch_dtype") or config.get("dtype") or "float32"),
+            context_length=int(config.get("max_position_embeddings") or 0),
+            tags=("cpu", "local", ARCHITECTURE_OF[model_type]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelNotFoundError(f"{path}: missing or bad field {exc}") from None
+    return replace(card, parameters=card.counted_parameters())

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import shlex
+import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ from typing import Any
 import yaml
 
 from exoctl.errors import ExoctlError
+from exoctl.paths import exoctl_home
 
 DEFAULT_PORT = 52416
 DEFAULT_INVENTORY_NAME = "cluster.yaml"
@@ -42,6 +45,7 @@ class Node:
     ssh_user: str | None = None
     ssh_port: int = 22
     ssh_identity: str | None = None
+    ssh_config: str | None = None  # passed to ssh as -F
     command: str = "exoctl"
     work_dir: str = "~/.cache/exoctl"
     model_dir: str = "~/models"
@@ -188,12 +192,52 @@ def load_inventory_file(path: Path) -> Inventory:
     return parse_inventory(data, str(path))
 
 
-def local_inventory(count: int = 2, base_port: int = DEFAULT_PORT, host: str = "127.0.0.1") -> Inventory:
-    """The embedded default: `count` worker processes on this machine."""
+def local_inventory(
+    count: int = 2, base_port: int = DEFAULT_PORT, host: str = "127.0.0.1", model_dir: str | None = None
+) -> Inventory:
+    """The embedded default: `count` worker processes on this machine, run by this Python."""
     if count < 1:
         raise ExoctlError(f"--local must be at least 1, got {count}")
-    nodes = tuple(Node(name=f"local{i + 1}", host=host, port=base_port + i) for i in range(count))
+    if not 1 <= base_port <= 65535 - count:
+        raise ExoctlError(f"--base-port must leave room for {count} ports below 65536, got {base_port}")
+    common: dict[str, Any] = {
+        "command": f"{shlex.quote(sys.executable)} -m exoctl",
+        "work_dir": str(exoctl_home()),
+    }
+    if model_dir:
+        common["model_dir"] = model_dir
+    nodes = tuple(Node(name=f"local{i + 1}", host=host, port=base_port + i, **common) for i in range(count))
     return Inventory("local", nodes, "embedded default")
+
+
+def local_inventory_path() -> Path:
+    """Where `exoctl up --local` writes the inventory it made, for later commands to find."""
+    return exoctl_home() / "local-cluster.yaml"
+
+
+def write_local_inventory(inventory: Inventory) -> Path:
+    path = local_inventory_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    keep = ("name", "host", "port", "command", "work_dir", "model_dir")
+    data = {
+        "cluster": inventory.name,
+        "nodes": [{k: getattr(n, k) for k in keep} for n in inventory.nodes],
+    }
+    header = "# written by `exoctl up --local`; `exoctl down` leaves it, `exoctl up --local N` rewrites it\n"
+    path.write_text(header + yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def load_inventory(explicit: str | None = None) -> Inventory:
+    """The inventory in force: a file found by the lookup order, the one `up --local` wrote, or
+    the embedded default of two local workers."""
+    path = find_inventory_path(explicit)
+    if path is not None:
+        return load_inventory_file(path)
+    local = local_inventory_path()
+    if local.is_file():
+        return load_inventory_file(local)
+    return local_inventory()
 
 
 def find_inventory_path(explicit: str | None, cwd: Path | None = None) -> Path | None:

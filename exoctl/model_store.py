@@ -61,3 +61,55 @@ def hub_folder(card: ModelCard, download: bool = False) -> Path:
             f"could not download {card.hf_repo}: {exc}",
             hint="gated models need HF_TOKEN set to a token that has accepted the model's licence",
         ) from None
+
+
+def files_for_layers(weight_map: dict[str, str], layers: tuple[int, int], n_layers: int) -> list[str]:
+    """The safetensors files holding the tensors of layers [start, end), plus the embedding on the
+    first range and the final norm and lm_head on the last (a tied lm_head is the embedding)."""
+    start, end = layers
+    wanted: set[str] = set()
+    for name, file in weight_map.items():
+        if name.startswith("model.layers."):
+            index = int(name.split(".")[2])
+            if start <= index < end:
+                wanted.add(file)
+        elif name == "model.embed_tokens.weight":
+            if start == 0 or end == n_layers:
+                wanted.add(file)
+        elif end == n_layers:
+            wanted.add(file)
+    return sorted(wanted)
+
+
+def download_for_layers(card: ModelCard, layers: tuple[int, int], n_layers: int) -> Path:
+    """The model's snapshot with only the safetensors files this node's layers need.
+
+    Uses the local cache when the files are there; otherwise downloads through huggingface_hub
+    (progress, resume, HF_TOKEN and HF_HUB_OFFLINE are its own).
+    """
+    import json
+
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        meta = Path(snapshot_download(card.hf_repo, allow_patterns=list(METADATA_PATTERNS)))
+        index = meta / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            files = files_for_layers(weight_map, layers, n_layers)
+        else:
+            files = ["model.safetensors"]
+        return Path(snapshot_download(card.hf_repo, allow_patterns=[*METADATA_PATTERNS, *files]))
+    except LocalEntryNotFoundError:
+        raise ModelNotFoundError(
+            f"{card.id} ({card.hf_repo}) is not in this node's Hugging Face cache "
+            "and the Hub is not reachable",
+            hint=f"download it on the node (hf download {card.hf_repo}) "
+            "or copy the folder into its model_dir",
+        ) from None
+    except HfHubHTTPError as exc:
+        raise ModelNotFoundError(
+            f"could not download {card.hf_repo}: {exc}",
+            hint="gated models need HF_TOKEN set to a token that has accepted the model's licence",
+        ) from None

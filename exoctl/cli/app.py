@@ -13,8 +13,12 @@ from typing import Annotated
 import typer
 
 from exoctl import __version__
+from exoctl.cli import chat as chat_cmd
+from exoctl.cli import lifecycle
 from exoctl.cli import models as models_cmd
+from exoctl.cli import place as place_cmd
 from exoctl.cli import run as run_cmd
+from exoctl.cli import state as state_cmd
 from exoctl.cli.output import print_error
 from exoctl.errors import ExoctlError
 
@@ -25,8 +29,18 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+app.command("up", help=lifecycle.UP_HELP, epilog=lifecycle.UP_EXAMPLES)(lifecycle.up)
+app.command("down")(lifecycle.down)
+app.command("logs")(lifecycle.logs)
+app.command("nodes")(state_cmd.nodes)
 app.command("models", help=models_cmd.HELP, epilog=models_cmd.EXAMPLES)(models_cmd.models)
+app.command("place", help=place_cmd.PLACE_HELP, epilog=place_cmd.PLACE_EXAMPLES)(place_cmd.place)
+app.command("delete")(place_cmd.delete)
+app.command("state", epilog=state_cmd.STATE_EXAMPLES)(state_cmd.state)
+app.command("chat", help=chat_cmd.HELP)(chat_cmd.chat)
 app.command("run", help=run_cmd.HELP, epilog=run_cmd.EXAMPLES)(run_cmd.run)
+app.add_typer(lifecycle.keys_app, name="keys")
+app.command("worker")(lifecycle.worker)
 
 
 def _version(value: bool) -> None:

@@ -1,31 +1,57 @@
-"""`exoctl run`: one answer to one prompt, for scripts.
-
-Until the cluster exists this runs the engine in this process.
-"""
+"""`exoctl run`: one answer to one prompt through the cluster, for scripts."""
 
 from __future__ import annotations
 
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from exoctl.catalog import DEFAULT_MODEL_ID
-from exoctl.cli.options import DtypeOption, JsonOption, ModelOption
+from exoctl.cli.common import InventoryOption, ensure_instance, not_running_hint, open_cluster
+from exoctl.cli.options import JsonOption
 from exoctl.cli.output import err_console, print_json, use_json_errors
 from exoctl.errors import InvalidRequestError
 
-HELP = "Answer one prompt (from the argument or stdin) and exit."
+HELP = "Answer one prompt (from the argument or stdin) on the cluster and exit."
 EXAMPLES = (
     "Examples:\n\n  exoctl run 'What is the capital of France?'\n\n"
     "  echo 'The capital of France is' | exoctl run --raw --max-tokens 8\n\n"
     "  exoctl run --json 'Hello' | jq .text"
 )
 
+ModelChoice = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Catalog id, Hugging Face repo id, local folder, or instance id "
+        "(default: the only placed model, else the embedded default).",
+    ),
+]
+
+
+def sampling_params(
+    max_tokens: int, temperature: float, top_p: float, top_k: int, seed: int | None, stop: list[str] | None
+) -> dict[str, Any]:
+    if max_tokens < 1:
+        raise InvalidRequestError(f"--max-tokens must be at least 1, got {max_tokens}")
+    if temperature < 0:
+        raise InvalidRequestError(f"--temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise InvalidRequestError(f"--top-p must be in (0, 1], got {top_p}")
+    return {
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "top_p": top_p,
+        "top_k": top_k,
+        "seed": seed,
+        "stop": list(stop or []),
+    }
+
 
 def run(
     prompt: Annotated[str | None, typer.Argument(help="The prompt; read from stdin when omitted.")] = None,
-    model: ModelOption = DEFAULT_MODEL_ID,
+    model: ModelChoice = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="Most tokens to generate.")] = 256,
     temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
@@ -35,68 +61,38 @@ def run(
     raw: Annotated[
         bool, typer.Option("--raw", help="Send the prompt as is, without the chat template.")
     ] = False,
-    dtype: DtypeOption = "auto",
+    dtype: Annotated[
+        str, typer.Option("--dtype", help="dtype if the model has to be placed first.")
+    ] = "auto",
+    inventory: InventoryOption = None,
     json_output: JsonOption = False,
 ) -> None:
     use_json_errors(json_output)
+    params = sampling_params(max_tokens, temperature, top_p, top_k, seed, stop)
     if prompt is None:
         if sys.stdin.isatty():
             raise InvalidRequestError("no prompt given", hint="pass it as an argument or on stdin")
         prompt = sys.stdin.read()
     if not prompt.strip():
         raise InvalidRequestError("the prompt is empty")
-
-    from exoctl.engine.generate import Completion, stream_completion
-    from exoctl.engine.model import load_model
-    from exoctl.engine.sampling import SamplingParams
-    from exoctl.engine.tokenizer import Tokenizer
-    from exoctl.model_store import resolve_model
-
-    params = SamplingParams(
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        seed=seed,
-        max_tokens=max_tokens,
-        stop=tuple(stop or ()),
-    )
-    from exoctl.engine.default_model import default_model_folder, is_converted
-
-    if model == DEFAULT_MODEL_ID and not is_converted(default_model_folder()):
-        err_console.print("[dim]converting the embedded SmolLM2 model once (about 30 s)…[/]")
-    with err_console.status(f"loading {model}…"):
-        folder = resolve_model(model)
-        tokenizer = Tokenizer(folder)
-        engine = load_model(folder, dtype=dtype)
-    prompt_ids = (
-        tokenizer.encode(prompt) if raw else tokenizer.encode_chat([{"role": "user", "content": prompt}])
-    )
-    completion: Completion | None = None
-    for item in stream_completion(engine, tokenizer, prompt_ids, params):
-        if isinstance(item, Completion):
-            completion = item
-        elif not json_output:
-            sys.stdout.write(item)
-            sys.stdout.flush()
-    assert completion is not None
-    t = completion.timings
+    with open_cluster(inventory) as cluster:
+        if not any(s.up for s in cluster.statuses()):
+            raise not_running_hint(cluster)
+        view = ensure_instance(cluster, model, dtype, lambda text: err_console.print(f"[dim]{text}[/]"))
+        messages = None if raw else [{"role": "user", "content": prompt}]
+        generation = cluster.generate(view, params, messages=messages, prompt=prompt if raw else None)
+        for delta in generation:
+            if not json_output:
+                sys.stdout.write(delta)
+                sys.stdout.flush()
+    result = generation.result
+    assert result is not None
     if json_output:
-        print_json(
-            {
-                "text": completion.text,
-                "token_ids": completion.token_ids,
-                "finish_reason": completion.finish_reason,
-                "usage": {"prompt_tokens": t.prompt_tokens, "completion_tokens": t.completion_tokens},
-                "timings": {
-                    "time_to_first_token_s": round(t.time_to_first_token_s, 4),
-                    "total_s": round(t.total_s, 4),
-                    "decode_tokens_per_s": round(t.decode_tokens_per_s, 2),
-                },
-            }
-        )
-    else:
-        sys.stdout.write("\n")
-        err_console.print(
-            f"[dim]{t.completion_tokens} tokens, {t.decode_tokens_per_s:.1f} tok/s, "
-            f"first token after {t.time_to_first_token_s * 1000:.0f} ms[/]"
-        )
+        print_json(result)
+        return
+    sys.stdout.write("\n")
+    timings = result["timings"]
+    err_console.print(
+        f"[dim]{result['usage']['completion_tokens']} tokens, {timings['decode_tokens_per_s']:.1f} tok/s, "
+        f"first token after {timings['time_to_first_token_s'] * 1000:.0f} ms on {', '.join(view.nodes)}[/]"
+    )

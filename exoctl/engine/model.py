@@ -142,8 +142,12 @@ def load_model(
     layers: tuple[int, int] | None = None,
     dtype: str = "float32",
     reader: WeightReader | None = None,
+    on_layer: Callable[[int], None] | None = None,
 ) -> CausalLM:
-    """Build the model (or the layer range [start, end) of it) from a Hugging Face folder."""
+    """Build the model (or the layer range [start, end) of it) from a Hugging Face folder.
+
+    `on_layer(count)` is called after each layer with the number loaded so far (progress).
+    """
     config = load_config(folder)
     span = check_range(config, layers)
     torch_dtype = resolve_dtype(dtype)
@@ -152,7 +156,11 @@ def load_model(
     d, v = config.hidden_size, config.vocab_size
     try:
         embed = reader.get("model.embed_tokens.weight", (v, d)) if span.start == 0 else None
-        blocks = [load_layer(reader, config, i) for i in span]
+        blocks = []
+        for i in span:
+            blocks.append(load_layer(reader, config, i))
+            if on_layer is not None:
+                on_layer(len(blocks))
         norm = lm_head = None
         if span.stop == config.num_hidden_layers:
             norm = RMSNorm(reader.get("model.norm.weight", (d,)), config.rms_norm_eps)

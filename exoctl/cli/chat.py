@@ -1,0 +1,112 @@
+"""`exoctl chat`: a REPL with streamed answers, history across turns, and a few slash commands."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Any
+
+import typer
+
+from exoctl.cli.common import InventoryOption, ensure_instance, not_running_hint, open_cluster
+from exoctl.cli.output import console, err_console
+from exoctl.cli.run import ModelChoice, sampling_params
+from exoctl.errors import ExoctlError
+
+HELP = "Chat with a placed model: streamed answers, history across turns, /reset /stats /model /quit."
+COMMANDS = (
+    "/reset          forget the conversation\n"
+    "/stats          tokens/s and time to first token of the last answer, and totals\n"
+    "/model ID       switch to another model (placed first if needed)\n"
+    "/quit           leave (also Ctrl-D); Ctrl-C stops an answer"
+)
+
+
+def chat(
+    model: ModelChoice = None,
+    system: Annotated[str | None, typer.Option(help="A system message at the start of the chat.")] = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="Most tokens per answer.")] = 512,
+    temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
+    seed: Annotated[int | None, typer.Option(help="Seed for sampling.")] = None,
+    dtype: Annotated[
+        str, typer.Option("--dtype", help="dtype if the model has to be placed first.")
+    ] = "auto",
+    inventory: InventoryOption = None,
+) -> None:
+    params = sampling_params(max_tokens, temperature, top_p, 0, seed, None)
+
+    def say(text: str) -> None:
+        err_console.print(f"[dim]{text}[/]")
+
+    with open_cluster(inventory) as cluster:
+        if not any(s.up for s in cluster.statuses()):
+            raise not_running_hint(cluster)
+        view = ensure_instance(cluster, model, dtype, say)
+        say(f"chatting with {view.model_id} on {', '.join(view.nodes)} — /help for commands, /quit to leave")
+        history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+        last: dict[str, Any] | None = None
+        totals = {"answers": 0, "tokens": 0}
+        while True:
+            try:
+                line = console.input("[bold green]you>[/] ")
+            except EOFError:
+                break
+            except KeyboardInterrupt:
+                console.print()
+                break
+            text = line.strip()
+            if not text:
+                continue
+            if text.startswith("/"):
+                command, _, argument = text.partition(" ")
+                if command in ("/quit", "/exit"):
+                    break
+                if command == "/reset":
+                    history = history[:1] if system else []
+                    say("conversation forgotten")
+                elif command == "/stats":
+                    if last is None:
+                        say("no answer yet")
+                    else:
+                        t = last["timings"]
+                        say(
+                            f"last answer: {last['usage']['completion_tokens']} tokens, "
+                            f"{t['decode_tokens_per_s']:.1f} tok/s, first token after "
+                            f"{t['time_to_first_token_s'] * 1000:.0f} ms, "
+                            f"prompt {last['usage']['prompt_tokens']} tokens; "
+                            f"session: {totals['answers']} answers, {totals['tokens']} tokens"
+                        )
+                elif command == "/model" and argument.strip():
+                    try:
+                        view = ensure_instance(cluster, argument.strip(), dtype, say)
+                        history = history[:1] if system else []
+                        say(f"now chatting with {view.model_id} on {', '.join(view.nodes)}")
+                    except ExoctlError as exc:
+                        err_console.print(f"[red]error:[/] {exc.message}")
+                else:
+                    say(COMMANDS)
+                continue
+            history.append({"role": "user", "content": text})
+            generation = cluster.generate(view, params, messages=history)
+            try:
+                for delta in generation:
+                    sys.stdout.write(delta)
+                    sys.stdout.flush()
+                result = generation.result
+            except KeyboardInterrupt:
+                result = generation.cancel()
+                say("\n(stopped)")
+            except ExoctlError as exc:
+                err_console.print(
+                    f"\n[red]error:[/] {exc.message}" + (f"\n[dim]hint:[/] {exc.hint}" if exc.hint else "")
+                )
+                history.pop()
+                continue
+            sys.stdout.write("\n")
+            if result:
+                history.append({"role": "assistant", "content": result["text"]})
+                last = result
+                totals["answers"] += 1
+                totals["tokens"] += result["usage"]["completion_tokens"]
+            else:
+                history.pop()

@@ -1,0 +1,220 @@
+"""`exoctl up`, `down`, `logs`, `keys` and `worker`: starting, stopping and watching workers."""
+
+from __future__ import annotations
+
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from exoctl import __version__
+from exoctl.cli.common import InventoryOption
+from exoctl.cli.options import JsonOption
+from exoctl.cli.output import console, err_console, print_json, use_json_errors
+from exoctl.errors import ExoctlError
+from exoctl.inventory import DEFAULT_PORT
+
+UP_HELP = "Start a worker on every inventory node (ssh, or a local process for loopback nodes)."
+UP_EXAMPLES = (
+    "Examples:\n\n  exoctl up --local 2              # two workers on 127.0.0.1, the embedded default\n\n"
+    "  exoctl up -i cluster.yaml         # one worker per node over ssh"
+)
+START_WAIT_S = 30.0
+
+
+def _start_node(node: Any, keys: Any) -> dict[str, Any]:
+    from exoctl.cluster.launcher import run_script, start_failure, start_script
+
+    result = run_script(node, start_script(node, keys, local_keys=node.is_loopback))
+    if result.code != 0:
+        return {
+            "node": node.name,
+            "address": node.address,
+            "result": "failed",
+            "reason": start_failure(node, result),
+        }
+    return {"node": node.name, "address": node.address, "result": "started", "reason": ""}
+
+
+def up(
+    inventory: InventoryOption = None,
+    local: Annotated[
+        int | None, typer.Option("--local", help="Start N workers on 127.0.0.1 instead.")
+    ] = None,
+    base_port: Annotated[int, typer.Option(help="First port of the --local workers.")] = DEFAULT_PORT,
+    model_dir: Annotated[
+        str | None, typer.Option(help="Folder the --local workers may load model folders from.")
+    ] = None,
+    json_output: JsonOption = False,
+) -> None:
+    use_json_errors(json_output)
+    from exoctl.cluster.client import Cluster
+    from exoctl.inventory import find_inventory_path, load_inventory, local_inventory, write_local_inventory
+    from exoctl.keys import init_keys
+    from exoctl.transport import NodeError
+
+    if local is not None:
+        inv = local_inventory(local, base_port, model_dir=model_dir)
+        write_local_inventory(inv)
+    else:
+        if model_dir is not None:
+            raise ExoctlError("--model-dir applies to --local workers", hint="set model_dir in the inventory")
+        inv = load_inventory(inventory)
+        if inv.source == "embedded default" and find_inventory_path(inventory) is None:
+            write_local_inventory(inv)
+    keys, made = init_keys()
+    if made:
+        err_console.print(f"[dim]made the cluster key in {keys.folder}[/]")
+    results: list[dict[str, Any]] = []
+    with Cluster(inv, keys) as cluster:
+        answers = cluster.ask_all("ping")
+        to_start = []
+        for node in inv.nodes:
+            answer = answers[node.name]
+            entry = {"node": node.name, "address": node.address, "result": "", "reason": ""}
+            if isinstance(answer, NodeError):
+                if "refused" in answer.message:
+                    entry.update(result="failed", reason=answer.message + " (run `exoctl down` first)")
+                    results.append(entry)
+                else:
+                    to_start.append(node)
+                continue
+            profile = answer["profile"]
+            if profile["version"] != __version__:
+                entry.update(
+                    result="failed",
+                    reason=f"version mismatch: the node runs exoctl {profile['version']}, "
+                    f"this is {__version__} (`exoctl down`, upgrade the node, `exoctl up`)",
+                )
+            elif profile["name"] != node.name:
+                entry.update(result="failed", reason=f"{node.address} is held by worker {profile['name']!r}")
+            else:
+                entry.update(result="running", reason="already running (reused)")
+            results.append(entry)
+        with err_console.status(f"starting {len(to_start)} worker(s)…"), ThreadPoolExecutor(8) as pool:
+            started = list(pool.map(lambda n: _start_node(n, keys), to_start))
+        ready = [inv.node(e["node"]) for e in started if e["result"] == "started"]
+        if ready:
+            answers = cluster.ask_all("ping", ready, timeout=START_WAIT_S)
+            for entry in started:
+                reply = answers.get(entry["node"])
+                if isinstance(reply, NodeError):
+                    entry.update(result="failed", reason=f"started but does not answer: {reply.message}")
+        results += started
+    order = {n.name: i for i, n in enumerate(inv.nodes)}
+    results.sort(key=lambda e: order[e["node"]])
+    failed = [e for e in results if e["result"] == "failed"]
+    if json_output:
+        print_json({"cluster": inv.name, "inventory": inv.source, "nodes": results})
+    else:
+        for entry in results:
+            mark = {
+                "started": "[green]started[/]",
+                "running": "[green]running[/]",
+                "failed": "[red]failed[/]",
+            }[entry["result"]]
+            reason = f" — {entry['reason']}" if entry["reason"] else ""
+            console.print(f"{entry['node']:<12} {entry['address']:<22} {mark}{reason}")
+    if failed:
+        raise typer.Exit(1)
+
+
+def down(inventory: InventoryOption = None, json_output: JsonOption = False) -> None:
+    """Stop the workers of every inventory node and say what was stopped."""
+    use_json_errors(json_output)
+    from exoctl.cluster.launcher import run_script, stop_script
+    from exoctl.inventory import load_inventory
+    from exoctl.keys import find_keys
+
+    inv = load_inventory(inventory)
+    from exoctl.cluster.client import Cluster
+
+    with Cluster(inv, find_keys()) as cluster:
+        answers = cluster.ask_all("shutdown", timeout=2.0)
+
+    def stop(node: Any) -> dict[str, Any]:
+        answered = not isinstance(answers[node.name], Exception)
+        result = run_script(node, stop_script(node))
+        words = result.out.split()
+        if result.code != 0:
+            return {
+                "node": node.name,
+                "result": "failed",
+                "reason": (result.err or result.out).strip()[-200:],
+            }
+        if words[:1] == ["STOPPED"] or answered:
+            how = "stopped" if answered else "killed (it did not answer)"
+            return {"node": node.name, "result": "stopped", "reason": how}
+        return {"node": node.name, "result": "not running", "reason": ""}
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(stop, inv.nodes))
+    if json_output:
+        print_json({"cluster": inv.name, "nodes": results})
+    else:
+        for entry in results:
+            reason = f" — {entry['reason']}" if entry["reason"] else ""
+            console.print(f"{entry['node']:<12} {entry['result']}{reason}")
+    if any(e["result"] == "failed" for e in results):
+        raise typer.Exit(1)
+
+
+def logs(
+    node: Annotated[str, typer.Argument(help="Node name from the inventory.")],
+    lines: Annotated[int, typer.Option("--lines", "-n", help="How many lines from the end.")] = 100,
+    inventory: InventoryOption = None,
+) -> None:
+    """Show the end of a node's worker log."""
+    from exoctl.cluster.launcher import logs_script, run_script
+    from exoctl.inventory import load_inventory
+
+    target = load_inventory(inventory).node(node)
+    result = run_script(target, logs_script(target, lines))
+    if result.code != 0:
+        raise ExoctlError(
+            f"no log for node {node}: {(result.err or result.out).strip()}",
+            hint="the log is written once `exoctl up` has started the worker",
+        )
+    sys.stdout.write(result.out)
+
+
+keys_app = typer.Typer(help="The cluster's CurveZMQ key pair.", no_args_is_help=True)
+
+
+@keys_app.command("init")
+def keys_init(force: Annotated[bool, typer.Option(help="Replace an existing key pair.")] = False) -> None:
+    """Make the cluster key pair in $EXOCTL_HOME/keys (`exoctl up` pushes it to the nodes)."""
+    from exoctl.keys import init_keys
+
+    keys, made = init_keys(force=force)
+    console.print(("made" if made else "kept the existing") + f" cluster key in {keys.folder}")
+    console.print(f"public key: {keys.public.decode()}")
+
+
+@keys_app.command("show")
+def keys_show() -> None:
+    """Print the cluster's public key."""
+    from exoctl.keys import load_keys
+
+    console.print(load_keys().public.decode())
+
+
+def worker(
+    name: Annotated[str, typer.Option(help="This node's name in the inventory.")],
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = DEFAULT_PORT,
+    keys_dir: Annotated[str | None, typer.Option(help="Folder with the cluster key pair.")] = None,
+    model_dir: Annotated[
+        list[str] | None, typer.Option(help="Folder models may be loaded from (repeatable).")
+    ] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    insecure: Annotated[bool, typer.Option(help="Allow a non-loopback address without keys.")] = False,
+) -> None:
+    """Run one worker in the foreground (`exoctl up` starts these for you)."""
+    from exoctl.keys import load_keys
+    from exoctl.worker.server import WorkerOptions, run_worker
+
+    keys = load_keys(Path(keys_dir).expanduser()) if keys_dir else None
+    run_worker(WorkerOptions(name, host, port, keys, [Path(d) for d in model_dir or []], device, insecure))

@@ -1,0 +1,119 @@
+"""`exoctl place` and `exoctl delete`: load a model across nodes, and unload it."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from exoctl.cli.common import InventoryOption, model_matches, open_cluster
+from exoctl.cli.options import DtypeOption, JsonOption
+from exoctl.cli.output import console, err_console, print_json, use_json_errors
+from exoctl.cli.render import placement_json, placement_table
+from exoctl.errors import ExoctlError
+
+PLACE_HELP = "Plan where a model's layers go and load them (pipeline sharding); --dry-run only plans."
+PLACE_EXAMPLES = (
+    "Examples:\n\n  exoctl place llama-3.1-70b-cpu --nodes 4\n\n"
+    "  exoctl place qwen2.5-32b-cpu --dry-run --json\n\n  exoctl place ./my-model-folder --min-nodes 2"
+)
+SHARDINGS = ("pipeline",)
+
+
+def _progress_callback(progress: Progress, tasks: dict[str, Any]):  # type: ignore[no-untyped-def]
+    def update(runners: dict[str, dict[str, Any]]) -> None:
+        for node, runner in runners.items():
+            total = runner["end_layer"] - runner["start_layer"]
+            if node not in tasks:
+                label = f"{node} layers [{runner['start_layer']}, {runner['end_layer']})"
+                tasks[node] = progress.add_task(label, total=total)
+            done = total if runner["status"] == "RunnerReady" else runner["layers_loaded"]
+            progress.update(tasks[node], completed=done)
+
+    return update
+
+
+def place(
+    model: Annotated[str, typer.Argument(help="Catalog id, Hugging Face repo id, or a local model folder.")],
+    nodes: Annotated[int | None, typer.Option("--nodes", "-n", help="Use exactly this many nodes.")] = None,
+    min_nodes: Annotated[
+        int, typer.Option(help="Use at least this many nodes (default: fewest that fit).")
+    ] = 1,
+    sharding: Annotated[str, typer.Option(help="pipeline (layers split across nodes).")] = "pipeline",
+    dtype: DtypeOption = "auto",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; load nothing.")] = False,
+    inventory: InventoryOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    use_json_errors(json_output)
+    from exoctl.cluster.client import resolve_card, runtime_dtype
+    from exoctl.placement import PlacementRequest
+
+    if sharding.lower() not in SHARDINGS:
+        raise ExoctlError(f"sharding {sharding!r} is not available", hint="use --sharding pipeline")
+    card, ref = resolve_card(model)
+    with open_cluster(inventory) as cluster:
+        statuses = cluster.statuses()
+        if dry_run and not any(s.up for s in statuses):
+            # plan on the inventory alone: declared memory_gb, or nothing to go on
+            from exoctl.cluster.client import NodeStatus
+
+            statuses = [NodeStatus(s.node, {"ram_total": 0, "ram_available": 0}) for s in statuses]
+        request = PlacementRequest(dtype=runtime_dtype(dtype, statuses), nodes=nodes, min_nodes=min_nodes)
+        placement = cluster.plan(card, request, statuses)
+        if dry_run:
+            if json_output:
+                print_json(placement_json(placement))
+            else:
+                console.print(placement_table(placement))
+            return
+        if not json_output:
+            console.print(placement_table(placement))
+        progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=err_console,
+            disable=json_output,
+        )
+        with progress:
+            instance_id = cluster.load(card, ref, placement, _progress_callback(progress, {}))
+    if json_output:
+        print_json({"instance_id": instance_id, **placement_json(placement)})
+    else:
+        console.print(f"instance {instance_id} of {card.id} is ready on {', '.join(placement.nodes)}")
+
+
+def delete(
+    target: Annotated[str, typer.Argument(help="Instance id (or its first characters), or a model id.")],
+    inventory: InventoryOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Unload an instance from its nodes and free their memory."""
+    use_json_errors(json_output)
+    from exoctl.cluster.client import instances_of
+
+    with open_cluster(inventory) as cluster:
+        views = list(instances_of(cluster.statuses()).values())
+        chosen = [v for v in views if v.instance_id.startswith(target)] or [
+            v for v in views if model_matches(v.model_id, target)
+        ]
+        if not chosen:
+            known = ", ".join(f"{v.instance_id[:8]} ({v.model_id})" for v in views) or "none"
+            raise ExoctlError(f"no instance matches {target!r}", hint=f"instances: {known}")
+        report: list[dict[str, Any]] = []
+        for view in chosen:
+            nodes = [cluster.inventory.node(n) for n in view.nodes if n in view.runners]
+            freed = cluster.unload(view.instance_id, nodes)
+            report.append({"instance_id": view.instance_id, "model_id": view.model_id, "freed_bytes": freed})
+    if json_output:
+        print_json({"deleted": report})
+    else:
+        for entry in report:
+            total = sum(entry["freed_bytes"].values())
+            console.print(
+                f"deleted {entry['instance_id']} ({entry['model_id']}), freed {total / 1e6:.0f} MB on "
+                f"{', '.join(entry['freed_bytes']) or 'no node'}"
+            )

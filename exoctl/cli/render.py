@@ -1,0 +1,150 @@
+"""Rich tables for nodes, instances, shards and placement plans."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from rich.console import Group
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from exoctl.cluster.client import InstanceView, NodeStatus
+    from exoctl.placement import Placement
+
+STATUS_STYLE = {
+    "up": "green",
+    "down": "red",
+    "ready": "green",
+    "running": "cyan",
+    "loading": "yellow",
+    "failed": "red",
+}
+
+
+def gb(value: float) -> str:
+    return f"{value / 1e9:.1f} GB"
+
+
+def mb(value: float) -> str:
+    return f"{value / 1e6:.0f} MB" if value < 1e9 else gb(value)
+
+
+def styled(text: str) -> str:
+    style = STATUS_STYLE.get(text)
+    return f"[{style}]{text}[/]" if style else text
+
+
+def nodes_table(statuses: list[NodeStatus]) -> Table:
+    table = Table(title="nodes", title_justify="left")
+    for column in (
+        "node",
+        "address",
+        "status",
+        "RAM used / total",
+        "CPU %",
+        "CPUs",
+        "device",
+        "version",
+        "runners",
+    ):
+        table.add_column(column)
+    for status in statuses:
+        node, profile = status.node, status.profile
+        if profile is None:
+            reason = "refused our key" if "refused" in (status.error or "") else "no answer"
+            table.add_row(node.name, node.address, styled("down"), "-", "-", "-", node.device, "-", reason)
+            continue
+        used = profile["ram_total"] - profile["ram_available"]
+        table.add_row(
+            node.name,
+            node.address,
+            styled("up"),
+            f"{gb(used)} / {gb(profile['ram_total'])}",
+            f"{profile['cpu_percent']:.0f}",
+            str(profile["cpu_count"]),
+            profile["device"],
+            profile["version"],
+            str(len(status.runners)),
+        )
+    return table
+
+
+def instances_table(views: list[InstanceView]) -> Table:
+    table = Table(title="instances", title_justify="left")
+    for column in ("instance", "model", "sharding", "dtype", "nodes", "status", "decode tok/s"):
+        table.add_column(column)
+    for view in views:
+        head = view.runners.get(view.head)
+        status = styled(view.status) + (f" ({view.failure})" if view.status == "failed" else "")
+        table.add_row(
+            view.instance_id[:8],
+            view.model_id,
+            view.sharding,
+            view.dtype,
+            ", ".join(view.nodes),
+            status,
+            f"{head['decode_tokens_per_s']:.1f}" if head else "-",
+        )
+    return table
+
+
+def shards_table(views: list[InstanceView]) -> Table:
+    table = Table(title="shards", title_justify="left")
+    for column in ("instance", "node", "rank", "layers", "memory", "status", "tokens/s"):
+        table.add_column(column)
+    for view in views:
+        for node in view.nodes:
+            runner = view.runners.get(node)
+            if runner is None:
+                table.add_row(view.instance_id[:8], node, "-", "-", "-", styled("down"), "-")
+                continue
+            status = runner["status"].removeprefix("Runner")
+            if status == "Loading":
+                status += f" {runner['layers_loaded']}/{runner['end_layer'] - runner['start_layer']}"
+            table.add_row(
+                view.instance_id[:8],
+                node,
+                f"{runner['rank']}/{runner['world']}",
+                f"[{runner['start_layer']}, {runner['end_layer']})",
+                mb(runner["memory_bytes"]),
+                status,
+                f"{runner['tokens_per_s']:.1f}",
+            )
+    return table
+
+
+def state_view(statuses: list[NodeStatus], views: list[InstanceView]) -> Group:
+    return Group(nodes_table(statuses), instances_table(views), shards_table(views))
+
+
+def placement_table(placement: Placement) -> Table:
+    table = Table(
+        title=f"{placement.model_id}: {placement.sharding} in {placement.dtype}", title_justify="left"
+    )
+    for column in ("node", "layers", "count", "memory"):
+        table.add_column(column)
+    for shard in placement.shards:
+        table.add_row(
+            shard.node,
+            f"[{shard.start_layer}, {shard.end_layer})",
+            str(shard.n_layers),
+            gb(shard.memory_bytes),
+        )
+    return table
+
+
+def placement_json(placement: Placement) -> dict[str, object]:
+    return {
+        "model_id": placement.model_id,
+        "sharding": placement.sharding,
+        "dtype": placement.dtype,
+        "shards": [
+            {
+                "node": s.node,
+                "start_layer": s.start_layer,
+                "end_layer": s.end_layer,
+                "memory_bytes": s.memory_bytes,
+            }
+            for s in placement.shards
+        ],
+    }

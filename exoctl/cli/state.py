@@ -1,0 +1,73 @@
+"""`exoctl state` and `exoctl nodes`: what the workers report, as tables or EXO-shaped JSON."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+import typer
+from rich.live import Live
+
+from exoctl.cli.common import InventoryOption, open_cluster
+from exoctl.cli.options import JsonOption
+from exoctl.cli.output import console, print_json, use_json_errors
+from exoctl.cli.render import nodes_table, state_view
+
+STATE_EXAMPLES = (
+    "Examples:\n\n  exoctl state\n\n  exoctl state --watch\n\n"
+    "  exoctl state --json | jq '.instances | .[] | .CpuRingInstance.shardAssignments.nodeToRunner'"
+)
+
+
+def state(
+    inventory: InventoryOption = None,
+    json_output: JsonOption = False,
+    watch: Annotated[bool, typer.Option("--watch", "-w", help="Refresh every second until Ctrl-C.")] = False,
+) -> None:
+    """Nodes, instances and shards of the cluster."""
+    use_json_errors(json_output)
+    from exoctl.cluster.client import instances_of
+    from exoctl.cluster.state import state_document
+
+    with open_cluster(inventory) as cluster:
+        statuses = cluster.statuses()
+        if json_output:
+            print_json(state_document(statuses, cluster.inventory.name))
+            return
+        views = list(instances_of(statuses).values())
+        if not watch:
+            console.print(state_view(statuses, views))
+            return
+        try:
+            with Live(state_view(statuses, views), console=console, refresh_per_second=4) as live:
+                while True:
+                    time.sleep(1.0)
+                    statuses = cluster.statuses()
+                    live.update(state_view(statuses, list(instances_of(statuses).values())))
+        except KeyboardInterrupt:
+            pass
+
+
+def nodes(inventory: InventoryOption = None, json_output: JsonOption = False) -> None:
+    """Who is up: RAM, CPU, device, version and runners of every node."""
+    use_json_errors(json_output)
+    with open_cluster(inventory) as cluster:
+        statuses = cluster.statuses()
+    if json_output:
+        print_json(
+            [
+                {
+                    "node": s.node.name,
+                    "address": s.node.address,
+                    "status": "up" if s.up else "down",
+                    "error": s.error,
+                    "profile": s.profile,
+                    "runners": [r["runner_id"] for r in s.runners],
+                }
+                for s in statuses
+            ]
+        )
+    else:
+        console.print(nodes_table(statuses))
+    if not any(s.up for s in statuses):
+        raise typer.Exit(1)

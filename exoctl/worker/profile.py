@@ -1,0 +1,64 @@
+"""What a worker reports about its node: memory, CPUs, load, its own RSS, device, version."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from exoctl import __version__
+from exoctl.protocol import PROTOCOL_VERSION
+
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_has_native_bf16() -> bool:
+    """From /proc/cpuinfo, without torch: the same AVX512-BF16 / AMX test the engine makes."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    flags = next(
+        (line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []
+    )
+    return any(flag in flags for flag in BF16_FLAGS)
+
+
+class NodeProfiler:
+    def __init__(self, name: str, device: str, boot_id: str) -> None:
+        self.name = name
+        self.device = device
+        self.boot_id = boot_id
+        self.started = time.time()
+        self.process = psutil.Process()
+        self.bf16 = cpu_has_native_bf16()
+        self.cpu_percent = 0.0
+        psutil.cpu_percent(interval=None)  # primes the counter: later calls measure since the last
+
+    def sample_cpu(self) -> None:
+        self.cpu_percent = psutil.cpu_percent(interval=None)
+
+    def profile(self) -> dict[str, Any]:
+        memory = psutil.virtual_memory()
+        load = os.getloadavg()
+        return {
+            "name": self.name,
+            "version": __version__,
+            "protocol": PROTOCOL_VERSION,
+            "boot_id": self.boot_id,
+            "pid": os.getpid(),
+            "hostname": platform.node(),
+            "ram_total": memory.total,
+            "ram_available": memory.available,
+            "cpu_count": psutil.cpu_count() or 1,
+            "cpu_percent": self.cpu_percent,
+            "load_avg": [round(x, 2) for x in load],
+            "rss": self.process.memory_info().rss,
+            "device": self.device,
+            "bf16_native": self.bf16,
+            "uptime_s": round(time.time() - self.started, 1),
+        }

@@ -1,0 +1,493 @@
+"""`exoctl worker`: one process per node. The I/O loop owns every socket; compute runs beside it.
+
+Threads: this loop (ZMQ ROUTER for clients and peers, DEALERs to peers, heartbeats), one
+compute thread (a FIFO of jobs: prefill and decode steps, so concurrent requests interleave
+token by token) and one loader thread per load. Compute hands outgoing messages back over an
+inproc socket, so a worker busy decoding still answers `status` at once.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import queue
+import threading
+import time
+import traceback
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import zmq
+
+from exoctl import protocol
+from exoctl.errors import ExoctlError
+from exoctl.keys import ClusterKeys
+from exoctl.protocol import Message, ProtocolError
+from exoctl.transport import secure_client, secure_server, start_authenticator
+from exoctl.worker.model_access import check_reference, locate
+from exoctl.worker.profile import NodeProfiler
+
+log = logging.getLogger("exoctl.worker")
+
+HEARTBEAT_S = 0.5
+DOWN_AFTER_S = 3.0  # a peer silent this long is down: its instances fail
+KEEPALIVE_S = 1.0  # clients of running requests hear from the head at least this often
+OUTBOX = "inproc://outbox"
+PEER_REQUESTS = frozenset({"forward", "token", "release", "seq_error"})
+
+
+@dataclass
+class WorkerOptions:
+    name: str
+    host: str
+    port: int
+    keys: ClusterKeys | None
+    model_dirs: list[Path]
+    device: str = "cpu"
+    insecure: bool = False
+
+
+def check_bind(host: str, keys: ClusterKeys | None, insecure: bool) -> None:
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback and keys is None and not insecure:
+        raise ExoctlError(
+            f"refusing to listen on {host} without the cluster key: anyone on the network could load models",
+            hint="make keys with `exoctl keys init` and pass --keys-dir, "
+            "or pass --insecure on a trusted network",
+        )
+
+
+@dataclass
+class ActiveRequest:
+    client: bytes
+    instance_id: str
+
+
+class Worker:
+    def __init__(self, options: WorkerOptions) -> None:
+        check_bind(options.host, options.keys, options.insecure)
+        self.options = options
+        self.name = options.name
+        self.ctx: zmq.Context[Any] = zmq.Context()
+        self.auth = start_authenticator(self.ctx, options.keys) if options.keys else None
+        self.router = self.ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.router.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        secure_server(self.router, options.keys)
+        try:
+            self.router.bind(f"tcp://{options.host}:{options.port}")
+        except zmq.ZMQError as exc:
+            self.close()
+            raise ExoctlError(
+                f"worker {self.name} cannot listen on {options.host}:{options.port}: {exc.strerror}",
+                hint="another process holds the port: stop it, or give this node another port",
+            ) from None
+        self.outbox = self.ctx.socket(zmq.PULL)
+        self.outbox.bind(OUTBOX)
+        self.profiler = NodeProfiler(self.name, options.device, uuid.uuid4().hex)
+        self.runners: dict[str, Any] = {}  # instance id -> Runner
+        self.peers: dict[str, zmq.Socket[Any]] = {}  # address -> DEALER
+        self.peer_seen: dict[str, float] = {}
+        self.peer_boot: dict[str, str] = {}
+        self.active: dict[str, ActiveRequest] = {}  # request id -> client of a running request
+        self.jobs: queue.Queue[tuple[Any, ...] | None] = queue.Queue()
+        self.stopping = False
+        self.compute = threading.Thread(target=self._compute_loop, name="compute", daemon=True)
+
+    # --- main loop ---------------------------------------------------------------------------
+
+    def serve(self) -> None:
+        self.compute.start()
+        log.info("exoctl worker %s listening on %s:%d", self.name, self.options.host, self.options.port)
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        poller.register(self.outbox, zmq.POLLIN)
+        registered: set[str] = set()
+        next_beat = next_keepalive = next_cpu = 0.0
+        try:
+            while not self.stopping:
+                for address, sock in self.peers.items():
+                    if address not in registered:
+                        poller.register(sock, zmq.POLLIN)
+                        registered.add(address)
+                events = dict(poller.poll(100))
+                if self.router in events:
+                    self._drain(self.router, self._inbound)
+                if self.outbox in events:
+                    self._drain(self.outbox, self._outbound)
+                for address, sock in self.peers.items():
+                    if sock in events:
+                        self._drain(sock, lambda frames, a=address: self._peer_reply(a, frames))
+                now = time.monotonic()
+                if now >= next_beat:
+                    self._heartbeat(now)
+                    next_beat = now + HEARTBEAT_S
+                if now >= next_keepalive:
+                    for request_id, request in list(self.active.items()):
+                        self._reply(request.client, "keepalive", {"request_id": request_id})
+                    next_keepalive = now + KEEPALIVE_S
+                if now >= next_cpu:
+                    self.profiler.sample_cpu()
+                    next_cpu = now + 1.0
+        finally:
+            log.info("worker %s stopping", self.name)
+            self.jobs.put(None)
+            for runner in list(self.runners.values()):
+                runner.free()
+            self.close()
+
+    def close(self) -> None:
+        if self.auth is not None:
+            self.auth.stop()
+        self.ctx.destroy(linger=0)
+
+    def _drain(self, sock: zmq.Socket[Any], handle: Any) -> None:
+        for _ in range(256):  # bounded so one busy socket cannot starve the others
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            handle(frames)
+
+    # --- sending ------------------------------------------------------------------------------
+
+    def _reply(self, client: bytes, kind: str, fields: dict[str, Any], tensors: Any = ()) -> None:
+        self.router.send_multipart([client, *protocol.encode(kind, fields, tensors)], copy=False)
+
+    def _peer(self, address: str) -> zmq.Socket[Any]:
+        sock = self.peers.get(address)
+        if sock is None:
+            sock = self.peers[address] = self.ctx.socket(zmq.DEALER)
+            secure_client(sock, self.options.keys)
+            sock.setsockopt(zmq.SNDHWM, 10000)
+            sock.connect(f"tcp://{address}")
+        return sock
+
+    def _send_peer(self, address: str, frames: list[Any]) -> None:
+        # never block the I/O loop on a dead or frozen peer: its messages are dropped, and the
+        # heartbeat fails its instances
+        try:
+            self._peer(address).send_multipart(frames, zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            log.warning("dropped a message to unresponsive peer %s", address)
+
+    def _outbound(self, frames: list[Any]) -> None:
+        """A message computed by the compute thread: [to, target, *message frames]."""
+        to, target, rest = bytes(frames[0]), bytes(frames[1]), frames[2:]
+        if to == b"client":
+            header = msgpack.unpackb(bytes(rest[0]), raw=False)
+            request_id = header.get("request_id")
+            if request_id not in self.active:
+                return  # the request failed or was answered already
+            if header["type"] in ("done", "error"):
+                del self.active[request_id]
+            self.router.send_multipart([target, *rest], copy=False)
+        else:
+            self._send_peer(target.decode(), rest)
+
+    # --- receiving ---------------------------------------------------------------------------
+
+    def _inbound(self, frames: list[Any]) -> None:
+        client, body = bytes(frames[0]), [f.buffer for f in frames[1:]]
+        request_id = _peek_id(body)
+        try:
+            message = protocol.decode(body)
+            self._dispatch(client, message)
+        except ExoctlError as exc:
+            log.warning("request from %s refused: %s", client.hex()[:8], exc.message)
+            self._reply(client, "error", {"id": request_id, "message": exc.message, "hint": exc.hint})
+        except Exception as exc:  # a bug must not take the worker down with it
+            log.error("error handling a message: %s", traceback.format_exc())
+            self._reply(client, "error", {"id": request_id, "message": f"internal error: {exc!r}"})
+
+    def _dispatch(self, client: bytes, message: Message) -> None:
+        kind, request_id = message.type, message.get("id")
+        ok = {"id": request_id}
+        if kind == "ping":
+            self._reply(client, "pong", {**ok, "profile": self.profiler.profile()})
+        elif kind == "status":
+            runners = [r.describe() for r in self.runners.values()]
+            self._reply(
+                client, "status_reply", {**ok, "profile": self.profiler.profile(), "runners": runners}
+            )
+        elif kind == "load":
+            self._load(message)
+            self._reply(client, "ok", ok)
+        elif kind == "unload":
+            freed = self._unload(message["instance_id"])
+            self._reply(client, "ok", {**ok, "freed": freed})
+        elif kind == "generate":
+            runner = self._runner(message["instance_id"])
+            if runner.status != "RunnerReady":
+                raise ExoctlError(
+                    f"instance {runner.spec.instance_id} is {runner.status} on node {self.name}"
+                    + (f": {runner.message}" if runner.message else "")
+                )
+            if not runner.spec.is_head:
+                raise ExoctlError(f"node {self.name} is not the head of instance {runner.spec.instance_id}")
+            if message["request_id"] in self.active:
+                raise ExoctlError(f"request id {message['request_id']} is already running")
+            self.active[message["request_id"]] = ActiveRequest(client, runner.spec.instance_id)
+            self.jobs.put(("generate", client, message))
+        elif kind == "cancel":
+            self.jobs.put(("cancel", message["request_id"]))
+            self._reply(client, "ok", ok)
+        elif kind == "shutdown":
+            self._reply(client, "ok", ok)
+            self.stopping = True
+        elif kind in PEER_REQUESTS:
+            self._runner(message["instance_id"])
+            self.jobs.put(("peer", message))
+        elif kind == "fail":
+            runner = self.runners.get(message["instance_id"])
+            if runner is not None and runner.status != "RunnerFailed":
+                self._fail_instance(message["instance_id"], message["message"], notify=False)
+        else:
+            raise ProtocolError(f"a worker does not accept '{kind}' messages")
+
+    def _peer_reply(self, address: str, frames: list[Any]) -> None:
+        try:
+            message = protocol.decode([f.buffer for f in frames])
+        except ProtocolError as exc:
+            log.warning("bad message from peer %s: %s", address, exc.message)
+            return
+        self.peer_seen[address] = time.monotonic()
+        if message.type == "pong":
+            boot = message["profile"].get("boot_id")
+            previous = self.peer_boot.setdefault(address, boot)
+            if previous != boot:
+                self.peer_boot[address] = boot
+                self._peer_lost(address, "restarted and lost its runners")
+        elif message.type == "error":
+            log.warning("peer %s answered with an error: %s", address, message["message"])
+
+    def _runner(self, instance_id: str) -> Any:
+        runner = self.runners.get(instance_id)
+        if runner is None:
+            raise ExoctlError(
+                f"node {self.name} holds no runner of instance {instance_id}",
+                hint="`exoctl state` lists the instances",
+            )
+        return runner
+
+    # --- loading -----------------------------------------------------------------------------
+
+    def _load(self, message: Message) -> None:
+        from exoctl.worker.runner import Runner, RunnerSpec
+
+        peers = message["peers"]
+        if not all(isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in peers):
+            raise ProtocolError("'peers' must be a list of [node name, address] pairs")
+        spec = RunnerSpec(
+            **{k: message[k] for k in protocol.SCHEMAS["load"] if k != "peers"},
+            peers=tuple((name, address) for name, address in peers),
+        )
+        if spec.sharding != "pipeline":
+            raise ExoctlError(
+                f"sharding {spec.sharding!r} is not supported by this worker", hint="use pipeline"
+            )
+        if not (0 <= spec.rank < spec.world == len(spec.peers)) or not (
+            0 <= spec.start_layer < spec.end_layer <= spec.n_layers
+        ):
+            raise ProtocolError("inconsistent rank, world, peers or layer range in 'load'")
+        if spec.dtype not in ("float32", "bfloat16"):
+            raise ExoctlError(f"dtype {spec.dtype!r} is not supported", hint="use float32 or bfloat16")
+        if spec.instance_id in self.runners:
+            raise ExoctlError(f"instance {spec.instance_id} is already on node {self.name}")
+        check_reference(spec.model, self.options.model_dirs, self.name)
+        runner = Runner(spec)
+        self.runners[spec.instance_id] = runner
+        now = time.monotonic()
+        for _, address in spec.peers:
+            self.peer_seen[address] = now  # the clock of a peer starts now, not at an old instance
+        threading.Thread(target=self._load_runner, args=(runner,), name="load", daemon=True).start()
+
+    def _load_runner(self, runner: Any) -> None:
+        from exoctl.worker.runner import LoadCancelled
+
+        spec = runner.spec
+        log.info(
+            "loading %s layers [%d, %d) in %s", spec.model_id, spec.start_layer, spec.end_layer, spec.dtype
+        )
+        try:
+            folder = locate(
+                spec.model,
+                self.options.model_dirs,
+                self.name,
+                (spec.start_layer, spec.end_layer),
+                spec.n_layers,
+            )
+            runner.load(folder)
+            log.info("instance %s ready: %.1f MB", spec.instance_id, runner.memory_bytes / 1e6)
+        except LoadCancelled:
+            log.info("load of instance %s cancelled", spec.instance_id)
+        except ExoctlError as exc:
+            log.warning("load of instance %s failed: %s", spec.instance_id, exc.message)
+            runner.fail(f"node {self.name}: {exc.message}")
+        except MemoryError:
+            runner.fail(
+                f"node {self.name} ran out of memory loading layers [{spec.start_layer}, {spec.end_layer})"
+            )
+        except Exception as exc:
+            log.error("load of instance %s failed: %s", spec.instance_id, traceback.format_exc())
+            runner.fail(f"node {self.name}: {type(exc).__name__}: {exc}")
+
+    def _unload(self, instance_id: str) -> int:
+        runner = self.runners.pop(instance_id, None)
+        if runner is None:
+            return 0
+        freed = runner.memory_bytes
+        for request_id, request in list(self.active.items()):
+            if request.instance_id == instance_id:
+                self._reply(
+                    request.client,
+                    "error",
+                    {"request_id": request_id, "message": f"instance {instance_id} was deleted"},
+                )
+                del self.active[request_id]
+        runner.free()
+        log.info("unloaded instance %s (%.1f MB)", instance_id, freed / 1e6)
+        return int(freed)
+
+    # --- failures ----------------------------------------------------------------------------
+
+    def _heartbeat(self, now: float) -> None:
+        watched = {a for r in self.runners.values() if r.status != "RunnerFailed" for _, a in r.spec.peers}
+        watched.discard(f"{self.options.host}:{self.options.port}")
+        for address in watched:
+            self._send_peer(address, protocol.encode("ping", {"id": 0}))
+            silent = now - self.peer_seen.get(address, now)
+            if silent > DOWN_AFTER_S:
+                self._peer_lost(address, f"stopped answering (no heartbeat for {silent:.1f} s)")
+
+    def _peer_lost(self, address: str, why: str) -> None:
+        for instance_id, runner in list(self.runners.items()):
+            if runner.status == "RunnerFailed":
+                continue
+            names = [name for name, a in runner.spec.peers if a == address]
+            if names:
+                self._fail_instance(instance_id, f"node {names[0]} ({address}) {why}", notify=True)
+
+    def _fail_instance(self, instance_id: str, message: str, notify: bool) -> None:
+        """The instance lost a node: fail its requests now, free this runner, tell the others."""
+        runner = self.runners[instance_id]
+        log.warning("instance %s failed: %s", instance_id, message)
+        for request_id, request in list(self.active.items()):
+            if request.instance_id == instance_id:
+                self._reply(
+                    request.client,
+                    "error",
+                    {
+                        "request_id": request_id,
+                        "message": message,
+                        "hint": "place the model again: `exoctl place`",
+                    },
+                )
+                del self.active[request_id]
+        runner.fail(message)
+        if notify:
+            me = f"{self.options.host}:{self.options.port}"
+            for _, address in runner.spec.peers:
+                if address != me:
+                    self._send_peer(
+                        address, protocol.encode("fail", {"instance_id": instance_id, "message": message})
+                    )
+
+    # --- compute thread ----------------------------------------------------------------------
+
+    def _compute_loop(self) -> None:
+        push = self.ctx.socket(zmq.PUSH)
+        push.connect(OUTBOX)
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                break
+            for out in self._compute(job):
+                if out.to == "self":
+                    self.jobs.put(("peer", Message(out.kind, out.fields)))
+                    continue
+                target = out.target if out.to == "client" else out.target.encode()
+                push.send_multipart(
+                    [out.to.encode(), target, *protocol.encode(out.kind, out.fields, out.tensors)], copy=False
+                )
+        push.close(0)
+
+    def _compute(self, job: tuple[Any, ...]) -> list[Any]:
+        from exoctl.worker.runner import Out
+
+        kind = job[0]
+        runner = None
+        try:
+            if kind == "generate":
+                _, client, message = job
+                runner = self._runner(message["instance_id"])
+                return list(runner.start(message, client))
+            if kind == "cancel":
+                for runner in list(self.runners.values()):
+                    runner.cancel(job[1])
+                return []
+            message = job[1]
+            runner = self.runners.get(message["instance_id"])
+            if runner is None or runner.status == "RunnerFailed":
+                return []
+            if message.type == "forward":
+                return list(runner.forward(message))
+            if message.type == "token":
+                return list(runner.token(message))
+            if message.type == "release":
+                return list(runner.release(message["seq"]))
+            if message.type == "seq_error":
+                return list(runner.abort(message["seq"], message["message"]))
+            return []
+        except Exception as exc:
+            if isinstance(exc, ExoctlError):
+                text, hint = exc.message, exc.hint
+            else:
+                log.error("compute error: %s", traceback.format_exc())
+                text, hint = f"node {self.name}: {type(exc).__name__}: {exc}", None
+            if kind == "generate":
+                _, client, message = job
+                request_id = message["request_id"]
+                outs = runner.release(request_id) if runner is not None else []
+                return [
+                    Out("client", client, "error", {"request_id": request_id, "message": text, "hint": hint}),
+                    *outs,
+                ]
+            message = job[1]
+            seq = message.get("seq")
+            if runner is None or seq is None:
+                return []
+            if runner.spec.is_head:
+                return list(runner.abort(seq, text))
+            fields = {"instance_id": runner.spec.instance_id, "seq": seq, "message": text}
+            return [Out("peer", runner.spec.peers[0][1], "seq_error", fields)]
+
+
+def _peek_id(frames: list[Any]) -> Any:
+    """The request id of a message that may fail validation, so its error reply can be matched."""
+    try:
+        header = msgpack.unpackb(bytes(frames[0]), raw=False)
+        return header.get("id") if isinstance(header, dict) else None
+    except Exception:
+        return None
+
+
+def warm_imports() -> None:
+    """Import torch, the engine and transformers' tokenizer before serving: an import in a loader
+    thread holds the import lock for seconds (the I/O loop would stall behind it), and transformers'
+    lazy modules are not safe to import from two threads at once."""
+    import exoctl.worker.runner  # noqa: F401  (torch, the engine)
+    from transformers import AutoTokenizer  # noqa: F401
+
+
+def run_worker(options: WorkerOptions) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    warm_imports()
+    worker = Worker(options)
+    worker.serve()
