@@ -62,6 +62,12 @@ class Node:
             return False
 
     @property
+    def uses_ssh(self) -> bool:
+        """Remote hosts, and loopback nodes given any ssh setting, are started over ssh."""
+        ssh_set = bool(self.ssh_user or self.ssh_identity or self.ssh_config) or self.ssh_port != 22
+        return ssh_set or not self.is_loopback
+
+    @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 

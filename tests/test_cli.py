@@ -13,14 +13,16 @@ import pytest
 TIMEOUT = 120
 
 
-def exoctl(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+def exoctl(
+    *args: str, stdin: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "exoctl", *args],
         input=stdin,
         capture_output=True,
         text=True,
         timeout=TIMEOUT,
-        env={**os.environ, "COLUMNS": "200"},
+        env={**os.environ, "COLUMNS": "200", **(env or {})},
     )
 
 
@@ -49,33 +51,19 @@ def test_models_table() -> None:
     assert "mixtral-8x7b-cpu" in result.stdout and "93.4 GB" in result.stdout
 
 
-def test_run_answers_with_the_default_model(smollm2_folder: Path) -> None:
-    result = exoctl("run", "--raw", "--max-tokens", "6", "--json", stdin="The capital of France is")
-    assert result.returncode == 0, result.stderr
-    doc = json.loads(result.stdout)
-    assert doc["text"].strip().startswith("Paris")
-    assert doc["usage"] == {"prompt_tokens": 5, "completion_tokens": 6}
-    assert len(doc["token_ids"]) == 6 and doc["finish_reason"] == "length"
-
-
-def test_run_streams_a_chat_answer(smollm2_folder: Path) -> None:
-    result = exoctl("run", "What is the capital of France?")
-    assert result.returncode == 0, result.stderr
-    assert "Paris" in result.stdout
-    assert "tok/s" in result.stderr
-
-
-def test_run_on_a_local_folder(tiny_models: dict[str, Path]) -> None:
-    result = exoctl("run", "--raw", "-n", "3", "--json", "-m", str(tiny_models["mixtral"]), "hello")
-    assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["usage"]["completion_tokens"] == 3
+def test_run_without_workers_says_to_start_them(tmp_path: Path) -> None:
+    # an empty home: no inventory anywhere, so the embedded default (two local workers) is used
+    result = exoctl("run", "hi", env={"EXOCTL_HOME": str(tmp_path), "EXOCTL_INVENTORY": ""})
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: no worker of cluster 'local' answers")
+    assert "exoctl up" in result.stderr
 
 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         (["run", "-m", "gpt-5", "hi"], "error: unknown model 'gpt-5'"),
-        (["run", "--temperature", "-1", "hi"], "error: temperature must be >= 0, got -1.0"),
+        (["run", "--temperature", "-1", "hi"], "error: --temperature must be >= 0, got -1.0"),
         (["run", "--dtype", "float64", "hi"], "error: dtype 'float64' is not supported"),
         (["run", "-m", "./no/such/folder", "hi"], "error: no model folder at ./no/such/folder"),
     ],

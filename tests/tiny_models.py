@@ -44,7 +44,7 @@ SPECS: dict[str, tuple[str, dict[str, Any]]] = {
         },
     ),
     "llama-tied": ("Llama", {"tie_word_embeddings": True, "num_key_value_heads": 4}),
-    "qwen2": ("Qwen2", {"num_hidden_layers": 3}),
+    "qwen2": ("Qwen2", {"num_hidden_layers": 5}),
     "mixtral": ("Mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2}),
 }
 

@@ -7,7 +7,13 @@ from typing import Annotated, Any
 
 import typer
 
-from exoctl.cli.common import InventoryOption, ensure_instance, not_running_hint, open_cluster
+from exoctl.cli.common import (
+    InventoryOption,
+    check_request,
+    ensure_instance,
+    not_running_hint,
+    open_cluster,
+)
 from exoctl.cli.output import console, err_console
 from exoctl.cli.run import ModelChoice, sampling_params
 from exoctl.errors import ExoctlError
@@ -34,6 +40,7 @@ def chat(
     inventory: InventoryOption = None,
 ) -> None:
     params = sampling_params(max_tokens, temperature, top_p, 0, seed, None)
+    check_request(model, dtype)
 
     def say(text: str) -> None:
         err_console.print(f"[dim]{text}[/]")

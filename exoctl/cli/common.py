@@ -85,6 +85,21 @@ def ensure_instance(
     return view
 
 
+RUNTIME_DTYPES = ("auto", "float32", "bfloat16")
+
+
+def check_request(model: str | None, dtype: str) -> None:
+    """Errors found without asking the cluster: an unknown model or dtype."""
+    import re
+
+    from exoctl.cluster.client import resolve_card
+
+    if dtype not in RUNTIME_DTYPES:
+        raise ExoctlError(f"dtype {dtype!r} is not supported", hint=f"use one of {', '.join(RUNTIME_DTYPES)}")
+    if model is not None and not re.fullmatch(r"[0-9a-f-]{8,36}", model):  # else an instance id
+        resolve_card(model)
+
+
 def not_running_hint(cluster: Cluster) -> ExoctlError:
     return ExoctlError(
         f"no worker of cluster {cluster.inventory.name!r} answers ({cluster.inventory.source})",

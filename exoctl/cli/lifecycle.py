@@ -27,7 +27,7 @@ START_WAIT_S = 30.0
 def _start_node(node: Any, keys: Any) -> dict[str, Any]:
     from exoctl.cluster.launcher import run_script, start_failure, start_script
 
-    result = run_script(node, start_script(node, keys, local_keys=node.is_loopback))
+    result = run_script(node, start_script(node, keys, local_keys=not node.uses_ssh))
     if result.code != 0:
         return {
             "node": node.name,

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from exoctl.cli.common import InventoryOption, model_matches, open_cluster
+from exoctl.cli.common import InventoryOption, check_request, model_matches, open_cluster
 from exoctl.cli.options import DtypeOption, JsonOption
 from exoctl.cli.output import console, err_console, print_json, use_json_errors
 from exoctl.cli.render import placement_json, placement_table
@@ -52,6 +52,7 @@ def place(
 
     if sharding.lower() not in SHARDINGS:
         raise ExoctlError(f"sharding {sharding!r} is not available", hint="use --sharding pipeline")
+    check_request(None, dtype)
     card, ref = resolve_card(model)
     with open_cluster(inventory) as cluster:
         statuses = cluster.statuses()

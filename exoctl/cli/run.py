@@ -7,7 +7,13 @@ from typing import Annotated, Any
 
 import typer
 
-from exoctl.cli.common import InventoryOption, ensure_instance, not_running_hint, open_cluster
+from exoctl.cli.common import (
+    InventoryOption,
+    check_request,
+    ensure_instance,
+    not_running_hint,
+    open_cluster,
+)
 from exoctl.cli.options import JsonOption
 from exoctl.cli.output import err_console, print_json, use_json_errors
 from exoctl.errors import InvalidRequestError
@@ -69,6 +75,7 @@ def run(
 ) -> None:
     use_json_errors(json_output)
     params = sampling_params(max_tokens, temperature, top_p, top_k, seed, stop)
+    check_request(model, dtype)
     if prompt is None:
         if sys.stdin.isatty():
             raise InvalidRequestError("no prompt given", hint="pass it as an argument or on stdin")

@@ -109,6 +109,8 @@ def resolve_card(model: str) -> tuple[ModelCard, str]:
         return card_from_folder(path.resolve()), str(path.resolve())
     if path.exists():
         raise ModelNotFoundError(f"{model} is not a model folder", hint="a model folder holds config.json")
+    if model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise ModelNotFoundError(f"no model folder at {model}")
     return get_card(model), model  # raises the unknown-model error with the catalog's ids
 
 

@@ -46,7 +46,7 @@ def ssh_command(node: Node) -> list[str]:
 
 
 def run_script(node: Node, script: str, timeout: float = SSH_TIMEOUT_S) -> ShellResult:
-    argv = ["sh", "-s"] if node.is_loopback else [*ssh_command(node), "sh -s"]
+    argv = [*ssh_command(node), "sh -s"] if node.uses_ssh else ["sh", "-s"]
     try:
         done = subprocess.run(argv, input=script, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -158,7 +158,7 @@ def start_failure(node: Node, result: ShellResult) -> str:
         return f"the worker exited at start: {detail.strip()[-300:]}"
     if result.code == 5:
         return f"the worker did not start listening within {START_WAIT_TENTHS / 10:.0f} s"
-    if result.code == 255 and not node.is_loopback:
+    if result.code == 255 and node.uses_ssh:
         err = result.err.strip().splitlines()
         return (
             f"ssh to {node.ssh_user + '@' if node.ssh_user else ''}{node.host}:{node.ssh_port} failed: "

@@ -292,7 +292,7 @@ class Runner:
             raise ExoctlError(f"hidden state of shape {list(hidden.shape)} does not fit this model")
         start_pos = message["start_pos"]
         out = self._run(seq, hidden, start_pos)
-        return [self._next(seq, start_pos + hidden.shape[1], out, message.get("params"))]
+        return [self._next(seq, start_pos, out, message.get("params"))]
 
     def token(self, message: Message) -> list[Out]:
         """Head: the last stage sampled a token; stream it and start the next step or finish."""

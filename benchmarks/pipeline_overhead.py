@@ -1,0 +1,136 @@
+"""Pipeline overhead: decode tokens/s of one stream on 1 worker against the same model split over
+2 and 4 local workers, in one run.
+
+    python benchmarks/pipeline_overhead.py [--models smollm2,llama-1.1b] [--dtype float32] [--tokens 64]
+
+Starts four real workers on 127.0.0.11-14 with `exoctl up` (its own inventory, random ports),
+places each model on 1, 2 and 4 of them with pipeline sharding, and reads the decode speed the
+head measures. All workers share this machine's cores and memory bandwidth, so what the ratio
+shows is the cost of the pipeline itself: the hops, the (de)serialisation, the handoffs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from exoctl.catalog import DEFAULT_MODEL_ID
+from exoctl.cluster.client import Cluster, instances_of, resolve_card
+from exoctl.inventory import load_inventory_file
+from exoctl.keys import find_keys
+from exoctl.placement import PlacementRequest
+
+PROMPT = "1, 2, 3, 4, 5, 6, 7, 8,"
+
+
+def stage_ms(cluster: Cluster, instance_id: str) -> float:
+    """Sum over stages of each stage's own compute time per decoded token (ms)."""
+    runners = instances_of(cluster.statuses())[instance_id].runners.values()
+    return sum(1000 / r["tokens_per_s"] for r in runners if r["tokens_per_s"] > 0)
+
+
+def decode_rate(cluster: Cluster, instance_id: str, tokens: int) -> float:
+    view = instances_of(cluster.statuses())[instance_id]
+    best = 0.0
+    for max_tokens in (8, tokens, tokens):  # the first run warms up
+        generation = cluster.generate(view, {"max_tokens": max_tokens}, prompt=PROMPT)
+        for _ in generation:
+            pass
+        assert generation.result is not None
+        if max_tokens == tokens:
+            best = max(best, generation.result["timings"]["decode_tokens_per_s"])
+    return best
+
+
+def main() -> None:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from decode_speed import cpu_name, make_llama_1b
+
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", default="smollm2,llama-1.1b")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--workers", default="1,2,4")
+    args = parser.parse_args()
+    counts = [int(c) for c in args.workers.split(",")]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        models_dir = Path(tmp) / "models"
+        models_dir.mkdir()
+        refs = {}
+        for name in args.models.split(","):
+            if name == "smollm2":
+                refs[name] = DEFAULT_MODEL_ID
+            elif name == "llama-1.1b":
+                # random weights; SmolLM2's tokenizer (the prompt's ids are all below 32000)
+                folder = make_llama_1b(models_dir / "llama-1.1b")
+                from exoctl.engine.default_model import ensure_default_model
+
+                for file in ("tokenizer.json", "tokenizer_config.json"):
+                    shutil.copy(ensure_default_model() / file, folder / file)
+                refs[name] = str(folder)
+            else:
+                refs[name] = name
+        base = random.randrange(30000, 40000, 10)
+        nodes = [
+            {"name": f"w{i + 1}", "host": f"127.0.0.{11 + i}", "port": base + i} for i in range(max(counts))
+        ]
+        inventory = Path(tmp) / "cluster.yaml"
+        defaults = {
+            "command": f"{shlex.quote(sys.executable)} -m exoctl",
+            "work_dir": f"{tmp}/work",
+            "model_dir": str(models_dir),
+        }
+        inventory.write_text(yaml.safe_dump({"cluster": "bench", "defaults": defaults, "nodes": nodes}))
+        exoctl = [sys.executable, "-m", "exoctl"]
+        subprocess.run([*exoctl, "up", "-i", str(inventory)], check=True, timeout=120)
+        print(
+            f"machine: {cpu_name()}, {os.cpu_count()} cores; {max(counts)} workers on this one machine; "
+            f"{args.dtype}, {args.tokens} tokens, one stream\n"
+        )
+        header = (
+            f"{'model':<12} " + " ".join(f"{f'{k} worker(s)':>12}" for k in counts) + "   ratio to 1 worker"
+        )
+        print(header)
+        print("-" * len(header))
+        try:
+            with Cluster(load_inventory_file(inventory), find_keys()) as cluster:
+                for name, ref in refs.items():
+                    card, model_ref = resolve_card(ref)
+                    rates, details = [], []
+                    for count in counts:
+                        request = PlacementRequest(dtype=args.dtype, nodes=count)
+                        placement = cluster.plan(card, request, cluster.statuses())
+                        instance_id = cluster.load(card, model_ref, placement)
+                        try:
+                            rates.append(decode_rate(cluster, instance_id, args.tokens))
+                            compute = stage_ms(cluster, instance_id)
+                            details.append(
+                                f"{count}: {1000 / rates[-1]:.1f} ms/token, stages compute {compute:.1f}, "
+                                f"pipeline {1000 / rates[-1] - compute:.1f}"
+                            )
+                        finally:
+                            cluster.unload(instance_id)
+                    ratios = " ".join(f"{r / rates[0]:.2f}" for r in rates[1:])
+                    print(
+                        f"{name:<12} " + " ".join(f"{r:>8.1f} t/s" for r in rates) + f"   {ratios}",
+                        flush=True,
+                    )
+                    print("             " + "; ".join(details), flush=True)
+        finally:
+            subprocess.run([*exoctl, "down", "-i", str(inventory)], timeout=120, capture_output=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""Real worker processes on loopback addresses for tests, started and stopped by the real CLI.
+
+127.0.0.11-14 stand for four nodes. Ports are drawn at random per test session and never
+reused within it; every cluster is stopped by `exoctl down`, and any worker left (a frozen
+or killed one) is killed by its pid file, so no process outlives its test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PYTHON_EXOCTL = f"{shlex.quote(sys.executable)} -m exoctl"
+CLI_TIMEOUT = 180
+_next_port = random.Random(os.getpid() ^ int(time.time())).randrange(20000, 45000, 100)
+
+
+def _free(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def take_ports(hosts: list[str]) -> list[int]:
+    """One port per host, fresh in this session and free right now."""
+    global _next_port
+    while True:
+        base = _next_port
+        _next_port += len(hosts) + 1
+        ports = [base + i for i in range(len(hosts))]
+        if all(_free(h, p) for h, p in zip(hosts, ports, strict=True)):
+            return ports
+
+
+def exoctl(
+    *args: str, stdin: str | None = None, timeout: float = CLI_TIMEOUT, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "exoctl", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "COLUMNS": "200", **(env or {})},
+    )
+
+
+def write_inventory(path: Path, nodes: list[dict[str, Any]], defaults: dict[str, Any]) -> Path:
+    path.write_text(
+        yaml.safe_dump({"cluster": "test", "defaults": defaults, "nodes": nodes}), encoding="utf-8"
+    )
+    return path
+
+
+@dataclass
+class WorkerCluster:
+    inventory: Path
+    work_dir: Path
+    names: list[str]
+
+    def cli(self, *args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        return exoctl(*args, "--inventory", str(self.inventory), **kwargs)
+
+    def cli_json(self, *args: str) -> Any:
+        result = self.cli(*args, "--json")
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    def client(self):  # type: ignore[no-untyped-def]
+        from exoctl.cluster.client import Cluster
+        from exoctl.inventory import load_inventory_file
+        from exoctl.keys import find_keys
+
+        return Cluster(load_inventory_file(self.inventory), find_keys())
+
+    def pid(self, name: str) -> int:
+        return int((self.work_dir / "run" / f"{name}.pid").read_text())
+
+    def log(self, name: str) -> str:
+        path = self.work_dir / "logs" / f"{name}.log"
+        return path.read_text() if path.is_file() else ""
+
+    def stop(self) -> None:
+        for name in self.names:  # a frozen worker must run again to exit
+            try:
+                os.kill(self.pid(name), signal.SIGCONT)
+            except (OSError, ValueError):
+                pass
+        self.cli("down", timeout=60)
+        for name in self.names:
+            try:
+                pid = self.pid(name)
+            except (OSError, ValueError):
+                continue
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def make_cluster(tmp: Path, count: int, model_dir: Path, **defaults: Any) -> WorkerCluster:
+    hosts = [f"127.0.0.{11 + i}" for i in range(count)]
+    ports = take_ports(hosts)
+    names = [f"node{i + 1}" for i in range(count)]
+    work = tmp / "work"
+    nodes = [{"name": n, "host": h, "port": p} for n, h, p in zip(names, hosts, ports, strict=True)]
+    inventory = write_inventory(
+        tmp / "cluster.yaml",
+        nodes,
+        {"command": PYTHON_EXOCTL, "work_dir": str(work), "model_dir": str(model_dir), **defaults},
+    )
+    return WorkerCluster(inventory, work, names)
+
+
+def start(cluster: WorkerCluster) -> None:
+    result = cluster.cli("up")
+    if result.returncode != 0:
+        cluster.stop()
+        raise AssertionError(f"exoctl up failed:\n{result.stdout}\n{result.stderr}")
+
+
+def wait_for(predicate: Any, timeout: float, interval: float = 0.2) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())

@@ -1,0 +1,405 @@
+"""Real worker processes on 127.0.0.11-14: pipelines of 1-4 stages against the single process,
+the state document, delete, the CLI against a running cluster, and malformed input."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+import zmq
+
+from exoctl.catalog import DEFAULT_MODEL_ID
+from exoctl.cluster.client import Cluster, instances_of, resolve_card
+from exoctl.placement import PlacementRequest
+from exoctl.protocol import PROTOCOL_VERSION
+from tests.cluster_helpers import WorkerCluster, make_cluster, start, wait_for
+
+PROMPT = "The capital of France is"
+MAX_TOKENS = 12
+KINDS = ["llama", "llama-tied", "qwen2", "mixtral", "smollm2"]
+
+
+@pytest.fixture(scope="module")
+def cluster4(
+    tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Path]
+) -> Iterator[WorkerCluster]:
+    model_dir = next(iter(tiny_models.values())).parent
+    cluster = make_cluster(tmp_path_factory.mktemp("cluster4"), 4, model_dir)
+    start(cluster)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def references(tiny_models: dict[str, Path], smollm2_folder: Path) -> dict[str, list[int]]:
+    """Greedy tokens of each model in this process: the engine, whole, float32."""
+    from exoctl.engine.generate import generate_ids
+    from exoctl.engine.model import load_model
+    from exoctl.engine.sampling import SamplingParams
+    from exoctl.engine.tokenizer import Tokenizer
+
+    folders = {**tiny_models, "smollm2": smollm2_folder}
+    out = {}
+    for kind, folder in folders.items():
+        tokenizer = Tokenizer(folder)
+        ids = tokenizer.encode(PROMPT)
+        params = SamplingParams(max_tokens=MAX_TOKENS)
+        out[kind] = [t for t, _ in generate_ids(load_model(folder), ids, params, tokenizer.eos_token_ids)]
+    return out
+
+
+def model_ref(kind: str, tiny_models: dict[str, Path]) -> str:
+    return DEFAULT_MODEL_ID if kind == "smollm2" else str(tiny_models[kind])
+
+
+def place(client: Cluster, model: str, nodes: int, dtype: str = "float32") -> str:
+    card, ref = resolve_card(model)
+    placement = client.plan(card, PlacementRequest(dtype=dtype, nodes=nodes), client.statuses())
+    return client.load(card, ref, placement)
+
+
+def generate(client: Cluster, instance_id: str, prompt: str = PROMPT, **params: Any) -> dict[str, Any]:
+    view = instances_of(client.statuses())[instance_id]
+    generation = client.generate(view, {"max_tokens": MAX_TOKENS, **params}, prompt=prompt)
+    text = "".join(generation)
+    assert generation.result is not None
+    assert generation.result["text"] == text
+    return generation.result
+
+
+@pytest.mark.parametrize("nodes", [1, 2, 3, 4])
+@pytest.mark.parametrize("kind", KINDS)
+def test_pipeline_gives_the_single_process_tokens(
+    cluster4: WorkerCluster,
+    tiny_models: dict[str, Path],
+    references: dict[str, list[int]],
+    kind: str,
+    nodes: int,
+) -> None:
+    with cluster4.client() as client:
+        instance_id = place(client, model_ref(kind, tiny_models), nodes)
+        try:
+            result = generate(client, instance_id)
+            assert result["token_ids"] == references[kind]
+            assert result["usage"]["completion_tokens"] == len(references[kind])
+            # the state document shows the split: `nodes` runners covering [0, n) in order
+            from exoctl.cluster.state import state_document
+
+            doc = state_document(client.statuses(), "test")
+            assignments = doc["instances"][instance_id]["CpuRingInstance"]["shardAssignments"]
+            assert len(assignments["nodeToRunner"]) == nodes
+            shards = sorted(
+                (s["PipelineShardMetadata"] for s in assignments["runnerToShard"].values()),
+                key=lambda s: s["deviceRank"],
+            )
+            assert shards[0]["startLayer"] == 0 and shards[-1]["endLayer"] == shards[0]["nLayers"]
+            assert all(a["endLayer"] == b["startLayer"] for a, b in zip(shards, shards[1:], strict=False))
+            assert [s["worldSize"] for s in shards] == [nodes] * nodes
+        finally:
+            client.unload(instance_id)
+
+
+def test_smollm2_answers_paris_across_four_workers(cluster4: WorkerCluster) -> None:
+    with cluster4.client() as client:
+        instance_id = place(client, DEFAULT_MODEL_ID, 4)
+        try:
+            view = instances_of(client.statuses())[instance_id]
+            messages = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+            generation = client.generate(view, {"max_tokens": 20}, messages=messages)
+            assert "Paris" in "".join(generation)
+            assert generation.result is not None and generation.result["finish_reason"] == "stop"
+        finally:
+            client.unload(instance_id)
+
+
+def test_delete_frees_the_runners_memory(cluster4: WorkerCluster) -> None:
+    with cluster4.client() as client:
+
+        def rss() -> dict[str, int]:
+            return {s.node.name: s.profile["rss"] for s in client.statuses() if s.profile}
+
+        before = rss()
+        instance_id = place(client, DEFAULT_MODEL_ID, 2)
+        loaded = rss()
+        runners = instances_of(client.statuses())[instance_id].runners
+        held = {node: r["memory_bytes"] for node, r in runners.items()}
+        assert all(held[n] > 100e6 for n in held)  # about 326 MB of float32 weights each
+        for node in held:
+            assert loaded[node] - before[node] > 0.6 * held[node]
+        result = cluster4.cli_json("delete", instance_id[:8])
+        assert set(result["deleted"][0]["freed_bytes"]) == set(held)
+        # the memory goes back to the OS: RSS falls by most of what the runner held
+        assert wait_for(lambda: all(loaded[n] - rss()[n] > 0.6 * held[n] for n in held), timeout=10)
+        assert instance_id not in instances_of(client.statuses())
+
+
+def test_cli_place_run_state_delete(cluster4: WorkerCluster) -> None:
+    placed = cluster4.cli_json("place", DEFAULT_MODEL_ID, "--nodes", "2", "--dtype", "float32")
+    assert placed["model_id"] == DEFAULT_MODEL_ID and [s["node"] for s in placed["shards"]] == [
+        "node1",
+        "node2",
+    ]
+    try:
+        answer = cluster4.cli_json("run", "What is the capital of France?", "--max-tokens", "16")
+        assert "Paris" in answer["text"] and answer["usage"]["prompt_tokens"] > 5
+        state = cluster4.cli_json("state")
+        # the test plan's jq line: .instances | .[] | .CpuRingInstance.shardAssignments.nodeToRunner
+        node_to_runner = [
+            i["CpuRingInstance"]["shardAssignments"]["nodeToRunner"] for i in state["instances"].values()
+        ]
+        assert [sorted(n) for n in node_to_runner] == [["node1", "node2"]]
+        assert set(state["nodeMemory"]) == {"node1", "node2", "node3", "node4"}
+        assert all(m["ramTotal"]["inBytes"] > 0 for m in state["nodeMemory"].values())
+        runner_states = {next(iter(r)) for r in state["runners"].values()}
+        assert runner_states == {"RunnerReady"}
+        nodes = cluster4.cli_json("nodes")
+        assert [n["status"] for n in nodes] == ["up"] * 4
+        table = cluster4.cli("state")
+        assert table.returncode == 0 and "smollm2-135m-cpu" in table.stdout and "[0, 15)" in table.stdout
+    finally:
+        deleted = cluster4.cli_json("delete", DEFAULT_MODEL_ID)
+    assert deleted["deleted"][0]["model_id"] == DEFAULT_MODEL_ID
+
+
+def test_run_places_the_model_first_and_says_so(cluster4: WorkerCluster) -> None:
+    result = cluster4.cli("run", "--raw", "--max-tokens", "4", "--dtype", "float32", PROMPT)
+    try:
+        assert result.returncode == 0, result.stderr
+        assert "is not placed: placing it with the defaults" in result.stderr
+        assert "Paris" in result.stdout
+    finally:
+        cluster4.cli("delete", DEFAULT_MODEL_ID)
+
+
+def test_two_requests_at_once_get_their_own_answers(
+    cluster4: WorkerCluster, references: dict[str, list[int]], tiny_models: dict[str, Path]
+) -> None:
+    with cluster4.client() as client:
+        instance_id = place(client, model_ref("llama", tiny_models), 2)
+        try:
+            view = instances_of(client.statuses())[instance_id]
+            other = Cluster(client.inventory, client.keys)
+            try:
+                first = client.generate(view, {"max_tokens": MAX_TOKENS}, prompt=PROMPT)
+                second = other.generate(view, {"max_tokens": MAX_TOKENS}, prompt=PROMPT)
+                list(first), list(second)
+            finally:
+                other.close()
+            assert first.result and second.result
+            assert first.result["token_ids"] == second.result["token_ids"] == references["llama"]
+        finally:
+            client.unload(instance_id)
+
+
+# --- bad input -------------------------------------------------------------------------------
+
+
+def raw_socket(cluster: WorkerCluster, node: str = "node1") -> tuple[zmq.Context[Any], zmq.Socket[Any]]:
+    from exoctl.inventory import load_inventory_file
+    from exoctl.keys import find_keys
+    from exoctl.transport import secure_client
+
+    inventory = load_inventory_file(cluster.inventory)
+    ctx: zmq.Context[Any] = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    secure_client(sock, find_keys())
+    sock.connect(f"tcp://{inventory.node(node).address}")
+    return ctx, sock
+
+
+def header(kind: str, **fields: Any) -> bytes:
+    return msgpack.packb({"v": PROTOCOL_VERSION, "type": kind, "id": 7, **fields})
+
+
+BAD_MESSAGES = [
+    ([b"\xc1\xff not msgpack"], "not valid msgpack"),
+    ([msgpack.packb([1, 2, 3])], "must be a msgpack map"),
+    ([msgpack.packb({"v": 99, "type": "ping", "id": 7})], "protocol version 99"),
+    ([header("launch_missiles")], "unknown message type 'launch_missiles'"),
+    ([header("unload")], "missing field 'instance_id'"),
+    ([header("unload", instance_id=5)], "'instance_id' must be str"),
+    (
+        [
+            header(
+                "forward",
+                instance_id="x",
+                seq="s",
+                start_pos=0,
+                tensors=[{"dtype": "float32", "shape": [1, 1, 64]}],
+            ),
+            b"\0" * 10,
+        ],
+        "needs 256 bytes but the frame has 10",
+    ),
+    (
+        [
+            header(
+                "forward",
+                instance_id="x",
+                seq="s",
+                start_pos=0,
+                tensors=[{"dtype": "complex64", "shape": [1]}],
+            ),
+            b"\0" * 8,
+        ],
+        "dtype 'complex64' is not one of",
+    ),
+    (
+        [header("forward", instance_id="x", seq="s", start_pos=0), b"extra"],
+        "describes 0 tensors but 1 frames",
+    ),
+    ([header("forward", instance_id="nope", seq="s", start_pos=0)], "holds no runner of instance nope"),
+    ([header("pong", profile={})], "does not accept 'pong'"),
+    (
+        [
+            header(
+                "load",
+                instance_id="i",
+                runner_id="r",
+                model="/etc",
+                model_id="m",
+                sharding="pipeline",
+                dtype="float32",
+                start_layer=0,
+                end_layer=1,
+                n_layers=1,
+                rank=0,
+                world=1,
+                peers=[["node1", "127.0.0.11:1"]],
+            )
+        ],
+        "loads models only from",
+    ),
+]
+
+
+def test_malformed_messages_get_an_error_and_the_worker_keeps_serving(cluster4: WorkerCluster) -> None:
+    ctx, sock = raw_socket(cluster4)
+    try:
+        for frames, expected in BAD_MESSAGES:
+            sock.send_multipart(frames)
+            assert sock.poll(5000), f"no reply to a message expecting {expected!r}"
+            reply = msgpack.unpackb(sock.recv_multipart()[0])
+            assert reply["type"] == "error", reply
+            assert expected in reply["message"], (expected, reply["message"])
+        sock.send_multipart([header("ping")])
+        assert sock.poll(5000)
+        assert msgpack.unpackb(sock.recv_multipart()[0])["type"] == "pong"
+    finally:
+        ctx.destroy(linger=0)
+
+
+def test_a_client_without_the_cluster_key_is_refused(cluster4: WorkerCluster) -> None:
+    from exoctl.inventory import load_inventory_file
+    from exoctl.keys import ClusterKeys
+    from exoctl.transport import NodeError
+
+    inventory = load_inventory_file(cluster4.inventory)
+    stranger = ClusterKeys(*zmq.curve_keypair(), folder=Path("/nonexistent"))
+    with Cluster(inventory, stranger, timeout=2.0) as client:
+        with pytest.raises(NodeError, match="node node2 .* refused this client"):
+            client.client("node2").request("ping")
+    with Cluster(inventory, None, timeout=2.0) as client:  # no CurveZMQ at all
+        with pytest.raises(NodeError, match="node node1 "):
+            client.client("node1").request("status")
+    result = cluster4.cli("nodes", env={"EXOCTL_HOME": str(cluster4.work_dir / "home-without-keys")})
+    assert result.returncode == 1 and "down" in result.stdout
+    # the workers kept serving the cluster's own clients
+    assert [n["status"] for n in cluster4.cli_json("nodes")] == ["up"] * 4
+
+
+def test_up_twice_reuses_the_running_workers(cluster4: WorkerCluster) -> None:
+    result = cluster4.cli("up", "--json")
+    assert result.returncode == 0, result.stderr
+    entries = json.loads(result.stdout)["nodes"]
+    assert [e["result"] for e in entries] == ["running"] * 4
+    assert all(e["reason"] == "already running (reused)" for e in entries)
+
+
+def test_run_cli_variants(cluster4: WorkerCluster, tiny_models: dict[str, Path]) -> None:
+    placed = cluster4.cli_json("place", DEFAULT_MODEL_ID, "--nodes", "3", "--dtype", "float32")
+    try:
+        raw = cluster4.cli("run", "--raw", "--max-tokens", "6", "--json", stdin=PROMPT)
+        assert raw.returncode == 0, raw.stderr
+        doc = json.loads(raw.stdout)
+        assert doc["text"].strip().startswith("Paris")
+        assert doc["usage"] == {"prompt_tokens": 5, "completion_tokens": 6}
+        assert len(doc["token_ids"]) == 6 and doc["finish_reason"] == "length"
+        assert set(doc["timings"]) == {"time_to_first_token_s", "total_s", "decode_tokens_per_s"}
+        streamed = cluster4.cli("run", "What is the capital of France?")
+        assert streamed.returncode == 0 and "Paris" in streamed.stdout
+        assert "tok/s" in streamed.stderr and "node1, node2, node3" in streamed.stderr
+        stopped = cluster4.cli("run", "--raw", "--stop", " Paris", "--json", PROMPT)
+        assert (
+            json.loads(stopped.stdout)["text"] == "" and json.loads(stopped.stdout)["finish_reason"] == "stop"
+        )
+        folder = cluster4.cli("run", "--raw", "-n", "3", "--json", "-m", str(tiny_models["mixtral"]), "hello")
+        assert folder.returncode == 0, folder.stderr
+        assert json.loads(folder.stdout)["usage"]["completion_tokens"] == 3
+        assert "placing it with the defaults" in folder.stderr
+    finally:
+        cluster4.cli("delete", placed["instance_id"])
+        cluster4.cli("delete", "mixtral")
+    assert cluster4.cli_json("state")["instances"] == {}
+
+
+def test_chat_repl(cluster4: WorkerCluster) -> None:
+    script = "What is the capital of France?\n/stats\nAnd of Italy?\n/reset\n/help\n/quit\n"
+    result = cluster4.cli("chat", "--dtype", "float32", "-n", "24", stdin=script)
+    try:
+        assert result.returncode == 0, result.stderr
+        assert "Paris" in result.stdout and "Rome" in result.stdout  # history kept across turns
+        assert "tok/s, first token after" in result.stderr
+        assert "conversation forgotten" in result.stderr and "/reset" in result.stderr
+    finally:
+        cluster4.cli("delete", DEFAULT_MODEL_ID)
+
+
+def test_chat_ctrl_c_stops_the_answer_not_the_repl(cluster4: WorkerCluster) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    cluster4.cli_json("place", DEFAULT_MODEL_ID, "--nodes", "2", "--dtype", "float32")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "exoctl", "chat", "-n", "400", "-i", str(cluster4.inventory)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    out: list[str] = []
+
+    def read() -> None:
+        assert proc.stdout is not None
+        while char := proc.stdout.read(1):
+            out.append(char)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert proc.stdin is not None
+        proc.stdin.write("Count from 1 to 500, separated by commas.\n")
+        proc.stdin.flush()
+        assert wait_for(lambda: "".join(out).count("\n") >= 5, timeout=60)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(1.0)
+        proc.stdin.write("/stats\n/quit\n")
+        proc.stdin.flush()
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        assert "(stopped)" in err and "last answer:" in err
+        assert "".join(out).count("\n") < 100
+    finally:
+        proc.kill()
+        cluster4.cli("delete", DEFAULT_MODEL_ID)
