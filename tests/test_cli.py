@@ -97,3 +97,115 @@ def test_debug_shows_the_traceback() -> None:
         env={**os.environ, "EXOCTL_DEBUG": "1"},
     )
     assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def loopback_copy_of_the_example(tmp_path: Path) -> Path:
+    """cluster.example.yaml with its hosts moved to unused loopback ports (tests never leave 127/8)."""
+    import yaml
+
+    from tests.cluster_helpers import take_ports
+
+    data = yaml.safe_load((Path(__file__).parent.parent / "cluster.example.yaml").read_text())
+    hosts = [f"127.0.0.{41 + i}" for i in range(len(data["nodes"]))]
+    for node, host, port in zip(data["nodes"], hosts, take_ports(hosts), strict=True):
+        node.update(host=host, port=port)
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("model", "nodes"),
+    [("llama-3.1-8b-cpu", 1), ("qwen2.5-32b-cpu", 2), ("mixtral-8x7b-cpu", 3), ("llama-3.1-70b-cpu", 4)],
+)
+def test_dry_run_on_the_example_inventory_uses_the_test_plans_node_counts(
+    tmp_path: Path, model: str, nodes: int
+) -> None:
+    inventory = loopback_copy_of_the_example(tmp_path)
+    result = exoctl("place", model, "--dry-run", "--json", "--dtype", "float32", "-i", str(inventory))
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["model_id"] == model and plan["sharding"] == "pipeline" and plan["dtype"] == "float32"
+    assert [s["node"] for s in plan["shards"]] == [f"node{i + 1}" for i in range(nodes)]
+    assert all(s["memory_bytes"] <= 96e9 for s in plan["shards"])
+    assert set(plan["shards"][0]) == {"node", "start_layer", "end_layer", "memory_bytes"}
+    table = exoctl("place", model, "--dry-run", "--dtype", "float32", "-i", str(inventory))
+    assert table.returncode == 0 and "node1" in table.stdout and "GB" in table.stdout
+
+
+def test_too_little_memory_says_by_how_much(tmp_path: Path) -> None:
+    inventory = loopback_copy_of_the_example(tmp_path)
+    args = (
+        "place",
+        "llama-3.1-70b-cpu",
+        "--dry-run",
+        "--dtype",
+        "float32",
+        "--nodes",
+        "3",
+        "-i",
+        str(inventory),
+    )
+    result = exoctl(*args)
+    assert result.returncode == 1
+    assert result.stderr.startswith(
+        "error: llama-3.1-70b-cpu needs 282.2 GB in float32; 3 nodes offer 288.0 GB but it needs 293.6 GB"
+    )
+    assert "hint: use more than 3 nodes or use --dtype bfloat16" in result.stderr
+    assert "Traceback" not in result.stderr
+    as_json = exoctl(*args, "--json")
+    assert "282.2 GB" in json.loads(as_json.stdout)["error"]["message"]
+
+
+def test_a_broken_inventory_lists_every_problem(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(
+        "cluster: bad\nnodes:\n"
+        "  - {name: a, host: 127.0.0.1}\n"
+        "  - {name: a, host: 127.0.0.2}\n"
+        "  - {name: c, colour: blue, host: 127.0.0.3}\n"
+        "  - {name: d}\n"
+        "  - {name: e, host: 127.0.0.5, port: 70000}\n"
+    )
+    result = exoctl("nodes", "-i", str(broken))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"4 problems in {broken}:" in result.stderr
+    for expected in (
+        "node 'e': field 'port' must be a port number from 1 to 65535, got 70000",
+        "node 'a': duplicate node name",
+        "node 'c': unknown field 'colour'",
+        "node 'd': missing field 'host'",
+    ):
+        assert expected in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["place", "gpt-5", "--dry-run"], "error: unknown model 'gpt-5'"),
+        (
+            ["place", "smollm2-135m-cpu", "--sharding", "tensor", "--dry-run"],
+            "error: sharding 'tensor' is not",
+        ),
+        (
+            ["place", "smollm2-135m-cpu", "--dtype", "int4", "--dry-run"],
+            "error: dtype 'int4' is not supported",
+        ),
+        (["logs", "nosuchnode"], "error: no node named 'nosuchnode'"),
+    ],
+)
+def test_cluster_command_errors(tmp_path: Path, args: list[str], message: str) -> None:
+    result = exoctl(*args, "-i", str(loopback_copy_of_the_example(tmp_path)))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith(message), result.stderr
+
+
+def test_keys_init_makes_the_pair_once(tmp_path: Path) -> None:
+    home = {"EXOCTL_HOME": str(tmp_path)}
+    first = exoctl("keys", "init", env=home)
+    second = exoctl("keys", "init", env=home)
+    assert first.returncode == second.returncode == 0
+    assert first.stdout.startswith("made the cluster key") and second.stdout.startswith("kept the existing")
+    public = exoctl("keys", "show", env=home).stdout.strip()
+    assert len(public) == 40 and public in first.stdout
+    assert oct((tmp_path / "keys" / "cluster.key_secret").stat().st_mode & 0o777) == "0o600"

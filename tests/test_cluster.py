@@ -3,6 +3,7 @@ the state document, delete, the CLI against a running cluster, and malformed inp
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -99,7 +100,7 @@ def test_pipeline_gives_the_single_process_tokens(
                 key=lambda s: s["deviceRank"],
             )
             assert shards[0]["startLayer"] == 0 and shards[-1]["endLayer"] == shards[0]["nLayers"]
-            assert all(a["endLayer"] == b["startLayer"] for a, b in zip(shards, shards[1:], strict=False))
+            assert all(a["endLayer"] == b["startLayer"] for a, b in itertools.pairwise(shards))
             assert [s["worldSize"] for s in shards] == [nodes] * nodes
         finally:
             client.unload(instance_id)
@@ -303,7 +304,7 @@ def test_a_client_without_the_cluster_key_is_refused(cluster4: WorkerCluster) ->
     inventory = load_inventory_file(cluster4.inventory)
     stranger = ClusterKeys(*zmq.curve_keypair(), folder=Path("/nonexistent"))
     with Cluster(inventory, stranger, timeout=2.0) as client:
-        with pytest.raises(NodeError, match="node node2 .* refused this client"):
+        with pytest.raises(NodeError, match=r"node node2 .* refused this client"):
             client.client("node2").request("ping")
     with Cluster(inventory, None, timeout=2.0) as client:  # no CurveZMQ at all
         with pytest.raises(NodeError, match="node node1 "):

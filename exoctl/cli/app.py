@@ -26,7 +26,7 @@ app = typer.Typer(
     name="exoctl",
     help="Shard large language models across a small cluster of CPU machines and chat with them.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
 )
 app.command("up", help=lifecycle.UP_HELP, epilog=lifecycle.UP_EXAMPLES)(lifecycle.up)
@@ -63,7 +63,7 @@ def main() -> None:
     # Typer's standalone mode prints usage errors (exit 2) and handles Ctrl-C; other exceptions
     # come through to here.
     try:
-        app()
+        app(prog_name="exoctl")
     except ExoctlError as exc:
         if os.environ.get("EXOCTL_DEBUG"):
             raise

@@ -85,6 +85,23 @@ def ensure_instance(
     return view
 
 
+def complete_model(incomplete: str) -> list[str]:
+    """Shell completion: catalog ids."""
+    from exoctl.catalog import load_catalog
+
+    return [card.id for card in load_catalog() if card.id.startswith(incomplete)]
+
+
+def complete_node(incomplete: str) -> list[str]:
+    """Shell completion: node names of the inventory in force (none if it cannot be read)."""
+    from exoctl.inventory import load_inventory
+
+    try:
+        return [n.name for n in load_inventory().nodes if n.name.startswith(incomplete)]
+    except ExoctlError:
+        return []
+
+
 RUNTIME_DTYPES = ("auto", "float32", "bfloat16")
 
 

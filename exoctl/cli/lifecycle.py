@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from exoctl import __version__
-from exoctl.cli.common import InventoryOption
+from exoctl.cli.common import InventoryOption, complete_node
 from exoctl.cli.options import JsonOption
 from exoctl.cli.output import console, err_console, print_json, use_json_errors
 from exoctl.errors import ExoctlError
@@ -162,7 +162,7 @@ def down(inventory: InventoryOption = None, json_output: JsonOption = False) -> 
 
 
 def logs(
-    node: Annotated[str, typer.Argument(help="Node name from the inventory.")],
+    node: Annotated[str, typer.Argument(help="Node name from the inventory.", autocompletion=complete_node)],
     lines: Annotated[int, typer.Option("--lines", "-n", help="How many lines from the end.")] = 100,
     inventory: InventoryOption = None,
 ) -> None:
@@ -189,8 +189,10 @@ def keys_init(force: Annotated[bool, typer.Option(help="Replace an existing key 
     from exoctl.keys import init_keys
 
     keys, made = init_keys(force=force)
-    console.print(("made" if made else "kept the existing") + f" cluster key in {keys.folder}")
-    console.print(f"public key: {keys.public.decode()}")
+    console.print(
+        ("made the" if made else "kept the existing") + f" cluster key in {keys.folder}", markup=False
+    )
+    console.print(f"public key: {keys.public.decode()}", markup=False)
 
 
 @keys_app.command("show")
@@ -198,7 +200,7 @@ def keys_show() -> None:
     """Print the cluster's public key."""
     from exoctl.keys import load_keys
 
-    console.print(load_keys().public.decode())
+    console.print(load_keys().public.decode(), markup=False)
 
 
 def worker(

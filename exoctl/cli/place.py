@@ -7,7 +7,7 @@ from typing import Annotated, Any
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from exoctl.cli.common import InventoryOption, check_request, model_matches, open_cluster
+from exoctl.cli.common import InventoryOption, check_request, complete_model, model_matches, open_cluster
 from exoctl.cli.options import DtypeOption, JsonOption
 from exoctl.cli.output import console, err_console, print_json, use_json_errors
 from exoctl.cli.render import placement_json, placement_table
@@ -35,7 +35,12 @@ def _progress_callback(progress: Progress, tasks: dict[str, Any]):  # type: igno
 
 
 def place(
-    model: Annotated[str, typer.Argument(help="Catalog id, Hugging Face repo id, or a local model folder.")],
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="Catalog id, Hugging Face repo id, or a local model folder.", autocompletion=complete_model
+        ),
+    ],
     nodes: Annotated[int | None, typer.Option("--nodes", "-n", help="Use exactly this many nodes.")] = None,
     min_nodes: Annotated[
         int, typer.Option(help="Use at least this many nodes (default: fewest that fit).")

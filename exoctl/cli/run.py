@@ -10,6 +10,7 @@ import typer
 from exoctl.cli.common import (
     InventoryOption,
     check_request,
+    complete_model,
     ensure_instance,
     not_running_hint,
     open_cluster,
@@ -30,6 +31,7 @@ ModelChoice = Annotated[
     typer.Option(
         "--model",
         "-m",
+        autocompletion=complete_model,
         help="Catalog id, Hugging Face repo id, local folder, or instance id "
         "(default: the only placed model, else the embedded default).",
     ),

@@ -483,8 +483,9 @@ def warm_imports() -> None:
     """Import torch, the engine and transformers' tokenizer before serving: an import in a loader
     thread holds the import lock for seconds (the I/O loop would stall behind it), and transformers'
     lazy modules are not safe to import from two threads at once."""
-    import exoctl.worker.runner  # noqa: F401  (torch, the engine)
     from transformers import AutoTokenizer  # noqa: F401
+
+    import exoctl.worker.runner  # noqa: F401  (torch, the engine)
 
 
 # OpenMP threads of a stage that just handed its hidden state on spin for GOMP's default

@@ -1,0 +1,1 @@
+complete --command exoctl --no-files --arguments "(env _EXOCTL_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) exoctl)" --condition "env _EXOCTL_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) exoctl"

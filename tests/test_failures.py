@@ -1,0 +1,124 @@
+"""Failures during generation and at rest: a killed (SIGKILL) or frozen (SIGSTOP) worker fails
+the request within a bounded time with an error naming the node, shows as down, and the other
+workers keep serving."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from exoctl.catalog import DEFAULT_MODEL_ID
+from exoctl.cluster.client import GENERATION_SILENCE_S, Cluster, instances_of, resolve_card
+from exoctl.errors import ExoctlError
+from exoctl.placement import PlacementRequest
+from exoctl.worker.server import DOWN_AFTER_S
+from tests.cluster_helpers import WorkerCluster, make_cluster, start, wait_for
+
+COUNTING = "1, 2, 3, 4, 5, 6, 7, 8,"  # SmolLM2 keeps counting: a generation that outlives the test
+FAIL_WITHIN_S = DOWN_AFTER_S + 4.0  # heartbeat timeout plus a margin for a loaded 2-core machine
+
+
+@pytest.fixture
+def cluster3(tmp_path: Path, tiny_models: dict[str, Path]) -> Iterator[WorkerCluster]:
+    cluster = make_cluster(tmp_path, 3, next(iter(tiny_models.values())).parent)
+    start(cluster)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def place(client: Cluster, model: str, nodes: int) -> str:
+    card, ref = resolve_card(model)
+    placement = client.plan(card, PlacementRequest(dtype="float32", nodes=nodes), client.statuses())
+    return client.load(card, ref, placement)
+
+
+def fail_during_generation(
+    cluster: WorkerCluster, client: Cluster, victim: str, sig: int
+) -> tuple[str, float]:
+    """Start a long generation, hit `victim` with `sig` after a few tokens; the error and how long it took."""
+    instance_id = place(client, DEFAULT_MODEL_ID, len(cluster.names))
+    view = instances_of(client.statuses())[instance_id]
+    generation = client.generate(view, {"max_tokens": 500}, prompt=COUNTING)
+    hit_at = 0.0
+    with pytest.raises(ExoctlError) as caught:
+        for count, _ in enumerate(generation):
+            if count == 10:
+                os.kill(cluster.pid(victim), sig)
+                hit_at = time.monotonic()
+    assert hit_at, "the generation ended before the worker was hit"
+    return caught.value.message, time.monotonic() - hit_at
+
+
+def live_nodes(client: Cluster) -> list[str]:
+    return [s.node.name for s in client.statuses() if s.up]
+
+
+def serves(client: Cluster, tiny_models: dict[str, Path], nodes: int) -> bool:
+    """The live workers still place a model and answer."""
+    instance_id = place(client, str(tiny_models["llama"]), nodes)
+    view = instances_of(client.statuses())[instance_id]
+    generation = client.generate(view, {"max_tokens": 5}, prompt=COUNTING)
+    list(generation)
+    client.unload(instance_id)
+    return generation.result is not None and generation.result["usage"]["completion_tokens"] >= 1
+
+
+def test_killed_middle_stage(cluster3: WorkerCluster, tiny_models: dict[str, Path]) -> None:
+    with cluster3.client() as client:
+        message, took = fail_during_generation(cluster3, client, "node2", signal.SIGKILL)
+        assert "node2" in message and "stopped answering" in message
+        assert took < FAIL_WITHIN_S
+        assert wait_for(lambda: live_nodes(client) == ["node1", "node3"], timeout=5)
+        # the instance is failed, and its surviving runners freed their memory
+        view = next(iter(instances_of(client.statuses()).values()))
+        assert view.status == "failed" and view.missing == ["node2"]
+        assert all(r["status"] == "RunnerFailed" and r["memory_bytes"] == 0 for r in view.runners.values())
+        assert "node2" in view.runners["node1"]["message"]
+        assert serves(client, tiny_models, 2)
+
+
+def test_frozen_last_stage(cluster3: WorkerCluster, tiny_models: dict[str, Path]) -> None:
+    with cluster3.client() as client:
+        message, took = fail_during_generation(cluster3, client, "node3", signal.SIGSTOP)
+        assert "node3" in message and "stopped answering" in message
+        assert took < FAIL_WITHIN_S
+        assert wait_for(lambda: live_nodes(client) == ["node1", "node2"], timeout=5)
+        nodes = {n["node"]: n["status"] for n in cluster3.cli_json("nodes")}
+        assert nodes == {"node1": "up", "node2": "up", "node3": "down"}
+        assert serves(client, tiny_models, 2)
+
+
+def test_frozen_head(cluster3: WorkerCluster) -> None:
+    with cluster3.client() as client:
+        message, took = fail_during_generation(cluster3, client, "node1", signal.SIGSTOP)
+        assert "node1" in message and "stopped answering during generation" in message
+        assert took < GENERATION_SILENCE_S + 4.0
+
+        # the other stages noticed too and freed their runners
+        def freed() -> bool:
+            runners = [r for s in client.statuses() if s.up for r in s.runners]
+            return bool(runners) and all(
+                r["status"] == "RunnerFailed" and r["memory_bytes"] == 0 for r in runners
+            )
+
+        assert wait_for(freed, timeout=FAIL_WITHIN_S)
+
+
+def test_killed_at_rest_then_run_places_again_on_live_nodes(cluster3: WorkerCluster) -> None:
+    with cluster3.client() as client:
+        instance_id = place(client, DEFAULT_MODEL_ID, 3)
+        os.kill(cluster3.pid("node3"), signal.SIGKILL)
+        assert wait_for(
+            lambda: instances_of(client.statuses())[instance_id].status == "failed", FAIL_WITHIN_S
+        )
+    result = cluster3.cli("run", "--raw", "-n", "4", "--dtype", "float32", "The capital of France is")
+    assert result.returncode == 0, result.stderr
+    assert "is not placed: placing it with the defaults" in result.stderr and "Paris" in result.stdout
+    assert "node3" not in result.stderr.split("defaults")[1]

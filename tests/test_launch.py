@@ -1,0 +1,202 @@
+"""`exoctl up` / `down` / `logs`: through a real sshd on loopback, and the failures `up` reports."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from exoctl.cluster.client import instances_of, resolve_card
+from exoctl.placement import PlacementRequest
+from tests.cluster_helpers import (
+    PYTHON_EXOCTL,
+    WorkerCluster,
+    exoctl,
+    take_ports,
+    write_inventory,
+)
+
+SSH_HOSTS = ["127.0.0.21", "127.0.0.22"]
+
+
+def find_sshd() -> str:
+    for candidate in (shutil.which("sshd"), "/usr/sbin/sshd"):
+        if candidate and Path(candidate).is_file():
+            return candidate
+    pytest.fail("openssh-server is not installed (.ci/run installs it: apt-get install openssh-server)")
+
+
+@pytest.fixture
+def sshd(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """A real sshd on 127.0.0.21-22 with generated host and client keys; stopped afterwards."""
+    folder = tmp_path / "ssh"
+    folder.mkdir(mode=0o700)
+    for name in ("host_key", "client_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(folder / name)], check=True)
+    (folder / "authorized_keys").write_text((folder / "client_key.pub").read_text())
+    (port,) = take_ports(["127.0.0.21"])
+    config = folder / "sshd_config"
+    config.write_text(
+        "\n".join(
+            [
+                f"Port {port}",
+                *(f"ListenAddress {h}" for h in SSH_HOSTS),
+                f"HostKey {folder / 'host_key'}",
+                f"AuthorizedKeysFile {folder / 'authorized_keys'}",
+                f"PidFile {folder / 'sshd.pid'}",
+                "PasswordAuthentication no",
+                "KbdInteractiveAuthentication no",
+                "PubkeyAuthentication yes",
+                "PermitRootLogin prohibit-password",
+                "StrictModes no",
+                "UsePAM no",
+                "",
+            ]
+        )
+    )
+    if os.geteuid() == 0:
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation directory
+    host_public = (folder / "host_key.pub").read_text().split()
+    (folder / "known_hosts").write_text(
+        "".join(f"[{h}]:{port} {host_public[0]} {host_public[1]}\n" for h in SSH_HOSTS)
+    )
+    client_config = folder / "ssh_config"
+    client_config.write_text(
+        f"Host 127.0.0.*\n  UserKnownHostsFile {folder / 'known_hosts'}\n  StrictHostKeyChecking yes\n"
+    )
+    daemon = subprocess.Popen([find_sshd(), "-D", "-e", "-f", str(config)], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            with socket.socket() as probe:
+                if probe.connect_ex((SSH_HOSTS[0], port)) == 0:
+                    break
+            if daemon.poll() is not None:
+                pytest.fail(f"sshd did not start: {daemon.stderr.read() if daemon.stderr else ''}")
+            time.sleep(0.1)
+        yield {"port": str(port), "identity": str(folder / "client_key"), "config": str(client_config)}
+    finally:
+        daemon.terminate()
+        try:
+            daemon.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+
+
+def test_up_and_down_through_ssh(sshd: dict[str, str], tmp_path: Path, tiny_models: dict[str, Path]) -> None:
+    ports = take_ports(SSH_HOSTS)
+    work = tmp_path / "remote-work"
+    inventory = write_inventory(
+        tmp_path / "cluster.yaml",
+        [
+            {"name": f"ssh{i + 1}", "host": h, "port": p}
+            for i, (h, p) in enumerate(zip(SSH_HOSTS, ports, strict=True))
+        ],
+        {
+            "ssh_user": getpass.getuser(),
+            "ssh_port": int(sshd["port"]),
+            "ssh_identity": sshd["identity"],
+            "ssh_config": sshd["config"],
+            "command": PYTHON_EXOCTL,
+            "work_dir": str(work),
+            "model_dir": str(next(iter(tiny_models.values())).parent),
+        },
+    )
+    cluster = WorkerCluster(inventory, work, ["ssh1", "ssh2"])
+    try:
+        up = cluster.cli("up", "--json")
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert [n["result"] for n in json.loads(up.stdout)["nodes"]] == ["started", "started"]
+        # the key travelled over ssh: the workers serve with the cluster key from this machine
+        pushed = (work / "keys" / "cluster.key").read_text()
+        assert "public-key" in pushed and oct((work / "keys").stat().st_mode & 0o777) == "0o700"
+        assert [n["status"] for n in cluster.cli_json("nodes")] == ["up", "up"]
+        # a model placed across the two ssh-started workers answers
+        with cluster.client() as client:
+            card, ref = resolve_card(str(tiny_models["llama"]))
+            placement = client.plan(card, PlacementRequest(dtype="float32", nodes=2), client.statuses())
+            instance_id = client.load(card, ref, placement)
+            generation = client.generate(
+                instances_of(client.statuses())[instance_id], {"max_tokens": 4}, prompt="hello"
+            )
+            list(generation)
+            assert generation.result is not None and generation.result["usage"]["completion_tokens"] >= 1
+        logs = cluster.cli("logs", "ssh2", "-n", "50")
+        assert logs.returncode == 0 and "exoctl worker ssh2 listening on 127.0.0.22" in logs.stdout
+        again = cluster.cli("up", "--json")
+        assert [n["result"] for n in json.loads(again.stdout)["nodes"]] == ["running", "running"]
+        pids = [cluster.pid(n) for n in cluster.names]
+        down = cluster.cli("down", "--json")
+        assert down.returncode == 0, down.stderr
+        assert [n["result"] for n in json.loads(down.stdout)["nodes"]] == ["stopped", "stopped"]
+        time.sleep(0.5)
+        for pid in pids:
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+        gone = cluster.cli("nodes", "--json")
+        assert gone.returncode == 1 and [n["status"] for n in json.loads(gone.stdout)] == ["down", "down"]
+    finally:
+        cluster.stop()
+
+
+def test_up_reports_each_failure_by_node(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
+    hosts = ["127.0.0.31", "127.0.0.32", "127.0.0.33", "127.0.0.34"]
+    ports = take_ports(hosts)
+    blocker = socket.socket()
+    blocker.bind((hosts[1], ports[1]))
+    blocker.listen()
+    closed_ssh_port = take_ports([hosts[3]])[0]
+    work = tmp_path / "work"
+    nodes = [
+        {"name": "good", "host": hosts[0], "port": ports[0]},
+        {"name": "taken", "host": hosts[1], "port": ports[1]},
+        {"name": "nopython", "host": hosts[2], "port": ports[2], "command": "/nonexistent/python3 -m exoctl"},
+        {"name": "nossh", "host": hosts[3], "port": ports[3], "ssh_port": closed_ssh_port},
+    ]
+    inventory = write_inventory(
+        tmp_path / "cluster.yaml",
+        nodes,
+        {"command": PYTHON_EXOCTL, "work_dir": str(work), "model_dir": str(tmp_path)},
+    )
+    cluster = WorkerCluster(inventory, work, [n["name"] for n in nodes])
+    try:
+        result = cluster.cli("up", "--json")
+        assert result.returncode == 1
+        report = {n["node"]: n for n in json.loads(result.stdout)["nodes"]}
+        assert report["good"]["result"] == "started"
+        assert report["taken"]["result"] == "failed"
+        assert report["taken"]["reason"] == f"port {ports[1]} on {hosts[1]} is taken by another process"
+        assert report["nopython"]["reason"].startswith(
+            "command '/nonexistent/python3' not found on 127.0.0.33"
+        )
+        assert report["nossh"]["reason"].startswith(f"ssh to {hosts[3]}:{closed_ssh_port} failed:")
+        assert "Connection refused" in report["nossh"]["reason"]
+        table = cluster.cli("up")  # the human form names the same reasons, one line per node
+        assert "already running (reused)" in table.stdout and "is taken by another process" in table.stdout
+    finally:
+        blocker.close()
+        cluster.stop()
+
+
+def test_up_local_writes_the_inventory_later_commands_use(tmp_path: Path) -> None:
+    home = {"EXOCTL_HOME": str(tmp_path / "home"), "EXOCTL_INVENTORY": ""}
+    (port,) = take_ports(["127.0.0.1"])
+    up = exoctl("up", "--local", "1", "--base-port", str(port), "--json", env=home)
+    try:
+        assert up.returncode == 0, up.stderr
+        assert json.loads(up.stdout)["nodes"][0]["address"] == f"127.0.0.1:{port}"
+        written = tmp_path / "home" / "local-cluster.yaml"
+        assert written.is_file() and (tmp_path / "home" / "keys" / "cluster.key_secret").is_file()
+        nodes = exoctl("nodes", "--json", env=home)  # no --inventory: found in $EXOCTL_HOME
+        assert nodes.returncode == 0 and json.loads(nodes.stdout)[0]["node"] == "local1"
+    finally:
+        down = exoctl("down", env=home)
+    assert down.returncode == 0 and "local1" in down.stdout and "stopped" in down.stdout
