@@ -67,6 +67,7 @@ def files_for_layers(weight_map: dict[str, str], layers: tuple[int, int], n_laye
     """The safetensors files holding the tensors of layers [start, end), plus the embedding on the
     first range and the final norm and lm_head on the last (a tied lm_head is the embedding)."""
     start, end = layers
+    tied = "lm_head.weight" not in weight_map
     wanted: set[str] = set()
     for name, file in weight_map.items():
         if name.startswith("model.layers."):
@@ -74,7 +75,7 @@ def files_for_layers(weight_map: dict[str, str], layers: tuple[int, int], n_laye
             if start <= index < end:
                 wanted.add(file)
         elif name == "model.embed_tokens.weight":
-            if start == 0 or end == n_layers:
+            if start == 0 or (tied and end == n_layers):
                 wanted.add(file)
         elif end == n_layers:
             wanted.add(file)

@@ -145,5 +145,8 @@ class NodeClient:
             if reply.get("id") != request_id:
                 continue  # a late reply to an earlier request
             if reply.type == "error":
-                raise NodeError(self.name, f"node {self.name}: {reply['message']}", reply.get("hint"))
+                text = reply["message"]
+                if f"node {self.name}" not in text:
+                    text = f"node {self.name}: {text}"
+                raise NodeError(self.name, text, reply.get("hint"))
             return reply

@@ -404,3 +404,80 @@ def test_chat_ctrl_c_stops_the_answer_not_the_repl(cluster4: WorkerCluster) -> N
     finally:
         proc.kill()
         cluster4.cli("delete", DEFAULT_MODEL_ID)
+
+
+def test_a_worker_busy_decoding_answers_status_at_once(cluster4: WorkerCluster) -> None:
+    import time
+
+    with cluster4.client() as client:
+        instance_id = place(client, DEFAULT_MODEL_ID, 1)
+        try:
+            view = instances_of(client.statuses())[instance_id]
+            generation = client.generate(view, {"max_tokens": 60}, prompt="1, 2, 3, 4, 5, 6, 7, 8,")
+            waits = []
+            with Cluster(client.inventory, client.keys) as other:
+                for count, _ in enumerate(generation):
+                    if count % 5 == 2:
+                        began = time.monotonic()
+                        other.client("node1").request("status")
+                        waits.append(time.monotonic() - began)
+            assert len(waits) >= 5
+            # one decode step of SmolLM2 here is 40-60 ms; a status queued behind compute would wait
+            # for the whole generation (seconds)
+            assert max(waits) < 0.5, waits
+        finally:
+            client.unload(instance_id)
+
+
+def test_a_failed_load_says_why_and_frees_what_was_loaded(
+    cluster4: WorkerCluster, tiny_models: dict[str, Path]
+) -> None:
+    import shutil
+
+    broken = tiny_models["llama"].parent / "llama-broken-head"
+    shutil.copytree(tiny_models["llama"], broken, dirs_exist_ok=True)
+    index = json.loads((broken / "model.safetensors.index.json").read_text())["weight_map"]
+    head_file = broken / index["lm_head.weight"]
+    assert not any(name.startswith("model.layers.0.") for name, f in index.items() if broken / f == head_file)
+    head_file.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")  # only the last stage reads it
+    result = cluster4.cli("place", str(broken), "--nodes", "2", "--dtype", "float32")
+    assert result.returncode == 1
+    assert "error: loading failed: node node2:" in result.stderr and "Traceback" not in result.stderr
+    assert cluster4.cli_json("state")["instances"] == {}  # node1's finished stage was unloaded too
+
+
+def test_a_folder_outside_the_model_directories_is_refused(
+    cluster4: WorkerCluster, tmp_path: Path, tiny_models: dict[str, Path]
+) -> None:
+    import shutil
+
+    outside = tmp_path / "elsewhere" / "llama"
+    shutil.copytree(tiny_models["llama"], outside)
+    result = cluster4.cli("place", str(outside), "--nodes", "1")
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: node node1 loads models only from")
+    assert "is outside them" in result.stderr and "model_dir" in result.stderr
+
+
+def test_state_watch_refreshes_until_ctrl_c(cluster4: WorkerCluster) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "exoctl", "state", "--watch", "-i", str(cluster4.inventory)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    try:
+        time.sleep(4)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "node4" in out and "Traceback" not in err

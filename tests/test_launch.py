@@ -200,3 +200,72 @@ def test_up_local_writes_the_inventory_later_commands_use(tmp_path: Path) -> Non
     finally:
         down = exoctl("down", env=home)
     assert down.returncode == 0 and "local1" in down.stdout and "stopped" in down.stdout
+
+
+def test_a_worker_refuses_a_network_address_without_keys(tmp_path: Path) -> None:
+    result = exoctl("worker", "--name", "w", "--host", "0.0.0.0", "--port", "1")
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: refusing to listen on 0.0.0.0 without the cluster key")
+    assert "--insecure" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("version", "protocol", "reason"),
+    [
+        ("0.0.1", None, "version mismatch: the node runs exoctl 0.0.1, this is"),
+        (None, 99, "version mismatch: node fake sent a bad message: protocol version 99 does not match"),
+    ],
+)
+def test_up_reports_a_version_mismatch(
+    tmp_path: Path, version: str | None, protocol: int | None, reason: str
+) -> None:
+    import threading
+
+    import msgpack
+    import zmq
+
+    from exoctl import __version__
+    from exoctl.keys import init_keys
+    from exoctl.protocol import PROTOCOL_VERSION
+    from exoctl.transport import secure_server, start_authenticator
+
+    keys, _ = init_keys()
+    (port,) = take_ports(["127.0.0.35"])
+    ctx: zmq.Context = zmq.Context()
+    auth = start_authenticator(ctx, keys)
+    sock = ctx.socket(zmq.ROUTER)
+    secure_server(sock, keys)
+    sock.bind(f"tcp://127.0.0.35:{port}")
+    stop = threading.Event()
+
+    def fake_worker() -> None:  # an exoctl of another version answering ping
+        while not stop.is_set():
+            if sock.poll(100):
+                ident, raw = sock.recv_multipart()
+                header = msgpack.unpackb(raw)
+                profile = {"version": version or __version__, "name": "fake"}
+                reply = {
+                    "v": protocol or PROTOCOL_VERSION,
+                    "type": "pong",
+                    "id": header.get("id"),
+                    "profile": profile,
+                }
+                sock.send_multipart([ident, msgpack.packb(reply)])
+
+    thread = threading.Thread(target=fake_worker, daemon=True)
+    thread.start()
+    try:
+        inventory = write_inventory(
+            tmp_path / "cluster.yaml",
+            [{"name": "fake", "host": "127.0.0.35", "port": port}],
+            {"command": PYTHON_EXOCTL, "work_dir": str(tmp_path / "work")},
+        )
+        result = exoctl("up", "--json", "-i", str(inventory))
+        assert result.returncode == 1
+        (entry,) = json.loads(result.stdout)["nodes"]
+        assert entry["result"] == "failed" and entry["reason"].startswith(reason), entry
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        auth.stop()
+        ctx.destroy(linger=0)

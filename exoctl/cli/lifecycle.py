@@ -75,7 +75,14 @@ def up(
             answer = answers[node.name]
             entry = {"node": node.name, "address": node.address, "result": "", "reason": ""}
             if isinstance(answer, NodeError):
-                if "refused" in answer.message:
+                if "protocol version" in answer.message:
+                    entry.update(
+                        result="failed",
+                        reason=f"version mismatch: {answer.message} "
+                        "(`exoctl down`, install the same exoctl on the node, `exoctl up`)",
+                    )
+                    results.append(entry)
+                elif "refused" in answer.message:
                     entry.update(result="failed", reason=answer.message + " (run `exoctl down` first)")
                     results.append(entry)
                 else:

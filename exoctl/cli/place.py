@@ -21,17 +21,35 @@ PLACE_EXAMPLES = (
 SHARDINGS = ("pipeline",)
 
 
-def _progress_callback(progress: Progress, tasks: dict[str, Any]):  # type: ignore[no-untyped-def]
-    def update(runners: dict[str, dict[str, Any]]) -> None:
+class LoadProgress:
+    """Layers loaded per node, as live bars on stderr; started on the first report, so a load
+    refused at once prints nothing but its error."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=err_console,
+            disable=not enabled,
+        )
+        self.tasks: dict[str, Any] = {}
+
+    def update(self, runners: dict[str, dict[str, Any]]) -> None:
+        if not self.tasks:
+            self.progress.start()
         for node, runner in runners.items():
             total = runner["end_layer"] - runner["start_layer"]
-            if node not in tasks:
+            if node not in self.tasks:
                 label = f"{node} layers [{runner['start_layer']}, {runner['end_layer']})"
-                tasks[node] = progress.add_task(label, total=total)
+                self.tasks[node] = self.progress.add_task(label, total=total)
             done = total if runner["status"] == "RunnerReady" else runner["layers_loaded"]
-            progress.update(tasks[node], completed=done)
+            self.progress.update(self.tasks[node], completed=done)
 
-    return update
+    def stop(self) -> None:
+        if self.tasks:
+            self.progress.stop()
 
 
 def place(
@@ -76,16 +94,11 @@ def place(
             return
         if not json_output:
             console.print(placement_table(placement))
-        progress = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=err_console,
-            disable=json_output,
-        )
-        with progress:
-            instance_id = cluster.load(card, ref, placement, _progress_callback(progress, {}))
+        progress = LoadProgress(enabled=not json_output)
+        try:
+            instance_id = cluster.load(card, ref, placement, progress.update)
+        finally:
+            progress.stop()
     if json_output:
         print_json({"instance_id": instance_id, **placement_json(placement)})
     else:

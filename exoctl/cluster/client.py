@@ -218,13 +218,21 @@ class Cluster:
         while pending and (left := deadline - time.monotonic()) > 0:
             for sock, _ in poller.poll(int(left * 1000) + 1):
                 name = next(n for n in pending if self.client(n).sock is sock)
-                message = self.client(name).receive(0)
+                try:
+                    message = self.client(name).receive(0)
+                except NodeError as exc:  # a message we cannot read: another protocol version
+                    del pending[name]
+                    poller.unregister(sock)
+                    answers[name] = exc
+                    continue
                 if message is None or message.get("id") != pending[name]:
                     continue
                 del pending[name]
                 poller.unregister(sock)
                 if message.type == "error":
-                    answers[name] = NodeError(name, f"node {name}: {message['message']}", message.get("hint"))
+                    text = message["message"]
+                    text = text if f"node {name}" in text else f"node {name}: {text}"
+                    answers[name] = NodeError(name, text, message.get("hint"))
                 else:
                     answers[name] = message
         for name in pending:

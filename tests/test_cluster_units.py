@@ -1,0 +1,157 @@
+"""Torch-free pieces of the cluster on hand-built inputs: the state document, shard file
+selection for downloads, model cards from folders, ssh decisions and shell quoting."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from exoctl.catalog import card_from_folder, get_card
+from exoctl.cluster.client import NodeStatus, instances_of, runtime_dtype
+from exoctl.cluster.launcher import sh_path, ssh_command
+from exoctl.cluster.state import state_document
+from exoctl.inventory import Node
+from exoctl.model_store import files_for_layers
+
+
+def runner(
+    rid: str, node_names: list[str], rank: int, start: int, end: int, status: str = "RunnerReady"
+) -> dict[str, Any]:
+    return {
+        "runner_id": rid,
+        "instance_id": "inst",
+        "model_id": "llama-3.1-8b-cpu",
+        "sharding": "pipeline",
+        "dtype": "float32",
+        "start_layer": start,
+        "end_layer": end,
+        "n_layers": 32,
+        "rank": rank,
+        "world": len(node_names),
+        "nodes": node_names,
+        "status": status,
+        "message": "",
+        "layers_loaded": end - start,
+        "memory_bytes": 1000,
+        "tokens_per_s": 5.0,
+        "decode_tokens_per_s": 4.0,
+        "active_sequences": 0,
+    }
+
+
+def profile(bf16: bool = False) -> dict[str, Any]:
+    return {
+        "ram_total": 100,
+        "ram_available": 60,
+        "version": "0.1.0",
+        "cpu_count": 4,
+        "cpu_percent": 12.5,
+        "load_avg": [0.1, 0.2, 0.3],
+        "rss": 50,
+        "bf16_native": bf16,
+        "device": "cpu",
+    }
+
+
+def test_state_document_has_exos_shape() -> None:
+    a, b, c = Node("a", "127.0.0.1"), Node("b", "127.0.0.2"), Node("c", "127.0.0.3")
+    statuses = [
+        NodeStatus(a, profile(), [runner("r1", ["a", "b"], 0, 0, 20)]),
+        NodeStatus(b, profile(), [runner("r2", ["a", "b"], 1, 20, 32)]),
+        NodeStatus(c, error="node c did not answer"),
+    ]
+    doc = state_document(statuses, "lab")
+    instance = doc["instances"]["inst"]["CpuRingInstance"]
+    assert instance["shardAssignments"]["nodeToRunner"] == {"a": "r1", "b": "r2"}
+    assert instance["shardAssignments"]["runnerToShard"]["r2"] == {
+        "PipelineShardMetadata": {
+            "startLayer": 20,
+            "endLayer": 32,
+            "nLayers": 32,
+            "deviceRank": 1,
+            "worldSize": 2,
+        }
+    }
+    assert instance["sharding"] == "Pipeline" and instance["status"] == "ready"
+    assert set(doc["runners"]["r1"]) == {"RunnerReady"}
+    assert doc["nodeMemory"]["a"] == {"ramTotal": {"inBytes": 100}, "ramAvailable": {"inBytes": 60}}
+    assert "c" not in doc["nodeMemory"] and doc["nodeProfiles"]["c"]["status"] == "down"
+    assert doc["nodeProfiles"]["a"]["processRss"] == {"inBytes": 50}
+    json.dumps(doc)
+
+
+def test_an_instance_missing_a_node_is_failed() -> None:
+    statuses = [
+        NodeStatus(Node("a", "127.0.0.1"), profile(), [runner("r1", ["a", "b"], 0, 0, 20)]),
+        NodeStatus(Node("b", "127.0.0.2"), error="down"),
+    ]
+    view = instances_of(statuses)["inst"]
+    assert view.status == "failed" and view.missing == ["b"] and view.failure == "node b is down"
+
+
+def test_auto_dtype_needs_native_bf16_on_every_live_node() -> None:
+    both = [NodeStatus(Node("a", "h1"), profile(True)), NodeStatus(Node("b", "h2"), profile(True))]
+    mixed = [both[0], NodeStatus(Node("b", "h2"), profile(False))]
+    assert runtime_dtype("auto", both) == "bfloat16"
+    assert runtime_dtype("auto", mixed) == "float32"
+    assert runtime_dtype("float32", both) == "float32"
+
+
+def test_a_node_downloads_only_the_files_of_its_layers() -> None:
+    weight_map = {
+        "model.embed_tokens.weight": "m-1.safetensors",
+        "model.layers.0.mlp.up_proj.weight": "m-1.safetensors",
+        "model.layers.1.mlp.up_proj.weight": "m-2.safetensors",
+        "model.layers.2.mlp.up_proj.weight": "m-3.safetensors",
+        "model.layers.3.mlp.up_proj.weight": "m-3.safetensors",
+        "model.norm.weight": "m-4.safetensors",
+        "lm_head.weight": "m-4.safetensors",
+    }
+    assert files_for_layers(weight_map, (0, 1), 4) == ["m-1.safetensors"]
+    assert files_for_layers(weight_map, (1, 2), 4) == ["m-2.safetensors"]
+    assert files_for_layers(weight_map, (2, 4), 4) == ["m-3.safetensors", "m-4.safetensors"]
+    tied = {k: v for k, v in weight_map.items() if k != "lm_head.weight"}
+    assert files_for_layers(tied, (3, 4), 4) == ["m-1.safetensors", "m-3.safetensors", "m-4.safetensors"]
+
+
+def test_a_card_from_a_folder_matches_the_catalogs_arithmetic(tmp_path: Path) -> None:
+    card = get_card("llama-3.1-8b-cpu")
+    config = {
+        "model_type": "llama",
+        "num_hidden_layers": 32,
+        "hidden_size": 4096,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "intermediate_size": 14336,
+        "vocab_size": 128256,
+        "max_position_embeddings": 131072,
+        "torch_dtype": "bfloat16",
+    }
+    folder = tmp_path / "my-llama"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    local = card_from_folder(folder)
+    assert local.id == "my-llama" and local.parameters == card.parameters == local.counted_parameters()
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
+    with pytest.raises(Exception, match="model_type 'gpt2' is not supported"):
+        card_from_folder(folder)
+
+
+def test_loopback_nodes_use_ssh_only_when_given_ssh_settings() -> None:
+    assert not Node("a", "127.0.0.1").uses_ssh
+    assert Node("a", "127.0.0.1", ssh_port=2222).uses_ssh
+    assert Node("a", "localhost", ssh_identity="~/.ssh/k").uses_ssh
+    assert Node("a", "10.0.0.11").uses_ssh
+    command = ssh_command(Node("a", "10.0.0.11", ssh_user="exo", ssh_port=2200, ssh_config="/c"))
+    assert command[:3] == ["ssh", "-o", "BatchMode=yes"] and command[-1] == "10.0.0.11"
+    assert ["-p", "2200"] == command[command.index("-p") : command.index("-p") + 2]
+    assert ["-l", "exo"] == command[command.index("-l") : command.index("-l") + 2] and "-F" in command
+
+
+def test_remote_paths_expand_home_and_quote_the_rest() -> None:
+    assert sh_path("~") == '"$HOME"'
+    assert sh_path("~/.cache/exo ctl") == "\"$HOME\"/'.cache/exo ctl'"
+    assert sh_path("/opt/x;rm -rf /") == "'/opt/x;rm -rf /'"
