@@ -18,6 +18,7 @@ from exoctl.cli import lifecycle
 from exoctl.cli import models as models_cmd
 from exoctl.cli import place as place_cmd
 from exoctl.cli import run as run_cmd
+from exoctl.cli import serve as serve_cmd
 from exoctl.cli import state as state_cmd
 from exoctl.cli.output import print_error
 from exoctl.errors import ExoctlError
@@ -39,6 +40,7 @@ app.command("delete")(place_cmd.delete)
 app.command("state", epilog=state_cmd.STATE_EXAMPLES)(state_cmd.state)
 app.command("chat", help=chat_cmd.HELP)(chat_cmd.chat)
 app.command("run", help=run_cmd.HELP, epilog=run_cmd.EXAMPLES)(run_cmd.run)
+app.command("serve", help=serve_cmd.HELP, epilog=serve_cmd.EXAMPLES)(serve_cmd.serve)
 app.add_typer(lifecycle.keys_app, name="keys")
 app.command("worker")(lifecycle.worker)
 

@@ -16,7 +16,7 @@ from typing import Any
 import zmq
 
 from exoctl.catalog import ModelCard, card_from_folder, find_card, get_card
-from exoctl.errors import ExoctlError, ModelNotFoundError
+from exoctl.errors import ExoctlError, InvalidRequestError, ModelNotFoundError
 from exoctl.inventory import Inventory, Node
 from exoctl.keys import ClusterKeys
 from exoctl.model_store import is_model_folder
@@ -157,7 +157,8 @@ class Generation:
                 self.result = message["result"]
             elif message.type == "error":
                 self.result = {}
-                raise ExoctlError(message["message"], message.get("hint"))
+                error = InvalidRequestError if message.get("code") == "invalid_request" else ExoctlError
+                raise error(message["message"], message.get("hint"))
 
     def cancel(self) -> dict[str, Any] | None:
         """Stop the request; returns what was generated until then (None if the head is gone)."""
@@ -174,18 +175,26 @@ class Generation:
 
 class Cluster:
     def __init__(
-        self, inventory: Inventory, keys: ClusterKeys | None, timeout: float = STATUS_TIMEOUT_S
+        self,
+        inventory: Inventory,
+        keys: ClusterKeys | None,
+        timeout: float = STATUS_TIMEOUT_S,
+        ctx: zmq.Context[Any] | None = None,
     ) -> None:
+        """`ctx`: a shared context (thread-safe; `serve` makes one Cluster per request on it)."""
         self.inventory = inventory
         self.keys = keys
         self.timeout = timeout
-        self.ctx: zmq.Context[Any] = zmq.Context()
+        self._own_ctx = ctx is None
+        self.ctx: zmq.Context[Any] = ctx if ctx is not None else zmq.Context()
         self._clients: dict[str, NodeClient] = {}
 
     def close(self) -> None:
         for client in self._clients.values():
             client.close()
-        self.ctx.destroy(linger=0)
+        self._clients.clear()
+        if self._own_ctx:
+            self.ctx.destroy(linger=0)
 
     def __enter__(self) -> Cluster:
         return self
@@ -284,9 +293,10 @@ class Cluster:
         model_ref: str,
         placement: Placement,
         on_progress: Callable[[dict[str, dict[str, Any]]], None] | None = None,
+        instance_id: str | None = None,
     ) -> str:
         """Load every shard; returns the instance id when all are ready, else unloads and raises."""
-        instance_id = str(uuid.uuid4())
+        instance_id = instance_id or str(uuid.uuid4())
         nodes = [self.inventory.node(s.node) for s in placement.shards]
         peers = [[n.name, n.address] for n in nodes]
         sent: list[Node] = []

@@ -65,7 +65,7 @@ def _prologue(node: Node) -> str:
     )
 
 
-def start_script(node: Node, keys: ClusterKeys | None, local_keys: bool) -> str:
+def start_script(node: Node, keys: ClusterKeys | None, local_keys: bool, threads: int | None = None) -> str:
     argv = shlex.split(node.command)
     worker = [
         *argv,
@@ -79,6 +79,8 @@ def start_script(node: Node, keys: ClusterKeys | None, local_keys: bool) -> str:
         "--device",
         node.device,
     ]
+    if threads is not None:
+        worker += ["--threads", str(threads)]
     lines = [_prologue(node), 'mkdir -p "$work/logs" "$work/run" || exit 4']
     keys_arg = ""
     if keys is not None and local_keys:

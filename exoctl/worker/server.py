@@ -24,7 +24,7 @@ import msgpack
 import zmq
 
 from exoctl import protocol
-from exoctl.errors import ExoctlError
+from exoctl.errors import ExoctlError, InvalidRequestError
 from exoctl.keys import ClusterKeys
 from exoctl.protocol import Message, ProtocolError
 from exoctl.transport import secure_client, secure_server, start_authenticator
@@ -49,6 +49,7 @@ class WorkerOptions:
     model_dirs: list[Path]
     device: str = "cpu"
     insecure: bool = False
+    threads: int | None = None
 
 
 def check_bind(host: str, keys: ClusterKeys | None, insecure: bool) -> None:
@@ -447,6 +448,7 @@ class Worker:
                 return list(runner.abort(message["seq"], message["message"]))
             return []
         except Exception as exc:
+            code = "invalid_request" if isinstance(exc, InvalidRequestError) else "failed"
             if isinstance(exc, ExoctlError):
                 text, hint = exc.message, exc.hint
             else:
@@ -457,7 +459,12 @@ class Worker:
                 request_id = message["request_id"]
                 outs = runner.release(request_id) if runner is not None else []
                 return [
-                    Out("client", client, "error", {"request_id": request_id, "message": text, "hint": hint}),
+                    Out(
+                        "client",
+                        client,
+                        "error",
+                        {"request_id": request_id, "message": text, "hint": hint, "code": code},
+                    ),
                     *outs,
                 ]
             message = job[1]
@@ -499,6 +506,14 @@ def run_worker(options: WorkerOptions) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     for key, value in OMP_ENV.items():
         os.environ.setdefault(key, value)  # read when torch loads libgomp, just below
+    if options.threads is not None:
+        if options.threads < 1:
+            raise ExoctlError(f"--threads must be at least 1, got {options.threads}")
+        os.environ["OMP_NUM_THREADS"] = str(options.threads)
     warm_imports()
+    if options.threads is not None:
+        import torch
+
+        torch.set_num_threads(options.threads)
     worker = Worker(options)
     worker.serve()

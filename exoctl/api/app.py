@@ -1,0 +1,330 @@
+"""`exoctl serve`: OpenAI-compatible chat and EXO-compatible cluster control over HTTP.
+
+FastAPI on uvicorn. Every error uses OpenAI's envelope `{"error": {"message", "type", "param",
+"code"}}` — also inside a stream — and a request that cannot work gets an error status at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from exoctl import __version__
+from exoctl.api.metrics import Metrics
+from exoctl.api.schemas import ChatRequest, PlaceRequest
+from exoctl.api.service import ClusterService, NotFound, NotPlacedError, UnsupportedShardingError, shards_json
+from exoctl.errors import ExoctlError, InvalidRequestError, ModelNotFoundError
+from exoctl.placement import PlacementError
+from exoctl.transport import NodeError
+
+# ExoctlError subclasses -> (HTTP status, OpenAI error type)
+ERROR_STATUS: list[tuple[type[ExoctlError], int, str]] = [
+    (NotPlacedError, 404, "not_found_error"),
+    (ModelNotFoundError, 404, "not_found_error"),
+    (NotFound, 404, "not_found_error"),
+    (InvalidRequestError, 400, "invalid_request_error"),
+    (UnsupportedShardingError, 400, "invalid_request_error"),
+    (PlacementError, 409, "placement_error"),
+    (NodeError, 503, "server_error"),
+]
+OPEN_PATHS = frozenset({"/healthz"})
+
+
+def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def classify(exc: ExoctlError) -> tuple[int, str]:
+    for cls, status, kind in ERROR_STATUS:
+        if isinstance(exc, cls):
+            return status, kind
+    return 500, "server_error"
+
+
+def exoctl_error_response(exc: ExoctlError) -> JSONResponse:
+    status, kind = classify(exc)
+    message = exc.message + (f" ({exc.hint})" if exc.hint else "")
+    return JSONResponse(error_body(message, kind, code=type(exc).__name__), status_code=status)
+
+
+def sse(data: dict[str, Any] | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def create_app(service: ClusterService, api_key: str | None = None) -> FastAPI:
+    app = FastAPI(title="exoctl", version=__version__, docs_url=None, redoc_url=None)
+    metrics = Metrics(service.statuses)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next: Any) -> Response:
+        path = request.url.path
+        if api_key is not None and path not in OPEN_PATHS:
+            given = request.headers.get("authorization", "")
+            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                metrics.requests.labels(path, "401").inc()
+                metrics.errors.labels("authentication_error").inc()
+                body = error_body(
+                    "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                    "authentication_error",
+                    code="invalid_api_key",
+                )
+                return JSONResponse(body, status_code=401)
+        response: Response = await call_next(request)
+        route = request.scope.get("route")
+        metrics.requests.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        message = first.get("msg", "invalid request")
+        if first.get("type") == "json_invalid":
+            message, where = "the request body is not valid JSON", ""
+        metrics.errors.labels("invalid_request_error").inc()
+        text = f"{where}: {message}" if where else message
+        return JSONResponse(error_body(text, "invalid_request_error", param=where or None), status_code=400)
+
+    @app.exception_handler(ExoctlError)
+    async def exoctl_error(_: Request, exc: ExoctlError) -> JSONResponse:
+        metrics.errors.labels(classify(exc)[1]).inc()
+        return exoctl_error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse(error_body(str(exc.detail), kind), status_code=exc.status_code)
+
+    # --- health and metrics -------------------------------------------------------------------
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        statuses = await run_in_threadpool(service.statuses)
+        up = sum(1 for s in statuses if s.up)
+        return {"status": "ok", "version": __version__, "nodes": len(statuses), "nodes_up": up}
+
+    @app.get("/metrics")
+    async def prometheus() -> PlainTextResponse:
+        text = await run_in_threadpool(generate_latest, metrics.registry)
+        return PlainTextResponse(text.decode(), media_type=CONTENT_TYPE_LATEST)
+
+    # --- models, instances, state -------------------------------------------------------------
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        entries = []
+        for card, downloaded, placed in await run_in_threadpool(service.models):
+            entries.append(
+                {
+                    "id": card.id,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "exoctl",
+                    "name": card.name,
+                    "hugging_face_id": card.hf_repo,
+                    "tags": list(card.tags),
+                    "storage_size_megabytes": round(card.storage_bytes / 1e6),
+                    "n_layers": card.n_layers,
+                    "supports_tensor": False,
+                    "downloaded": downloaded,
+                    "placed": bool(placed),
+                    "instances": placed,
+                }
+            )
+        return {"object": "list", "data": entries}
+
+    @app.post("/place_instance")
+    async def place_instance(body: PlaceRequest) -> JSONResponse:
+        instance_id, placement = await run_in_threadpool(
+            service.place, body.model_id, body.sharding, body.nodes, body.min_nodes, body.dtype, body.wait
+        )
+        doc = {
+            "instance_id": instance_id,
+            "model_id": placement.model_id,
+            "sharding": body.sharding,
+            "instance_meta": body.instance_meta,
+            "dtype": placement.dtype,
+            "shards": shards_json(placement),
+            "status": "ready" if body.wait else "loading",
+        }
+        return JSONResponse(doc, status_code=200 if body.wait else 202)
+
+    @app.get("/instance/previews")
+    async def previews(model_id: str) -> dict[str, Any]:
+        return await run_in_threadpool(service.previews, model_id)
+
+    @app.get("/instance/{instance_id}")
+    async def instance(instance_id: str) -> dict[str, Any]:
+        state = await run_in_threadpool(service.state)
+        for doc in state["instances"].get(instance_id, {}).values():
+            return dict(doc)
+        record = service.loads.get(instance_id)
+        if record is not None:
+            return {
+                "instanceId": instance_id,
+                "modelId": record.model_id,
+                "status": record.status,
+                "error": record.error or None,
+            }
+        raise NotFound(f"no instance {instance_id}", hint="GET /state lists the instances")
+
+    @app.delete("/instance/{instance_id}")
+    async def delete_instance(instance_id: str) -> dict[str, Any]:
+        freed = await run_in_threadpool(service.delete, instance_id)
+        return {"deleted": instance_id, "freed_bytes": freed}
+
+    @app.get("/state")
+    async def state() -> dict[str, Any]:
+        return await run_in_threadpool(service.state)
+
+    @app.get("/state/{path:path}")
+    async def state_part(path: str) -> Any:
+        node: Any = await run_in_threadpool(service.state)
+        for part in [p for p in path.split("/") if p]:
+            if isinstance(node, dict) and part in node:
+                node = node[part]
+            elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            else:
+                raise NotFound(f"/state/{path}: no {part!r} here", hint="GET /state shows the whole document")
+        return node
+
+    # --- chat -----------------------------------------------------------------------------------
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest) -> Response:
+        params = {
+            "max_tokens": body.max_completion_tokens or body.max_tokens or 1024,
+            "temperature": 1.0 if body.temperature is None else body.temperature,
+            "top_p": 1.0 if body.top_p is None else body.top_p,
+            "seed": body.seed,
+            "stop": body.stops(),
+        }
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        cancel = threading.Event()
+
+        def put(kind: str, value: Any) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, (kind, value))
+
+        def generate() -> None:  # a thread of its own: its sockets stay in it from start to end
+            try:
+                with service.cluster() as cluster:
+                    view, generation = service.generate(cluster, body.model, params, body.chat_messages())
+                    put("model", view.model_id)
+                    for delta in generation:
+                        put("delta", delta)
+                        if cancel.is_set():
+                            generation.cancel()
+                            return
+                    put("done", generation.result)
+            except ExoctlError as exc:
+                put("error", exc)
+            except Exception as exc:  # the stream must end even on a bug
+                put("error", ExoctlError(f"internal error: {exc!r}"))
+
+        threading.Thread(target=generate, name=f"chat-{completion_id[-8:]}", daemon=True).start()
+        kind, value = await events.get()
+        if kind == "error":
+            metrics.errors.labels(classify(value)[1]).inc()
+            return exoctl_error_response(value)
+        model = value
+
+        def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+            return {
+                "id": completion_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            }
+
+        def usage(result: dict[str, Any]) -> dict[str, int]:
+            prompt, completion = result["usage"]["prompt_tokens"], result["usage"]["completion_tokens"]
+            return {
+                "prompt_tokens": prompt,
+                "completion_tokens": completion,
+                "total_tokens": prompt + completion,
+            }
+
+        def finish_reason(result: dict[str, Any]) -> str:
+            return "length" if result["finish_reason"] == "length" else "stop"
+
+        if not body.stream:
+            while True:
+                kind, value = await events.get()
+                if kind == "error":
+                    metrics.errors.labels(classify(value)[1]).inc()
+                    return exoctl_error_response(value)
+                if kind == "done":
+                    metrics.completed(model, value)
+                    return JSONResponse(
+                        {
+                            "id": completion_id,
+                            "object": "chat.completion",
+                            "created": created,
+                            "model": model,
+                            "choices": [
+                                {
+                                    "index": 0,
+                                    "message": {"role": "assistant", "content": value["text"]},
+                                    "finish_reason": finish_reason(value),
+                                }
+                            ],
+                            "usage": usage(value),
+                        }
+                    )
+
+        async def stream() -> AsyncIterator[str]:
+            try:
+                yield sse(chunk({"role": "assistant", "content": ""}))
+                while True:
+                    kind, value = await events.get()
+                    if kind == "delta":
+                        yield sse(chunk({"content": value}))
+                    elif kind == "done":
+                        metrics.completed(model, value)
+                        yield sse(chunk({}, finish_reason(value)))
+                        if body.stream_options is not None and body.stream_options.include_usage:
+                            yield sse(
+                                {
+                                    "id": completion_id,
+                                    "object": "chat.completion.chunk",
+                                    "created": created,
+                                    "model": model,
+                                    "choices": [],
+                                    "usage": usage(value),
+                                }
+                            )
+                        break
+                    elif kind == "error":
+                        status, error_type = classify(value)
+                        metrics.errors.labels(error_type).inc()
+                        yield sse(error_body(value.message, error_type, code=str(status)))
+                        break
+                yield sse("[DONE]")
+            finally:
+                cancel.set()  # the client went away: the generating thread cancels at its next token
+
+        return StreamingResponse(
+            stream(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    return app

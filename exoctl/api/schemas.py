@@ -1,0 +1,81 @@
+"""Request bodies of the HTTP API, validated by pydantic (strict: no silent type coercion)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    include_usage: bool = False
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    model: str = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = Field(default=1, ge=1, le=1)
+
+    @field_validator("messages")
+    @classmethod
+    def _not_empty(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
+        for index, message in enumerate(messages):
+            if not message.text().strip():
+                raise ValueError(f"message {index} ({message.role}) has no content")
+        if messages[-1].role == "assistant":
+            raise ValueError("the last message must not be the assistant's: there is nothing to answer")
+        return messages
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValueError("stop takes up to 4 non-empty strings")
+        return stop
+
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    def chat_messages(self) -> list[dict[str, str]]:
+        # the chat templates know system, user and assistant; OpenAI's "developer" is a system turn
+        return [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            for m in self.messages
+        ]
+
+
+class PlaceRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model_id: str = Field(min_length=1)
+    sharding: str = "Pipeline"
+    instance_meta: Literal["CpuRing", "CudaRing"] = "CpuRing"
+    min_nodes: int = Field(default=1, ge=1)
+    nodes: int | None = Field(default=None, ge=1)
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    wait: bool = True

@@ -1,0 +1,212 @@
+"""What `serve` does with the cluster, without HTTP: placement, previews, state, generation.
+
+Each call opens its own `Cluster` on one shared ZeroMQ context, because sockets belong to
+one thread and the server answers many requests at once on a thread pool.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from exoctl.catalog import ModelCard, find_card, load_catalog
+from exoctl.cluster.client import (
+    Cluster,
+    Generation,
+    InstanceView,
+    NodeStatus,
+    instances_of,
+    resolve_card,
+    runtime_dtype,
+)
+from exoctl.cluster.state import state_document
+from exoctl.errors import ExoctlError, ModelNotFoundError
+from exoctl.inventory import Inventory
+from exoctl.keys import ClusterKeys
+from exoctl.placement import Placement, PlacementError, PlacementRequest
+
+SHARDINGS = {"pipeline": "pipeline", "tensor": "tensor"}
+SUPPORTED_SHARDINGS = ("pipeline",)
+
+
+class NotPlacedError(ExoctlError):
+    """A chat for a model that has no ready instance."""
+
+
+class UnsupportedShardingError(ExoctlError):
+    """A sharding this version cannot place."""
+
+
+@dataclass
+class LoadRecord:
+    """A placement `serve` started in the background (`"wait": false`)."""
+
+    model_id: str
+    status: str = "loading"  # loading | ready | failed
+    error: str = ""
+    placement: Placement | None = None
+
+
+@dataclass
+class ClusterService:
+    inventory: Inventory
+    keys: ClusterKeys | None
+    ctx: zmq.Context[Any] = field(default_factory=zmq.Context)
+    loads: dict[str, LoadRecord] = field(default_factory=dict)
+
+    @contextmanager
+    def cluster(self) -> Iterator[Cluster]:
+        cluster = Cluster(self.inventory, self.keys, ctx=self.ctx)
+        try:
+            yield cluster
+        finally:
+            cluster.close()
+
+    def statuses(self) -> list[NodeStatus]:
+        with self.cluster() as cluster:
+            return cluster.statuses()
+
+    def state(self) -> dict[str, Any]:
+        return state_document(self.statuses(), self.inventory.name)
+
+    # --- models and instances ---------------------------------------------------------------
+
+    def models(self) -> list[tuple[ModelCard, bool, list[str]]]:
+        """Every catalog card, whether it is on this machine, and the ids of its ready instances."""
+        views = list(instances_of(self.statuses()).values())
+        result = []
+        for card in load_catalog():
+            placed = [
+                v.instance_id for v in views if v.model_id == card.id and v.status in ("ready", "running")
+            ]
+            result.append((card, is_downloaded(card), placed))
+        return result
+
+    def instance_for(self, model: str, statuses: list[NodeStatus]) -> InstanceView:
+        """The ready instance that serves `model` (catalog id, HF repo id, folder name or instance id)."""
+        card = find_card(model)
+        wanted = card.id if card is not None else model
+        views = [v for v in instances_of(statuses).values() if v.status in ("ready", "running")]
+        for view in views:
+            if wanted in (view.model_id, view.instance_id):
+                return view
+        placed = ", ".join(sorted({v.model_id for v in views})) or "none"
+        named = f"model {model!r}" + (f" ({wanted})" if wanted != model else "")
+        raise NotPlacedError(
+            f"{named} is not placed (placed models: {placed})",
+            hint=f'place it first: POST /place_instance {{"model_id": "{wanted}"}} '
+            f"or `exoctl place {wanted}`",
+        )
+
+    def plan(
+        self,
+        model_id: str,
+        sharding: str,
+        nodes: int | None,
+        min_nodes: int,
+        dtype: str,
+        statuses: list[NodeStatus],
+    ) -> tuple[ModelCard, str, Placement]:
+        kind = SHARDINGS.get(sharding.lower())
+        if kind is None:
+            raise UnsupportedShardingError(f"unknown sharding {sharding!r}", hint="use Pipeline or Tensor")
+        if kind not in SUPPORTED_SHARDINGS:
+            raise UnsupportedShardingError(
+                f"{sharding} sharding is not supported by this exoctl version", hint="use Pipeline"
+            )
+        card, ref = resolve_card(model_id)
+        with self.cluster() as cluster:
+            request = PlacementRequest(dtype=runtime_dtype(dtype, statuses), nodes=nodes, min_nodes=min_nodes)
+            return card, ref, cluster.plan(card, request, statuses)
+
+    def place(
+        self, model_id: str, sharding: str, nodes: int | None, min_nodes: int, dtype: str, wait: bool
+    ) -> tuple[str, Placement]:
+        statuses = self.statuses()
+        card, ref, placement = self.plan(model_id, sharding, nodes, min_nodes, dtype, statuses)
+        import uuid
+
+        instance_id = str(uuid.uuid4())
+        record = self.loads[instance_id] = LoadRecord(card.id, placement=placement)
+
+        def load() -> None:
+            try:
+                with self.cluster() as cluster:
+                    cluster.load(card, ref, placement, instance_id=instance_id)
+                record.status = "ready"
+            except ExoctlError as exc:
+                record.status, record.error = "failed", exc.message
+                if wait:
+                    raise
+
+        if wait:
+            load()
+        else:
+            threading.Thread(target=load, name=f"load-{instance_id[:8]}", daemon=True).start()
+        return instance_id, placement
+
+    def previews(self, model_id: str) -> dict[str, Any]:
+        statuses = self.statuses()
+        card, _ = resolve_card(model_id)
+        live = sum(1 for s in statuses if s.up)
+        previews = []
+        for sharding in ("Pipeline", "Tensor"):
+            for count in range(1, max(live, 1) + 1):
+                entry: dict[str, Any] = {"sharding": sharding, "instance_meta": "CpuRing", "nodes": count}
+                try:
+                    _, _, placement = self.plan(card.id, sharding, count, 1, "auto", statuses)
+                    entry.update(ok=True, dtype=placement.dtype, shards=shards_json(placement))
+                except (PlacementError, UnsupportedShardingError, ModelNotFoundError) as exc:
+                    entry.update(ok=False, error=exc.message)
+                previews.append(entry)
+        return {"model_id": card.id, "live_nodes": live, "previews": previews}
+
+    def delete(self, instance_id: str) -> dict[str, int]:
+        statuses = self.statuses()
+        view = instances_of(statuses).get(instance_id)
+        if view is None:
+            raise NotFound(f"no instance {instance_id}", hint="GET /state lists the instances")
+        with self.cluster() as cluster:
+            nodes = [cluster.inventory.node(n) for n in view.nodes if n in view.runners]
+            freed = cluster.unload(instance_id, nodes)
+        self.loads.pop(instance_id, None)
+        return freed
+
+    def generate(
+        self, cluster: Cluster, model: str, params: dict[str, Any], messages: list[dict[str, str]]
+    ) -> tuple[InstanceView, Generation]:
+        view = self.instance_for(model, cluster.statuses())
+        return view, cluster.generate(view, params, messages=messages)
+
+
+class NotFound(ExoctlError):
+    """An instance id that names nothing."""
+
+
+def shards_json(placement: Placement) -> list[dict[str, Any]]:
+    return [
+        {
+            "node": s.node,
+            "start_layer": s.start_layer,
+            "end_layer": s.end_layer,
+            "memory_bytes": s.memory_bytes,
+        }
+        for s in placement.shards
+    ]
+
+
+def is_downloaded(card: ModelCard) -> bool:
+    """Whether this machine holds the model (the converted default, or a Hugging Face cache entry)."""
+    from exoctl.catalog import DEFAULT_MODEL_ID
+    from exoctl.paths import model_store
+
+    if card.id == DEFAULT_MODEL_ID:
+        return (model_store() / card.id / "config.json").is_file()
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(card.hf_repo, "config.json"), str)

@@ -1,0 +1,359 @@
+"""`exoctl serve` on loopback over two real workers: the test plan's curl commands, the official
+OpenAI client, eight concurrent streams, the EXO endpoints, bad requests and the API key."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from exoctl.catalog import DEFAULT_MODEL_ID
+from tests.cluster_helpers import WorkerCluster, exoctl, make_cluster, start, take_ports, wait_for
+
+SMOLLM2_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+class Server:
+    def __init__(self, cluster: WorkerCluster, *args: str) -> None:
+        (self.port,) = take_ports(["127.0.0.1"])
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log = open(cluster.work_dir.parent / f"serve-{self.port}.log", "w")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "exoctl",
+                "serve",
+                "--port",
+                str(self.port),
+                "-i",
+                str(cluster.inventory),
+                *args,
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        if not wait_for(lambda: self.up(), timeout=60):
+            self.stop()
+            raise AssertionError("exoctl serve did not come up")
+
+    def up(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.base}/healthz", timeout=5) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def http(
+    server: Server,
+    method: str,
+    path: str,
+    body: Any = None,
+    raw: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, Any]:
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    request = urllib.request.Request(
+        f"{server.base}{path}",
+        data=data,
+        method=method,
+        headers={"Content-Type": "application/json", **(headers or {})},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=300) as response:
+            text = response.read().decode()
+            status = response.status
+    except urllib.error.HTTPError as error:
+        text, status = error.read().decode(), error.code
+    try:
+        return status, json.loads(text)
+    except json.JSONDecodeError:
+        return status, text
+
+
+@pytest.fixture(scope="module")
+def cluster2(
+    tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Path]
+) -> Iterator[WorkerCluster]:
+    cluster = make_cluster(tmp_path_factory.mktemp("api"), 2, next(iter(tiny_models.values())).parent)
+    start(cluster)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def server(cluster2: WorkerCluster) -> Iterator[Server]:
+    server = Server(cluster2)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def placed(server: Server) -> str:
+    """SmolLM2 over both workers in float32 (greedy answers are compared with each other)."""
+    status, body = http(
+        server, "POST", "/place_instance", {"model_id": DEFAULT_MODEL_ID, "min_nodes": 2, "dtype": "float32"}
+    )
+    assert status == 200, body
+    return str(body["instance_id"])
+
+
+@pytest.fixture
+def client(server: Server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.base}/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+def shell(command: str) -> str:
+    done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_the_test_plans_curl_commands(server: Server, cluster2: WorkerCluster) -> None:
+    base = f"http://localhost:{server.port}"
+    models = shell(
+        f"curl -s {base}/v1/models | "
+        "jq '.data[] | select(.tags[] | contains(\"cpu\")) | {id, name, storage_size_megabytes}'"
+    )
+    assert '"id": "smollm2-135m-cpu"' in models and '"id": "llama-3.1-70b-cpu"' in models
+    assert "cuda" not in models
+    placed = json.loads(
+        shell(
+            f"curl -s -X POST {base}/place_instance -H 'Content-Type: application/json' -d '{{"
+            '"model_id": "smollm2-135m-cpu", "sharding": "Pipeline", '
+            '"instance_meta": "CpuRing", "min_nodes": 2}\''
+        )
+    )
+    try:
+        assert placed["status"] == "ready" and [s["node"] for s in placed["shards"]] == ["node1", "node2"]
+        node_to_runner = shell(
+            f"curl -s {base}/state | jq '.instances | .[] | .CpuRingInstance.shardAssignments.nodeToRunner'"
+        )
+        assert sorted(json.loads(node_to_runner)) == ["node1", "node2"]
+        answer = json.loads(
+            shell(
+                f"curl -s -X POST {base}/v1/chat/completions -H 'Content-Type: application/json' -d '{{"
+                f'"model": "{SMOLLM2_REPO}", '
+                '"messages": [{"role": "user", "content": "Explain distributed inference"}], '
+                '"stream": false}\''
+            )
+        )
+        assert answer["object"] == "chat.completion" and answer["model"] == DEFAULT_MODEL_ID
+        assert len(answer["choices"][0]["message"]["content"]) > 20
+        assert answer["usage"]["completion_tokens"] > 5
+        assert answer["choices"][0]["finish_reason"] in ("stop", "length")
+    finally:
+        status, _ = http(server, "DELETE", f"/instance/{placed['instance_id']}")
+        assert status == 200
+
+
+def test_openai_client_chat_and_stream(client: openai.OpenAI, placed: str) -> None:
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    whole = client.chat.completions.create(
+        model=DEFAULT_MODEL_ID, messages=messages, temperature=0, max_tokens=24
+    )
+    assert "Paris" in (whole.choices[0].message.content or "")
+    assert whole.choices[0].finish_reason == "stop" and whole.usage is not None
+    assert whole.usage.total_tokens == whole.usage.prompt_tokens + whole.usage.completion_tokens
+    stream = client.chat.completions.create(
+        model=SMOLLM2_REPO,
+        messages=messages,
+        temperature=0,
+        max_tokens=24,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    parts, finish, usage = [], None, None
+    for chunk in stream:
+        if chunk.choices:
+            parts.append(chunk.choices[0].delta.content or "")
+            finish = chunk.choices[0].finish_reason or finish
+        usage = chunk.usage or usage
+    assert "".join(parts) == whole.choices[0].message.content
+    assert finish == "stop" and usage is not None and usage.completion_tokens == whole.usage.completion_tokens
+    short = client.chat.completions.create(
+        model=DEFAULT_MODEL_ID, messages=messages, temperature=0, max_completion_tokens=2
+    )
+    assert short.choices[0].finish_reason == "length" and short.usage and short.usage.completion_tokens == 2
+    stopped = client.chat.completions.create(
+        model=DEFAULT_MODEL_ID, messages=messages, temperature=0, stop=["Paris"], max_tokens=24
+    )
+    assert "Paris" not in (stopped.choices[0].message.content or "x Paris")
+
+
+def test_eight_concurrent_streams_get_their_own_answers(client: openai.OpenAI, placed: str) -> None:
+    prompts = [f"Count from 1 to {n}." for n in range(3, 11)]
+
+    def ask(prompt: str, stream: bool) -> str:
+        messages = [{"role": "user", "content": prompt}]
+        if not stream:
+            reply = client.chat.completions.create(
+                model=DEFAULT_MODEL_ID, messages=messages, temperature=0, max_tokens=24
+            )
+            return reply.choices[0].message.content or ""
+        chunks = client.chat.completions.create(
+            model=DEFAULT_MODEL_ID, messages=messages, temperature=0, max_tokens=24, stream=True
+        )
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+    alone = [ask(p, stream=False) for p in prompts]
+    assert len(set(alone)) > 3  # the prompts have different answers, so mixing would show
+    together: list[str | None] = [None] * len(prompts)
+
+    def run(index: int) -> None:
+        together[index] = ask(prompts[index], stream=True)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert together == alone
+
+
+def test_errors_come_as_the_clients_own_exceptions(client: openai.OpenAI, placed: str) -> None:
+    ok = {"model": DEFAULT_MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    with pytest.raises(openai.NotFoundError, match=r"\(llama-3.1-8b-cpu\) is not placed.*place_instance"):
+        client.chat.completions.create(**{**ok, "model": "meta-llama/Llama-3.1-8B-Instruct"})
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"messages": []}, "messages: List should have at least 1 item"),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role"),
+        ({"messages": [{"role": "user", "content": "  "}]}, "message 0 (user) has no content"),
+        ({"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
+        ({"temperature": "hot"}, "temperature: Input should be a valid number"),
+        ({"max_tokens": 0}, "max_tokens: Input should be greater than or equal to 1"),
+        ({"messages": [{"role": "user", "content": "hi " * 9000}]}, "but the model's context holds 8192"),
+    ]
+    for change, message in cases:
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(**{**ok, **change})
+        assert message in str(caught.value.body), (change, caught.value.body)
+        assert caught.value.body is not None
+
+
+def test_bad_requests_get_400_and_the_server_keeps_serving(server: Server, placed: str) -> None:
+    status, body = http(server, "POST", "/v1/chat/completions", raw=b"{not json")
+    assert status == 400 and body["error"]["message"] == "the request body is not valid JSON"
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    status, body = http(server, "POST", "/v1/chat/completions", raw=b"[1, 2]")
+    assert status == 400 and body["error"]["type"] == "invalid_request_error"
+    status, body = http(server, "POST", "/place_instance", {"model_id": DEFAULT_MODEL_ID, "colour": "red"})
+    assert status == 400 and body["error"]["param"] == "colour"
+    status, body = http(server, "GET", "/nowhere")
+    assert status == 404 and body["error"]["type"] == "not_found_error"
+    status, body = http(server, "GET", "/healthz")
+    assert status == 200 and body["nodes_up"] == 2
+
+
+def test_placement_errors_answer_at_once_with_the_numbers(server: Server) -> None:
+    status, body = http(
+        server, "POST", "/place_instance", {"model_id": "llama-3.1-70b-cpu", "dtype": "float32"}
+    )
+    assert status == 409 and "needs 282.2 GB in float32" in body["error"]["message"]
+    status, body = http(server, "POST", "/place_instance", {"model_id": DEFAULT_MODEL_ID, "min_nodes": 3})
+    assert status == 409 and "asked for 3 nodes but only 2 of 2 are live" in body["error"]["message"]
+    status, body = http(server, "POST", "/place_instance", {"model_id": "gpt-5"})
+    assert status == 404 and "unknown model 'gpt-5'" in body["error"]["message"]
+    status, body = http(
+        server, "POST", "/place_instance", {"model_id": DEFAULT_MODEL_ID, "sharding": "Tensor"}
+    )
+    assert status == 400 and "Tensor sharding is not supported" in body["error"]["message"]
+
+
+def test_previews_instances_state_and_metrics(server: Server, placed: str) -> None:
+    status, body = http(server, "GET", f"/instance/previews?model_id={SMOLLM2_REPO}")
+    assert status == 200 and body["model_id"] == DEFAULT_MODEL_ID and body["live_nodes"] == 2
+    pipeline = [p for p in body["previews"] if p["sharding"] == "Pipeline"]
+    assert [p["nodes"] for p in pipeline] == [1, 2] and all(p["ok"] for p in pipeline)
+    assert [len(p["shards"]) for p in pipeline] == [1, 2]
+    assert all(
+        not p["ok"] and "not supported" in p["error"] for p in body["previews"] if p["sharding"] == "Tensor"
+    )
+    status, body = http(server, "GET", f"/instance/{placed}")
+    assert (
+        status == 200
+        and body["instanceId"] == placed
+        and body["shardAssignments"]["modelId"] == DEFAULT_MODEL_ID
+    )
+    status, body = http(
+        server, "GET", f"/state/instances/{placed}/CpuRingInstance/shardAssignments/nodeToRunner"
+    )
+    assert status == 200 and sorted(body) == ["node1", "node2"]
+    status, body = http(server, "GET", "/state/instances/nope")
+    assert status == 404
+    status, body = http(server, "GET", "/v1/models")
+    smollm2 = next(m for m in body["data"] if m["id"] == DEFAULT_MODEL_ID)
+    assert (
+        smollm2["placed"] and smollm2["downloaded"] and smollm2["n_layers"] == 30 and "cpu" in smollm2["tags"]
+    )
+    assert smollm2["hugging_face_id"] == SMOLLM2_REPO and smollm2["object"] == "model"
+    status, text = http(server, "GET", "/metrics")
+    assert status == 200
+    for line in (
+        'exoctl_node_up{node="node1"} 1.0',
+        "exoctl_node_ram_total_bytes{node=",
+        f'exoctl_completion_tokens_total{{model="{DEFAULT_MODEL_ID}"}}',
+        "exoctl_http_requests_total{",
+        "exoctl_decode_tokens_per_second{",
+        f'exoctl_runner_memory_bytes{{instance="{placed}"',
+    ):
+        assert line in text, line
+
+
+def test_place_without_waiting_then_delete(server: Server, tiny_models: dict[str, Path]) -> None:
+    status, body = http(
+        server, "POST", "/place_instance", {"model_id": str(tiny_models["qwen2"]), "wait": False}
+    )
+    assert status == 202 and body["status"] == "loading"
+    instance_id = body["instance_id"]
+    assert wait_for(lambda: http(server, "GET", f"/instance/{instance_id}")[1].get("status") == "ready", 60)
+    status, body = http(server, "DELETE", f"/instance/{instance_id}")
+    assert status == 200 and set(body["freed_bytes"]) == {"node1"}
+    assert http(server, "GET", f"/instance/{instance_id}")[0] in (200, 404)
+    assert http(server, "DELETE", f"/instance/{instance_id}")[0] == 404
+
+
+def test_an_api_key_is_required_when_set(cluster2: WorkerCluster) -> None:
+    server = Server(cluster2, "--api-key", "s3cret")
+    try:
+        status, body = http(server, "GET", "/v1/models")
+        assert status == 401 and body["error"]["type"] == "authentication_error"
+        status, _ = http(server, "GET", "/state", headers={"Authorization": "Bearer wrong"})
+        assert status == 401
+        status, body = http(server, "GET", "/v1/models", headers={"Authorization": "Bearer s3cret"})
+        assert status == 200 and body["object"] == "list"
+        wrong = openai.OpenAI(base_url=f"{server.base}/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            wrong.models.list()
+        right = openai.OpenAI(base_url=f"{server.base}/v1", api_key="s3cret", max_retries=0)
+        assert any(m.id == DEFAULT_MODEL_ID for m in right.models.list())
+    finally:
+        server.stop()
+
+
+def test_serve_refuses_a_network_address_without_a_key() -> None:
+    result = exoctl("serve", "--host", "0.0.0.0", "--port", "1", env={"EXOCTL_API_KEY": ""})
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: refusing to serve on 0.0.0.0 without an API key")
