@@ -122,3 +122,54 @@ def test_killed_at_rest_then_run_places_again_on_live_nodes(cluster3: WorkerClus
     assert result.returncode == 0, result.stderr
     assert "is not placed: placing it with the defaults" in result.stderr and "Paris" in result.stdout
     assert "node3" not in result.stderr.split("defaults")[1]
+
+
+def test_a_node_lost_mid_stream_ends_the_stream_with_an_error(cluster3: WorkerCluster) -> None:
+    import json
+    import urllib.request
+
+    from tests.cluster_helpers import Server, http
+
+    server = Server(cluster3)
+    try:
+        status, body = http(server, "POST", "/place_instance", {"model_id": DEFAULT_MODEL_ID, "nodes": 3})
+        assert status == 200, body
+        request = urllib.request.Request(
+            f"{server.base}/v1/chat/completions",
+            data=json.dumps(
+                {
+                    "model": DEFAULT_MODEL_ID,
+                    "stream": True,
+                    "temperature": 0,
+                    "max_tokens": 500,
+                    "messages": [
+                        {
+                            "role": "user",
+                            "content": "Write a very long story about a dragon who learns to count. At least 1000 words.",
+                        }
+                    ],
+                }
+            ).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        events: list[str] = []
+        hit_at = 0.0
+        with urllib.request.urlopen(request, timeout=60) as response:
+            for raw in response:
+                line = raw.decode().strip()
+                if not line.startswith("data: "):
+                    continue
+                events.append(line[6:])
+                if len(events) == 10:
+                    os.kill(cluster3.pid("node2"), signal.SIGKILL)
+                    hit_at = time.monotonic()
+        took = time.monotonic() - hit_at
+        assert hit_at and events[-1] == "[DONE]"
+        assert "error" in json.loads(events[-2]), events[-4:]
+        error = json.loads(events[-2])["error"]
+        assert "node2" in error["message"] and "stopped answering" in error["message"]
+        assert set(error) == {"message", "type", "param", "code"}
+        assert took < FAIL_WITHIN_S
+        assert http(server, "GET", "/healthz")[1]["nodes_up"] == 2  # and the server keeps serving
+    finally:
+        server.stop()
