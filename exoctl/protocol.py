@@ -59,10 +59,11 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "cancel": {"request_id": str},
     "shutdown": {},
     # between the runners of one instance
-    "forward": {"instance_id": str, "seq": str, "start_pos": int},
-    "token": {"instance_id": str, "seq": str, "token": int},
+    # a batch of B sequences: hidden [B, T, D] (T > 1 only for one sequence's prefill)
+    "forward": {"instance_id": str, "seqs": list, "positions": list},
+    "token": {"instance_id": str, "seqs": list, "tokens": list},
     "release": {"instance_id": str, "seq": str},
-    "seq_error": {"instance_id": str, "seq": str, "message": str},
+    "seq_error": {"instance_id": str, "seqs": list, "message": str},
     "fail": {"instance_id": str, "message": str},
     # replies
     "pong": {"profile": dict},

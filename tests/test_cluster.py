@@ -230,8 +230,8 @@ BAD_MESSAGES = [
             header(
                 "forward",
                 instance_id="x",
-                seq="s",
-                start_pos=0,
+                seqs=["s"],
+                positions=[0],
                 tensors=[{"dtype": "float32", "shape": [1, 1, 64]}],
             ),
             b"\0" * 10,
@@ -243,8 +243,8 @@ BAD_MESSAGES = [
             header(
                 "forward",
                 instance_id="x",
-                seq="s",
-                start_pos=0,
+                seqs=["s"],
+                positions=[0],
                 tensors=[{"dtype": "complex64", "shape": [1]}],
             ),
             b"\0" * 8,
@@ -252,10 +252,10 @@ BAD_MESSAGES = [
         "dtype 'complex64' is not one of",
     ),
     (
-        [header("forward", instance_id="x", seq="s", start_pos=0), b"extra"],
+        [header("forward", instance_id="x", seqs=["s"], positions=[0]), b"extra"],
         "describes 0 tensors but 1 frames",
     ),
-    ([header("forward", instance_id="nope", seq="s", start_pos=0)], "holds no runner of instance nope"),
+    ([header("forward", instance_id="nope", seqs=["s"], positions=[0])], "holds no runner of instance nope"),
     ([header("pong", profile={})], "does not accept 'pong'"),
     (
         [

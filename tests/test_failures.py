@@ -145,7 +145,8 @@ def test_a_node_lost_mid_stream_ends_the_stream_with_an_error(cluster3: WorkerCl
                     "messages": [
                         {
                             "role": "user",
-                            "content": "Write a very long story about a dragon who learns to count. At least 1000 words.",
+                            "content": "Write a very long story about a dragon who learns to count. "
+                            "At least 1000 words.",
                         }
                     ],
                 }

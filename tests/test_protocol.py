@@ -14,10 +14,10 @@ from exoctl.transport import NodeClient  # noqa: F401  (the transport imports cl
 def test_round_trip_with_tensors() -> None:
     data = bytes(range(24))
     frames = encode(
-        "forward", {"instance_id": "i", "seq": "s", "start_pos": 3}, [Tensor("float32", (1, 2, 3), data)]
+        "forward", {"instance_id": "i", "seqs": ["s"], "positions": [3]}, [Tensor("float32", (1, 2, 3), data)]
     )
     message = decode(frames)
-    assert message.type == "forward" and message["start_pos"] == 3 and message.get("missing") is None
+    assert message.type == "forward" and message["positions"] == [3] and message.get("missing") is None
     (tensor,) = message.tensors
     assert tensor.dtype == "float32" and tensor.shape == (1, 2, 3) and bytes(tensor.data) == data
 
@@ -34,9 +34,9 @@ def header(**fields: Any) -> bytes:
         ([msgpack.packb("text")], "must be a msgpack map"),
         ([msgpack.packb({"type": "ping"})], "protocol version None does not match"),
         ([header(type=5)], "unknown message type 5"),
-        ([header(type="token", instance_id="i", seq="s")], "missing field 'token'"),
-        ([header(type="token", instance_id="i", seq="s", token=True)], "'token' must be int, got bool"),
-        ([header(type="token", instance_id="i", seq="s", token="1")], "'token' must be int, got str"),
+        ([header(type="token", instance_id="i", seqs=["s"])], "missing field 'tokens'"),
+        ([header(type="release", instance_id="i", seq=True)], "'seq' must be str, got bool"),
+        ([header(type="token", instance_id="i", seqs=["s"], tokens="1")], "'tokens' must be list, got str"),
         (
             [header(type="generate", instance_id="i", request_id="r", messages="hi", prompt=None, params={})],
             "'messages' must be list or null",

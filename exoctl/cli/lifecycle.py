@@ -234,6 +234,7 @@ def worker(
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     insecure: Annotated[bool, typer.Option(help="Allow a non-loopback address without keys.")] = False,
     threads: Annotated[int | None, typer.Option(help="Torch threads (default: all cores).")] = None,
+    max_batch: Annotated[int, typer.Option(min=1, help="Most sequences decoded in one step.")] = 32,
 ) -> None:
     """Run one worker in the foreground (`exoctl up` starts these for you)."""
     from exoctl.keys import load_keys
@@ -241,6 +242,6 @@ def worker(
 
     keys = load_keys(Path(keys_dir).expanduser()) if keys_dir else None
     options = WorkerOptions(
-        name, host, port, keys, [Path(d) for d in model_dir or []], device, insecure, threads
+        name, host, port, keys, [Path(d) for d in model_dir or []], device, insecure, threads, max_batch
     )
     run_worker(options)

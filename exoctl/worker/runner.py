@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,8 +110,9 @@ def from_tensor(x: torch.Tensor) -> Tensor:
 
 
 class Runner:
-    def __init__(self, spec: RunnerSpec) -> None:
+    def __init__(self, spec: RunnerSpec, max_batch: int = 32) -> None:
         self.spec = spec
+        self.max_batch = max_batch  # decode steps of at most this many sequences at once
         self.status = "RunnerLoading"
         self.message = ""
         self.layers_loaded = 0
@@ -120,7 +122,7 @@ class Runner:
         self.samplers: dict[str, tuple[SamplingParams, torch.Generator | None]] = {}
         self.heads: dict[str, HeadSequence] = {}
         self.unloading = False
-        self.tokens = 0  # decode positions computed here, and the time they took
+        self.decoded = 0  # decode positions computed here, and the time they took
         self.compute_s = 0.0
         self.last_decode_tps = 0.0  # head: end-to-end decode speed of the last request
 
@@ -174,7 +176,7 @@ class Runner:
 
     @property
     def tokens_per_s(self) -> float:
-        return self.tokens / self.compute_s if self.compute_s > 0 else 0.0
+        return self.decoded / self.compute_s if self.compute_s > 0 else 0.0
 
     def describe(self) -> dict[str, Any]:
         spec = self.spec
@@ -206,33 +208,42 @@ class Runner:
             raise ExoctlError(f"runner {self.spec.runner_id} is {self.status}, not ready")
         return self.model
 
-    def _run(self, seq: str, inputs: torch.Tensor, start_pos: int) -> torch.Tensor:
+    def _run(self, seqs: list[str], inputs: torch.Tensor, starts: list[int]) -> torch.Tensor:
+        """This range on B sequences: inputs [B, T] ids or [B, T, D] hidden, each at its own start."""
         model = self._model()
-        cache = self.caches.get(seq)
-        if cache is None:
-            cache = self.caches[seq] = model.new_cache()
-        if cache.length != start_pos:
-            raise ExoctlError(f"sequence {seq} is at position {cache.length} here, not {start_pos}")
+        caches = []
+        for seq, start in zip(seqs, starts, strict=True):
+            cache = self.caches.get(seq)
+            if cache is None:
+                cache = self.caches[seq] = model.new_cache()
+            if cache.length != start:
+                raise ExoctlError(f"sequence {seq} is at position {cache.length} here, not {start}")
+            caches.append(cache)
         count = inputs.shape[1]
-        positions = torch.arange(start_pos, start_pos + count)[None, :]
+        positions = torch.tensor(starts)[:, None] + torch.arange(count)[None, :]  # [B, T]
         began = time.perf_counter()
-        out = model.forward(inputs, positions, [cache])
+        out = model.forward(inputs, positions, caches)
         if count == 1:
-            self.tokens += 1
+            self.decoded += len(seqs)
             self.compute_s += time.perf_counter() - began
         return out
 
-    def _next(self, seq: str, start_pos: int, out: torch.Tensor, params: dict[str, Any] | None) -> Out:
-        """What to do with this stage's output: pass the hidden state on, or sample a token."""
+    def _next(self, seqs: list[str], starts: list[int], out: torch.Tensor, params: dict[str, Any]) -> Out:
+        """What to do with this stage's output [B, T, D] (or logits [B, 1, V] on the last stage):
+        pass the hidden states on, or sample one token per sequence and send them to the head."""
         spec = self.spec
         if not spec.is_last:
-            fields: dict[str, Any] = {"instance_id": spec.instance_id, "seq": seq, "start_pos": start_pos}
-            if params is not None:
+            fields: dict[str, Any] = {"instance_id": spec.instance_id, "seqs": seqs, "positions": starts}
+            if params:
                 fields["params"] = params
             return Out("peer", spec.peers[spec.rank + 1][1], "forward", fields, (from_tensor(out),))
-        sampling, generator = self.samplers[seq]
-        token = int(sample(out[:, -1], sampling, generator))
-        fields = {"instance_id": spec.instance_id, "seq": seq, "token": token}
+        logits = out[:, -1]  # [B, V]
+        choices = [self.samplers[seq] for seq in seqs]
+        if all(sampling.greedy for sampling, _ in choices):
+            tokens = [int(t) for t in logits.argmax(dim=-1)]
+        else:
+            tokens = [int(sample(logits[i : i + 1], *choices[i])) for i in range(len(seqs))]
+        fields = {"instance_id": spec.instance_id, "seqs": seqs, "tokens": tokens}
         if spec.is_head:
             return Out("self", None, "token", fields)
         return Out("peer", spec.peers[0][1], "token", fields)
@@ -270,42 +281,79 @@ class Runner:
         )
         if self.spec.is_last:
             self.samplers[request_id] = (params, make_generator(params.seed))
-        out = self._run(request_id, torch.tensor([ids]), 0)
-        wire_params = {**raw_params, "stop": list(params.stop)}
-        return [self._next(request_id, 0, out, wire_params)]
+        out = self._run([request_id], torch.tensor([ids]), [0])
+        wire_params = {request_id: {**raw_params, "stop": list(params.stop)}}
+        return [self._next([request_id], [0], out, wire_params)]
 
     def forward(self, message: Message) -> list[Out]:
-        """A middle or last stage: run this range on the hidden state from the previous stage."""
-        seq = message["seq"]
-        if seq not in self.caches:
-            params = message.get("params")
-            if not isinstance(params, dict):
+        """A middle or last stage: run this range on the hidden states from the previous stage."""
+        seqs, starts = message["seqs"], message["positions"]
+        params = message.get("params") or {}
+        if (
+            not seqs
+            or len(starts) != len(seqs)
+            or not all(isinstance(x, str) for x in seqs)
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in starts)
+            or not isinstance(params, dict)
+        ):
+            raise ExoctlError("'forward' needs matching lists of sequence ids and positions")
+        for seq in seqs:
+            if seq in self.caches:
+                continue
+            if not isinstance(params.get(seq), dict):
                 raise ExoctlError(f"sequence {seq} is unknown here and its first message has no params")
             if self.spec.is_last:
-                sampling = SamplingParams(**{**params, "stop": tuple(params.get("stop") or ())})
+                raw = params[seq]
+                sampling = SamplingParams(**{**raw, "stop": tuple(raw.get("stop") or ())})
                 self.samplers[seq] = (sampling, make_generator(sampling.seed))
         if len(message.tensors) != 1:
             raise ExoctlError("'forward' needs exactly one hidden-state tensor")
         hidden = to_tensor(message.tensors[0])
         model = self._model()
-        if hidden.dim() != 3 or hidden.shape[0] != 1 or hidden.shape[2] != model.config.hidden_size:
-            raise ExoctlError(f"hidden state of shape {list(hidden.shape)} does not fit this model")
-        start_pos = message["start_pos"]
-        out = self._run(seq, hidden, start_pos)
-        return [self._next(seq, start_pos, out, message.get("params"))]
+        batch = hidden.shape[0] if hidden.dim() == 3 else -1
+        if (
+            batch != len(seqs)
+            or hidden.shape[2] != model.config.hidden_size
+            or (batch > 1 and hidden.shape[1] != 1)
+        ):
+            raise ExoctlError(
+                f"hidden state of shape {list(hidden.shape)} does not fit {len(seqs)} sequence(s)"
+            )
+        out = self._run(seqs, hidden, starts)
+        return [self._next(seqs, starts, out, params)]
 
-    def token(self, message: Message) -> list[Out]:
-        """Head: the last stage sampled a token; stream it and start the next step or finish."""
-        seq = self.heads.get(message["seq"])
-        if seq is None:
-            return []  # cancelled or failed meanwhile
-        token = message["token"]
+    def tokens(self, messages: list[Message]) -> list[Out]:
+        """Head: tokens the last stage sampled, from one or more messages. Stream each, then run
+        the next step of every sequence that goes on as one batch [B, 1] (continuous batching)."""
+        outs: list[Out] = []
+        going: list[HeadSequence] = []
+        for message in messages:
+            for seq_id, token in zip(message["seqs"], message["tokens"], strict=True):
+                seq = self.heads.get(seq_id)
+                if seq is None:
+                    continue  # cancelled or failed meanwhile
+                outs += self._take(seq, token)
+                if seq.request_id in self.heads:
+                    going.append(seq)
+        # one micro-batch per stage keeps every stage of the pipeline busy: with all sequences in
+        # one batch, stage k would wait while the others compute
+        size = min(self.max_batch, max(1, math.ceil(len(self.heads) / self.spec.world)))
+        for first in range(0, len(going), size):
+            batch = going[first : first + size]
+            seqs = [seq.request_id for seq in batch]
+            starts = [seq.prompt_tokens + len(seq.token_ids) - 1 for seq in batch]
+            inputs = torch.tensor([[seq.token_ids[-1]] for seq in batch])  # [B, 1]
+            out = self._run(seqs, inputs, starts)
+            outs.append(self._next(seqs, starts, out, {}))
+        return outs
+
+    def _take(self, seq: HeadSequence, token: int) -> list[Out]:
+        """One sampled token of one sequence: stream its text; finish the sequence if it is done."""
         if not seq.token_ids:
             seq.first_token_at = time.perf_counter()
         seq.token_ids.append(token)
         assert self.tokenizer is not None
         is_eos = token in self.tokenizer.eos_token_ids
-        outs: list[Out] = []
         delta = "" if is_eos else seq.text.push(token)
         finish = ""
         if is_eos or seq.text.stopped:
@@ -317,19 +365,9 @@ class Runner:
         if finish and not seq.text.stopped:
             delta += seq.text.finish()
         seq.output += delta
-        outs.append(
-            Out(
-                "client",
-                seq.client,
-                "delta",
-                {"request_id": seq.request_id, "text": delta, "tokens": [token]},
-            )
-        )
-        if finish:
-            return outs + self._finish(seq, finish)
-        position = seq.prompt_tokens + len(seq.token_ids) - 1
-        out = self._run(seq.request_id, torch.tensor([[token]]), position)
-        return [*outs, self._next(seq.request_id, position, out, None)]
+        fields = {"request_id": seq.request_id, "text": delta, "tokens": [token]}
+        outs = [Out("client", seq.client, "delta", fields)]
+        return outs + self._finish(seq, finish) if finish else outs
 
     def _finish(self, seq: HeadSequence, reason: str) -> list[Out]:
         now = time.perf_counter()
@@ -364,12 +402,15 @@ class Runner:
         fields = {"instance_id": self.spec.instance_id, "seq": seq}
         return [Out("peer", address, "release", fields) for _, address in self.spec.peers[1:]]
 
-    def abort(self, seq: str, message: str) -> list[Out]:
-        """Head: a stage failed this sequence; tell the client and free it everywhere."""
-        head = self.heads.get(seq)
-        outs = self.release(seq)
-        if head is not None:
-            outs.insert(0, Out("client", head.client, "error", {"request_id": seq, "message": message}))
+    def abort(self, seqs: list[str], message: str) -> list[Out]:
+        """Head: a stage failed these sequences; tell their clients and free them everywhere."""
+        outs: list[Out] = []
+        for seq in seqs:
+            head = self.heads.get(seq)
+            released = self.release(seq)
+            if head is not None:
+                outs.append(Out("client", head.client, "error", {"request_id": seq, "message": message}))
+            outs += released
         return outs
 
     def cancel(self, request_id: str) -> None:

@@ -50,6 +50,7 @@ class WorkerOptions:
     device: str = "cpu"
     insecure: bool = False
     threads: int | None = None
+    max_batch: int = 32
 
 
 def check_bind(host: str, keys: ClusterKeys | None, insecure: bool) -> None:
@@ -303,7 +304,7 @@ class Worker:
         if spec.instance_id in self.runners:
             raise ExoctlError(f"instance {spec.instance_id} is already on node {self.name}")
         check_reference(spec.model, self.options.model_dirs, self.name)
-        runner = Runner(spec)
+        runner = Runner(spec, self.options.max_batch)
         self.runners[spec.instance_id] = runner
         now = time.monotonic()
         for _, address in spec.peers:
@@ -406,18 +407,24 @@ class Worker:
     def _compute_loop(self) -> None:
         push = self.ctx.socket(zmq.PUSH)
         push.connect(OUTBOX)
-        while True:
-            job = self.jobs.get()
-            if job is None:
-                break
-            for out in self._compute(job):
-                if out.to == "self":
-                    self.jobs.put(("peer", Message(out.kind, out.fields)))
-                    continue
-                target = out.target if out.to == "client" else out.target.encode()
-                push.send_multipart(
-                    [out.to.encode(), target, *protocol.encode(out.kind, out.fields, out.tensors)], copy=False
-                )
+        running = True
+        while running:
+            queued = [self.jobs.get()]
+            while True:  # everything queued now is handled together: decode steps get batched
+                try:
+                    queued.append(self.jobs.get_nowait())
+                except queue.Empty:
+                    break
+            pending = [job for job in queued if job is not None]
+            running = len(pending) == len(queued)
+            for job in merge_token_jobs(pending):
+                for out in self._compute(job):
+                    if out.to == "self":
+                        self.jobs.put(("peer", Message(out.kind, out.fields)))
+                        continue
+                    target = out.target if out.to == "client" else out.target.encode()
+                    frames = protocol.encode(out.kind, out.fields, out.tensors)
+                    push.send_multipart([out.to.encode(), target, *frames], copy=False)
         push.close(0)
 
     def _compute(self, job: tuple[Any, ...]) -> list[Any]:
@@ -434,18 +441,22 @@ class Worker:
                 for runner in list(self.runners.values()):
                     runner.cancel(job[1])
                 return []
+            if kind == "tokens":
+                _, instance_id, messages = job
+                runner = self.runners.get(instance_id)
+                if runner is None or runner.status == "RunnerFailed":
+                    return []
+                return list(runner.tokens(messages))
             message = job[1]
             runner = self.runners.get(message["instance_id"])
             if runner is None or runner.status == "RunnerFailed":
                 return []
             if message.type == "forward":
                 return list(runner.forward(message))
-            if message.type == "token":
-                return list(runner.token(message))
             if message.type == "release":
                 return list(runner.release(message["seq"]))
             if message.type == "seq_error":
-                return list(runner.abort(message["seq"], message["message"]))
+                return list(runner.abort(message["seqs"], message["message"]))
             return []
         except Exception as exc:
             code = "invalid_request" if isinstance(exc, InvalidRequestError) else "failed"
@@ -458,23 +469,46 @@ class Worker:
                 _, client, message = job
                 request_id = message["request_id"]
                 outs = runner.release(request_id) if runner is not None else []
-                return [
-                    Out(
-                        "client",
-                        client,
-                        "error",
-                        {"request_id": request_id, "message": text, "hint": hint, "code": code},
-                    ),
-                    *outs,
-                ]
-            message = job[1]
-            seq = message.get("seq")
-            if runner is None or seq is None:
+                error = {"request_id": request_id, "message": text, "hint": hint, "code": code}
+                return [Out("client", client, "error", error), *outs]
+            seqs = job_sequences(job)
+            if runner is None or not seqs:
                 return []
             if runner.spec.is_head:
-                return list(runner.abort(seq, text))
-            fields = {"instance_id": runner.spec.instance_id, "seq": seq, "message": text}
+                return list(runner.abort(seqs, text))
+            fields = {"instance_id": runner.spec.instance_id, "seqs": seqs, "message": text}
             return [Out("peer", runner.spec.peers[0][1], "seq_error", fields)]
+
+
+def merge_token_jobs(jobs: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """Token messages for one instance become one job, at the place of the first: the head then
+    runs the next step of all those sequences as one batch."""
+    merged: list[tuple[Any, ...]] = []
+    groups: dict[str, list[Message]] = {}
+    for job in jobs:
+        if job[0] == "peer" and job[1].type == "token":
+            instance_id = job[1]["instance_id"]
+            if instance_id not in groups:
+                groups[instance_id] = []
+                merged.append(("tokens", instance_id, groups[instance_id]))
+            groups[instance_id].append(job[1])
+        else:
+            merged.append(job)
+    return merged
+
+
+def job_sequences(job: tuple[Any, ...]) -> list[str]:
+    """The sequences a failed job was about, so each can be failed on its own."""
+    if job[0] == "tokens":
+        return [s for message in job[2] for s in message["seqs"]]
+    message = job[1]
+    if not isinstance(message, Message):
+        return []
+    seqs = message.get("seqs")
+    if isinstance(seqs, list):
+        return [s for s in seqs if isinstance(s, str)]
+    seq = message.get("seq")
+    return [seq] if isinstance(seq, str) else []
 
 
 def _peek_id(frames: list[Any]) -> Any:
