@@ -36,6 +36,7 @@ test: lint
 bench: $(STAMP)
 	$(BIN)/python benchmarks/decode_speed.py
 	$(BIN)/python benchmarks/pipeline_overhead.py
+	$(BIN)/python benchmarks/concurrent_sessions.py
 
 completions: $(STAMP)
 	for shell in bash zsh fish; do \
