@@ -155,3 +155,25 @@ def test_remote_paths_expand_home_and_quote_the_rest() -> None:
     assert sh_path("~") == '"$HOME"'
     assert sh_path("~/.cache/exo ctl") == "\"$HOME\"/'.cache/exo ctl'"
     assert sh_path("/opt/x;rm -rf /") == "'/opt/x;rm -rf /'"
+
+
+def test_workers_on_one_machine_share_its_memory() -> None:
+    from exoctl.cluster.client import node_profiles
+
+    def on(machine: str, available: int) -> dict[str, Any]:
+        return {**profile(), "machine_id": machine, "ram_total": 100, "ram_available": available}
+
+    statuses = [
+        NodeStatus(Node("a", "127.0.0.11"), on("m1", 61)),
+        NodeStatus(Node("b", "127.0.0.12"), on("m1", 60)),  # measured a moment later on the same machine
+        NodeStatus(Node("c", "10.0.0.1"), on("m2", 60)),
+        NodeStatus(Node("d", "10.0.0.2", memory_gb=96)),
+    ]
+    profiles = node_profiles(statuses)
+    assert [(p.ram_total, p.ram_available, p.live) for p in profiles] == [
+        (50, 30, True),
+        (50, 30, True),
+        (100, 60, True),
+        (0, 0, False),
+    ]
+    assert profiles[3].capacity == 96 * 10**9

@@ -99,6 +99,28 @@ def instances_of(statuses: list[NodeStatus]) -> dict[str, InstanceView]:
     return views
 
 
+def node_profiles(statuses: list[NodeStatus]) -> list[NodeProfile]:
+    """Placement's view of the nodes. Workers on one machine (same machine id) share its memory:
+    each is given an equal part of it, so it is not counted once per worker, and equal nodes
+    are then taken in inventory order."""
+    machines: dict[str, list[dict[str, Any]]] = {}
+    for status in statuses:
+        if status.profile is not None:
+            machines.setdefault(str(status.profile.get("machine_id")), []).append(status.profile)
+    profiles = []
+    for status in statuses:
+        cap = int(status.node.memory_gb * GB) if status.node.memory_gb else None
+        if status.profile is None:
+            profiles.append(NodeProfile(status.node.name, 0, 0, cap, live=False))
+            continue
+        # memory the node's own runners hold is reported as used, so it counts as unavailable
+        shared = machines[str(status.profile.get("machine_id"))]
+        total = min(p["ram_total"] for p in shared) // len(shared)
+        available = min(p["ram_available"] for p in shared) // len(shared)
+        profiles.append(NodeProfile(status.node.name, total, available, cap, live=True))
+    return profiles
+
+
 def resolve_card(model: str) -> tuple[ModelCard, str]:
     """The card for placement and the reference a worker resolves: a catalog id or an absolute folder."""
     card = find_card(model)
@@ -260,23 +282,7 @@ class Cluster:
         return result
 
     def profiles(self, statuses: list[NodeStatus]) -> list[NodeProfile]:
-        profiles = []
-        for status in statuses:
-            cap = int(status.node.memory_gb * GB) if status.node.memory_gb else None
-            if status.profile is None:
-                profiles.append(NodeProfile(status.node.name, 0, 0, cap, live=False))
-                continue
-            # memory the node's own runners hold is reported as used; count it as unavailable
-            profiles.append(
-                NodeProfile(
-                    status.node.name,
-                    status.profile["ram_total"],
-                    status.profile["ram_available"],
-                    cap,
-                    live=True,
-                )
-            )
-        return profiles
+        return node_profiles(statuses)
 
     def plan(self, card: ModelCard, request: PlacementRequest, statuses: list[NodeStatus]) -> Placement:
         if not any(s.up for s in statuses):

@@ -16,6 +16,18 @@ from exoctl.protocol import PROTOCOL_VERSION
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
+def machine_id() -> str:
+    """Which machine this is, so that placement sees workers that share one machine's memory."""
+    for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+        try:
+            text = Path(path).read_text(encoding="utf-8").strip()
+        except OSError:
+            continue
+        if text:
+            return text
+    return platform.node()
+
+
 def cpu_has_native_bf16() -> bool:
     """From /proc/cpuinfo, without torch: the same AVX512-BF16 / AMX test the engine makes."""
     try:
@@ -36,6 +48,7 @@ class NodeProfiler:
         self.started = time.time()
         self.process = psutil.Process()
         self.bf16 = cpu_has_native_bf16()
+        self.machine_id = machine_id()
         self.cpu_percent = 0.0
         psutil.cpu_percent(interval=None)  # primes the counter: later calls measure since the last
 
@@ -52,6 +65,7 @@ class NodeProfiler:
             "boot_id": self.boot_id,
             "pid": os.getpid(),
             "hostname": platform.node(),
+            "machine_id": self.machine_id,
             "ram_total": memory.total,
             "ram_available": memory.available,
             "cpu_count": psutil.cpu_count() or 1,
