@@ -174,3 +174,40 @@ def test_a_node_lost_mid_stream_ends_the_stream_with_an_error(cluster3: WorkerCl
         assert http(server, "GET", "/healthz")[1]["nodes_up"] == 2  # and the server keeps serving
     finally:
         server.stop()
+
+
+def test_serve_places_an_instance_again_when_it_loses_a_node(cluster3: WorkerCluster) -> None:
+    from tests.cluster_helpers import Server, http
+
+    server = Server(cluster3)
+    try:
+        status, body = http(server, "POST", "/place_instance", {"model_id": DEFAULT_MODEL_ID, "nodes": 3})
+        assert status == 200, body
+        lost = body["instance_id"]
+        os.kill(cluster3.pid("node3"), signal.SIGKILL)
+
+        def reformed() -> bool:
+            state = http(server, "GET", "/state")[1]
+            return any(e["action"] == "replaced" for e in state["reformations"])
+
+        assert wait_for(reformed, timeout=60)
+        state = http(server, "GET", "/state")[1]
+        (event,) = state["reformations"]
+        assert event["instanceId"] == lost and "node3" in event["reason"] and event["nodes"] == ["node1"]
+        assert lost not in state["instances"]  # the survivors' remnants were unloaded
+        (instance,) = state["instances"].values()
+        assert instance["CpuRingInstance"]["status"] == "ready"
+        status, answer = http(
+            server,
+            "POST",
+            "/v1/chat/completions",
+            {
+                "model": DEFAULT_MODEL_ID,
+                "temperature": 0,
+                "max_tokens": 12,
+                "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            },
+        )
+        assert status == 200 and "Paris" in answer["choices"][0]["message"]["content"]
+    finally:
+        server.stop()

@@ -47,6 +47,7 @@ class LoadRecord:
     """A placement `serve` started in the background (`"wait": false`)."""
 
     model_id: str
+    ref: str  # what was asked for: catalog id or folder, to place it again after a failure
     status: str = "loading"  # loading | ready | failed
     error: str = ""
     placement: Placement | None = None
@@ -58,6 +59,7 @@ class ClusterService:
     keys: ClusterKeys | None
     ctx: zmq.Context[Any] = field(default_factory=zmq.Context)
     loads: dict[str, LoadRecord] = field(default_factory=dict)
+    events: list[dict[str, Any]] = field(default_factory=list)  # the supervisor's, shown in /state
 
     @contextmanager
     def cluster(self) -> Iterator[Cluster]:
@@ -72,7 +74,7 @@ class ClusterService:
             return cluster.statuses()
 
     def state(self) -> dict[str, Any]:
-        return state_document(self.statuses(), self.inventory.name)
+        return {**state_document(self.statuses(), self.inventory.name), "reformations": list(self.events)}
 
     # --- models and instances ---------------------------------------------------------------
 
@@ -132,7 +134,7 @@ class ClusterService:
         import uuid
 
         instance_id = str(uuid.uuid4())
-        record = self.loads[instance_id] = LoadRecord(card.id, placement=placement)
+        record = self.loads[instance_id] = LoadRecord(card.id, ref, placement=placement)
 
         def load() -> None:
             try:

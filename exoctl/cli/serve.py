@@ -38,6 +38,9 @@ def serve(
         str | None, typer.Option(envvar="EXOCTL_API_KEY", help="Require 'Authorization: Bearer KEY'.")
     ] = None,
     insecure: Annotated[bool, typer.Option(help="Allow a non-loopback address without an API key.")] = False,
+    supervise: Annotated[
+        bool, typer.Option(help="Place an instance again on the live nodes when it loses a node.")
+    ] = True,
     inventory: InventoryOption = None,
 ) -> None:
     if not is_loopback(host) and not api_key and not insecure:
@@ -49,11 +52,16 @@ def serve(
 
     from exoctl.api.app import create_app
     from exoctl.api.service import ClusterService
+    from exoctl.api.supervisor import Supervisor
     from exoctl.inventory import load_inventory
     from exoctl.keys import find_keys
 
     inv = load_inventory(inventory)
-    app = create_app(ClusterService(inv, find_keys()), api_key=api_key or None)
+    service = ClusterService(inv, find_keys())
+    app = create_app(service, api_key=api_key or None)
+    supervisor = Supervisor(service)
+    if supervise:
+        supervisor.start()
     err_console.print(
         f"exoctl serve: http://{host}:{port} for cluster {inv.name!r} ({len(inv.nodes)} nodes, {inv.source})"
         + (", API key required" if api_key else ""),
@@ -63,3 +71,6 @@ def serve(
         uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
     except SystemExit as exc:  # uvicorn exits when it cannot bind
         raise ExoctlError(f"cannot serve on {host}:{port}", hint="is the port taken? pass --port") from exc
+    finally:
+        if supervise:
+            supervisor.stop()

@@ -1,0 +1,97 @@
+"""`serve`'s supervisor: an instance that lost a node is placed again on the live nodes.
+
+Every few seconds it reads the cluster; an instance whose runners declared a node lost
+("stopped answering" / "restarted", from their heartbeats) is unloaded from the nodes that still
+hold a part of it and placed again with the same model, sharding and dtype on the live nodes,
+when their memory allows (reformation). A node that comes back is simply live again: the next
+placement may use it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from exoctl.api.service import ClusterService
+from exoctl.cluster.client import InstanceView, instances_of
+from exoctl.errors import ExoctlError
+
+log = logging.getLogger("exoctl.serve")
+LOST_NODE = ("stopped answering", "restarted")
+
+
+def lost_a_node(view: InstanceView) -> bool:
+    """The instance's own runners have declared it lost (their heartbeats missed a node).
+
+    A node that merely misses one status poll is not enough: its runners may still be serving,
+    and a request in flight must fail with the heartbeat's error that names the node."""
+    return any(
+        r["status"] == "RunnerFailed" and any(w in r["message"] for w in LOST_NODE)
+        for r in view.runners.values()
+    )
+
+
+class Supervisor:
+    def __init__(self, service: ClusterService, interval_s: float = 2.0) -> None:
+        self.service = service
+        self.interval_s = interval_s
+        self.events = service.events  # what it did, newest last (shown in /state)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="supervisor", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.run_once()
+            except Exception:  # never let one bad round end the supervision
+                log.exception("supervisor round failed")
+
+    def run_once(self) -> None:
+        statuses = self.service.statuses()
+        for view in instances_of(statuses).values():
+            if lost_a_node(view):
+                self.reform(view)
+
+    def reform(self, view: InstanceView) -> None:
+        record = self.service.loads.get(view.instance_id)
+        model = record.ref if record is not None else view.model_id
+        with self.service.cluster() as cluster:
+            holders = [cluster.inventory.node(n) for n in view.runners]
+            cluster.unload(view.instance_id, holders)
+        self.service.loads.pop(view.instance_id, None)
+        event: dict[str, Any] = {
+            "time": time.time(),
+            "instanceId": view.instance_id,
+            "modelId": view.model_id,
+            "reason": view.failure,
+        }
+        try:
+            new_id, placement = self.service.place(model, view.sharding, None, 1, view.dtype, wait=True)
+            event.update(action="replaced", newInstanceId=new_id, nodes=list(placement.nodes))
+            log.warning(
+                "instance %s of %s lost a node (%s): placed again as %s on %s",
+                view.instance_id,
+                view.model_id,
+                view.failure,
+                new_id,
+                ", ".join(placement.nodes),
+            )
+        except ExoctlError as exc:
+            event.update(action="not replaced", error=exc.message)
+            log.warning(
+                "instance %s of %s lost a node and cannot be placed again: %s",
+                view.instance_id,
+                view.model_id,
+                exc.message,
+            )
+        self.events.append(event)
+        del self.events[:-50]
