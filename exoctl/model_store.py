@@ -35,6 +35,13 @@ def resolve_model(model: str, download: bool = False) -> Path:
     return hub_folder(card, download=download)
 
 
+def hub_http_error(card: ModelCard, exc: Exception) -> ModelNotFoundError:
+    return ModelNotFoundError(
+        f"could not download {card.hf_repo}: {exc}",
+        hint="gated models need HF_TOKEN set to a token that has accepted the model's licence",
+    )
+
+
 def hub_folder(card: ModelCard, download: bool = False) -> Path:
     """The model's snapshot in the Hugging Face cache, downloading it if asked.
 
@@ -57,10 +64,7 @@ def hub_folder(card: ModelCard, download: bool = False) -> Path:
             hint=f"download it with: hf download {card.hf_repo}, or give a local model folder",
         ) from None
     except HfHubHTTPError as exc:
-        raise ModelNotFoundError(
-            f"could not download {card.hf_repo}: {exc}",
-            hint="gated models need HF_TOKEN set to a token that has accepted the model's licence",
-        ) from None
+        raise hub_http_error(card, exc) from None
 
 
 def files_for_layers(weight_map: dict[str, str], layers: tuple[int, int], n_layers: int) -> list[str]:
@@ -110,7 +114,4 @@ def download_for_layers(card: ModelCard, layers: tuple[int, int], n_layers: int)
             "or copy the folder into its model_dir",
         ) from None
     except HfHubHTTPError as exc:
-        raise ModelNotFoundError(
-            f"could not download {card.hf_repo}: {exc}",
-            hint="gated models need HF_TOKEN set to a token that has accepted the model's licence",
-        ) from None
+        raise hub_http_error(card, exc) from None

@@ -36,6 +36,14 @@ class NodeError(ExoctlError):
         self.node = node
 
 
+def error_reply(node: str, reply: Message) -> NodeError:
+    """A worker's error reply as an error that names the node (once, if the worker already did)."""
+    text = reply["message"]
+    if f"node {node}" not in text:
+        text = f"node {node}: {text}"
+    return NodeError(node, text, reply.get("hint"))
+
+
 def secure_server(sock: zmq.Socket[Any], keys: ClusterKeys | None) -> None:
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
     if keys is not None:
@@ -145,8 +153,5 @@ class NodeClient:
             if reply.get("id") != request_id:
                 continue  # a late reply to an earlier request
             if reply.type == "error":
-                text = reply["message"]
-                if f"node {self.name}" not in text:
-                    text = f"node {self.name}: {text}"
-                raise NodeError(self.name, text, reply.get("hint"))
+                raise error_reply(self.name, reply)
             return reply

@@ -18,6 +18,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,6 +129,16 @@ def make_cluster(tmp: Path, count: int, model_dir: Path, **defaults: Any) -> Wor
         {"command": PYTHON_EXOCTL, "work_dir": str(work), "model_dir": str(model_dir), **defaults},
     )
     return WorkerCluster(inventory, work, names)
+
+
+@contextmanager
+def running(cluster: WorkerCluster) -> Iterator[WorkerCluster]:
+    """The cluster started with `exoctl up`, stopped (every worker gone) on the way out."""
+    start(cluster)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 def start(cluster: WorkerCluster) -> None:

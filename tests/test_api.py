@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from exoctl.catalog import DEFAULT_MODEL_ID
-from tests.cluster_helpers import Server, WorkerCluster, exoctl, http, make_cluster, start, wait_for
+from tests.cluster_helpers import Server, WorkerCluster, exoctl, http, make_cluster, running, wait_for
 
 SMOLLM2_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -23,12 +23,10 @@ SMOLLM2_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"
 def cluster2(
     tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Path]
 ) -> Iterator[WorkerCluster]:
-    cluster = make_cluster(tmp_path_factory.mktemp("api"), 2, next(iter(tiny_models.values())).parent)
-    start(cluster)
-    try:
+    with running(
+        make_cluster(tmp_path_factory.mktemp("api"), 2, next(iter(tiny_models.values())).parent)
+    ) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
 
 
 @pytest.fixture(scope="module")

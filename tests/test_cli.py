@@ -10,20 +10,15 @@ from pathlib import Path
 
 import pytest
 
+from tests import cluster_helpers
+
 TIMEOUT = 120
 
 
 def exoctl(
     *args: str, stdin: str | None = None, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "exoctl", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        env={**os.environ, "COLUMNS": "200", **(env or {})},
-    )
+    return cluster_helpers.exoctl(*args, stdin=stdin, env=env, timeout=TIMEOUT)
 
 
 def test_the_control_side_does_not_import_torch() -> None:

@@ -17,7 +17,7 @@ from exoctl.catalog import DEFAULT_MODEL_ID
 from exoctl.cluster.client import Cluster, instances_of, resolve_card
 from exoctl.placement import PlacementRequest
 from exoctl.protocol import PROTOCOL_VERSION
-from tests.cluster_helpers import WorkerCluster, make_cluster, start, wait_for
+from tests.cluster_helpers import WorkerCluster, make_cluster, running, wait_for
 
 PROMPT = "The capital of France is"
 MAX_TOKENS = 12
@@ -28,13 +28,10 @@ KINDS = ["llama", "llama-tied", "qwen2", "mixtral", "smollm2"]
 def cluster4(
     tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Path]
 ) -> Iterator[WorkerCluster]:
-    model_dir = next(iter(tiny_models.values())).parent
-    cluster = make_cluster(tmp_path_factory.mktemp("cluster4"), 4, model_dir)
-    start(cluster)
-    try:
+    with running(
+        make_cluster(tmp_path_factory.mktemp("cluster4"), 4, next(iter(tiny_models.values())).parent)
+    ) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from exoctl.cluster.client import GENERATION_SILENCE_S, Cluster, instances_of, r
 from exoctl.errors import ExoctlError
 from exoctl.placement import PlacementRequest
 from exoctl.worker.server import DOWN_AFTER_S
-from tests.cluster_helpers import WorkerCluster, make_cluster, start, wait_for
+from tests.cluster_helpers import WorkerCluster, make_cluster, running, wait_for
 
 COUNTING = "1, 2, 3, 4, 5, 6, 7, 8,"  # SmolLM2 keeps counting: a generation that outlives the test
 FAIL_WITHIN_S = DOWN_AFTER_S + 4.0  # heartbeat timeout plus a margin for a loaded 2-core machine
@@ -25,12 +25,8 @@ FAIL_WITHIN_S = DOWN_AFTER_S + 4.0  # heartbeat timeout plus a margin for a load
 
 @pytest.fixture
 def cluster3(tmp_path: Path, tiny_models: dict[str, Path]) -> Iterator[WorkerCluster]:
-    cluster = make_cluster(tmp_path, 3, next(iter(tiny_models.values())).parent)
-    start(cluster)
-    try:
+    with running(make_cluster(tmp_path, 3, next(iter(tiny_models.values())).parent)) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
 
 
 def place(client: Cluster, model: str, nodes: int) -> str:

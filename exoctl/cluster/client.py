@@ -22,7 +22,7 @@ from exoctl.keys import ClusterKeys
 from exoctl.model_store import is_model_folder
 from exoctl.placement import GB, NodeProfile, Placement, PlacementError, PlacementRequest, place
 from exoctl.protocol import Message
-from exoctl.transport import NodeClient, NodeError
+from exoctl.transport import NodeClient, NodeError, error_reply
 
 STATUS_TIMEOUT_S = 1.5  # a node silent this long is shown as down
 GENERATION_SILENCE_S = 6.0  # the head sends keepalives every second while a request runs
@@ -261,9 +261,7 @@ class Cluster:
                 del pending[name]
                 poller.unregister(sock)
                 if message.type == "error":
-                    text = message["message"]
-                    text = text if f"node {name}" in text else f"node {name}: {text}"
-                    answers[name] = NodeError(name, text, message.get("hint"))
+                    answers[name] = error_reply(name, message)
                 else:
                     answers[name] = message
         for name in pending:

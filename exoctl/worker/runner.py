@@ -89,6 +89,17 @@ class HeadSequence:
     cancelled: bool = False
 
 
+def sampling_from_wire(raw: dict[str, Any]) -> SamplingParams:
+    """SamplingParams from a request's `params` (stop strings travel as a list)."""
+    unknown = set(raw) - set(SAMPLING_FIELDS)
+    if unknown:
+        raise InvalidRequestError(f"unknown sampling parameter(s): {', '.join(sorted(unknown))}")
+    try:
+        return SamplingParams(**{**raw, "stop": tuple(raw.get("stop") or ())})
+    except TypeError as exc:
+        raise InvalidRequestError(f"bad sampling parameters: {exc}") from None
+
+
 def release_memory() -> None:
     """Return freed tensor memory to the OS so RSS drops after an unload."""
     gc.collect()
@@ -256,13 +267,7 @@ class Runner:
         if request_id in self.heads:
             raise InvalidRequestError(f"request id {request_id} is already running")
         raw_params = request["params"]
-        unknown = set(raw_params) - set(SAMPLING_FIELDS)
-        if unknown:
-            raise InvalidRequestError(f"unknown sampling parameter(s): {', '.join(sorted(unknown))}")
-        try:
-            params = SamplingParams(**{**raw_params, "stop": tuple(raw_params.get("stop") or ())})
-        except TypeError as exc:
-            raise InvalidRequestError(f"bad sampling parameters: {exc}") from None
+        params = sampling_from_wire(raw_params)
         if request["messages"] is not None:
             ids = tokenizer.encode_chat(request["messages"])
         elif request["prompt"] is not None:
@@ -303,8 +308,7 @@ class Runner:
             if not isinstance(params.get(seq), dict):
                 raise ExoctlError(f"sequence {seq} is unknown here and its first message has no params")
             if self.spec.is_last:
-                raw = params[seq]
-                sampling = SamplingParams(**{**raw, "stop": tuple(raw.get("stop") or ())})
+                sampling = sampling_from_wire(params[seq])
                 self.samplers[seq] = (sampling, make_generator(sampling.seed))
         if len(message.tensors) != 1:
             raise ExoctlError("'forward' needs exactly one hidden-state tensor")
