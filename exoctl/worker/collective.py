@@ -48,9 +48,11 @@ class ZmqAllReduce:
                 sock.connect(f"tcp://{address}")
                 self.push[peer] = sock
 
-    def close(self) -> None:
-        for sock in (self.pull, *self.push.values()):
-            sock.close(0)
+    def close(self, linger_s: float = 1.0) -> None:
+        # the last partial sent may still be queued while a slower peer waits for it: let it go out
+        for sock in self.push.values():
+            sock.close(int(linger_s * 1000))
+        self.pull.close(0)
 
     def all_reduce(self, partial: torch.Tensor) -> torch.Tensor:
         """The sum over ranks of `partial` (contiguous, any shape), added in rank order."""
