@@ -20,8 +20,9 @@ COMMON: dict[str, Any] = {
     "hidden_size": 64,
     "intermediate_size": 96,
     "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
+    # 8 heads over 4 KV heads: grouped-query attention that tensor-splits over 2 and 4 ranks
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
     "max_position_embeddings": 256,
     # Larger than the default 0.02 so logits are far apart and greedy choices are not near-ties.
     "initializer_range": 0.15,
@@ -43,7 +44,7 @@ SPECS: dict[str, tuple[str, dict[str, Any]]] = {
             },
         },
     ),
-    "llama-tied": ("Llama", {"tie_word_embeddings": True, "num_key_value_heads": 4}),
+    "llama-tied": ("Llama", {"tie_word_embeddings": True, "num_key_value_heads": 8}),
     "qwen2": ("Qwen2", {"num_hidden_layers": 5}),
     "mixtral": ("Mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2}),
 }

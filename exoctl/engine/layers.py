@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -188,17 +189,28 @@ class GatedMLP:
         return self.down(F.silu(gate) * up)
 
 
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
 class DecoderLayer:
-    """Pre-norm residual block: attention, then the MLP (dense or mixture of experts)."""
+    """Pre-norm residual block: attention, then the MLP (dense or mixture of experts).
+
+    `reduce` (tensor sharding) sums a rank's partial attention and MLP outputs over the ranks
+    before each residual add; the layer itself does not know how the sum travels.
+    """
 
     def __init__(self, input_norm: RMSNorm, attention: Attention, post_norm: RMSNorm, mlp: Any) -> None:
         self.input_norm = input_norm
         self.attention = attention
         self.post_norm = post_norm
         self.mlp = mlp
+        self.reduce: Reduce | None = None
 
     def __call__(
         self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, caches: list[KVCache]
     ) -> torch.Tensor:
-        h = h + self.attention(self.input_norm(h), cos, sin, caches)
-        return h + self.mlp(self.post_norm(h))
+        reduce = self.reduce
+        attended = self.attention(self.input_norm(h), cos, sin, caches)
+        h = h + (attended if reduce is None else reduce(attended))
+        mixed = self.mlp(self.post_norm(h))
+        return h + (mixed if reduce is None else reduce(mixed))

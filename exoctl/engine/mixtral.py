@@ -2,6 +2,10 @@
 
 Checkpoint names: `model.layers.{i}.block_sparse_moe.gate.weight` (the router, [E, D]) and
 `...block_sparse_moe.experts.{e}.w1|w2|w3.weight` (gate, down, up of expert e).
+
+Under tensor sharding the experts are parallel: rank r of k holds whole experts
+[r E/k, (r+1) E/k), the router is replicated, and each rank adds only its own experts' share of
+every token; the layer's all-reduce sums the shares.
 """
 
 from __future__ import annotations
@@ -11,7 +15,8 @@ import torch.nn.functional as F
 
 from exoctl.engine.config import ModelConfig
 from exoctl.engine.layers import DecoderLayer, GatedMLP, Linear
-from exoctl.engine.llama import load_attention, load_norms
+from exoctl.engine.llama import load_attention, load_gated_mlp, load_norms
+from exoctl.engine.shard import WHOLE, TensorShard
 from exoctl.engine.weights import WeightReader
 
 
@@ -19,7 +24,8 @@ class SparseMoE:
     """Routes each token to its top-k experts and sums their outputs weighted by the router.
 
     `experts` maps expert index -> MLP for the experts this process holds (all of them under
-    pipeline sharding); `tokens_per_expert` counts the tokens routed to each expert.
+    pipeline sharding); `tokens_per_expert` [E] counts the tokens routed to each held expert
+    (zero for experts held elsewhere, so counts summed over ranks are the routed tokens).
     """
 
     def __init__(self, router: Linear, experts: dict[int, GatedMLP], num_experts: int, top_k: int) -> None:
@@ -28,6 +34,8 @@ class SparseMoE:
         self.num_experts = num_experts
         self.top_k = top_k
         self.tokens_per_expert = torch.zeros(num_experts, dtype=torch.int64)
+        self.held = torch.zeros(num_experts, dtype=torch.int64)
+        self.held[list(experts)] = 1
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -37,7 +45,7 @@ class SparseMoE:
         weights = F.softmax(logits, dim=-1, dtype=torch.float32)
         weights, chosen = torch.topk(weights, self.top_k, dim=-1)  # [N, k]
         weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
-        self.tokens_per_expert += torch.bincount(chosen.flatten(), minlength=self.num_experts)
+        self.tokens_per_expert += torch.bincount(chosen.flatten(), minlength=self.num_experts) * self.held
         out = torch.zeros_like(x)
         for expert, mlp in self.experts.items():
             token, slot = torch.where(chosen == expert)
@@ -47,22 +55,25 @@ class SparseMoE:
         return out.view(shape)
 
 
-def load_moe(reader: WeightReader, config: ModelConfig, layer: int) -> SparseMoE:
+def load_moe(reader: WeightReader, config: ModelConfig, layer: int, shard: TensorShard = WHOLE) -> SparseMoE:
     prefix = f"model.layers.{layer}.block_sparse_moe"
     d, i, e = config.hidden_size, config.intermediate_size, config.num_local_experts
     router = Linear(reader.get(f"{prefix}.gate.weight", (e, d)))
     experts = {}
-    for expert in range(e):
+    for expert in shard.whole_units(e, "experts"):
         name = f"{prefix}.experts.{expert}"
-        gate_up = torch.cat(
-            [reader.get(f"{name}.w1.weight", (i, d)), reader.get(f"{name}.w3.weight", (i, d))]
-        )
-        experts[expert] = GatedMLP(Linear(gate_up), Linear(reader.get(f"{name}.w2.weight", (d, i))))
+        names = (f"{name}.w1.weight", f"{name}.w3.weight", f"{name}.w2.weight")
+        experts[expert] = load_gated_mlp(reader, names, d, i, range(i))
     return SparseMoE(router, experts, e, config.num_experts_per_tok)
 
 
-def load_layer(reader: WeightReader, config: ModelConfig, layer: int) -> DecoderLayer:
+def load_layer(
+    reader: WeightReader, config: ModelConfig, layer: int, shard: TensorShard = WHOLE
+) -> DecoderLayer:
     input_norm, post_norm = load_norms(reader, config, layer)
     return DecoderLayer(
-        input_norm, load_attention(reader, config, layer), post_norm, load_moe(reader, config, layer)
+        input_norm,
+        load_attention(reader, config, layer, shard),
+        post_norm,
+        load_moe(reader, config, layer, shard),
     )

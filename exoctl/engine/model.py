@@ -2,6 +2,10 @@
 
 The first range owns the token embedding, the last owns the final norm and lm_head; a range
 that is both is the whole model. Each range reads only its own tensors from safetensors.
+
+Under tensor sharding (`shard`) a rank holds every layer but only its part of each (see
+`engine.shard`), the whole embedding, and the rows of lm_head for its part of the vocabulary:
+its logits are [B, 1, V / k], and `reduce` sums the layers' partial outputs over the ranks.
 """
 
 from __future__ import annotations
@@ -15,13 +19,14 @@ import torch.nn.functional as F
 from exoctl.engine import llama, mixtral, qwen2
 from exoctl.engine.config import ModelConfig, load_config
 from exoctl.engine.kv_cache import KVCache
-from exoctl.engine.layers import DecoderLayer, Linear, RMSNorm, Rotary
+from exoctl.engine.layers import DecoderLayer, Linear, Reduce, RMSNorm, Rotary
+from exoctl.engine.shard import WHOLE, TensorShard
 from exoctl.engine.weights import WeightReader
 from exoctl.errors import UnsupportedModelError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
-LayerLoader = Callable[[WeightReader, ModelConfig, int], DecoderLayer]
+LayerLoader = Callable[[WeightReader, ModelConfig, int, TensorShard], DecoderLayer]
 LAYER_LOADERS: dict[str, LayerLoader] = {
     "llama": llama.load_layer,
     "qwen2": qwen2.load_layer,
@@ -57,8 +62,12 @@ class CausalLM:
         blocks: list[DecoderLayer],
         norm: RMSNorm | None,
         lm_head: Linear | None,
+        shard: TensorShard = WHOLE,
     ) -> None:
         self.config = config
+        self.shard = shard
+        self.kv_heads = config.num_key_value_heads // shard.world
+        self.vocab = shard.part(config.vocab_size)  # the logits' columns, as vocabulary ids
         self.layers = layers
         self.dtype = dtype
         self.embed = embed
@@ -76,7 +85,7 @@ class CausalLM:
         return self.layers.stop == self.config.num_hidden_layers
 
     def new_cache(self) -> KVCache:
-        return KVCache(self.layers, self.config.num_key_value_heads, self.config.head_dim, self.dtype)
+        return KVCache(self.layers, self.kv_heads, self.config.head_dim, self.dtype)
 
     @torch.inference_mode()
     def forward(
@@ -87,7 +96,8 @@ class CausalLM:
         inputs: token ids [B, T] on the first range, hidden states [B, T, D] elsewhere.
         positions: absolute positions [B, T]; caches: one per sequence, in batch order.
         Returns hidden states [B, T, D], or on the last range float32 logits [B, T, V]
-        (only the last position, [B, 1, V], unless `all_logits`).
+        (only the last position, [B, 1, V], unless `all_logits`); a tensor-parallel rank's
+        logits cover `self.vocab` only.
         """
         if len(caches) != inputs.shape[0]:
             raise ValueError(f"{inputs.shape[0]} sequences but {len(caches)} caches")
@@ -143,10 +153,14 @@ def load_model(
     dtype: str = "float32",
     reader: WeightReader | None = None,
     on_layer: Callable[[int], None] | None = None,
+    shard: TensorShard = WHOLE,
+    reduce: Reduce | None = None,
 ) -> CausalLM:
     """Build the model (or the layer range [start, end) of it) from a Hugging Face folder.
 
     `on_layer(count)` is called after each layer with the number loaded so far (progress).
+    `shard` and `reduce`: this rank's part of a tensor-parallel instance, and the all-reduce
+    its layers sum their partial outputs with (see the module doc).
     """
     config = load_config(folder)
     span = check_range(config, layers)
@@ -158,14 +172,16 @@ def load_model(
         embed = reader.get("model.embed_tokens.weight", (v, d)) if span.start == 0 else None
         blocks = []
         for i in span:
-            blocks.append(load_layer(reader, config, i))
+            block = load_layer(reader, config, i, shard)
+            block.reduce = reduce
+            blocks.append(block)
             if on_layer is not None:
                 on_layer(len(blocks))
         norm = lm_head = None
         if span.stop == config.num_hidden_layers:
             norm = RMSNorm(reader.get("model.norm.weight", (d,)), config.rms_norm_eps)
             head_name = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
-            lm_head = Linear(reader.get(head_name, (v, d)))
+            lm_head = Linear(reader.get_part(head_name, (v, d), 0, shard.part(v)))
     finally:
         reader.close()
-    return CausalLM(config, span, torch_dtype, embed, blocks, norm, lm_head)
+    return CausalLM(config, span, torch_dtype, embed, blocks, norm, lm_head, shard)

@@ -8,13 +8,16 @@ from __future__ import annotations
 from exoctl.engine.config import ModelConfig
 from exoctl.engine.layers import DecoderLayer
 from exoctl.engine.llama import load_layer as load_llama_layer
+from exoctl.engine.shard import WHOLE, TensorShard
 from exoctl.engine.weights import WeightReader
 
 
-def load_layer(reader: WeightReader, config: ModelConfig, layer: int) -> DecoderLayer:
+def load_layer(
+    reader: WeightReader, config: ModelConfig, layer: int, shard: TensorShard = WHOLE
+) -> DecoderLayer:
     if config.extra.get("use_sliding_window"):
         # Qwen2.5 checkpoints ship use_sliding_window=false; a windowed one would need masking.
         from exoctl.errors import UnsupportedModelError
 
         raise UnsupportedModelError("Qwen2 with use_sliding_window=true is not supported")
-    return load_llama_layer(reader, config, layer)
+    return load_llama_layer(reader, config, layer, shard)

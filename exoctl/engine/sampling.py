@@ -36,6 +36,11 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
 
+    @property
+    def truncates(self) -> bool:
+        """Whether top_k or top_p cut the distribution."""
+        return self.top_k > 0 or self.top_p < 1
+
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:
     """[B, V] -> [B] token ids."""

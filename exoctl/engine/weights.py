@@ -1,7 +1,8 @@
 """Lazy, memory-mapped access to a model folder's safetensors, one tensor at a time.
 
 A runner asks for the tensors of its own layers only; the files are opened with `safe_open`
-(memory-mapped) and nothing else is read. `read_names` records what was read, so tests (and
+(memory-mapped) and nothing else is read; a tensor-parallel rank reads only its slice of a
+tensor (`get_part`). `read_names` records what was read, so tests (and
 memory accounting) can check that a layer range touched only its own tensors.
 """
 
@@ -56,6 +57,7 @@ class WeightReader:
         self.weight_map = read_weight_map(self.folder)
         self._handles: dict[str, Any] = {}
         self.read_names: list[str] = []
+        self.read_parts: list[tuple[str, int, range]] = []  # what get_part read: name, dim, part
 
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
@@ -82,6 +84,24 @@ class WeightReader:
                 f"{tuple(shape)}"
             )
         return tensor.to(self.dtype)
+
+    def get_part(self, name: str, shape: Iterable[int], dim: int, part: range) -> torch.Tensor:
+        """Rows (dim 0) or columns (dim 1) `part` of a tensor of `shape`, read from the file
+        through a slice view: only those bytes are read and converted, never the whole tensor."""
+        shape = tuple(shape)
+        if part == range(shape[dim]):
+            return self.get(name, shape)
+        view = self._handle(name).get_slice(name)
+        found = tuple(view.get_shape())
+        if found != shape:
+            raise ModelFormatError(
+                f"{self.folder}: tensor {name!r} has shape {found}, config.json implies {shape}"
+            )
+        index: list[slice] = [slice(None)] * len(shape)
+        index[dim] = slice(part.start, part.stop)
+        self.read_names.append(name)
+        self.read_parts.append((name, dim, part))
+        return view[tuple(index)].to(self.dtype)
 
     def close(self) -> None:
         self._handles.clear()

@@ -1,0 +1,142 @@
+"""Choosing the next token when each of k ranks holds the logits of its part of the vocabulary.
+
+No rank ever sees the full logits [B, V]: ranks exchange a few numbers per sequence through
+`gather` (an all-gather in rank order, the same tensors arriving on every rank), and every rank
+then derives the same token.
+
+- Greedy: each rank sends its (max, argmax); the largest wins, ties going to the lower id, as
+  `argmax` over the full row would.
+- Sampling, exactly as `sampling.sample` over the full row: a rank is picked with probability
+  equal to its share of the (filtered) softmax mass — from the ranks' log-sum-exps and one
+  uniform draw every rank makes from the same seeded generator — and that rank's own draw
+  within its part is the token.
+- top_k / top_p need a global threshold first: each rank sends its C largest scaled logits and
+  its log-sum-exp; the k-th largest of the merged values, and the nucleus over them, give the
+  same threshold on every rank. C is top_k, or CANDIDATES for top_p alone: a nucleus wider
+  than k x CANDIDATES tokens is not cut (a flat distribution, where it hardly matters).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from exoctl.engine.sampling import SamplingParams, apply_temperature
+from exoctl.engine.shard import TensorShard
+
+Gather = Callable[[torch.Tensor], list[torch.Tensor]]
+CANDIDATES = 1024
+
+
+@dataclass
+class RankSampler:
+    """One sequence's sampling on one rank: `shared` draws the same numbers on every rank,
+    `local` is this rank's own (both from the request's seed, which the head always sets)."""
+
+    params: SamplingParams
+    shared: torch.Generator
+    local: torch.Generator
+
+    @classmethod
+    def create(cls, params: SamplingParams, seed: int, rank: int) -> RankSampler:
+        shared, local = torch.Generator(), torch.Generator()
+        shared.manual_seed(seed)
+        local.manual_seed((seed * 1_000_003 + rank + 1) % 2**63)
+        return cls(params, shared, local)
+
+
+def choose_tokens(
+    logits: torch.Tensor, shard: TensorShard, full_vocab: int, samplers: list[RankSampler], gather: Gather
+) -> list[int]:
+    """logits [B, |part|] float32 of this rank's part of the vocabulary -> B token ids, the same
+    on every rank."""
+    rows = logits.shape[0]
+    vocab = shard.part(full_vocab)
+    scaled = [
+        logits[b] if s.params.greedy else apply_temperature(logits[b], s.params.temperature)
+        for b, s in enumerate(samplers)
+    ]
+    cut = [b for b, s in enumerate(samplers) if not s.params.greedy and s.params.truncates]
+    floors = [-math.inf] * rows
+    if cut:
+        floors = _thresholds(scaled, cut, samplers, full_vocab, shard.world, gather)
+    # per row: (value, global id): the max for greedy rows, the part's log-sum-exp for sampled ones
+    mine = torch.empty(rows, 2, dtype=torch.float64)
+    for b, sampler in enumerate(samplers):
+        row = scaled[b]
+        if sampler.params.greedy:
+            best = int(row.argmax())
+            mine[b, 0], mine[b, 1] = float(row[best]), vocab.start + best
+            continue
+        row = row.masked_fill(row < floors[b], -math.inf) if floors[b] > -math.inf else row
+        mass = float(torch.logsumexp(row, dim=0))
+        mine[b, 0] = mass
+        mine[b, 1] = -1
+        if mass > -math.inf:
+            pick = torch.multinomial((row - mass).exp(), 1, generator=sampler.local)
+            mine[b, 1] = vocab.start + int(pick)
+    parts = gather(mine)  # k x [B, 2]
+    tokens = []
+    for b, sampler in enumerate(samplers):
+        values = [float(p[b, 0]) for p in parts]
+        ids = [int(p[b, 1]) for p in parts]
+        if sampler.params.greedy:
+            # strictly greater: on a tie the lower rank, which holds the lower ids, wins
+            best = 0
+            for rank in range(1, len(parts)):
+                if values[rank] > values[best]:
+                    best = rank
+            tokens.append(ids[best])
+            continue
+        shares = torch.tensor(values, dtype=torch.float64).softmax(dim=0)
+        u = float(torch.rand(1, generator=sampler.shared, dtype=torch.float64))
+        edges = shares.cumsum(dim=0)
+        rank = min(int(torch.searchsorted(edges, torch.tensor([u], dtype=torch.float64))), len(parts) - 1)
+        while ids[rank] < 0:  # a rank with no allowed token has no mass; rounding put u there
+            rank = (rank + 1) % len(parts)
+        tokens.append(ids[rank])
+    return tokens
+
+
+def _thresholds(
+    scaled: list[torch.Tensor],
+    cut: list[int],
+    samplers: list[RankSampler],
+    full_vocab: int,
+    world: int,
+    gather: Gather,
+) -> list[float]:
+    """The smallest scaled logit each row keeps under its top_k and top_p (-inf: keep all)."""
+    # the same width on every rank, so the gathered tensors agree: no part is smaller than V // k
+    width = min(max(samplers[b].params.top_k or CANDIDATES for b in cut), full_vocab // world)
+    mine = torch.full((len(scaled), width + 1), -math.inf, dtype=torch.float64)
+    for b in cut:
+        row = scaled[b]
+        mine[b, 0] = float(torch.logsumexp(row, dim=0))
+        mine[b, 1:] = torch.topk(row, width).values.double()
+    parts = gather(mine)
+    floors = [-math.inf] * len(scaled)
+    for b in cut:
+        params = samplers[b].params
+        merged = torch.cat([p[b, 1:] for p in parts]).sort(descending=True).values
+        floor = -math.inf
+        if params.top_k and params.top_k <= merged.numel():
+            floor = float(merged[params.top_k - 1])
+        if params.top_p < 1:
+            if params.top_k:
+                kept = merged[merged >= floor]
+                total = float(torch.logsumexp(kept, dim=0))
+            else:
+                kept = merged
+                total = float(torch.logsumexp(torch.tensor([float(p[b, 0]) for p in parts]), dim=0))
+            probs = (kept - total).exp()
+            before = probs.cumsum(dim=0) - probs  # a token is dropped when those before reach p
+            inside = (before < params.top_p).nonzero()
+            reached = float(probs.sum()) >= params.top_p
+            if reached:
+                floor = max(floor, float(kept[int(inside[-1])]))
+        floors[b] = floor
+    return floors

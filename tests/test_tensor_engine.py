@@ -1,0 +1,205 @@
+"""Tensor sharding inside the engine, one process: k ranks as k threads summing through an
+in-memory all-reduce. Their logits, put side by side, equal the whole model's; each rank reads
+only its slices; the distributed token choice agrees with sampling over the full row."""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from exoctl.engine.model import CausalLM, load_model
+from exoctl.engine.parallel_sampling import RankSampler, choose_tokens
+from exoctl.engine.sampling import SamplingParams, top_k_filter, top_p_filter
+from exoctl.engine.shard import TensorShard
+from exoctl.engine.weights import WeightReader
+from exoctl.errors import UnsupportedModelError
+
+
+class Exchange:
+    """All-gather among `world` threads; a sum in rank order is the all-reduce."""
+
+    def __init__(self, world: int) -> None:
+        self.world = world
+        self.barrier = threading.Barrier(world, timeout=30)
+        self.slots: list[Any] = [None] * world
+
+    def gather(self, rank: int) -> Callable[[torch.Tensor], list[torch.Tensor]]:
+        def gather(x: torch.Tensor) -> list[torch.Tensor]:
+            self.slots[rank] = x.clone()
+            self.barrier.wait()
+            parts = list(self.slots)
+            self.barrier.wait()
+            return parts
+
+        return gather
+
+    def reduce(self, rank: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        gather = self.gather(rank)
+
+        def reduce(x: torch.Tensor) -> torch.Tensor:
+            parts = gather(x)
+            total = parts[0].clone()
+            for part in parts[1:]:
+                total += part
+            return total
+
+        return reduce
+
+
+def on_ranks(world: int, work: Callable[[int, Exchange], Any]) -> list[Any]:
+    exchange = Exchange(world)
+    results: list[Any] = [None] * world
+    errors: list[BaseException] = []
+
+    def run(rank: int) -> None:
+        try:
+            results[rank] = work(rank, exchange)
+        except BaseException as exc:
+            errors.append(exc)
+            exchange.barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    if errors:
+        raise errors[0]
+    return results
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("kind", ["llama", "llama-tied", "qwen2", "mixtral"])
+def test_tensor_split_logits_equal_the_whole_model(
+    tiny_models: dict[str, Path], kind: str, world: int
+) -> None:
+    folder = tiny_models[kind]
+    whole = load_model(folder)
+    ids = torch.tensor([[5, 17, 230, 4000, 77, 9]])
+    positions = torch.arange(ids.shape[1])[None, :]
+    expected = whole.forward(ids, positions, [whole.new_cache()], all_logits=True)  # [1, T, V]
+
+    def work(rank: int, exchange: Exchange) -> tuple[torch.Tensor, torch.Tensor, CausalLM]:
+        model = load_model(folder, shard=TensorShard(rank, world), reduce=exchange.reduce(rank))
+        cache = model.new_cache()
+        prefill = model.forward(ids, positions, [cache], all_logits=True)
+        decoded = model.forward(torch.tensor([[42]]), torch.tensor([[ids.shape[1]]]), [cache])
+        return prefill, decoded, model
+
+    results = on_ranks(world, work)
+    parts = [r[0] for r in results]
+    assert [p.shape[-1] for p in parts] == [
+        len(TensorShard(r, world).part(whole.config.vocab_size)) for r in range(world)
+    ]
+    torch.testing.assert_close(torch.cat(parts, dim=-1), expected, rtol=1e-4, atol=1e-4)
+    # a decode step after the prefill: the KV caches hold each rank's heads correctly
+    reference_cache = whole.new_cache()
+    whole.forward(ids, positions, [reference_cache])
+    step = whole.forward(torch.tensor([[42]]), torch.tensor([[ids.shape[1]]]), [reference_cache])
+    torch.testing.assert_close(torch.cat([r[1] for r in results], dim=-1), step, rtol=1e-4, atol=1e-4)
+    # each rank holds about 1/k of the layer weights (the embedding is whole on every rank)
+    embed = whole.embed.numel() * 4 if whole.embed is not None else 0
+    for _, _, model in results:
+        assert model.weight_bytes() - embed < (whole.weight_bytes() - embed) / world * 1.1 + 64 * 64 * 4 * 4
+    if kind == "mixtral":
+        experts = [sorted(model.blocks[0].mlp.experts) for _, _, model in results]
+        assert sorted(e for part in experts for e in part) == list(range(4))
+        routed = sum(int(model.blocks[0].mlp.tokens_per_expert.sum()) for _, _, model in results)
+        assert routed == (ids.shape[1] + 1) * 2  # every position goes to its top 2 experts
+
+
+def test_a_rank_reads_only_its_slices(tiny_models: dict[str, Path]) -> None:
+    folder = tiny_models["qwen2"]
+    reader = WeightReader(folder, torch.float32)
+    model = load_model(folder, reader=reader, shard=TensorShard(1, 4), reduce=lambda x: x)
+    parts = {(name, dim): part for name, dim, part in reader.read_parts}
+    q = parts[("model.layers.0.self_attn.q_proj.weight", 0)]
+    assert q == range(2 * 8, 4 * 8)  # heads 2-3 of 8, head_dim 8
+    assert parts[("model.layers.0.self_attn.k_proj.bias", 0)] == range(8, 16)  # KV head 1 of 4
+    assert parts[("model.layers.0.self_attn.o_proj.weight", 1)] == q
+    assert parts[("model.layers.0.mlp.down_proj.weight", 1)] == range(24, 48)
+    assert parts[("lm_head.weight", 0)] == range(49152 // 4, 49152 // 2)
+    # whole tensors read: the embedding, the norms; every matmul weight of a layer is a slice
+    whole = set(reader.read_names) - {name for name, _ in parts}
+    assert all("norm" in name or "embed" in name for name in whole), whole
+    assert model.kv_heads == 1
+
+
+def test_heads_that_do_not_divide_are_refused(tiny_models: dict[str, Path]) -> None:
+    with pytest.raises(UnsupportedModelError, match="8 attention heads cannot be split evenly over 3 ranks"):
+        load_model(tiny_models["llama"], shard=TensorShard(0, 3), reduce=lambda x: x)
+
+
+# --- the token choice ------------------------------------------------------------------------
+
+
+def choose_on_ranks(
+    logits: torch.Tensor, params: list[SamplingParams], world: int, seed: int, steps: int = 1
+) -> list[list[list[int]]]:
+    """Each rank's chosen tokens for `steps` draws; logits [B, V] split by vocabulary."""
+    vocab = logits.shape[1]
+
+    def work(rank: int, exchange: Exchange) -> list[list[int]]:
+        shard = TensorShard(rank, world)
+        part = shard.part(vocab)
+        samplers = [RankSampler.create(p, seed, rank) for p in params]
+        return [
+            choose_tokens(logits[:, part.start : part.stop], shard, vocab, samplers, exchange.gather(rank))
+            for _ in range(steps)
+        ]
+
+    return on_ranks(world, work)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_greedy_choice_is_the_argmax_of_the_full_row(world: int) -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(5, 103)
+    logits[3, 40] = logits[3, 90] = 10.0  # a tie across ranks goes to the lower id, as argmax does
+    chosen = choose_on_ranks(logits, [SamplingParams()] * 5, world, seed=1)
+    assert all(c == chosen[0] for c in chosen)
+    assert chosen[0][0] == [int(t) for t in logits.argmax(dim=-1)]
+    assert chosen[0][0][3] == 40
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0.8),
+        SamplingParams(temperature=1.0, top_k=3),
+        SamplingParams(temperature=1.3, top_p=0.7),
+        SamplingParams(temperature=0.9, top_k=5, top_p=0.8),
+    ],
+)
+def test_sampled_choice_follows_the_full_distribution(params: SamplingParams) -> None:
+    torch.manual_seed(1)
+    logits = torch.randn(1, 12) * 1.5
+    draws = 3000
+    chosen = choose_on_ranks(logits, [params], world=3, seed=7, steps=draws)
+    assert all(c == chosen[0] for c in chosen)  # every rank derives the same tokens
+    counts = Counter(step[0] for step in chosen[0])
+    filtered = top_p_filter(top_k_filter(logits / params.temperature, params.top_k), params.top_p)
+    expected = filtered.softmax(dim=-1)[0]
+    for token in range(12):
+        p = float(expected[token])
+        if p == 0:
+            assert counts[token] == 0, f"token {token} is outside top_k/top_p but was drawn"
+        else:  # within 5 standard deviations of a binomial count
+            assert abs(counts[token] - p * draws) <= 5 * math.sqrt(draws * p * (1 - p)) + 1
+
+
+def test_the_same_seed_draws_the_same_tokens_and_another_seed_others() -> None:
+    torch.manual_seed(2)
+    logits = torch.randn(2, 50)
+    params = [SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_p=0.9)]
+    first = choose_on_ranks(logits, params, world=2, seed=11, steps=20)[0]
+    again = choose_on_ranks(logits, params, world=2, seed=11, steps=20)[0]
+    other = choose_on_ranks(logits, params, world=2, seed=12, steps=20)[0]
+    assert first == again and first != other
