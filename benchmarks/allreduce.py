@@ -26,13 +26,13 @@ def zmq_worker(
     import zmq
 
     from exoctl.keys import init_keys
-    from exoctl.worker.collective import ZmqAllReduce
+    from exoctl.worker.collective import ZmqCollective
 
     torch.set_num_threads(1)
     keys = init_keys()[0] if curve else None
     ctx = zmq.Context()
     addresses = [f"127.0.0.{11 + r}:{base + r}" for r in range(world)]
-    reduce = ZmqAllReduce(ctx, rank, addresses, keys)
+    reduce = ZmqCollective.mesh(ctx, rank, addresses, keys)
     x = torch.full((1, hidden), float(rank + 1))
     times = []
     for i in range(iterations + 20):

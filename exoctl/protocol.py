@@ -18,7 +18,7 @@ import msgpack
 
 from exoctl.errors import ExoctlError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: tensor sharding (tp_hello, int64 token ids in 'forward')
 MAX_HEADER_BYTES = 8 * 2**20
 MAX_TENSOR_BYTES = 2**31  # one 8192-token prefill of an 8192-wide model in float32 is 268 MB
 MAX_TENSORS = 4
@@ -59,12 +59,15 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "cancel": {"request_id": str},
     "shutdown": {},
     # between the runners of one instance
-    # a batch of B sequences: hidden [B, T, D] (T > 1 only for one sequence's prefill)
+    # a batch of B sequences: hidden [B, T, D] (T > 1 only for one sequence's prefill), or under
+    # tensor sharding the token ids [B, T] every rank runs
     "forward": {"instance_id": str, "seqs": list, "positions": list},
     "token": {"instance_id": str, "seqs": list, "tokens": list},
     "release": {"instance_id": str, "seq": str},
     "seq_error": {"instance_id": str, "seqs": list, "message": str},
     "fail": {"instance_id": str, "message": str},
+    # a tensor-parallel rank's collective address, sent to the other ranks when it starts loading
+    "tp_hello": {"instance_id": str, "rank": int, "address": str},
     # replies
     "pong": {"profile": dict},
     "status_reply": {"profile": dict, "runners": list},

@@ -10,7 +10,7 @@ import torch
 import zmq
 
 from exoctl.keys import find_keys
-from exoctl.worker.collective import CollectiveError, ZmqAllReduce
+from exoctl.worker.collective import CollectiveError, ZmqCollective
 from tests.cluster_helpers import take_ports
 
 
@@ -23,7 +23,7 @@ def run_ranks(world: int, steps: int, keys: Any = None) -> list[list[torch.Tenso
 
     def rank(r: int) -> None:
         try:
-            reduce = ZmqAllReduce(ctx, r, addresses, keys, timeout_s=10)
+            reduce = ZmqCollective.mesh(ctx, r, addresses, keys, timeout_s=10)
             generator = torch.Generator().manual_seed(r)
             for _ in range(steps):
                 results[r].append(reduce.all_reduce(torch.randn(2, 4096, generator=generator)))
@@ -59,8 +59,8 @@ def test_a_missing_rank_fails_within_the_timeout() -> None:
     addresses = [f"{h}:{p}" for h, p in zip(hosts, take_ports(hosts), strict=True)]
     ctx: zmq.Context[Any] = zmq.Context()
     try:
-        reduce = ZmqAllReduce(ctx, 0, addresses, timeout_s=0.5)
-        with pytest.raises(CollectiveError, match=r"no partial from rank\(s\) \[1\]"):
+        reduce = ZmqCollective.mesh(ctx, 0, addresses, timeout_s=0.5)
+        with pytest.raises(CollectiveError, match=r"no partial from rank 1 \(rank 1\) within 0.5 s"):
             reduce.all_reduce(torch.ones(4))
         reduce.close()
     finally:

@@ -25,9 +25,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from exoctl import __version__
 from exoctl.api.metrics import Metrics
 from exoctl.api.schemas import ChatRequest, PlaceRequest
-from exoctl.api.service import ClusterService, NotFound, NotPlacedError, UnsupportedShardingError, shards_json
+from exoctl.api.service import ClusterService, NotFound, NotPlacedError, shards_json
 from exoctl.errors import ExoctlError, InvalidRequestError, ModelNotFoundError
 from exoctl.placement import PlacementError
+from exoctl.sharding import UnknownShardingError
+from exoctl.tensor_placement import valid_rank_counts
 from exoctl.transport import NodeError
 
 # ExoctlError subclasses -> (HTTP status, OpenAI error type)
@@ -36,7 +38,7 @@ ERROR_STATUS: list[tuple[type[ExoctlError], int, str]] = [
     (ModelNotFoundError, 404, "not_found_error"),
     (NotFound, 404, "not_found_error"),
     (InvalidRequestError, 400, "invalid_request_error"),
-    (UnsupportedShardingError, 400, "invalid_request_error"),
+    (UnknownShardingError, 400, "invalid_request_error"),
     (PlacementError, 409, "placement_error"),
     (NodeError, 503, "server_error"),
 ]
@@ -138,7 +140,7 @@ def create_app(service: ClusterService, api_key: str | None = None) -> FastAPI:
                     "tags": list(card.tags),
                     "storage_size_megabytes": round(card.storage_bytes / 1e6),
                     "n_layers": card.n_layers,
-                    "supports_tensor": False,
+                    "supports_tensor": len(valid_rank_counts(card, 8)) > 1,
                     "downloaded": downloaded,
                     "placed": bool(placed),
                     "instances": placed,
@@ -148,13 +150,15 @@ def create_app(service: ClusterService, api_key: str | None = None) -> FastAPI:
 
     @app.post("/place_instance")
     async def place_instance(body: PlaceRequest) -> JSONResponse:
-        instance_id, placement = await run_in_threadpool(
+        instance_id, chosen = await run_in_threadpool(
             service.place, body.model_id, body.sharding, body.nodes, body.min_nodes, body.dtype, body.wait
         )
+        placement = chosen.placement
         doc = {
             "instance_id": instance_id,
             "model_id": placement.model_id,
-            "sharding": body.sharding,
+            "sharding": placement.sharding.capitalize(),
+            "reason": chosen.reason,
             "instance_meta": body.instance_meta,
             "dtype": placement.dtype,
             "shards": shards_json(placement),

@@ -73,7 +73,7 @@ class ChatRequest(BaseModel):
 class PlaceRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     model_id: str = Field(min_length=1)
-    sharding: str = "Pipeline"
+    sharding: str = "auto"  # Pipeline, Tensor, or auto (EXO's names; any case)
     instance_meta: Literal["CpuRing", "CudaRing"] = "CpuRing"
     min_nodes: int = Field(default=1, ge=1)
     nodes: int | None = Field(default=None, ge=1)

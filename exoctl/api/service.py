@@ -29,17 +29,11 @@ from exoctl.errors import ExoctlError, ModelNotFoundError
 from exoctl.inventory import Inventory
 from exoctl.keys import ClusterKeys
 from exoctl.placement import Placement, PlacementError, PlacementRequest
-
-SHARDINGS = {"pipeline": "pipeline", "tensor": "tensor"}
-SUPPORTED_SHARDINGS = ("pipeline",)
+from exoctl.sharding import Plan, check_sharding
 
 
 class NotPlacedError(ExoctlError):
     """A chat for a model that has no ready instance."""
-
-
-class UnsupportedShardingError(ExoctlError):
-    """A sharding this version cannot place."""
 
 
 @dataclass
@@ -48,6 +42,7 @@ class LoadRecord:
 
     model_id: str
     ref: str  # what was asked for: catalog id or folder, to place it again after a failure
+    sharding: str = "auto"  # as asked (auto stays auto when it is placed again)
     status: str = "loading"  # loading | ready | failed
     error: str = ""
     placement: Placement | None = None
@@ -113,28 +108,23 @@ class ClusterService:
         min_nodes: int,
         dtype: str,
         statuses: list[NodeStatus],
-    ) -> tuple[ModelCard, str, Placement]:
-        kind = SHARDINGS.get(sharding.lower())
-        if kind is None:
-            raise UnsupportedShardingError(f"unknown sharding {sharding!r}", hint="use Pipeline or Tensor")
-        if kind not in SUPPORTED_SHARDINGS:
-            raise UnsupportedShardingError(
-                f"{sharding} sharding is not supported by this exoctl version", hint="use Pipeline"
-            )
+    ) -> tuple[ModelCard, str, Plan]:
+        kind = check_sharding(sharding)
         card, ref = resolve_card(model_id)
         with self.cluster() as cluster:
             request = PlacementRequest(dtype=runtime_dtype(dtype, statuses), nodes=nodes, min_nodes=min_nodes)
-            return card, ref, cluster.plan(card, request, statuses)
+            return card, ref, cluster.choose(card, request, statuses, kind)
 
     def place(
         self, model_id: str, sharding: str, nodes: int | None, min_nodes: int, dtype: str, wait: bool
-    ) -> tuple[str, Placement]:
+    ) -> tuple[str, Plan]:
         statuses = self.statuses()
-        card, ref, placement = self.plan(model_id, sharding, nodes, min_nodes, dtype, statuses)
+        card, ref, chosen = self.plan(model_id, sharding, nodes, min_nodes, dtype, statuses)
+        placement = chosen.placement
         import uuid
 
         instance_id = str(uuid.uuid4())
-        record = self.loads[instance_id] = LoadRecord(card.id, ref, placement=placement)
+        record = self.loads[instance_id] = LoadRecord(card.id, ref, sharding, placement=placement)
 
         def load() -> None:
             try:
@@ -150,7 +140,7 @@ class ClusterService:
             load()
         else:
             threading.Thread(target=load, name=f"load-{instance_id[:8]}", daemon=True).start()
-        return instance_id, placement
+        return instance_id, chosen
 
     def previews(self, model_id: str) -> dict[str, Any]:
         statuses = self.statuses()
@@ -161,9 +151,10 @@ class ClusterService:
             for count in range(1, max(live, 1) + 1):
                 entry: dict[str, Any] = {"sharding": sharding, "instance_meta": "CpuRing", "nodes": count}
                 try:
-                    _, _, placement = self.plan(card.id, sharding, count, 1, "auto", statuses)
+                    _, _, chosen = self.plan(card.id, sharding, count, 1, "auto", statuses)
+                    placement = chosen.placement
                     entry.update(ok=True, dtype=placement.dtype, shards=shards_json(placement))
-                except (PlacementError, UnsupportedShardingError, ModelNotFoundError) as exc:
+                except (PlacementError, ModelNotFoundError) as exc:
                     entry.update(ok=False, error=exc.message)
                 previews.append(entry)
         return {"model_id": card.id, "live_nodes": live, "previews": previews}

@@ -64,6 +64,8 @@ class Supervisor:
     def reform(self, view: InstanceView) -> None:
         record = self.service.loads.get(view.instance_id)
         model = record.ref if record is not None else view.model_id
+        # as it was asked: an auto placement is chosen afresh for the nodes that are left
+        sharding = record.sharding if record is not None else view.sharding
         with self.service.cluster() as cluster:
             holders = [cluster.inventory.node(n) for n in view.runners]
             cluster.unload(view.instance_id, holders)
@@ -75,7 +77,8 @@ class Supervisor:
             "reason": view.failure,
         }
         try:
-            new_id, placement = self.service.place(model, view.sharding, None, 1, view.dtype, wait=True)
+            new_id, chosen = self.service.place(model, sharding, None, 1, view.dtype, wait=True)
+            placement = chosen.placement
             event.update(action="replaced", newInstanceId=new_id, nodes=list(placement.nodes))
             log.warning(
                 "instance %s of %s lost a node (%s): placed again as %s on %s",

@@ -12,13 +12,16 @@ from exoctl.cli.options import DtypeOption, JsonOption
 from exoctl.cli.output import console, err_console, print_json, use_json_errors
 from exoctl.cli.render import placement_json, placement_table
 from exoctl.errors import ExoctlError
+from exoctl.sharding import SHARDINGS, check_sharding
 
-PLACE_HELP = "Plan where a model's layers go and load them (pipeline sharding); --dry-run only plans."
+PLACE_HELP = (
+    "Plan where a model goes and load it: on one node, split by layers (pipeline) or by weights "
+    "(tensor); --dry-run only plans."
+)
 PLACE_EXAMPLES = (
     "Examples:\n\n  exoctl place llama-3.1-70b-cpu --nodes 4\n\n"
     "  exoctl place qwen2.5-32b-cpu --dry-run --json\n\n  exoctl place ./my-model-folder --min-nodes 2"
 )
-SHARDINGS = ("pipeline",)
 
 
 class LoadProgress:
@@ -63,7 +66,14 @@ def place(
     min_nodes: Annotated[
         int, typer.Option(help="Use at least this many nodes (default: fewest that fit).")
     ] = 1,
-    sharding: Annotated[str, typer.Option(help="pipeline (layers split across nodes).")] = "pipeline",
+    sharding: Annotated[
+        str,
+        typer.Option(
+            help="auto (one node if it fits, else tensor if the heads divide, else pipeline), "
+            "pipeline (layers split across nodes) or tensor (every layer split across nodes).",
+            autocompletion=lambda: list(SHARDINGS),
+        ),
+    ] = "auto",
     dtype: DtypeOption = "auto",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; load nothing.")] = False,
     inventory: InventoryOption = None,
@@ -73,8 +83,7 @@ def place(
     from exoctl.cluster.client import resolve_card, runtime_dtype
     from exoctl.placement import PlacementRequest
 
-    if sharding.lower() not in SHARDINGS:
-        raise ExoctlError(f"sharding {sharding!r} is not available", hint="use --sharding pipeline")
+    sharding = check_sharding(sharding)
     check_request(None, dtype)
     card, ref = resolve_card(model)
     with open_cluster(inventory) as cluster:
@@ -85,22 +94,25 @@ def place(
 
             statuses = [NodeStatus(s.node, {"ram_total": 0, "ram_available": 0}) for s in statuses]
         request = PlacementRequest(dtype=runtime_dtype(dtype, statuses), nodes=nodes, min_nodes=min_nodes)
-        placement = cluster.plan(card, request, statuses)
+        chosen = cluster.choose(card, request, statuses, sharding)
+        placement = chosen.placement
         if dry_run:
             if json_output:
-                print_json(placement_json(placement))
+                print_json({**placement_json(placement), "reason": chosen.reason})
             else:
                 console.print(placement_table(placement))
+                console.print(f"sharding: {chosen.reason}")
             return
         if not json_output:
             console.print(placement_table(placement))
+            console.print(f"sharding: {chosen.reason}")
         progress = LoadProgress(enabled=not json_output)
         try:
             instance_id = cluster.load(card, ref, placement, progress.update)
         finally:
             progress.stop()
     if json_output:
-        print_json({"instance_id": instance_id, **placement_json(placement)})
+        print_json({"instance_id": instance_id, **placement_json(placement), "reason": chosen.reason})
     else:
         console.print(f"instance {instance_id} of {card.id} is ready on {', '.join(placement.nodes)}")
 

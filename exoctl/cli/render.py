@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Group
 from rich.table import Table
@@ -105,7 +105,7 @@ def shards_table(views: list[InstanceView]) -> Table:
                 view.instance_id[:8],
                 node,
                 f"{runner['rank']}/{runner['world']}",
-                f"[{runner['start_layer']}, {runner['end_layer']})",
+                layers_cell(runner),
                 mb(runner["memory_bytes"]),
                 status,
                 f"{runner['tokens_per_s']:.1f}",
@@ -113,8 +113,35 @@ def shards_table(views: list[InstanceView]) -> Table:
     return table
 
 
+def layers_cell(runner: dict[str, Any]) -> str:
+    span = f"[{runner['start_layer']}, {runner['end_layer']})"
+    return f"1/{runner['world']} of {span}" if runner["sharding"] == "tensor" else span
+
+
+def experts_table(views: list[InstanceView]) -> Table | None:
+    """Mixtral: the experts each node holds and the tokens routed to each (summed over layers)."""
+    rows = [
+        (view.instance_id[:8], node, runner["experts"])
+        for view in views
+        for node, runner in view.runners.items()
+        if runner.get("experts")
+    ]
+    if not rows:
+        return None
+    table = Table(title="experts", title_justify="left")
+    for column in ("instance", "node", "experts", "tokens routed to each"):
+        table.add_column(column)
+    for instance, node, experts in rows:
+        held = ", ".join(str(e["expert"]) for e in experts)
+        tokens = ", ".join(f"{e['expert']}: {e['tokens']}" for e in experts)
+        table.add_row(instance, node, held, tokens)
+    return table
+
+
 def state_view(statuses: list[NodeStatus], views: list[InstanceView]) -> Group:
-    return Group(nodes_table(statuses), instances_table(views), shards_table(views))
+    experts = experts_table(views)
+    tables = [nodes_table(statuses), instances_table(views), shards_table(views)]
+    return Group(*tables, *([experts] if experts is not None else []))
 
 
 def placement_table(placement: Placement) -> Table:
@@ -123,10 +150,12 @@ def placement_table(placement: Placement) -> Table:
     )
     for column in ("node", "layers", "count", "memory"):
         table.add_column(column)
+    count = len(placement.shards)
     for shard in placement.shards:
+        span = f"[{shard.start_layer}, {shard.end_layer})"
         table.add_row(
             shard.node,
-            f"[{shard.start_layer}, {shard.end_layer})",
+            f"1/{count} of {span}" if placement.sharding == "tensor" else span,
             str(shard.n_layers),
             gb(shard.memory_bytes),
         )

@@ -20,8 +20,10 @@ from exoctl.errors import ExoctlError, InvalidRequestError, ModelNotFoundError
 from exoctl.inventory import Inventory, Node
 from exoctl.keys import ClusterKeys
 from exoctl.model_store import is_model_folder
-from exoctl.placement import GB, NodeProfile, Placement, PlacementError, PlacementRequest, place
+from exoctl.placement import GB, NodeProfile, Placement, PlacementError, PlacementRequest
 from exoctl.protocol import Message
+from exoctl.sharding import Plan
+from exoctl.sharding import plan as plan_sharding
 from exoctl.transport import NodeClient, NodeError, error_reply
 
 STATUS_TIMEOUT_S = 1.5  # a node silent this long is shown as down
@@ -282,14 +284,26 @@ class Cluster:
     def profiles(self, statuses: list[NodeStatus]) -> list[NodeProfile]:
         return node_profiles(statuses)
 
-    def plan(self, card: ModelCard, request: PlacementRequest, statuses: list[NodeStatus]) -> Placement:
+    def plan(
+        self,
+        card: ModelCard,
+        request: PlacementRequest,
+        statuses: list[NodeStatus],
+        sharding: str = "pipeline",
+    ) -> Placement:
+        return self.choose(card, request, statuses, sharding).placement
+
+    def choose(
+        self, card: ModelCard, request: PlacementRequest, statuses: list[NodeStatus], sharding: str
+    ) -> Plan:
+        """The placement under `sharding` (auto, pipeline or tensor), with why it was chosen."""
         if not any(s.up for s in statuses):
             raise PlacementError(
                 f"no worker of {self.inventory.name} answers "
                 f"({len(statuses)} nodes in {self.inventory.source})",
                 hint="start them with `exoctl up`",
             )
-        return place(card, self.profiles(statuses), request)
+        return plan_sharding(card, self.profiles(statuses), request, sharding)
 
     def load(
         self,

@@ -58,6 +58,13 @@ def state_document(statuses: list[NodeStatus], cluster: str) -> dict[str, Any]:
             }
             runners[runner["runner_id"]] = _runner_doc(runner)
         head = view.runners.get(view.head)
+        # Mixtral: which experts each node holds and the tokens routed to each, so routing
+        # across nodes can be seen (under pipeline sharding every stage holds all of its layers')
+        experts = {
+            name: {str(e["expert"]): e["tokens"] for e in runner.get("experts", [])}
+            for name, runner in view.runners.items()
+            if runner.get("experts")
+        }
         instances[view.instance_id] = {
             instance_kind(statuses, view): {
                 "instanceId": view.instance_id,
@@ -72,6 +79,7 @@ def state_document(statuses: list[NodeStatus], cluster: str) -> dict[str, Any]:
                     "runnerToShard": runner_to_shard,
                     "nodeToRunner": node_to_runner,
                 },
+                **({"expertTokensByNode": experts} if experts else {}),
             }
         }
     node_memory: dict[str, Any] = {}

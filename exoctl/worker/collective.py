@@ -1,13 +1,17 @@
-"""All-reduce among the k ranks of a tensor-parallel instance, over ZeroMQ.
+"""All-gather and all-reduce among the k ranks of a tensor-parallel instance, over ZeroMQ.
 
-One round: every rank sends its partial to every other rank (PUSH to each peer's PULL) and sums
-the k partials in rank order, so every rank holds bit-identical results. Decoding on CPU does
-about 2 x layers of these per token, so latency is what counts: `benchmarks/allreduce.py`
-measures this against torch.distributed's gloo on the same tensors.
+One round: every rank sends its partial to every other rank (PUSH to each peer's PULL); the
+all-reduce sums the k partials in rank order, so every rank holds bit-identical results.
+Decoding on CPU does about 2 x layers of these per token, so latency is what counts:
+`benchmarks/allreduce.py` measures this against torch.distributed's gloo on the same tensors.
+
+A rank binds its PULL socket first (on a port the OS picks, when the worker's runners share
+one host), tells its peers the address, and connects once it knows all of theirs.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import msgpack
@@ -17,36 +21,72 @@ import zmq
 from exoctl.keys import ClusterKeys
 from exoctl.transport import secure_client, secure_server
 
+POLL_MS = 100  # how often a wait checks whether the instance was failed meanwhile
+
 
 class CollectiveError(Exception):
-    """A peer did not deliver its partial in time."""
+    """A peer did not deliver its partial in time, or the instance failed while waiting."""
 
 
-class ZmqAllReduce:
+class ZmqCollective:
     def __init__(
         self,
+        ctx: zmq.Context[Any],
+        rank: int,
+        world: int,
+        bind: str,
+        keys: ClusterKeys | None = None,
+        timeout_s: float = 10.0,
+        names: list[str] | None = None,
+    ) -> None:
+        """`bind`: host:port, or host:* for a port the OS picks (then read `address`)."""
+        self.ctx = ctx
+        self.keys = keys
+        self.rank = rank
+        self.world = world
+        self.names = names or [f"rank {r}" for r in range(world)]
+        self.timeout_ms = int(timeout_s * 1000)
+        self.step = 0
+        self.busy_s = 0.0  # time spent in collectives, sending and waiting
+        self.aborted: str | None = None  # set from another thread: the instance failed
+        self.early: dict[tuple[int, int], bytes] = {}  # (step, rank) -> partial that came ahead
+        self.pull = ctx.socket(zmq.PULL)
+        self.pull.setsockopt(zmq.LINGER, 0)
+        secure_server(self.pull, keys)
+        self.pull.bind(f"tcp://{bind}")
+        endpoint = self.pull.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.port = int(endpoint.rsplit(":", 1)[1])
+        self.push: dict[int, zmq.Socket[Any]] = {}
+
+    @classmethod
+    def mesh(
+        cls,
         ctx: zmq.Context[Any],
         rank: int,
         addresses: list[str],
         keys: ClusterKeys | None = None,
         timeout_s: float = 10.0,
-    ) -> None:
-        self.rank = rank
-        self.world = len(addresses)
-        self.timeout_ms = int(timeout_s * 1000)
-        self.step = 0
-        self.early: dict[tuple[int, int], bytes] = {}  # (step, rank) -> partial that came ahead
-        self.pull = ctx.socket(zmq.PULL)
-        self.pull.setsockopt(zmq.LINGER, 0)
-        secure_server(self.pull, keys)
-        self.pull.bind(f"tcp://{addresses[rank]}")
-        self.push: dict[int, zmq.Socket[Any]] = {}
+    ) -> ZmqCollective:
+        """Bind at addresses[rank] and connect to the others: for ranks whose ports are known."""
+        collective = cls(ctx, rank, len(addresses), addresses[rank], keys, timeout_s)
+        collective.connect(addresses)
+        return collective
+
+    @property
+    def connected(self) -> bool:
+        return len(self.push) == self.world - 1
+
+    def connect(self, addresses: list[str]) -> None:
         for peer, address in enumerate(addresses):
-            if peer != rank:
-                sock = ctx.socket(zmq.PUSH)
-                secure_client(sock, keys)
+            if peer != self.rank and peer not in self.push:
+                sock = self.ctx.socket(zmq.PUSH)
+                secure_client(sock, self.keys)
                 sock.connect(f"tcp://{address}")
                 self.push[peer] = sock
+
+    def abort(self, reason: str) -> None:
+        """Make a wait in progress (in another thread) give up within POLL_MS."""
+        self.aborted = reason
 
     def close(self, linger_s: float = 1.0) -> None:
         # the last partial sent may still be queued while a slower peer waits for it: let it go out
@@ -54,12 +94,18 @@ class ZmqAllReduce:
             sock.close(int(linger_s * 1000))
         self.pull.close(0)
 
-    def all_reduce(self, partial: torch.Tensor) -> torch.Tensor:
-        """The sum over ranks of `partial` (contiguous, any shape), added in rank order."""
+    def all_gather(self, partial: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's `partial` (the same shape and dtype on every rank), in rank order."""
         step, self.step = self.step, self.step + 1
         if self.world == 1:
-            return partial
-        partial = partial.contiguous()
+            return [partial]
+        began = time.perf_counter()
+        try:
+            return self._exchange(step, partial.contiguous())
+        finally:
+            self.busy_s += time.perf_counter() - began
+
+    def _exchange(self, step: int, partial: torch.Tensor) -> list[torch.Tensor]:
         header = msgpack.packb((step, self.rank))
         payload = partial.view(torch.uint8).numpy().data
         for sock in self.push.values():
@@ -69,19 +115,35 @@ class ZmqAllReduce:
             raw = self.early.pop((step, peer), None)
             if raw is not None:
                 parts[peer] = self._view(raw, partial)
+        waited = 0
         while len(parts) < self.world:
-            if not self.pull.poll(self.timeout_ms):
-                missing = sorted(set(range(self.world)) - set(parts))
-                raise CollectiveError(f"all-reduce step {step}: no partial from rank(s) {missing}")
+            if self.aborted is not None:
+                raise CollectiveError(self.aborted)
+            if not self.pull.poll(POLL_MS):
+                waited += POLL_MS
+                if waited >= self.timeout_ms:
+                    missing = sorted(set(range(self.world)) - set(parts))
+                    who = ", ".join(f"{self.names[r]} (rank {r})" for r in missing)
+                    raise CollectiveError(
+                        f"all-reduce step {step}: no partial from {who} within {self.timeout_ms / 1000:g} s"
+                    )
+                continue
             head, raw = self.pull.recv_multipart()
             their_step, peer = msgpack.unpackb(head)
             if their_step == step:
                 parts[peer] = self._view(raw, partial)
             else:
                 self.early[(their_step, peer)] = raw
+        return [parts[r] for r in range(self.world)]
+
+    def all_reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        """The sum over ranks of `partial` (any shape), added in rank order."""
+        parts = self.all_gather(partial)
+        if len(parts) == 1:
+            return parts[0]
         total = parts[0].clone()
-        for peer in range(1, self.world):
-            total += parts[peer]
+        for part in parts[1:]:
+            total += part
         return total
 
     @staticmethod

@@ -13,6 +13,7 @@ import gc
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,12 @@ from exoctl.protocol import Message, Tensor
 
 log = logging.getLogger("exoctl.worker")
 
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TORCH_DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "int64": torch.int64,
+}
 SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "seed", "max_tokens", "stop")
 
 
@@ -136,8 +142,17 @@ class Runner:
         self.decoded = 0  # decode positions computed here, and the time they took
         self.compute_s = 0.0
         self.last_decode_tps = 0.0  # head: end-to-end decode speed of the last request
+        # sends a message at once, before the step that produced it ends (set by the compute lane)
+        self.emit: Callable[[Out], None] | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
+
+    def _load_model(self, folder: Path, progress: Callable[[int], None]) -> CausalLM:
+        spec = self.spec
+        return load_model(folder, (spec.start_layer, spec.end_layer), spec.dtype, on_layer=progress)
+
+    def _loaded(self) -> None:
+        self.status = "RunnerReady"
 
     def load(self, folder: Path) -> None:
         spec = self.spec
@@ -148,7 +163,7 @@ class Runner:
             self.layers_loaded = count
 
         try:
-            model = load_model(folder, (spec.start_layer, spec.end_layer), spec.dtype, on_layer=progress)
+            model = self._load_model(folder, progress)
             if model.config.num_hidden_layers != spec.n_layers:
                 raise ExoctlError(
                     f"{folder} has {model.config.num_hidden_layers} layers but the placement expected "
@@ -162,7 +177,7 @@ class Runner:
         if self.unloading:
             raise LoadCancelled
         self.model, self.tokenizer = model, tokenizer
-        self.status = "RunnerReady"
+        self._loaded()
 
     def fail(self, message: str) -> None:
         self.status = "RunnerFailed"
@@ -177,6 +192,9 @@ class Runner:
         self.samplers.clear()
         self.heads.clear()
         release_memory()
+
+    def close(self) -> None:
+        """Close what the compute lane used, once it has stopped (nothing here for a pipeline)."""
 
     @property
     def memory_bytes(self) -> int:
@@ -210,7 +228,21 @@ class Runner:
             "tokens_per_s": round(self.tokens_per_s, 2),
             "decode_tokens_per_s": round(self.last_decode_tps, 2),
             "active_sequences": len(self.caches),
+            "experts": self.experts(),
         }
+
+    def experts(self) -> list[dict[str, int]]:
+        """Mixtral: the experts held here and the tokens routed to each, over this runner's layers."""
+        model = self.model
+        if model is None or not model.config.is_moe:
+            return []
+        blocks = list(model.blocks)
+        counts = sum(
+            (b.mlp.tokens_per_expert for b in blocks),
+            torch.zeros(model.config.num_local_experts, dtype=torch.int64),
+        )
+        held = sorted(blocks[0].mlp.experts) if blocks else []
+        return [{"expert": e, "tokens": int(counts[e])} for e in held]
 
     # --- compute ---------------------------------------------------------------------------
 
@@ -284,11 +316,25 @@ class Runner:
             params=params,
             text=TextStream(tokenizer, params.stop),
         )
+        wire_params = self._admit(request_id, params, {**raw_params, "stop": list(params.stop)})
+        return self._step([request_id], torch.tensor([ids]), [0], {request_id: wire_params})
+
+    def _admit(self, seq: str, params: SamplingParams, wire: dict[str, Any]) -> dict[str, Any]:
+        """Head: set up sampling for a new sequence; the params the other stages get for it."""
         if self.spec.is_last:
-            self.samplers[request_id] = (params, make_generator(params.seed))
-        out = self._run([request_id], torch.tensor([ids]), [0])
-        wire_params = {request_id: {**raw_params, "stop": list(params.stop)}}
-        return [self._next([request_id], [0], out, wire_params)]
+            self.samplers[seq] = (params, make_generator(params.seed))
+        return wire
+
+    def _step(
+        self, seqs: list[str], inputs: torch.Tensor, starts: list[int], params: dict[str, Any]
+    ) -> list[Out]:
+        """Head: one step of B sequences, ids [B, T]: this stage's layers, then on down the pipeline."""
+        return [self._next(seqs, starts, self._run(seqs, inputs, starts), params)]
+
+    def _batch_size(self) -> int:
+        # one micro-batch per stage keeps every stage of the pipeline busy: with all sequences in
+        # one batch, stage k would wait while the others compute
+        return min(self.max_batch, max(1, math.ceil(len(self.heads) / self.spec.world)))
 
     def forward(self, message: Message) -> list[Out]:
         """A middle or last stage: run this range on the hidden states from the previous stage."""
@@ -339,16 +385,13 @@ class Runner:
                 outs += self._take(seq, token)
                 if seq.request_id in self.heads:
                     going.append(seq)
-        # one micro-batch per stage keeps every stage of the pipeline busy: with all sequences in
-        # one batch, stage k would wait while the others compute
-        size = min(self.max_batch, max(1, math.ceil(len(self.heads) / self.spec.world)))
+        size = self._batch_size()
         for first in range(0, len(going), size):
             batch = going[first : first + size]
             seqs = [seq.request_id for seq in batch]
             starts = [seq.prompt_tokens + len(seq.token_ids) - 1 for seq in batch]
             inputs = torch.tensor([[seq.token_ids[-1]] for seq in batch])  # [B, 1]
-            out = self._run(seqs, inputs, starts)
-            outs.append(self._next(seqs, starts, out, {}))
+            outs += self._step(seqs, inputs, starts, {})
         return outs
 
     def _take(self, seq: HeadSequence, token: int) -> list[Out]:

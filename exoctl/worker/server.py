@@ -1,9 +1,11 @@
 """`exoctl worker`: one process per node. The I/O loop owns every socket; compute runs beside it.
 
 Threads: this loop (ZMQ ROUTER for clients and peers, DEALERs to peers, heartbeats), one
-compute thread (a FIFO of jobs: prefill and decode steps, so concurrent requests interleave
-token by token) and one loader thread per load. Compute hands outgoing messages back over an
-inproc socket, so a worker busy decoding still answers `status` at once.
+compute lane per instance (a FIFO of jobs: prefill and decode steps, so concurrent requests
+interleave token by token) and one loader thread per load. Lanes hand outgoing messages back
+over an inproc socket, so a worker busy decoding still answers `status` at once. A lane per
+instance, not one for the worker: a tensor-parallel step blocks in its collective until every
+rank has run it, and two instances sharing nodes could otherwise wait on each other.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ DOWN_AFTER_S = 3.0  # a peer silent this long is down: its instances fail
 KEEPALIVE_S = 1.0  # clients of running requests hear from the head at least this often
 OUTBOX = "inproc://outbox"
 PEER_REQUESTS = frozenset({"forward", "token", "release", "seq_error"})
+COLLECTIVE_TIMEOUT_S = 30.0  # a rank silent this long mid-step fails the instance (heartbeats: 3 s)
 
 
 @dataclass
@@ -99,14 +102,13 @@ class Worker:
         self.peer_seen: dict[str, float] = {}
         self.peer_boot: dict[str, str] = {}
         self.active: dict[str, ActiveRequest] = {}  # request id -> client of a running request
-        self.jobs: queue.Queue[tuple[Any, ...] | None] = queue.Queue()
+        self.lanes: dict[str, Lane] = {}  # instance id -> its compute lane
+        self.hellos: dict[str, dict[int, str]] = {}  # instance id -> rank -> collective address
         self.stopping = False
-        self.compute = threading.Thread(target=self._compute_loop, name="compute", daemon=True)
 
     # --- main loop ---------------------------------------------------------------------------
 
     def serve(self) -> None:
-        self.compute.start()
         log.info("exoctl worker %s listening on %s:%d", self.name, self.options.host, self.options.port)
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
@@ -140,9 +142,12 @@ class Worker:
                     next_cpu = now + 1.0
         finally:
             log.info("worker %s stopping", self.name)
-            self.jobs.put(None)
             for runner in list(self.runners.values()):
                 runner.free()
+            for lane in self.lanes.values():
+                lane.stop()
+            for lane in self.lanes.values():
+                lane.thread.join(2)
             self.close()
 
     def close(self) -> None:
@@ -183,6 +188,12 @@ class Worker:
     def _outbound(self, frames: list[Any]) -> None:
         """A message computed by the compute thread: [to, target, *message frames]."""
         to, target, rest = bytes(frames[0]), bytes(frames[1]), frames[2:]
+        if to == b"fail":  # a lane found its instance broken (a tensor-parallel step failed)
+            instance_id, message = target.decode(), bytes(rest[0]).decode()
+            runner = self.runners.get(instance_id)
+            if runner is not None and runner.status != "RunnerFailed":
+                self._fail_instance(instance_id, message, notify=True)
+            return
         if to == b"client":
             header = msgpack.unpackb(bytes(rest[0]), raw=False)
             request_id = header.get("request_id")
@@ -237,16 +248,20 @@ class Worker:
             if message["request_id"] in self.active:
                 raise ExoctlError(f"request id {message['request_id']} is already running")
             self.active[message["request_id"]] = ActiveRequest(client, runner.spec.instance_id)
-            self.jobs.put(("generate", client, message))
+            self.lanes[runner.spec.instance_id].put(("generate", client, message))
         elif kind == "cancel":
-            self.jobs.put(("cancel", message["request_id"]))
+            request = self.active.get(message["request_id"])
+            if request is not None and request.instance_id in self.lanes:
+                self.lanes[request.instance_id].put(("cancel", message["request_id"]))
             self._reply(client, "ok", ok)
         elif kind == "shutdown":
             self._reply(client, "ok", ok)
             self.stopping = True
         elif kind in PEER_REQUESTS:
             self._runner(message["instance_id"])
-            self.jobs.put(("peer", message))
+            self.lanes[message["instance_id"]].put(("peer", message))
+        elif kind == "tp_hello":
+            self._hello(message["instance_id"], message["rank"], message["address"])
         elif kind == "fail":
             runner = self.runners.get(message["instance_id"])
             if runner is not None and runner.status != "RunnerFailed":
@@ -291,25 +306,71 @@ class Worker:
             **{k: message[k] for k in protocol.SCHEMAS["load"] if k != "peers"},
             peers=tuple((name, address) for name, address in peers),
         )
-        if spec.sharding != "pipeline":
+        if spec.sharding not in ("pipeline", "tensor"):
             raise ExoctlError(
-                f"sharding {spec.sharding!r} is not supported by this worker", hint="use pipeline"
+                f"sharding {spec.sharding!r} is not supported by this worker", hint="use pipeline or tensor"
             )
         if not (0 <= spec.rank < spec.world == len(spec.peers)) or not (
             0 <= spec.start_layer < spec.end_layer <= spec.n_layers
         ):
             raise ProtocolError("inconsistent rank, world, peers or layer range in 'load'")
+        if spec.sharding == "tensor" and (spec.start_layer, spec.end_layer) != (0, spec.n_layers):
+            raise ProtocolError("a tensor-parallel rank holds every layer: give [0, n_layers)")
         if spec.dtype not in ("float32", "bfloat16"):
             raise ExoctlError(f"dtype {spec.dtype!r} is not supported", hint="use float32 or bfloat16")
         if spec.instance_id in self.runners:
             raise ExoctlError(f"instance {spec.instance_id} is already on node {self.name}")
         check_reference(spec.model, self.options.model_dirs, self.name)
-        runner = Runner(spec, self.options.max_batch)
+        if spec.sharding == "tensor":
+            runner = self._tensor_runner(spec)
+        else:
+            runner = Runner(spec, self.options.max_batch)
         self.runners[spec.instance_id] = runner
+        lane = self.lanes[spec.instance_id] = Lane(self, runner)
+        lane.thread.start()
         now = time.monotonic()
         for _, address in spec.peers:
             self.peer_seen[address] = now  # the clock of a peer starts now, not at an old instance
         threading.Thread(target=self._load_runner, args=(runner,), name="load", daemon=True).start()
+
+    def _tensor_runner(self, spec: Any) -> Any:
+        """A tensor-parallel rank: bind its collective socket and tell the other ranks where it is."""
+        from exoctl.worker.collective import ZmqCollective
+        from exoctl.worker.tensor_runner import TensorRunner
+
+        names = [name for name, _ in spec.peers]
+        collective = ZmqCollective(
+            self.ctx,
+            spec.rank,
+            spec.world,
+            f"{self.options.host}:*",
+            self.options.keys,
+            COLLECTIVE_TIMEOUT_S,
+            names,
+        )
+        runner = TensorRunner(spec, self.options.max_batch, collective)
+        # peers reach this node at the host they were given for it
+        host = spec.peers[spec.rank][1].rsplit(":", 1)[0]
+        address = f"{host}:{collective.port}"
+        runner.met(spec.rank, address)
+        for rank, known in self.hellos.pop(spec.instance_id, {}).items():
+            runner.met(rank, known)
+        hello = {"instance_id": spec.instance_id, "rank": spec.rank, "address": address}
+        for rank, (_, peer) in enumerate(spec.peers):
+            if rank != spec.rank:
+                self._send_peer(peer, protocol.encode("tp_hello", hello))
+        return runner
+
+    def _hello(self, instance_id: str, rank: int, address: str) -> None:
+        runner = self.runners.get(instance_id)
+        if runner is None:  # its load message has not come yet: keep the address for it
+            if len(self.hellos) > 1000:
+                self.hellos.pop(next(iter(self.hellos)))
+            self.hellos.setdefault(instance_id, {})[rank] = address
+            return
+        if not hasattr(runner, "met") or not 0 <= rank < runner.spec.world:
+            raise ProtocolError(f"'tp_hello' for rank {rank} of an instance that has no such rank")
+        runner.met(rank, address)
 
     def _load_runner(self, runner: Any) -> None:
         from exoctl.worker.runner import LoadCancelled
@@ -346,6 +407,7 @@ class Worker:
         if runner is None:
             return 0
         freed = runner.memory_bytes
+        self.hellos.pop(instance_id, None)
         for request_id, request in list(self.active.items()):
             if request.instance_id == instance_id:
                 self._reply(
@@ -355,6 +417,9 @@ class Worker:
                 )
                 del self.active[request_id]
         runner.free()
+        lane = self.lanes.pop(instance_id, None)
+        if lane is not None:
+            lane.stop()
         log.info("unloaded instance %s (%.1f MB)", instance_id, freed / 1e6)
         return int(freed)
 
@@ -402,55 +467,73 @@ class Worker:
                         address, protocol.encode("fail", {"instance_id": instance_id, "message": message})
                     )
 
-    # --- compute thread ----------------------------------------------------------------------
 
-    def _compute_loop(self) -> None:
-        push = self.ctx.socket(zmq.PUSH)
+class Lane:
+    """One instance's compute thread: its jobs in arrival order, its token messages batched."""
+
+    def __init__(self, worker: Worker, runner: Any) -> None:
+        self.worker = worker
+        self.runner = runner
+        self.jobs: queue.Queue[tuple[Any, ...] | None] = queue.Queue()
+        self.thread = threading.Thread(
+            target=self._loop, name=f"compute-{runner.spec.instance_id[:8]}", daemon=True
+        )
+
+    def put(self, job: tuple[Any, ...]) -> None:
+        self.jobs.put(job)
+
+    def stop(self) -> None:
+        self.jobs.put(None)
+
+    def _loop(self) -> None:
+        push = self.worker.ctx.socket(zmq.PUSH)
         push.connect(OUTBOX)
+
+        def send(out: Any) -> None:
+            if out.to == "self":
+                self.jobs.put(("peer", Message(out.kind, out.fields)))
+                return
+            if out.to == "fail":
+                push.send_multipart([b"fail", out.target.encode(), out.fields["message"].encode()])
+                return
+            target = out.target if out.to == "client" else out.target.encode()
+            frames = protocol.encode(out.kind, out.fields, out.tensors)
+            push.send_multipart([out.to.encode(), target, *frames], copy=False)
+
+        self.runner.emit = send
         running = True
-        while running:
-            queued = [self.jobs.get()]
-            while True:  # everything queued now is handled together: decode steps get batched
-                try:
-                    queued.append(self.jobs.get_nowait())
-                except queue.Empty:
-                    break
-            pending = [job for job in queued if job is not None]
-            running = len(pending) == len(queued)
-            for job in merge_token_jobs(pending):
-                for out in self._compute(job):
-                    if out.to == "self":
-                        self.jobs.put(("peer", Message(out.kind, out.fields)))
-                        continue
-                    target = out.target if out.to == "client" else out.target.encode()
-                    frames = protocol.encode(out.kind, out.fields, out.tensors)
-                    push.send_multipart([out.to.encode(), target, *frames], copy=False)
-        push.close(0)
+        try:
+            while running:
+                queued = [self.jobs.get()]
+                while True:  # everything queued now is handled together: decode steps get batched
+                    try:
+                        queued.append(self.jobs.get_nowait())
+                    except queue.Empty:
+                        break
+                pending = [job for job in queued if job is not None]
+                running = len(pending) == len(queued)
+                for job in merge_token_jobs(pending):
+                    for out in self._compute(job):
+                        send(out)
+        finally:
+            self.runner.close()
+            push.close(0)
 
     def _compute(self, job: tuple[Any, ...]) -> list[Any]:
         from exoctl.worker.runner import Out
 
-        kind = job[0]
-        runner = None
+        kind, runner = job[0], self.runner
+        if runner.status == "RunnerFailed" or (runner.unloading and kind != "generate"):
+            return []
         try:
             if kind == "generate":
-                _, client, message = job
-                runner = self._runner(message["instance_id"])
-                return list(runner.start(message, client))
+                return list(runner.start(job[2], job[1]))
             if kind == "cancel":
-                for runner in list(self.runners.values()):
-                    runner.cancel(job[1])
+                runner.cancel(job[1])
                 return []
             if kind == "tokens":
-                _, instance_id, messages = job
-                runner = self.runners.get(instance_id)
-                if runner is None or runner.status == "RunnerFailed":
-                    return []
-                return list(runner.tokens(messages))
+                return list(runner.tokens(job[2]))
             message = job[1]
-            runner = self.runners.get(message["instance_id"])
-            if runner is None or runner.status == "RunnerFailed":
-                return []
             if message.type == "forward":
                 return list(runner.forward(message))
             if message.type == "release":
@@ -459,25 +542,31 @@ class Worker:
                 return list(runner.abort(message["seqs"], message["message"]))
             return []
         except Exception as exc:
+            name = self.worker.name
             code = "invalid_request" if isinstance(exc, InvalidRequestError) else "failed"
             if isinstance(exc, ExoctlError):
                 text, hint = exc.message, exc.hint
+            elif type(exc).__name__ == "CollectiveError":
+                text, hint = f"node {name}: {exc}", None
             else:
                 log.error("compute error: %s", traceback.format_exc())
-                text, hint = f"node {self.name}: {type(exc).__name__}: {exc}", None
+                text, hint = f"node {name}: {type(exc).__name__}: {exc}", None
+            outs: list[Any] = []
             if kind == "generate":
-                _, client, message = job
-                request_id = message["request_id"]
-                outs = runner.release(request_id) if runner is not None else []
+                request_id = job[2]["request_id"]
                 error = {"request_id": request_id, "message": text, "hint": hint, "code": code}
-                return [Out("client", client, "error", error), *outs]
-            seqs = job_sequences(job)
-            if runner is None or not seqs:
-                return []
-            if runner.spec.is_head:
-                return list(runner.abort(seqs, text))
-            fields = {"instance_id": runner.spec.instance_id, "seqs": seqs, "message": text}
-            return [Out("peer", runner.spec.peers[0][1], "seq_error", fields)]
+                outs = [Out("client", job[1], "error", error), *runner.release(request_id)]
+            else:
+                seqs = job_sequences(job)
+                if runner.spec.is_head:
+                    outs = list(runner.abort(seqs, text))
+                elif seqs:
+                    fields = {"instance_id": runner.spec.instance_id, "seqs": seqs, "message": text}
+                    outs = [Out("peer", runner.spec.peers[0][1], "seq_error", fields)]
+            if runner.spec.sharding == "tensor" and code != "invalid_request":
+                # the ranks ran part of a step and their collectives are out of step: the instance is broken
+                outs.append(Out("fail", runner.spec.instance_id, "fail", {"message": text}))
+            return outs
 
 
 def merge_token_jobs(jobs: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:

@@ -1,0 +1,160 @@
+"""A tensor-parallel runner: this node's 1/k of every layer of an instance (see `engine.shard`).
+
+Every rank runs every step. The head (rank 0) tokenises, sends each step's token ids [B, T] to
+the other ranks, and runs the step itself; each layer sums its partial outputs over the ranks
+through the ZeroMQ collective, so every rank holds the same hidden state. The ranks then agree
+on each sequence's next token from a few numbers per sequence (`engine.parallel_sampling`) —
+never the full logits — and the head streams it and sends the next step.
+
+Ranks meet before they are ready: each binds its collective socket on a port the OS picks and
+tells the other ranks the address (`tp_hello`); a rank is ready when its weights are loaded and
+it knows every other rank's address.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from exoctl.engine.model import CausalLM, load_model
+from exoctl.engine.parallel_sampling import RankSampler, choose_tokens
+from exoctl.engine.sampling import SamplingParams
+from exoctl.engine.shard import TensorShard
+from exoctl.errors import ExoctlError
+from exoctl.protocol import Message
+from exoctl.worker.collective import ZmqCollective
+from exoctl.worker.runner import Out, Runner, RunnerSpec, from_tensor, sampling_from_wire, to_tensor
+
+
+class TensorRunner(Runner):
+    def __init__(self, spec: RunnerSpec, max_batch: int, collective: ZmqCollective) -> None:
+        super().__init__(spec, max_batch)
+        self.shard = TensorShard(spec.rank, spec.world)
+        self.collective = collective
+        self.rank_samplers: dict[str, RankSampler] = {}
+        self.addresses: dict[int, str] = {}  # rank -> collective address, this rank's included
+        self.weights_loaded = False
+        self.lock = threading.Lock()  # the loader thread and the I/O loop both may make it ready
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def _load_model(self, folder: Path, progress: Callable[[int], None]) -> CausalLM:
+        spec = self.spec
+        return load_model(
+            folder, None, spec.dtype, on_layer=progress, shard=self.shard, reduce=self.collective.all_reduce
+        )
+
+    def _loaded(self) -> None:
+        with self.lock:
+            self.weights_loaded = True
+            self._ready_if_complete()
+
+    def met(self, rank: int, address: str) -> None:
+        """Rank `rank` of this instance listens for partials at `address`."""
+        with self.lock:
+            self.addresses[rank] = address
+            self._ready_if_complete()
+
+    def _ready_if_complete(self) -> None:
+        if self.status != "RunnerLoading" or not self.weights_loaded:
+            return
+        if len(self.addresses) < self.spec.world:
+            return
+        self.collective.connect([self.addresses[r] for r in range(self.spec.world)])
+        self.status = "RunnerReady"
+
+    @property
+    def waiting_for(self) -> list[str]:
+        """The nodes this rank has not heard from yet."""
+        return [name for r, (name, _) in enumerate(self.spec.peers) if r not in self.addresses]
+
+    def fail(self, message: str) -> None:
+        self.collective.abort(message)  # a step waiting on a peer gives up at once
+        super().fail(message)
+
+    def free(self) -> None:
+        self.collective.abort("the instance was unloaded")
+        super().free()
+
+    def close(self) -> None:
+        self.collective.close()
+
+    def release(self, seq: str) -> list[Out]:
+        self.rank_samplers.pop(seq, None)
+        return super().release(seq)
+
+    def describe(self) -> dict[str, Any]:
+        described = super().describe()
+        steps = max(self.decoded, 1)
+        described["collective_ms_per_step"] = round(1000 * self.collective.busy_s / steps, 3)
+        return described
+
+    # --- compute ---------------------------------------------------------------------------
+
+    def _admit(self, seq: str, params: SamplingParams, wire: dict[str, Any]) -> dict[str, Any]:
+        # every rank needs the same seed for the draws they share: pick one if the request has none
+        seed = params.seed if params.seed is not None else secrets.randbits(62)
+        self.rank_samplers[seq] = RankSampler.create(params, seed, self.spec.rank)
+        return {**wire, "seed": seed}
+
+    def _batch_size(self) -> int:
+        return self.max_batch  # no pipeline to keep busy: every sequence in one step
+
+    def _step(
+        self, seqs: list[str], inputs: torch.Tensor, starts: list[int], params: dict[str, Any]
+    ) -> list[Out]:
+        spec = self.spec
+        fields: dict[str, Any] = {"instance_id": spec.instance_id, "seqs": seqs, "positions": starts}
+        if params:
+            fields["params"] = params
+        ids = from_tensor(inputs)
+        assert self.emit is not None
+        # the other ranks must start this step now: the head's own layers wait for their partials
+        for _, address in spec.peers[1:]:
+            self.emit(Out("peer", address, "forward", fields, (ids,)))
+        tokens = self._tokens_of(seqs, inputs, starts)
+        return [Out("self", None, "token", {"instance_id": spec.instance_id, "seqs": seqs, "tokens": tokens})]
+
+    def _tokens_of(self, seqs: list[str], inputs: torch.Tensor, starts: list[int]) -> list[int]:
+        """Run every layer's part on ids [B, T]; the next token of each sequence, as all ranks agree."""
+        logits = self._run(seqs, inputs, starts)[:, -1]  # [B, V / k]
+        began = time.perf_counter()
+        samplers = [self.rank_samplers[seq] for seq in seqs]
+        vocab = self._model().config.vocab_size
+        tokens = choose_tokens(logits, self.shard, vocab, samplers, self.collective.all_gather)
+        self.compute_s += time.perf_counter() - began if inputs.shape[1] == 1 else 0.0
+        return tokens
+
+    def forward(self, message: Message) -> list[Out]:
+        """A rank other than the head: run this step on the ids the head sent."""
+        seqs, starts = message["seqs"], message["positions"]
+        params = message.get("params") or {}
+        if (
+            not seqs
+            or len(starts) != len(seqs)
+            or not all(isinstance(x, str) for x in seqs)
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in starts)
+            or not isinstance(params, dict)
+        ):
+            raise ExoctlError("'forward' needs matching lists of sequence ids and positions")
+        for seq in seqs:
+            if seq in self.rank_samplers:
+                continue
+            wire = params.get(seq)
+            if not isinstance(wire, dict) or not isinstance(wire.get("seed"), int):
+                raise ExoctlError(f"sequence {seq} is unknown here and its first message has no params")
+            sampling = sampling_from_wire(wire)
+            self.rank_samplers[seq] = RankSampler.create(sampling, wire["seed"], self.spec.rank)
+        if len(message.tensors) != 1 or message.tensors[0].dtype != "int64":
+            raise ExoctlError("'forward' of a tensor-parallel instance needs one int64 tensor of token ids")
+        ids = to_tensor(message.tensors[0])
+        if ids.dim() != 2 or ids.shape[0] != len(seqs) or (len(seqs) > 1 and ids.shape[1] != 1):
+            raise ExoctlError(f"token ids of shape {list(ids.shape)} do not fit {len(seqs)} sequence(s)")
+        self._tokens_of(seqs, ids, starts)
+        return []

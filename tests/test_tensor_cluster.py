@@ -1,0 +1,179 @@
+"""Tensor sharding across real worker processes on 127.0.0.11-14: each tiny architecture split
+over 2 and 4 workers gives the single process's greedy tokens, Mixtral's experts are spread
+over the ranks and the state counts what each received, sampling agrees across ranks, and a
+rank killed mid-generation fails the request fast, naming the node."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from exoctl.catalog import DEFAULT_MODEL_ID
+from exoctl.cluster.client import Cluster, instances_of, resolve_card
+from exoctl.cluster.state import state_document
+from exoctl.errors import ExoctlError
+from exoctl.placement import PlacementRequest
+from exoctl.worker.server import DOWN_AFTER_S
+from tests.cluster_helpers import WorkerCluster, make_cluster, running, wait_for
+from tests.test_cluster import MAX_TOKENS, PROMPT, generate, model_ref, references  # noqa: F401
+
+FAIL_WITHIN_S = DOWN_AFTER_S + 4.0
+
+
+@pytest.fixture(scope="module")
+def cluster4(
+    tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Path]
+) -> Iterator[WorkerCluster]:
+    folder = next(iter(tiny_models.values())).parent
+    with running(make_cluster(tmp_path_factory.mktemp("tensor4"), 4, folder)) as cluster:
+        yield cluster
+
+
+def place(client: Cluster, model: str, nodes: int, sharding: str = "tensor") -> str:
+    card, ref = resolve_card(model)
+    request = PlacementRequest(dtype="float32", nodes=nodes)
+    placement = client.plan(card, request, client.statuses(), sharding)
+    assert placement.sharding == sharding
+    return client.load(card, ref, placement)
+
+
+def routed_tokens(result: dict[str, Any], layers: int, top_k: int) -> int:
+    """Tokens the routers sent to experts: every position the model ran, in every layer, top_k times."""
+    positions = result["usage"]["prompt_tokens"] + result["usage"]["completion_tokens"] - 1
+    return positions * layers * top_k
+
+
+@pytest.mark.parametrize("nodes", [2, 4])
+@pytest.mark.parametrize("kind", ["llama", "llama-tied", "qwen2", "mixtral"])
+def test_tensor_split_gives_the_single_process_tokens(
+    cluster4: WorkerCluster,
+    tiny_models: dict[str, Path],
+    references: dict[str, list[int]],  # noqa: F811
+    kind: str,
+    nodes: int,
+) -> None:
+    with cluster4.client() as client:
+        instance_id = place(client, model_ref(kind, tiny_models), nodes)
+        try:
+            result = generate(client, instance_id)
+            assert result["token_ids"] == references[kind]
+            doc = state_document(client.statuses(), "test")["instances"][instance_id]["CpuRingInstance"]
+            assert doc["sharding"] == "Tensor"
+            shards = [s["TensorShardMetadata"] for s in doc["shardAssignments"]["runnerToShard"].values()]
+            assert sorted(s["deviceRank"] for s in shards) == list(range(nodes))
+            assert all((s["startLayer"], s["endLayer"]) == (0, s["nLayers"]) for s in shards)
+            if kind == "mixtral":
+                experts = doc["expertTokensByNode"]
+                held = sorted(int(e) for node in experts.values() for e in node)
+                assert held == [0, 1, 2, 3] and len(experts) == nodes  # each expert on one node
+                total = sum(n for node in experts.values() for n in node.values())
+                assert total == routed_tokens(result, layers=4, top_k=2)
+        finally:
+            client.unload(instance_id)
+
+
+def test_pipeline_mixtral_holds_every_expert_on_each_stage(
+    cluster4: WorkerCluster, tiny_models: dict[str, Path]
+) -> None:
+    with cluster4.client() as client:
+        instance_id = place(client, str(tiny_models["mixtral"]), 2, sharding="pipeline")
+        try:
+            result = generate(client, instance_id)
+            doc = state_document(client.statuses(), "test")["instances"][instance_id]["CpuRingInstance"]
+            experts = doc["expertTokensByNode"]
+            assert [sorted(node) for node in experts.values()] == [["0", "1", "2", "3"]] * 2
+            total = sum(n for node in experts.values() for n in node.values())
+            assert total == routed_tokens(result, layers=4, top_k=2)
+            table = cluster4.cli("state")
+            assert "experts" in table.stdout and "0, 1, 2, 3" in table.stdout
+        finally:
+            client.unload(instance_id)
+
+
+def test_smollm2_over_three_ranks_gives_the_single_process_tokens(
+    cluster4: WorkerCluster,
+    references: dict[str, list[int]],  # noqa: F811
+) -> None:
+    # 9 heads and 3 KV heads: 3 is the only split; the vocabulary of 49152 splits 16384 each
+    with cluster4.client() as client:
+        instance_id = place(client, DEFAULT_MODEL_ID, 3)
+        try:
+            assert generate(client, instance_id)["token_ids"] == references["smollm2"]
+            messages = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+            view = instances_of(client.statuses())[instance_id]
+            generation = client.generate(view, {"max_tokens": 20}, messages=messages)
+            assert "Paris" in "".join(generation)
+        finally:
+            client.unload(instance_id)
+
+
+def test_concurrent_and_sampled_requests_under_tensor_sharding(
+    cluster4: WorkerCluster,
+    tiny_models: dict[str, Path],
+    references: dict[str, list[int]],  # noqa: F811
+) -> None:
+    with cluster4.client() as client:
+        instance_id = place(client, str(tiny_models["qwen2"]), 2)
+        try:
+            view = instances_of(client.statuses())[instance_id]
+            others = [Cluster(client.inventory, client.keys) for _ in range(3)]
+            try:
+                sampled = {"max_tokens": MAX_TOKENS, "temperature": 1.0, "top_p": 0.9, "seed": 5}
+                runs = [
+                    client.generate(view, {"max_tokens": MAX_TOKENS}, prompt=PROMPT),
+                    others[0].generate(view, {"max_tokens": MAX_TOKENS}, prompt="Hello there, my"),
+                    others[1].generate(view, sampled, prompt=PROMPT),
+                    others[2].generate(view, sampled, prompt=PROMPT),
+                ]
+                for run in runs:
+                    list(run)
+            finally:
+                for other in others:
+                    other.close()
+            results = [run.result for run in runs]
+            assert all(r is not None for r in results)
+            assert results[0]["token_ids"] == references["qwen2"]  # batched with the others
+            # the same seed gives the same tokens; they are not the greedy ones
+            assert results[2]["token_ids"] == results[3]["token_ids"] != references["qwen2"]
+            alone = generate(client, instance_id, prompt="Hello there, my")
+            assert results[1]["token_ids"] == alone["token_ids"]
+        finally:
+            client.unload(instance_id)
+
+
+def test_a_rank_killed_during_generation_fails_the_request_fast(
+    tmp_path: Path, tiny_models: dict[str, Path]
+) -> None:
+    with running(make_cluster(tmp_path, 3, next(iter(tiny_models.values())).parent)) as cluster:
+        with cluster.client() as client:
+            instance_id = place(client, DEFAULT_MODEL_ID, 3)
+            view = instances_of(client.statuses())[instance_id]
+            generation = client.generate(view, {"max_tokens": 500}, prompt="1, 2, 3, 4, 5, 6, 7, 8,")
+            hit_at = 0.0
+            with pytest.raises(ExoctlError) as caught:
+                for count, _ in enumerate(generation):
+                    if count == 5:
+                        os.kill(cluster.pid("node2"), signal.SIGKILL)
+                        hit_at = time.monotonic()
+            took = time.monotonic() - hit_at
+            assert hit_at, "the generation ended before the rank was killed"
+            assert "node2" in caught.value.message and took < FAIL_WITHIN_S, (caught.value.message, took)
+
+            # no rank hangs: both survivors fail their runners, free the memory and keep serving
+            def freed() -> bool:
+                runners = [r for s in client.statuses() if s.up for r in s.runners]
+                return len(runners) == 2 and all(
+                    r["status"] == "RunnerFailed" and r["memory_bytes"] == 0 for r in runners
+                )
+
+            assert wait_for(freed, timeout=FAIL_WITHIN_S)
+            client.unload(instance_id)
+            llama = place(client, str(tiny_models["llama"]), 2)
+            assert len(generate(client, llama)["token_ids"]) == MAX_TOKENS
+            client.unload(llama)
