@@ -214,9 +214,14 @@ def test_placement_errors_answer_at_once_with_the_numbers(server: Server) -> Non
     status, body = http(server, "POST", "/place_instance", {"model_id": "gpt-5"})
     assert status == 404 and "unknown model 'gpt-5'" in body["error"]["message"]
     status, body = http(
-        server, "POST", "/place_instance", {"model_id": DEFAULT_MODEL_ID, "sharding": "Tensor"}
+        server, "POST", "/place_instance", {"model_id": DEFAULT_MODEL_ID, "sharding": "Tensor", "nodes": 2}
     )
-    assert status == 400 and "Tensor sharding is not supported" in body["error"]["message"]
+    assert status == 409 and body["error"]["message"].startswith(
+        "smollm2-135m-cpu cannot be tensor-split over 2 nodes: its 9 heads, 3 KV heads must each divide "
+        "by the node count (use 1 node, or --sharding pipeline)"
+    )
+    status, body = http(server, "POST", "/place_instance", {"model_id": DEFAULT_MODEL_ID, "sharding": "Ring"})
+    assert status == 400 and body["error"]["message"].startswith("unknown sharding 'Ring' (use one of auto,")
 
 
 def test_previews_instances_state_and_metrics(server: Server, placed: str) -> None:
@@ -225,9 +230,10 @@ def test_previews_instances_state_and_metrics(server: Server, placed: str) -> No
     pipeline = [p for p in body["previews"] if p["sharding"] == "Pipeline"]
     assert [p["nodes"] for p in pipeline] == [1, 2] and all(p["ok"] for p in pipeline)
     assert [len(p["shards"]) for p in pipeline] == [1, 2]
-    assert all(
-        not p["ok"] and "not supported" in p["error"] for p in body["previews"] if p["sharding"] == "Tensor"
-    )
+    # 9 heads and 3 KV heads: a tensor split over 2 nodes is not possible, one "split" over 1 is
+    tensor = {p["nodes"]: p for p in body["previews"] if p["sharding"] == "Tensor"}
+    assert tensor[1]["ok"] and tensor[1]["shards"][0]["start_layer"] == 0
+    assert not tensor[2]["ok"] and "must each divide by the node count" in tensor[2]["error"]
     status, body = http(server, "GET", f"/instance/{placed}")
     assert (
         status == 200
@@ -257,6 +263,32 @@ def test_previews_instances_state_and_metrics(server: Server, placed: str) -> No
         f'exoctl_runner_memory_bytes{{instance="{placed}"',
     ):
         assert line in text, line
+
+
+def test_tensor_placement_and_chat_through_the_api(server: Server, tiny_models: dict[str, Path]) -> None:
+    model = str(tiny_models["llama"])
+    status, body = http(server, "GET", f"/instance/previews?model_id={model}")
+    tensor = {p["nodes"]: p for p in body["previews"] if p["sharding"] == "Tensor"}
+    assert tensor[2]["ok"], tensor[2]["error"]
+    assert [s["node"] for s in tensor[2]["shards"]] == ["node1", "node2"]
+    status, body = http(
+        server, "POST", "/place_instance", {"model_id": model, "sharding": "Tensor", "nodes": 2}
+    )
+    assert status == 200 and body["sharding"] == "Tensor", body
+    assert body["reason"].startswith("tensor, as asked: 4 of 8 heads on each of 2 nodes")
+    instance_id = body["instance_id"]
+    try:
+        status, state = http(server, "GET", f"/instance/{instance_id}")
+        assert state["sharding"] == "Tensor" and state["status"] == "ready"
+        request = {
+            "model": body["model_id"],
+            "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 5,
+        }
+        status, answer = http(server, "POST", "/v1/chat/completions", request)
+        assert status == 200 and answer["usage"]["completion_tokens"] == 5, answer
+    finally:
+        assert http(server, "DELETE", f"/instance/{instance_id}")[0] == 200
 
 
 def test_place_without_waiting_then_delete(server: Server, tiny_models: dict[str, Path]) -> None:

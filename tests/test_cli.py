@@ -119,15 +119,46 @@ def test_dry_run_on_the_example_inventory_uses_the_test_plans_node_counts(
     tmp_path: Path, model: str, nodes: int
 ) -> None:
     inventory = loopback_copy_of_the_example(tmp_path)
-    result = exoctl("place", model, "--dry-run", "--json", "--dtype", "float32", "-i", str(inventory))
+    args = ("place", model, "--dry-run", "--sharding", "pipeline", "--dtype", "float32", "-i", str(inventory))
+    result = exoctl(*args, "--json")
     assert result.returncode == 0, result.stderr
     plan = json.loads(result.stdout)
     assert plan["model_id"] == model and plan["sharding"] == "pipeline" and plan["dtype"] == "float32"
     assert [s["node"] for s in plan["shards"]] == [f"node{i + 1}" for i in range(nodes)]
     assert all(s["memory_bytes"] <= 96e9 for s in plan["shards"])
     assert set(plan["shards"][0]) == {"node", "start_layer", "end_layer", "memory_bytes"}
-    table = exoctl("place", model, "--dry-run", "--dtype", "float32", "-i", str(inventory))
+    assert plan["reason"].startswith("pipeline, as asked: layers node1 [0, ")
+    table = exoctl(*args)
     assert table.returncode == 0 and "node1" in table.stdout and "GB" in table.stdout
+
+
+@pytest.mark.parametrize(
+    ("model", "sharding", "nodes", "reason"),
+    [
+        ("llama-3.1-8b-cpu", "pipeline", 1, "one node: llama-3.1-8b-cpu fits on node1 alone (36.3 GB)"),
+        ("qwen2.5-32b-cpu", "tensor", 2, "tensor: 20 of 40 heads on each of 2 nodes, 71.2 GB each"),
+        (
+            "mixtral-8x7b-cpu",
+            "tensor",
+            4,
+            "tensor: 8 of 32 heads, 2 of 8 experts on each of 4 nodes, 49.6 GB each",
+        ),
+        ("llama-3.1-70b-cpu", "tensor", 4, "tensor: 16 of 64 heads on each of 4 nodes, 77.1 GB each"),
+    ],
+)
+def test_auto_sharding_on_the_example_inventory_says_what_it_chose_and_why(
+    tmp_path: Path, model: str, sharding: str, nodes: int, reason: str
+) -> None:
+    inventory = loopback_copy_of_the_example(tmp_path)
+    table = exoctl("place", model, "--dry-run", "--dtype", "float32", "-i", str(inventory))
+    assert table.returncode == 0, table.stderr
+    assert f"sharding: {reason}" in table.stdout.replace("\n", " ")
+    plan = json.loads(
+        exoctl("place", model, "--dry-run", "--dtype", "float32", "--json", "-i", str(inventory)).stdout
+    )
+    assert plan["sharding"] == sharding and len(plan["shards"]) == nodes and plan["reason"] == reason
+    if sharding == "tensor":
+        assert "1/" + str(nodes) + " of [0, " in table.stdout
 
 
 def test_too_little_memory_says_by_how_much(tmp_path: Path) -> None:
@@ -181,8 +212,13 @@ def test_a_broken_inventory_lists_every_problem(tmp_path: Path) -> None:
     [
         (["place", "gpt-5", "--dry-run"], "error: unknown model 'gpt-5'"),
         (
-            ["place", "smollm2-135m-cpu", "--sharding", "tensor", "--dry-run"],
-            "error: sharding 'tensor' is not",
+            ["place", "smollm2-135m-cpu", "--sharding", "ring", "--dry-run"],
+            "error: unknown sharding 'ring'\nhint: use one of auto, pipeline, tensor",
+        ),
+        (
+            ["place", "smollm2-135m-cpu", "--sharding", "tensor", "--nodes", "2", "--dry-run"],
+            "error: smollm2-135m-cpu cannot be tensor-split over 2 nodes: its 9 heads, 3 KV heads must "
+            "each divide by the node count",
         ),
         (
             ["place", "smollm2-135m-cpu", "--dtype", "int4", "--dry-run"],

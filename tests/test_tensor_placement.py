@@ -56,7 +56,7 @@ def test_errors_name_the_counts_and_the_numbers() -> None:
         "llama-3.1-70b-cpu cannot be tensor-split over 3 nodes: its 64 heads, 8 KV heads must each divide "
         "by the node count"
     )
-    assert caught.value.hint == "use 1, 2, 4 nodes, or --sharding pipeline"
+    assert caught.value.hint == "use 1 or 2 or 4 nodes, or --sharding pipeline"
     with pytest.raises(PlacementError) as caught:
         place_tensor(card, nodes(96, 96, 60, 96), PlacementRequest(dtype="float32", nodes=4))
     assert re.search(

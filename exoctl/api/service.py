@@ -144,14 +144,14 @@ class ClusterService:
 
     def previews(self, model_id: str) -> dict[str, Any]:
         statuses = self.statuses()
-        card, _ = resolve_card(model_id)
+        card, ref = resolve_card(model_id)
         live = sum(1 for s in statuses if s.up)
         previews = []
         for sharding in ("Pipeline", "Tensor"):
             for count in range(1, max(live, 1) + 1):
                 entry: dict[str, Any] = {"sharding": sharding, "instance_meta": "CpuRing", "nodes": count}
                 try:
-                    _, _, chosen = self.plan(card.id, sharding, count, 1, "auto", statuses)
+                    _, _, chosen = self.plan(ref, sharding, count, 1, "auto", statuses)
                     placement = chosen.placement
                     entry.update(ok=True, dtype=placement.dtype, shards=shards_json(placement))
                 except (PlacementError, ModelNotFoundError) as exc:
