@@ -20,6 +20,10 @@ from exoctl.placement import (
 )
 
 
+def plural(count: int) -> str:
+    return f"{count} node" if count == 1 else f"{count} nodes"
+
+
 def divides(card: ModelCard, ranks: int) -> bool:
     counts = [card.num_attention_heads, card.num_key_value_heads]
     if card.num_experts:
@@ -70,7 +74,7 @@ def place_tensor(card: ModelCard, nodes: list[NodeProfile], request: PlacementRe
         raise PlacementError(
             f"{card.id} cannot be tensor-split over {request.nodes} nodes: its {card.num_attention_heads} "
             f"heads, {card.num_key_value_heads} KV heads{experts} must each divide by the node count",
-            hint=f"use {' or '.join(map(str, valid))} node{'s' if valid[-1] > 1 else ''}, or --sharding pipeline",
+            hint=f"use {' or '.join(map(str, valid[:-1] + [plural(valid[-1])]))}, or --sharding pipeline",
         )
     counts = [request.nodes] if request.nodes is not None else [k for k in valid if k >= wanted]
     if not counts:
@@ -90,7 +94,7 @@ def place_tensor(card: ModelCard, nodes: list[NodeProfile], request: PlacementRe
     smallest = min(chosen, key=lambda n: n.capacity)
     need = rank_bytes(card, count, request)
     raise PlacementError(
-        f"{card.id} split over {count} node{'s' if count > 1 else ''} by tensor needs {need / GB:.1f} GB per node in {request.dtype}, "
-        f"but node {smallest.name} offers {smallest.capacity / GB:.1f} GB",
+        f"{card.id} split over {plural(count)} by tensor needs {need / GB:.1f} GB per node in "
+        f"{request.dtype}, but node {smallest.name} offers {smallest.capacity / GB:.1f} GB",
         hint="add nodes whose count divides the heads, use --dtype bfloat16, or --sharding pipeline",
     )

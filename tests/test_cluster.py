@@ -273,6 +273,27 @@ BAD_MESSAGES = [
         ],
         "loads models only from",
     ),
+    ([header("tp_hello", instance_id="i", rank="0", address="127.0.0.11:1")], "'rank' must be int"),
+    (
+        [
+            header(
+                "load",
+                instance_id="i",
+                runner_id="r",
+                model="/etc",
+                model_id="m",
+                sharding="tensor",
+                dtype="float32",
+                start_layer=0,
+                end_layer=1,
+                n_layers=2,
+                rank=0,
+                world=1,
+                peers=[["node1", "127.0.0.11:1"]],
+            )
+        ],
+        "a tensor-parallel rank holds every layer",
+    ),
 ]
 
 

@@ -91,7 +91,7 @@ def test_explicit_shardings_are_kept_and_their_errors_carry_the_numbers() -> Non
 
 
 def test_auto_on_one_node_that_is_too_small_gives_the_one_node_error() -> None:
-    with pytest.raises(PlacementError, match="llama-3.1-70b-cpu needs .* 1 node offers 64.0 GB"):
+    with pytest.raises(PlacementError, match=r"llama-3\.1-70b-cpu needs .* 1 node offers 64\.0 GB"):
         plan(
             get_card("llama-3.1-70b-cpu"), nodes(64, 64), PlacementRequest(dtype="bfloat16", nodes=1), "auto"
         )
