@@ -74,7 +74,7 @@ def place_tensor(card: ModelCard, nodes: list[NodeProfile], request: PlacementRe
         raise PlacementError(
             f"{card.id} cannot be tensor-split over {request.nodes} nodes: its {card.num_attention_heads} "
             f"heads, {card.num_key_value_heads} KV heads{experts} must each divide by the node count",
-            hint=f"use {' or '.join(map(str, valid[:-1] + [plural(valid[-1])]))}, or --sharding pipeline",
+            hint=f"use {' or '.join(map(str, [*valid[:-1], plural(valid[-1])]))}, or --sharding pipeline",
         )
     counts = [request.nodes] if request.nodes is not None else [k for k in valid if k >= wanted]
     if not counts:
