@@ -58,7 +58,7 @@ def run_on(
             try:
                 rate = decode_rate(cluster, instance_id, tokens)
                 runners = instances_of(cluster.statuses())[instance_id].runners.values()
-                collective = max(r.get("collective_ms_per_step", 0.0) for r in runners)
+                collective = max(r.get("collective_ms_per_token", 0.0) for r in runners)
                 return {"rate": rate, "collective_ms": collective}
             finally:
                 cluster.unload(instance_id)

@@ -457,7 +457,9 @@ def test_a_failed_load_says_why_and_frees_what_was_loaded(
     head_file = broken / index["lm_head.weight"]
     assert not any(name.startswith("model.layers.0.") for name, f in index.items() if broken / f == head_file)
     head_file.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")  # only the last stage reads it
-    result = cluster4.cli("place", str(broken), "--nodes", "2", "--dtype", "float32")
+    result = cluster4.cli(
+        "place", str(broken), "--nodes", "2", "--sharding", "pipeline", "--dtype", "float32"
+    )
     assert result.returncode == 1
     assert "error: loading failed: node node2:" in result.stderr and "Traceback" not in result.stderr
     assert cluster4.cli_json("state")["instances"] == {}  # node1's finished stage was unloaded too

@@ -26,6 +26,8 @@ def _runner_doc(runner: dict[str, Any]) -> dict[str, Any]:
         "tokensPerSecond": runner["tokens_per_s"],
         "activeSequences": runner["active_sequences"],
     }
+    if "collective_ms_per_token" in runner:  # a tensor-parallel rank
+        body["collectiveMsPerToken"] = runner["collective_ms_per_token"]
     if runner["status"] == "RunnerLoading":
         body.update(
             layersLoaded=runner["layers_loaded"], layersTotal=runner["end_layer"] - runner["start_layer"]

@@ -40,6 +40,7 @@ class TensorRunner(Runner):
         self.rank_samplers: dict[str, RankSampler] = {}
         self.addresses: dict[int, str] = {}  # rank -> collective address, this rank's included
         self.weights_loaded = False
+        self.decode_collective_s = 0.0
         self.lock = threading.Lock()  # the loader thread and the I/O loop both may make it ready
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -91,8 +92,10 @@ class TensorRunner(Runner):
 
     def describe(self) -> dict[str, Any]:
         described = super().describe()
-        steps = max(self.decoded, 1)
-        described["collective_ms_per_step"] = round(1000 * self.collective.busy_s / steps, 3)
+        # decode steps only: time in collectives (sending, and waiting for the other ranks) per token
+        described["collective_ms_per_token"] = round(
+            1000 * self.decode_collective_s / max(self.decoded, 1), 3
+        )
         return described
 
     # --- compute ---------------------------------------------------------------------------
@@ -123,12 +126,15 @@ class TensorRunner(Runner):
 
     def _tokens_of(self, seqs: list[str], inputs: torch.Tensor, starts: list[int]) -> list[int]:
         """Run every layer's part on ids [B, T]; the next token of each sequence, as all ranks agree."""
+        waited = self.collective.busy_s
         logits = self._run(seqs, inputs, starts)[:, -1]  # [B, V / k]
         began = time.perf_counter()
         samplers = [self.rank_samplers[seq] for seq in seqs]
         vocab = self._model().config.vocab_size
         tokens = choose_tokens(logits, self.shard, vocab, samplers, self.collective.all_gather)
-        self.compute_s += time.perf_counter() - began if inputs.shape[1] == 1 else 0.0
+        if inputs.shape[1] == 1:
+            self.compute_s += time.perf_counter() - began
+            self.decode_collective_s += self.collective.busy_s - waited
         return tokens
 
     def forward(self, message: Message) -> list[Out]:
