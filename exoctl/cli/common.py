@@ -75,10 +75,9 @@ def ensure_instance(
     model = model or DEFAULT_MODEL_ID
     card, ref = resolve_card(model)
     request = PlacementRequest(dtype=runtime_dtype(dtype, statuses))
-    placement = cluster.plan(card, request, statuses)
-    split = ", ".join(f"{s.node} [{s.start_layer}, {s.end_layer})" for s in placement.shards)
-    say(f"{card.id} is not placed: placing it with the defaults ({placement.dtype}, {split})…")
-    cluster.load(card, ref, placement)
+    chosen = cluster.choose(card, request, statuses, "auto")
+    say(f"{card.id} is not placed: placing it with the defaults ({chosen.placement.dtype}; {chosen.reason})…")
+    cluster.load(card, ref, chosen.placement)
     view = find_instance(cluster, card.id)
     if view is None:
         raise ModelNotFoundError(f"{card.id} was placed but no ready instance answers")

@@ -368,7 +368,9 @@ class Worker:
                 self.hellos.pop(next(iter(self.hellos)))
             self.hellos.setdefault(instance_id, {})[rank] = address
             return
-        if not hasattr(runner, "met") or not 0 <= rank < runner.spec.world:
+        from exoctl.worker.tensor_runner import TensorRunner
+
+        if not isinstance(runner, TensorRunner) or not 0 <= rank < runner.spec.world:
             raise ProtocolError(f"'tp_hello' for rank {rank} of an instance that has no such rank")
         runner.met(rank, address)
 
