@@ -177,3 +177,38 @@ def test_a_rank_killed_during_generation_fails_the_request_fast(
             llama = place(client, str(tiny_models["llama"]), 2)
             assert len(generate(client, llama)["token_ids"]) == MAX_TOKENS
             client.unload(llama)
+
+
+def test_a_failed_tensor_load_unloads_every_rank(
+    cluster4: WorkerCluster, tiny_models: dict[str, Path]
+) -> None:
+    import json
+    import shutil
+
+    broken = tiny_models["qwen2"].parent / "qwen2-broken-layer"
+    shutil.copytree(tiny_models["qwen2"], broken, dirs_exist_ok=True)
+    index = json.loads((broken / "model.safetensors.index.json").read_text())["weight_map"]
+    (broken / index["model.layers.3.mlp.down_proj.weight"]).write_bytes(
+        b"\x08\x00\x00\x00\x00\x00\x00\x00bad"
+    )
+    result = cluster4.cli("place", str(broken), "--nodes", "4", "--sharding", "tensor", "--dtype", "float32")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "error: loading failed: node node" in result.stderr
+    assert cluster4.cli_json("state")["instances"] == {}  # the ranks that loaded were unloaded too
+
+
+def test_bfloat16_under_tensor_sharding(cluster4: WorkerCluster, tiny_models: dict[str, Path]) -> None:
+    with cluster4.client() as client:
+        card, ref = resolve_card(str(tiny_models["mixtral"]))
+        placement = client.plan(
+            card, PlacementRequest(dtype="bfloat16", nodes=2), client.statuses(), "tensor"
+        )
+        instance_id = client.load(card, ref, placement)
+        try:
+            result = generate(client, instance_id, temperature=0.7, seed=3)
+            assert result["usage"]["completion_tokens"] >= 1
+            runners = instances_of(client.statuses())[instance_id].runners.values()
+            assert {r["dtype"] for r in runners} == {"bfloat16"}
+            assert all(r["collective_ms_per_token"] > 0 for r in runners)
+        finally:
+            client.unload(instance_id)
