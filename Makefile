@@ -37,6 +37,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/decode_speed.py
 	$(BIN)/python benchmarks/pipeline_overhead.py
 	$(BIN)/python benchmarks/concurrent_sessions.py
+	$(BIN)/python benchmarks/allreduce.py
+	$(BIN)/python benchmarks/tensor_decode.py
 
 completions: $(STAMP)
 	for shell in bash zsh fish; do \
