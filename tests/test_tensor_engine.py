@@ -203,3 +203,11 @@ def test_the_same_seed_draws_the_same_tokens_and_another_seed_others() -> None:
     again = choose_on_ranks(logits, params, world=2, seed=11, steps=20)[0]
     other = choose_on_ranks(logits, params, world=2, seed=12, steps=20)[0]
     assert first == again and first != other
+
+
+def test_a_top_k_wider_than_a_part_is_still_exact() -> None:
+    # 13 ids over 2 ranks (parts of 6 and 7); the 7 largest logits all live on rank 1
+    logits = torch.tensor([[0.0] * 6 + [2.0] * 7])
+    chosen = choose_on_ranks(logits, [SamplingParams(temperature=1.0, top_k=7)], world=2, seed=3, steps=500)
+    drawn = Counter(step[0] for step in chosen[0])
+    assert set(drawn) == set(range(6, 13))  # never one of the 6 cut by top_k

@@ -110,13 +110,15 @@ def _thresholds(
     gather: Gather,
 ) -> list[float]:
     """The smallest scaled logit each row keeps under its top_k and top_p (-inf: keep all)."""
-    # the same width on every rank, so the gathered tensors agree: no part is smaller than V // k
-    width = min(max(samplers[b].params.top_k or CANDIDATES for b in cut), full_vocab // world)
+    # the same width on every rank, so the gathered tensors agree; a part smaller than the width
+    # (parts differ by one) is padded with -inf. A top_k wider than a part takes whole parts: exact.
+    width = min(max(samplers[b].params.top_k or CANDIDATES for b in cut), -(-full_vocab // world))
     mine = torch.full((len(scaled), width + 1), -math.inf, dtype=torch.float64)
     for b in cut:
         row = scaled[b]
         mine[b, 0] = float(torch.logsumexp(row, dim=0))
-        mine[b, 1:] = torch.topk(row, width).values.double()
+        values = torch.topk(row, min(width, row.numel())).values.double()
+        mine[b, 1 : 1 + values.numel()] = values
     parts = gather(mine)
     floors = [-math.inf] * len(scaled)
     for b in cut:
