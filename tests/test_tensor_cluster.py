@@ -212,3 +212,33 @@ def test_bfloat16_under_tensor_sharding(cluster4: WorkerCluster, tiny_models: di
             assert all(r["collective_ms_per_token"] > 0 for r in runners)
         finally:
             client.unload(instance_id)
+
+
+def test_two_tensor_instances_on_the_same_nodes_run_at_once(
+    cluster4: WorkerCluster,
+    tiny_models: dict[str, Path],
+    references: dict[str, list[int]],  # noqa: F811
+) -> None:
+    # each instance has its own compute lane on a node: one instance's step, blocked in its
+    # collective, never waits behind the other's
+    with cluster4.client() as client:
+        first = place(client, str(tiny_models["llama"]), 2)
+        second = place(client, str(tiny_models["qwen2"]), 2)
+        try:
+            views = instances_of(client.statuses())
+            assert views[first].nodes == views[second].nodes
+            other = Cluster(client.inventory, client.keys)
+            try:
+                runs = [
+                    client.generate(views[first], {"max_tokens": MAX_TOKENS}, prompt=PROMPT),
+                    other.generate(views[second], {"max_tokens": MAX_TOKENS}, prompt=PROMPT),
+                ]
+                for run in runs:
+                    list(run)
+            finally:
+                other.close()
+            assert runs[0].result is not None and runs[0].result["token_ids"] == references["llama"]
+            assert runs[1].result is not None and runs[1].result["token_ids"] == references["qwen2"]
+        finally:
+            client.unload(first)
+            client.unload(second)
