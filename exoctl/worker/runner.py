@@ -106,6 +106,21 @@ def sampling_from_wire(raw: dict[str, Any]) -> SamplingParams:
         raise InvalidRequestError(f"bad sampling parameters: {exc}") from None
 
 
+def step_fields(message: Message) -> tuple[list[str], list[int], dict[str, Any]]:
+    """A 'forward' message's sequence ids, their start positions and their first-step params."""
+    seqs, starts = message["seqs"], message["positions"]
+    params = message.get("params") or {}
+    if (
+        not seqs
+        or len(starts) != len(seqs)
+        or not all(isinstance(x, str) for x in seqs)
+        or not all(isinstance(x, int) and not isinstance(x, bool) for x in starts)
+        or not isinstance(params, dict)
+    ):
+        raise ExoctlError("'forward' needs matching lists of sequence ids and positions")
+    return seqs, starts, params
+
+
 def release_memory() -> None:
     """Return freed tensor memory to the OS so RSS drops after an unload."""
     gc.collect()
@@ -338,16 +353,7 @@ class Runner:
 
     def forward(self, message: Message) -> list[Out]:
         """A middle or last stage: run this range on the hidden states from the previous stage."""
-        seqs, starts = message["seqs"], message["positions"]
-        params = message.get("params") or {}
-        if (
-            not seqs
-            or len(starts) != len(seqs)
-            or not all(isinstance(x, str) for x in seqs)
-            or not all(isinstance(x, int) and not isinstance(x, bool) for x in starts)
-            or not isinstance(params, dict)
-        ):
-            raise ExoctlError("'forward' needs matching lists of sequence ids and positions")
+        seqs, starts, params = step_fields(message)
         for seq in seqs:
             if seq in self.caches:
                 continue

@@ -29,7 +29,15 @@ from exoctl.engine.shard import TensorShard
 from exoctl.errors import ExoctlError
 from exoctl.protocol import Message
 from exoctl.worker.collective import ZmqCollective
-from exoctl.worker.runner import Out, Runner, RunnerSpec, from_tensor, sampling_from_wire, to_tensor
+from exoctl.worker.runner import (
+    Out,
+    Runner,
+    RunnerSpec,
+    from_tensor,
+    sampling_from_wire,
+    step_fields,
+    to_tensor,
+)
 
 
 class TensorRunner(Runner):
@@ -139,16 +147,7 @@ class TensorRunner(Runner):
 
     def forward(self, message: Message) -> list[Out]:
         """A rank other than the head: run this step on the ids the head sent."""
-        seqs, starts = message["seqs"], message["positions"]
-        params = message.get("params") or {}
-        if (
-            not seqs
-            or len(starts) != len(seqs)
-            or not all(isinstance(x, str) for x in seqs)
-            or not all(isinstance(x, int) and not isinstance(x, bool) for x in starts)
-            or not isinstance(params, dict)
-        ):
-            raise ExoctlError("'forward' needs matching lists of sequence ids and positions")
+        seqs, starts, params = step_fields(message)
         for seq in seqs:
             if seq in self.rank_samplers:
                 continue
