@@ -186,7 +186,7 @@ class Worker:
             log.warning("dropped a message to unresponsive peer %s", address)
 
     def _outbound(self, frames: list[Any]) -> None:
-        """A message computed by the compute thread: [to, target, *message frames]."""
+        """A message from a compute lane: [to, target, *message frames]; to "fail" fails an instance."""
         to, target, rest = bytes(frames[0]), bytes(frames[1]), frames[2:]
         if to == b"fail":  # a lane found its instance broken (a tensor-parallel step failed)
             instance_id, message = target.decode(), bytes(rest[0]).decode()
