@@ -52,12 +52,11 @@ def _auto(card: ModelCard, nodes: list[NodeProfile], request: PlacementRequest) 
         try:
             single = place(card, nodes, replace(request, nodes=1))
         except PlacementError:
-            pass
+            if request.nodes == 1:
+                raise  # one node was asked for: its error, with the numbers
         else:
             need = single.shards[0].memory_bytes
             return Plan(single, f"one node: {card.id} fits on {single.nodes[0]} alone ({need / GB:.1f} GB)")
-        if request.nodes == 1:
-            place(card, nodes, request)  # raises the one-node error with its numbers
     if request.nodes is None:  # one node is ruled out above: split over two or more
         request = replace(request, min_nodes=max(2, request.min_nodes))
     try:
