@@ -13,23 +13,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
-import shlex
-import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-import yaml
-
-from exoctl.catalog import DEFAULT_MODEL_ID
 from exoctl.cluster.client import Cluster, instances_of, resolve_card
 from exoctl.inventory import load_inventory_file
 from exoctl.keys import find_keys
 from exoctl.placement import PlacementRequest
-
-PROMPT = "1, 2, 3, 4, 5, 6, 7, 8,"
 
 
 def stage_ms(cluster: Cluster, instance_id: str) -> float:
@@ -38,22 +29,10 @@ def stage_ms(cluster: Cluster, instance_id: str) -> float:
     return sum(1000 / r["tokens_per_s"] for r in runners if r["tokens_per_s"] > 0)
 
 
-def decode_rate(cluster: Cluster, instance_id: str, tokens: int) -> float:
-    view = instances_of(cluster.statuses())[instance_id]
-    best = 0.0
-    for max_tokens in (8, tokens, tokens):  # the first run warms up
-        generation = cluster.generate(view, {"max_tokens": max_tokens}, prompt=PROMPT)
-        for _ in generation:
-            pass
-        assert generation.result is not None
-        if max_tokens == tokens:
-            best = max(best, generation.result["timings"]["decode_tokens_per_s"])
-    return best
-
-
 def main() -> None:
     sys.path.insert(0, str(Path(__file__).parent))
-    from decode_speed import cpu_name, make_llama_1b
+    from bench_cluster import decode_rate, local_workers, model_ref
+    from decode_speed import cpu_name
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -65,54 +44,31 @@ def main() -> None:
     args = parser.parse_args()
     counts = [int(c) for c in args.workers.split(",")]
 
-    with tempfile.TemporaryDirectory() as tmp:
-        models_dir = Path(tmp) / "models"
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        models_dir = tmp / "models"
         models_dir.mkdir()
-        refs = {}
-        for name in args.models.split(","):
-            if name == "smollm2":
-                refs[name] = DEFAULT_MODEL_ID
-            elif name == "llama-1.1b":
-                # random weights; SmolLM2's tokenizer (the prompt's ids are all below 32000)
-                folder = make_llama_1b(models_dir / "llama-1.1b")
-                from exoctl.engine.default_model import ensure_default_model
-
-                for file in ("tokenizer.json", "tokenizer_config.json"):
-                    shutil.copy(ensure_default_model() / file, folder / file)
-                refs[name] = str(folder)
-            else:
-                refs[name] = name
-        base = random.randrange(30000, 40000, 10)
-        nodes = [
-            {"name": f"w{i + 1}", "host": f"127.0.0.{11 + i}", "port": base + i} for i in range(max(counts))
-        ]
-        inventory = Path(tmp) / "cluster.yaml"
-        defaults = {
-            "command": f"{shlex.quote(sys.executable)} -m exoctl",
-            "work_dir": f"{tmp}/work",
-            "model_dir": str(models_dir),
-        }
-        inventory.write_text(yaml.safe_dump({"cluster": "bench", "defaults": defaults, "nodes": nodes}))
-        exoctl = [sys.executable, "-m", "exoctl"]
-        subprocess.run([*exoctl, "up", "-i", str(inventory)], check=True, timeout=120)
-        print(
-            f"machine: {cpu_name()}, {os.cpu_count()} cores; {max(counts)} workers on this one machine; "
-            f"{args.dtype}, {args.tokens} tokens, one stream\n"
-        )
-        header = (
-            f"{'model':<12} " + " ".join(f"{f'{k} worker(s)':>12}" for k in counts) + "   ratio to 1 worker"
-        )
-        print(header)
-        print("-" * len(header))
-        try:
+        refs = {name: model_ref(name, models_dir) for name in args.models.split(",")}
+        with local_workers(tmp, max(counts), models_dir) as inventory:
+            print(
+                f"machine: {cpu_name()}, {os.cpu_count()} cores; {max(counts)} workers on this one machine; "
+                f"{args.dtype}, {args.tokens} tokens, one stream\n"
+            )
+            header = (
+                f"{'model':<12} "
+                + " ".join(f"{f'{k} worker(s)':>12}" for k in counts)
+                + "   ratio to 1 worker"
+            )
+            print(header)
+            print("-" * len(header))
             with Cluster(load_inventory_file(inventory), find_keys()) as cluster:
                 for name, ref in refs.items():
-                    card, model_ref = resolve_card(ref)
+                    card, resolved = resolve_card(ref)
                     rates, details = [], []
                     for count in counts:
                         request = PlacementRequest(dtype=args.dtype, nodes=count)
                         placement = cluster.plan(card, request, cluster.statuses())
-                        instance_id = cluster.load(card, model_ref, placement)
+                        instance_id = cluster.load(card, resolved, placement)
                         try:
                             rates.append(decode_rate(cluster, instance_id, args.tokens))
                             compute = stage_ms(cluster, instance_id)
@@ -128,8 +84,6 @@ def main() -> None:
                         flush=True,
                     )
                     print("             " + "; ".join(details), flush=True)
-        finally:
-            subprocess.run([*exoctl, "down", "-i", str(inventory)], timeout=120, capture_output=True)
 
 
 if __name__ == "__main__":

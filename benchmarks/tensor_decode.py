@@ -15,18 +15,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
-import shlex
-import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from exoctl.catalog import DEFAULT_MODEL_ID
 from exoctl.cluster.client import Cluster, instances_of, resolve_card
 from exoctl.inventory import load_inventory_file
 from exoctl.keys import find_keys
@@ -36,39 +29,29 @@ from exoctl.placement import PlacementRequest
 def run_on(
     tmp: Path, models_dir: Path, ref: str, workers: int, sharding: str, dtype: str, tokens: int
 ) -> dict[str, Any]:
-    from pipeline_overhead import decode_rate
+    from bench_cluster import decode_rate, local_workers
 
-    base = random.randrange(30000, 40000, 10)
-    nodes = [{"name": f"w{i + 1}", "host": f"127.0.0.{11 + i}", "port": base + i} for i in range(workers)]
-    inventory = tmp / f"cluster-{workers}.yaml"
-    defaults = {
-        "command": f"{shlex.quote(sys.executable)} -m exoctl",
-        "work_dir": f"{tmp}/work",
-        "model_dir": str(models_dir),
-    }
-    inventory.write_text(yaml.safe_dump({"cluster": "bench", "defaults": defaults, "nodes": nodes}))
-    exoctl = [sys.executable, "-m", "exoctl"]
-    subprocess.run([*exoctl, "up", "-i", str(inventory)], check=True, timeout=120, capture_output=True)
-    try:
-        with Cluster(load_inventory_file(inventory), find_keys()) as cluster:
-            card, model_ref = resolve_card(ref)
-            request = PlacementRequest(dtype=dtype, nodes=workers)
-            placement = cluster.plan(card, request, cluster.statuses(), sharding)
-            instance_id = cluster.load(card, model_ref, placement)
-            try:
-                rate = decode_rate(cluster, instance_id, tokens)
-                runners = instances_of(cluster.statuses())[instance_id].runners.values()
-                collective = max(r.get("collective_ms_per_token", 0.0) for r in runners)
-                return {"rate": rate, "collective_ms": collective}
-            finally:
-                cluster.unload(instance_id)
-    finally:
-        subprocess.run([*exoctl, "down", "-i", str(inventory)], timeout=120, capture_output=True)
+    with (
+        local_workers(tmp, workers, models_dir, quiet=True) as inventory,
+        Cluster(load_inventory_file(inventory), find_keys()) as cluster,
+    ):
+        card, model_ref = resolve_card(ref)
+        request = PlacementRequest(dtype=dtype, nodes=workers)
+        placement = cluster.plan(card, request, cluster.statuses(), sharding)
+        instance_id = cluster.load(card, model_ref, placement)
+        try:
+            rate = decode_rate(cluster, instance_id, tokens)
+            runners = instances_of(cluster.statuses())[instance_id].runners.values()
+            collective = max(r.get("collective_ms_per_token", 0.0) for r in runners)
+            return {"rate": rate, "collective_ms": collective}
+        finally:
+            cluster.unload(instance_id)
 
 
 def main() -> None:
     sys.path.insert(0, str(Path(__file__).parent))
-    from decode_speed import cpu_name, make_llama_1b
+    from bench_cluster import model_ref
+    from decode_speed import cpu_name
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -84,15 +67,7 @@ def main() -> None:
         tmp = Path(tmp_name)
         models_dir = tmp / "models"
         models_dir.mkdir()
-        if args.model == "llama-1.1b":
-            folder = make_llama_1b(models_dir / "llama-1.1b")
-            from exoctl.engine.default_model import ensure_default_model
-
-            for file in ("tokenizer.json", "tokenizer_config.json"):
-                shutil.copy(ensure_default_model() / file, folder / file)
-            ref = str(folder)
-        else:
-            ref = DEFAULT_MODEL_ID if args.model == "smollm2" else args.model
+        ref = model_ref(args.model, models_dir)
         one = run_on(tmp, models_dir, ref, 1, "pipeline", args.dtype, args.tokens)
         split = run_on(tmp, models_dir, ref, args.ranks, "tensor", args.dtype, args.tokens)
     print(
