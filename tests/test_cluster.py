@@ -18,6 +18,7 @@ from exoctl.cluster.client import Cluster, instances_of, resolve_card
 from exoctl.placement import PlacementRequest
 from exoctl.protocol import PROTOCOL_VERSION
 from tests.cluster_helpers import WorkerCluster, make_cluster, running, wait_for
+from tests.tiny_models import corrupt_copy
 
 PROMPT = "The capital of France is"
 MAX_TOKENS = 12
@@ -214,6 +215,25 @@ def header(kind: str, **fields: Any) -> bytes:
     return msgpack.packb({"v": PROTOCOL_VERSION, "type": kind, "id": 7, **fields})
 
 
+def load_header(**changes: Any) -> bytes:
+    """A 'load' of one layer of a model in /etc (outside the model directories), with `changes`."""
+    fields = {
+        "instance_id": "i",
+        "runner_id": "r",
+        "model": "/etc",
+        "model_id": "m",
+        "sharding": "pipeline",
+        "dtype": "float32",
+        "start_layer": 0,
+        "end_layer": 1,
+        "n_layers": 1,
+        "rank": 0,
+        "world": 1,
+        "peers": [["node1", "127.0.0.11:1"]],
+    }
+    return header("load", **{**fields, **changes})
+
+
 BAD_MESSAGES = [
     ([b"\xc1\xff not msgpack"], "not valid msgpack"),
     ([msgpack.packb([1, 2, 3])], "must be a msgpack map"),
@@ -253,47 +273,9 @@ BAD_MESSAGES = [
     ),
     ([header("forward", instance_id="nope", seqs=["s"], positions=[0])], "holds no runner of instance nope"),
     ([header("pong", profile={})], "does not accept 'pong'"),
-    (
-        [
-            header(
-                "load",
-                instance_id="i",
-                runner_id="r",
-                model="/etc",
-                model_id="m",
-                sharding="pipeline",
-                dtype="float32",
-                start_layer=0,
-                end_layer=1,
-                n_layers=1,
-                rank=0,
-                world=1,
-                peers=[["node1", "127.0.0.11:1"]],
-            )
-        ],
-        "loads models only from",
-    ),
+    ([load_header()], "loads models only from"),
     ([header("tp_hello", instance_id="i", rank="0", address="127.0.0.11:1")], "'rank' must be int"),
-    (
-        [
-            header(
-                "load",
-                instance_id="i",
-                runner_id="r",
-                model="/etc",
-                model_id="m",
-                sharding="tensor",
-                dtype="float32",
-                start_layer=0,
-                end_layer=1,
-                n_layers=2,
-                rank=0,
-                world=1,
-                peers=[["node1", "127.0.0.11:1"]],
-            )
-        ],
-        "a tensor-parallel rank holds every layer",
-    ),
+    ([load_header(sharding="tensor", n_layers=2)], "a tensor-parallel rank holds every layer"),
 ]
 
 
@@ -449,14 +431,10 @@ def test_a_worker_busy_decoding_answers_status_at_once(cluster4: WorkerCluster) 
 def test_a_failed_load_says_why_and_frees_what_was_loaded(
     cluster4: WorkerCluster, tiny_models: dict[str, Path]
 ) -> None:
-    import shutil
-
-    broken = tiny_models["llama"].parent / "llama-broken-head"
-    shutil.copytree(tiny_models["llama"], broken, dirs_exist_ok=True)
-    index = json.loads((broken / "model.safetensors.index.json").read_text())["weight_map"]
-    head_file = broken / index["lm_head.weight"]
-    assert not any(name.startswith("model.layers.0.") for name, f in index.items() if broken / f == head_file)
-    head_file.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")  # only the last stage reads it
+    broken, index = corrupt_copy(tiny_models["llama"], "llama-broken-head", "lm_head.weight")
+    # only the last stage reads the broken file
+    head_file = index["lm_head.weight"]
+    assert not any(name.startswith("model.layers.0.") for name, f in index.items() if f == head_file)
     result = cluster4.cli(
         "place", str(broken), "--nodes", "2", "--sharding", "pipeline", "--dtype", "float32"
     )

@@ -15,9 +15,13 @@ from exoctl.worker.collective import CollectiveError, ZmqCollective
 from tests.cluster_helpers import take_ports
 
 
+def loopback_addresses(hosts: list[str]) -> list[str]:
+    return [f"{h}:{p}" for h, p in zip(hosts, take_ports(hosts), strict=True)]
+
+
 def run_ranks(world: int, steps: int, keys: Any = None) -> list[list[torch.Tensor]]:
     hosts = [f"127.0.0.{51 + r}" for r in range(world)]
-    addresses = [f"{h}:{p}" for h, p in zip(hosts, take_ports(hosts), strict=True)]
+    addresses = loopback_addresses(hosts)
     ctx: zmq.Context[Any] = zmq.Context()
     results: list[list[torch.Tensor]] = [[] for _ in range(world)]
     errors: list[BaseException] = []
@@ -57,7 +61,7 @@ def test_every_rank_holds_the_same_rank_order_sum(world: int) -> None:
 
 def test_a_missing_rank_fails_within_the_timeout() -> None:
     hosts = ["127.0.0.61", "127.0.0.62"]
-    addresses = [f"{h}:{p}" for h, p in zip(hosts, take_ports(hosts), strict=True)]
+    addresses = loopback_addresses(hosts)
     ctx: zmq.Context[Any] = zmq.Context()
     try:
         reduce = ZmqCollective.mesh(ctx, 0, addresses, timeout_s=0.5)
@@ -70,7 +74,7 @@ def test_a_missing_rank_fails_within_the_timeout() -> None:
 
 def test_an_abort_from_another_thread_ends_a_wait_at_once() -> None:
     hosts = ["127.0.0.63", "127.0.0.64"]
-    addresses = [f"{h}:{p}" for h, p in zip(hosts, take_ports(hosts), strict=True)]
+    addresses = loopback_addresses(hosts)
     ctx: zmq.Context[Any] = zmq.Context()
     try:
         reduce = ZmqCollective.mesh(ctx, 0, addresses, timeout_s=30)

@@ -22,6 +22,7 @@ from exoctl.placement import PlacementRequest
 from exoctl.worker.server import DOWN_AFTER_S
 from tests.cluster_helpers import WorkerCluster, make_cluster, running, wait_for
 from tests.test_cluster import MAX_TOKENS, PROMPT, generate, model_ref, references  # noqa: F401
+from tests.tiny_models import corrupt_copy
 
 FAIL_WITHIN_S = DOWN_AFTER_S + 4.0
 
@@ -182,14 +183,8 @@ def test_a_rank_killed_during_generation_fails_the_request_fast(
 def test_a_failed_tensor_load_unloads_every_rank(
     cluster4: WorkerCluster, tiny_models: dict[str, Path]
 ) -> None:
-    import json
-    import shutil
-
-    broken = tiny_models["qwen2"].parent / "qwen2-broken-layer"
-    shutil.copytree(tiny_models["qwen2"], broken, dirs_exist_ok=True)
-    index = json.loads((broken / "model.safetensors.index.json").read_text())["weight_map"]
-    (broken / index["model.layers.3.mlp.down_proj.weight"]).write_bytes(
-        b"\x08\x00\x00\x00\x00\x00\x00\x00bad"
+    broken, _ = corrupt_copy(
+        tiny_models["qwen2"], "qwen2-broken-layer", "model.layers.3.mlp.down_proj.weight"
     )
     result = cluster4.cli("place", str(broken), "--nodes", "4", "--sharding", "tensor", "--dtype", "float32")
     assert result.returncode == 1 and "Traceback" not in result.stderr

@@ -72,6 +72,20 @@ def make_tiny_model(kind: str, folder: Path, tokenizer_folder: Path) -> Path:
     return folder
 
 
+def corrupt_copy(folder: Path, name: str, tensor: str) -> tuple[Path, dict[str, str]]:
+    """A copy of `folder` beside it, called `name`, in which the file holding `tensor` is no longer
+    safetensors (a header length, then junk); the copy and its weight map (tensor -> file)."""
+    import json
+
+    broken = folder.parent / name
+    shutil.copytree(folder, broken, dirs_exist_ok=True)
+    weight_map: dict[str, str] = json.loads((broken / "model.safetensors.index.json").read_text())[
+        "weight_map"
+    ]
+    (broken / weight_map[tensor]).write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
+    return broken, weight_map
+
+
 def load_reference(folder: Path, dtype: torch.dtype = torch.float32) -> Any:
     from transformers import AutoModelForCausalLM
 
