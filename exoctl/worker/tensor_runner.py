@@ -78,11 +78,6 @@ class TensorRunner(Runner):
         self.collective.connect([self.addresses[r] for r in range(self.spec.world)])
         self.status = "RunnerReady"
 
-    @property
-    def waiting_for(self) -> list[str]:
-        """The nodes this rank has not heard from yet."""
-        return [name for r, (name, _) in enumerate(self.spec.peers) if r not in self.addresses]
-
     def fail(self, message: str) -> None:
         self.collective.abort(message)  # a step waiting on a peer gives up at once
         super().fail(message)
