@@ -15,7 +15,9 @@ from pathlib import Path
 import yaml
 
 from exoctl.catalog import DEFAULT_MODEL_ID
-from exoctl.cluster.client import Cluster, instances_of
+from exoctl.cluster.client import Cluster
+from exoctl.cluster.views import instances_of
+from exoctl.sampling_params import SamplingParams
 
 PROMPT = "1, 2, 3, 4, 5, 6, 7, 8,"
 EXOCTL = [sys.executable, "-m", "exoctl"]
@@ -29,7 +31,7 @@ def model_ref(name: str, models_dir: Path) -> str:
         return name
     from decode_speed import make_llama_1b
 
-    from exoctl.engine.default_model import ensure_default_model
+    from exoctl.default_model import ensure_default_model
 
     # random weights; SmolLM2's tokenizer (the prompt's ids are all below 32000)
     folder = make_llama_1b(models_dir / "llama-1.1b")
@@ -62,10 +64,10 @@ def decode_rate(cluster: Cluster, instance_id: str, tokens: int) -> float:
     view = instances_of(cluster.statuses())[instance_id]
     best = 0.0
     for max_tokens in (8, tokens, tokens):  # the first run warms up
-        generation = cluster.generate(view, {"max_tokens": max_tokens}, prompt=PROMPT)
+        generation = cluster.generate(view, SamplingParams(max_tokens=max_tokens), prompt=PROMPT)
         for _ in generation:
             pass
         assert generation.result is not None
         if max_tokens == tokens:
-            best = max(best, generation.result["timings"]["decode_tokens_per_s"])
+            best = max(best, generation.result.timings.decode_tokens_per_s)
     return best

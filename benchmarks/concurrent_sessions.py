@@ -19,10 +19,13 @@ import threading
 import time
 
 from exoctl.catalog import DEFAULT_MODEL_ID
-from exoctl.cluster.client import Cluster, instances_of, resolve_card
+from exoctl.cluster.client import Cluster
+from exoctl.cluster.views import instances_of
 from exoctl.inventory import Inventory, Node
 from exoctl.keys import init_keys
+from exoctl.model_store import resolve_card
 from exoctl.placement import PlacementRequest
+from exoctl.sampling_params import SamplingParams
 
 PROMPTS = [
     "1, 2, 3, 4,",
@@ -42,11 +45,13 @@ def aggregate_rate(inventory: Inventory, keys: object, instance_id: str, session
     def session(index: int) -> None:
         with Cluster(inventory, keys) as cluster:  # type: ignore[arg-type]
             view = instances_of(cluster.statuses())[instance_id]
-            generation = cluster.generate(view, {"max_tokens": tokens}, prompt=PROMPTS[index % len(PROMPTS)])
+            generation = cluster.generate(
+                view, SamplingParams(max_tokens=tokens), prompt=PROMPTS[index % len(PROMPTS)]
+            )
             for _ in generation:
                 pass
             assert generation.result is not None
-            done.append(generation.result["usage"]["completion_tokens"])
+            done.append(generation.result.completion_tokens)
 
     threads = [threading.Thread(target=session, args=(i,)) for i in range(sessions)]
     began = time.perf_counter()
@@ -114,7 +119,9 @@ def main() -> None:
                         time.sleep(0.5)
                     card, ref = resolve_card(args.model)
                     request = PlacementRequest(dtype=args.dtype, nodes=args.workers)
-                    instance_id = cluster.load(card, ref, cluster.plan(card, request, cluster.statuses()))
+                    instance_id = cluster.load(
+                        card, ref, cluster.plan(card, request, cluster.statuses())
+                    ).instance_id
                 aggregate_rate(inventory, keys, instance_id, 1, 8)  # warm-up
                 rates = [aggregate_rate(inventory, keys, instance_id, n, args.tokens) for n in counts]
                 print(f"{max_batch:<10} " + " ".join(f"{r:>9.1f} t/s" for r in rates), flush=True)

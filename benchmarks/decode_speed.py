@@ -143,7 +143,7 @@ def main() -> None:
         folders = {}
         for name in args.models.split(","):
             if name == "smollm2":
-                from exoctl.engine.default_model import ensure_default_model
+                from exoctl.default_model import ensure_default_model
 
                 folders[name] = ensure_default_model()
             elif name == "llama-1.1b":

@@ -17,16 +17,18 @@ import sys
 import tempfile
 from pathlib import Path
 
-from exoctl.cluster.client import Cluster, instances_of, resolve_card
+from exoctl.cluster.client import Cluster
+from exoctl.cluster.views import instances_of
 from exoctl.inventory import load_inventory_file
 from exoctl.keys import find_keys
+from exoctl.model_store import resolve_card
 from exoctl.placement import PlacementRequest
 
 
 def stage_ms(cluster: Cluster, instance_id: str) -> float:
     """Sum over stages of each stage's own compute time per decoded token (ms)."""
     runners = instances_of(cluster.statuses())[instance_id].runners.values()
-    return sum(1000 / r["tokens_per_s"] for r in runners if r["tokens_per_s"] > 0)
+    return sum(1000 / r.tokens_per_s for r in runners if r.tokens_per_s > 0)
 
 
 def main() -> None:
@@ -68,7 +70,7 @@ def main() -> None:
                     for count in counts:
                         request = PlacementRequest(dtype=args.dtype, nodes=count)
                         placement = cluster.plan(card, request, cluster.statuses())
-                        instance_id = cluster.load(card, resolved, placement)
+                        instance_id = cluster.load(card, resolved, placement).instance_id
                         try:
                             rates.append(decode_rate(cluster, instance_id, args.tokens))
                             compute = stage_ms(cluster, instance_id)

@@ -20,9 +20,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from exoctl.cluster.client import Cluster, instances_of, resolve_card
+from exoctl.cluster.client import Cluster
+from exoctl.cluster.views import instances_of
 from exoctl.inventory import load_inventory_file
 from exoctl.keys import find_keys
+from exoctl.model_store import resolve_card
 from exoctl.placement import PlacementRequest
 
 
@@ -38,11 +40,11 @@ def run_on(
         card, model_ref = resolve_card(ref)
         request = PlacementRequest(dtype=dtype, nodes=workers)
         placement = cluster.plan(card, request, cluster.statuses(), sharding)
-        instance_id = cluster.load(card, model_ref, placement)
+        instance_id = cluster.load(card, model_ref, placement).instance_id
         try:
             rate = decode_rate(cluster, instance_id, tokens)
             runners = instances_of(cluster.statuses())[instance_id].runners.values()
-            collective = max(r.get("collective_ms_per_token", 0.0) for r in runners)
+            collective = max(r.collective_ms_per_token or 0.0 for r in runners)
             return {"rate": rate, "collective_ms": collective}
         finally:
             cluster.unload(instance_id)

@@ -33,3 +33,8 @@ class UnsupportedModelError(ExoctlError):
 
 class InvalidRequestError(ExoctlError):
     """A generation request with bad parameters (prompt too long, bad sampling values)."""
+
+
+class CollectiveError(ExoctlError):
+    """A tensor-parallel peer did not deliver its partial in time, or the instance failed while
+    a rank was waiting for one (the collective was aborted)."""

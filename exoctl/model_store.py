@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from exoctl.catalog import DEFAULT_MODEL_ID, ModelCard, get_card
+from exoctl.catalog import DEFAULT_MODEL_ID, ModelCard, card_from_folder, find_card, get_card
 from exoctl.errors import ModelNotFoundError
 
 # Files every node needs besides the weights: config, tokenizer, chat template, index.
@@ -18,18 +18,29 @@ def is_model_folder(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file()
 
 
-def resolve_model(model: str, download: bool = False) -> Path:
-    """The folder holding `model`, given as a folder path, catalog id or Hugging Face repo id."""
+def resolve_card(model: str) -> tuple[ModelCard, str]:
+    """The card of `model` (catalog id, Hugging Face repo id, or a model folder's path) and the
+    reference a worker resolves: the catalog id, or the folder's absolute path."""
+    card = find_card(model)
+    if card is not None:
+        return card, card.id
     path = Path(model).expanduser()
     if is_model_folder(path):
-        return path.resolve()
+        return card_from_folder(path.resolve()), str(path.resolve())
     if path.exists():
         raise ModelNotFoundError(f"{model} is not a model folder", hint="a model folder holds config.json")
     if model.startswith((".", "/", "~")) or model.count("/") > 1:
         raise ModelNotFoundError(f"no model folder at {model}")
-    card = get_card(model)
+    return get_card(model), model  # raises the unknown-model error with the catalog's ids
+
+
+def resolve_model(model: str, download: bool = False) -> Path:
+    """The folder holding `model`, given as a folder path, catalog id or Hugging Face repo id."""
+    card, ref = resolve_card(model)
+    if ref != card.id:
+        return Path(ref)
     if card.id == DEFAULT_MODEL_ID:
-        from exoctl.engine.default_model import ensure_default_model
+        from exoctl.default_model import ensure_default_model
 
         return ensure_default_model()
     return hub_folder(card, download=download)

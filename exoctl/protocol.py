@@ -16,14 +16,14 @@ from typing import Any
 
 import msgpack
 
+from exoctl.dtypes import WIRE_DTYPE_SIZES
 from exoctl.errors import ExoctlError
 
-PROTOCOL_VERSION = 2  # 2: tensor sharding (tp_hello, int64 token ids in 'forward')
+PROTOCOL_VERSION = 3  # 2: tensor sharding (tp_hello, int64 ids in "forward"); 3: typed runner reports
 MAX_HEADER_BYTES = 8 * 2**20
 MAX_TENSOR_BYTES = 2**31  # one 8192-token prefill of an 8192-wide model in float32 is 268 MB
 MAX_TENSORS = 4
 
-DTYPE_SIZES = {"float32": 4, "bfloat16": 2, "float16": 2, "int64": 8, "int32": 4}
 
 _ANY = object()
 _NUM = (int, float)
@@ -65,7 +65,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "token": {"instance_id": str, "seqs": list, "tokens": list},
     "release": {"instance_id": str, "seq": str},
     "seq_error": {"instance_id": str, "seqs": list, "message": str},
-    "fail": {"instance_id": str, "message": str},
+    "fail": {"instance_id": str, "message": str, "lost_node": _OPT_STR},
     # a tensor-parallel rank's collective address, sent to the other ranks when it starts loading
     "tp_hello": {"instance_id": str, "rank": int, "address": str},
     # replies
@@ -133,15 +133,15 @@ def _check_tensor(index: int, meta: Any, frame: Any) -> Tensor:
     if not isinstance(meta, dict) or set(meta) != {"dtype", "shape"}:
         raise ProtocolError(f"tensor {index}: metadata must be {{dtype, shape}}")
     dtype, shape = meta["dtype"], meta["shape"]
-    if dtype not in DTYPE_SIZES:
-        raise ProtocolError(f"tensor {index}: dtype {dtype!r} is not one of {', '.join(DTYPE_SIZES)}")
+    if dtype not in WIRE_DTYPE_SIZES:
+        raise ProtocolError(f"tensor {index}: dtype {dtype!r} is not one of {', '.join(WIRE_DTYPE_SIZES)}")
     if (
         not isinstance(shape, list)
         or len(shape) > 4
         or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in shape)
     ):
         raise ProtocolError(f"tensor {index}: shape must be a list of at most 4 sizes >= 0, got {shape!r}")
-    expected = math.prod(shape) * DTYPE_SIZES[dtype]
+    expected = math.prod(shape) * WIRE_DTYPE_SIZES[dtype]
     length = len(memoryview(frame))
     if expected > MAX_TENSOR_BYTES:
         raise ProtocolError(f"tensor {index}: {expected} bytes is over the limit of {MAX_TENSOR_BYTES}")

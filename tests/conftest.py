@@ -13,7 +13,7 @@ os.environ["EXOCTL_HOME"] = str(TEST_HOME / "home")
 
 @pytest.fixture(scope="session")
 def smollm2_folder() -> Path:
-    from exoctl.engine.default_model import ensure_default_model
+    from exoctl.default_model import ensure_default_model
 
     return ensure_default_model()
 

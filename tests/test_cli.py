@@ -25,12 +25,21 @@ def test_the_control_side_does_not_import_torch() -> None:
     # the CLI, the cluster client, placement, the state document and the HTTP API
     code = (
         "import sys; from exoctl.cli.app import app; import exoctl.cli.models, exoctl.cluster.client, "
-        "exoctl.cluster.state, exoctl.tensor_placement, exoctl.api.app; print('torch' in sys.modules)"
+        "exoctl.cluster.state, exoctl.cluster.views, exoctl.tensor_placement, exoctl.api.app, "
+        "exoctl.api.supervisor, exoctl.model_store, exoctl.default_model; print('torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT)
     assert out.stdout.strip() == "False"
     result = exoctl("--help")
     assert result.returncode == 0 and "models" in result.stdout and "run" in result.stdout
+
+
+def test_the_worker_module_loads_torch_only_when_it_runs() -> None:
+    # run_worker sets GOMP_SPINCOUNT and the thread count before torch loads libgomp: the lane,
+    # the outbox, the peers and the loader must not bring torch in earlier
+    code = "import sys; import exoctl.worker.server; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT)
+    assert out.stdout.strip() == "False", out.stderr
 
 
 def test_models_json_lists_cpu_models() -> None:

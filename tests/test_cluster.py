@@ -14,9 +14,12 @@ import pytest
 import zmq
 
 from exoctl.catalog import DEFAULT_MODEL_ID
-from exoctl.cluster.client import Cluster, instances_of, resolve_card
+from exoctl.cluster.client import Cluster
+from exoctl.cluster.views import instances_of
+from exoctl.model_store import resolve_card
 from exoctl.placement import PlacementRequest
 from exoctl.protocol import PROTOCOL_VERSION
+from exoctl.sampling_params import SamplingParams
 from tests.cluster_helpers import WorkerCluster, make_cluster, running, wait_for
 from tests.tiny_models import corrupt_copy
 
@@ -38,9 +41,8 @@ def cluster4(
 @pytest.fixture(scope="module")
 def references(tiny_models: dict[str, Path], smollm2_folder: Path) -> dict[str, list[int]]:
     """Greedy tokens of each model in this process: the engine, whole, float32."""
-    from exoctl.engine.generate import generate_ids
+    from exoctl.engine.generate import complete
     from exoctl.engine.model import load_model
-    from exoctl.engine.sampling import SamplingParams
     from exoctl.engine.tokenizer import Tokenizer
 
     folders = {**tiny_models, "smollm2": smollm2_folder}
@@ -49,7 +51,7 @@ def references(tiny_models: dict[str, Path], smollm2_folder: Path) -> dict[str, 
         tokenizer = Tokenizer(folder)
         ids = tokenizer.encode(PROMPT)
         params = SamplingParams(max_tokens=MAX_TOKENS)
-        out[kind] = [t for t, _ in generate_ids(load_model(folder), ids, params, tokenizer.eos_token_ids)]
+        out[kind] = complete(load_model(folder), tokenizer, ids, params).token_ids
     return out
 
 
@@ -60,16 +62,16 @@ def model_ref(kind: str, tiny_models: dict[str, Path]) -> str:
 def place(client: Cluster, model: str, nodes: int, dtype: str = "float32") -> str:
     card, ref = resolve_card(model)
     placement = client.plan(card, PlacementRequest(dtype=dtype, nodes=nodes), client.statuses())
-    return client.load(card, ref, placement)
+    return client.load(card, ref, placement).instance_id
 
 
 def generate(client: Cluster, instance_id: str, prompt: str = PROMPT, **params: Any) -> dict[str, Any]:
     view = instances_of(client.statuses())[instance_id]
-    generation = client.generate(view, {"max_tokens": MAX_TOKENS, **params}, prompt=prompt)
+    generation = client.generate(view, SamplingParams(**{"max_tokens": MAX_TOKENS, **params}), prompt=prompt)
     text = "".join(generation)
     assert generation.result is not None
-    assert generation.result["text"] == text
-    return generation.result
+    assert generation.result.text == text
+    return generation.result.to_wire()  # the shape `exoctl run --json` prints
 
 
 @pytest.mark.parametrize("nodes", [1, 2, 3, 4])
@@ -110,9 +112,9 @@ def test_smollm2_answers_paris_across_four_workers(cluster4: WorkerCluster) -> N
         try:
             view = instances_of(client.statuses())[instance_id]
             messages = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
-            generation = client.generate(view, {"max_tokens": 20}, messages=messages)
+            generation = client.generate(view, SamplingParams(max_tokens=20), messages=messages)
             assert "Paris" in "".join(generation)
-            assert generation.result is not None and generation.result["finish_reason"] == "stop"
+            assert generation.result is not None and generation.result.finish_reason == "stop"
         finally:
             client.unload(instance_id)
 
@@ -127,7 +129,7 @@ def test_delete_frees_the_runners_memory(cluster4: WorkerCluster) -> None:
         instance_id = place(client, DEFAULT_MODEL_ID, 2)
         loaded = rss()
         runners = instances_of(client.statuses())[instance_id].runners
-        held = {node: r["memory_bytes"] for node, r in runners.items()}
+        held = {node: r.memory_bytes for node, r in runners.items()}
         assert all(held[n] > 100e6 for n in held)  # about 326 MB of float32 weights each
         for node in held:
             assert loaded[node] - before[node] > 0.6 * held[node]
@@ -184,13 +186,13 @@ def test_two_requests_at_once_get_their_own_answers(
             view = instances_of(client.statuses())[instance_id]
             other = Cluster(client.inventory, client.keys)
             try:
-                first = client.generate(view, {"max_tokens": MAX_TOKENS}, prompt=PROMPT)
-                second = other.generate(view, {"max_tokens": MAX_TOKENS}, prompt=PROMPT)
+                first = client.generate(view, SamplingParams(max_tokens=MAX_TOKENS), prompt=PROMPT)
+                second = other.generate(view, SamplingParams(max_tokens=MAX_TOKENS), prompt=PROMPT)
                 list(first), list(second)
             finally:
                 other.close()
             assert first.result and second.result
-            assert first.result["token_ids"] == second.result["token_ids"] == references["llama"]
+            assert first.result.token_ids == second.result.token_ids == references["llama"]
         finally:
             client.unload(instance_id)
 
@@ -412,7 +414,9 @@ def test_a_worker_busy_decoding_answers_status_at_once(cluster4: WorkerCluster) 
         instance_id = place(client, DEFAULT_MODEL_ID, 1)
         try:
             view = instances_of(client.statuses())[instance_id]
-            generation = client.generate(view, {"max_tokens": 60}, prompt="1, 2, 3, 4, 5, 6, 7, 8,")
+            generation = client.generate(
+                view, SamplingParams(max_tokens=60), prompt="1, 2, 3, 4, 5, 6, 7, 8,"
+            )
             waits = []
             with Cluster(client.inventory, client.keys) as other:
                 for count, _ in enumerate(generation):

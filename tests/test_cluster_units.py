@@ -10,36 +10,42 @@ from typing import Any
 import pytest
 
 from exoctl.catalog import card_from_folder, get_card
-from exoctl.cluster.client import NodeStatus, instances_of, runtime_dtype
 from exoctl.cluster.launcher import sh_path, ssh_command
 from exoctl.cluster.state import state_document
+from exoctl.cluster.views import NodeStatus, instances_of, runtime_dtype
 from exoctl.inventory import Node
 from exoctl.model_store import files_for_layers
+from exoctl.runner_report import Failure, RunnerReport, RunnerStatus
 
 
 def runner(
-    rid: str, node_names: list[str], rank: int, start: int, end: int, status: str = "RunnerReady"
-) -> dict[str, Any]:
-    return {
-        "runner_id": rid,
-        "instance_id": "inst",
-        "model_id": "llama-3.1-8b-cpu",
-        "sharding": "pipeline",
-        "dtype": "float32",
-        "start_layer": start,
-        "end_layer": end,
-        "n_layers": 32,
-        "rank": rank,
-        "world": len(node_names),
-        "nodes": node_names,
-        "status": status,
-        "message": "",
-        "layers_loaded": end - start,
-        "memory_bytes": 1000,
-        "tokens_per_s": 5.0,
-        "decode_tokens_per_s": 4.0,
-        "active_sequences": 0,
-    }
+    rid: str,
+    node_names: list[str],
+    rank: int,
+    start: int,
+    end: int,
+    status: RunnerStatus = RunnerStatus.READY,
+    failure: Failure | None = None,
+) -> RunnerReport:
+    return RunnerReport(
+        runner_id=rid,
+        instance_id="inst",
+        model_id="llama-3.1-8b-cpu",
+        sharding="pipeline",
+        dtype="float32",
+        start_layer=start,
+        end_layer=end,
+        n_layers=32,
+        rank=rank,
+        world=len(node_names),
+        nodes=tuple(node_names),
+        status=status,
+        failure=failure,
+        layers_loaded=end - start,
+        memory_bytes=1000,
+        tokens_per_s=5.0,
+        decode_tokens_per_s=4.0,
+    )
 
 
 def profile(bf16: bool = False) -> dict[str, Any]:
@@ -90,6 +96,30 @@ def test_an_instance_missing_a_node_is_failed() -> None:
     ]
     view = instances_of(statuses)["inst"]
     assert view.status == "failed" and view.missing == ["b"] and view.failure == "node b is down"
+
+
+def test_only_a_failure_that_names_a_lost_node_makes_an_instance_lost() -> None:
+    """The supervisor re-places an instance on its runners' word that a node was lost, read from
+    the failure's cause, never from its text."""
+    lost = Failure("node b (127.0.0.2:1) stopped answering (no heartbeat for 3.2 s)", lost_node="b")
+    other = Failure("node a: RuntimeError: stopped answering questions")  # the words, not the cause
+    for failure, expected in ((lost, "b"), (other, None)):
+        failed = runner("r1", ["a", "b"], 0, 0, 20, RunnerStatus.FAILED, failure)
+        statuses = [NodeStatus(Node("a", "127.0.0.1"), profile(), [failed])]
+        view = instances_of(statuses)["inst"]
+        assert view.status == "failed" and view.failure == failure.message
+        assert view.lost_node == expected
+        doc = state_document(statuses, "lab")
+        assert doc["runners"]["r1"] == {
+            "RunnerFailed": {
+                "runnerId": "r1",
+                "instanceId": "inst",
+                "memoryBytes": 1000,
+                "tokensPerSecond": 5.0,
+                "activeSequences": 0,
+                "errorMessage": failure.message,
+            }
+        }
 
 
 def test_auto_dtype_needs_native_bf16_on_every_live_node() -> None:
@@ -158,7 +188,7 @@ def test_remote_paths_expand_home_and_quote_the_rest() -> None:
 
 
 def test_workers_on_one_machine_share_its_memory() -> None:
-    from exoctl.cluster.client import node_profiles
+    from exoctl.cluster.views import node_profiles
 
     def on(machine: str, available: int) -> dict[str, Any]:
         return {**profile(), "machine_id": machine, "ram_total": 100, "ram_available": available}

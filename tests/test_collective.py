@@ -10,8 +10,9 @@ import pytest
 import torch
 import zmq
 
+from exoctl.errors import CollectiveError
 from exoctl.keys import find_keys
-from exoctl.worker.collective import CollectiveError, ZmqCollective
+from exoctl.worker.collective import ZmqCollective
 from tests.cluster_helpers import take_ports
 
 

@@ -13,9 +13,13 @@ from pathlib import Path
 import pytest
 
 from exoctl.catalog import DEFAULT_MODEL_ID
-from exoctl.cluster.client import GENERATION_SILENCE_S, Cluster, instances_of, resolve_card
+from exoctl.cluster.client import GENERATION_SILENCE_S, Cluster
+from exoctl.cluster.views import instances_of
 from exoctl.errors import ExoctlError
+from exoctl.model_store import resolve_card
 from exoctl.placement import PlacementRequest
+from exoctl.runner_report import RunnerStatus
+from exoctl.sampling_params import SamplingParams
 from exoctl.worker.server import DOWN_AFTER_S
 from tests.cluster_helpers import WorkerCluster, make_cluster, running, wait_for
 
@@ -32,7 +36,7 @@ def cluster3(tmp_path: Path, tiny_models: dict[str, Path]) -> Iterator[WorkerClu
 def place(client: Cluster, model: str, nodes: int) -> str:
     card, ref = resolve_card(model)
     placement = client.plan(card, PlacementRequest(dtype="float32", nodes=nodes), client.statuses())
-    return client.load(card, ref, placement)
+    return client.load(card, ref, placement).instance_id
 
 
 def fail_during_generation(
@@ -41,7 +45,7 @@ def fail_during_generation(
     """Start a long generation, hit `victim` with `sig` after a few tokens; the error and how long it took."""
     instance_id = place(client, DEFAULT_MODEL_ID, len(cluster.names))
     view = instances_of(client.statuses())[instance_id]
-    generation = client.generate(view, {"max_tokens": 500}, prompt=COUNTING)
+    generation = client.generate(view, SamplingParams(max_tokens=500), prompt=COUNTING)
     hit_at = 0.0
     with pytest.raises(ExoctlError) as caught:
         for count, _ in enumerate(generation):
@@ -60,10 +64,10 @@ def serves(client: Cluster, tiny_models: dict[str, Path], nodes: int) -> bool:
     """The live workers still place a model and answer."""
     instance_id = place(client, str(tiny_models["llama"]), nodes)
     view = instances_of(client.statuses())[instance_id]
-    generation = client.generate(view, {"max_tokens": 5}, prompt=COUNTING)
+    generation = client.generate(view, SamplingParams(max_tokens=5), prompt=COUNTING)
     list(generation)
     client.unload(instance_id)
-    return generation.result is not None and generation.result["usage"]["completion_tokens"] >= 1
+    return generation.result is not None and generation.result.completion_tokens >= 1
 
 
 def test_killed_middle_stage(cluster3: WorkerCluster, tiny_models: dict[str, Path]) -> None:
@@ -75,8 +79,9 @@ def test_killed_middle_stage(cluster3: WorkerCluster, tiny_models: dict[str, Pat
         # the instance is failed, and its surviving runners freed their memory
         view = next(iter(instances_of(client.statuses()).values()))
         assert view.status == "failed" and view.missing == ["node2"]
-        assert all(r["status"] == "RunnerFailed" and r["memory_bytes"] == 0 for r in view.runners.values())
-        assert "node2" in view.runners["node1"]["message"]
+        assert all(r.status is RunnerStatus.FAILED and r.memory_bytes == 0 for r in view.runners.values())
+        failure = view.runners["node1"].failure
+        assert failure is not None and "node2" in failure.message and failure.lost_node == "node2"
         assert serves(client, tiny_models, 2)
 
 
@@ -101,7 +106,7 @@ def test_frozen_head(cluster3: WorkerCluster) -> None:
         def freed() -> bool:
             runners = [r for s in client.statuses() if s.up for r in s.runners]
             return bool(runners) and all(
-                r["status"] == "RunnerFailed" and r["memory_bytes"] == 0 for r in runners
+                r.status is RunnerStatus.FAILED and r.memory_bytes == 0 for r in runners
             )
 
         assert wait_for(freed, timeout=FAIL_WITHIN_S)

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from exoctl.cluster.client import instances_of, resolve_card
+from exoctl.cluster.views import instances_of
+from exoctl.model_store import resolve_card
 from exoctl.placement import PlacementRequest
+from exoctl.sampling_params import SamplingParams
 from tests.cluster_helpers import (
     PYTHON_EXOCTL,
     WorkerCluster,
@@ -123,12 +125,12 @@ def test_up_and_down_through_ssh(sshd: dict[str, str], tmp_path: Path, tiny_mode
         with cluster.client() as client:
             card, ref = resolve_card(str(tiny_models["llama"]))
             placement = client.plan(card, PlacementRequest(dtype="float32", nodes=2), client.statuses())
-            instance_id = client.load(card, ref, placement)
+            instance_id = client.load(card, ref, placement).instance_id
             generation = client.generate(
-                instances_of(client.statuses())[instance_id], {"max_tokens": 4}, prompt="hello"
+                instances_of(client.statuses())[instance_id], SamplingParams(max_tokens=4), prompt="hello"
             )
             list(generation)
-            assert generation.result is not None and generation.result["usage"]["completion_tokens"] >= 1
+            assert generation.result is not None and generation.result.completion_tokens >= 1
         logs = cluster.cli("logs", "ssh2", "-n", "50")
         assert logs.returncode == 0 and "exoctl worker ssh2 listening on 127.0.0.22" in logs.stdout
         again = cluster.cli("up", "--json")

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from exoctl.engine.generate import complete
-from exoctl.engine.sampling import SamplingParams
 from exoctl.errors import InvalidRequestError, ModelNotFoundError
+from exoctl.sampling_params import SamplingParams
 
 
 def test_greedy_completion_says_paris(smollm2) -> None:  # type: ignore[no-untyped-def]
@@ -62,7 +62,7 @@ def test_a_prompt_longer_than_the_context_is_refused(smollm2) -> None:  # type: 
 def test_missing_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import importlib.util
 
-    from exoctl.engine import default_model
+    from exoctl import default_model
 
     monkeypatch.setenv("EXOCTL_HOME", str(tmp_path))
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
@@ -73,7 +73,7 @@ def test_missing_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch, tm
 
 
 def test_conversion_is_reused(smollm2_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from exoctl.engine import default_model
+    from exoctl import default_model
 
     def refuse(*args: object) -> None:
         raise AssertionError("converted again")

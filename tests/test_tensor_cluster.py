@@ -15,10 +15,14 @@ from typing import Any
 import pytest
 
 from exoctl.catalog import DEFAULT_MODEL_ID
-from exoctl.cluster.client import Cluster, instances_of, resolve_card
+from exoctl.cluster.client import Cluster
 from exoctl.cluster.state import state_document
+from exoctl.cluster.views import instances_of
 from exoctl.errors import ExoctlError
+from exoctl.model_store import resolve_card
 from exoctl.placement import PlacementRequest
+from exoctl.runner_report import RunnerStatus
+from exoctl.sampling_params import SamplingParams
 from exoctl.worker.server import DOWN_AFTER_S
 from tests.cluster_helpers import WorkerCluster, make_cluster, running, wait_for
 from tests.test_cluster import MAX_TOKENS, PROMPT, generate, model_ref, references  # noqa: F401
@@ -41,7 +45,7 @@ def place(client: Cluster, model: str, nodes: int, sharding: str = "tensor") -> 
     request = PlacementRequest(dtype="float32", nodes=nodes)
     placement = client.plan(card, request, client.statuses(), sharding)
     assert placement.sharding == sharding
-    return client.load(card, ref, placement)
+    return client.load(card, ref, placement).instance_id
 
 
 def routed_tokens(result: dict[str, Any], layers: int, top_k: int) -> int:
@@ -108,7 +112,7 @@ def test_smollm2_over_three_ranks_gives_the_single_process_tokens(
             assert generate(client, instance_id)["token_ids"] == references["smollm2"]
             messages = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
             view = instances_of(client.statuses())[instance_id]
-            generation = client.generate(view, {"max_tokens": 20}, messages=messages)
+            generation = client.generate(view, SamplingParams(max_tokens=20), messages=messages)
             assert "Paris" in "".join(generation)
         finally:
             client.unload(instance_id)
@@ -125,10 +129,10 @@ def test_concurrent_and_sampled_requests_under_tensor_sharding(
             view = instances_of(client.statuses())[instance_id]
             others = [Cluster(client.inventory, client.keys) for _ in range(3)]
             try:
-                sampled = {"max_tokens": MAX_TOKENS, "temperature": 1.0, "top_p": 0.9, "seed": 5}
+                sampled = SamplingParams(max_tokens=MAX_TOKENS, temperature=1.0, top_p=0.9, seed=5)
                 runs = [
-                    client.generate(view, {"max_tokens": MAX_TOKENS}, prompt=PROMPT),
-                    others[0].generate(view, {"max_tokens": MAX_TOKENS}, prompt="Hello there, my"),
+                    client.generate(view, SamplingParams(max_tokens=MAX_TOKENS), prompt=PROMPT),
+                    others[0].generate(view, SamplingParams(max_tokens=MAX_TOKENS), prompt="Hello there, my"),
                     others[1].generate(view, sampled, prompt=PROMPT),
                     others[2].generate(view, sampled, prompt=PROMPT),
                 ]
@@ -137,13 +141,13 @@ def test_concurrent_and_sampled_requests_under_tensor_sharding(
             finally:
                 for other in others:
                     other.close()
-            results = [run.result for run in runs]
-            assert all(r is not None for r in results)
-            assert results[0]["token_ids"] == references["qwen2"]  # batched with the others
+            results = [run.result.token_ids for run in runs if run.result is not None]
+            assert len(results) == 4
+            assert results[0] == references["qwen2"]  # batched with the others
             # the same seed gives the same tokens; they are not the greedy ones
-            assert results[2]["token_ids"] == results[3]["token_ids"] != references["qwen2"]
+            assert results[2] == results[3] != references["qwen2"]
             alone = generate(client, instance_id, prompt="Hello there, my")
-            assert results[1]["token_ids"] == alone["token_ids"]
+            assert results[1] == alone["token_ids"]
         finally:
             client.unload(instance_id)
 
@@ -155,7 +159,9 @@ def test_a_rank_killed_during_generation_fails_the_request_fast(
         with cluster.client() as client:
             instance_id = place(client, DEFAULT_MODEL_ID, 3)
             view = instances_of(client.statuses())[instance_id]
-            generation = client.generate(view, {"max_tokens": 500}, prompt="1, 2, 3, 4, 5, 6, 7, 8,")
+            generation = client.generate(
+                view, SamplingParams(max_tokens=500), prompt="1, 2, 3, 4, 5, 6, 7, 8,"
+            )
             hit_at = 0.0
             with pytest.raises(ExoctlError) as caught:
                 for count, _ in enumerate(generation):
@@ -170,7 +176,7 @@ def test_a_rank_killed_during_generation_fails_the_request_fast(
             def freed() -> bool:
                 runners = [r for s in client.statuses() if s.up for r in s.runners]
                 return len(runners) == 2 and all(
-                    r["status"] == "RunnerFailed" and r["memory_bytes"] == 0 for r in runners
+                    r.status is RunnerStatus.FAILED and r.memory_bytes == 0 for r in runners
                 )
 
             assert wait_for(freed, timeout=FAIL_WITHIN_S)
@@ -198,13 +204,13 @@ def test_bfloat16_under_tensor_sharding(cluster4: WorkerCluster, tiny_models: di
         placement = client.plan(
             card, PlacementRequest(dtype="bfloat16", nodes=2), client.statuses(), "tensor"
         )
-        instance_id = client.load(card, ref, placement)
+        instance_id = client.load(card, ref, placement).instance_id
         try:
             result = generate(client, instance_id, temperature=0.7, seed=3)
             assert result["usage"]["completion_tokens"] >= 1
             runners = instances_of(client.statuses())[instance_id].runners.values()
-            assert {r["dtype"] for r in runners} == {"bfloat16"}
-            assert all(r["collective_ms_per_token"] > 0 for r in runners)
+            assert {r.dtype for r in runners} == {"bfloat16"}
+            assert all((r.collective_ms_per_token or 0) > 0 for r in runners)
         finally:
             client.unload(instance_id)
 
@@ -225,15 +231,15 @@ def test_two_tensor_instances_on_the_same_nodes_run_at_once(
             other = Cluster(client.inventory, client.keys)
             try:
                 runs = [
-                    client.generate(views[first], {"max_tokens": MAX_TOKENS}, prompt=PROMPT),
-                    other.generate(views[second], {"max_tokens": MAX_TOKENS}, prompt=PROMPT),
+                    client.generate(views[first], SamplingParams(max_tokens=MAX_TOKENS), prompt=PROMPT),
+                    other.generate(views[second], SamplingParams(max_tokens=MAX_TOKENS), prompt=PROMPT),
                 ]
                 for run in runs:
                     list(run)
             finally:
                 other.close()
-            assert runs[0].result is not None and runs[0].result["token_ids"] == references["llama"]
-            assert runs[1].result is not None and runs[1].result["token_ids"] == references["qwen2"]
+            assert runs[0].result is not None and runs[0].result.token_ids == references["llama"]
+            assert runs[1].result is not None and runs[1].result.token_ids == references["qwen2"]
         finally:
             client.unload(first)
             client.unload(second)

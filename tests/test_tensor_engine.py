@@ -16,10 +16,11 @@ import torch
 
 from exoctl.engine.model import CausalLM, load_model
 from exoctl.engine.parallel_sampling import RankSampler, choose_tokens
-from exoctl.engine.sampling import SamplingParams, top_k_filter, top_p_filter
+from exoctl.engine.sampling import top_k_filter, top_p_filter
 from exoctl.engine.shard import TensorShard
 from exoctl.engine.weights import WeightReader
 from exoctl.errors import UnsupportedModelError
+from exoctl.sampling_params import SamplingParams
 
 
 class Exchange:

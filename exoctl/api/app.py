@@ -1,69 +1,31 @@
-"""`exoctl serve`: OpenAI-compatible chat and EXO-compatible cluster control over HTTP.
+"""`exoctl serve`: OpenAI-compatible chat and EXO-compatible cluster control over HTTP: the routes.
 
-FastAPI on uvicorn. Every error uses OpenAI's envelope `{"error": {"message", "type", "param",
-"code"}}` — also inside a stream — and a request that cannot work gets an error status at once.
+FastAPI on uvicorn. Every error uses OpenAI's envelope (`errors.py`) — also inside a stream
+(`openai_chat.py`) — and a request that cannot work gets an error status at once.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
 import secrets
-import threading
-import time
-import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from exoctl import __version__
+from exoctl.api.errors import classify, error_body, exoctl_error_response
 from exoctl.api.metrics import Metrics
+from exoctl.api.openai_chat import ChatCompletion
 from exoctl.api.schemas import ChatRequest, PlaceRequest
-from exoctl.api.service import ClusterService, NotFound, NotPlacedError, shards_json
-from exoctl.errors import ExoctlError, InvalidRequestError, ModelNotFoundError
-from exoctl.placement import PlacementError
-from exoctl.sharding import UnknownShardingError
+from exoctl.api.service import ClusterService, NotFound, shards_json
+from exoctl.errors import ExoctlError
 from exoctl.tensor_placement import valid_rank_counts
-from exoctl.transport import NodeError
 
-# ExoctlError subclasses -> (HTTP status, OpenAI error type)
-ERROR_STATUS: list[tuple[type[ExoctlError], int, str]] = [
-    (NotPlacedError, 404, "not_found_error"),
-    (ModelNotFoundError, 404, "not_found_error"),
-    (NotFound, 404, "not_found_error"),
-    (InvalidRequestError, 400, "invalid_request_error"),
-    (UnknownShardingError, 400, "invalid_request_error"),
-    (PlacementError, 409, "placement_error"),
-    (NodeError, 503, "server_error"),
-]
 OPEN_PATHS = frozenset({"/healthz"})
-
-
-def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
-def classify(exc: ExoctlError) -> tuple[int, str]:
-    for cls, status, kind in ERROR_STATUS:
-        if isinstance(exc, cls):
-            return status, kind
-    return 500, "server_error"
-
-
-def exoctl_error_response(exc: ExoctlError) -> JSONResponse:
-    status, kind = classify(exc)
-    message = exc.message + (f" ({exc.hint})" if exc.hint else "")
-    return JSONResponse(error_body(message, kind, code=type(exc).__name__), status_code=status)
-
-
-def sse(data: dict[str, Any] | str) -> str:
-    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
 
 
 def create_app(service: ClusterService, api_key: str | None = None) -> FastAPI:
@@ -210,125 +172,6 @@ def create_app(service: ClusterService, api_key: str | None = None) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest) -> Response:
-        params = {
-            "max_tokens": body.max_completion_tokens or body.max_tokens or 1024,
-            "temperature": 1.0 if body.temperature is None else body.temperature,
-            "top_p": 1.0 if body.top_p is None else body.top_p,
-            "seed": body.seed,
-            "stop": body.stops(),
-        }
-        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-        created = int(time.time())
-        events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-        cancel = threading.Event()
-
-        def put(kind: str, value: Any) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, (kind, value))
-
-        def generate() -> None:  # a thread of its own: its sockets stay in it from start to end
-            try:
-                with service.cluster() as cluster:
-                    view, generation = service.generate(cluster, body.model, params, body.chat_messages())
-                    put("model", view.model_id)
-                    for delta in generation:
-                        put("delta", delta)
-                        if cancel.is_set():
-                            generation.cancel()
-                            return
-                    put("done", generation.result)
-            except ExoctlError as exc:
-                put("error", exc)
-            except Exception as exc:  # the stream must end even on a bug
-                put("error", ExoctlError(f"internal error: {exc!r}"))
-
-        threading.Thread(target=generate, name=f"chat-{completion_id[-8:]}", daemon=True).start()
-        kind, value = await events.get()
-        if kind == "error":
-            metrics.errors.labels(classify(value)[1]).inc()
-            return exoctl_error_response(value)
-        model = value
-
-        def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-            return {
-                "id": completion_id,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-            }
-
-        def usage(result: dict[str, Any]) -> dict[str, int]:
-            prompt, completion = result["usage"]["prompt_tokens"], result["usage"]["completion_tokens"]
-            return {
-                "prompt_tokens": prompt,
-                "completion_tokens": completion,
-                "total_tokens": prompt + completion,
-            }
-
-        def finish_reason(result: dict[str, Any]) -> str:
-            return "length" if result["finish_reason"] == "length" else "stop"
-
-        if not body.stream:
-            while True:
-                kind, value = await events.get()
-                if kind == "error":
-                    metrics.errors.labels(classify(value)[1]).inc()
-                    return exoctl_error_response(value)
-                if kind == "done":
-                    metrics.completed(model, value)
-                    return JSONResponse(
-                        {
-                            "id": completion_id,
-                            "object": "chat.completion",
-                            "created": created,
-                            "model": model,
-                            "choices": [
-                                {
-                                    "index": 0,
-                                    "message": {"role": "assistant", "content": value["text"]},
-                                    "finish_reason": finish_reason(value),
-                                }
-                            ],
-                            "usage": usage(value),
-                        }
-                    )
-
-        async def stream() -> AsyncIterator[str]:
-            try:
-                yield sse(chunk({"role": "assistant", "content": ""}))
-                while True:
-                    kind, value = await events.get()
-                    if kind == "delta":
-                        yield sse(chunk({"content": value}))
-                    elif kind == "done":
-                        metrics.completed(model, value)
-                        yield sse(chunk({}, finish_reason(value)))
-                        if body.stream_options is not None and body.stream_options.include_usage:
-                            yield sse(
-                                {
-                                    "id": completion_id,
-                                    "object": "chat.completion.chunk",
-                                    "created": created,
-                                    "model": model,
-                                    "choices": [],
-                                    "usage": usage(value),
-                                }
-                            )
-                        break
-                    elif kind == "error":
-                        status, error_type = classify(value)
-                        metrics.errors.labels(error_type).inc()
-                        yield sse(error_body(value.message, error_type, code=str(status)))
-                        break
-                yield sse("[DONE]")
-            finally:
-                cancel.set()  # the client went away: the generating thread cancels at its next token
-
-        return StreamingResponse(
-            stream(),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
+        return await ChatCompletion(service, metrics, body).respond()
 
     return app

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from exoctl.cluster.client import NodeStatus
+from exoctl.cluster.views import NodeStatus
+from exoctl.completion import Completion
 
 
 class NodeCollector(Collector):
@@ -36,7 +36,7 @@ class NodeCollector(Collector):
                 available.add_metric([name], status.profile["ram_available"])
                 rss.add_metric([name], status.profile["rss"])
             for r in status.runners:
-                runner.add_metric([name, r["model_id"], r["instance_id"]], r["memory_bytes"])
+                runner.add_metric([name, r.model_id, r.instance_id], r.memory_bytes)
         yield from (up, total, available, rss, runner)
 
 
@@ -61,7 +61,7 @@ class Metrics:
         )
         self.registry.register(NodeCollector(statuses))
 
-    def completed(self, model: str, result: dict[str, Any]) -> None:
-        self.prompt_tokens.labels(model).inc(result["usage"]["prompt_tokens"])
-        self.completion_tokens.labels(model).inc(result["usage"]["completion_tokens"])
-        self.tokens_per_second.labels(model).set(result["timings"]["decode_tokens_per_s"])
+    def completed(self, model: str, result: Completion) -> None:
+        self.prompt_tokens.labels(model).inc(result.prompt_tokens)
+        self.completion_tokens.labels(model).inc(result.completion_tokens)
+        self.tokens_per_second.labels(model).set(result.timings.decode_tokens_per_s)

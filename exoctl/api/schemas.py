@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from exoctl.dtypes import DTYPE_CHOICES
+
 
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
@@ -77,5 +79,12 @@ class PlaceRequest(BaseModel):
     instance_meta: Literal["CpuRing", "CudaRing"] = "CpuRing"
     min_nodes: int = Field(default=1, ge=1)
     nodes: int | None = Field(default=None, ge=1)
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    dtype: str = "auto"  # one of DTYPE_CHOICES
     wait: bool = True
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, dtype: str) -> str:
+        if dtype not in DTYPE_CHOICES:
+            raise ValueError(f"Input should be {' or '.join(repr(d) for d in DTYPE_CHOICES)}")
+        return dtype

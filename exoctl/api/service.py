@@ -15,20 +15,15 @@ from typing import Any
 import zmq
 
 from exoctl.catalog import ModelCard, find_card, load_catalog
-from exoctl.cluster.client import (
-    Cluster,
-    Generation,
-    InstanceView,
-    NodeStatus,
-    instances_of,
-    resolve_card,
-    runtime_dtype,
-)
+from exoctl.cluster.client import Cluster, Generation
 from exoctl.cluster.state import state_document
+from exoctl.cluster.views import InstanceView, NodeStatus, find_instance, instances_of, runtime_dtype
 from exoctl.errors import ExoctlError, ModelNotFoundError
 from exoctl.inventory import Inventory
 from exoctl.keys import ClusterKeys
+from exoctl.model_store import resolve_card
 from exoctl.placement import Placement, PlacementError, PlacementRequest
+from exoctl.sampling_params import SamplingParams
 from exoctl.sharding import Plan, check_sharding
 
 
@@ -78,21 +73,20 @@ class ClusterService:
         views = list(instances_of(self.statuses()).values())
         result = []
         for card in load_catalog():
-            placed = [
-                v.instance_id for v in views if v.model_id == card.id and v.status in ("ready", "running")
-            ]
+            placed = [v.instance_id for v in views if v.model_id == card.id and v.serving]
             result.append((card, is_downloaded(card), placed))
         return result
 
     def instance_for(self, model: str, statuses: list[NodeStatus]) -> InstanceView:
         """The ready instance that serves `model` (catalog id, HF repo id, folder name or instance id)."""
+        view = find_instance(statuses, model)
+        if view is not None:
+            return view
         card = find_card(model)
         wanted = card.id if card is not None else model
-        views = [v for v in instances_of(statuses).values() if v.status in ("ready", "running")]
-        for view in views:
-            if wanted in (view.model_id, view.instance_id):
-                return view
-        placed = ", ".join(sorted({v.model_id for v in views})) or "none"
+        placed = (
+            ", ".join(sorted({v.model_id for v in instances_of(statuses).values() if v.serving})) or "none"
+        )
         named = f"model {model!r}" + (f" ({wanted})" if wanted != model else "")
         raise NotPlacedError(
             f"{named} is not placed (placed models: {placed})",
@@ -171,7 +165,7 @@ class ClusterService:
         return freed
 
     def generate(
-        self, cluster: Cluster, model: str, params: dict[str, Any], messages: list[dict[str, str]]
+        self, cluster: Cluster, model: str, params: SamplingParams, messages: list[dict[str, str]]
     ) -> tuple[InstanceView, Generation]:
         view = self.instance_for(model, cluster.statuses())
         return view, cluster.generate(view, params, messages=messages)

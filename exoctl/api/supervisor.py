@@ -1,10 +1,10 @@
 """`serve`'s supervisor: an instance that lost a node is placed again on the live nodes.
 
-Every few seconds it reads the cluster; an instance whose runners declared a node lost
-("stopped answering" / "restarted", from their heartbeats) is unloaded from the nodes that still
-hold a part of it and placed again with the same model, sharding and dtype on the live nodes,
-when their memory allows (reformation). A node that comes back is simply live again: the next
-placement may use it.
+Every few seconds it reads the cluster; an instance whose runners declared a node lost (their
+failure names the lost node: it stopped answering their heartbeats, or restarted) is unloaded
+from the nodes that still hold a part of it and placed again with the same model, sharding and
+dtype on the live nodes, when their memory allows (reformation). A node that comes back is simply
+live again: the next placement may use it.
 """
 
 from __future__ import annotations
@@ -15,22 +15,10 @@ import time
 from typing import Any
 
 from exoctl.api.service import ClusterService
-from exoctl.cluster.client import InstanceView, instances_of
+from exoctl.cluster.views import InstanceView, instances_of
 from exoctl.errors import ExoctlError
 
 log = logging.getLogger("exoctl.serve")
-LOST_NODE = ("stopped answering", "restarted")
-
-
-def lost_a_node(view: InstanceView) -> bool:
-    """The instance's own runners have declared it lost (their heartbeats missed a node).
-
-    A node that merely misses one status poll is not enough: its runners may still be serving,
-    and a request in flight must fail with the heartbeat's error that names the node."""
-    return any(
-        r["status"] == "RunnerFailed" and any(w in r["message"] for w in LOST_NODE)
-        for r in view.runners.values()
-    )
 
 
 class Supervisor:
@@ -58,7 +46,7 @@ class Supervisor:
     def run_once(self) -> None:
         statuses = self.service.statuses()
         for view in instances_of(statuses).values():
-            if lost_a_node(view):
+            if view.lost_node is not None:
                 self.reform(view)
 
     def reform(self, view: InstanceView) -> None:

@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import sys
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from exoctl.cli.common import (
-    InventoryOption,
-    check_request,
-    ensure_instance,
-    not_running_hint,
-    open_cluster,
-)
-from exoctl.cli.output import console, err_console
+from exoctl.cli.common import InventoryOption, check_request, ensure_instance, live_statuses, open_cluster
+from exoctl.cli.output import console, err_console, note
 from exoctl.cli.run import ModelChoice, sampling_params
+from exoctl.completion import Completion
 from exoctl.errors import ExoctlError
 
 HELP = "Chat with a placed model: streamed answers, history across turns, /reset /stats /model /quit."
@@ -42,16 +37,11 @@ def chat(
     params = sampling_params(max_tokens, temperature, top_p, 0, seed, None)
     check_request(model, dtype)
 
-    def say(text: str) -> None:
-        err_console.print(f"[dim]{text}[/]")
-
     with open_cluster(inventory) as cluster:
-        if not any(s.up for s in cluster.statuses()):
-            raise not_running_hint(cluster)
-        view = ensure_instance(cluster, model, dtype, say)
-        say(f"chatting with {view.model_id} on {', '.join(view.nodes)} — /help for commands, /quit to leave")
+        view = ensure_instance(cluster, live_statuses(cluster), model, dtype, note)
+        note(f"chatting with {view.model_id} on {', '.join(view.nodes)} — /help for commands, /quit to leave")
         history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
-        last: dict[str, Any] | None = None
+        last: Completion | None = None
         totals = {"answers": 0, "tokens": 0}
         while True:
             try:
@@ -70,28 +60,28 @@ def chat(
                     break
                 if command == "/reset":
                     history = history[:1] if system else []
-                    say("conversation forgotten")
+                    note("conversation forgotten")
                 elif command == "/stats":
                     if last is None:
-                        say("no answer yet")
+                        note("no answer yet")
                     else:
-                        t = last["timings"]
-                        say(
-                            f"last answer: {last['usage']['completion_tokens']} tokens, "
-                            f"{t['decode_tokens_per_s']:.1f} tok/s, first token after "
-                            f"{t['time_to_first_token_s'] * 1000:.0f} ms, "
-                            f"prompt {last['usage']['prompt_tokens']} tokens; "
+                        t = last.timings
+                        note(
+                            f"last answer: {last.completion_tokens} tokens, "
+                            f"{t.decode_tokens_per_s:.1f} tok/s, first token after "
+                            f"{t.time_to_first_token_s * 1000:.0f} ms, "
+                            f"prompt {last.prompt_tokens} tokens; "
                             f"session: {totals['answers']} answers, {totals['tokens']} tokens"
                         )
                 elif command == "/model" and argument.strip():
                     try:
-                        view = ensure_instance(cluster, argument.strip(), dtype, say)
+                        view = ensure_instance(cluster, cluster.statuses(), argument.strip(), dtype, note)
                         history = history[:1] if system else []
-                        say(f"now chatting with {view.model_id} on {', '.join(view.nodes)}")
+                        note(f"now chatting with {view.model_id} on {', '.join(view.nodes)}")
                     except ExoctlError as exc:
                         err_console.print(f"[red]error:[/] {exc.message}")
                 else:
-                    say(COMMANDS)
+                    note(COMMANDS)
                 continue
             history.append({"role": "user", "content": text})
             generation = cluster.generate(view, params, messages=history)
@@ -102,7 +92,7 @@ def chat(
                 result = generation.result
             except KeyboardInterrupt:
                 result = generation.cancel()
-                say("\n(stopped)")
+                note("\n(stopped)")
             except ExoctlError as exc:
                 err_console.print(
                     f"\n[red]error:[/] {exc.message}" + (f"\n[dim]hint:[/] {exc.hint}" if exc.hint else "")
@@ -111,9 +101,9 @@ def chat(
                 continue
             sys.stdout.write("\n")
             if result:
-                history.append({"role": "assistant", "content": result["text"]})
+                history.append({"role": "assistant", "content": result.text})
                 last = result
                 totals["answers"] += 1
-                totals["tokens"] += result["usage"]["completion_tokens"]
+                totals["tokens"] += result.completion_tokens
             else:
                 history.pop()

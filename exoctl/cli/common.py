@@ -1,4 +1,5 @@
-"""What the cluster commands share: the inventory option, opening the cluster, finding instances."""
+"""What the cluster commands share: the inventory option, opening the cluster, finding or placing
+the instance to talk to."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from exoctl.catalog import DEFAULT_MODEL_ID, find_card
-from exoctl.errors import ExoctlError, ModelNotFoundError
+from exoctl.catalog import DEFAULT_MODEL_ID
+from exoctl.dtypes import DTYPE_CHOICES
+from exoctl.errors import ExoctlError
 
 if TYPE_CHECKING:
-    from exoctl.cluster.client import Cluster, InstanceView, NodeStatus
+    from exoctl.cluster.client import Cluster
+    from exoctl.cluster.views import InstanceView, NodeStatus
 
 InventoryOption = Annotated[
     str | None,
@@ -32,56 +35,23 @@ def open_cluster(inventory: str | None) -> Cluster:
     return Cluster(load_inventory(inventory), find_keys())
 
 
-def model_matches(view_model_id: str, model: str) -> bool:
-    if view_model_id == model:
-        return True
-    card = find_card(model)
-    if card is not None:
-        return card.id == view_model_id
-    from pathlib import Path
-
-    return Path(model).expanduser().name == view_model_id
-
-
-def find_instance(
-    cluster: Cluster, model: str | None, statuses: list[NodeStatus] | None = None
-) -> InstanceView | None:
-    """The ready instance serving `model` (or the only ready instance when no model is given)."""
-    from exoctl.cluster.client import instances_of
-
-    statuses = statuses if statuses is not None else cluster.statuses()
-    views = [v for v in instances_of(statuses).values() if v.status in ("ready", "running")]
-    if model is None:
-        if len(views) == 1:
-            return views[0]
-        model = DEFAULT_MODEL_ID
-    for view in views:
-        if view.instance_id == model or model_matches(view.model_id, model):
-            return view
-    return None
-
-
 def ensure_instance(
-    cluster: Cluster, model: str | None, dtype: str, say: Callable[[str], None]
+    cluster: Cluster, statuses: list[NodeStatus], model: str | None, dtype: str, say: Callable[[str], None]
 ) -> InstanceView:
-    """The instance for `model`, placing it with the defaults first (and saying so) if needed."""
-    from exoctl.cluster.client import resolve_card, runtime_dtype
+    """The instance for `model` in this sweep of `statuses`, placing it with the defaults first
+    (and saying so) if needed."""
+    from exoctl.cluster.views import find_instance, runtime_dtype
+    from exoctl.model_store import resolve_card
     from exoctl.placement import PlacementRequest
 
-    statuses = cluster.statuses()
-    view = find_instance(cluster, model, statuses)
+    view = find_instance(statuses, model)
     if view is not None:
         return view
-    model = model or DEFAULT_MODEL_ID
-    card, ref = resolve_card(model)
+    card, ref = resolve_card(model or DEFAULT_MODEL_ID)
     request = PlacementRequest(dtype=runtime_dtype(dtype, statuses))
     chosen = cluster.choose(card, request, statuses, "auto")
     say(f"{card.id} is not placed: placing it with the defaults ({chosen.placement.dtype}; {chosen.reason})…")
-    cluster.load(card, ref, chosen.placement)
-    view = find_instance(cluster, card.id)
-    if view is None:
-        raise ModelNotFoundError(f"{card.id} was placed but no ready instance answers")
-    return view
+    return cluster.load(card, ref, chosen.placement)
 
 
 def complete_model(incomplete: str) -> list[str]:
@@ -101,19 +71,24 @@ def complete_node(incomplete: str) -> list[str]:
         return []
 
 
-RUNTIME_DTYPES = ("auto", "float32", "bfloat16")
-
-
 def check_request(model: str | None, dtype: str) -> None:
     """Errors found without asking the cluster: an unknown model or dtype."""
     import re
 
-    from exoctl.cluster.client import resolve_card
+    from exoctl.model_store import resolve_card
 
-    if dtype not in RUNTIME_DTYPES:
-        raise ExoctlError(f"dtype {dtype!r} is not supported", hint=f"use one of {', '.join(RUNTIME_DTYPES)}")
+    if dtype not in DTYPE_CHOICES:
+        raise ExoctlError(f"dtype {dtype!r} is not supported", hint=f"use one of {', '.join(DTYPE_CHOICES)}")
     if model is not None and not re.fullmatch(r"[0-9a-f-]{8,36}", model):  # else an instance id
         resolve_card(model)
+
+
+def live_statuses(cluster: Cluster) -> list[NodeStatus]:
+    """One sweep of the nodes' statuses, for a command that needs at least one worker up."""
+    statuses = cluster.statuses()
+    if not any(s.up for s in statuses):
+        raise not_running_hint(cluster)
+    return statuses
 
 
 def not_running_hint(cluster: Cluster) -> ExoctlError:

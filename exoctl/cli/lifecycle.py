@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -15,7 +16,10 @@ from exoctl.cli.common import InventoryOption, complete_node
 from exoctl.cli.options import JsonOption
 from exoctl.cli.output import console, err_console, print_json, use_json_errors
 from exoctl.errors import ExoctlError
-from exoctl.inventory import DEFAULT_PORT
+from exoctl.inventory import DEFAULT_PORT, Node
+
+if TYPE_CHECKING:
+    from exoctl.keys import ClusterKeys
 
 UP_HELP = "Start a worker on every inventory node (ssh, or a local process for loopback nodes)."
 UP_EXAMPLES = (
@@ -25,7 +29,7 @@ UP_EXAMPLES = (
 START_WAIT_S = 30.0
 
 
-def local_threads(nodes: Any) -> int:
+def local_threads(nodes: Iterable[Node]) -> int:
     """Torch threads for each worker started on this machine: its cores shared among them.
 
     Stages of a pipeline compute at the same time once several requests run; with every worker
@@ -35,7 +39,7 @@ def local_threads(nodes: Any) -> int:
     return max(1, (os.cpu_count() or 1) // max(count, 1))
 
 
-def _start_node(node: Any, keys: Any, threads: int) -> dict[str, Any]:
+def _start_node(node: Node, keys: ClusterKeys, threads: int) -> dict[str, Any]:
     from exoctl.cluster.launcher import run_script, start_failure, start_script
 
     local = not node.uses_ssh

@@ -6,6 +6,8 @@ from typing import Annotated
 
 import typer
 
+from exoctl.dtypes import RUNTIME_DTYPES
+
 JsonOption = Annotated[bool, typer.Option("--json", help="Print a JSON document instead of tables/text.")]
 ModelOption = Annotated[
     str,
@@ -13,5 +15,7 @@ ModelOption = Annotated[
 ]
 DtypeOption = Annotated[
     str,
-    typer.Option("--dtype", help="Runtime dtype: auto (float32 without native bf16), float32, bfloat16."),
+    typer.Option(
+        "--dtype", help=f"Runtime dtype: auto (float32 without native bf16), {', '.join(RUNTIME_DTYPES)}."
+    ),
 ]

@@ -36,3 +36,8 @@ def print_error(exc: ExoctlError) -> None:
         err_console.print(
             f"[dim]hint:[/] {exc.hint}  (set EXOCTL_DEBUG=1 for the full traceback)", soft_wrap=True
         )
+
+
+def note(text: str) -> None:
+    """A side remark on stderr (what a command did for the user on the way), dimmed."""
+    err_console.print(f"[dim]{text}[/]")

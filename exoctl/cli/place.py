@@ -7,11 +7,12 @@ from typing import Annotated, Any
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from exoctl.cli.common import InventoryOption, check_request, complete_model, model_matches, open_cluster
+from exoctl.cli.common import InventoryOption, check_request, complete_model, open_cluster
 from exoctl.cli.options import DtypeOption, JsonOption
 from exoctl.cli.output import console, err_console, print_json, use_json_errors
 from exoctl.cli.render import placement_json, placement_table
 from exoctl.errors import ExoctlError
+from exoctl.runner_report import RunnerReport, RunnerStatus
 from exoctl.sharding import SHARDINGS, check_sharding
 
 PLACE_HELP = (
@@ -39,15 +40,15 @@ class LoadProgress:
         )
         self.tasks: dict[str, Any] = {}
 
-    def update(self, runners: dict[str, dict[str, Any]]) -> None:
+    def update(self, runners: dict[str, RunnerReport]) -> None:
         if not self.tasks:
             self.progress.start()
         for node, runner in runners.items():
-            total = runner["end_layer"] - runner["start_layer"]
+            total = runner.layers_total
             if node not in self.tasks:
-                label = f"{node} layers [{runner['start_layer']}, {runner['end_layer']})"
+                label = f"{node} layers [{runner.start_layer}, {runner.end_layer})"
                 self.tasks[node] = self.progress.add_task(label, total=total)
-            done = total if runner["status"] == "RunnerReady" else runner["layers_loaded"]
+            done = total if runner.status is RunnerStatus.READY else runner.layers_loaded
             self.progress.update(self.tasks[node], completed=done)
 
     def stop(self) -> None:
@@ -80,7 +81,8 @@ def place(
     json_output: JsonOption = False,
 ) -> None:
     use_json_errors(json_output)
-    from exoctl.cluster.client import resolve_card, runtime_dtype
+    from exoctl.cluster.views import runtime_dtype
+    from exoctl.model_store import resolve_card
     from exoctl.placement import PlacementRequest
 
     sharding = check_sharding(sharding)
@@ -90,7 +92,7 @@ def place(
         statuses = cluster.statuses()
         if dry_run and not any(s.up for s in statuses):
             # plan on the inventory alone: declared memory_gb, or nothing to go on
-            from exoctl.cluster.client import NodeStatus
+            from exoctl.cluster.views import NodeStatus
 
             statuses = [NodeStatus(s.node, {"ram_total": 0, "ram_available": 0}) for s in statuses]
         request = PlacementRequest(dtype=runtime_dtype(dtype, statuses), nodes=nodes, min_nodes=min_nodes)
@@ -108,7 +110,7 @@ def place(
             console.print(f"sharding: {chosen.reason}")
         progress = LoadProgress(enabled=not json_output)
         try:
-            instance_id = cluster.load(card, ref, placement, progress.update)
+            instance_id = cluster.load(card, ref, placement, progress.update).instance_id
         finally:
             progress.stop()
     if json_output:
@@ -124,7 +126,7 @@ def delete(
 ) -> None:
     """Unload an instance from its nodes and free their memory."""
     use_json_errors(json_output)
-    from exoctl.cluster.client import instances_of
+    from exoctl.cluster.views import instances_of, model_matches
 
     with open_cluster(inventory) as cluster:
         views = list(instances_of(cluster.statuses()).values())

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from rich.console import Group
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from exoctl.cluster.client import InstanceView, NodeStatus
+    from exoctl.cluster.views import InstanceView, NodeStatus
     from exoctl.placement import Placement
+    from exoctl.runner_report import RunnerReport
 
 STATUS_STYLE = {
     "up": "green",
@@ -75,7 +76,7 @@ def instances_table(views: list[InstanceView]) -> Table:
         table.add_column(column)
     for view in views:
         head = view.runners.get(view.head)
-        status = styled(view.status) + (f" ({view.failure})" if view.status == "failed" else "")
+        status = styled(view.status.value) + (f" ({view.failure})" if view.status == "failed" else "")
         table.add_row(
             view.instance_id[:8],
             view.model_id,
@@ -83,7 +84,7 @@ def instances_table(views: list[InstanceView]) -> Table:
             view.dtype,
             ", ".join(view.nodes),
             status,
-            f"{head['decode_tokens_per_s']:.1f}" if head else "-",
+            f"{head.decode_tokens_per_s:.1f}" if head else "-",
         )
     return table
 
@@ -98,33 +99,33 @@ def shards_table(views: list[InstanceView]) -> Table:
             if runner is None:
                 table.add_row(view.instance_id[:8], node, "-", "-", "-", styled("down"), "-")
                 continue
-            status = runner["status"].removeprefix("Runner")
+            status = runner.status.value.removeprefix("Runner")
             if status == "Loading":
-                status += f" {runner['layers_loaded']}/{runner['end_layer'] - runner['start_layer']}"
+                status += f" {runner.layers_loaded}/{runner.layers_total}"
             table.add_row(
                 view.instance_id[:8],
                 node,
-                f"{runner['rank']}/{runner['world']}",
+                f"{runner.rank}/{runner.world}",
                 layers_cell(runner),
-                mb(runner["memory_bytes"]),
+                mb(runner.memory_bytes),
                 status,
-                f"{runner['tokens_per_s']:.1f}",
+                f"{runner.tokens_per_s:.1f}",
             )
     return table
 
 
-def layers_cell(runner: dict[str, Any]) -> str:
-    span = f"[{runner['start_layer']}, {runner['end_layer']})"
-    return f"1/{runner['world']} of {span}" if runner["sharding"] == "tensor" else span
+def layers_cell(runner: RunnerReport) -> str:
+    span = f"[{runner.start_layer}, {runner.end_layer})"
+    return f"1/{runner.world} of {span}" if runner.sharding == "tensor" else span
 
 
 def experts_table(views: list[InstanceView]) -> Table | None:
     """Mixtral: the experts each node holds and the tokens routed to each (summed over layers)."""
     rows = [
-        (view.instance_id[:8], node, runner["experts"])
+        (view.instance_id[:8], node, runner.experts)
         for view in views
         for node, runner in view.runners.items()
-        if runner.get("experts")
+        if runner.experts
     ]
     if not rows:
         return None
@@ -132,8 +133,8 @@ def experts_table(views: list[InstanceView]) -> Table | None:
     for column in ("instance", "node", "experts", "tokens routed to each"):
         table.add_column(column)
     for instance, node, experts in rows:
-        held = ", ".join(str(e["expert"]) for e in experts)
-        tokens = ", ".join(f"{e['expert']}: {e['tokens']}" for e in experts)
+        held = ", ".join(str(e.expert) for e in experts)
+        tokens = ", ".join(f"{e.expert}: {e.tokens}" for e in experts)
         table.add_row(instance, node, held, tokens)
     return table
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -12,12 +12,13 @@ from exoctl.cli.common import (
     check_request,
     complete_model,
     ensure_instance,
-    not_running_hint,
+    live_statuses,
     open_cluster,
 )
 from exoctl.cli.options import JsonOption
-from exoctl.cli.output import err_console, print_json, use_json_errors
+from exoctl.cli.output import err_console, note, print_json, use_json_errors
 from exoctl.errors import InvalidRequestError
+from exoctl.sampling_params import SamplingParamError, SamplingParams
 
 HELP = "Answer one prompt (from the argument or stdin) on the cluster and exit."
 EXAMPLES = (
@@ -40,21 +41,12 @@ ModelChoice = Annotated[
 
 def sampling_params(
     max_tokens: int, temperature: float, top_p: float, top_k: int, seed: int | None, stop: list[str] | None
-) -> dict[str, Any]:
-    if max_tokens < 1:
-        raise InvalidRequestError(f"--max-tokens must be at least 1, got {max_tokens}")
-    if temperature < 0:
-        raise InvalidRequestError(f"--temperature must be >= 0, got {temperature}")
-    if not 0 < top_p <= 1:
-        raise InvalidRequestError(f"--top-p must be in (0, 1], got {top_p}")
-    return {
-        "max_tokens": max_tokens,
-        "temperature": temperature,
-        "top_p": top_p,
-        "top_k": top_k,
-        "seed": seed,
-        "stop": list(stop or []),
-    }
+) -> SamplingParams:
+    """The options as SamplingParams; a bad value is named by its option."""
+    try:
+        return SamplingParams(temperature, top_k, top_p, seed, max_tokens, tuple(stop or ()))
+    except SamplingParamError as exc:
+        raise InvalidRequestError(f"--{exc.name.replace('_', '-')} {exc.problem}") from None
 
 
 def run(
@@ -85,9 +77,8 @@ def run(
     if not prompt.strip():
         raise InvalidRequestError("the prompt is empty")
     with open_cluster(inventory) as cluster:
-        if not any(s.up for s in cluster.statuses()):
-            raise not_running_hint(cluster)
-        view = ensure_instance(cluster, model, dtype, lambda text: err_console.print(f"[dim]{text}[/]"))
+        statuses = live_statuses(cluster)
+        view = ensure_instance(cluster, statuses, model, dtype, note)
         messages = None if raw else [{"role": "user", "content": prompt}]
         generation = cluster.generate(view, params, messages=messages, prompt=prompt if raw else None)
         for delta in generation:
@@ -97,11 +88,11 @@ def run(
     result = generation.result
     assert result is not None
     if json_output:
-        print_json(result)
+        print_json(result.to_wire())
         return
     sys.stdout.write("\n")
-    timings = result["timings"]
+    timings = result.timings
     err_console.print(
-        f"[dim]{result['usage']['completion_tokens']} tokens, {timings['decode_tokens_per_s']:.1f} tok/s, "
-        f"first token after {timings['time_to_first_token_s'] * 1000:.0f} ms on {', '.join(view.nodes)}[/]"
+        f"[dim]{result.completion_tokens} tokens, {timings.decode_tokens_per_s:.1f} tok/s, "
+        f"first token after {timings.time_to_first_token_s * 1000:.0f} ms on {', '.join(view.nodes)}[/]"
     )

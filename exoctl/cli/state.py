@@ -26,8 +26,8 @@ def state(
 ) -> None:
     """Nodes, instances and shards of the cluster."""
     use_json_errors(json_output)
-    from exoctl.cluster.client import instances_of
     from exoctl.cluster.state import state_document
+    from exoctl.cluster.views import instances_of
 
     with open_cluster(inventory) as cluster:
         statuses = cluster.statuses()
@@ -62,7 +62,7 @@ def nodes(inventory: InventoryOption = None, json_output: JsonOption = False) ->
                     "status": "up" if s.up else "down",
                     "error": s.error,
                     "profile": s.profile,
-                    "runners": [r["runner_id"] for r in s.runners],
+                    "runners": [r.runner_id for r in s.runners],
                 }
                 for s in statuses
             ]

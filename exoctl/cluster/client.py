@@ -1,7 +1,7 @@
 """The cluster as the CLI sees it: ask every worker, place instances, stream generations.
 
 Stateless: the state lives on the workers; every command reads the inventory, asks each node
-for its status, and assembles what it needs. Torch-free.
+for its status (`views.py` assembles what the answers say), and does what it needs. Torch-free.
 """
 
 from __future__ import annotations
@@ -9,19 +9,21 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import zmq
 
-from exoctl.catalog import ModelCard, card_from_folder, find_card, get_card
-from exoctl.errors import ExoctlError, InvalidRequestError, ModelNotFoundError
+from exoctl.catalog import ModelCard
+from exoctl.cluster.views import InstanceView, NodeStatus, node_profiles
+from exoctl.completion import Completion
+from exoctl.errors import ExoctlError, InvalidRequestError
 from exoctl.inventory import Inventory, Node
 from exoctl.keys import ClusterKeys
-from exoctl.model_store import is_model_folder
-from exoctl.placement import GB, NodeProfile, Placement, PlacementError, PlacementRequest
-from exoctl.protocol import Message
+from exoctl.placement import Placement, PlacementError, PlacementRequest
+from exoctl.protocol import Message, ProtocolError
+from exoctl.runner_report import RunnerReport, RunnerStatus
+from exoctl.runner_spec import RunnerSpec
+from exoctl.sampling_params import SamplingParams
 from exoctl.sharding import Plan
 from exoctl.sharding import plan as plan_sharding
 from exoctl.transport import NodeClient, NodeError, error_reply
@@ -29,121 +31,6 @@ from exoctl.transport import NodeClient, NodeError, error_reply
 STATUS_TIMEOUT_S = 1.5  # a node silent this long is shown as down
 GENERATION_SILENCE_S = 6.0  # the head sends keepalives every second while a request runs
 LOAD_STALL_S = 10.0
-
-
-@dataclass
-class NodeStatus:
-    node: Node
-    profile: dict[str, Any] | None = None
-    runners: list[dict[str, Any]] = field(default_factory=list)
-    error: str | None = None
-
-    @property
-    def up(self) -> bool:
-        return self.profile is not None
-
-
-@dataclass
-class InstanceView:
-    """One placed model, assembled from the runners the nodes report."""
-
-    instance_id: str
-    model_id: str
-    sharding: str
-    dtype: str
-    nodes: tuple[str, ...]  # by rank
-    runners: dict[str, dict[str, Any]]  # node -> runner description
-
-    @property
-    def head(self) -> str:
-        return self.nodes[0]
-
-    @property
-    def missing(self) -> list[str]:
-        return [n for n in self.nodes if n not in self.runners]
-
-    @property
-    def status(self) -> str:
-        states = {r["status"] for r in self.runners.values()}
-        if self.missing or "RunnerFailed" in states:
-            return "failed"
-        if "RunnerLoading" in states:
-            return "loading"
-        if any(r["active_sequences"] for r in self.runners.values()):
-            return "running"
-        return "ready"
-
-    @property
-    def failure(self) -> str:
-        messages = [r["message"] for r in self.runners.values() if r["message"]]
-        if messages:
-            return str(messages[0])
-        if self.missing:
-            return f"node {', '.join(self.missing)} is down"
-        return ""
-
-
-def instances_of(statuses: list[NodeStatus]) -> dict[str, InstanceView]:
-    views: dict[str, InstanceView] = {}
-    for status in statuses:
-        for runner in status.runners:
-            view = views.get(runner["instance_id"])
-            if view is None:
-                view = views[runner["instance_id"]] = InstanceView(
-                    runner["instance_id"],
-                    runner["model_id"],
-                    runner["sharding"],
-                    runner["dtype"],
-                    tuple(runner["nodes"]),
-                    {},
-                )
-            view.runners[status.node.name] = runner
-    return views
-
-
-def node_profiles(statuses: list[NodeStatus]) -> list[NodeProfile]:
-    """Placement's view of the nodes. Workers on one machine (same machine id) share its memory:
-    each is given an equal part of it, so it is not counted once per worker, and equal nodes
-    are then taken in inventory order."""
-    machines: dict[str, list[dict[str, Any]]] = {}
-    for status in statuses:
-        if status.profile is not None:
-            machines.setdefault(str(status.profile.get("machine_id")), []).append(status.profile)
-    profiles = []
-    for status in statuses:
-        cap = int(status.node.memory_gb * GB) if status.node.memory_gb else None
-        if status.profile is None:
-            profiles.append(NodeProfile(status.node.name, 0, 0, cap, live=False))
-            continue
-        # memory the node's own runners hold is reported as used, so it counts as unavailable
-        shared = machines[str(status.profile.get("machine_id"))]
-        total = min(p["ram_total"] for p in shared) // len(shared)
-        available = min(p["ram_available"] for p in shared) // len(shared)
-        profiles.append(NodeProfile(status.node.name, total, available, cap, live=True))
-    return profiles
-
-
-def resolve_card(model: str) -> tuple[ModelCard, str]:
-    """The card for placement and the reference a worker resolves: a catalog id or an absolute folder."""
-    card = find_card(model)
-    if card is not None:
-        return card, card.id
-    path = Path(model).expanduser()
-    if is_model_folder(path):
-        return card_from_folder(path.resolve()), str(path.resolve())
-    if path.exists():
-        raise ModelNotFoundError(f"{model} is not a model folder", hint="a model folder holds config.json")
-    if model.startswith((".", "/", "~")) or model.count("/") > 1:
-        raise ModelNotFoundError(f"no model folder at {model}")
-    return get_card(model), model  # raises the unknown-model error with the catalog's ids
-
-
-def runtime_dtype(dtype: str, statuses: list[NodeStatus]) -> str:
-    """`auto`: bfloat16 when every live node has native bf16 maths, else float32."""
-    if dtype != "auto":
-        return dtype
-    live = [s for s in statuses if s.up]
-    return "bfloat16" if live and all(s.profile and s.profile.get("bf16_native") for s in live) else "float32"
 
 
 class Generation:
@@ -154,7 +41,8 @@ class Generation:
         self.request_id = request_id
         self.send_id = send_id
         self.silence = silence
-        self.result: dict[str, Any] | None = None
+        self.result: Completion | None = None  # set when the head says the request is done
+        self.ended = False
         self.tokens: list[int] = []
 
     def _next(self) -> Message:
@@ -171,22 +59,23 @@ class Generation:
                 return message
 
     def __iter__(self) -> Iterator[str]:
-        while self.result is None:
+        while not self.ended:
             message = self._next()
             if message.type == "delta":
                 self.tokens += message["tokens"]
                 if message["text"]:
                     yield message["text"]
             elif message.type == "done":
-                self.result = message["result"]
+                self.ended = True
+                self.result = Completion.from_wire(message["result"])
             elif message.type == "error":
-                self.result = {}
+                self.ended = True
                 error = InvalidRequestError if message.get("code") == "invalid_request" else ExoctlError
                 raise error(message["message"], message.get("hint"))
 
-    def cancel(self) -> dict[str, Any] | None:
+    def cancel(self) -> Completion | None:
         """Stop the request; returns what was generated until then (None if the head is gone)."""
-        if self.result is not None:
+        if self.ended:
             return self.result
         self.client.send("cancel", {"request_id": self.request_id})
         try:
@@ -277,12 +166,14 @@ class Cluster:
             answer = answers[node.name]
             if isinstance(answer, NodeError):
                 result.append(NodeStatus(node, error=answer.message))
-            else:
-                result.append(NodeStatus(node, answer["profile"], answer["runners"]))
+                continue
+            try:
+                reports = [RunnerReport.from_wire(r) for r in answer["runners"]]
+            except ProtocolError as exc:
+                result.append(NodeStatus(node, error=f"node {node.name}: {exc.message}"))
+                continue
+            result.append(NodeStatus(node, answer["profile"], reports))
         return result
-
-    def profiles(self, statuses: list[NodeStatus]) -> list[NodeProfile]:
-        return node_profiles(statuses)
 
     def plan(
         self,
@@ -303,57 +194,56 @@ class Cluster:
                 f"({len(statuses)} nodes in {self.inventory.source})",
                 hint="start them with `exoctl up`",
             )
-        return plan_sharding(card, self.profiles(statuses), request, sharding)
+        return plan_sharding(card, node_profiles(statuses), request, sharding)
 
     def load(
         self,
         card: ModelCard,
         model_ref: str,
         placement: Placement,
-        on_progress: Callable[[dict[str, dict[str, Any]]], None] | None = None,
+        on_progress: Callable[[dict[str, RunnerReport]], None] | None = None,
         instance_id: str | None = None,
-    ) -> str:
-        """Load every shard; returns the instance id when all are ready, else unloads and raises."""
+    ) -> InstanceView:
+        """Load every shard; the ready instance as its runners last reported it, else unload and raise."""
         instance_id = instance_id or str(uuid.uuid4())
         nodes = [self.inventory.node(s.node) for s in placement.shards]
-        peers = [[n.name, n.address] for n in nodes]
+        peers = tuple((n.name, n.address) for n in nodes)
         sent: list[Node] = []
         try:
             for rank, (shard, node) in enumerate(zip(placement.shards, nodes, strict=True)):
-                self.client(node.name).request(
-                    "load",
-                    {
-                        "instance_id": instance_id,
-                        "runner_id": str(uuid.uuid4()),
-                        "model": model_ref,
-                        "model_id": card.id,
-                        "sharding": placement.sharding,
-                        "dtype": placement.dtype,
-                        "start_layer": shard.start_layer,
-                        "end_layer": shard.end_layer,
-                        "n_layers": card.n_layers,
-                        "rank": rank,
-                        "world": len(nodes),
-                        "peers": peers,
-                    },
+                spec = RunnerSpec(
+                    instance_id=instance_id,
+                    runner_id=str(uuid.uuid4()),
+                    model=model_ref,
+                    model_id=card.id,
+                    sharding=placement.sharding,
+                    dtype=placement.dtype,
+                    start_layer=shard.start_layer,
+                    end_layer=shard.end_layer,
+                    n_layers=card.n_layers,
+                    rank=rank,
+                    world=len(nodes),
+                    peers=peers,
                 )
+                self.client(node.name).request("load", spec.to_fields())
                 sent.append(node)
-            self._wait_loaded(instance_id, nodes, on_progress)
+            runners = self._wait_loaded(instance_id, nodes, on_progress)
         except BaseException:
             self.unload(instance_id, sent)
             raise
-        return instance_id
+        nodes_by_rank = tuple(n.name for n in nodes)
+        return InstanceView(instance_id, card.id, placement.sharding, placement.dtype, nodes_by_rank, runners)
 
     def _wait_loaded(
         self,
         instance_id: str,
         nodes: list[Node],
-        on_progress: Callable[[dict[str, dict[str, Any]]], None] | None,
-    ) -> None:
+        on_progress: Callable[[dict[str, RunnerReport]], None] | None,
+    ) -> dict[str, RunnerReport]:
         last_heard = {n.name: time.monotonic() for n in nodes}
         while True:
             answers = self.ask_all("status", nodes)
-            runners: dict[str, dict[str, Any]] = {}
+            runners: dict[str, RunnerReport] = {}
             now = time.monotonic()
             for node in nodes:
                 answer = answers[node.name]
@@ -366,19 +256,19 @@ class Cluster:
                         )
                     continue
                 last_heard[node.name] = now
-                mine = [r for r in answer["runners"] if r["instance_id"] == instance_id]
+                mine = [r for r in answer["runners"] if r.get("instance_id") == instance_id]
                 if not mine:
                     raise ExoctlError(
                         f"node {node.name} lost its runner of instance {instance_id} while loading"
                     )
-                runners[node.name] = mine[0]
+                runners[node.name] = RunnerReport.from_wire(mine[0])
             if on_progress is not None:
                 on_progress(runners)
-            failed = [r for r in runners.values() if r["status"] == "RunnerFailed"]
+            failed = [r for r in runners.values() if r.status is RunnerStatus.FAILED]
             if failed:
-                raise ExoctlError(f"loading failed: {failed[0]['message']}")
-            if len(runners) == len(nodes) and all(r["status"] == "RunnerReady" for r in runners.values()):
-                return
+                raise ExoctlError(f"loading failed: {failed[0].message}")
+            if len(runners) == len(nodes) and all(r.status is RunnerStatus.READY for r in runners.values()):
+                return runners
             time.sleep(0.2)
 
     def unload(self, instance_id: str, nodes: list[Node] | None = None) -> dict[str, int]:
@@ -389,7 +279,7 @@ class Cluster:
     def generate(
         self,
         instance: InstanceView,
-        params: dict[str, Any],
+        params: SamplingParams,
         messages: list[dict[str, str]] | None = None,
         prompt: str | None = None,
         silence: float = GENERATION_SILENCE_S,
@@ -403,7 +293,7 @@ class Cluster:
                 "request_id": request_id,
                 "messages": messages,
                 "prompt": prompt,
-                "params": params,
+                "params": params.to_wire(),
             },
         )
         return Generation(client, request_id, send_id, silence)

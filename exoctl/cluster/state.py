@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from exoctl.cluster.client import InstanceView, NodeStatus, instances_of
+from exoctl.cluster.views import InstanceView, NodeStatus, instances_of
+from exoctl.runner_report import RunnerReport, RunnerStatus
 
 SHARDING_TAG = {"pipeline": "PipelineShardMetadata", "tensor": "TensorShardMetadata"}
 
@@ -18,23 +19,21 @@ def instance_kind(statuses: list[NodeStatus], view: InstanceView) -> str:
     return "CudaRingInstance" if devices == {"cuda"} else "CpuRingInstance"
 
 
-def _runner_doc(runner: dict[str, Any]) -> dict[str, Any]:
+def _runner_doc(runner: RunnerReport) -> dict[str, Any]:
     body: dict[str, Any] = {
-        "runnerId": runner["runner_id"],
-        "instanceId": runner["instance_id"],
-        "memoryBytes": runner["memory_bytes"],
-        "tokensPerSecond": runner["tokens_per_s"],
-        "activeSequences": runner["active_sequences"],
+        "runnerId": runner.runner_id,
+        "instanceId": runner.instance_id,
+        "memoryBytes": runner.memory_bytes,
+        "tokensPerSecond": runner.tokens_per_s,
+        "activeSequences": runner.active_sequences,
     }
-    if "collective_ms_per_token" in runner:  # a tensor-parallel rank
-        body["collectiveMsPerToken"] = runner["collective_ms_per_token"]
-    if runner["status"] == "RunnerLoading":
-        body.update(
-            layersLoaded=runner["layers_loaded"], layersTotal=runner["end_layer"] - runner["start_layer"]
-        )
-    if runner["status"] == "RunnerFailed":
-        body["errorMessage"] = runner["message"]
-    return {runner["status"]: body}
+    if runner.collective_ms_per_token is not None:  # a tensor-parallel rank
+        body["collectiveMsPerToken"] = runner.collective_ms_per_token
+    if runner.status is RunnerStatus.LOADING:
+        body.update(layersLoaded=runner.layers_loaded, layersTotal=runner.layers_total)
+    if runner.status is RunnerStatus.FAILED:
+        body["errorMessage"] = runner.message
+    return {runner.status.value: body}
 
 
 def state_document(statuses: list[NodeStatus], cluster: str) -> dict[str, Any]:
@@ -48,34 +47,34 @@ def state_document(statuses: list[NodeStatus], cluster: str) -> dict[str, Any]:
             runner = view.runners.get(name)
             if runner is None:
                 continue
-            node_to_runner[name] = runner["runner_id"]
-            runner_to_shard[runner["runner_id"]] = {
+            node_to_runner[name] = runner.runner_id
+            runner_to_shard[runner.runner_id] = {
                 SHARDING_TAG.get(view.sharding, "PipelineShardMetadata"): {
-                    "startLayer": runner["start_layer"],
-                    "endLayer": runner["end_layer"],
-                    "nLayers": runner["n_layers"],
-                    "deviceRank": runner["rank"],
-                    "worldSize": runner["world"],
+                    "startLayer": runner.start_layer,
+                    "endLayer": runner.end_layer,
+                    "nLayers": runner.n_layers,
+                    "deviceRank": runner.rank,
+                    "worldSize": runner.world,
                 }
             }
-            runners[runner["runner_id"]] = _runner_doc(runner)
+            runners[runner.runner_id] = _runner_doc(runner)
         head = view.runners.get(view.head)
         # Mixtral: which experts each node holds and the tokens routed to each, so routing
         # across nodes can be seen (under pipeline sharding every stage holds all of its layers')
         experts = {
-            name: {str(e["expert"]): e["tokens"] for e in runner.get("experts", [])}
+            name: {str(e.expert): e.tokens for e in runner.experts}
             for name, runner in view.runners.items()
-            if runner.get("experts")
+            if runner.experts
         }
         instances[view.instance_id] = {
             instance_kind(statuses, view): {
                 "instanceId": view.instance_id,
                 "sharding": view.sharding.capitalize(),
                 "dtype": view.dtype,
-                "status": view.status,
+                "status": view.status.value,
                 "error": view.failure or None,
                 "missingNodes": view.missing,
-                "decodeTokensPerSecond": head["decode_tokens_per_s"] if head else 0.0,
+                "decodeTokensPerSecond": head.decode_tokens_per_s if head else 0.0,
                 "shardAssignments": {
                     "modelId": view.model_id,
                     "runnerToShard": runner_to_shard,
@@ -108,7 +107,7 @@ def state_document(statuses: list[NodeStatus], cluster: str) -> dict[str, Any]:
                 loadAverage=profile["load_avg"],
                 processRss={"inBytes": profile["rss"]},
                 bf16Native=profile["bf16_native"],
-                runners=[r["runner_id"] for r in status.runners],
+                runners=[r.runner_id for r in status.runners],
             )
         node_profiles[node.name] = entry
     return {

@@ -1,42 +1,23 @@
-"""Generation on one process: prefill, then decode token by token, streaming text deltas."""
+"""One sequence's generation: token ids in, text deltas, a finish reason and timings out.
+
+`SequenceStream` is the per-sequence bookkeeping the head worker keeps for each request (and
+`stream_completion` for a model in this process): incremental detokenisation, stop strings, EOS,
+the token budget, cancellation, time to first token and decode rate.
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 
 import torch
 
+from exoctl.completion import Completion, Timings
 from exoctl.engine.model import CausalLM
-from exoctl.engine.sampling import SamplingParams, make_generator, sample
+from exoctl.engine.sampling import make_generator, sample
 from exoctl.engine.tokenizer import IncrementalDecoder, StopMatcher, Tokenizer
 from exoctl.errors import InvalidRequestError
-
-
-@dataclass
-class Timings:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    time_to_first_token_s: float = 0.0
-    total_s: float = 0.0
-
-    @property
-    def decode_tokens_per_s(self) -> float:
-        decode_time = self.total_s - self.time_to_first_token_s
-        return (
-            (self.completion_tokens - 1) / decode_time
-            if self.completion_tokens > 1 and decode_time > 0
-            else 0.0
-        )
-
-
-@dataclass
-class Completion:
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    finish_reason: str = ""
-    timings: Timings = field(default_factory=Timings)
+from exoctl.sampling_params import SamplingParams
 
 
 def check_prompt(prompt_ids: Sequence[int], context_length: int) -> None:
@@ -47,32 +28,6 @@ def check_prompt(prompt_ids: Sequence[int], context_length: int) -> None:
             f"the prompt has {len(prompt_ids)} tokens but the model's context holds {context_length}",
             hint="shorten the prompt or start a new conversation",
         )
-
-
-def generate_ids(
-    model: CausalLM, prompt_ids: Sequence[int], params: SamplingParams, eos_ids: frozenset[int]
-) -> Iterator[tuple[int, bool]]:
-    """Yield (token id, is_eos) until EOS, max_tokens or the context is full.
-
-    The EOS token itself is yielded (flagged) so the caller can count it but not print it.
-    """
-    context = model.config.max_position_embeddings
-    check_prompt(prompt_ids, context)
-    generator = make_generator(params.seed)
-    cache = model.new_cache()
-    tokens = torch.tensor([list(prompt_ids)])  # [1, T]
-    positions = torch.arange(len(prompt_ids))[None, :]
-    budget = min(params.max_tokens, context - len(prompt_ids))
-    for _ in range(budget):
-        logits = model.forward(tokens, positions, [cache])[:, -1]  # [1, V]
-        token = sample(logits, params, generator)  # [1]
-        token_id = int(token)
-        is_eos = token_id in eos_ids
-        yield token_id, is_eos
-        if is_eos:
-            return
-        tokens = token.view(1, 1)
-        positions = torch.tensor([[cache.length]])
 
 
 class TextStream:
@@ -93,37 +48,95 @@ class TextStream:
         return self.stops.feed(self.decoder.flush()) + self.stops.flush()
 
 
+class SequenceStream:
+    """One sequence from its first sampled token to its finish: `push` each token, read the delta."""
+
+    def __init__(
+        self, tokenizer: Tokenizer, params: SamplingParams, prompt_tokens: int, context: int
+    ) -> None:
+        self.text = TextStream(tokenizer, params.stop)
+        self.eos_ids = tokenizer.eos_token_ids
+        self.prompt_tokens = prompt_tokens
+        self.budget = min(params.max_tokens, context - prompt_tokens)
+        self.started = time.perf_counter()
+        self.first_token_at = 0.0
+        self.token_ids: list[int] = []
+        self.output = ""
+        self.finish_reason = ""  # set once the sequence is done
+        self.cancelled = False
+
+    @property
+    def done(self) -> bool:
+        return bool(self.finish_reason)
+
+    @property
+    def next_position(self) -> int:
+        """Where the last token goes in the cache (it is the next step's input)."""
+        return self.prompt_tokens + len(self.token_ids) - 1
+
+    def push(self, token: int) -> str:
+        """One sampled token; the text it adds (EOS adds none; a finish flushes what was held)."""
+        if not self.token_ids:
+            self.first_token_at = time.perf_counter()
+        self.token_ids.append(token)
+        is_eos = token in self.eos_ids
+        delta = "" if is_eos else self.text.push(token)
+        if is_eos or self.text.stopped:
+            self.finish_reason = "stop"
+        elif self.cancelled:
+            self.finish_reason = "cancelled"
+        elif len(self.token_ids) >= self.budget:
+            self.finish_reason = "length"
+        if self.finish_reason and not self.text.stopped:
+            delta += self.text.finish()
+        self.output += delta
+        return delta
+
+    def completion(self) -> Completion:
+        total = time.perf_counter() - self.started
+        ttft = self.first_token_at - self.started if self.first_token_at else total
+        decode = total - ttft
+        count = len(self.token_ids)
+        tps = (count - 1) / decode if count > 1 and decode > 0 else 0.0
+        return Completion(
+            self.output,
+            list(self.token_ids),
+            self.finish_reason or "length",
+            self.prompt_tokens,
+            Timings(ttft, total, tps),
+        )
+
+
+def generate_ids(model: CausalLM, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[int]:
+    """Sampled token ids, one per step, until the context is full (the caller decides when to stop)."""
+    context = model.config.max_position_embeddings
+    check_prompt(prompt_ids, context)
+    generator = make_generator(params.seed)
+    cache = model.new_cache()
+    tokens = torch.tensor([list(prompt_ids)])  # [1, T]
+    positions = torch.arange(len(prompt_ids))[None, :]
+    for _ in range(context - len(prompt_ids)):
+        logits = model.forward(tokens, positions, [cache])[:, -1]  # [1, V]
+        token = sample(logits, params, generator)  # [1]
+        yield int(token)
+        tokens = token.view(1, 1)
+        positions = torch.tensor([[cache.length]])
+
+
 def stream_completion(
     model: CausalLM, tokenizer: Tokenizer, prompt_ids: Sequence[int], params: SamplingParams
 ) -> Iterator[str | Completion]:
     """Yield text deltas as they are decoded, then the finished `Completion`."""
-    completion = Completion()
-    timings = completion.timings
-    timings.prompt_tokens = len(prompt_ids)
-    text = TextStream(tokenizer, params.stop)
-    start = time.perf_counter()
-    completion.finish_reason = "length"
-    for token_id, is_eos in generate_ids(model, prompt_ids, params, tokenizer.eos_token_ids):
-        if not completion.token_ids:
-            timings.time_to_first_token_s = time.perf_counter() - start
-        completion.token_ids.append(token_id)
-        if is_eos:
-            completion.finish_reason = "stop"
-            break
-        delta = text.push(token_id)
+    context = model.config.max_position_embeddings
+    check_prompt(prompt_ids, context)
+    seq = SequenceStream(tokenizer, params, len(prompt_ids), context)
+    for token in generate_ids(model, prompt_ids, params):
+        delta = seq.push(token)
         if delta:
-            completion.text += delta
             yield delta
-        if text.stopped:
-            completion.finish_reason = "stop"
+        if seq.done:
             break
-    tail = "" if text.stopped else text.finish()
-    if tail:
-        completion.text += tail
-        yield tail
-    timings.completion_tokens = len(completion.token_ids)
-    timings.total_s = time.perf_counter() - start
-    yield completion
+    yield seq.completion()
 
 
 def complete(

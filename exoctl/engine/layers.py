@@ -9,12 +9,15 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
 from exoctl.engine.kv_cache import KVCache
+
+if TYPE_CHECKING:
+    from exoctl.engine.mixtral import SparseMoE
 
 
 @functools.cache
@@ -199,7 +202,9 @@ class DecoderLayer:
     before each residual add; the layer itself does not know how the sum travels.
     """
 
-    def __init__(self, input_norm: RMSNorm, attention: Attention, post_norm: RMSNorm, mlp: Any) -> None:
+    def __init__(
+        self, input_norm: RMSNorm, attention: Attention, post_norm: RMSNorm, mlp: GatedMLP | SparseMoE
+    ) -> None:
         self.input_norm = input_norm
         self.attention = attention
         self.post_norm = post_norm

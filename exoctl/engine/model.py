@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from exoctl.dtypes import RUNTIME_DTYPES
 from exoctl.engine import llama, mixtral, qwen2
 from exoctl.engine.config import ModelConfig, load_config
 from exoctl.engine.kv_cache import KVCache
@@ -24,7 +25,7 @@ from exoctl.engine.shard import WHOLE, TensorShard
 from exoctl.engine.weights import WeightReader
 from exoctl.errors import UnsupportedModelError
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in RUNTIME_DTYPES}
 
 LayerLoader = Callable[[WeightReader, ModelConfig, int, TensorShard], DecoderLayer]
 LAYER_LOADERS: dict[str, LayerLoader] = {

@@ -24,8 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
-from exoctl.engine.sampling import SamplingParams, apply_temperature
+from exoctl.engine.sampling import apply_temperature
 from exoctl.engine.shard import TensorShard
+from exoctl.sampling_params import SamplingParams
 
 Gather = Callable[[torch.Tensor], list[torch.Tensor]]
 CANDIDATES = 1024

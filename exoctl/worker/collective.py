@@ -18,14 +18,11 @@ import msgpack
 import torch
 import zmq
 
+from exoctl.errors import CollectiveError
 from exoctl.keys import ClusterKeys
 from exoctl.transport import secure_client, secure_server
 
 POLL_MS = 100  # how often a wait checks whether the instance was failed meanwhile
-
-
-class CollectiveError(Exception):
-    """A peer did not deliver its partial in time, or the instance failed while waiting."""
 
 
 class ZmqCollective:

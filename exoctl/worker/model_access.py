@@ -62,7 +62,7 @@ def locate(model: str, model_dirs: list[Path], node: str, layers: tuple[int, int
             (d.expanduser() / path).resolve() for d in model_dirs if is_model_folder(d.expanduser() / path)
         )
     if card.id == DEFAULT_MODEL_ID:
-        from exoctl.engine.default_model import ensure_default_model
+        from exoctl.default_model import ensure_default_model
 
         return ensure_default_model()
     for folder in model_dirs:

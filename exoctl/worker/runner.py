@@ -1,6 +1,6 @@
 """A runner: the part of one instance that lives on this node — a layer range, its KV caches.
 
-Compute only: each method takes a decoded message and returns the messages to send (`Out`),
+Compute only: each method takes a decoded message and returns the messages to send (`outbox`),
 so the worker's I/O loop owns every socket. Pipeline: rank 0 (the head) tokenises, embeds and
 runs its layers, each stage passes the hidden state [1, T, D] to the next, the last stage
 samples and sends the token id back to the head, which streams text to the client.
@@ -14,111 +14,37 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from exoctl.engine.generate import TextStream, check_prompt
+from exoctl.engine.generate import SequenceStream, check_prompt
 from exoctl.engine.kv_cache import KVCache
+from exoctl.engine.mixtral import SparseMoE
 from exoctl.engine.model import CausalLM, load_model
-from exoctl.engine.sampling import SamplingParams, make_generator, sample
+from exoctl.engine.sampling import make_generator, sample
 from exoctl.engine.tokenizer import Tokenizer
 from exoctl.errors import ExoctlError, InvalidRequestError
-from exoctl.protocol import Message, Tensor
+from exoctl.protocol import Message
+from exoctl.runner_report import ExpertLoad, Failure, RunnerReport, RunnerStatus
+from exoctl.runner_spec import RunnerSpec
+from exoctl.sampling_params import SamplingParams
+from exoctl.worker.loader import LoadCancelled
+from exoctl.worker.outbox import Out, ToClient, ToPeer, ToSelf, client_error
+from exoctl.worker.steps import ForwardStep
+from exoctl.worker.tensors import from_tensor, to_tensor
 
 log = logging.getLogger("exoctl.worker")
-
-TORCH_DTYPES = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "int64": torch.int64,
-}
-SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "seed", "max_tokens", "stop")
-
-
-class LoadCancelled(Exception):
-    """The runner was unloaded while it was still loading."""
-
-
-@dataclass(frozen=True)
-class RunnerSpec:
-    instance_id: str
-    runner_id: str
-    model: str  # what the worker resolves: catalog id, repo id, or a folder under its model dirs
-    model_id: str
-    sharding: str
-    dtype: str
-    start_layer: int
-    end_layer: int
-    n_layers: int
-    rank: int
-    world: int
-    peers: tuple[tuple[str, str], ...]  # (node name, address) by rank
-
-    @property
-    def is_head(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def is_last(self) -> bool:
-        return self.rank == self.world - 1
-
-
-@dataclass
-class Out:
-    """A message for the I/O loop: to a client (by ZMQ identity), a peer (by address) or this node."""
-
-    to: str  # "client" | "peer" | "self"
-    target: Any
-    kind: str
-    fields: dict[str, Any]
-    tensors: tuple[Tensor, ...] = ()
 
 
 @dataclass
 class HeadSequence:
-    """One request as the head sees it."""
+    """One request as the head sees it: who asked, and its stream of tokens and text."""
 
     request_id: str
     client: bytes
-    prompt_tokens: int
-    budget: int
-    params: SamplingParams
-    text: TextStream
-    started: float = field(default_factory=time.perf_counter)
-    first_token_at: float = 0.0
-    token_ids: list[int] = field(default_factory=list)
-    output: str = ""
-    cancelled: bool = False
-
-
-def sampling_from_wire(raw: dict[str, Any]) -> SamplingParams:
-    """SamplingParams from a request's `params` (stop strings travel as a list)."""
-    unknown = set(raw) - set(SAMPLING_FIELDS)
-    if unknown:
-        raise InvalidRequestError(f"unknown sampling parameter(s): {', '.join(sorted(unknown))}")
-    try:
-        return SamplingParams(**{**raw, "stop": tuple(raw.get("stop") or ())})
-    except TypeError as exc:
-        raise InvalidRequestError(f"bad sampling parameters: {exc}") from None
-
-
-def step_fields(message: Message) -> tuple[list[str], list[int], dict[str, Any]]:
-    """A 'forward' message's sequence ids, their start positions and their first-step params."""
-    seqs, starts = message["seqs"], message["positions"]
-    params = message.get("params") or {}
-    if (
-        not seqs
-        or len(starts) != len(seqs)
-        or not all(isinstance(x, str) for x in seqs)
-        or not all(isinstance(x, int) and not isinstance(x, bool) for x in starts)
-        or not isinstance(params, dict)
-    ):
-        raise ExoctlError("'forward' needs matching lists of sequence ids and positions")
-    return seqs, starts, params
+    stream: SequenceStream
 
 
 def release_memory() -> None:
@@ -130,23 +56,12 @@ def release_memory() -> None:
         pass
 
 
-def to_tensor(t: Tensor) -> torch.Tensor:
-    # bytearray: a writable copy, so torch owns memory that outlives the ZMQ frame
-    return torch.frombuffer(bytearray(t.data), dtype=TORCH_DTYPES[t.dtype]).view(t.shape)
-
-
-def from_tensor(x: torch.Tensor) -> Tensor:
-    x = x.contiguous()
-    name = next(k for k, v in TORCH_DTYPES.items() if v == x.dtype)
-    return Tensor(name, tuple(x.shape), x.view(torch.uint8).numpy().data)
-
-
 class Runner:
     def __init__(self, spec: RunnerSpec, max_batch: int = 32) -> None:
         self.spec = spec
         self.max_batch = max_batch  # decode steps of at most this many sequences at once
-        self.status = "RunnerLoading"
-        self.message = ""
+        self.status = RunnerStatus.LOADING
+        self.failure: Failure | None = None
         self.layers_loaded = 0
         self.model: CausalLM | None = None
         self.tokenizer: Tokenizer | None = None
@@ -162,12 +77,16 @@ class Runner:
 
     # --- lifecycle -------------------------------------------------------------------------
 
+    @property
+    def failed(self) -> bool:
+        return self.status is RunnerStatus.FAILED
+
     def _load_model(self, folder: Path, progress: Callable[[int], None]) -> CausalLM:
         spec = self.spec
         return load_model(folder, (spec.start_layer, spec.end_layer), spec.dtype, on_layer=progress)
 
     def _loaded(self) -> None:
-        self.status = "RunnerReady"
+        self.status = RunnerStatus.READY
 
     def load(self, folder: Path) -> None:
         spec = self.spec
@@ -194,9 +113,9 @@ class Runner:
         self.model, self.tokenizer = model, tokenizer
         self._loaded()
 
-    def fail(self, message: str) -> None:
-        self.status = "RunnerFailed"
-        self.message = message
+    def fail(self, failure: Failure) -> None:
+        self.status = RunnerStatus.FAILED
+        self.failure = failure
         self.free()
 
     def free(self) -> None:
@@ -222,48 +141,48 @@ class Runner:
     def tokens_per_s(self) -> float:
         return self.decoded / self.compute_s if self.compute_s > 0 else 0.0
 
-    def describe(self) -> dict[str, Any]:
+    def report(self) -> RunnerReport:
         spec = self.spec
-        return {
-            "runner_id": spec.runner_id,
-            "instance_id": spec.instance_id,
-            "model_id": spec.model_id,
-            "sharding": spec.sharding,
-            "dtype": spec.dtype,
-            "start_layer": spec.start_layer,
-            "end_layer": spec.end_layer,
-            "n_layers": spec.n_layers,
-            "rank": spec.rank,
-            "world": spec.world,
-            "nodes": [name for name, _ in spec.peers],
-            "status": self.status,
-            "message": self.message,
-            "layers_loaded": self.layers_loaded,
-            "memory_bytes": self.memory_bytes,
-            "tokens_per_s": round(self.tokens_per_s, 2),
-            "decode_tokens_per_s": round(self.last_decode_tps, 2),
-            "active_sequences": len(self.caches),
-            "experts": self.experts(),
-        }
+        return RunnerReport(
+            runner_id=spec.runner_id,
+            instance_id=spec.instance_id,
+            model_id=spec.model_id,
+            sharding=spec.sharding,
+            dtype=spec.dtype,
+            start_layer=spec.start_layer,
+            end_layer=spec.end_layer,
+            n_layers=spec.n_layers,
+            rank=spec.rank,
+            world=spec.world,
+            nodes=spec.nodes,
+            status=self.status,
+            failure=self.failure,
+            layers_loaded=self.layers_loaded,
+            memory_bytes=self.memory_bytes,
+            tokens_per_s=round(self.tokens_per_s, 2),
+            decode_tokens_per_s=round(self.last_decode_tps, 2),
+            active_sequences=len(self.caches),
+            experts=self.experts(),
+        )
 
-    def experts(self) -> list[dict[str, int]]:
+    def experts(self) -> tuple[ExpertLoad, ...]:
         """Mixtral: the experts held here and the tokens routed to each, over this runner's layers."""
         model = self.model
-        if model is None or not model.config.is_moe:
-            return []
-        blocks = list(model.blocks)
+        if model is None:
+            return ()
+        moes = [b.mlp for b in model.blocks if isinstance(b.mlp, SparseMoE)]
         counts = sum(
-            (b.mlp.tokens_per_expert for b in blocks),
+            (moe.tokens_per_expert for moe in moes),
             torch.zeros(model.config.num_local_experts, dtype=torch.int64),
         )
-        held = sorted(blocks[0].mlp.experts) if blocks else []
-        return [{"expert": e, "tokens": int(counts[e])} for e in held]
+        held = sorted(moes[0].experts) if moes else []
+        return tuple(ExpertLoad(e, int(counts[e])) for e in held)
 
     # --- compute ---------------------------------------------------------------------------
 
     def _model(self) -> CausalLM:
         if self.model is None:
-            raise ExoctlError(f"runner {self.spec.runner_id} is {self.status}, not ready")
+            raise ExoctlError(f"runner {self.spec.runner_id} is {self.status.value}, not ready")
         return self.model
 
     def _run(self, seqs: list[str], inputs: torch.Tensor, starts: list[int]) -> torch.Tensor:
@@ -286,25 +205,24 @@ class Runner:
             self.compute_s += time.perf_counter() - began
         return out
 
-    def _next(self, seqs: list[str], starts: list[int], out: torch.Tensor, params: dict[str, Any]) -> Out:
+    def _next(self, step: ForwardStep, out: torch.Tensor) -> Out:
         """What to do with this stage's output [B, T, D] (or logits [B, 1, V] on the last stage):
         pass the hidden states on, or sample one token per sequence and send them to the head."""
         spec = self.spec
         if not spec.is_last:
-            fields: dict[str, Any] = {"instance_id": spec.instance_id, "seqs": seqs, "positions": starts}
-            if params:
-                fields["params"] = params
-            return Out("peer", spec.peers[spec.rank + 1][1], "forward", fields, (from_tensor(out),))
+            return ToPeer(
+                spec.peers[spec.rank + 1][1], "forward", step.fields(spec.instance_id), (from_tensor(out),)
+            )
         logits = out[:, -1]  # [B, V]
-        choices = [self.samplers[seq] for seq in seqs]
+        choices = [self.samplers[seq] for seq in step.seqs]
         if all(sampling.greedy for sampling, _ in choices):
             tokens = [int(t) for t in logits.argmax(dim=-1)]
         else:
-            tokens = [int(sample(logits[i : i + 1], *choices[i])) for i in range(len(seqs))]
-        fields = {"instance_id": spec.instance_id, "seqs": seqs, "tokens": tokens}
+            tokens = [int(sample(logits[i : i + 1], *choices[i])) for i in range(len(step.seqs))]
+        fields = {"instance_id": spec.instance_id, "seqs": step.seqs, "tokens": tokens}
         if spec.is_head:
-            return Out("self", None, "token", fields)
-        return Out("peer", spec.peers[0][1], "token", fields)
+            return ToSelf(Message("token", fields))
+        return ToPeer(spec.peers[0][1], "token", fields)
 
     def start(self, request: Message, client: bytes) -> list[Out]:
         """Head: a new request — tokenise, check, prefill this stage."""
@@ -313,8 +231,7 @@ class Runner:
         request_id = request["request_id"]
         if request_id in self.heads:
             raise InvalidRequestError(f"request id {request_id} is already running")
-        raw_params = request["params"]
-        params = sampling_from_wire(raw_params)
+        params = SamplingParams.from_wire(request["params"])
         if request["messages"] is not None:
             ids = tokenizer.encode_chat(request["messages"])
         elif request["prompt"] is not None:
@@ -323,28 +240,20 @@ class Runner:
             raise InvalidRequestError("a request needs 'messages' or 'prompt'")
         context = model.config.max_position_embeddings
         check_prompt(ids, context)
-        self.heads[request_id] = HeadSequence(
-            request_id=request_id,
-            client=client,
-            prompt_tokens=len(ids),
-            budget=min(params.max_tokens, context - len(ids)),
-            params=params,
-            text=TextStream(tokenizer, params.stop),
-        )
-        wire_params = self._admit(request_id, params, {**raw_params, "stop": list(params.stop)})
-        return self._step([request_id], torch.tensor([ids]), [0], {request_id: wire_params})
+        stream = SequenceStream(tokenizer, params, len(ids), context)
+        self.heads[request_id] = HeadSequence(request_id, client, stream)
+        step = ForwardStep([request_id], [0], {request_id: self._admit(request_id, params)})
+        return self._step(step, torch.tensor([ids]))
 
-    def _admit(self, seq: str, params: SamplingParams, wire: dict[str, Any]) -> dict[str, Any]:
+    def _admit(self, seq: str, params: SamplingParams) -> dict[str, object]:
         """Head: set up sampling for a new sequence; the params the other stages get for it."""
         if self.spec.is_last:
             self.samplers[seq] = (params, make_generator(params.seed))
-        return wire
+        return params.to_wire()
 
-    def _step(
-        self, seqs: list[str], inputs: torch.Tensor, starts: list[int], params: dict[str, Any]
-    ) -> list[Out]:
+    def _step(self, step: ForwardStep, inputs: torch.Tensor) -> list[Out]:
         """Head: one step of B sequences, ids [B, T]: this stage's layers, then on down the pipeline."""
-        return [self._next(seqs, starts, self._run(seqs, inputs, starts), params)]
+        return [self._next(step, self._run(step.seqs, inputs, step.starts))]
 
     def _batch_size(self) -> int:
         # one micro-batch per stage keeps every stage of the pipeline busy: with all sequences in
@@ -353,14 +262,12 @@ class Runner:
 
     def forward(self, message: Message) -> list[Out]:
         """A middle or last stage: run this range on the hidden states from the previous stage."""
-        seqs, starts, params = step_fields(message)
-        for seq in seqs:
+        step = ForwardStep.from_message(message)
+        for seq in step.seqs:
             if seq in self.caches:
                 continue
-            if not isinstance(params.get(seq), dict):
-                raise ExoctlError(f"sequence {seq} is unknown here and its first message has no params")
+            sampling = step.first_params(seq)
             if self.spec.is_last:
-                sampling = sampling_from_wire(params[seq])
                 self.samplers[seq] = (sampling, make_generator(sampling.seed))
         if len(message.tensors) != 1:
             raise ExoctlError("'forward' needs exactly one hidden-state tensor")
@@ -368,15 +275,14 @@ class Runner:
         model = self._model()
         batch = hidden.shape[0] if hidden.dim() == 3 else -1
         if (
-            batch != len(seqs)
+            batch != len(step.seqs)
             or hidden.shape[2] != model.config.hidden_size
             or (batch > 1 and hidden.shape[1] != 1)
         ):
             raise ExoctlError(
-                f"hidden state of shape {list(hidden.shape)} does not fit {len(seqs)} sequence(s)"
+                f"hidden state of shape {list(hidden.shape)} does not fit {len(step.seqs)} sequence(s)"
             )
-        out = self._run(seqs, hidden, starts)
-        return [self._next(seqs, starts, out, params)]
+        return [self._next(step, self._run(step.seqs, hidden, step.starts))]
 
     def tokens(self, messages: list[Message]) -> list[Out]:
         """Head: tokens the last stage sampled, from one or more messages. Stream each, then run
@@ -394,56 +300,23 @@ class Runner:
         size = self._batch_size()
         for first in range(0, len(going), size):
             batch = going[first : first + size]
-            seqs = [seq.request_id for seq in batch]
-            starts = [seq.prompt_tokens + len(seq.token_ids) - 1 for seq in batch]
-            inputs = torch.tensor([[seq.token_ids[-1]] for seq in batch])  # [B, 1]
-            outs += self._step(seqs, inputs, starts, {})
+            step = ForwardStep(
+                [seq.request_id for seq in batch], [seq.stream.next_position for seq in batch], {}
+            )
+            inputs = torch.tensor([[seq.stream.token_ids[-1]] for seq in batch])  # [B, 1]
+            outs += self._step(step, inputs)
         return outs
 
     def _take(self, seq: HeadSequence, token: int) -> list[Out]:
         """One sampled token of one sequence: stream its text; finish the sequence if it is done."""
-        if not seq.token_ids:
-            seq.first_token_at = time.perf_counter()
-        seq.token_ids.append(token)
-        assert self.tokenizer is not None
-        is_eos = token in self.tokenizer.eos_token_ids
-        delta = "" if is_eos else seq.text.push(token)
-        finish = ""
-        if is_eos or seq.text.stopped:
-            finish = "stop"
-        elif seq.cancelled:
-            finish = "cancelled"
-        elif len(seq.token_ids) >= seq.budget:
-            finish = "length"
-        if finish and not seq.text.stopped:
-            delta += seq.text.finish()
-        seq.output += delta
-        fields = {"request_id": seq.request_id, "text": delta, "tokens": [token]}
-        outs = [Out("client", seq.client, "delta", fields)]
-        return outs + self._finish(seq, finish) if finish else outs
-
-    def _finish(self, seq: HeadSequence, reason: str) -> list[Out]:
-        now = time.perf_counter()
-        total = now - seq.started
-        ttft = seq.first_token_at - seq.started if seq.first_token_at else total
-        decode = total - ttft
-        tps = (len(seq.token_ids) - 1) / decode if len(seq.token_ids) > 1 and decode > 0 else 0.0
-        self.last_decode_tps = tps
-        result = {
-            "text": seq.output,
-            "token_ids": seq.token_ids,
-            "finish_reason": reason,
-            "usage": {"prompt_tokens": seq.prompt_tokens, "completion_tokens": len(seq.token_ids)},
-            "timings": {
-                "time_to_first_token_s": round(ttft, 4),
-                "total_s": round(total, 4),
-                "decode_tokens_per_s": round(tps, 2),
-            },
-        }
-        return [
-            Out("client", seq.client, "done", {"request_id": seq.request_id, "result": result}),
-            *self.release(seq.request_id),
-        ]
+        delta = seq.stream.push(token)
+        outs: list[Out] = [ToClient(seq.client, "delta", seq.request_id, {"text": delta, "tokens": [token]})]
+        if not seq.stream.done:
+            return outs
+        completion = seq.stream.completion()
+        self.last_decode_tps = completion.timings.decode_tokens_per_s
+        outs.append(ToClient(seq.client, "done", seq.request_id, {"result": completion.to_wire()}))
+        return outs + self.release(seq.request_id)
 
     def release(self, seq: str) -> list[Out]:
         """Free a sequence here; the head also tells every other stage to free it."""
@@ -453,7 +326,7 @@ class Runner:
         if head is None or not self.spec.is_head:
             return []
         fields = {"instance_id": self.spec.instance_id, "seq": seq}
-        return [Out("peer", address, "release", fields) for _, address in self.spec.peers[1:]]
+        return [ToPeer(address, "release", fields) for _, address in self.spec.peers[1:]]
 
     def abort(self, seqs: list[str], message: str) -> list[Out]:
         """Head: a stage failed these sequences; tell their clients and free them everywhere."""
@@ -462,11 +335,11 @@ class Runner:
             head = self.heads.get(seq)
             released = self.release(seq)
             if head is not None:
-                outs.append(Out("client", head.client, "error", {"request_id": seq, "message": message}))
+                outs.append(client_error(head.client, seq, message))
             outs += released
         return outs
 
     def cancel(self, request_id: str) -> None:
         seq = self.heads.get(request_id)
         if seq is not None:
-            seq.cancelled = True
+            seq.stream.cancelled = True

@@ -17,27 +17,24 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from exoctl.engine.model import CausalLM, load_model
 from exoctl.engine.parallel_sampling import RankSampler, choose_tokens
-from exoctl.engine.sampling import SamplingParams
 from exoctl.engine.shard import TensorShard
 from exoctl.errors import ExoctlError
 from exoctl.protocol import Message
+from exoctl.runner_report import Failure, RunnerReport, RunnerStatus
+from exoctl.runner_spec import RunnerSpec
+from exoctl.sampling_params import SamplingParams
 from exoctl.worker.collective import ZmqCollective
-from exoctl.worker.runner import (
-    Out,
-    Runner,
-    RunnerSpec,
-    from_tensor,
-    sampling_from_wire,
-    step_fields,
-    to_tensor,
-)
+from exoctl.worker.outbox import Out, ToPeer, ToSelf
+from exoctl.worker.runner import Runner
+from exoctl.worker.steps import ForwardStep
+from exoctl.worker.tensors import from_tensor, to_tensor
 
 
 class TensorRunner(Runner):
@@ -71,16 +68,16 @@ class TensorRunner(Runner):
             self._ready_if_complete()
 
     def _ready_if_complete(self) -> None:
-        if self.status != "RunnerLoading" or not self.weights_loaded:
+        if self.status is not RunnerStatus.LOADING or not self.weights_loaded:
             return
         if len(self.addresses) < self.spec.world:
             return
         self.collective.connect([self.addresses[r] for r in range(self.spec.world)])
-        self.status = "RunnerReady"
+        self.status = RunnerStatus.READY
 
-    def fail(self, message: str) -> None:
-        self.collective.abort(message)  # a step waiting on a peer gives up at once
-        super().fail(message)
+    def fail(self, failure: Failure) -> None:
+        self.collective.abort(failure.message)  # a step waiting on a peer gives up at once
+        super().fail(failure)
 
     def free(self) -> None:
         self.collective.abort("the instance was unloaded")
@@ -93,39 +90,33 @@ class TensorRunner(Runner):
         self.rank_samplers.pop(seq, None)
         return super().release(seq)
 
-    def describe(self) -> dict[str, Any]:
-        described = super().describe()
+    def report(self) -> RunnerReport:
         # decode steps only: time in collectives (sending, and waiting for the other ranks) per token
-        described["collective_ms_per_token"] = round(
-            1000 * self.decode_collective_s / max(self.decoded, 1), 3
-        )
-        return described
+        per_token = round(1000 * self.decode_collective_s / max(self.decoded, 1), 3)
+        return replace(super().report(), collective_ms_per_token=per_token)
 
     # --- compute ---------------------------------------------------------------------------
 
-    def _admit(self, seq: str, params: SamplingParams, wire: dict[str, Any]) -> dict[str, Any]:
+    def _admit(self, seq: str, params: SamplingParams) -> dict[str, object]:
         # every rank needs the same seed for the draws they share: pick one if the request has none
         seed = params.seed if params.seed is not None else secrets.randbits(62)
         self.rank_samplers[seq] = RankSampler.create(params, seed, self.spec.rank)
-        return {**wire, "seed": seed}
+        return replace(params, seed=seed).to_wire()
 
     def _batch_size(self) -> int:
         return self.max_batch  # no pipeline to keep busy: every sequence in one step
 
-    def _step(
-        self, seqs: list[str], inputs: torch.Tensor, starts: list[int], params: dict[str, Any]
-    ) -> list[Out]:
+    def _step(self, step: ForwardStep, inputs: torch.Tensor) -> list[Out]:
         spec = self.spec
-        fields: dict[str, Any] = {"instance_id": spec.instance_id, "seqs": seqs, "positions": starts}
-        if params:
-            fields["params"] = params
         ids = from_tensor(inputs)
         assert self.emit is not None
         # the other ranks must start this step now: the head's own layers wait for their partials
         for _, address in spec.peers[1:]:
-            self.emit(Out("peer", address, "forward", fields, (ids,)))
-        tokens = self._tokens_of(seqs, inputs, starts)
-        return [Out("self", None, "token", {"instance_id": spec.instance_id, "seqs": seqs, "tokens": tokens})]
+            self.emit(ToPeer(address, "forward", step.fields(spec.instance_id), (ids,)))
+        tokens = self._tokens_of(step.seqs, inputs, step.starts)
+        return [
+            ToSelf(Message("token", {"instance_id": spec.instance_id, "seqs": step.seqs, "tokens": tokens}))
+        ]
 
     def _tokens_of(self, seqs: list[str], inputs: torch.Tensor, starts: list[int]) -> list[int]:
         """Run every layer's part on ids [B, T]; the next token of each sequence, as all ranks agree."""
@@ -142,19 +133,18 @@ class TensorRunner(Runner):
 
     def forward(self, message: Message) -> list[Out]:
         """A rank other than the head: run this step on the ids the head sent."""
-        seqs, starts, params = step_fields(message)
-        for seq in seqs:
+        step = ForwardStep.from_message(message)
+        for seq in step.seqs:
             if seq in self.rank_samplers:
                 continue
-            wire = params.get(seq)
-            if not isinstance(wire, dict) or not isinstance(wire.get("seed"), int):
-                raise ExoctlError(f"sequence {seq} is unknown here and its first message has no params")
-            sampling = sampling_from_wire(wire)
-            self.rank_samplers[seq] = RankSampler.create(sampling, wire["seed"], self.spec.rank)
+            sampling = step.first_params(seq)
+            if sampling.seed is None:
+                raise ExoctlError(f"sequence {seq} is unknown here and its first message has no seed")
+            self.rank_samplers[seq] = RankSampler.create(sampling, sampling.seed, self.spec.rank)
         if len(message.tensors) != 1 or message.tensors[0].dtype != "int64":
             raise ExoctlError("'forward' of a tensor-parallel instance needs one int64 tensor of token ids")
         ids = to_tensor(message.tensors[0])
-        if ids.dim() != 2 or ids.shape[0] != len(seqs) or (len(seqs) > 1 and ids.shape[1] != 1):
-            raise ExoctlError(f"token ids of shape {list(ids.shape)} do not fit {len(seqs)} sequence(s)")
-        self._tokens_of(seqs, ids, starts)
+        if ids.dim() != 2 or ids.shape[0] != len(step.seqs) or (len(step.seqs) > 1 and ids.shape[1] != 1):
+            raise ExoctlError(f"token ids of shape {list(ids.shape)} do not fit {len(step.seqs)} sequence(s)")
+        self._tokens_of(step.seqs, ids, step.starts)
         return []

@@ -1,0 +1,190 @@
+"""`POST /v1/chat/completions`: OpenAI's chat completion, one JSON answer or a server-sent stream.
+
+The generation runs on a thread of its own (its ZeroMQ sockets stay in that thread from start to
+end) and hands typed events to the event loop through an asyncio queue. Errors use OpenAI's
+envelope, also inside a stream; a client that goes away cancels the generation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from exoctl.api.errors import classify, error_body, exoctl_error_response
+from exoctl.api.metrics import Metrics
+from exoctl.api.schemas import ChatRequest
+from exoctl.api.service import ClusterService
+from exoctl.completion import Completion
+from exoctl.errors import ExoctlError
+from exoctl.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class Started:
+    model: str  # the id of the instance's model
+
+
+@dataclass(frozen=True)
+class Delta:
+    text: str
+
+
+@dataclass(frozen=True)
+class Done:
+    result: Completion
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: ExoctlError
+
+
+Event = Started | Delta | Done | Failed
+
+
+def sse(data: dict[str, Any] | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def request_params(body: ChatRequest) -> SamplingParams:
+    """OpenAI's defaults: temperature 1, top_p 1; max_completion_tokens over the older max_tokens."""
+    return SamplingParams(
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        seed=body.seed,
+        max_tokens=body.max_completion_tokens or body.max_tokens or 1024,
+        stop=tuple(body.stops()),
+    )
+
+
+def usage(result: Completion) -> dict[str, int]:
+    return {
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "total_tokens": result.total_tokens,
+    }
+
+
+def finish_reason(result: Completion) -> str:
+    return "length" if result.finish_reason == "length" else "stop"
+
+
+class ChatCompletion:
+    """One request: its generation thread, and the answer shaped from what the thread reports."""
+
+    def __init__(self, service: ClusterService, metrics: Metrics, body: ChatRequest) -> None:
+        self.service = service
+        self.metrics = metrics
+        self.body = body
+        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.model = ""
+        self.events: asyncio.Queue[Event] = asyncio.Queue()
+        self.cancel = threading.Event()
+
+    async def respond(self) -> Response:
+        params = request_params(self.body)
+        loop = asyncio.get_running_loop()
+        thread = threading.Thread(target=self._generate, args=(loop, params), name=f"chat-{self.id[-8:]}")
+        thread.daemon = True
+        thread.start()
+        event = await self.events.get()
+        if isinstance(event, Failed):
+            return self._error(event.error)
+        assert isinstance(event, Started)
+        self.model = event.model
+        if self.body.stream:
+            headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+            return StreamingResponse(self._stream(), media_type="text/event-stream", headers=headers)
+        while True:
+            match await self.events.get():
+                case Failed(error):
+                    return self._error(error)
+                case Done(result):
+                    self.metrics.completed(self.model, result)
+                    return JSONResponse(self._answer(result))
+
+    def _generate(self, loop: asyncio.AbstractEventLoop, params: SamplingParams) -> None:
+        def put(event: Event) -> None:
+            loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+        try:
+            with self.service.cluster() as cluster:
+                messages = self.body.chat_messages()
+                view, generation = self.service.generate(cluster, self.body.model, params, messages)
+                put(Started(view.model_id))
+                for delta in generation:
+                    put(Delta(delta))
+                    if self.cancel.is_set():
+                        generation.cancel()
+                        return
+                assert generation.result is not None
+                put(Done(generation.result))
+        except ExoctlError as exc:
+            put(Failed(exc))
+        except Exception as exc:  # the stream must end even on a bug
+            put(Failed(ExoctlError(f"internal error: {exc!r}")))
+
+    def _error(self, error: ExoctlError) -> JSONResponse:
+        self.metrics.errors.labels(classify(error)[1]).inc()
+        return exoctl_error_response(error)
+
+    def _answer(self, result: Completion) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": result.text},
+                    "finish_reason": finish_reason(result),
+                }
+            ],
+            "usage": usage(result),
+        }
+
+    def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            **extra,
+        }
+
+    def _delta(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return self._chunk([{"index": 0, "delta": delta, "finish_reason": finish}])
+
+    async def _stream(self) -> AsyncIterator[str]:
+        try:
+            yield sse(self._delta({"role": "assistant", "content": ""}))
+            while True:
+                match await self.events.get():
+                    case Delta(text):
+                        yield sse(self._delta({"content": text}))
+                    case Done(result):
+                        self.metrics.completed(self.model, result)
+                        yield sse(self._delta({}, finish_reason(result)))
+                        options = self.body.stream_options
+                        if options is not None and options.include_usage:
+                            yield sse(self._chunk([], usage=usage(result)))
+                        break
+                    case Failed(error):
+                        status, error_type = classify(error)
+                        self.metrics.errors.labels(error_type).inc()
+                        yield sse(error_body(error.message, error_type, code=str(status)))
+                        break
+            yield sse("[DONE]")
+        finally:
+            self.cancel.set()  # the client went away: the generating thread cancels at its next token

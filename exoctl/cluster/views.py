@@ -1,0 +1,157 @@
+"""The cluster as the workers report it: each node's status, and the instances their runners form.
+
+Torch-free and I/O-free: built from the status replies `Cluster.statuses()` gathers, and read by
+the state document, the tables, placement, the API and the supervisor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from exoctl.catalog import DEFAULT_MODEL_ID, find_card
+from exoctl.inventory import Node
+from exoctl.placement import GB, NodeProfile
+from exoctl.runner_report import RunnerReport, RunnerStatus
+
+
+class InstanceStatus(str, Enum):
+    READY = "ready"
+    RUNNING = "running"  # ready, with requests in flight
+    LOADING = "loading"
+    FAILED = "failed"
+
+
+@dataclass
+class NodeStatus:
+    node: Node
+    profile: dict[str, Any] | None = None
+    runners: list[RunnerReport] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def up(self) -> bool:
+        return self.profile is not None
+
+
+@dataclass
+class InstanceView:
+    """One placed model, assembled from the runners the nodes report."""
+
+    instance_id: str
+    model_id: str
+    sharding: str
+    dtype: str
+    nodes: tuple[str, ...]  # by rank
+    runners: dict[str, RunnerReport]  # node -> its runner's report
+
+    @property
+    def head(self) -> str:
+        return self.nodes[0]
+
+    @property
+    def missing(self) -> list[str]:
+        return [n for n in self.nodes if n not in self.runners]
+
+    @property
+    def status(self) -> InstanceStatus:
+        states = {r.status for r in self.runners.values()}
+        if self.missing or RunnerStatus.FAILED in states:
+            return InstanceStatus.FAILED
+        if RunnerStatus.LOADING in states:
+            return InstanceStatus.LOADING
+        if any(r.active_sequences for r in self.runners.values()):
+            return InstanceStatus.RUNNING
+        return InstanceStatus.READY
+
+    @property
+    def serving(self) -> bool:
+        return self.status in (InstanceStatus.READY, InstanceStatus.RUNNING)
+
+    @property
+    def failure(self) -> str:
+        messages = [r.message for r in self.runners.values() if r.message]
+        if messages:
+            return messages[0]
+        if self.missing:
+            return f"node {', '.join(self.missing)} is down"
+        return ""
+
+    @property
+    def lost_node(self) -> str | None:
+        """The node its own runners declared lost (their heartbeats missed it), if any.
+
+        A node that merely misses one status poll is not lost: its runners may still be serving."""
+        for runner in self.runners.values():
+            if runner.failure is not None and runner.failure.lost_node is not None:
+                return runner.failure.lost_node
+        return None
+
+
+def instances_of(statuses: list[NodeStatus]) -> dict[str, InstanceView]:
+    views: dict[str, InstanceView] = {}
+    for status in statuses:
+        for runner in status.runners:
+            view = views.get(runner.instance_id)
+            if view is None:
+                view = views[runner.instance_id] = InstanceView(
+                    runner.instance_id, runner.model_id, runner.sharding, runner.dtype, runner.nodes, {}
+                )
+            view.runners[status.node.name] = runner
+    return views
+
+
+def model_matches(view_model_id: str, model: str) -> bool:
+    """Whether `model` (catalog id, Hugging Face repo id, or a folder) names an instance's model."""
+    if view_model_id == model:
+        return True
+    card = find_card(model)
+    if card is not None:
+        return card.id == view_model_id
+    return Path(model).expanduser().name == view_model_id
+
+
+def find_instance(statuses: list[NodeStatus], model: str | None) -> InstanceView | None:
+    """The ready instance serving `model` — an instance id or anything `model_matches` — or, with
+    no model, the only ready instance, else the embedded default's."""
+    views = [v for v in instances_of(statuses).values() if v.serving]
+    if model is None:
+        if len(views) == 1:
+            return views[0]
+        model = DEFAULT_MODEL_ID
+    for view in views:
+        if view.instance_id == model or model_matches(view.model_id, model):
+            return view
+    return None
+
+
+def node_profiles(statuses: list[NodeStatus]) -> list[NodeProfile]:
+    """Placement's view of the nodes. Workers on one machine (same machine id) share its memory:
+    each is given an equal part of it, so it is not counted once per worker, and equal nodes
+    are then taken in inventory order."""
+    machines: dict[str, list[dict[str, Any]]] = {}
+    for status in statuses:
+        if status.profile is not None:
+            machines.setdefault(str(status.profile.get("machine_id")), []).append(status.profile)
+    profiles = []
+    for status in statuses:
+        cap = int(status.node.memory_gb * GB) if status.node.memory_gb else None
+        if status.profile is None:
+            profiles.append(NodeProfile(status.node.name, 0, 0, cap, live=False))
+            continue
+        # memory the node's own runners hold is reported as used, so it counts as unavailable
+        shared = machines[str(status.profile.get("machine_id"))]
+        total = min(p["ram_total"] for p in shared) // len(shared)
+        available = min(p["ram_available"] for p in shared) // len(shared)
+        profiles.append(NodeProfile(status.node.name, total, available, cap, live=True))
+    return profiles
+
+
+def runtime_dtype(dtype: str, statuses: list[NodeStatus]) -> str:
+    """`auto`: bfloat16 when every live node has native bf16 maths, else float32."""
+    if dtype != "auto":
+        return dtype
+    live = [s for s in statuses if s.up]
+    return "bfloat16" if live and all(s.profile and s.profile.get("bf16_native") for s in live) else "float32"

@@ -1,0 +1,102 @@
+"""What a runner reports about itself in a worker's status reply, typed on both sides.
+
+Torch-free: the worker builds a `RunnerReport` from its runner and sends `to_wire()`; the cluster
+client rebuilds it with `from_wire`, and the state document, the tables and the supervisor read
+it by attribute. A failed runner carries a `Failure` whose `lost_node` says whether a node was
+lost (the supervisor re-places such instances) or something else went wrong.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Any
+
+from exoctl.protocol import ProtocolError
+
+
+class RunnerStatus(str, Enum):
+    """EXO's names; they are also the tags of the runners in the state document."""
+
+    LOADING = "RunnerLoading"
+    READY = "RunnerReady"
+    FAILED = "RunnerFailed"
+
+
+@dataclass(frozen=True)
+class Failure:
+    message: str  # for the user: names the node and what happened
+    lost_node: str | None = None  # the node the instance lost (stopped answering, restarted)
+
+    @property
+    def is_node_lost(self) -> bool:
+        return self.lost_node is not None
+
+
+@dataclass(frozen=True)
+class ExpertLoad:
+    """Mixtral: one expert this runner holds and the tokens routed to it over its layers."""
+
+    expert: int
+    tokens: int
+
+
+@dataclass(frozen=True)
+class RunnerReport:
+    runner_id: str
+    instance_id: str
+    model_id: str
+    sharding: str
+    dtype: str
+    start_layer: int
+    end_layer: int
+    n_layers: int
+    rank: int
+    world: int
+    nodes: tuple[str, ...]  # the instance's nodes by rank
+    status: RunnerStatus
+    failure: Failure | None = None
+    layers_loaded: int = 0
+    memory_bytes: int = 0
+    tokens_per_s: float = 0.0  # this runner's own compute per decoded token
+    decode_tokens_per_s: float = 0.0  # head: end to end, of the last request
+    active_sequences: int = 0
+    experts: tuple[ExpertLoad, ...] = field(default_factory=tuple)
+    collective_ms_per_token: float | None = None  # tensor ranks: time in collectives
+
+    @property
+    def message(self) -> str:
+        return self.failure.message if self.failure else ""
+
+    @property
+    def layers_total(self) -> int:
+        return self.end_layer - self.start_layer
+
+    def to_wire(self) -> dict[str, Any]:
+        raw = asdict(self)
+        raw["status"] = self.status.value
+        raw["nodes"] = list(self.nodes)
+        raw["experts"] = [[e.expert, e.tokens] for e in self.experts]
+        return raw
+
+    @classmethod
+    def from_wire(cls, raw: Any) -> RunnerReport:
+        """A report from a worker's status reply; ProtocolError if it is not one."""
+        try:
+            failure = raw["failure"]
+            return cls(
+                **{k: raw[k] for k in _PLAIN_FIELDS},
+                nodes=tuple(str(n) for n in raw["nodes"]),
+                status=RunnerStatus(raw["status"]),
+                failure=Failure(str(failure["message"]), failure["lost_node"]) if failure else None,
+                experts=tuple(ExpertLoad(int(e), int(t)) for e, t in raw["experts"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ProtocolError(f"a runner report is malformed ({type(exc).__name__}: {exc})") from None
+
+
+_PLAIN_FIELDS = tuple(
+    name
+    for name in RunnerReport.__dataclass_fields__
+    if name not in ("nodes", "status", "failure", "experts")
+)

@@ -1,0 +1,76 @@
+"""What one runner is asked to hold: the `load` message, built and checked in one place.
+
+Torch-free: the cluster client makes one per rank and sends `to_fields()`; a worker rebuilds it
+with `from_message`, which refuses anything inconsistent before a thread or a byte is spent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from exoctl.dtypes import RUNTIME_DTYPES
+from exoctl.errors import ExoctlError
+from exoctl.protocol import Message, ProtocolError
+
+WORKER_SHARDINGS = ("pipeline", "tensor")
+
+
+@dataclass(frozen=True)
+class RunnerSpec:
+    instance_id: str
+    runner_id: str
+    model: str  # what the worker resolves: catalog id, repo id, or a folder under its model dirs
+    model_id: str
+    sharding: str  # one of WORKER_SHARDINGS
+    dtype: str  # one of RUNTIME_DTYPES
+    start_layer: int
+    end_layer: int
+    n_layers: int
+    rank: int
+    world: int
+    peers: tuple[tuple[str, str], ...]  # (node name, address) by rank
+
+    @property
+    def is_head(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.rank == self.world - 1
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.peers)
+
+    @property
+    def address(self) -> str:
+        """Where the other ranks reach this runner's node."""
+        return self.peers[self.rank][1]
+
+    def to_fields(self) -> dict[str, Any]:
+        return {**asdict(self), "peers": [list(p) for p in self.peers]}
+
+    @classmethod
+    def from_message(cls, message: Message) -> RunnerSpec:
+        """The spec of a `load` message (its field types are checked by the protocol already)."""
+        peers = message["peers"]
+        if not all(isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in peers):
+            raise ProtocolError("'peers' must be a list of [node name, address] pairs")
+        fields = {k: message[k] for k in cls.__dataclass_fields__ if k != "peers"}
+        spec = cls(**fields, peers=tuple((name, address) for name, address in peers))
+        if spec.sharding not in WORKER_SHARDINGS:
+            raise ExoctlError(
+                f"sharding {spec.sharding!r} is not supported by this worker", hint="use pipeline or tensor"
+            )
+        if not (0 <= spec.rank < spec.world == len(spec.peers)) or not (
+            0 <= spec.start_layer < spec.end_layer <= spec.n_layers
+        ):
+            raise ProtocolError("inconsistent rank, world, peers or layer range in 'load'")
+        if spec.sharding == "tensor" and (spec.start_layer, spec.end_layer) != (0, spec.n_layers):
+            raise ProtocolError("a tensor-parallel rank holds every layer: give [0, n_layers)")
+        if spec.dtype not in RUNTIME_DTYPES:
+            raise ExoctlError(
+                f"dtype {spec.dtype!r} is not supported", hint=f"use {' or '.join(RUNTIME_DTYPES)}"
+            )
+        return spec

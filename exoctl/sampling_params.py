@@ -1,0 +1,73 @@
+"""How to pick tokens and when to stop: checked once where a request is made, then carried as is.
+
+Torch-free, so the CLI and the API build the same object the engine samples with; `to_wire` and
+`from_wire` are its one form on the network (the head passes it to the stage that samples).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from exoctl.errors import InvalidRequestError
+
+
+class SamplingParamError(InvalidRequestError):
+    """One parameter out of range: `name` is the field, `problem` what is wrong with its value."""
+
+    def __init__(self, name: str, problem: str) -> None:
+        super().__init__(f"{name} {problem}")
+        self.name = name
+        self.problem = problem
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """temperature 0 is greedy; top_k 0 and top_p 1 cut nothing."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    max_tokens: int = 256
+    stop: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise SamplingParamError("temperature", f"must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise SamplingParamError("top_k", f"must be >= 0 (0 turns it off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise SamplingParamError("top_p", f"must be in (0, 1], got {self.top_p}")
+        if self.max_tokens < 1:
+            raise SamplingParamError("max_tokens", f"must be >= 1, got {self.max_tokens}")
+        if any(not s for s in self.stop):
+            raise SamplingParamError("stop", "strings must not be empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+    @property
+    def truncates(self) -> bool:
+        """Whether top_k or top_p cut the distribution."""
+        return self.top_k > 0 or self.top_p < 1
+
+    def to_wire(self) -> dict[str, Any]:
+        return {**asdict(self), "stop": list(self.stop)}  # msgpack has lists, not tuples
+
+    @classmethod
+    def from_wire(cls, raw: dict[str, Any]) -> SamplingParams:
+        unknown = set(raw) - WIRE_FIELDS
+        if unknown:
+            raise InvalidRequestError(f"unknown sampling parameter(s): {', '.join(sorted(unknown))}")
+        stop = raw.get("stop") or ()
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+            raise InvalidRequestError("bad sampling parameters: stop must be a list of strings")
+        try:
+            return cls(**{**raw, "stop": tuple(stop)})
+        except TypeError as exc:
+            raise InvalidRequestError(f"bad sampling parameters: {exc}") from None
+
+
+WIRE_FIELDS = frozenset(f.name for f in fields(SamplingParams))

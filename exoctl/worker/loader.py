@@ -1,0 +1,54 @@
+"""Loading a runner's weights on a thread of its own, so the I/O loop keeps answering.
+
+A failed load leaves the runner failed with a message that names the node and the cause (and
+its memory freed); an unload during the load cancels it. Torch-free at import: the runner
+brings torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import traceback
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from exoctl.errors import ExoctlError
+from exoctl.runner_report import Failure
+from exoctl.worker.model_access import locate
+
+if TYPE_CHECKING:
+    from exoctl.worker.runner import Runner
+
+log = logging.getLogger("exoctl.worker")
+
+
+class LoadCancelled(Exception):
+    """The runner was unloaded while it was still loading."""
+
+
+def start_loading(runner: Runner, model_dirs: list[Path], node: str) -> threading.Thread:
+    thread = threading.Thread(target=load, args=(runner, model_dirs, node), name="load", daemon=True)
+    thread.start()
+    return thread
+
+
+def load(runner: Runner, model_dirs: list[Path], node: str) -> None:
+    spec = runner.spec
+    log.info("loading %s layers [%d, %d) in %s", spec.model_id, spec.start_layer, spec.end_layer, spec.dtype)
+    try:
+        folder = locate(spec.model, model_dirs, node, (spec.start_layer, spec.end_layer), spec.n_layers)
+        runner.load(folder)
+        log.info("instance %s ready: %.1f MB", spec.instance_id, runner.memory_bytes / 1e6)
+    except LoadCancelled:
+        log.info("load of instance %s cancelled", spec.instance_id)
+    except ExoctlError as exc:
+        log.warning("load of instance %s failed: %s", spec.instance_id, exc.message)
+        runner.fail(Failure(f"node {node}: {exc.message}"))
+    except MemoryError:
+        runner.fail(
+            Failure(f"node {node} ran out of memory loading layers [{spec.start_layer}, {spec.end_layer})")
+        )
+    except Exception as exc:
+        log.error("load of instance %s failed: %s", spec.instance_id, traceback.format_exc())
+        runner.fail(Failure(f"node {node}: {type(exc).__name__}: {exc}"))

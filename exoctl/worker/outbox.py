@@ -1,0 +1,120 @@
+"""What a runner asks the I/O loop to send: small typed messages, one class per destination.
+
+A runner only computes; it returns these, and its compute lane posts them to the `Outbox`, which
+the worker's I/O loop empties when its doorbell rings: the I/O loop owns every network socket,
+and reads where each message goes from its type, never by unpacking what was encoded. Torch-free.
+"""
+
+from __future__ import annotations
+
+import queue
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from exoctl import protocol
+from exoctl.protocol import Message, Tensor
+
+
+@dataclass(frozen=True)
+class ToClient:
+    """A reply about one running request, to the client (ZeroMQ identity) that sent it."""
+
+    client: bytes
+    kind: str  # delta | done | error
+    request_id: str
+    fields: dict[str, Any]
+
+    @property
+    def ends_request(self) -> bool:
+        return self.kind in ("done", "error")
+
+    def frames(self) -> list[Any]:
+        return protocol.encode(self.kind, {"request_id": self.request_id, **self.fields})
+
+
+@dataclass(frozen=True)
+class ToPeer:
+    """A message to another runner of the instance, by its node's address."""
+
+    address: str
+    kind: str
+    fields: dict[str, Any]
+    tensors: tuple[Tensor, ...] = field(default=())
+
+    def frames(self) -> list[Any]:
+        return protocol.encode(self.kind, self.fields, self.tensors)
+
+
+@dataclass(frozen=True)
+class ToSelf:
+    """A message for this same runner (the head's own sampled tokens): queued on its lane."""
+
+    message: Message
+
+
+@dataclass(frozen=True)
+class FailInstance:
+    """The instance is broken (a tensor-parallel step failed part-way): fail it on every node."""
+
+    instance_id: str
+    message: str
+
+
+Out = ToClient | ToPeer | ToSelf | FailInstance
+
+
+def client_error(
+    client: bytes, request_id: str, message: str, hint: str | None = None, code: str = ""
+) -> ToClient:
+    fields: dict[str, Any] = {"message": message, "hint": hint}
+    if code:
+        fields["code"] = code
+    return ToClient(client, "error", request_id, fields)
+
+
+class Outbox:
+    """Messages from the compute lanes to the I/O loop: a queue, and an inproc doorbell that
+    wakes the loop's poller (ZeroMQ sockets cannot be shared between threads, a queue can)."""
+
+    ENDPOINT = "inproc://outbox"
+
+    def __init__(self, ctx: zmq.Context[Any]) -> None:
+        self.ctx = ctx
+        self.queue: queue.SimpleQueue[Out] = queue.SimpleQueue()
+        self.bell = ctx.socket(zmq.PULL)
+        self.bell.bind(self.ENDPOINT)
+
+    def take(self) -> list[Out]:
+        """Everything posted so far (call when the bell socket is readable)."""
+        while True:
+            try:
+                self.bell.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+        taken: list[Out] = []
+        while True:
+            try:
+                taken.append(self.queue.get_nowait())
+            except queue.Empty:
+                return taken
+
+
+class Poster:
+    """One lane's end of the outbox, used only from that lane's thread."""
+
+    def __init__(self, outbox: Outbox) -> None:
+        self.queue = outbox.queue
+        self.bell = outbox.ctx.socket(zmq.PUSH)
+        self.bell.connect(Outbox.ENDPOINT)
+
+    def post(self, out: Out) -> None:
+        self.queue.put(out)
+        try:
+            self.bell.send(b"", zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # the loop has rings queued already: it will take this message with them
+
+    def close(self) -> None:
+        self.bell.close(0)

@@ -1,0 +1,77 @@
+"""The other workers this one talks to: a DEALER socket each, and whether they are still there.
+
+Used only from the I/O loop. Every runner heartbeats the nodes of its instances; a node that is
+silent for DOWN_AFTER_S, or that answers with another boot id (it restarted and lost its
+runners), is lost, and the worker fails the instances that use it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import zmq
+
+from exoctl import protocol
+from exoctl.keys import ClusterKeys
+from exoctl.protocol import Message
+from exoctl.transport import secure_client
+
+log = logging.getLogger("exoctl.worker")
+
+HEARTBEAT_S = 0.5
+DOWN_AFTER_S = 3.0  # a peer silent this long is down: its instances fail
+
+
+class Peers:
+    def __init__(self, ctx: zmq.Context[Any], keys: ClusterKeys | None) -> None:
+        self.ctx = ctx
+        self.keys = keys
+        self.sockets: dict[str, zmq.Socket[Any]] = {}  # address -> DEALER
+        self.seen: dict[str, float] = {}  # address -> when it was last heard from
+        self.boot: dict[str, str] = {}  # address -> the boot id it answered with first
+
+    def socket(self, address: str) -> zmq.Socket[Any]:
+        sock = self.sockets.get(address)
+        if sock is None:
+            sock = self.sockets[address] = self.ctx.socket(zmq.DEALER)
+            secure_client(sock, self.keys)
+            sock.setsockopt(zmq.SNDHWM, 10000)
+            sock.connect(f"tcp://{address}")
+        return sock
+
+    def send(self, address: str, frames: list[Any]) -> None:
+        # never block the I/O loop on a dead or frozen peer: its messages are dropped, and the
+        # heartbeat fails its instances
+        try:
+            self.socket(address).send_multipart(frames, zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            log.warning("dropped a message to unresponsive peer %s", address)
+
+    def expect(self, addresses: list[str], now: float) -> None:
+        """A new instance's peers: their clock starts now, not at an older instance's."""
+        for address in addresses:
+            self.seen[address] = now
+
+    def heard(self, address: str, message: Message, now: float) -> str | None:
+        """A reply from a peer; why it is lost if it restarted, else None."""
+        self.seen[address] = now
+        if message.type == "pong":
+            boot = message["profile"].get("boot_id")
+            previous = self.boot.setdefault(address, boot)
+            if previous != boot:
+                self.boot[address] = boot
+                return "restarted and lost its runners"
+        elif message.type == "error":
+            log.warning("peer %s answered with an error: %s", address, message["message"])
+        return None
+
+    def beat(self, watched: set[str], now: float) -> dict[str, str]:
+        """Ping the watched peers; those silent too long, with why they are lost."""
+        lost = {}
+        for address in watched:
+            self.send(address, protocol.encode("ping", {"id": 0}))
+            silent = now - self.seen.get(address, now)
+            if silent > DOWN_AFTER_S:
+                lost[address] = f"stopped answering (no heartbeat for {silent:.1f} s)"
+        return lost

@@ -1,0 +1,48 @@
+"""The fields of a step between the runners of one instance, checked once for every runner kind."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from exoctl.errors import ExoctlError
+from exoctl.protocol import Message
+from exoctl.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class ForwardStep:
+    """A `forward`: B sequences, each at its own start position; a sequence's first step also
+    carries its sampling parameters (wire form), for the stage or rank that samples."""
+
+    seqs: list[str]
+    starts: list[int]
+    params: dict[str, Any]  # seq -> SamplingParams wire form, on its first step only
+
+    @classmethod
+    def from_message(cls, message: Message) -> ForwardStep:
+        seqs, starts = message["seqs"], message["positions"]
+        params = message.get("params") or {}
+        if (
+            not seqs
+            or len(starts) != len(seqs)
+            or not all(isinstance(x, str) for x in seqs)
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in starts)
+            or not isinstance(params, dict)
+        ):
+            raise ExoctlError("'forward' needs matching lists of sequence ids and positions")
+        return cls(seqs, starts, params)
+
+    def first_params(self, seq: str) -> SamplingParams:
+        """The sampling parameters of a sequence this runner has not seen before."""
+        wire = self.params.get(seq)
+        if not isinstance(wire, dict):
+            raise ExoctlError(f"sequence {seq} is unknown here and its first message has no params")
+        return SamplingParams.from_wire(wire)
+
+    def fields(self, instance_id: str) -> dict[str, Any]:
+        """The same step as a `forward` message's fields, for the next stage or the other ranks."""
+        fields: dict[str, Any] = {"instance_id": instance_id, "seqs": self.seqs, "positions": self.starts}
+        if self.params:
+            fields["params"] = self.params
+        return fields

@@ -1,0 +1,76 @@
+"""How the ranks of a tensor-parallel instance meet before they are ready.
+
+Each rank binds its collective socket on a port the OS picks and tells the other ranks the address
+(`tp_hello`); a hello that comes before its instance's `load` is kept until the load comes. A rank
+is ready once its weights are loaded and it knows every other rank's address (`TensorRunner`).
+Torch-free at import.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import zmq
+
+from exoctl import protocol
+from exoctl.keys import ClusterKeys
+from exoctl.protocol import Message, ProtocolError
+from exoctl.runner_spec import RunnerSpec
+
+if TYPE_CHECKING:
+    from exoctl.worker.peers import Peers
+    from exoctl.worker.runner import Runner
+    from exoctl.worker.tensor_runner import TensorRunner
+
+COLLECTIVE_TIMEOUT_S = 30.0  # a rank silent this long mid-step fails the instance (heartbeats: 3 s)
+MAX_EARLY_INSTANCES = 1000  # hellos kept for instances whose load has not come
+
+
+class Meeting:
+    def __init__(
+        self, ctx: zmq.Context[Any], host: str, keys: ClusterKeys | None, max_batch: int, peers: Peers
+    ) -> None:
+        self.ctx = ctx
+        self.host = host  # the collective binds here, on a port the OS picks
+        self.keys = keys
+        self.max_batch = max_batch
+        self.peers = peers
+        self.early: dict[str, dict[int, str]] = {}  # instance id -> rank -> collective address
+
+    def runner(self, spec: RunnerSpec) -> TensorRunner:
+        """This node's rank: bind its collective socket and tell the other ranks where it is."""
+        from exoctl.worker.collective import ZmqCollective
+        from exoctl.worker.tensor_runner import TensorRunner
+
+        bind = f"{self.host}:*"
+        collective = ZmqCollective(
+            self.ctx, spec.rank, spec.world, bind, self.keys, COLLECTIVE_TIMEOUT_S, list(spec.nodes)
+        )
+        runner = TensorRunner(spec, self.max_batch, collective)
+        # peers reach this node at the host they were given for it
+        address = f"{spec.address.rsplit(':', 1)[0]}:{collective.port}"
+        runner.met(spec.rank, address)
+        for rank, known in self.early.pop(spec.instance_id, {}).items():
+            runner.met(rank, known)
+        hello = {"instance_id": spec.instance_id, "rank": spec.rank, "address": address}
+        for rank, (_, peer) in enumerate(spec.peers):
+            if rank != spec.rank:
+                self.peers.send(peer, protocol.encode("tp_hello", hello))
+        return runner
+
+    def hello(self, runner: Runner | None, message: Message) -> None:
+        """Another rank's address, for `runner` (None: its load message has not come yet)."""
+        instance_id, rank, address = message["instance_id"], message["rank"], message["address"]
+        if runner is None:
+            if len(self.early) > MAX_EARLY_INSTANCES:
+                self.early.pop(next(iter(self.early)))
+            self.early.setdefault(instance_id, {})[rank] = address
+            return
+        from exoctl.worker.tensor_runner import TensorRunner
+
+        if not isinstance(runner, TensorRunner) or not 0 <= rank < runner.spec.world:
+            raise ProtocolError(f"'tp_hello' for rank {rank} of an instance that has no such rank")
+        runner.met(rank, address)
+
+    def forget(self, instance_id: str) -> None:
+        self.early.pop(instance_id, None)

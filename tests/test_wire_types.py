@@ -1,0 +1,139 @@
+"""The typed messages both sides share, on hand-built values: each survives its wire form (msgpack
+included), and a malformed one is refused with a clear error rather than read by a wrong key."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+
+from exoctl.completion import Completion, Timings
+from exoctl.errors import ExoctlError, InvalidRequestError
+from exoctl.protocol import Message, ProtocolError
+from exoctl.runner_report import ExpertLoad, Failure, RunnerReport, RunnerStatus
+from exoctl.runner_spec import RunnerSpec
+from exoctl.sampling_params import SamplingParamError, SamplingParams
+from exoctl.worker.lane import Cancel, PeerMessage, TokenBatch, job_sequences, merge_token_jobs
+
+
+def through_msgpack(value: object) -> object:
+    return msgpack.unpackb(msgpack.packb(value, use_bin_type=True), raw=False)
+
+
+def report(**changes: object) -> RunnerReport:
+    base = RunnerReport(
+        runner_id="r",
+        instance_id="i",
+        model_id="mixtral-8x7b-cpu",
+        sharding="tensor",
+        dtype="bfloat16",
+        start_layer=0,
+        end_layer=32,
+        n_layers=32,
+        rank=1,
+        world=2,
+        nodes=("a", "b"),
+        status=RunnerStatus.FAILED,
+        failure=Failure("node a (h:1) restarted and lost its runners", lost_node="a"),
+        memory_bytes=5,
+        experts=(ExpertLoad(4, 10), ExpertLoad(5, 0)),
+        collective_ms_per_token=1.5,
+    )
+    return RunnerReport(**{**base.__dict__, **changes})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [report(), report(status=RunnerStatus.LOADING, failure=None, experts=(), collective_ms_per_token=None)],
+)
+def test_a_runner_report_survives_the_wire(value: RunnerReport) -> None:
+    back = RunnerReport.from_wire(through_msgpack(value.to_wire()))
+    assert back == value and back.status is value.status
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"status": "RunnerHappy"}, {"experts": [[1]]}, {"failure": {"message": "x"}}, {"nodes": None}],
+)
+def test_a_malformed_runner_report_is_a_protocol_error(change: dict[str, object]) -> None:
+    with pytest.raises(ProtocolError, match="a runner report is malformed"):
+        RunnerReport.from_wire({**report().to_wire(), **change})
+
+
+def test_a_runner_report_missing_a_field_is_a_protocol_error() -> None:
+    raw = report().to_wire()
+    del raw["memory_bytes"]
+    with pytest.raises(ProtocolError, match="a runner report is malformed"):
+        RunnerReport.from_wire(raw)
+
+
+def spec(**changes: object) -> RunnerSpec:
+    base = {
+        "instance_id": "i",
+        "runner_id": "r",
+        "model": "smollm2-135m-cpu",
+        "model_id": "smollm2-135m-cpu",
+        "sharding": "pipeline",
+        "dtype": "float32",
+        "start_layer": 15,
+        "end_layer": 30,
+        "n_layers": 30,
+        "rank": 1,
+        "world": 2,
+        "peers": (("a", "127.0.0.1:1"), ("b", "127.0.0.2:2")),
+    }
+    return RunnerSpec(**{**base, **changes})  # type: ignore[arg-type]
+
+
+def test_a_runner_spec_is_the_load_message_both_ways() -> None:
+    sent = spec()
+    fields = through_msgpack(sent.to_fields())
+    assert isinstance(fields, dict)
+    assert RunnerSpec.from_message(Message("load", fields)) == sent
+    assert sent.address == "127.0.0.2:2" and sent.nodes == ("a", "b") and sent.is_last
+
+
+@pytest.mark.parametrize(
+    ("change", "text"),
+    [
+        ({"dtype": "float64"}, "dtype 'float64' is not supported"),
+        ({"sharding": "ring"}, "sharding 'ring' is not supported"),
+        ({"rank": 2}, "inconsistent rank"),
+        ({"end_layer": 31}, "inconsistent rank"),
+        ({"sharding": "tensor"}, "a tensor-parallel rank holds every layer"),
+    ],
+)
+def test_an_inconsistent_load_is_refused_in_one_place(change: dict[str, object], text: str) -> None:
+    fields = {**spec().to_fields(), **change}
+    with pytest.raises(ExoctlError, match=text):
+        RunnerSpec.from_message(Message("load", fields))
+
+
+def test_sampling_params_survive_the_wire_and_refuse_strangers() -> None:
+    params = SamplingParams(temperature=0.7, top_k=5, top_p=0.9, seed=3, max_tokens=9, stop=("\n", "."))
+    assert SamplingParams.from_wire(through_msgpack(params.to_wire())) == params  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequestError, match=r"unknown sampling parameter.*: beam"):
+        SamplingParams.from_wire({"beam": 2})
+    with pytest.raises(InvalidRequestError, match="stop must be a list of strings"):
+        SamplingParams.from_wire({"stop": [1]})
+    with pytest.raises(SamplingParamError) as caught:
+        SamplingParams.from_wire({"top_p": 0.0})
+    assert caught.value.name == "top_p" and caught.value.problem == "must be in (0, 1], got 0.0"
+
+
+def test_a_completion_survives_the_wire() -> None:
+    done = Completion("Paris.", [9, 10, 2], "stop", 12, Timings(0.25, 1.5, 1.6))
+    back = Completion.from_wire(through_msgpack(done.to_wire()))
+    assert back == done and back.total_tokens == 15
+    assert done.to_wire()["usage"] == {"prompt_tokens": 12, "completion_tokens": 3}
+    with pytest.raises(ExoctlError, match="the head's answer is malformed"):
+        Completion.from_wire({"text": "x"})
+
+
+def test_token_messages_merge_into_one_batch_at_the_place_of_the_first() -> None:
+    token = [PeerMessage(Message("token", {"instance_id": "i", "seqs": [s], "tokens": [1]})) for s in "ab"]
+    release = PeerMessage(Message("release", {"instance_id": "i", "seq": "c"}))
+    merged = merge_token_jobs([release, token[0], Cancel("x"), token[1]])
+    assert merged[0] == release and merged[2] == Cancel("x") and len(merged) == 3
+    assert isinstance(merged[1], TokenBatch) and [m["seqs"] for m in merged[1].messages] == [["a"], ["b"]]
+    assert job_sequences(merged[1]) == ["a", "b"] and job_sequences(release) == ["c"]
+    assert job_sequences(Cancel("x")) == []
