@@ -188,6 +188,11 @@ def load_inventory_file(path: Path) -> Inventory:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ExoctlError(f"cannot read inventory {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        byte = exc.object[exc.start]
+        raise InventoryError(
+            str(path), [f"not UTF-8 text: byte {exc.start} is {byte:#04x}; save it as UTF-8"]
+        ) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

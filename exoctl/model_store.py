@@ -18,6 +18,19 @@ def is_model_folder(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file()
 
 
+def allowed_roots(model_dirs: list[Path]) -> list[Path]:
+    """The folders models may be opened from: the model directories, exoctl's store, the Hub cache."""
+    from huggingface_hub import constants
+
+    from exoctl.paths import model_store
+
+    return [
+        *(d.expanduser().resolve() for d in model_dirs),
+        model_store().resolve(),
+        Path(constants.HF_HUB_CACHE).expanduser().resolve(),
+    ]
+
+
 def resolve_card(model: str) -> tuple[ModelCard, str]:
     """The card of `model` (catalog id, Hugging Face repo id, or a model folder's path) and the
     reference a worker resolves: the catalog id, or the folder's absolute path."""

@@ -65,6 +65,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "token": {"instance_id": str, "seqs": list, "tokens": list},
     "release": {"instance_id": str, "seq": str},
     "seq_error": {"instance_id": str, "seqs": list, "message": str},
+    # the head's word on which sequences live, every few seconds: the others free the rest
+    "lease": {"instance_id": str, "seqs": list},
     "fail": {"instance_id": str, "message": str, "lost_node": _OPT_STR},
     # a tensor-parallel rank's collective address, sent to the other ranks when it starts loading
     "tp_hello": {"instance_id": str, "rank": int, "address": str},

@@ -14,6 +14,15 @@ from exoctl.errors import ExoctlError
 from exoctl.protocol import Message, ProtocolError
 
 WORKER_SHARDINGS = ("pipeline", "tensor")
+MAX_WORLD = 64  # a runner holds a socket to each other rank: a bound, and far above a real cluster
+
+
+def check_address(address: str) -> None:
+    """`host:port` with a port from 1 to 65535: what a worker can connect to."""
+    host, _, port = address.rpartition(":")
+    if not host or any(c.isspace() for c in host) or not port.isdigit() or not 0 < int(port) < 65536:
+        shown = address if len(address) <= 64 else address[:64] + "…"
+        raise ProtocolError(f"peer address {shown!r} is not host:port with a port from 1 to 65535")
 
 
 @dataclass(frozen=True)
@@ -55,8 +64,14 @@ class RunnerSpec:
     def from_message(cls, message: Message) -> RunnerSpec:
         """The spec of a `load` message (its field types are checked by the protocol already)."""
         peers = message["peers"]
+        if len(peers) > MAX_WORLD:
+            raise ProtocolError(
+                f"'load' names {len(peers)} peers; an instance spans at most {MAX_WORLD} nodes"
+            )
         if not all(isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in peers):
             raise ProtocolError("'peers' must be a list of [node name, address] pairs")
+        for _, address in peers:
+            check_address(address)
         fields = {k: message[k] for k in cls.__dataclass_fields__ if k != "peers"}
         spec = cls(**fields, peers=tuple((name, address) for name, address in peers))
         if spec.sharding not in WORKER_SHARDINGS:

@@ -6,10 +6,15 @@ Torch-free, so the CLI and the API build the same object the engine samples with
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from exoctl.errors import InvalidRequestError
+
+GREEDY_BELOW = 1e-6  # temperatures this small sample the most likely token, as 0 does
+SEEDS = (-(2**63), 2**64)  # what a seed may be: torch.Generator takes any 64-bit value
+MAX_TOKENS = 2**31 - 1  # more than any context; the budget is cut to the context anyway
 
 
 class SamplingParamError(InvalidRequestError):
@@ -23,7 +28,7 @@ class SamplingParamError(InvalidRequestError):
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """temperature 0 is greedy; top_k 0 and top_p 1 cut nothing."""
+    """temperature 0 (or below GREEDY_BELOW) is greedy; top_k 0 and top_p 1 cut nothing."""
 
     temperature: float = 0.0
     top_k: int = 0
@@ -33,6 +38,21 @@ class SamplingParams:
     stop: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
+        for name in ("temperature", "top_p"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise SamplingParamError(name, f"must be a finite number, got {value!r}")
+        for name in ("top_k", "max_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise SamplingParamError(name, f"must be a whole number, got {value!r}")
+        seed = self.seed
+        if seed is not None and (
+            isinstance(seed, bool) or not isinstance(seed, int) or not SEEDS[0] <= seed < SEEDS[1]
+        ):
+            raise SamplingParamError("seed", f"must be a whole number from -2**63 to 2**64 - 1, got {seed!r}")
+        if self.max_tokens > MAX_TOKENS:
+            raise SamplingParamError("max_tokens", f"must be at most {MAX_TOKENS}, got {self.max_tokens}")
         if self.temperature < 0:
             raise SamplingParamError("temperature", f"must be >= 0, got {self.temperature}")
         if self.top_k < 0:
@@ -46,7 +66,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        # below GREEDY_BELOW, logits / temperature overflows float32: such a draw is the argmax anyway
+        return self.temperature < GREEDY_BELOW or self.top_k == 1
 
     @property
     def truncates(self) -> bool:

@@ -36,6 +36,10 @@ class NodeError(ExoctlError):
         self.node = node
 
 
+class KeyRefusedError(NodeError):
+    """A node whose CurveZMQ handshake refused this client: it holds another cluster key."""
+
+
 def error_reply(node: str, reply: Message) -> NodeError:
     """A worker's error reply as an error that names the node (once, if the worker already did)."""
     text = reply["message"]
@@ -110,7 +114,7 @@ class NodeClient:
     def silence_error(self, waited: float) -> NodeError:
         self._check_handshake()
         if self.refused:
-            return NodeError(
+            return KeyRefusedError(
                 self.name,
                 f"node {self.name} ({self.address}) refused this client: the CurveZMQ handshake failed",
                 hint="this machine needs the cluster key the workers were started with "

@@ -24,7 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import yaml
+import zmq
 
 PYTHON_EXOCTL = f"{shlex.quote(sys.executable)} -m exoctl"
 CLI_TIMEOUT = 180
@@ -222,3 +224,44 @@ def http(
         return status, json.loads(text)
     except json.JSONDecodeError:
         return status, text
+
+
+# --- raw messages to a worker, as a client holding the cluster key ------------------------------
+
+
+def raw_socket(cluster: WorkerCluster, node: str = "node1") -> tuple[zmq.Context[Any], zmq.Socket[Any]]:
+    from exoctl.inventory import load_inventory_file
+    from exoctl.keys import find_keys
+    from exoctl.transport import secure_client
+
+    inventory = load_inventory_file(cluster.inventory)
+    ctx: zmq.Context[Any] = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    secure_client(sock, find_keys())
+    sock.connect(f"tcp://{inventory.node(node).address}")
+    return ctx, sock
+
+
+def header(kind: str, **fields: Any) -> bytes:
+    from exoctl.protocol import PROTOCOL_VERSION
+
+    return msgpack.packb({"v": PROTOCOL_VERSION, "type": kind, "id": 7, **fields})
+
+
+def load_header(**changes: Any) -> bytes:
+    """A 'load' of one layer of a model in /etc (outside the model directories), with `changes`."""
+    fields = {
+        "instance_id": "i",
+        "runner_id": "r",
+        "model": "/etc",
+        "model_id": "m",
+        "sharding": "pipeline",
+        "dtype": "float32",
+        "start_layer": 0,
+        "end_layer": 1,
+        "n_layers": 1,
+        "rank": 0,
+        "world": 1,
+        "peers": [["node1", "127.0.0.11:1"]],
+    }
+    return header("load", **{**fields, **changes})

@@ -318,6 +318,10 @@ def test_an_api_key_is_required_when_set(cluster2: WorkerCluster) -> None:
             wrong.models.list()
         right = openai.OpenAI(base_url=f"{server.base}/v1", api_key="s3cret", max_retries=0)
         assert any(m.id == DEFAULT_MODEL_ID for m in right.models.list())
+        # the API's own description is behind the key too
+        assert http(server, "GET", "/openapi.json")[0] == 401
+        status, body = http(server, "GET", "/openapi.json", headers={"Authorization": "Bearer s3cret"})
+        assert status == 200 and "/v1/chat/completions" in body["paths"]
     finally:
         server.stop()
 
@@ -326,3 +330,83 @@ def test_serve_refuses_a_network_address_without_a_key() -> None:
     result = exoctl("serve", "--host", "0.0.0.0", "--port", "1", env={"EXOCTL_API_KEY": ""})
     assert result.returncode == 1
     assert result.stderr.startswith("error: refusing to serve on 0.0.0.0 without an API key")
+
+
+def test_hostile_values_get_a_4xx_naming_the_problem_never_a_500(server: Server, placed: str) -> None:
+    chat = {"model": DEFAULT_MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for change, text in [
+        ({"max_tokens": 2**64}, "max_tokens must be at most 2147483647"),
+        ({"max_completion_tokens": 2**70}, "max_tokens must be at most 2147483647"),
+        ({"seed": 2**70}, "seed must be a whole number from -2**63 to 2**64 - 1"),
+        ({"seed": -(2**64)}, "seed must be a whole number from -2**63 to 2**64 - 1"),
+        ({"messages": [{"role": "user", "content": "x" * (9 * 2**20)}]}, "bytes, over the limit of"),
+        ({"stop": ["\ud800"]}, "the prompt is not valid Unicode text"),
+    ]:
+        status, body = http(server, "POST", "/v1/chat/completions", {**chat, **change})
+        assert status == 400 and text in body["error"]["message"], (change, status, body)
+    # a lone surrogate, as JSON escapes it
+    raw = json.dumps(chat).replace('"hi"', '"\\ud800"').encode()
+    status, body = http(server, "POST", "/v1/chat/completions", raw=raw)
+    assert status == 400 and "not valid Unicode text" in body["error"]["message"], body
+    # a temperature too small to divide by samples the most likely token, as 0 does
+    answers = []
+    for temperature in (0, 1e-40, 8e-38):
+        status, body = http(
+            server, "POST", "/v1/chat/completions", {**chat, "max_tokens": 8, "temperature": temperature}
+        )
+        assert status == 200, body
+        answers.append(body["choices"][0]["message"]["content"])
+    assert answers[0] == answers[1] == answers[2]
+    # JSON bodies only: a browser page cannot post a form or text/plain here without CORS's say
+    status, body = http(
+        server,
+        "POST",
+        "/v1/chat/completions",
+        raw=json.dumps(chat).encode(),
+        headers={"Content-Type": "text/plain"},
+    )
+    assert status == 415 and "Content-Type: application/json" in body["error"]["message"]
+    assert http(server, "GET", "/healthz")[0] == 200
+
+
+def test_the_api_opens_no_folder_outside_the_model_directories(server: Server, tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    answers = [
+        http(server, "POST", "/place_instance", {"model_id": path})
+        for path in (str(tmp_path), "/root/.ssh", "/no/such/folder", "~")
+    ]
+    for (status, body), path in zip(
+        answers, (str(tmp_path), "/root/.ssh", "/no/such/folder", "~"), strict=True
+    ):
+        assert status == 403, body
+        message = body["error"]["message"]
+        assert message.startswith(f"model folder {path} is outside the cluster's model directories"), message
+        assert "huggingface" not in message and ".cache" not in message  # no roots told to the caller
+    status, body = http(server, "GET", f"/instance/previews?model_id={tmp_path}")
+    assert status == 403 and "outside the cluster's model directories" in body["error"]["message"]
+
+
+def test_a_client_that_goes_away_cancels_its_generation(server: Server, placed: str) -> None:
+    import time
+    from http.client import HTTPConnection
+
+    def generating() -> int:
+        runners = http(server, "GET", "/state")[1]["runners"]
+        return sum(body["activeSequences"] for doc in runners.values() for body in doc.values())
+
+    for stream in (False, True):
+        body = {
+            "model": DEFAULT_MODEL_ID,
+            "messages": [{"role": "user", "content": "Count from 1 to 2000, separated by commas."}],
+            "max_tokens": 2000,
+            "temperature": 0,
+            "stream": stream,
+        }
+        connection = HTTPConnection("127.0.0.1", server.port, timeout=60)
+        connection.request(
+            "POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"}
+        )
+        assert wait_for(lambda: generating() > 0, timeout=30)
+        time.sleep(0.5)
+        connection.close()  # gone, without reading the answer
+        assert wait_for(lambda: generating() == 0, timeout=5), f"stream={stream}: still generating"

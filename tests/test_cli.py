@@ -70,6 +70,8 @@ def test_run_without_workers_says_to_start_them(tmp_path: Path) -> None:
     [
         (["run", "-m", "gpt-5", "hi"], "error: unknown model 'gpt-5'"),
         (["run", "--temperature", "-1", "hi"], "error: --temperature must be >= 0, got -1.0"),
+        (["run", "--temperature", "nan", "hi"], "error: --temperature must be a finite number, got nan"),
+        (["run", "--max-tokens", "0", "hi"], "error: --max-tokens must be >= 1, got 0"),
         (["run", "--dtype", "float64", "hi"], "error: dtype 'float64' is not supported"),
         (["run", "-m", "./no/such/folder", "hi"], "error: no model folder at ./no/such/folder"),
     ],

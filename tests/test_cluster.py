@@ -18,9 +18,17 @@ from exoctl.cluster.client import Cluster
 from exoctl.cluster.views import instances_of
 from exoctl.model_store import resolve_card
 from exoctl.placement import PlacementRequest
-from exoctl.protocol import PROTOCOL_VERSION
 from exoctl.sampling_params import SamplingParams
-from tests.cluster_helpers import WorkerCluster, make_cluster, running, wait_for
+from tests.cluster_helpers import (
+    WorkerCluster,
+    exoctl,
+    header,
+    load_header,
+    make_cluster,
+    raw_socket,
+    running,
+    wait_for,
+)
 from tests.tiny_models import corrupt_copy
 
 PROMPT = "The capital of France is"
@@ -200,42 +208,6 @@ def test_two_requests_at_once_get_their_own_answers(
 # --- bad input -------------------------------------------------------------------------------
 
 
-def raw_socket(cluster: WorkerCluster, node: str = "node1") -> tuple[zmq.Context[Any], zmq.Socket[Any]]:
-    from exoctl.inventory import load_inventory_file
-    from exoctl.keys import find_keys
-    from exoctl.transport import secure_client
-
-    inventory = load_inventory_file(cluster.inventory)
-    ctx: zmq.Context[Any] = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    secure_client(sock, find_keys())
-    sock.connect(f"tcp://{inventory.node(node).address}")
-    return ctx, sock
-
-
-def header(kind: str, **fields: Any) -> bytes:
-    return msgpack.packb({"v": PROTOCOL_VERSION, "type": kind, "id": 7, **fields})
-
-
-def load_header(**changes: Any) -> bytes:
-    """A 'load' of one layer of a model in /etc (outside the model directories), with `changes`."""
-    fields = {
-        "instance_id": "i",
-        "runner_id": "r",
-        "model": "/etc",
-        "model_id": "m",
-        "sharding": "pipeline",
-        "dtype": "float32",
-        "start_layer": 0,
-        "end_layer": 1,
-        "n_layers": 1,
-        "rank": 0,
-        "world": 1,
-        "peers": [["node1", "127.0.0.11:1"]],
-    }
-    return header("load", **{**fields, **changes})
-
-
 BAD_MESSAGES = [
     ([b"\xc1\xff not msgpack"], "not valid msgpack"),
     ([msgpack.packb([1, 2, 3])], "must be a msgpack map"),
@@ -312,6 +284,12 @@ def test_a_client_without_the_cluster_key_is_refused(cluster4: WorkerCluster) ->
             client.client("node1").request("status")
     result = cluster4.cli("nodes", env={"EXOCTL_HOME": str(cluster4.work_dir / "home-without-keys")})
     assert result.returncode == 1 and "down" in result.stdout
+    # with another key, `run` says what is wrong: the key, not workers to start
+    other = {"EXOCTL_HOME": str(cluster4.work_dir / "home-with-another-key")}
+    assert exoctl("keys", "init", env=other).returncode == 0
+    result = cluster4.cli("run", "hi", env=other)
+    assert result.returncode == 1 and "refused this machine's cluster key" in result.stderr, result.stderr
+    assert "exoctl up`" not in result.stderr.splitlines()[0]
     # the workers kept serving the cluster's own clients
     assert [n["status"] for n in cluster4.cli_json("nodes")] == ["up"] * 4
 
@@ -405,6 +383,48 @@ def test_chat_ctrl_c_stops_the_answer_not_the_repl(cluster4: WorkerCluster) -> N
     finally:
         proc.kill()
         cluster4.cli("delete", DEFAULT_MODEL_ID)
+
+
+def test_ctrl_c_in_run_stops_the_workers_too(cluster4: WorkerCluster) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    instance_id = cluster4.cli_json("place", DEFAULT_MODEL_ID, "--nodes", "2", "--dtype", "float32")[
+        "instance_id"
+    ]
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "exoctl",
+            "run",
+            "-n",
+            "1000",
+            "-i",
+            str(cluster4.inventory),
+            "Count to 1000.",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.read(20)  # it is streaming
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+        assert proc.returncode != 0
+
+        def generating() -> int:
+            with cluster4.client() as client:
+                return sum(r.active_sequences for s in client.statuses() for r in s.runners)
+
+        assert wait_for(lambda: generating() == 0, timeout=3)  # not 1000 tokens later
+    finally:
+        proc.kill()
+        cluster4.cli("delete", instance_id)
 
 
 def test_a_worker_busy_decoding_answers_status_at_once(cluster4: WorkerCluster) -> None:

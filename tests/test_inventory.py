@@ -85,6 +85,15 @@ def test_broken_yaml_names_the_line(tmp_path: Path) -> None:
         load_inventory_file(path)
 
 
+@pytest.mark.parametrize("data", [b"\x00\x01\xff\xfe binary", "nodes: []\n".encode("utf-16")])
+def test_an_inventory_that_is_not_utf8_is_refused_with_a_reason(tmp_path: Path, data: bytes) -> None:
+    path = tmp_path / "cluster.yaml"
+    path.write_bytes(data)
+    with pytest.raises(InventoryError) as info:
+        load_inventory_file(path)
+    assert "not UTF-8 text: byte" in info.value.problems[0] and str(path) in info.value.message
+
+
 @pytest.mark.parametrize(
     ("text", "problem"),
     [

@@ -87,3 +87,16 @@ def test_bad_parameters_are_refused_with_the_value(kwargs: dict[str, object], te
         InvalidRequestError, match=text.replace("(", r"\(").replace(")", r"\)").replace("]", r"\]")
     ):
         SamplingParams(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 8e-38, 1e-7])
+def test_a_temperature_too_small_to_divide_by_is_greedy(temperature: float) -> None:
+    logits = torch.tensor([[3.0e4, 2.9e4, -1.0e4]])
+    params = SamplingParams(temperature=temperature)
+    assert params.greedy and sample(logits, params).tolist() == [0]
+
+
+def test_a_small_temperature_samples_without_overflow() -> None:
+    logits = torch.tensor([[3.0e4, 2.9e4, -1.0e4]])
+    picks = {int(sample(logits, SamplingParams(temperature=1e-6), make_generator(s))) for s in range(20)}
+    assert picks == {0}

@@ -46,6 +46,17 @@ def create_app(service: ClusterService, api_key: str | None = None) -> FastAPI:
                     code="invalid_api_key",
                 )
                 return JSONResponse(body, status_code=401)
+        content_type = request.headers.get("content-type")
+        if request.method == "POST" and content_type and not content_type.startswith("application/json"):
+            # a browser page may POST text/plain or a form to localhost without asking (no CORS
+            # preflight); JSON alone keeps other sites from placing models or chatting through it
+            metrics.requests.labels(path, "415").inc()
+            body = error_body(
+                f"send the request body as JSON (Content-Type: application/json), not {content_type}",
+                "invalid_request_error",
+                code="unsupported_media_type",
+            )
+            return JSONResponse(body, status_code=415)
         response: Response = await call_next(request)
         route = request.scope.get("route")
         metrics.requests.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
@@ -171,7 +182,7 @@ def create_app(service: ClusterService, api_key: str | None = None) -> FastAPI:
     # --- chat -----------------------------------------------------------------------------------
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatRequest) -> Response:
-        return await ChatCompletion(service, metrics, body).respond()
+    async def chat_completions(body: ChatRequest, request: Request) -> Response:
+        return await ChatCompletion(service, metrics, body).respond(request.is_disconnected)
 
     return app

@@ -7,7 +7,7 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
-from exoctl.api.service import NotFound, NotPlacedError
+from exoctl.api.service import Forbidden, NotFound, NotPlacedError
 from exoctl.errors import ExoctlError, InvalidRequestError, ModelNotFoundError
 from exoctl.placement import PlacementError
 from exoctl.sharding import UnknownShardingError
@@ -16,6 +16,7 @@ from exoctl.transport import NodeError
 # ExoctlError subclasses -> (HTTP status, OpenAI error type)
 ERROR_STATUS: list[tuple[type[ExoctlError], int, str]] = [
     (NotPlacedError, 404, "not_found_error"),
+    (Forbidden, 403, "permission_error"),
     (ModelNotFoundError, 404, "not_found_error"),
     (NotFound, 404, "not_found_error"),
     (InvalidRequestError, 400, "invalid_request_error"),

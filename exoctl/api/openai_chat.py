@@ -12,7 +12,7 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +25,8 @@ from exoctl.api.service import ClusterService
 from exoctl.completion import Completion
 from exoctl.errors import ExoctlError
 from exoctl.sampling_params import SamplingParams
+
+DISCONNECT_CHECK_S = 0.5  # how often a non-streamed answer checks that its client is still there
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,9 @@ class ChatCompletion:
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.cancel = threading.Event()
 
-    async def respond(self) -> Response:
+    async def respond(self, disconnected: Callable[[], Awaitable[bool]]) -> Response:
+        """The answer; `disconnected` tells whether the client went away (its generation is then
+        cancelled, streamed or not)."""
         params = request_params(self.body)
         loop = asyncio.get_running_loop()
         thread = threading.Thread(target=self._generate, args=(loop, params), name=f"chat-{self.id[-8:]}")
@@ -105,7 +109,14 @@ class ChatCompletion:
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
             return StreamingResponse(self._stream(), media_type="text/event-stream", headers=headers)
         while True:
-            match await self.events.get():
+            try:
+                event = await asyncio.wait_for(self.events.get(), DISCONNECT_CHECK_S)
+            except asyncio.TimeoutError:
+                if await disconnected():
+                    self.cancel.set()  # the generating thread cancels at its next token
+                    return Response(status_code=499)
+                continue
+            match event:
                 case Failed(error):
                     return self._error(error)
                 case Done(result):

@@ -10,18 +10,19 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import zmq
 
-from exoctl.catalog import ModelCard, find_card, load_catalog
+from exoctl.catalog import ModelCard, find_card, get_card, load_catalog
 from exoctl.cluster.client import Cluster, Generation
 from exoctl.cluster.state import state_document
 from exoctl.cluster.views import InstanceView, NodeStatus, find_instance, instances_of, runtime_dtype
 from exoctl.errors import ExoctlError, ModelNotFoundError
 from exoctl.inventory import Inventory
 from exoctl.keys import ClusterKeys
-from exoctl.model_store import resolve_card
+from exoctl.model_store import allowed_roots, is_model_folder, resolve_card
 from exoctl.placement import Placement, PlacementError, PlacementRequest
 from exoctl.sampling_params import SamplingParams
 from exoctl.sharding import Plan, check_sharding
@@ -29,6 +30,10 @@ from exoctl.sharding import Plan, check_sharding
 
 class NotPlacedError(ExoctlError):
     """A chat for a model that has no ready instance."""
+
+
+class Forbidden(ExoctlError):
+    """A model folder outside the cluster's model directories: never opened, nor said whether it exists."""
 
 
 @dataclass
@@ -77,6 +82,27 @@ class ClusterService:
             result.append((card, is_downloaded(card), placed))
         return result
 
+    def reference(self, model: str) -> tuple[ModelCard, str]:
+        """`resolve_card`, confined as a worker is: the API opens a folder only inside the nodes'
+        model directories, exoctl's store or the Hub cache, and tells nothing about other paths."""
+        if find_card(model) is not None:
+            return resolve_card(model)
+        model_dirs = [Path(node.model_dir).expanduser() for node in self.inventory.nodes]
+        path = Path(model).expanduser()
+        if not path.is_absolute():
+            if ".." not in path.parts:
+                for folder in model_dirs:
+                    if is_model_folder(folder / path):
+                        return resolve_card(str(folder / path))
+            return get_card(model), model  # unknown: the error lists the catalog's ids
+        real = path.resolve()
+        if not any(real.is_relative_to(root) for root in allowed_roots(model_dirs)):
+            raise Forbidden(
+                f"model folder {model} is outside the cluster's model directories",
+                hint="give a catalog id, or a folder inside a node's model_dir (inventory field 'model_dir')",
+            )
+        return resolve_card(str(real))
+
     def instance_for(self, model: str, statuses: list[NodeStatus]) -> InstanceView:
         """The ready instance that serves `model` (catalog id, HF repo id, folder name or instance id)."""
         view = find_instance(statuses, model)
@@ -104,7 +130,7 @@ class ClusterService:
         statuses: list[NodeStatus],
     ) -> tuple[ModelCard, str, Plan]:
         kind = check_sharding(sharding)
-        card, ref = resolve_card(model_id)
+        card, ref = self.reference(model_id)
         with self.cluster() as cluster:
             request = PlacementRequest(dtype=runtime_dtype(dtype, statuses), nodes=nodes, min_nodes=min_nodes)
             return card, ref, cluster.choose(card, request, statuses, kind)
@@ -138,7 +164,7 @@ class ClusterService:
 
     def previews(self, model_id: str) -> dict[str, Any]:
         statuses = self.statuses()
-        card, ref = resolve_card(model_id)
+        card, ref = self.reference(model_id)
         live = sum(1 for s in statuses if s.up)
         previews = []
         for sharding in ("Pipeline", "Tensor"):

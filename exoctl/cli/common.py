@@ -87,6 +87,15 @@ def live_statuses(cluster: Cluster) -> list[NodeStatus]:
     """One sweep of the nodes' statuses, for a command that needs at least one worker up."""
     statuses = cluster.statuses()
     if not any(s.up for s in statuses):
+        refused = [s for s in statuses if s.key_refused]
+        if refused:  # they run, but with another key: starting them again is not the fix
+            names = ", ".join(s.node.name for s in refused)
+            raise ExoctlError(
+                f"node{'s' if len(refused) > 1 else ''} {names} refused this machine's cluster key: "
+                "the workers run with another key",
+                hint="copy the key they were started with into $EXOCTL_HOME/keys here, or stop them "
+                "(`exoctl down` stops the workers it started) and `exoctl up` again with this key",
+            )
         raise not_running_hint(cluster)
     return statuses
 

@@ -52,7 +52,7 @@ def nodes_table(statuses: list[NodeStatus]) -> Table:
     for status in statuses:
         node, profile = status.node, status.profile
         if profile is None:
-            reason = "refused our key" if "refused" in (status.error or "") else "no answer"
+            reason = "refused our key" if status.key_refused else "no answer"
             table.add_row(node.name, node.address, styled("down"), "-", "-", "-", node.device, "-", reason)
             continue
         used = profile["ram_total"] - profile["ram_available"]

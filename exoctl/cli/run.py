@@ -81,10 +81,14 @@ def run(
         view = ensure_instance(cluster, statuses, model, dtype, note)
         messages = None if raw else [{"role": "user", "content": prompt}]
         generation = cluster.generate(view, params, messages=messages, prompt=prompt if raw else None)
-        for delta in generation:
-            if not json_output:
-                sys.stdout.write(delta)
-                sys.stdout.flush()
+        try:
+            for delta in generation:
+                if not json_output:
+                    sys.stdout.write(delta)
+                    sys.stdout.flush()
+        except KeyboardInterrupt:  # stop the workers too, not only this process
+            generation.cancel()
+            raise
     result = generation.result
     assert result is not None
     if json_output:

@@ -20,17 +20,19 @@ from exoctl.errors import ExoctlError, InvalidRequestError
 from exoctl.inventory import Inventory, Node
 from exoctl.keys import ClusterKeys
 from exoctl.placement import Placement, PlacementError, PlacementRequest
-from exoctl.protocol import Message, ProtocolError
+from exoctl.protocol import MAX_HEADER_BYTES, Message, ProtocolError
 from exoctl.runner_report import RunnerReport, RunnerStatus
 from exoctl.runner_spec import RunnerSpec
 from exoctl.sampling_params import SamplingParams
 from exoctl.sharding import Plan
 from exoctl.sharding import plan as plan_sharding
-from exoctl.transport import NodeClient, NodeError, error_reply
+from exoctl.transport import KeyRefusedError, NodeClient, NodeError, error_reply
 
 STATUS_TIMEOUT_S = 1.5  # a node silent this long is shown as down
 GENERATION_SILENCE_S = 6.0  # the head sends keepalives every second while a request runs
 LOAD_STALL_S = 10.0
+# what one request's text may weigh: the generate message's header has to stay within the limit
+MAX_PROMPT_BYTES = MAX_HEADER_BYTES - 2**16
 
 
 class Generation:
@@ -70,8 +72,11 @@ class Generation:
                 self.result = Completion.from_wire(message["result"])
             elif message.type == "error":
                 self.ended = True
-                error = InvalidRequestError if message.get("code") == "invalid_request" else ExoctlError
-                raise error(message["message"], message.get("hint"))
+                code, hint = message.get("code"), message.get("hint")
+                if code == "node_lost":
+                    raise NodeError(str(message.get("node")), message["message"], hint)
+                error = InvalidRequestError if code == "invalid_request" else ExoctlError
+                raise error(message["message"], hint)
 
     def cancel(self) -> Completion | None:
         """Stop the request; returns what was generated until then (None if the head is gone)."""
@@ -165,7 +170,8 @@ class Cluster:
         for node in self.inventory.nodes:
             answer = answers[node.name]
             if isinstance(answer, NodeError):
-                result.append(NodeStatus(node, error=answer.message))
+                refused = isinstance(answer, KeyRefusedError)
+                result.append(NodeStatus(node, error=answer.message, key_refused=refused))
                 continue
             try:
                 reports = [RunnerReport.from_wire(r) for r in answer["runners"]]
@@ -264,8 +270,10 @@ class Cluster:
                 runners[node.name] = RunnerReport.from_wire(mine[0])
             if on_progress is not None:
                 on_progress(runners)
-            failed = [r for r in runners.values() if r.status is RunnerStatus.FAILED]
+            failed = [r.failure for r in runners.values() if r.failure is not None]
             if failed:
+                if failed[0].lost_node is not None:
+                    raise NodeError(failed[0].lost_node, f"loading failed: {failed[0].message}")
                 raise ExoctlError(f"loading failed: {failed[0].message}")
             if len(runners) == len(nodes) and all(r.status is RunnerStatus.READY for r in runners.values()):
                 return runners
@@ -284,6 +292,18 @@ class Cluster:
         prompt: str | None = None,
         silence: float = GENERATION_SILENCE_S,
     ) -> Generation:
+        texts = [m.get("content") or "" for m in messages or []] + [prompt or "", *params.stop]
+        try:
+            size = sum(len(t.encode("utf-8")) for t in texts)
+        except UnicodeEncodeError as exc:  # a lone surrogate: from JSON's \ud800, or undecodable argv bytes
+            raise InvalidRequestError(
+                f"the prompt is not valid Unicode text ({exc.reason}: {exc.object[exc.start : exc.end]!r})"
+            ) from None
+        if size > MAX_PROMPT_BYTES:
+            raise InvalidRequestError(
+                f"the prompt is {size} bytes, over the limit of {MAX_PROMPT_BYTES} bytes",
+                hint="shorten it: a model's context holds far less text than that",
+            )
         client = self.client(instance.head)
         request_id = uuid.uuid4().hex
         send_id = client.send(

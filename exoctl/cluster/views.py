@@ -30,6 +30,7 @@ class NodeStatus:
     profile: dict[str, Any] | None = None
     runners: list[RunnerReport] = field(default_factory=list)
     error: str | None = None
+    key_refused: bool = False  # the node answered, but its handshake refused this machine's key
 
     @property
     def up(self) -> bool:

@@ -13,7 +13,8 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
 
 
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    return logits / temperature
+    # float32 keeps bfloat16 logits' small differences; the caller makes temperature >= GREEDY_BELOW
+    return logits.float() / temperature
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:

@@ -40,7 +40,7 @@ class Cancel:
 
 @dataclass(frozen=True)
 class PeerMessage:
-    """A `forward`, `token`, `release` or `seq_error` from a runner of the same instance."""
+    """A `forward`, `token`, `release`, `seq_error` or `lease` from a runner of the same instance."""
 
     message: Message
 
@@ -75,7 +75,7 @@ def job_sequences(job: Job) -> list[str]:
     match job:
         case TokenBatch(messages):
             return [s for message in messages for s in message["seqs"]]
-        case PeerMessage(message):
+        case PeerMessage(message) if message.type != "lease":  # a lease names the live ones
             seqs = message.get("seqs")
             if isinstance(seqs, list):
                 return [s for s in seqs if isinstance(s, str)]
@@ -147,6 +147,8 @@ class Lane:
                     return runner.release(message["seq"])
                 case PeerMessage(message) if message.type == "seq_error":
                     return runner.abort(message["seqs"], message["message"])
+                case PeerMessage(message) if message.type == "lease" and not runner.spec.is_head:
+                    return runner.renew(message["seqs"])
             return []
         except Exception as exc:
             return self._failed(job, exc)

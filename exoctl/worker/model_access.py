@@ -11,18 +11,7 @@ from pathlib import Path
 
 from exoctl.catalog import DEFAULT_MODEL_ID, find_card
 from exoctl.errors import ModelNotFoundError
-from exoctl.model_store import download_for_layers, is_model_folder
-from exoctl.paths import model_store
-
-
-def allowed_roots(model_dirs: list[Path]) -> list[Path]:
-    from huggingface_hub import constants
-
-    return [
-        *(d.expanduser().resolve() for d in model_dirs),
-        model_store().resolve(),
-        Path(constants.HF_HUB_CACHE).expanduser().resolve(),
-    ]
+from exoctl.model_store import allowed_roots, download_for_layers, is_model_folder
 
 
 def check_reference(model: str, model_dirs: list[Path], node: str) -> None:

@@ -84,6 +84,7 @@ class Outbox:
         self.ctx = ctx
         self.queue: queue.SimpleQueue[Out] = queue.SimpleQueue()
         self.bell = ctx.socket(zmq.PULL)
+        self.bell.setsockopt(zmq.RCVHWM, 0)  # no limit: a ring must never be refused (see Poster)
         self.bell.bind(self.ENDPOINT)
 
     def take(self) -> list[Out]:
@@ -107,14 +108,14 @@ class Poster:
     def __init__(self, outbox: Outbox) -> None:
         self.queue = outbox.queue
         self.bell = outbox.ctx.socket(zmq.PUSH)
+        # no limit: a writer's view of a full pipe can lag the reader's draining, and a ring
+        # dropped then would leave a message in the queue with nothing to wake the loop for it
+        self.bell.setsockopt(zmq.SNDHWM, 0)
         self.bell.connect(Outbox.ENDPOINT)
 
     def post(self, out: Out) -> None:
         self.queue.put(out)
-        try:
-            self.bell.send(b"", zmq.NOBLOCK)
-        except zmq.Again:
-            pass  # the loop has rings queued already: it will take this message with them
+        self.bell.send(b"")
 
     def close(self) -> None:
         self.bell.close(0)

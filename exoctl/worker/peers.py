@@ -34,10 +34,15 @@ class Peers:
     def socket(self, address: str) -> zmq.Socket[Any]:
         sock = self.sockets.get(address)
         if sock is None:
-            sock = self.sockets[address] = self.ctx.socket(zmq.DEALER)
-            secure_client(sock, self.keys)
-            sock.setsockopt(zmq.SNDHWM, 10000)
-            sock.connect(f"tcp://{address}")
+            sock = self.ctx.socket(zmq.DEALER)
+            try:
+                secure_client(sock, self.keys)
+                sock.setsockopt(zmq.SNDHWM, 10000)
+                sock.connect(f"tcp://{address}")
+            except zmq.ZMQError:
+                sock.close(0)
+                raise
+            self.sockets[address] = sock
         return sock
 
     def send(self, address: str, frames: list[Any]) -> None:
@@ -47,6 +52,8 @@ class Peers:
             self.socket(address).send_multipart(frames, zmq.NOBLOCK, copy=False)
         except zmq.Again:
             log.warning("dropped a message to unresponsive peer %s", address)
+        except zmq.ZMQError as exc:  # an address ZeroMQ cannot use, or no sockets left
+            log.warning("cannot reach peer %s: %s", address, exc.strerror)
 
     def expect(self, addresses: list[str], now: float) -> None:
         """A new instance's peers: their clock starts now, not at an older instance's."""

@@ -37,6 +37,9 @@ from exoctl.worker.tensors import from_tensor, to_tensor
 
 log = logging.getLogger("exoctl.worker")
 
+# Sequences one runner holds at once (each a KV cache): several times any batch it decodes.
+MAX_SEQUENCES = 256
+
 
 @dataclass
 class HeadSequence:
@@ -69,6 +72,7 @@ class Runner:
         self.samplers: dict[str, tuple[SamplingParams, torch.Generator | None]] = {}
         self.heads: dict[str, HeadSequence] = {}
         self.unloading = False
+        self.leased: set[str] = set()  # sequences held here when the head last said which live
         self.decoded = 0  # decode positions computed here, and the time they took
         self.compute_s = 0.0
         self.last_decode_tps = 0.0  # head: end-to-end decode speed of the last request
@@ -188,15 +192,17 @@ class Runner:
     def _run(self, seqs: list[str], inputs: torch.Tensor, starts: list[int]) -> torch.Tensor:
         """This range on B sequences: inputs [B, T] ids or [B, T, D] hidden, each at its own start."""
         model = self._model()
-        caches = []
+        count = inputs.shape[1]
+        self._check_room(seqs, starts, count)
         for seq, start in zip(seqs, starts, strict=True):
             cache = self.caches.get(seq)
-            if cache is None:
-                cache = self.caches[seq] = model.new_cache()
-            if cache.length != start:
-                raise ExoctlError(f"sequence {seq} is at position {cache.length} here, not {start}")
-            caches.append(cache)
-        count = inputs.shape[1]
+            length = 0 if cache is None else cache.length
+            if length != start:
+                raise ExoctlError(f"sequence {seq} is at position {length} here, not {start}")
+        new = [seq for seq in seqs if seq not in self.caches]
+        for seq in new:
+            self.caches[seq] = model.new_cache()
+        caches = [self.caches[seq] for seq in seqs]
         positions = torch.tensor(starts)[:, None] + torch.arange(count)[None, :]  # [B, T]
         began = time.perf_counter()
         out = model.forward(inputs, positions, caches)
@@ -205,24 +211,93 @@ class Runner:
             self.compute_s += time.perf_counter() - began
         return out
 
-    def _next(self, step: ForwardStep, out: torch.Tensor) -> Out:
+    def _check_room(self, seqs: list[str], starts: list[int], count: int) -> None:
+        """Refuse a step that would go past the context, or hold more sequences than MAX_SEQUENCES."""
+        context = self._model().config.max_position_embeddings
+        for seq, start in zip(seqs, starts, strict=True):
+            if start < 0 or start + count > context:
+                raise ExoctlError(
+                    f"sequence {seq}: positions [{start}, {start + count}) go past the model's context "
+                    f"of {context}"
+                )
+        new = sum(1 for seq in seqs if seq not in self.caches)
+        if len(self.caches) + new > MAX_SEQUENCES:
+            raise ExoctlError(
+                f"runner {self.spec.runner_id} holds {len(self.caches)} sequences; "
+                f"{new} more would pass its limit of {MAX_SEQUENCES}",
+                hint="wait for running requests to end",
+            )
+
+    def check_step(self, message: Message) -> ForwardStep:
+        """A `forward` checked against this runner before any compute: its fields, its tensor's
+        dtype and shape, the context and the sequence limit. Cheap and read-only, so the I/O loop
+        runs it too and refuses a bad step to its sender."""
+        step = ForwardStep.from_message(message)
+        if len(message.tensors) != 1:
+            raise ExoctlError("'forward' needs exactly one tensor")
+        tensor = message.tensors[0]
+        self._check_input(tensor.dtype, tensor.shape, len(step.seqs))
+        self._check_room(step.seqs, step.starts, tensor.shape[1])
+        return step
+
+    def _check_input(self, dtype: str, shape: tuple[int, ...], seqs: int) -> None:
+        """A stage's input: hidden states [B, T, D] in a float dtype (T > 1 only for one sequence)."""
+        width = self._model().config.hidden_size
+        if (
+            dtype not in ("float32", "bfloat16", "float16")
+            or len(shape) != 3
+            or shape[0] != seqs
+            or shape[1] < 1
+            or shape[2] != width
+            or (seqs > 1 and shape[1] != 1)
+        ):
+            raise ExoctlError(
+                f"hidden state {dtype} {list(shape)} does not fit {seqs} sequence(s) of width {width}"
+            )
+
+    def _next(self, step: ForwardStep, out: torch.Tensor) -> list[Out]:
         """What to do with this stage's output [B, T, D] (or logits [B, 1, V] on the last stage):
         pass the hidden states on, or sample one token per sequence and send them to the head."""
         spec = self.spec
         if not spec.is_last:
-            return ToPeer(
-                spec.peers[spec.rank + 1][1], "forward", step.fields(spec.instance_id), (from_tensor(out),)
-            )
+            fields = step.fields(spec.instance_id)
+            return [ToPeer(spec.peers[spec.rank + 1][1], "forward", fields, (from_tensor(out),))]
         logits = out[:, -1]  # [B, V]
         choices = [self.samplers[seq] for seq in step.seqs]
         if all(sampling.greedy for sampling, _ in choices):
-            tokens = [int(t) for t in logits.argmax(dim=-1)]
+            picked = dict(zip(step.seqs, (int(t) for t in logits.argmax(dim=-1)), strict=True))
         else:
-            tokens = [int(sample(logits[i : i + 1], *choices[i])) for i in range(len(step.seqs))]
-        fields = {"instance_id": spec.instance_id, "seqs": step.seqs, "tokens": tokens}
+            picked = {}
+            failed: dict[str, str] = {}
+            for i, seq in enumerate(step.seqs):
+                try:
+                    picked[seq] = int(sample(logits[i : i + 1], *choices[i]))
+                except RuntimeError as exc:  # this sequence's draw failed: only it ends
+                    failed[seq] = f"node {spec.nodes[spec.rank]}: sampling failed: {exc}"
+            if failed:
+                return self._sampled(picked) + self._failed(failed)
+        return self._sampled(picked)
+
+    def _sampled(self, picked: dict[str, int]) -> list[Out]:
+        """The last stage's tokens, to the head."""
+        spec = self.spec
+        if not picked:
+            return []
+        fields = {"instance_id": spec.instance_id, "seqs": list(picked), "tokens": list(picked.values())}
         if spec.is_head:
-            return ToSelf(Message("token", fields))
-        return ToPeer(spec.peers[0][1], "token", fields)
+            return [ToSelf(Message("token", fields))]
+        return [ToPeer(spec.peers[0][1], "token", fields)]
+
+    def _failed(self, failed: dict[str, str]) -> list[Out]:
+        """Sequences that failed here, each with why: ended at the head, which tells their clients."""
+        outs: list[Out] = []
+        for seq, why in failed.items():
+            if self.spec.is_head:
+                outs += self.abort([seq], why)
+            else:
+                fields = {"instance_id": self.spec.instance_id, "seqs": [seq], "message": why}
+                outs.append(ToPeer(self.spec.peers[0][1], "seq_error", fields))
+        return outs
 
     def start(self, request: Message, client: bytes) -> list[Out]:
         """Head: a new request — tokenise, check, prefill this stage."""
@@ -253,7 +328,7 @@ class Runner:
 
     def _step(self, step: ForwardStep, inputs: torch.Tensor) -> list[Out]:
         """Head: one step of B sequences, ids [B, T]: this stage's layers, then on down the pipeline."""
-        return [self._next(step, self._run(step.seqs, inputs, step.starts))]
+        return self._next(step, self._run(step.seqs, inputs, step.starts))
 
     def _batch_size(self) -> int:
         # one micro-batch per stage keeps every stage of the pipeline busy: with all sequences in
@@ -262,27 +337,15 @@ class Runner:
 
     def forward(self, message: Message) -> list[Out]:
         """A middle or last stage: run this range on the hidden states from the previous stage."""
-        step = ForwardStep.from_message(message)
+        step = self.check_step(message)
         for seq in step.seqs:
             if seq in self.caches:
                 continue
             sampling = step.first_params(seq)
             if self.spec.is_last:
                 self.samplers[seq] = (sampling, make_generator(sampling.seed))
-        if len(message.tensors) != 1:
-            raise ExoctlError("'forward' needs exactly one hidden-state tensor")
         hidden = to_tensor(message.tensors[0])
-        model = self._model()
-        batch = hidden.shape[0] if hidden.dim() == 3 else -1
-        if (
-            batch != len(step.seqs)
-            or hidden.shape[2] != model.config.hidden_size
-            or (batch > 1 and hidden.shape[1] != 1)
-        ):
-            raise ExoctlError(
-                f"hidden state of shape {list(hidden.shape)} does not fit {len(step.seqs)} sequence(s)"
-            )
-        return [self._next(step, self._run(step.seqs, hidden, step.starts))]
+        return self._next(step, self._run(step.seqs, hidden, step.starts))
 
     def tokens(self, messages: list[Message]) -> list[Out]:
         """Head: tokens the last stage sampled, from one or more messages. Stream each, then run
@@ -294,7 +357,12 @@ class Runner:
                 seq = self.heads.get(seq_id)
                 if seq is None:
                     continue  # cancelled or failed meanwhile
-                outs += self._take(seq, token)
+                try:
+                    outs += self._take(seq, token)
+                except Exception as exc:  # one bad token (or a tokenizer error) ends its sequence only
+                    log.warning("sequence %s failed at token %r: %s", seq_id, token, exc)
+                    outs += self.abort([seq_id], f"node {self.spec.nodes[0]}: {type(exc).__name__}: {exc}")
+                    continue
                 if seq.request_id in self.heads:
                     going.append(seq)
         size = self._batch_size()
@@ -309,6 +377,9 @@ class Runner:
 
     def _take(self, seq: HeadSequence, token: int) -> list[Out]:
         """One sampled token of one sequence: stream its text; finish the sequence if it is done."""
+        vocab = self._model().config.vocab_size
+        if not 0 <= token < vocab:
+            raise ExoctlError(f"token id {token} is outside the vocabulary of {vocab}")
         delta = seq.stream.push(token)
         outs: list[Out] = [ToClient(seq.client, "delta", seq.request_id, {"text": delta, "tokens": [token]})]
         if not seq.stream.done:
@@ -327,6 +398,20 @@ class Runner:
             return []
         fields = {"instance_id": self.spec.instance_id, "seq": seq}
         return [ToPeer(address, "release", fields) for _, address in self.spec.peers[1:]]
+
+    def held(self) -> set[str]:
+        """The sequences this runner holds any state of."""
+        return set(self.caches) | set(self.samplers)
+
+    def renew(self, live: list[str]) -> list[Out]:
+        """Not the head: the head's word on which sequences live. One held here at its last word and
+        not named in this one is freed: the head never knew it, or its `release` was lost. (One
+        that came since the last word waits for the next, so a word overtaken by a new sequence's
+        first step frees nothing.)"""
+        for seq in self.leased - set(live):
+            self.release(seq)
+        self.leased = self.held()
+        return []
 
     def abort(self, seqs: list[str], message: str) -> list[Out]:
         """Head: a stage failed these sequences; tell their clients and free them everywhere."""

@@ -19,6 +19,7 @@ import os
 import time
 import traceback
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ from exoctl import protocol
 from exoctl.errors import ExoctlError
 from exoctl.keys import ClusterKeys
 from exoctl.protocol import Message, ProtocolError
-from exoctl.runner_report import Failure, RunnerStatus
+from exoctl.runner_report import Failure, RunnerReport, RunnerStatus
 from exoctl.runner_spec import RunnerSpec
 from exoctl.transport import secure_server, start_authenticator
 from exoctl.worker.lane import Cancel, Generate, Lane, PeerMessage
@@ -40,6 +41,7 @@ from exoctl.worker.model_access import check_reference
 from exoctl.worker.outbox import FailInstance, Out, Outbox, ToClient, ToPeer
 from exoctl.worker.peers import DOWN_AFTER_S, HEARTBEAT_S, Peers
 from exoctl.worker.profile import NodeProfiler
+from exoctl.worker.steps import check_peer_message
 from exoctl.worker.tensor_meeting import Meeting
 
 if TYPE_CHECKING:
@@ -50,6 +52,8 @@ __all__ = ["DOWN_AFTER_S", "WorkerOptions", "run_worker"]
 log = logging.getLogger("exoctl.worker")
 
 KEEPALIVE_S = 1.0  # clients of running requests hear from the head at least this often
+LEASE_S = 2.0  # how often a head says which sequences live; the others free the rest within 2 of these
+MAX_FAILURES = 16  # failed runners whose reports a node keeps (the oldest are forgotten first)
 
 
 @dataclass
@@ -109,9 +113,12 @@ class Worker:
         self.meeting = Meeting(self.ctx, options.host, options.keys, options.max_batch, self.peers)
         self.profiler = NodeProfiler(self.name, options.device, uuid.uuid4().hex)
         self.runners: dict[str, Runner] = {}  # instance id -> this node's runner of it
+        # failed runners are retired (lane stopped, sockets closed); their last reports stay, bounded
+        self.failures: OrderedDict[str, RunnerReport] = OrderedDict()
         self.lanes: dict[str, Lane] = {}  # instance id -> its compute lane
         self.active: dict[str, ActiveRequest] = {}  # request id -> client of a running request
         self.stopping = False
+        self.next_lease = 0.0
 
     # --- main loop ---------------------------------------------------------------------------
 
@@ -213,7 +220,8 @@ class Worker:
             case "ping":
                 self._reply(client, "pong", {**ok, "profile": self.profiler.profile()})
             case "status":
-                runners = [r.report().to_wire() for r in self.runners.values()]
+                reports = [*(r.report() for r in self.runners.values()), *self.failures.values()]
+                runners = [r.to_wire() for r in reports]
                 profile = self.profiler.profile()
                 self._reply(client, "status_reply", {**ok, "profile": profile, "runners": runners})
             case "load":
@@ -232,14 +240,20 @@ class Worker:
             case "shutdown":
                 self._reply(client, "ok", ok)
                 self.stopping = True
-            case "forward" | "token" | "release" | "seq_error":  # from another runner of the instance
-                self._runner(message["instance_id"])
+            case "forward" | "token" | "release" | "seq_error" | "lease":  # from another runner
+                if message["instance_id"] in self.failures:
+                    return  # the instance failed here: what its other runners still send is moot
+                runner = self._runner(message["instance_id"])
+                if message.type in ("token", "seq_error", "lease"):
+                    check_peer_message(message)
+                elif message.type == "forward":
+                    self._check_step(runner, message)
                 self.lanes[message["instance_id"]].put(PeerMessage(message))
             case "tp_hello":
                 self.meeting.hello(self.runners.get(message["instance_id"]), message)
             case "fail":
-                runner = self.runners.get(message["instance_id"])
-                if runner is not None and not runner.failed:
+                holder = self.runners.get(message["instance_id"])
+                if holder is not None and not holder.failed:
                     failure = Failure(message["message"], message["lost_node"])
                     self._fail_instance(message["instance_id"], failure, notify=False)
             case kind:
@@ -270,8 +284,25 @@ class Worker:
         if why is not None:
             self._peer_lost(address, why)
 
+    def _check_step(self, runner: Runner, message: Message) -> None:
+        """Refuse a step that cannot work to its sender, before it is queued; the head hears of it
+        too, so a request waiting on those sequences ends rather than hangs."""
+        try:
+            runner.check_step(message)
+        except ExoctlError as exc:
+            seqs = [s for s in message["seqs"] if isinstance(s, str)]
+            if seqs and not runner.spec.is_head:
+                fields = {"instance_id": runner.spec.instance_id, "seqs": seqs, "message": exc.message}
+                self.peers.send(runner.spec.peers[0][1], protocol.encode("seq_error", fields))
+            raise
+
     def _runner(self, instance_id: str) -> Runner:
         runner = self.runners.get(instance_id)
+        failed = self.failures.get(instance_id)
+        if failed is not None:
+            raise ExoctlError(
+                f"instance {instance_id} is {failed.status.value} on node {self.name}: {failed.message}"
+            )
         if runner is None:
             raise ExoctlError(
                 f"node {self.name} holds no runner of instance {instance_id}",
@@ -298,6 +329,7 @@ class Worker:
         start_loading(runner, self.options.model_dirs, self.name)
 
     def _unload(self, instance_id: str) -> int:
+        self.failures.pop(instance_id, None)
         runner = self.runners.pop(instance_id, None)
         if runner is None:
             return 0
@@ -314,10 +346,24 @@ class Worker:
     # --- failures ----------------------------------------------------------------------------
 
     def _heartbeat(self, now: float) -> None:
-        watched = {a for r in self.runners.values() if not r.failed for _, a in r.spec.peers}
+        for instance_id in [i for i, r in self.runners.items() if r.failed]:  # a load that failed
+            self._retire(instance_id)
+        if now >= self.next_lease:
+            self._renew_leases()
+            self.next_lease = now + LEASE_S
+        watched = {a for r in self.runners.values() for _, a in r.spec.peers}
         watched.discard(self.address)
         for address, why in self.peers.beat(watched, now).items():
             self._peer_lost(address, why)
+
+    def _renew_leases(self) -> None:
+        """Each head tells its instance's other runners which sequences live (read off the lane's
+        dict from this thread: a snapshot of its keys, which a `list` takes whole)."""
+        for instance_id, runner in self.runners.items():
+            if runner.spec.is_head and runner.spec.world > 1 and runner.status is RunnerStatus.READY:
+                fields = {"instance_id": instance_id, "seqs": list(runner.heads)}
+                for _, address in runner.spec.peers[1:]:
+                    self.peers.send(address, protocol.encode("lease", fields))
 
     def _peer_lost(self, address: str, why: str) -> None:
         for instance_id, runner in list(self.runners.items()):
@@ -328,10 +374,25 @@ class Worker:
                 failure = Failure(f"node {names[0]} ({address}) {why}", lost_node=names[0])
                 self._fail_instance(instance_id, failure, notify=True)
 
-    def _end_requests(self, instance_id: str, message: str, hint: str | None) -> None:
+    def _retire(self, instance_id: str) -> None:
+        """A failed runner gives back its thread and sockets; its last report stays in the state."""
+        runner = self.runners.pop(instance_id)
+        lane = self.lanes.pop(instance_id, None)
+        if lane is not None:
+            lane.stop()  # the lane closes the runner's sockets (a tensor rank's collective) as it ends
+        self.meeting.forget(instance_id)
+        self.failures[instance_id] = runner.report()
+        while len(self.failures) > MAX_FAILURES:
+            self.failures.popitem(last=False)
+
+    def _end_requests(
+        self, instance_id: str, message: str, hint: str | None, lost_node: str | None = None
+    ) -> None:
         for request_id, request in list(self.active.items()):
             if request.instance_id == instance_id:
                 fields = {"request_id": request_id, "message": message, "hint": hint}
+                if lost_node is not None:  # the client answers "unavailable", naming the node
+                    fields.update(code="node_lost", node=lost_node)
                 self._reply(request.client, "error", fields)
                 del self.active[request_id]
 
@@ -339,8 +400,10 @@ class Worker:
         """The instance lost a node: fail its requests now, free this runner, tell the others."""
         runner = self.runners[instance_id]
         log.warning("instance %s failed: %s", instance_id, failure.message)
-        self._end_requests(instance_id, failure.message, "place the model again: `exoctl place`")
+        hint = "place the model again: `exoctl place`"
+        self._end_requests(instance_id, failure.message, hint, failure.lost_node)
         runner.fail(failure)
+        self._retire(instance_id)
         if notify:
             fields = {"instance_id": instance_id, "message": failure.message, "lost_node": failure.lost_node}
             for _, address in runner.spec.peers:
@@ -373,8 +436,26 @@ def warm_imports() -> None:
 OMP_ENV = {"GOMP_SPINCOUNT": "50000"}
 
 
+class BoundedFormatter(logging.Formatter):
+    """Log lines of bounded length: a refused message's values (a 100 KB name, say) are echoed
+    as a summary, so a stream of bad messages cannot fill the node's disk at their size."""
+
+    LINE = 400
+    RECORD = 4000
+
+    def format(self, record: logging.LogRecord) -> str:
+        lines = [
+            line if len(line) <= self.LINE else f"{line[: self.LINE]}… ({len(line)} characters)"
+            for line in super().format(record).splitlines()
+        ]
+        text = "\n".join(lines)
+        return text if len(text) <= self.RECORD else f"{text[: self.RECORD]}… (cut)"
+
+
 def run_worker(options: WorkerOptions) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(BoundedFormatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     for key, value in OMP_ENV.items():
         os.environ.setdefault(key, value)  # read when torch loads libgomp, just below
     if options.threads is not None:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from exoctl.errors import ExoctlError
-from exoctl.protocol import Message
+from exoctl.protocol import Message, ProtocolError
 from exoctl.sampling_params import SamplingParams
 
 
@@ -29,8 +29,9 @@ class ForwardStep:
             or not all(isinstance(x, str) for x in seqs)
             or not all(isinstance(x, int) and not isinstance(x, bool) for x in starts)
             or not isinstance(params, dict)
+            or len(set(seqs)) != len(seqs)
         ):
-            raise ExoctlError("'forward' needs matching lists of sequence ids and positions")
+            raise ExoctlError("'forward' needs matching lists of distinct sequence ids and positions")
         return cls(seqs, starts, params)
 
     def first_params(self, seq: str) -> SamplingParams:
@@ -46,3 +47,17 @@ class ForwardStep:
         if self.params:
             fields["params"] = self.params
         return fields
+
+
+def check_peer_message(message: Message) -> None:
+    """A `token`, `seq_error` or `lease` checked before it is queued: in the head's lane a token
+    message is merged with other runners' messages, and a bad one must fail only itself."""
+    seqs = message["seqs"]
+    if not all(isinstance(s, str) for s in seqs):
+        raise ProtocolError(f"'{message.type}' needs a list of sequence ids")
+    if message.type == "token":
+        tokens = message["tokens"]
+        if len(tokens) != len(seqs) or not all(
+            isinstance(t, int) and not isinstance(t, bool) for t in tokens
+        ):
+            raise ProtocolError("'token' needs one token id (an int) per sequence id")

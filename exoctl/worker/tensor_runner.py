@@ -90,6 +90,9 @@ class TensorRunner(Runner):
         self.rank_samplers.pop(seq, None)
         return super().release(seq)
 
+    def held(self) -> set[str]:
+        return super().held() | set(self.rank_samplers)
+
     def report(self) -> RunnerReport:
         # decode steps only: time in collectives (sending, and waiting for the other ranks) per token
         per_token = round(1000 * self.decode_collective_s / max(self.decoded, 1), 3)
@@ -133,7 +136,7 @@ class TensorRunner(Runner):
 
     def forward(self, message: Message) -> list[Out]:
         """A rank other than the head: run this step on the ids the head sent."""
-        step = ForwardStep.from_message(message)
+        step = self.check_step(message)
         for seq in step.seqs:
             if seq in self.rank_samplers:
                 continue
@@ -141,10 +144,19 @@ class TensorRunner(Runner):
             if sampling.seed is None:
                 raise ExoctlError(f"sequence {seq} is unknown here and its first message has no seed")
             self.rank_samplers[seq] = RankSampler.create(sampling, sampling.seed, self.spec.rank)
-        if len(message.tensors) != 1 or message.tensors[0].dtype != "int64":
-            raise ExoctlError("'forward' of a tensor-parallel instance needs one int64 tensor of token ids")
-        ids = to_tensor(message.tensors[0])
-        if ids.dim() != 2 or ids.shape[0] != len(step.seqs) or (len(step.seqs) > 1 and ids.shape[1] != 1):
-            raise ExoctlError(f"token ids of shape {list(ids.shape)} do not fit {len(step.seqs)} sequence(s)")
-        self._tokens_of(step.seqs, ids, step.starts)
+        self._tokens_of(step.seqs, to_tensor(message.tensors[0]), step.starts)
         return []
+
+    def _check_input(self, dtype: str, shape: tuple[int, ...], seqs: int) -> None:
+        """A rank's input: the step's token ids [B, T] as int64 (T > 1 only for one sequence)."""
+        if (
+            dtype != "int64"
+            or len(shape) != 2
+            or shape[0] != seqs
+            or shape[1] < 1
+            or (seqs > 1 and shape[1] != 1)
+        ):
+            raise ExoctlError(
+                f"'forward' of a tensor-parallel instance needs int64 token ids [B, T] for {seqs} "
+                f"sequence(s), got {dtype} {list(shape)}"
+            )

@@ -1,0 +1,319 @@
+"""Hostile messages to running workers, from a client that holds the cluster key: the schema is
+valid, the values are not. Each gets an error reply that names the problem, the worker lives on,
+and no other request is harmed."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import psutil
+import pytest
+import zmq
+
+from exoctl.cluster.views import instances_of
+from exoctl.engine.generate import complete
+from exoctl.engine.model import load_model
+from exoctl.engine.tokenizer import Tokenizer
+from exoctl.inventory import load_inventory_file
+from exoctl.model_store import resolve_card
+from exoctl.placement import PlacementRequest
+from exoctl.sampling_params import SamplingParams
+from exoctl.worker.peers import DOWN_AFTER_S
+from exoctl.worker.server import MAX_FAILURES
+from tests.cluster_helpers import (
+    WorkerCluster,
+    header,
+    load_header,
+    make_cluster,
+    raw_socket,
+    running,
+    wait_for,
+)
+from tests.tiny_models import COMMON, corrupt_copy
+
+PROMPT = "The capital of France is"
+
+
+@pytest.fixture(scope="module")
+def cluster2(
+    tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Path]
+) -> Iterator[WorkerCluster]:
+    with running(
+        make_cluster(tmp_path_factory.mktemp("hardening"), 2, next(iter(tiny_models.values())).parent)
+    ) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def node1(cluster2: WorkerCluster) -> Iterator[zmq.Socket[Any]]:
+    ctx, sock = raw_socket(cluster2, "node1")
+    try:
+        yield sock
+    finally:
+        ctx.destroy(linger=0)
+
+
+def ask(sock: zmq.Socket[Any], *frames: bytes, timeout_s: float = 5.0) -> dict[str, Any]:
+    """Send one message; its reply's header (replies of other requests are skipped)."""
+    sock.send_multipart(list(frames))
+    deadline = time.monotonic() + timeout_s
+    while (left := deadline - time.monotonic()) > 0:
+        if not sock.poll(int(left * 1000)):
+            break
+        reply: dict[str, Any] = msgpack.unpackb(sock.recv_multipart()[0])
+        if reply.get("id") == 7:
+            return reply
+    raise AssertionError(f"no reply within {timeout_s} s")
+
+
+def alive(sock: zmq.Socket[Any]) -> bool:
+    return ask(sock, header("ping"))["type"] == "pong"
+
+
+def address(cluster: WorkerCluster, node: str) -> str:
+    return load_inventory_file(cluster.inventory).node(node).address
+
+
+def place(cluster: WorkerCluster, folder: Path, nodes: int) -> str:
+    with cluster.client() as client:
+        card, ref = resolve_card(str(folder))
+        placement = client.plan(card, PlacementRequest(dtype="float32", nodes=nodes), client.statuses())
+        return client.load(card, ref, placement).instance_id
+
+
+def test_a_load_that_cannot_work_is_refused_and_the_worker_lives(
+    cluster2: WorkerCluster, node1: zmq.Socket[Any], tiny_models: dict[str, Path]
+) -> None:
+    # a real model, so only the peers are wrong: such loads were accepted, and the heartbeat to
+    # "bad" (or past the process's sockets) then took the worker down
+    model = {"model": str(tiny_models["llama"]), "n_layers": 4, "end_layer": 4}
+    me = ["node1", address(cluster2, "node1")]
+    for peers, text in [
+        ([me, ["x", "bad"]], "peer address 'bad' is not host:port"),
+        ([me, ["x", "127.0.0.12:0"]], "peer address '127.0.0.12:0' is not host:port"),
+        (
+            [me, *[[f"n{i}", f"127.0.0.99:{i + 1}"] for i in range(1000)]],
+            "an instance spans at most 64 nodes",
+        ),
+    ]:
+        reply = ask(node1, load_header(**model, world=len(peers), peers=peers))
+        assert reply["type"] == "error" and text in reply["message"], reply
+    time.sleep(DOWN_AFTER_S + 1)  # a heartbeat round to a bad peer would have ended the worker by now
+    assert alive(node1)
+    assert ask(node1, header("status"))["runners"] == []
+
+
+def test_steps_past_the_context_or_the_sequence_limit_are_refused_before_computing(
+    cluster2: WorkerCluster, tiny_models: dict[str, Path]
+) -> None:
+    instance_id = place(cluster2, tiny_models["llama"], 2)
+    ctx, node2 = raw_socket(cluster2, "node2")
+    try:
+        context, width = COMMON["max_position_embeddings"], COMMON["hidden_size"]
+        params = SamplingParams().to_wire()
+
+        def forward(seqs: list[str], shape: list[int], positions: list[int]) -> dict[str, Any]:
+            hidden = b"\0" * (math.prod(shape) * 4)
+            fields = {"instance_id": instance_id, "seqs": seqs, "positions": positions}
+            meta = [{"dtype": "float32", "shape": shape}]
+            return ask(
+                node2, header("forward", **fields, params={s: params for s in seqs}, tensors=meta), hidden
+            )
+
+        began = time.monotonic()
+        past = forward(["s"], [1, context + 1, width], [0])
+        assert past["type"] == "error" and f"go past the model's context of {context}" in past["message"]
+        late = forward(["t"], [1, 2, width], [context - 1])
+        assert late["type"] == "error" and "positions [255, 257) go past" in late["message"]
+        wide = forward(["v"], [1, 1, width + 1], [0])
+        assert wide["type"] == "error" and "does not fit 1 sequence(s) of width 64" in wide["message"]
+        many = [f"s{i}" for i in range(300)]
+        crowd = forward(many, [300, 1, width], [0] * 300)
+        assert crowd["type"] == "error" and "would pass its limit of 256" in crowd["message"]
+        twice = forward(["u", "u"], [2, 1, width], [0, 0])
+        assert twice["type"] == "error" and "distinct sequence ids" in twice["message"]
+        assert time.monotonic() - began < 5
+        assert alive(node2)
+    finally:
+        ctx.destroy(linger=0)
+        with cluster2.client() as client:
+            client.unload(instance_id)
+
+
+def test_a_bad_token_message_or_value_fails_only_itself(
+    cluster2: WorkerCluster, node1: zmq.Socket[Any], tiny_models: dict[str, Path]
+) -> None:
+    folder = tiny_models["llama"]
+    tokenizer = Tokenizer(folder)
+    expected = complete(
+        load_model(folder), tokenizer, tokenizer.encode(PROMPT), SamplingParams(max_tokens=40)
+    )
+    instance_id = place(cluster2, folder, 2)
+    try:
+        with cluster2.client() as client:
+            view = instances_of(client.statuses())[instance_id]
+            generation = client.generate(view, SamplingParams(max_tokens=40), prompt=PROMPT)
+            done = threading.Event()
+            threading.Thread(target=lambda: (list(generation), done.set()), daemon=True).start()
+            for fields, text in [
+                ({"seqs": ["a", "b"], "tokens": [1]}, "one token id (an int) per sequence id"),
+                ({"seqs": ["a"], "tokens": [1.5]}, "one token id (an int) per sequence id"),
+                ({"seqs": [7], "tokens": [1]}, "needs a list of sequence ids"),
+            ]:
+                reply = ask(node1, header("token", instance_id=instance_id, **fields))
+                assert reply["type"] == "error" and text in reply["message"], reply
+            assert done.wait(60)
+            assert generation.result is not None and generation.result.token_ids == expected.token_ids
+        assert alive(node1)
+    finally:
+        with cluster2.client() as client:
+            client.unload(instance_id)
+
+
+def test_a_nan_budget_is_an_error_for_its_request(
+    cluster2: WorkerCluster, node1: zmq.Socket[Any], tiny_models: dict[str, Path]
+) -> None:
+    instance_id = place(cluster2, tiny_models["llama"], 1)
+    try:
+        fields = {"instance_id": instance_id, "messages": None, "prompt": "hi"}
+        node1.send_multipart([header("generate", **fields, request_id="r1", params={"max_tokens": math.nan})])
+        deadline = time.monotonic() + 10
+        reply: dict[str, Any] = {}
+        while time.monotonic() < deadline and node1.poll(int((deadline - time.monotonic()) * 1000)):
+            reply = msgpack.unpackb(node1.recv_multipart()[0])
+            if reply.get("request_id") == "r1" and reply["type"] in ("error", "done"):
+                break
+        assert (
+            reply.get("type") == "error" and "max_tokens must be a whole number, got nan" in reply["message"]
+        )
+    finally:
+        with cluster2.client() as client:
+            client.unload(instance_id)
+
+
+def test_failed_loads_give_back_their_threads_and_sockets(
+    cluster2: WorkerCluster, node1: zmq.Socket[Any], tiny_models: dict[str, Path]
+) -> None:
+    broken, _ = corrupt_copy(tiny_models["llama"], "llama-broken-for-loads", "lm_head.weight")
+    worker = psutil.Process(cluster2.pid("node1"))
+    threads, fds = worker.num_threads(), worker.num_fds()
+    me = [["node1", address(cluster2, "node1")]]
+    ids = [f"broken-{i}" for i in range(40)]
+    for instance_id in ids:
+        load = load_header(instance_id=instance_id, model=str(broken), n_layers=4, end_layer=4, peers=me)
+        assert ask(node1, load)["type"] == "ok"
+
+    def failed_and_retired() -> bool:
+        runners = ask(node1, header("status"))["runners"]
+        return len(runners) == MAX_FAILURES and all(r["status"] == "RunnerFailed" for r in runners)
+
+    assert wait_for(failed_and_retired, timeout=60)
+    time.sleep(1)
+    assert worker.num_threads() <= threads + 2 and worker.num_fds() <= fds + 4
+    runners = ask(node1, header("status"))["runners"]
+    assert {r["instance_id"] for r in runners} <= set(ids)  # the last to fail are kept
+    assert "node node1:" in runners[0]["failure"]["message"]
+    for instance_id in ids:
+        assert ask(node1, header("unload", instance_id=instance_id))["type"] == "ok"
+    assert ask(node1, header("status"))["runners"] == []
+
+
+def test_the_log_keeps_a_bounded_summary_of_bad_values(
+    cluster2: WorkerCluster, node1: zmq.Socket[Any]
+) -> None:
+    reply = ask(node1, header("x" * 100_000))
+    assert reply["type"] == "error"
+    reply = ask(node1, header("unload", instance_id="y" * 100_000))
+    assert reply["type"] == "ok"
+    time.sleep(0.5)
+    longest = max(len(line) for line in cluster2.log("node1").splitlines())
+    assert longest < 1000, longest
+
+
+def test_sequences_the_head_does_not_know_are_freed_by_its_lease(
+    cluster2: WorkerCluster, tiny_models: dict[str, Path]
+) -> None:
+    folder = tiny_models["llama"]
+    tokenizer = Tokenizer(folder)
+    expected = complete(
+        load_model(folder), tokenizer, tokenizer.encode(PROMPT), SamplingParams(max_tokens=60)
+    )
+    instance_id = place(cluster2, folder, 2)
+    ctx, node2 = raw_socket(cluster2, "node2")
+    try:
+        with cluster2.client() as client:
+            view = instances_of(client.statuses())[instance_id]
+            generation = client.generate(view, SamplingParams(max_tokens=60), prompt=PROMPT)
+            done = threading.Event()
+            threading.Thread(target=lambda: (list(generation), done.set()), daemon=True).start()
+            # 40 sequences the head never started, straight to the second stage
+            params = SamplingParams().to_wire()
+            width = COMMON["hidden_size"]
+            for i in range(40):
+                fields = {"instance_id": instance_id, "seqs": [f"stray{i}"], "positions": [0]}
+                meta = [{"dtype": "float32", "shape": [1, 3, width]}]
+                frames = [
+                    header("forward", **fields, params={f"stray{i}": params}, tensors=meta),
+                    b"\0" * (12 * width),
+                ]
+                node2.send_multipart(frames)
+
+            def held_by_node2() -> int:
+                with cluster2.client() as other:  # this Cluster's sockets belong to the generating thread
+                    statuses = other.statuses()
+                return next(r.active_sequences for s in statuses if s.node.name == "node2" for r in s.runners)
+
+            assert wait_for(lambda: held_by_node2() >= 40, timeout=10)
+            assert wait_for(lambda: held_by_node2() == 0 and done.is_set(), timeout=20)
+            assert generation.result is not None and generation.result.token_ids == expected.token_ids
+            assert instances_of(client.statuses())[instance_id].status == "ready"  # not "running" for good
+    finally:
+        ctx.destroy(linger=0)
+        with cluster2.client() as client:
+            client.unload(instance_id)
+
+
+def test_a_sequence_whose_draw_fails_ends_alone_and_its_batch_goes_on(
+    tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from exoctl.protocol import Message
+    from exoctl.runner_spec import RunnerSpec
+    from exoctl.worker import runner as runner_module
+    from exoctl.worker.outbox import ToClient, ToSelf
+
+    folder = tiny_models["llama"]
+    spec = RunnerSpec(
+        "i", "r", str(folder), "m", "pipeline", "float32", 0, 4, 4, 0, 1, (("n1", "127.0.0.1:1"),)
+    )
+    runner = runner_module.Runner(spec)
+    runner.load(folder)
+
+    def start(request_id: str, params: SamplingParams) -> Message:
+        fields = {"instance_id": "i", "request_id": request_id, "messages": None, "prompt": PROMPT}
+        (out,) = runner.start(
+            Message("generate", {**fields, "params": params.to_wire()}), request_id.encode()
+        )
+        assert isinstance(out, ToSelf)
+        return out.message
+
+    first = [start("sampled", SamplingParams(temperature=0.8, seed=1)), start("greedy", SamplingParams())]
+    draw = runner_module.sample
+
+    def failing(logits: Any, params: SamplingParams, generator: Any) -> Any:
+        if params.temperature == 0.8:
+            raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
+        return draw(logits, params, generator)
+
+    monkeypatch.setattr(runner_module, "sample", failing)
+    outs = runner.tokens(first)  # streams both first tokens, then decodes both as one batch
+    errors = [o for o in outs if isinstance(o, ToClient) and o.kind == "error"]
+    assert [e.request_id for e in errors] == ["sampled"] and "sampling failed" in errors[0].fields["message"]
+    (step,) = [o for o in outs if isinstance(o, ToSelf)]
+    assert step.message["seqs"] == ["greedy"]  # the batch's other sequence goes on
+    assert set(runner.heads) == {"greedy"} and set(runner.caches) == {"greedy"}
