@@ -15,7 +15,25 @@ METADATA_PATTERNS = ("*.json", "*.jinja", "tokenizer*", "*.model", "*.txt")
 
 
 def is_model_folder(path: Path) -> bool:
-    return path.is_dir() and (path / "config.json").is_file()
+    try:
+        return path.is_dir() and (path / "config.json").is_file()
+    except OSError:  # a name too long, a loop of links: no folder of ours
+        return False
+
+
+def exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:
+        return False
+
+
+def as_path(model: str) -> Path:
+    """`model` as a path, with `~` expanded where it names a home (`~nobody/x` stays as given)."""
+    try:
+        return Path(model).expanduser()
+    except RuntimeError:
+        return Path(model)
 
 
 def allowed_roots(model_dirs: list[Path]) -> list[Path]:
@@ -37,10 +55,10 @@ def resolve_card(model: str) -> tuple[ModelCard, str]:
     card = find_card(model)
     if card is not None:
         return card, card.id
-    path = Path(model).expanduser()
+    path = as_path(model)
     if is_model_folder(path):
         return card_from_folder(path.resolve()), str(path.resolve())
-    if path.exists():
+    if exists(path):
         raise ModelNotFoundError(f"{model} is not a model folder", hint="a model folder holds config.json")
     if model.startswith((".", "/", "~")) or model.count("/") > 1:
         raise ModelNotFoundError(f"no model folder at {model}")

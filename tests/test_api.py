@@ -410,3 +410,82 @@ def test_a_client_that_goes_away_cancels_its_generation(server: Server, placed: 
         time.sleep(0.5)
         connection.close()  # gone, without reading the answer
         assert wait_for(lambda: generating() == 0, timeout=5), f"stream={stream}: still generating"
+
+
+SAMPLE_PROMPTS = [
+    "What is the capital of France?",
+    "Name three colours.",
+    "Count from 1 to 5.",
+    "What is 2 + 2?",
+    "Say hello in Spanish.",
+    "Name a planet.",
+    "What do bees make?",
+    "Spell the word cat.",
+]
+
+
+def answer(client: openai.OpenAI, prompt: str, model: str = DEFAULT_MODEL_ID, stream: bool = False) -> str:
+    messages: Any = [{"role": "user", "content": prompt}]
+    if stream:
+        chunks = client.chat.completions.create(
+            model=model, messages=messages, temperature=0, max_tokens=16, stream=True
+        )
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    done = client.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=16)
+    return done.choices[0].message.content or ""
+
+
+def test_soak_sixteen_streams_answer_as_each_prompt_does_alone(
+    client: openai.OpenAI, placed: str, cluster2: WorkerCluster
+) -> None:
+    import time
+
+    import psutil
+
+    solo = {prompt: answer(client, prompt) for prompt in SAMPLE_PROMPTS}
+    workers = [psutil.Process(cluster2.pid(n)) for n in ("node1", "node2")]
+    rss = [w.memory_info().rss for w in workers]
+    errors: list[str] = []
+    differ: list[tuple[str, str]] = []
+    answered = [0]
+    deadline = time.monotonic() + 45
+
+    def session(index: int) -> None:
+        turn = index
+        while time.monotonic() < deadline:
+            prompt = SAMPLE_PROMPTS[turn % len(SAMPLE_PROMPTS)]
+            turn += 1
+            try:
+                text = answer(client, prompt, stream=turn % 2 == 0)
+            except Exception as exc:  # counted, not raised: the soak goes on
+                errors.append(repr(exc))
+                continue
+            answered[0] += 1
+            if text != solo[prompt]:
+                differ.append((prompt, text))
+
+    threads = [threading.Thread(target=session, args=(i,)) for i in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors and not differ, (errors[:3], differ[:3])
+    assert answered[0] >= 48, answered[0]
+    grown = [w.memory_info().rss - before for w, before in zip(workers, rss, strict=True)]
+    assert max(grown) < 100e6, grown
+
+
+def test_bfloat16_answers_alone_are_the_same_every_time(
+    server: Server, client: openai.OpenAI, placed: str
+) -> None:
+    status, body = http(
+        server, "POST", "/place_instance", {"model_id": DEFAULT_MODEL_ID, "nodes": 2, "dtype": "bfloat16"}
+    )
+    assert status == 200, body
+    bf16 = str(body["instance_id"])
+    try:
+        for prompt in SAMPLE_PROMPTS[:3]:
+            first = answer(client, prompt, model=bf16)
+            assert first and answer(client, prompt, model=bf16, stream=True) == first
+    finally:
+        assert http(server, "DELETE", f"/instance/{bf16}")[0] == 200

@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from exoctl import __version__
 from exoctl.api.errors import classify, error_body, exoctl_error_response
@@ -28,18 +29,45 @@ from exoctl.tensor_placement import valid_rank_counts
 OPEN_PATHS = frozenset({"/healthz"})
 
 
-def create_app(service: ClusterService, api_key: str | None = None) -> FastAPI:
-    app = FastAPI(title="exoctl", version=__version__, docs_url=None, redoc_url=None)
-    metrics = Metrics(service.statuses)
+class Guard:
+    """The API key, JSON bodies only, and request counts, around every route.
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Any) -> Response:
-        path = request.url.path
-        if api_key is not None and path not in OPEN_PATHS:
+    A plain ASGI middleware rather than `@app.middleware("http")`: that one hands the route a
+    `receive` of its own, through which a client that went away is never seen."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None, metrics: Metrics) -> None:
+        self.app = app
+        self.api_key = api_key
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)
+        refusal = self._refusal(request)
+        if refusal is not None:
+            self.metrics.requests.labels(request.url.path, str(refusal.status_code)).inc()
+            await refusal(scope, receive, send)
+            return
+        status = [500]
+
+        async def counted(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counted)
+        finally:
+            route = scope.get("route")
+            self.metrics.requests.labels(getattr(route, "path", "unmatched"), str(status[0])).inc()
+
+    def _refusal(self, request: Request) -> JSONResponse | None:
+        if self.api_key is not None and request.url.path not in OPEN_PATHS:
             given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                metrics.requests.labels(path, "401").inc()
-                metrics.errors.labels("authentication_error").inc()
+            if not secrets.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+                self.metrics.errors.labels("authentication_error").inc()
                 body = error_body(
                     "missing or wrong API key: send 'Authorization: Bearer <key>'",
                     "authentication_error",
@@ -50,17 +78,20 @@ def create_app(service: ClusterService, api_key: str | None = None) -> FastAPI:
         if request.method == "POST" and content_type and not content_type.startswith("application/json"):
             # a browser page may POST text/plain or a form to localhost without asking (no CORS
             # preflight); JSON alone keeps other sites from placing models or chatting through it
-            metrics.requests.labels(path, "415").inc()
             body = error_body(
                 f"send the request body as JSON (Content-Type: application/json), not {content_type}",
                 "invalid_request_error",
                 code="unsupported_media_type",
             )
             return JSONResponse(body, status_code=415)
-        response: Response = await call_next(request)
-        route = request.scope.get("route")
-        metrics.requests.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
-        return response
+        return None
+
+
+def create_app(service: ClusterService, api_key: str | None = None) -> FastAPI:
+    app = FastAPI(title="exoctl", version=__version__, docs_url=None, redoc_url=None)
+    metrics = Metrics(service.statuses)
+
+    app.add_middleware(Guard, api_key=api_key, metrics=metrics)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -108,15 +108,18 @@ class ChatCompletion:
         if self.body.stream:
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
             return StreamingResponse(self._stream(), media_type="text/event-stream", headers=headers)
+        checked = time.monotonic()
         while True:
             try:
-                event = await asyncio.wait_for(self.events.get(), DISCONNECT_CHECK_S)
+                got: Event | None = await asyncio.wait_for(self.events.get(), DISCONNECT_CHECK_S)
             except asyncio.TimeoutError:
+                got = None
+            if time.monotonic() - checked >= DISCONNECT_CHECK_S:  # deltas come faster than that
+                checked = time.monotonic()
                 if await disconnected():
                     self.cancel.set()  # the generating thread cancels at its next token
                     return Response(status_code=499)
-                continue
-            match event:
+            match got:
                 case Failed(error):
                     return self._error(error)
                 case Done(result):

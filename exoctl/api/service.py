@@ -10,7 +10,6 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import zmq
@@ -22,7 +21,7 @@ from exoctl.cluster.views import InstanceView, NodeStatus, find_instance, instan
 from exoctl.errors import ExoctlError, ModelNotFoundError
 from exoctl.inventory import Inventory
 from exoctl.keys import ClusterKeys
-from exoctl.model_store import allowed_roots, is_model_folder, resolve_card
+from exoctl.model_store import allowed_roots, as_path, is_model_folder, resolve_card
 from exoctl.placement import Placement, PlacementError, PlacementRequest
 from exoctl.sampling_params import SamplingParams
 from exoctl.sharding import Plan, check_sharding
@@ -87,8 +86,8 @@ class ClusterService:
         model directories, exoctl's store or the Hub cache, and tells nothing about other paths."""
         if find_card(model) is not None:
             return resolve_card(model)
-        model_dirs = [Path(node.model_dir).expanduser() for node in self.inventory.nodes]
-        path = Path(model).expanduser()
+        model_dirs = [as_path(node.model_dir) for node in self.inventory.nodes]
+        path = as_path(model)
         if not path.is_absolute():
             if ".." not in path.parts:
                 for folder in model_dirs:

@@ -26,6 +26,11 @@ class Supervisor:
         self.service = service
         self.interval_s = interval_s
         self.events = service.events  # what it did, newest last (shown in /state)
+        # an instance is placed again only if it once served, and only once: a failed placement
+        # is final (its caller got the error), and the leftovers of one placed again (a node that
+        # was frozen, back with a stale runner) are unloaded, not placed a second time
+        self.served: set[str] = set()
+        self.reformed: set[str] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="supervisor", daemon=True)
 
@@ -44,19 +49,31 @@ class Supervisor:
                 log.exception("supervisor round failed")
 
     def run_once(self) -> None:
-        statuses = self.service.statuses()
-        for view in instances_of(statuses).values():
-            if view.lost_node is not None:
+        views = instances_of(self.service.statuses())
+        for view in views.values():
+            record = self.service.loads.get(view.instance_id)
+            if view.serving or (record is not None and record.status == "ready"):
+                self.served.add(view.instance_id)
+            if view.lost_node is None or view.instance_id not in self.served:
+                continue
+            if view.instance_id in self.reformed:
+                self.unload(view)
+            else:
                 self.reform(view)
+        self.served &= set(views)
+        self.reformed &= set(views)
+
+    def unload(self, view: InstanceView) -> None:
+        with self.service.cluster() as cluster:
+            cluster.unload(view.instance_id, [cluster.inventory.node(n) for n in view.runners])
 
     def reform(self, view: InstanceView) -> None:
         record = self.service.loads.get(view.instance_id)
         model = record.ref if record is not None else view.model_id
         # as it was asked: an auto placement is chosen afresh for the nodes that are left
         sharding = record.sharding if record is not None else view.sharding
-        with self.service.cluster() as cluster:
-            holders = [cluster.inventory.node(n) for n in view.runners]
-            cluster.unload(view.instance_id, holders)
+        self.reformed.add(view.instance_id)
+        self.unload(view)
         self.service.loads.pop(view.instance_id, None)
         event: dict[str, Any] = {
             "time": time.time(),

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from pathlib import Path
 from typing import Any
 
 from exoctl.catalog import DEFAULT_MODEL_ID, find_card
 from exoctl.inventory import Node
+from exoctl.model_store import as_path
 from exoctl.placement import GB, NodeProfile
 from exoctl.runner_report import RunnerReport, RunnerStatus
 
@@ -111,7 +111,7 @@ def model_matches(view_model_id: str, model: str) -> bool:
     card = find_card(model)
     if card is not None:
         return card.id == view_model_id
-    return Path(model).expanduser().name == view_model_id
+    return as_path(model).name == view_model_id
 
 
 def find_instance(statuses: list[NodeStatus], model: str | None) -> InstanceView | None:

@@ -119,6 +119,7 @@ class Worker:
         self.active: dict[str, ActiveRequest] = {}  # request id -> client of a running request
         self.stopping = False
         self.next_lease = 0.0
+        self.last_beat = time.monotonic()
 
     # --- main loop ---------------------------------------------------------------------------
 
@@ -346,6 +347,12 @@ class Worker:
     # --- failures ----------------------------------------------------------------------------
 
     def _heartbeat(self, now: float) -> None:
+        if now - self.last_beat > DOWN_AFTER_S:
+            # this process itself was stopped (SIGSTOP, a hung machine): the silence it sees is
+            # its own, not its peers'. Their clocks start again; they have judged it meanwhile.
+            log.warning("worker %s did not run for %.1f s", self.name, now - self.last_beat)
+            self.peers.expect(list(self.peers.seen), now)
+        self.last_beat = now
         for instance_id in [i for i, r in self.runners.items() if r.failed]:  # a load that failed
             self._retire(instance_id)
         if now >= self.next_lease:
