@@ -213,3 +213,33 @@ def test_serve_places_an_instance_again_when_it_loses_a_node(cluster3: WorkerClu
         assert status == 200 and "Paris" in answer["choices"][0]["message"]["content"]
     finally:
         server.stop()
+
+
+def test_a_frozen_node_that_comes_back_gets_no_second_copy_of_the_model(cluster3: WorkerCluster) -> None:
+    from tests.cluster_helpers import Server, http
+
+    server = Server(cluster3)
+    try:
+        status, body = http(server, "POST", "/place_instance", {"model_id": DEFAULT_MODEL_ID, "nodes": 3})
+        assert status == 200, body
+        os.kill(cluster3.pid("node2"), signal.SIGSTOP)
+
+        def state() -> dict[str, object]:
+            return http(server, "GET", "/state")[1]  # type: ignore[no-any-return]
+
+        assert wait_for(lambda: bool(state()["reformations"]), timeout=60)
+        os.kill(cluster3.pid("node2"), signal.SIGCONT)
+        # the thawed node's stale runner sees silence everywhere; it must not blame its peers, and
+        # what is left of the old instance must not be placed again
+        time.sleep(3 * DOWN_AFTER_S + 4)
+        doc = state()
+        assert len(doc["reformations"]) == 1, doc["reformations"]  # type: ignore[arg-type]
+        serving = [
+            i
+            for i in doc["instances"].values()
+            if i["CpuRingInstance"]["status"] in ("ready", "running")  # type: ignore[union-attr]
+        ]
+        assert len(serving) == 1, doc["instances"]
+    finally:
+        os.kill(cluster3.pid("node2"), signal.SIGCONT)
+        server.stop()
