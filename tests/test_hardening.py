@@ -8,6 +8,7 @@ import math
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import psutil
 import pytest
 import zmq
 
+from exoctl.cluster.client import Generation
 from exoctl.cluster.views import instances_of
 from exoctl.engine.generate import complete
 from exoctl.engine.model import load_model
@@ -59,6 +61,15 @@ def node1(cluster2: WorkerCluster) -> Iterator[zmq.Socket[Any]]:
         ctx.destroy(linger=0)
 
 
+@pytest.fixture
+def node2(cluster2: WorkerCluster) -> Iterator[zmq.Socket[Any]]:
+    ctx, sock = raw_socket(cluster2, "node2")
+    try:
+        yield sock
+    finally:
+        ctx.destroy(linger=0)
+
+
 def ask(sock: zmq.Socket[Any], *frames: bytes, timeout_s: float = 5.0) -> dict[str, Any]:
     """Send one message; its reply's header (replies of other requests are skipped)."""
     sock.send_multipart(list(frames))
@@ -80,11 +91,39 @@ def address(cluster: WorkerCluster, node: str) -> str:
     return load_inventory_file(cluster.inventory).node(node).address
 
 
-def place(cluster: WorkerCluster, folder: Path, nodes: int) -> str:
+@contextmanager
+def placed(cluster: WorkerCluster, folder: Path, nodes: int) -> Iterator[str]:
+    """A model placed over `nodes` workers in float32, unloaded on the way out."""
     with cluster.client() as client:
         card, ref = resolve_card(str(folder))
         placement = client.plan(card, PlacementRequest(dtype="float32", nodes=nodes), client.statuses())
-        return client.load(card, ref, placement).instance_id
+        instance_id = client.load(card, ref, placement).instance_id
+    try:
+        yield instance_id
+    finally:
+        with cluster.client() as client:
+            client.unload(instance_id)
+
+
+@contextmanager
+def in_background(
+    cluster: WorkerCluster, instance_id: str, max_tokens: int
+) -> Iterator[tuple[Generation, threading.Event]]:
+    """A greedy generation of PROMPT running on a thread of its own (with its own sockets)."""
+    with cluster.client() as client:
+        view = instances_of(client.statuses())[instance_id]
+        generation = client.generate(view, SamplingParams(max_tokens=max_tokens), prompt=PROMPT)
+        done = threading.Event()
+        threading.Thread(target=lambda: (list(generation), done.set()), daemon=True).start()
+        yield generation, done
+        done.wait(30)  # its sockets close with the client
+
+
+def engine_tokens(folder: Path, max_tokens: int) -> list[int]:
+    """The greedy tokens of PROMPT from the engine in this process."""
+    tokenizer = Tokenizer(folder)
+    params = SamplingParams(max_tokens=max_tokens)
+    return complete(load_model(folder), tokenizer, tokenizer.encode(PROMPT), params).token_ids
 
 
 def test_a_load_that_cannot_work_is_refused_and_the_worker_lives(
@@ -110,13 +149,11 @@ def test_a_load_that_cannot_work_is_refused_and_the_worker_lives(
 
 
 def test_steps_past_the_context_or_the_sequence_limit_are_refused_before_computing(
-    cluster2: WorkerCluster, tiny_models: dict[str, Path]
+    cluster2: WorkerCluster, node2: zmq.Socket[Any], tiny_models: dict[str, Path]
 ) -> None:
-    instance_id = place(cluster2, tiny_models["llama"], 2)
-    ctx, node2 = raw_socket(cluster2, "node2")
-    try:
-        context, width = COMMON["max_position_embeddings"], COMMON["hidden_size"]
-        params = SamplingParams().to_wire()
+    context, width = COMMON["max_position_embeddings"], COMMON["hidden_size"]
+    params = SamplingParams().to_wire()
+    with placed(cluster2, tiny_models["llama"], 2) as instance_id:
 
         def forward(seqs: list[str], shape: list[int], positions: list[int]) -> dict[str, Any]:
             hidden = b"\0" * (math.prod(shape) * 4)
@@ -140,27 +177,14 @@ def test_steps_past_the_context_or_the_sequence_limit_are_refused_before_computi
         assert twice["type"] == "error" and "distinct sequence ids" in twice["message"]
         assert time.monotonic() - began < 5
         assert alive(node2)
-    finally:
-        ctx.destroy(linger=0)
-        with cluster2.client() as client:
-            client.unload(instance_id)
 
 
 def test_a_bad_token_message_or_value_fails_only_itself(
     cluster2: WorkerCluster, node1: zmq.Socket[Any], tiny_models: dict[str, Path]
 ) -> None:
-    folder = tiny_models["llama"]
-    tokenizer = Tokenizer(folder)
-    expected = complete(
-        load_model(folder), tokenizer, tokenizer.encode(PROMPT), SamplingParams(max_tokens=40)
-    )
-    instance_id = place(cluster2, folder, 2)
-    try:
-        with cluster2.client() as client:
-            view = instances_of(client.statuses())[instance_id]
-            generation = client.generate(view, SamplingParams(max_tokens=40), prompt=PROMPT)
-            done = threading.Event()
-            threading.Thread(target=lambda: (list(generation), done.set()), daemon=True).start()
+    expected = engine_tokens(tiny_models["llama"], 40)
+    with placed(cluster2, tiny_models["llama"], 2) as instance_id:
+        with in_background(cluster2, instance_id, 40) as (generation, done):
             for fields, text in [
                 ({"seqs": ["a", "b"], "tokens": [1]}, "one token id (an int) per sequence id"),
                 ({"seqs": ["a"], "tokens": [1.5]}, "one token id (an int) per sequence id"),
@@ -169,18 +193,14 @@ def test_a_bad_token_message_or_value_fails_only_itself(
                 reply = ask(node1, header("token", instance_id=instance_id, **fields))
                 assert reply["type"] == "error" and text in reply["message"], reply
             assert done.wait(60)
-            assert generation.result is not None and generation.result.token_ids == expected.token_ids
+            assert generation.result is not None and generation.result.token_ids == expected
         assert alive(node1)
-    finally:
-        with cluster2.client() as client:
-            client.unload(instance_id)
 
 
 def test_a_nan_budget_is_an_error_for_its_request(
     cluster2: WorkerCluster, node1: zmq.Socket[Any], tiny_models: dict[str, Path]
 ) -> None:
-    instance_id = place(cluster2, tiny_models["llama"], 1)
-    try:
+    with placed(cluster2, tiny_models["llama"], 1) as instance_id:
         fields = {"instance_id": instance_id, "messages": None, "prompt": "hi"}
         node1.send_multipart([header("generate", **fields, request_id="r1", params={"max_tokens": math.nan})])
         deadline = time.monotonic() + 10
@@ -189,12 +209,8 @@ def test_a_nan_budget_is_an_error_for_its_request(
             reply = msgpack.unpackb(node1.recv_multipart()[0])
             if reply.get("request_id") == "r1" and reply["type"] in ("error", "done"):
                 break
-        assert (
-            reply.get("type") == "error" and "max_tokens must be a whole number, got nan" in reply["message"]
-        )
-    finally:
-        with cluster2.client() as client:
-            client.unload(instance_id)
+        assert reply.get("type") == "error", reply
+        assert "max_tokens must be a whole number, got nan" in reply["message"]
 
 
 def test_failed_loads_give_back_their_threads_and_sockets(
@@ -237,46 +253,29 @@ def test_the_log_keeps_a_bounded_summary_of_bad_values(
 
 
 def test_sequences_the_head_does_not_know_are_freed_by_its_lease(
-    cluster2: WorkerCluster, tiny_models: dict[str, Path]
+    cluster2: WorkerCluster, node2: zmq.Socket[Any], tiny_models: dict[str, Path]
 ) -> None:
-    folder = tiny_models["llama"]
-    tokenizer = Tokenizer(folder)
-    expected = complete(
-        load_model(folder), tokenizer, tokenizer.encode(PROMPT), SamplingParams(max_tokens=60)
-    )
-    instance_id = place(cluster2, folder, 2)
-    ctx, node2 = raw_socket(cluster2, "node2")
-    try:
+    expected = engine_tokens(tiny_models["llama"], 60)
+    params, width = SamplingParams().to_wire(), COMMON["hidden_size"]
+
+    def held_by_node2() -> int:
         with cluster2.client() as client:
-            view = instances_of(client.statuses())[instance_id]
-            generation = client.generate(view, SamplingParams(max_tokens=60), prompt=PROMPT)
-            done = threading.Event()
-            threading.Thread(target=lambda: (list(generation), done.set()), daemon=True).start()
+            statuses = client.statuses()
+        return next(r.active_sequences for s in statuses if s.node.name == "node2" for r in s.runners)
+
+    with placed(cluster2, tiny_models["llama"], 2) as instance_id:
+        with in_background(cluster2, instance_id, 60) as (generation, done):
             # 40 sequences the head never started, straight to the second stage
-            params = SamplingParams().to_wire()
-            width = COMMON["hidden_size"]
             for i in range(40):
                 fields = {"instance_id": instance_id, "seqs": [f"stray{i}"], "positions": [0]}
                 meta = [{"dtype": "float32", "shape": [1, 3, width]}]
-                frames = [
-                    header("forward", **fields, params={f"stray{i}": params}, tensors=meta),
-                    b"\0" * (12 * width),
-                ]
-                node2.send_multipart(frames)
-
-            def held_by_node2() -> int:
-                with cluster2.client() as other:  # this Cluster's sockets belong to the generating thread
-                    statuses = other.statuses()
-                return next(r.active_sequences for s in statuses if s.node.name == "node2" for r in s.runners)
-
+                forward = header("forward", **fields, params={f"stray{i}": params}, tensors=meta)
+                node2.send_multipart([forward, b"\0" * (12 * width)])
             assert wait_for(lambda: held_by_node2() >= 40, timeout=10)
             assert wait_for(lambda: held_by_node2() == 0 and done.is_set(), timeout=20)
-            assert generation.result is not None and generation.result.token_ids == expected.token_ids
-            assert instances_of(client.statuses())[instance_id].status == "ready"  # not "running" for good
-    finally:
-        ctx.destroy(linger=0)
+            assert generation.result is not None and generation.result.token_ids == expected
         with cluster2.client() as client:
-            client.unload(instance_id)
+            assert instances_of(client.statuses())[instance_id].status == "ready"  # not "running" for good
 
 
 def test_a_sequence_whose_draw_fails_ends_alone_and_its_batch_goes_on(
