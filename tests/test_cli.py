@@ -37,7 +37,7 @@ def test_the_control_side_does_not_import_torch() -> None:
 def test_the_worker_module_loads_torch_only_when_it_runs() -> None:
     # run_worker sets GOMP_SPINCOUNT and the thread count before torch loads libgomp: the lane,
     # the outbox, the peers and the loader must not bring torch in earlier
-    code = "import sys; import exoctl.worker.server; print('torch' in sys.modules)"
+    code = "import sys; import exoctl.worker.main; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT)
     assert out.stdout.strip() == "False", out.stderr
 

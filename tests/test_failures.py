@@ -20,11 +20,12 @@ from exoctl.model_store import resolve_card
 from exoctl.placement import PlacementRequest
 from exoctl.runner_report import RunnerStatus
 from exoctl.sampling_params import SamplingParams
-from exoctl.worker.server import DOWN_AFTER_S
+from exoctl.worker.peers import DOWN_AFTER_S, SILENT_AFTER_S
 from tests.cluster_helpers import WorkerCluster, make_cluster, running, wait_for
 
 COUNTING = "1, 2, 3, 4, 5, 6, 7, 8,"  # SmolLM2 keeps counting: a generation that outlives the test
 FAIL_WITHIN_S = DOWN_AFTER_S + 4.0  # heartbeat timeout plus a margin for a loaded 2-core machine
+FROZEN_WITHIN_S = SILENT_AFTER_S + 4.0  # a frozen node keeps its connections: it may only be slow
 
 
 @pytest.fixture
@@ -89,7 +90,7 @@ def test_frozen_last_stage(cluster3: WorkerCluster, tiny_models: dict[str, Path]
     with cluster3.client() as client:
         message, took = fail_during_generation(cluster3, client, "node3", signal.SIGSTOP)
         assert "node3" in message and "stopped answering" in message
-        assert took < FAIL_WITHIN_S
+        assert took < FROZEN_WITHIN_S
         assert wait_for(lambda: live_nodes(client) == ["node1", "node2"], timeout=5)
         nodes = {n["node"]: n["status"] for n in cluster3.cli_json("nodes")}
         assert nodes == {"node1": "up", "node2": "up", "node3": "down"}
@@ -109,7 +110,27 @@ def test_frozen_head(cluster3: WorkerCluster) -> None:
                 r.status is RunnerStatus.FAILED and r.memory_bytes == 0 for r in runners
             )
 
-        assert wait_for(freed, timeout=FAIL_WITHIN_S)
+        assert wait_for(freed, timeout=FROZEN_WITHIN_S)
+
+
+def test_a_node_slow_for_longer_than_the_kill_timeout_is_not_lost(cluster3: WorkerCluster) -> None:
+    """Busy is not gone: a stage that does not answer for 5 s (past DOWN_AFTER_S, as on an
+    overloaded machine) but keeps its connections makes the request slower, not failed."""
+    with cluster3.client() as client:
+        instance_id = place(client, DEFAULT_MODEL_ID, 3)
+        view = instances_of(client.statuses())[instance_id]
+        alone = client.generate(view, SamplingParams(max_tokens=40), prompt=COUNTING)
+        list(alone)
+        generation = client.generate(view, SamplingParams(max_tokens=40), prompt=COUNTING)
+        for count, _ in enumerate(generation):
+            if count == 5:
+                os.kill(cluster3.pid("node2"), signal.SIGSTOP)
+                time.sleep(DOWN_AFTER_S + 2)
+                os.kill(cluster3.pid("node2"), signal.SIGCONT)
+        assert generation.result is not None and alone.result is not None
+        assert generation.result.token_ids == alone.result.token_ids
+        # the other stages free the sequence as the head's release reaches them
+        assert wait_for(lambda: instances_of(client.statuses())[instance_id].status == "ready", timeout=5)
 
 
 def test_killed_at_rest_then_run_places_again_on_live_nodes(cluster3: WorkerCluster) -> None:

@@ -175,6 +175,7 @@ def test_zeromq_fuzz_keeps_the_worker_serving(cluster2: WorkerCluster, tiny_mode
     finally:
         for ctx, _ in sockets:
             ctx.destroy(linger=0)
+    print(f"zeromq fuzz: {sent} messages in {FUZZ_S:.0f} s")  # shown with pytest -s
     assert sent > 500
     assert all(w.is_running() for w in workers)
     time.sleep(5)  # the lease frees the sequences the fuzzer made up
@@ -255,6 +256,7 @@ def test_http_fuzz_never_answers_500(cluster2: WorkerCluster) -> None:
                 code = error.code
             statuses[code] = statuses.get(code, 0) + 1
             assert code < 500, (method, path, body_bytes[:300] if body_bytes else None, code)
+        print(f"http fuzz: {sum(statuses.values())} requests, by status {dict(sorted(statuses.items()))}")
         assert sum(statuses.values()) > 200, statuses
         status, body = http(server, "GET", "/healthz")
         assert status == 200 and body["nodes_up"] == 2

@@ -242,7 +242,8 @@ def worker(
 ) -> None:
     """Run one worker in the foreground (`exoctl up` starts these for you)."""
     from exoctl.keys import load_keys
-    from exoctl.worker.server import WorkerOptions, run_worker
+    from exoctl.worker.main import run_worker
+    from exoctl.worker.options import WorkerOptions
 
     keys = load_keys(Path(keys_dir).expanduser()) if keys_dir else None
     options = WorkerOptions(

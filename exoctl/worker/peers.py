@@ -1,8 +1,11 @@
 """The other workers this one talks to: a DEALER socket each, and whether they are still there.
 
-Used only from the I/O loop. Every runner heartbeats the nodes of its instances; a node that is
-silent for DOWN_AFTER_S, or that answers with another boot id (it restarted and lost its
-runners), is lost, and the worker fails the instances that use it.
+Used only from the I/O loop. Every runner heartbeats the nodes of its instances. A node is lost,
+and the worker fails the instances that use it, when it answers with another boot id (it
+restarted and lost its runners), or when it is silent: for DOWN_AFTER_S once its connection is
+gone (its process died: the kernel closed the socket), or for SILENT_AFTER_S while the connection
+stays up (frozen, hung, or only busy: a machine loading a model on every core, a link cut without
+a word). Slow is not gone, so the second wait is the longer.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import logging
 from typing import Any
 
 import zmq
+import zmq.utils.monitor
 
 from exoctl import protocol
 from exoctl.keys import ClusterKeys
@@ -20,7 +24,9 @@ from exoctl.transport import secure_client
 log = logging.getLogger("exoctl.worker")
 
 HEARTBEAT_S = 0.5
-DOWN_AFTER_S = 3.0  # a peer silent this long is down: its instances fail
+DOWN_AFTER_S = 3.0  # a peer whose connection is gone and that is silent this long is down
+SILENT_AFTER_S = 10.0  # a peer still connected but silent this long is down too
+_LINK_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
 
 
 class Peers:
@@ -30,6 +36,8 @@ class Peers:
         self.sockets: dict[str, zmq.Socket[Any]] = {}  # address -> DEALER
         self.seen: dict[str, float] = {}  # address -> when it was last heard from
         self.boot: dict[str, str] = {}  # address -> the boot id it answered with first
+        self.monitors: dict[str, zmq.Socket[Any]] = {}  # address -> its DEALER's connection events
+        self.connected: dict[str, bool] = {}
 
     def socket(self, address: str) -> zmq.Socket[Any]:
         sock = self.sockets.get(address)
@@ -38,11 +46,13 @@ class Peers:
             try:
                 secure_client(sock, self.keys)
                 sock.setsockopt(zmq.SNDHWM, 10000)
+                monitor = sock.get_monitor_socket(_LINK_EVENTS)
                 sock.connect(f"tcp://{address}")
             except zmq.ZMQError:
                 sock.close(0)
                 raise
             self.sockets[address] = sock
+            self.monitors[address] = monitor
         return sock
 
     def send(self, address: str, frames: list[Any]) -> None:
@@ -73,12 +83,22 @@ class Peers:
             log.warning("peer %s answered with an error: %s", address, message["message"])
         return None
 
+    def _link_up(self, address: str) -> bool:
+        """Whether the TCP connection to `address` is up, from its monitor's latest events."""
+        monitor = self.monitors.get(address)
+        while monitor is not None and monitor.poll(0):
+            event = zmq.utils.monitor.recv_monitor_message(monitor)
+            self.connected[address] = event["event"] == zmq.EVENT_CONNECTED
+        return self.connected.get(address, False)
+
     def beat(self, watched: set[str], now: float) -> dict[str, str]:
         """Ping the watched peers; those silent too long, with why they are lost."""
         lost = {}
         for address in watched:
             self.send(address, protocol.encode("ping", {"id": 0}))
             silent = now - self.seen.get(address, now)
-            if silent > DOWN_AFTER_S:
+            if silent > SILENT_AFTER_S:
                 lost[address] = f"stopped answering (no heartbeat for {silent:.1f} s)"
+            elif silent > DOWN_AFTER_S and not self._link_up(address):
+                lost[address] = f"stopped answering (connection closed, no heartbeat for {silent:.1f} s)"
         return lost

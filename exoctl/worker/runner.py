@@ -32,13 +32,10 @@ from exoctl.runner_spec import RunnerSpec
 from exoctl.sampling_params import SamplingParams
 from exoctl.worker.loader import LoadCancelled
 from exoctl.worker.outbox import Out, ToClient, ToPeer, ToSelf, client_error
-from exoctl.worker.steps import ForwardStep
+from exoctl.worker.steps import ForwardStep, check_hidden, check_room
 from exoctl.worker.tensors import from_tensor, to_tensor
 
 log = logging.getLogger("exoctl.worker")
-
-# Sequences one runner holds at once (each a KV cache): several times any batch it decodes.
-MAX_SEQUENCES = 256
 
 
 @dataclass
@@ -212,21 +209,9 @@ class Runner:
         return out
 
     def _check_room(self, seqs: list[str], starts: list[int], count: int) -> None:
-        """Refuse a step that would go past the context, or hold more sequences than MAX_SEQUENCES."""
-        context = self._model().config.max_position_embeddings
-        for seq, start in zip(seqs, starts, strict=True):
-            if start < 0 or start + count > context:
-                raise ExoctlError(
-                    f"sequence {seq}: positions [{start}, {start + count}) go past the model's context "
-                    f"of {context}"
-                )
         new = sum(1 for seq in seqs if seq not in self.caches)
-        if len(self.caches) + new > MAX_SEQUENCES:
-            raise ExoctlError(
-                f"runner {self.spec.runner_id} holds {len(self.caches)} sequences; "
-                f"{new} more would pass its limit of {MAX_SEQUENCES}",
-                hint="wait for running requests to end",
-            )
+        context = self._model().config.max_position_embeddings
+        check_room(seqs, starts, count, context, len(self.caches), new, self.spec.runner_id)
 
     def check_step(self, message: Message) -> ForwardStep:
         """A `forward` checked against this runner before any compute: its fields, its tensor's
@@ -241,19 +226,7 @@ class Runner:
         return step
 
     def _check_input(self, dtype: str, shape: tuple[int, ...], seqs: int) -> None:
-        """A stage's input: hidden states [B, T, D] in a float dtype (T > 1 only for one sequence)."""
-        width = self._model().config.hidden_size
-        if (
-            dtype not in ("float32", "bfloat16", "float16")
-            or len(shape) != 3
-            or shape[0] != seqs
-            or shape[1] < 1
-            or shape[2] != width
-            or (seqs > 1 and shape[1] != 1)
-        ):
-            raise ExoctlError(
-                f"hidden state {dtype} {list(shape)} does not fit {seqs} sequence(s) of width {width}"
-            )
+        check_hidden(dtype, shape, seqs, self._model().config.hidden_size)
 
     def _next(self, step: ForwardStep, out: torch.Tensor) -> list[Out]:
         """What to do with this stage's output [B, T, D] (or logits [B, 1, V] on the last stage):

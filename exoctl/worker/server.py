@@ -7,22 +7,19 @@ outgoing messages to the `Outbox`, so a worker busy decoding still answers `stat
 lane per instance, not one for the worker: a tensor-parallel step blocks in its collective until
 every rank has run it, and two instances sharing nodes could otherwise wait on each other.
 
-Torch-free at import: torch loads in `run_worker`, after the OpenMP settings are in place.
+Torch-free at import: torch loads in `main.run_worker`, after the OpenMP settings are in place.
 """
 
 from __future__ import annotations
 
 import functools
-import ipaddress
 import logging
-import os
 import time
 import traceback
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgpack
@@ -30,7 +27,6 @@ import zmq
 
 from exoctl import protocol
 from exoctl.errors import ExoctlError
-from exoctl.keys import ClusterKeys
 from exoctl.protocol import Message, ProtocolError
 from exoctl.runner_report import Failure, RunnerReport, RunnerStatus
 from exoctl.runner_spec import RunnerSpec
@@ -38,8 +34,9 @@ from exoctl.transport import secure_server, start_authenticator
 from exoctl.worker.lane import Cancel, Generate, Lane, PeerMessage
 from exoctl.worker.loader import start_loading
 from exoctl.worker.model_access import check_reference
+from exoctl.worker.options import WorkerOptions, check_bind
 from exoctl.worker.outbox import FailInstance, Out, Outbox, ToClient, ToPeer
-from exoctl.worker.peers import DOWN_AFTER_S, HEARTBEAT_S, Peers
+from exoctl.worker.peers import DOWN_AFTER_S, HEARTBEAT_S, SILENT_AFTER_S, Peers
 from exoctl.worker.profile import NodeProfiler
 from exoctl.worker.steps import check_peer_message
 from exoctl.worker.tensor_meeting import Meeting
@@ -47,39 +44,13 @@ from exoctl.worker.tensor_meeting import Meeting
 if TYPE_CHECKING:
     from exoctl.worker.runner import Runner
 
-__all__ = ["DOWN_AFTER_S", "WorkerOptions", "run_worker"]
+__all__ = ["DOWN_AFTER_S", "SILENT_AFTER_S", "Worker"]
 
 log = logging.getLogger("exoctl.worker")
 
 KEEPALIVE_S = 1.0  # clients of running requests hear from the head at least this often
 LEASE_S = 2.0  # how often a head says which sequences live; the others free the rest within 2 of these
 MAX_FAILURES = 16  # failed runners whose reports a node keeps (the oldest are forgotten first)
-
-
-@dataclass
-class WorkerOptions:
-    name: str
-    host: str
-    port: int
-    keys: ClusterKeys | None
-    model_dirs: list[Path]
-    device: str = "cpu"
-    insecure: bool = False
-    threads: int | None = None
-    max_batch: int = 32
-
-
-def check_bind(host: str, keys: ClusterKeys | None, insecure: bool) -> None:
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback and keys is None and not insecure:
-        raise ExoctlError(
-            f"refusing to listen on {host} without the cluster key: anyone on the network could load models",
-            hint="make keys with `exoctl keys init` and pass --keys-dir, "
-            "or pass --insecure on a trusted network",
-        )
 
 
 @dataclass
@@ -425,54 +396,3 @@ def _peek_id(frames: list[Any]) -> Any:
         return header.get("id") if isinstance(header, dict) else None
     except Exception:
         return None
-
-
-def warm_imports() -> None:
-    """Import torch, the engine and transformers' tokenizer before serving: an import in a loader
-    thread holds the import lock for seconds (the I/O loop would stall behind it), and transformers'
-    lazy modules are not safe to import from two threads at once."""
-    from transformers import AutoTokenizer  # noqa: F401
-
-    import exoctl.worker.tensor_runner  # noqa: F401  (torch, the engine, the runners)
-
-
-# OpenMP threads of a stage that just handed its hidden state on spin for GOMP's default
-# 300000 iterations, taking the cores the next stage needs when stages share a machine
-# (measured: SmolLM2 over 4 local workers went from 0.51x to 0.88x of one worker). 50000 still
-# bridges the gaps between the ops of one layer, so one worker alone keeps its speed.
-OMP_ENV = {"GOMP_SPINCOUNT": "50000"}
-
-
-class BoundedFormatter(logging.Formatter):
-    """Log lines of bounded length: a refused message's values (a 100 KB name, say) are echoed
-    as a summary, so a stream of bad messages cannot fill the node's disk at their size."""
-
-    LINE = 400
-    RECORD = 4000
-
-    def format(self, record: logging.LogRecord) -> str:
-        lines = [
-            line if len(line) <= self.LINE else f"{line[: self.LINE]}… ({len(line)} characters)"
-            for line in super().format(record).splitlines()
-        ]
-        text = "\n".join(lines)
-        return text if len(text) <= self.RECORD else f"{text[: self.RECORD]}… (cut)"
-
-
-def run_worker(options: WorkerOptions) -> None:
-    handler = logging.StreamHandler()
-    handler.setFormatter(BoundedFormatter("%(asctime)s %(levelname)s %(message)s"))
-    logging.basicConfig(level=logging.INFO, handlers=[handler])
-    for key, value in OMP_ENV.items():
-        os.environ.setdefault(key, value)  # read when torch loads libgomp, just below
-    if options.threads is not None:
-        if options.threads < 1:
-            raise ExoctlError(f"--threads must be at least 1, got {options.threads}")
-        os.environ["OMP_NUM_THREADS"] = str(options.threads)
-    warm_imports()
-    if options.threads is not None:
-        import torch
-
-        torch.set_num_threads(options.threads)
-    worker = Worker(options)
-    worker.serve()
