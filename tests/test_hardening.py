@@ -52,22 +52,26 @@ def cluster2(
         yield cluster
 
 
-@pytest.fixture
-def node1(cluster2: WorkerCluster) -> Iterator[zmq.Socket[Any]]:
-    ctx, sock = raw_socket(cluster2, "node1")
+@contextmanager
+def keyed_socket(cluster: WorkerCluster, node: str) -> Iterator[zmq.Socket[Any]]:
+    """A raw DEALER to `node`, holding the cluster key; closed on the way out."""
+    ctx, sock = raw_socket(cluster, node)
     try:
         yield sock
     finally:
         ctx.destroy(linger=0)
+
+
+@pytest.fixture
+def node1(cluster2: WorkerCluster) -> Iterator[zmq.Socket[Any]]:
+    with keyed_socket(cluster2, "node1") as sock:
+        yield sock
 
 
 @pytest.fixture
 def node2(cluster2: WorkerCluster) -> Iterator[zmq.Socket[Any]]:
-    ctx, sock = raw_socket(cluster2, "node2")
-    try:
+    with keyed_socket(cluster2, "node2") as sock:
         yield sock
-    finally:
-        ctx.destroy(linger=0)
 
 
 def ask(sock: zmq.Socket[Any], *frames: bytes, timeout_s: float = 5.0) -> dict[str, Any]:
