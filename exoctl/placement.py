@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from exoctl.catalog import ModelCard, dtype_bytes
+from exoctl.catalog import ModelCard
+from exoctl.dtypes import embedding_bytes, float_bytes
 from exoctl.errors import ExoctlError
 
 GB = 10**9
@@ -78,13 +79,13 @@ class _Costs:
 
     @classmethod
     def of(cls, card: ModelCard, request: PlacementRequest) -> _Costs:
-        size = dtype_bytes(request.dtype)
-        kv_per_layer = 2 * card.num_key_value_heads * card.head_dim * size * request.kv_tokens
+        dtype = request.dtype
+        kv_per_layer = 2 * card.num_key_value_heads * card.head_dim * float_bytes(dtype) * request.kv_tokens
         return cls(
-            layer=card.layer_parameters * size + kv_per_layer,
-            embed=card.embedding_parameters * size,
+            layer=card.layer_bytes(dtype) + kv_per_layer,
+            embed=embedding_bytes(dtype, card.vocab_size, card.hidden_size),
             # final norm + lm_head; a tied lm_head is still a second copy on the last node
-            head=(card.hidden_size + card.embedding_parameters) * size,
+            head=card.head_bytes(dtype),
             overhead=RUNTIME_OVERHEAD_BYTES,
         )
 

@@ -8,7 +8,8 @@ experts, and every rank needs the same memory: the smallest chosen node decides.
 
 from __future__ import annotations
 
-from exoctl.catalog import ModelCard, dtype_bytes
+from exoctl.catalog import ModelCard
+from exoctl.dtypes import QUANT_BLOCK, embedding_bytes, float_bytes
 from exoctl.placement import (
     GB,
     RUNTIME_OVERHEAD_BYTES,
@@ -31,25 +32,36 @@ def divides(card: ModelCard, ranks: int) -> bool:
     return all(count % ranks == 0 for count in counts)
 
 
-def valid_rank_counts(card: ModelCard, most: int) -> list[int]:
-    return [k for k in range(1, most + 1) if divides(card, k)]
+def cut_block(card: ModelCard, ranks: int, dtype: str) -> str | None:
+    """What an int4 split over `ranks` would cut mid-block (a block of 32 has one scale), or None.
+    Ranks hold input columns of o_proj (whole heads) and, dense models, of down_proj."""
+    if dtype != "int4" or ranks == 1:
+        return None
+    columns = card.num_attention_heads // ranks * card.head_dim
+    if columns % QUANT_BLOCK:
+        return f"o_proj's {columns} input columns per rank"
+    if not card.num_experts:
+        i = card.intermediate_size
+        bounds = [i * r // ranks for r in range(ranks + 1)]
+        if any(bound % QUANT_BLOCK for bound in bounds):
+            return f"down_proj's {i} input columns split {ranks} ways"
+    return None
+
+
+def valid_rank_counts(card: ModelCard, most: int, dtype: str = "float32") -> list[int]:
+    return [k for k in range(1, most + 1) if divides(card, k) and cut_block(card, k, dtype) is None]
 
 
 def rank_bytes(card: ModelCard, ranks: int, request: PlacementRequest) -> int:
     """Bytes one rank needs: its slice of every layer and of lm_head, the whole embedding, its
     share of the KV reserve, and the runtime overhead."""
-    size = dtype_bytes(request.dtype)
-    d = card.hidden_size
-    norms = 2 * d
-    layer = (card.layer_parameters - norms) // ranks + norms
-    if card.num_experts:  # the router is replicated: add back what the division took from it
-        layer += card.num_experts * d - card.num_experts * d // ranks
-    kv = 2 * (card.num_key_value_heads // ranks) * card.head_dim * size * request.kv_tokens
-    head = card.embedding_parameters // ranks + d
+    dtype = request.dtype
+    kv = 2 * (card.num_key_value_heads // ranks) * card.head_dim * float_bytes(dtype) * request.kv_tokens
     return (
-        (card.n_layers * layer + card.embedding_parameters + head) * size
-        + card.n_layers * kv
-        + (RUNTIME_OVERHEAD_BYTES)
+        card.n_layers * (card.layer_bytes(dtype, ranks) + kv)
+        + embedding_bytes(dtype, card.vocab_size, card.hidden_size)
+        + card.head_bytes(dtype, ranks)
+        + RUNTIME_OVERHEAD_BYTES
     )
 
 
@@ -68,8 +80,17 @@ def place_tensor(card: ModelCard, nodes: list[NodeProfile], request: PlacementRe
             f"{card.id} was asked for {wanted} nodes but only {len(live)} of {len(nodes)} are live",
             hint="start the missing workers with `exoctl up`, or ask for fewer nodes",
         )
-    valid = valid_rank_counts(card, len(live))
+    valid = valid_rank_counts(card, len(live), request.dtype)
     experts = f", {card.num_experts} experts" if card.num_experts else ""
+    cut = None if request.nodes is None else cut_block(card, request.nodes, request.dtype)
+    if cut is not None and divides(card, request.nodes or 1):
+        others = [k for k in valid if k > 1]
+        raise PlacementError(
+            f"{card.id} in int4 cannot be tensor-split over {request.nodes} nodes: {cut} are not whole "
+            f"blocks of {QUANT_BLOCK} weights, and an int4 block (one scale) never straddles two ranks",
+            hint=f"use {' or '.join(map(str, others)) + ' nodes, ' if others else ''}--dtype int8, or "
+            "--sharding pipeline",
+        )
     if request.nodes is not None and request.nodes not in valid:
         raise PlacementError(
             f"{card.id} cannot be tensor-split over {request.nodes} nodes: its {card.num_attention_heads} "

@@ -173,7 +173,7 @@ def test_steps_past_the_context_or_the_sequence_limit_are_refused_before_computi
         late = forward(["t"], [1, 2, width], [context - 1])
         assert late["type"] == "error" and "positions [255, 257) go past" in late["message"]
         wide = forward(["v"], [1, 1, width + 1], [0])
-        assert wide["type"] == "error" and "does not fit 1 sequence(s) of width 64" in wide["message"]
+        assert wide["type"] == "error" and f"does not fit 1 sequence(s) of width {width}" in wide["message"]
         many = [f"s{i}" for i in range(300)]
         crowd = forward(many, [300, 1, width], [0] * 300)
         assert crowd["type"] == "error" and "would pass its limit of 256" in crowd["message"]

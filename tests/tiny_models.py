@@ -17,8 +17,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 
 COMMON: dict[str, Any] = {
     "vocab_size": VOCAB,
-    "hidden_size": 64,
-    "intermediate_size": 96,
+    # Multiples of 32 in every rank's part under 2 and 4 ranks (o_proj's columns are 16 per head):
+    # an int4 block of 32 never straddles two ranks.
+    "hidden_size": 128,
+    "intermediate_size": 256,
     "num_hidden_layers": 4,
     # 8 heads over 4 KV heads: grouped-query attention that tensor-splits over 2 and 4 ranks
     "num_attention_heads": 8,

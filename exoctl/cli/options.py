@@ -16,6 +16,8 @@ ModelOption = Annotated[
 DtypeOption = Annotated[
     str,
     typer.Option(
-        "--dtype", help=f"Runtime dtype: auto (float32 without native bf16), {', '.join(RUNTIME_DTYPES)}."
+        "--dtype",
+        help=f"Runtime dtype: auto (float32 without native bf16), {', '.join(RUNTIME_DTYPES)} "
+        "(int8/int4: weights quantized at load; never chosen by auto).",
     ),
 ]

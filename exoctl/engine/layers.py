@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from exoctl.engine import qkernel
 from exoctl.engine.kv_cache import KVCache
+from exoctl.engine.quant import QuantizedWeight
 
 if TYPE_CHECKING:
     from exoctl.engine.mixtral import SparseMoE
@@ -55,6 +57,61 @@ class Linear:
         if self.packed:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
+
+
+class QuantLinear:
+    """y = x @ dequant(W).T + b with W int8 or int4 (engine.quant), by the node's own kernel.
+
+    The kernel reads x as float32 and writes float32; bfloat16 activations are converted on the
+    way in and out (a few kB per token, against megabytes of weights).
+    """
+
+    def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> None:
+        self.out_features, self.in_features = weight.shape
+        self.weight = weight
+        self.bias = None if bias is None else bias.float().contiguous()
+        self.nbytes = weight.nbytes + (0 if bias is None else bias.numel() * bias.element_size())
+        self._kernel = qkernel.library().qmm_linear
+        self._args = (
+            weight.data.data_ptr(),
+            weight.scales.data_ptr(),
+            0 if self.bias is None else self.bias.data_ptr(),
+        )
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        if flat.dtype != torch.float32 or not flat.is_contiguous():
+            flat = flat.float().contiguous()
+        rows = flat.shape[0]
+        out = torch.empty(rows, self.out_features)
+        w, s, b = self._args
+        status = self._kernel(
+            flat.data_ptr(),
+            rows,
+            self.in_features,
+            w,
+            s,
+            b,
+            out.data_ptr(),
+            self.out_features,
+            self.weight.bits,
+            torch.get_num_threads(),
+        )
+        if status != 0:
+            raise MemoryError(f"the quantized kernel could not allocate {rows} x {self.in_features} bytes")
+        out = out.view(*x.shape[:-1], self.out_features)
+        return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+
+AnyLinear = Linear | QuantLinear
+
+
+def make_linear(
+    weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None = None
+) -> Linear | QuantLinear:
+    if isinstance(weight, QuantizedWeight):
+        return QuantLinear(weight, bias)
+    return Linear(weight, bias)
 
 
 class RMSNorm:
@@ -128,8 +185,8 @@ class Attention:
     def __init__(
         self,
         layer: int,
-        qkv: Linear,
-        o_proj: Linear,
+        qkv: AnyLinear,
+        o_proj: AnyLinear,
         num_heads: int,
         num_kv_heads: int,
         head_dim: int,
@@ -182,7 +239,7 @@ class Attention:
 class GatedMLP:
     """SwiGLU: down(silu(gate(x)) * up(x)), with gate and up fused into one matmul."""
 
-    def __init__(self, gate_up: Linear, down: Linear) -> None:
+    def __init__(self, gate_up: AnyLinear, down: AnyLinear) -> None:
         self.gate_up = gate_up
         self.down = down
         self.intermediate = gate_up.out_features // 2

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 
 from exoctl.engine.config import ModelConfig
-from exoctl.engine.layers import Attention, DecoderLayer, GatedMLP, Linear, RMSNorm
+from exoctl.engine.layers import Attention, DecoderLayer, GatedMLP, RMSNorm, make_linear
+from exoctl.engine.quant import stack_rows
 from exoctl.engine.shard import WHOLE, TensorShard
 from exoctl.engine.weights import WeightReader
 
@@ -31,9 +32,9 @@ def load_attention(
     kv_rows = head_rows(shard.whole_units(config.num_key_value_heads, "KV heads"), hd)
     # q, k and v fused into one [q + 2 kv, D] matmul: one call instead of three.
     weights = [
-        reader.get_part(f"{prefix}.q_proj.weight", (q_out, d), 0, q_rows),
-        reader.get_part(f"{prefix}.k_proj.weight", (kv_out, d), 0, kv_rows),
-        reader.get_part(f"{prefix}.v_proj.weight", (kv_out, d), 0, kv_rows),
+        reader.matrix(f"{prefix}.q_proj.weight", (q_out, d), 0, q_rows),
+        reader.matrix(f"{prefix}.k_proj.weight", (kv_out, d), 0, kv_rows),
+        reader.matrix(f"{prefix}.v_proj.weight", (kv_out, d), 0, kv_rows),
     ]
     bias = None
     if config.attention_bias:
@@ -44,8 +45,8 @@ def load_attention(
                 reader.get_part(f"{prefix}.v_proj.bias", (kv_out,), 0, kv_rows),
             ]
         )
-    qkv = Linear(torch.cat(weights), bias)
-    o_proj = Linear(reader.get_part(f"{prefix}.o_proj.weight", (d, q_out), 1, q_rows))
+    qkv = make_linear(stack_rows(weights), bias)
+    o_proj = make_linear(reader.matrix(f"{prefix}.o_proj.weight", (d, q_out), 1, q_rows))
     return Attention(layer, qkv, o_proj, len(q_rows) // hd, len(kv_rows) // hd, hd)
 
 
@@ -63,8 +64,8 @@ def load_gated_mlp(
 ) -> GatedMLP:
     """gate [I, D], up [I, D], down [D, I]: rows `part` of gate and up, the same columns of down."""
     gate, up, down = names
-    gate_up = torch.cat([reader.get_part(gate, (i, d), 0, part), reader.get_part(up, (i, d), 0, part)])
-    return GatedMLP(Linear(gate_up), Linear(reader.get_part(down, (d, i), 1, part)))
+    gate_up = stack_rows([reader.matrix(gate, (i, d), 0, part), reader.matrix(up, (i, d), 0, part)])
+    return GatedMLP(make_linear(gate_up), make_linear(reader.matrix(down, (d, i), 1, part)))
 
 
 def load_mlp(reader: WeightReader, config: ModelConfig, layer: int, shard: TensorShard = WHOLE) -> GatedMLP:

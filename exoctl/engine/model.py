@@ -16,16 +16,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from exoctl.dtypes import RUNTIME_DTYPES
+from exoctl.dtypes import FLOAT_DTYPES, QUANTIZED_BITS
 from exoctl.engine import llama, mixtral, qwen2
 from exoctl.engine.config import ModelConfig, load_config
 from exoctl.engine.kv_cache import KVCache
-from exoctl.engine.layers import DecoderLayer, Linear, Reduce, RMSNorm, Rotary
+from exoctl.engine.layers import DecoderLayer, Linear, QuantLinear, Reduce, RMSNorm, Rotary, make_linear
 from exoctl.engine.shard import WHOLE, TensorShard
 from exoctl.engine.weights import WeightReader
 from exoctl.errors import UnsupportedModelError
 
-DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in RUNTIME_DTYPES}
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in FLOAT_DTYPES}
 
 LayerLoader = Callable[[WeightReader, ModelConfig, int, TensorShard], DecoderLayer]
 LAYER_LOADERS: dict[str, LayerLoader] = {
@@ -42,14 +42,17 @@ def cpu_has_native_bf16() -> bool:
 
 
 def resolve_dtype(name: str) -> torch.dtype:
-    """`auto`: bfloat16 on CPUs with native bf16 maths, else float32 (AVX2 prefills bf16 2-3x slower)."""
-    if name == "auto":
+    """The dtype of activations, norms and the KV cache. `auto`, int8 and int4 (whose weights
+    only are quantized): bfloat16 on CPUs with native bf16 maths, else float32 (AVX2 prefills
+    bf16 2-3x slower)."""
+    if name == "auto" or name in QUANTIZED_BITS:
         return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     try:
         return DTYPES[name]
     except KeyError:
         raise UnsupportedModelError(
-            f"dtype {name!r} is not supported", hint=f"use one of auto, {', '.join(DTYPES)}"
+            f"dtype {name!r} is not supported",
+            hint=f"use one of auto, {', '.join([*DTYPES, *QUANTIZED_BITS])}",
         ) from None
 
 
@@ -62,7 +65,7 @@ class CausalLM:
         embed: torch.Tensor | None,
         blocks: list[DecoderLayer],
         norm: RMSNorm | None,
-        lm_head: Linear | None,
+        lm_head: Linear | QuantLinear | None,
         shard: TensorShard = WHOLE,
     ) -> None:
         self.config = config
@@ -102,7 +105,11 @@ class CausalLM:
         """
         if len(caches) != inputs.shape[0]:
             raise ValueError(f"{inputs.shape[0]} sequences but {len(caches)} caches")
-        h = F.embedding(inputs, self.embed) if self.embed is not None else inputs.to(self.dtype)
+        h = (
+            F.embedding(inputs, self.embed).to(self.dtype)
+            if self.embed is not None
+            else inputs.to(self.dtype)
+        )
         cos, sin = self.rotary(positions)
         for block in self.blocks:
             h = block(h, cos, sin, caches)
@@ -123,8 +130,8 @@ class CausalLM:
         return total
 
 
-def _linears(block: DecoderLayer) -> list[Linear]:
-    found = [block.attention.qkv, block.attention.o_proj]
+def _linears(block: DecoderLayer) -> list[Linear | QuantLinear]:
+    found: list[Linear | QuantLinear] = [block.attention.qkv, block.attention.o_proj]
     mlp = block.mlp
     if isinstance(mlp, mixtral.SparseMoE):
         found.append(mlp.router)
@@ -166,11 +173,16 @@ def load_model(
     config = load_config(folder)
     span = check_range(config, layers)
     torch_dtype = resolve_dtype(dtype)
-    reader = reader or WeightReader(folder, torch_dtype)
+    bits = QUANTIZED_BITS.get(dtype)
+    reader = reader or WeightReader(folder, torch_dtype, bits)
     load_layer = LAYER_LOADERS[config.architecture]
     d, v = config.hidden_size, config.vocab_size
     try:
-        embed = reader.get("model.embed_tokens.weight", (v, d)) if span.start == 0 else None
+        embed = None
+        if span.start == 0:
+            # Quantized models: a lookup reads one row per token, so quantizing the table saves no
+            # time; bfloat16 (the checkpoints' own dtype) halves a float32 table's memory.
+            embed = reader.get("model.embed_tokens.weight", (v, d), torch.bfloat16 if bits else None)
         blocks = []
         for i in span:
             block = load_layer(reader, config, i, shard)
@@ -182,7 +194,10 @@ def load_model(
         if span.stop == config.num_hidden_layers:
             norm = RMSNorm(reader.get("model.norm.weight", (d,)), config.rms_norm_eps)
             head_name = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
-            lm_head = Linear(reader.get_part(head_name, (v, d), 0, shard.part(v)))
+            # Quantized models keep lm_head in int8 even under int4, as llama.cpp keeps its output
+            # matrix at higher precision: the logits decide every token.
+            head = reader.matrix(head_name, (v, d), 0, shard.part(v), bits=8 if bits else None)
+            lm_head = make_linear(head)
     finally:
         reader.close()
     return CausalLM(config, span, torch_dtype, embed, blocks, norm, lm_head, shard)

@@ -16,9 +16,17 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from exoctl.engine.quant import (
+    QuantizedWeight,
+    check_block_columns,
+    check_block_multiple,
+    concat_rows,
+    quantize,
+)
 from exoctl.errors import ModelFormatError, ModelNotFoundError
 
 INDEX_FILE = "model.safetensors.index.json"
+QUANTIZE_ROWS = 512  # rows read, converted and quantized at a time: the float copy stays small
 
 
 def read_weight_map(folder: Path) -> dict[str, str]:
@@ -49,11 +57,18 @@ def read_weight_map(folder: Path) -> dict[str, str]:
 
 
 class WeightReader:
-    """Reads named tensors from a folder's safetensors files, converting to `dtype` on the way."""
+    """Reads named tensors from a folder's safetensors files, converting to `dtype` on the way.
 
-    def __init__(self, folder: Path, dtype: torch.dtype) -> None:
+    With `bits` (8 or 4), `matrix` quantizes each weight matrix as it is read, a few hundred
+    rows at a time, and unmaps the file afterwards: the pages of a memory-mapped file count in
+    the process's RSS for as long as they stay mapped, so a runner would otherwise peak at the
+    whole full-precision range it read before the reader closes.
+    """
+
+    def __init__(self, folder: Path, dtype: torch.dtype, bits: int | None = None) -> None:
         self.folder = Path(folder)
         self.dtype = dtype
+        self.bits = bits
         self.weight_map = read_weight_map(self.folder)
         self._handles: dict[str, Any] = {}
         self.read_names: list[str] = []
@@ -74,16 +89,20 @@ class WeightReader:
             self._handles[file] = safe_open(self.folder / file, framework="pt")
         return self._handles[file]
 
-    def get(self, name: str, shape: Iterable[int] | None = None) -> torch.Tensor:
-        """One tensor, checked against the shape the config implies."""
+    def get(
+        self, name: str, shape: Iterable[int] | None = None, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """One tensor, checked against the shape the config implies, in `dtype` (default the reader's)."""
         tensor = self._handle(name).get_tensor(name)
         self.read_names.append(name)
+        if self.bits is not None:
+            self._release(name)
         if shape is not None and tuple(tensor.shape) != tuple(shape):
             raise ModelFormatError(
                 f"{self.folder}: tensor {name!r} has shape {tuple(tensor.shape)}, config.json implies "
                 f"{tuple(shape)}"
             )
-        return tensor.to(self.dtype)
+        return tensor.to(dtype or self.dtype)
 
     def get_part(self, name: str, shape: Iterable[int], dim: int, part: range) -> torch.Tensor:
         """Rows (dim 0) or columns (dim 1) `part` of a tensor of `shape`, read from the file
@@ -102,6 +121,50 @@ class WeightReader:
         self.read_names.append(name)
         self.read_parts.append((name, dim, part))
         return view[tuple(index)].to(self.dtype)
+
+    def matrix(
+        self,
+        name: str,
+        shape: tuple[int, int],
+        dim: int = 0,
+        part: range | None = None,
+        bits: int | None = None,
+    ) -> torch.Tensor | QuantizedWeight:
+        """A weight matrix [out, in] (or its rows/columns `part`), quantized to `bits` (default the
+        reader's) or, without bits, in the reader's dtype as `get_part` reads it."""
+        bits = bits or self.bits
+        part = part if part is not None else range(shape[dim])
+        if bits is None:
+            return self.get_part(name, shape, dim, part)
+        check_block_multiple(shape[1], name)
+        view = self._handle(name).get_slice(name)
+        found = tuple(view.get_shape())
+        if found != tuple(shape):
+            raise ModelFormatError(
+                f"{self.folder}: tensor {name!r} has shape {found}, config.json implies {shape}"
+            )
+        rows = part if dim == 0 else range(shape[0])
+        # int4 blocks run along the input dimension, so a column part is read as it is (the
+        # part's own blocks); an int8 row's scale spans the whole row, so int8 reads whole rows.
+        columns = part if dim == 1 and bits == 4 else range(shape[1])
+        if dim == 1 and bits == 4:
+            check_block_columns(part, name)
+        pieces = []
+        for start in range(rows.start, rows.stop, QUANTIZE_ROWS):
+            stop = min(start + QUANTIZE_ROWS, rows.stop)
+            chunk = view[start:stop, columns.start : columns.stop]
+            quantized = quantize(chunk, bits)
+            del chunk
+            pieces.append(quantized.columns(part) if dim == 1 and bits == 8 else quantized)
+        self.read_names.append(name)
+        if part != range(shape[dim]):
+            self.read_parts.append((name, dim, part))
+        self._release(name)
+        return concat_rows(pieces)
+
+    def _release(self, name: str) -> None:
+        """Unmap the file `name` lives in; the next read maps it again (a header parse)."""
+        self._handles.pop(self.weight_map[name], None)
 
     def close(self) -> None:
         self._handles.clear()

@@ -1,0 +1,108 @@
+"""Builds and loads the quantized matmul kernel (kernels/qmatmul.c) on the node that runs it.
+
+The kernel is plain C compiled with the node's own `cc -O3 -march=native -fopenmp` the first
+time a quantized model loads (about a second), and cached by source and CPU, so a shared home
+folder on machines with different CPUs never runs code built for another. It is called through
+ctypes: no torch headers to compile (a torch C++ extension takes a minute to build), and the
+OpenMP runtime it links is the libgomp torch has already loaded.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from exoctl.errors import UnsupportedModelError
+from exoctl.paths import exoctl_home
+
+SOURCE = Path(__file__).with_name("kernels") / "qmatmul.c"
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+
+
+def _cpu_key() -> str:
+    """What -march=native depends on: the CPU's model and flags."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    wanted = [line for line in lines if line.startswith(("model name", "flags"))][:2]
+    return "\n".join(wanted) or platform.processor() or platform.machine()
+
+
+def library_path() -> Path:
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_key().encode())
+    return exoctl_home() / "kernels" / f"qmatmul-{digest.hexdigest()[:16]}.so"
+
+
+def build(target: Path) -> None:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise UnsupportedModelError(
+            "int8 and int4 weights need exoctl's quantized kernel, which is built on each node with a C "
+            "compiler, and this node has none (no cc or gcc on PATH)",
+            hint="install gcc (apt install gcc) on the node, or use --dtype float32 or bfloat16",
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Built under a temporary name and renamed: workers starting at once never load half a file.
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        out = Path(scratch) / target.name
+        result = subprocess.run(
+            [compiler, *FLAGS, "-o", str(out), str(SOURCE), "-lm"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise UnsupportedModelError(
+                f"building exoctl's quantized kernel with {compiler} failed: "
+                f"{result.stderr.strip()[-800:] or result.returncode}",
+                hint="install gcc (apt install gcc) on the node, or use --dtype float32 or bfloat16",
+            )
+        os.replace(out, target)
+
+
+@functools.cache
+def library() -> ctypes.CDLL:
+    """The kernel, built first if this node has not built this version yet."""
+    path = library_path()
+    if not path.is_file():
+        build(path)
+    torch.get_num_threads()  # torch (and its libgomp) is loaded before the kernel links to it
+    lib = ctypes.CDLL(str(path))
+    lib.qmm_linear.restype = ctypes.c_int
+    lib.qmm_linear.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_int,
+        ctypes.c_int,
+    ]
+    lib.qmm_has_avx2.restype = ctypes.c_int
+    return lib
+
+
+def main() -> None:
+    """`python -m exoctl.engine.qkernel`: build now (make does this at install), print where."""
+    path = library_path()
+    if not path.is_file():
+        build(path)
+    print(f"{path} (avx2: {'yes' if library().qmm_has_avx2() else 'no, the portable C loop'})")
+
+
+if __name__ == "__main__":
+    main()
