@@ -48,7 +48,17 @@ def exoctl_perplexity(folder: Path, dtype: str, ids: list[int], ctx: int) -> tup
 
 def llamacpp_perplexity(bin_dir: Path, model: Path, ctx: int, threads: int) -> float:
     result = run(
-        [str(bin_dir / "llama-perplexity"), "-m", str(model), "-f", str(TEXT), "-c", str(ctx), "-t", str(threads)]
+        [
+            str(bin_dir / "llama-perplexity"),
+            "-m",
+            str(model),
+            "-f",
+            str(TEXT),
+            "-c",
+            str(ctx),
+            "-t",
+            str(threads),
+        ]
     )
     found = re.search(r"Final estimate: PPL = ([0-9.]+)", result.stdout + result.stderr)
     if not found:
@@ -57,7 +67,9 @@ def llamacpp_perplexity(bin_dir: Path, model: Path, ctx: int, threads: int) -> f
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--dtypes", default="float32,bfloat16,int8,int4")
     parser.add_argument("--ctx", type=int, default=512)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -76,7 +88,9 @@ def main() -> None:
         ours, scored = exoctl_perplexity(folder, dtype, ids, args.ctx)
         if dtype == "bfloat16":
             base = ours
-        theirs = llamacpp_perplexity(bin_dir, gguf(args.cache, bin_dir, "smollm2", folder, dtype), args.ctx, args.threads)
+        theirs = llamacpp_perplexity(
+            bin_dir, gguf(args.cache, bin_dir, "smollm2", folder, dtype), args.ctx, args.threads
+        )
         versus = f"{100 * (ours / base - 1):+.2f}%" if base else ""
         print(f"{dtype:<9} {ours:>10.3f} {theirs:>10.3f} {GGUF_TYPES[dtype]:<5} {versus:>14}", flush=True)
 

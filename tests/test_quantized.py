@@ -347,16 +347,20 @@ def test_an_int4_split_that_would_cut_a_block_is_refused_with_the_reason() -> No
 
 # --- memory while loading ------------------------------------------------------------------
 
+# VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over exec, so a child of this large
+# test process would report the parent's peak.
 MEASURE_LOAD = """
-import gc, json, resource, sys
+import gc, json, sys
 import psutil, torch
 from exoctl.engine import qkernel
 from exoctl.engine.model import load_model
 qkernel.library()
+before = psutil.Process().memory_info().rss
 model = load_model(sys.argv[1], dtype=sys.argv[2])
 gc.collect()
-print(json.dumps({"final": psutil.Process().memory_info().rss,
-                  "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+print(json.dumps({"before": before, "final": psutil.Process().memory_info().rss,
+                  "peak": int(status["VmHWM"].split()[0]) * 1024,
                   "weights": model.weight_bytes()}))
 """
 
@@ -403,4 +407,9 @@ def test_peak_rss_while_loading_stays_within_final_plus_one_float_tensor(tmp_pat
     final, peak = measured["final"] / 1e6, measured["peak"] / 1e6
     print(f"{dtype}: final {final:.0f} MB, peak {peak:.0f} MB, bound {bound / 1e6:.0f} MB")
     assert measured["peak"] <= bound, measured
-    assert measured["weights"] < 182e6 * (1.1 if dtype == "int8" else 0.7)
+    # and what stays is the quantized weights, not the file's pages still mapped (50 MB: allocator
+    # and the tokenizer-free model's Python objects)
+    assert measured["final"] - measured["before"] <= measured["weights"] + 50e6, measured
+    # int8 holds about half the bfloat16 file, int4 about a third (the bfloat16 embedding stays)
+    file_bytes = sum(f.stat().st_size for f in tmp_path.glob("*.safetensors"))
+    assert measured["weights"] < file_bytes * (0.55 if dtype == "int8" else 0.35)

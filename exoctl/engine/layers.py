@@ -209,14 +209,18 @@ class Attention:
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, caches: list[KVCache]
     ) -> torch.Tensor:
         batch, steps, _ = x.shape
-        q, k, v = self.qkv(x).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
-        q = apply_rope(q.view(batch, steps, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rope(k.view(batch, steps, self.num_kv_heads, self.head_dim), cos, sin)
-        v = v.view(batch, steps, self.num_kv_heads, self.head_dim)
-        out = torch.empty(batch, steps, self.num_heads, self.head_dim, dtype=x.dtype)
-        for b, cache in enumerate(caches):
-            out[b] = self._attend(q[b], k[b], v[b], cache)
-        return self.o_proj(out.view(batch, steps, self.q_size))
+        heads, kv_heads = self.num_heads, self.num_kv_heads
+        qkv = self.qkv(x).view(batch, steps, heads + 2 * kv_heads, self.head_dim)
+        # q and k rotated in one go: a decode step of a small model is mostly per-call overhead
+        qk = apply_rope(qkv[:, :, : heads + kv_heads], cos, sin)
+        q, k, v = qk[:, :, :heads], qk[:, :, heads:], qkv[:, :, heads + kv_heads :]
+        if batch == 1:
+            out = self._attend(q[0], k[0], v[0], caches[0])[None]
+        else:
+            out = torch.empty(batch, steps, heads, self.head_dim, dtype=x.dtype)
+            for b, cache in enumerate(caches):
+                out[b] = self._attend(q[b], k[b], v[b], cache)
+        return self.o_proj(out.reshape(batch, steps, self.q_size))
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """q [T, H, D], k/v [T, KVH, D] of one sequence -> [T, H, D].

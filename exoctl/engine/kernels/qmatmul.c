@@ -124,6 +124,10 @@ static inline __attribute__((always_inline)) void tile_avx2(
                 }
             }
         } else {
+            /* int16 sums are safe over the whole block: a lane adds 16 products of a nibble
+             * (<= 15) and an int8 (|x| <= 127), at most 30480 < 32767; one madd per block. */
+            __m256i part[M_TILE];
+            for (int t = 0; t < MR; t++) part[t] = _mm256_setzero_si256();
             for (int g = 0; g < 4; g++) {
                 const __m256i wv = _mm256_loadu_si256((const __m256i *)(wb + 32 * g));
                 const __m256i lo = _mm256_and_si256(wv, low);
@@ -132,10 +136,11 @@ static inline __attribute__((always_inline)) void tile_avx2(
                     const int8_t *xb = xq + (m0 + t) * K + b * QK + 8 * g;
                     const __m256i xl = _mm256_set1_epi32(load4(xb));
                     const __m256i xh = _mm256_set1_epi32(load4(xb + 4));
-                    const __m256i prod = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh));
-                    isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(prod, ones));
+                    part[t] = _mm256_add_epi16(part[t], _mm256_maddubs_epi16(lo, xl));
+                    part[t] = _mm256_add_epi16(part[t], _mm256_maddubs_epi16(hi, xh));
                 }
             }
+            for (int t = 0; t < MR; t++) isum[t] = _mm256_madd_epi16(part[t], ones);
         }
         if (bits == 8) {
             for (int t = 0; t < MR; t++) {
