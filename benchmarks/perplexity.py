@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from vs_llamacpp import GGUF_TYPES, gguf, llamacpp, run  # noqa: E402
+from vs_llamacpp import GGUF_TYPES, gguf, llamacpp, run
 
-from exoctl.engine.model import load_model  # noqa: E402
-from exoctl.engine.tokenizer import Tokenizer  # noqa: E402
+from exoctl.engine.model import load_model
+from exoctl.engine.tokenizer import Tokenizer
 
 TEXT = Path(os.__file__).parent / "LICENSE.txt"
 
@@ -85,7 +85,7 @@ def main() -> None:
     print(f"{'dtype':<9} {'exoctl ppl':>10} {'llama.cpp':>10} {'type':<5} {'exoctl vs bf16':>14}")
     base = None
     for dtype in args.dtypes.split(","):
-        ours, scored = exoctl_perplexity(folder, dtype, ids, args.ctx)
+        ours, _ = exoctl_perplexity(folder, dtype, ids, args.ctx)
         if dtype == "bfloat16":
             base = ours
         theirs = llamacpp_perplexity(

@@ -28,10 +28,18 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys.values(), *self.values.values()))
 
+    def reserve(self, needed: int) -> None:
+        """Room for `needed` positions in one allocation (a long prompt run in chunks would
+        otherwise grow the cache by doubling, holding the old and the new copy at once)."""
+        if needed > self.capacity:
+            self._grow(-(-needed // _CHUNK) * _CHUNK)
+
     def _reserve(self, needed: int) -> None:
         if needed <= self.capacity:
             return
-        capacity = max(needed, 2 * self.capacity)
+        self._grow(max(needed, 2 * self.capacity))
+
+    def _grow(self, capacity: int) -> None:
         capacity = -(-capacity // _CHUNK) * _CHUNK
         for store in (self.keys, self.values):
             for layer in self.layers:

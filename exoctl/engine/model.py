@@ -26,6 +26,7 @@ from exoctl.engine.weights import WeightReader
 from exoctl.errors import UnsupportedModelError
 
 DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in FLOAT_DTYPES}
+PREFILL_CHUNK = 512  # prompt positions a forward runs at a time
 
 LayerLoader = Callable[[WeightReader, ModelConfig, int, TensorShard], DecoderLayer]
 LAYER_LOADERS: dict[str, LayerLoader] = {
@@ -105,6 +106,29 @@ class CausalLM:
         """
         if len(caches) != inputs.shape[0]:
             raise ValueError(f"{inputs.shape[0]} sequences but {len(caches)} caches")
+        steps = inputs.shape[1]
+        if steps > PREFILL_CHUNK:
+            # A long prompt in chunks: activations stay those of PREFILL_CHUNK positions (the MLP's
+            # [T, 2I] alone is 49 MB at 4,000 tokens of SmolLM2), and the cache is sized once.
+            for cache in caches:
+                cache.reserve(cache.length + steps)
+            outs = []
+            for first in range(0, steps, PREFILL_CHUNK):
+                part = slice(first, first + PREFILL_CHUNK)
+                if first + PREFILL_CHUNK >= steps:
+                    head = "all" if all_logits else "last"
+                else:  # an earlier chunk's logits are only wanted when all are
+                    head = "all" if all_logits else "none"
+                outs.append(self._forward(inputs[:, part], positions[:, part], caches, head))
+            if self.lm_head is not None and not all_logits:
+                return outs[-1]
+            return torch.cat(outs, dim=1)
+        return self._forward(inputs, positions, caches, "all" if all_logits else "last")
+
+    def _forward(
+        self, inputs: torch.Tensor, positions: torch.Tensor, caches: list[KVCache], head: str
+    ) -> torch.Tensor:
+        """`head` on the last range: logits of "all" positions, of the "last", or "none" (hidden)."""
         h = (
             F.embedding(inputs, self.embed).to(self.dtype)
             if self.embed is not None
@@ -113,9 +137,9 @@ class CausalLM:
         cos, sin = self.rotary(positions)
         for block in self.blocks:
             h = block(h, cos, sin, caches)
-        if self.lm_head is None or self.norm is None:
+        if self.lm_head is None or self.norm is None or head == "none":
             return h
-        if not all_logits:
+        if head == "last":
             h = h[:, -1:]
         return self.lm_head(self.norm(h)).float()
 
