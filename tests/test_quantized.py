@@ -448,3 +448,76 @@ def test_a_long_prompt_in_chunks_gives_the_same_logits_and_cache(
         model.forward(torch.tensor([[7]]), torch.tensor([[70]]), [c]) for c in (whole_cache, chunked_cache)
     ]
     torch.testing.assert_close(step[0], step[1], rtol=1e-4, atol=1e-4)
+
+
+LONG_PROMPT = " ".join(f"Line {i}: the quick brown fox jumps over the lazy dog." for i in range(60))
+
+
+@pytest.mark.parametrize("sharding", ["pipeline", "tensor"])
+def test_a_prompt_longer_than_a_prefill_step_gives_the_single_process_tokens(
+    cluster4: WorkerCluster, smollm2_folder: Path, sharding: str
+) -> None:
+    """Over 256 prompt tokens the head prefills in steps of 256 and the last stage (or every
+    rank) samples only after the last: the same tokens as one process."""
+    from exoctl.catalog import DEFAULT_MODEL_ID
+    from exoctl.model_store import resolve_card
+    from exoctl.worker.runner import PREFILL_STEP
+
+    tokenizer = Tokenizer(smollm2_folder)
+    ids = tokenizer.encode(LONG_PROMPT)
+    assert len(ids) > 2 * PREFILL_STEP
+    params = SamplingParams(max_tokens=8)
+    reference = complete(load_model(smollm2_folder), tokenizer, ids, params).token_ids
+    with cluster4.client() as client:
+        card, ref = resolve_card(DEFAULT_MODEL_ID)
+        nodes = 3 if sharding == "tensor" else 2
+        plan = client.plan(card, PlacementRequest(dtype="float32", nodes=nodes), client.statuses(), sharding)
+        instance_id = client.load(card, ref, plan).instance_id
+        try:
+            result = generate(client, instance_id, prompt=LONG_PROMPT, max_tokens=8)
+            assert result["token_ids"] == reference
+            assert result["usage"]["prompt_tokens"] == len(ids)
+        finally:
+            client.unload(instance_id)
+
+
+def test_decoding_goes_on_while_a_long_prompt_prefills(cluster4: WorkerCluster) -> None:
+    """A chat decoding on an instance keeps getting tokens while another request's long prompt is
+    prefilled on the same runners: the head runs the prompt a step at a time, and the queued
+    decode steps between its steps."""
+    import threading
+    import time
+
+    from exoctl.catalog import DEFAULT_MODEL_ID
+    from exoctl.cluster.views import instances_of
+
+    with cluster4.client() as client:
+        instance_id = place_pipeline(client, DEFAULT_MODEL_ID, 2, "int4")
+        try:
+            view = instances_of(client.statuses())[instance_id]
+            arrivals: list[float] = []
+            counting = client.generate(view, SamplingParams(max_tokens=400), prompt="1, 2, 3, 4, 5, 6, 7, 8,")
+
+            def read() -> None:
+                for _ in counting:
+                    arrivals.append(time.monotonic())
+
+            reader = threading.Thread(target=read, daemon=True)
+            reader.start()
+            deadline = time.monotonic() + 60
+            while len(arrivals) < 5 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert len(arrivals) >= 5, "the first request never got going"
+            began = time.monotonic()
+            with cluster4.client() as other:
+                long = other.generate(view, SamplingParams(max_tokens=1), prompt=LONG_PROMPT * 2)
+                "".join(long)
+            answered = time.monotonic()
+            during = [t for t in arrivals if began < t < answered]
+            reader.join(120)
+            # the long prompt's prefill took seconds in several steps; one prefill for the whole
+            # prompt would have let at most the one token already in flight through
+            assert answered - began > 1.0
+            assert len(during) >= 3, (len(during), answered - began)
+        finally:
+            client.unload(instance_id)

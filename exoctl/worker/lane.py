@@ -143,6 +143,8 @@ class Lane:
                     return runner.tokens(messages)
                 case PeerMessage(message) if message.type == "forward":
                     return runner.forward(message)
+                case PeerMessage(message) if message.type == "prefill" and runner.spec.is_head:
+                    return runner.prefill(message["seq"])
                 case PeerMessage(message) if message.type == "release":
                     return runner.release(message["seq"])
                 case PeerMessage(message) if message.type == "seq_error":

@@ -36,6 +36,9 @@ from exoctl.worker.steps import ForwardStep, check_hidden, check_room
 from exoctl.worker.tensors import from_tensor, to_tensor
 
 log = logging.getLogger("exoctl.worker")
+# Prompt positions the head runs before it lets queued decode steps of other sequences go: a
+# SmolLM2 chunk of 256 takes about a second on 2 cores, so no chat waits longer than that.
+PREFILL_STEP = 256
 
 
 @dataclass
@@ -68,6 +71,7 @@ class Runner:
         self.caches: dict[str, KVCache] = {}
         self.samplers: dict[str, tuple[SamplingParams, torch.Generator | None]] = {}
         self.heads: dict[str, HeadSequence] = {}
+        self.prompts: dict[str, list[int]] = {}  # head: prompts not yet wholly prefilled
         self.unloading = False
         self.leased: set[str] = set()  # sequences held here when the head last said which live
         self.decoded = 0  # decode positions computed here, and the time they took
@@ -235,6 +239,8 @@ class Runner:
         if not spec.is_last:
             fields = step.fields(spec.instance_id)
             return [ToPeer(spec.peers[spec.rank + 1][1], "forward", fields, (from_tensor(out),))]
+        if step.partial:
+            return []  # more of the prompt is coming: nothing to sample yet
         logits = out[:, -1]  # [B, V]
         choices = [self.samplers[seq] for seq in step.seqs]
         if all(sampling.greedy for sampling, _ in choices):
@@ -290,8 +296,27 @@ class Runner:
         check_prompt(ids, context)
         stream = SequenceStream(tokenizer, params, len(ids), context)
         self.heads[request_id] = HeadSequence(request_id, client, stream)
-        step = ForwardStep([request_id], [0], {request_id: self._admit(request_id, params)})
-        return self._step(step, torch.tensor([ids]))
+        self.prompts[request_id] = ids
+        return self.prefill(request_id, self._admit(request_id, params))
+
+    def prefill(self, seq: str, params: dict[str, object] | None = None) -> list[Out]:
+        """Head: the next PREFILL_STEP positions of a prompt. A longer prompt queues a `prefill` to
+        itself for the rest, so the decode steps of other sequences waiting in the lane run between
+        its chunks instead of after the whole prompt; the last stage samples after the last chunk."""
+        ids = self.prompts.get(seq)
+        if ids is None or seq not in self.heads:
+            return []  # cancelled or failed meanwhile
+        cache = self.caches.get(seq)
+        done = 0 if cache is None else cache.length
+        chunk = ids[done : done + PREFILL_STEP]
+        more = done + len(chunk) < len(ids)
+        step = ForwardStep([seq], [done], {} if params is None else {seq: params}, partial=more)
+        outs = self._step(step, torch.tensor([chunk]))
+        if more:
+            outs.append(ToSelf(Message("prefill", {"instance_id": self.spec.instance_id, "seq": seq})))
+        else:
+            del self.prompts[seq]
+        return outs
 
     def _admit(self, seq: str, params: SamplingParams) -> dict[str, object]:
         """Head: set up sampling for a new sequence; the params the other stages get for it."""
@@ -366,6 +391,7 @@ class Runner:
         """Free a sequence here; the head also tells every other stage to free it."""
         self.caches.pop(seq, None)
         self.samplers.pop(seq, None)
+        self.prompts.pop(seq, None)
         head = self.heads.pop(seq, None)
         if head is None or not self.spec.is_head:
             return []

@@ -18,11 +18,14 @@ class ForwardStep:
     seqs: list[str]
     starts: list[int]
     params: dict[str, Any]  # seq -> SamplingParams wire form, on its first step only
+    # a chunk of a prompt with more to come: the last stage samples nothing for it
+    partial: bool = False
 
     @classmethod
     def from_message(cls, message: Message) -> ForwardStep:
         seqs, starts = message["seqs"], message["positions"]
         params = message.get("params") or {}
+        partial = message.get("partial", False)
         if (
             not seqs
             or len(starts) != len(seqs)
@@ -32,7 +35,9 @@ class ForwardStep:
             or len(set(seqs)) != len(seqs)
         ):
             raise ExoctlError("'forward' needs matching lists of distinct sequence ids and positions")
-        return cls(seqs, starts, params)
+        if not isinstance(partial, bool):
+            raise ExoctlError("'forward' field 'partial' must be true or false")
+        return cls(seqs, starts, params, partial)
 
     def first_params(self, seq: str) -> SamplingParams:
         """The sampling parameters of a sequence this runner has not seen before."""
@@ -46,6 +51,8 @@ class ForwardStep:
         fields: dict[str, Any] = {"instance_id": instance_id, "seqs": self.seqs, "positions": self.starts}
         if self.params:
             fields["params"] = self.params
+        if self.partial:
+            fields["partial"] = True
         return fields
 
 

@@ -116,6 +116,9 @@ class TensorRunner(Runner):
         # the other ranks must start this step now: the head's own layers wait for their partials
         for _, address in spec.peers[1:]:
             self.emit(ToPeer(address, "forward", step.fields(spec.instance_id), (ids,)))
+        if step.partial:  # a prompt chunk with more to come: every rank runs it, none samples
+            self._run(step.seqs, inputs, step.starts)
+            return []
         tokens = self._tokens_of(step.seqs, inputs, step.starts)
         return [
             ToSelf(Message("token", {"instance_id": spec.instance_id, "seqs": step.seqs, "tokens": tokens}))
@@ -144,7 +147,10 @@ class TensorRunner(Runner):
             if sampling.seed is None:
                 raise ExoctlError(f"sequence {seq} is unknown here and its first message has no seed")
             self.rank_samplers[seq] = RankSampler.create(sampling, sampling.seed, self.spec.rank)
-        self._tokens_of(step.seqs, to_tensor(message.tensors[0]), step.starts)
+        if step.partial:
+            self._run(step.seqs, to_tensor(message.tensors[0]), step.starts)
+        else:
+            self._tokens_of(step.seqs, to_tensor(message.tensors[0]), step.starts)
         return []
 
     def _check_input(self, dtype: str, shape: tuple[int, ...], seqs: int) -> None:
