@@ -171,8 +171,8 @@ def create_app(service: ClusterService, api_key: str | None = None) -> FastAPI:
         return JSONResponse(doc, status_code=200 if body.wait else 202)
 
     @app.get("/instance/previews")
-    async def previews(model_id: str) -> dict[str, Any]:
-        return await run_in_threadpool(service.previews, model_id)
+    async def previews(model_id: str, dtype: str = "auto") -> dict[str, Any]:
+        return await run_in_threadpool(service.previews, model_id, dtype)
 
     @app.get("/instance/{instance_id}")
     async def instance(instance_id: str) -> dict[str, Any]:

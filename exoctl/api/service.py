@@ -18,7 +18,8 @@ from exoctl.catalog import ModelCard, find_card, get_card, load_catalog
 from exoctl.cluster.client import Cluster, Generation
 from exoctl.cluster.state import state_document
 from exoctl.cluster.views import InstanceView, NodeStatus, find_instance, instances_of, runtime_dtype
-from exoctl.errors import ExoctlError, ModelNotFoundError
+from exoctl.dtypes import DTYPE_CHOICES
+from exoctl.errors import ExoctlError, InvalidRequestError, ModelNotFoundError
 from exoctl.inventory import Inventory
 from exoctl.keys import ClusterKeys
 from exoctl.model_store import allowed_roots, as_path, is_model_folder, resolve_card
@@ -161,7 +162,11 @@ class ClusterService:
             threading.Thread(target=load, name=f"load-{instance_id[:8]}", daemon=True).start()
         return instance_id, chosen
 
-    def previews(self, model_id: str) -> dict[str, Any]:
+    def previews(self, model_id: str, dtype: str = "auto") -> dict[str, Any]:
+        if dtype not in DTYPE_CHOICES:
+            raise InvalidRequestError(
+                f"dtype {dtype!r} is not supported", hint=f"use one of {', '.join(DTYPE_CHOICES)}"
+            )
         statuses = self.statuses()
         card, ref = self.reference(model_id)
         live = sum(1 for s in statuses if s.up)
@@ -170,7 +175,7 @@ class ClusterService:
             for count in range(1, max(live, 1) + 1):
                 entry: dict[str, Any] = {"sharding": sharding, "instance_meta": "CpuRing", "nodes": count}
                 try:
-                    _, _, chosen = self.plan(ref, sharding, count, 1, "auto", statuses)
+                    _, _, chosen = self.plan(ref, sharding, count, 1, dtype, statuses)
                     placement = chosen.placement
                     entry.update(ok=True, dtype=placement.dtype, shards=shards_json(placement))
                 except (PlacementError, ModelNotFoundError) as exc:
