@@ -232,8 +232,8 @@ def test_a_broken_inventory_lists_every_problem(tmp_path: Path) -> None:
             "each divide by the node count",
         ),
         (
-            ["place", "smollm2-135m-cpu", "--dtype", "int4", "--dry-run"],
-            "error: dtype 'int4' is not supported",
+            ["place", "smollm2-135m-cpu", "--dtype", "int3", "--dry-run"],
+            "error: dtype 'int3' is not supported",
         ),
         (["logs", "nosuchnode"], "error: no node named 'nosuchnode'"),
     ],
