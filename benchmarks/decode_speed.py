@@ -57,17 +57,20 @@ def read_bandwidth_gbs(gib: float = 1.0, repeats: int = 5) -> float:
     return buffer.numel() * 4 / best / 1e9
 
 
-def make_llama_1b(folder: Path) -> Path:
+def make_llama_1b(
+    folder: Path, overrides: dict[str, int] | None = None, dtype: torch.dtype = torch.float32
+) -> Path:
+    """TinyLlama-1.1B's shape (with `overrides` to its config), random weights, saved in `dtype`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     with torch.device("meta"):
-        model = LlamaForCausalLM(LlamaConfig(**LLAMA_1B))
+        model = LlamaForCausalLM(LlamaConfig(**{**LLAMA_1B, **(overrides or {})}))
     model = model.to_empty(device="cpu")
     with torch.no_grad():
         for param in model.parameters():
             param.normal_(0.0, 0.02)
-    model.save_pretrained(str(folder))
+    model.to(dtype).save_pretrained(str(folder))
     return folder
 
 

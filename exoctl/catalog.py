@@ -72,8 +72,9 @@ class ModelCard:
     def layer_bytes(self, dtype: str, ranks: int = 1) -> int:
         """One layer's weights in `dtype`, or one of `ranks` tensor ranks' part of them: the
         matrices and biases are split, the norms and the router are whole on every rank."""
-        matrices = sum(matrix_bytes(dtype, rows, cols) for rows, cols in self.layer_matrices()) // ranks
-        vectors = self.layer_parameters - sum(rows * cols for rows, cols in self.layer_matrices())
+        shapes = self.layer_matrices()
+        matrices = sum(matrix_bytes(dtype, rows, cols) for rows, cols in shapes) // ranks
+        vectors = self.layer_parameters - sum(rows * cols for rows, cols in shapes)
         router = self.num_experts * self.hidden_size
         norms = 2 * self.hidden_size
         split = vectors - router - norms  # the q/k/v biases

@@ -18,7 +18,7 @@ DTYPE_CHOICES: tuple[str, ...] = ("auto", *RUNTIME_DTYPES)
 WIRE_DTYPE_SIZES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2, "int64": 8, "int32": 4}
 
 
-FLOAT_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
+FLOAT_BYTES: dict[str, int] = {name: WIRE_DTYPE_SIZES[name] for name in ("float32", "bfloat16", "float16")}
 QUANT_BLOCK = 32  # int4 weights per scale; int8 and int4 need input features in multiples of it
 
 

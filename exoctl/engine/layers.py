@@ -111,9 +111,7 @@ class QuantLinear:
 AnyLinear = Linear | QuantLinear
 
 
-def make_linear(
-    weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None = None
-) -> Linear | QuantLinear:
+def make_linear(weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None = None) -> AnyLinear:
     if isinstance(weight, QuantizedWeight):
         return QuantLinear(weight, bias)
     return Linear(weight, bias)

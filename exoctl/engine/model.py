@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from exoctl.dtypes import FLOAT_DTYPES, QUANTIZED_BITS
+from exoctl.dtypes import FLOAT_DTYPES, QUANTIZED_BITS, RUNTIME_DTYPES
 from exoctl.engine import llama, mixtral, qwen2
 from exoctl.engine.config import ModelConfig, load_config
 from exoctl.engine.kv_cache import KVCache
-from exoctl.engine.layers import DecoderLayer, Linear, QuantLinear, Reduce, RMSNorm, Rotary, make_linear
+from exoctl.engine.layers import AnyLinear, DecoderLayer, Reduce, RMSNorm, Rotary, make_linear
 from exoctl.engine.shard import WHOLE, TensorShard
 from exoctl.engine.weights import WeightReader
 from exoctl.errors import UnsupportedModelError
@@ -53,7 +53,7 @@ def resolve_dtype(name: str) -> torch.dtype:
     except KeyError:
         raise UnsupportedModelError(
             f"dtype {name!r} is not supported",
-            hint=f"use one of auto, {', '.join([*DTYPES, *QUANTIZED_BITS])}",
+            hint=f"use one of auto, {', '.join(RUNTIME_DTYPES)}",
         ) from None
 
 
@@ -66,7 +66,7 @@ class CausalLM:
         embed: torch.Tensor | None,
         blocks: list[DecoderLayer],
         norm: RMSNorm | None,
-        lm_head: Linear | QuantLinear | None,
+        lm_head: AnyLinear | None,
         shard: TensorShard = WHOLE,
     ) -> None:
         self.config = config
@@ -115,10 +115,9 @@ class CausalLM:
             outs = []
             for first in range(0, steps, PREFILL_CHUNK):
                 part = slice(first, first + PREFILL_CHUNK)
-                if first + PREFILL_CHUNK >= steps:
-                    head = "all" if all_logits else "last"
-                else:  # an earlier chunk's logits are only wanted when all are
-                    head = "all" if all_logits else "none"
+                # an earlier chunk's logits are wanted only when all are
+                final = first + PREFILL_CHUNK >= steps
+                head = "all" if all_logits else "last" if final else "none"
                 outs.append(self._forward(inputs[:, part], positions[:, part], caches, head))
             if self.lm_head is not None and not all_logits:
                 return outs[-1]
@@ -154,8 +153,8 @@ class CausalLM:
         return total
 
 
-def _linears(block: DecoderLayer) -> list[Linear | QuantLinear]:
-    found: list[Linear | QuantLinear] = [block.attention.qkv, block.attention.o_proj]
+def _linears(block: DecoderLayer) -> list[AnyLinear]:
+    found: list[AnyLinear] = [block.attention.qkv, block.attention.o_proj]
     mlp = block.mlp
     if isinstance(mlp, mixtral.SparseMoE):
         found.append(mlp.router)

@@ -98,10 +98,8 @@ def library() -> ctypes.CDLL:
 
 def main() -> None:
     """`python -m exoctl.engine.qkernel`: build now (make does this at install), print where."""
-    path = library_path()
-    if not path.is_file():
-        build(path)
-    print(f"{path} (avx2: {'yes' if library().qmm_has_avx2() else 'no, the portable C loop'})")
+    avx2 = library().qmm_has_avx2()
+    print(f"{library_path()} (avx2: {'yes' if avx2 else 'no, the portable C loop'})")
 
 
 if __name__ == "__main__":

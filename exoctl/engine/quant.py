@@ -15,9 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from exoctl.dtypes import QUANT_BLOCK as BLOCK  # int4 block; the K granularity of both formats
 from exoctl.errors import UnsupportedModelError
-
-BLOCK = 32  # int4 block, and the K granularity the kernel needs for both formats
 
 
 @dataclass(frozen=True)

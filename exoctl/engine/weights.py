@@ -9,6 +9,7 @@ memory accounting) can check that a layer range touched only its own tensors.
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -111,12 +112,7 @@ class WeightReader:
         shape = tuple(shape)
         if part == range(shape[dim]):
             return self.get(name, shape)
-        view = self._handle(name).get_slice(name)
-        found = tuple(view.get_shape())
-        if found != shape:
-            raise ModelFormatError(
-                f"{self.folder}: tensor {name!r} has shape {found}, config.json implies {shape}"
-            )
+        view = self._slice_view(name, shape)
         index: list[slice] = [slice(None)] * len(shape)
         index[dim] = slice(part.start, part.stop)
         self.read_names.append(name)
@@ -138,18 +134,14 @@ class WeightReader:
         if bits is None:
             return self.get_part(name, shape, dim, part)
         check_block_multiple(shape[1], name)
-        view = self._handle(name).get_slice(name)
-        found = tuple(view.get_shape())
-        if found != tuple(shape):
-            raise ModelFormatError(
-                f"{self.folder}: tensor {name!r} has shape {found}, config.json implies {shape}"
-            )
+        view = self._slice_view(name, shape)
         rows = part if dim == 0 else range(shape[0])
         # int4 blocks run along the input dimension, so a column part is read as it is (the
         # part's own blocks); an int8 row's scale spans the whole row, so int8 reads whole rows.
-        columns = part if dim == 1 and bits == 4 else range(shape[1])
-        if dim == 1 and bits == 4:
+        read_part = dim == 1 and bits == 4
+        if read_part:
             check_block_columns(part, name)
+        columns = part if read_part else range(shape[1])
         pieces = []
         for start in range(rows.start, rows.stop, QUANTIZE_ROWS):
             stop = min(start + QUANTIZE_ROWS, rows.stop)
@@ -166,6 +158,16 @@ class WeightReader:
         trim_heap()
         return result
 
+    def _slice_view(self, name: str, shape: tuple[int, ...]) -> Any:
+        """The file's slice view of a tensor, checked against the shape the config implies."""
+        view = self._handle(name).get_slice(name)
+        found = tuple(view.get_shape())
+        if found != tuple(shape):
+            raise ModelFormatError(
+                f"{self.folder}: tensor {name!r} has shape {found}, config.json implies {tuple(shape)}"
+            )
+        return view
+
     def _release(self, name: str) -> None:
         """Unmap the file `name` lives in; the next read maps it again (a header parse)."""
         self._handles.pop(self.weight_map[name], None)
@@ -176,11 +178,19 @@ class WeightReader:
             trim_heap()
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
 def trim_heap() -> None:
     """Give the allocator's free memory back to the OS. Quantizing frees many float chunks of a few
     MB; glibc keeps such blocks on its heap once its mmap threshold has risen past their size, so
     without a trim the RSS after a quantized load stays 50-100 MB above what the model holds."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    libc = _libc()
+    trim = getattr(libc, "malloc_trim", None)
+    if trim is not None:
+        trim(0)

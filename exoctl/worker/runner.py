@@ -8,7 +8,6 @@ samples and sends the token id back to the head, which streams text to the clien
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import logging
 import math
@@ -25,6 +24,7 @@ from exoctl.engine.mixtral import SparseMoE
 from exoctl.engine.model import CausalLM, load_model
 from exoctl.engine.sampling import make_generator, sample
 from exoctl.engine.tokenizer import Tokenizer
+from exoctl.engine.weights import trim_heap
 from exoctl.errors import ExoctlError, InvalidRequestError
 from exoctl.protocol import Message
 from exoctl.runner_report import ExpertLoad, Failure, RunnerReport, RunnerStatus
@@ -53,10 +53,7 @@ class HeadSequence:
 def release_memory() -> None:
     """Return freed tensor memory to the OS so RSS drops after an unload."""
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    trim_heap()
 
 
 class Runner:

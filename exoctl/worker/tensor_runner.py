@@ -116,18 +116,22 @@ class TensorRunner(Runner):
         # the other ranks must start this step now: the head's own layers wait for their partials
         for _, address in spec.peers[1:]:
             self.emit(ToPeer(address, "forward", step.fields(spec.instance_id), (ids,)))
-        if step.partial:  # a prompt chunk with more to come: every rank runs it, none samples
-            self._run(step.seqs, inputs, step.starts)
+        tokens = self._tokens_of(step, inputs)
+        if tokens is None:
             return []
-        tokens = self._tokens_of(step.seqs, inputs, step.starts)
         return [
             ToSelf(Message("token", {"instance_id": spec.instance_id, "seqs": step.seqs, "tokens": tokens}))
         ]
 
-    def _tokens_of(self, seqs: list[str], inputs: torch.Tensor, starts: list[int]) -> list[int]:
-        """Run every layer's part on ids [B, T]; the next token of each sequence, as all ranks agree."""
+    def _tokens_of(self, step: ForwardStep, inputs: torch.Tensor) -> list[int] | None:
+        """Run every layer's part on ids [B, T]; the next token of each sequence, as all ranks agree,
+        or None for a prompt chunk with more to come (every rank runs it, none samples)."""
+        seqs = step.seqs
         waited = self.collective.busy_s
-        logits = self._run(seqs, inputs, starts)[:, -1]  # [B, V / k]
+        out = self._run(seqs, inputs, step.starts)
+        if step.partial:
+            return None
+        logits = out[:, -1]  # [B, V / k]
         began = time.perf_counter()
         samplers = [self.rank_samplers[seq] for seq in seqs]
         vocab = self._model().config.vocab_size
@@ -147,10 +151,7 @@ class TensorRunner(Runner):
             if sampling.seed is None:
                 raise ExoctlError(f"sequence {seq} is unknown here and its first message has no seed")
             self.rank_samplers[seq] = RankSampler.create(sampling, sampling.seed, self.spec.rank)
-        if step.partial:
-            self._run(step.seqs, to_tensor(message.tensors[0]), step.starts)
-        else:
-            self._tokens_of(step.seqs, to_tensor(message.tensors[0]), step.starts)
+        self._tokens_of(step, to_tensor(message.tensors[0]))
         return []
 
     def _check_input(self, dtype: str, shape: tuple[int, ...], seqs: int) -> None:
