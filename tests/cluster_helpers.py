@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+import pytest
 import yaml
 import zmq
 
@@ -131,6 +132,16 @@ def make_cluster(tmp: Path, count: int, model_dir: Path, **defaults: Any) -> Wor
         {"command": PYTHON_EXOCTL, "work_dir": str(work), "model_dir": str(model_dir), **defaults},
     )
     return WorkerCluster(inventory, work, names)
+
+
+@contextmanager
+def tiny_cluster(
+    tmp_path_factory: pytest.TempPathFactory, name: str, count: int, tiny_models: dict[str, Path]
+) -> Iterator[WorkerCluster]:
+    """`count` running workers whose model directory holds the tiny models (a module's cluster)."""
+    folder = next(iter(tiny_models.values())).parent
+    with running(make_cluster(tmp_path_factory.mktemp(name), count, folder)) as cluster:
+        yield cluster
 
 
 @contextmanager

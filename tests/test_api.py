@@ -14,7 +14,14 @@ import openai
 import pytest
 
 from exoctl.catalog import DEFAULT_MODEL_ID
-from tests.cluster_helpers import Server, WorkerCluster, exoctl, http, make_cluster, running, wait_for
+from tests.cluster_helpers import (
+    Server,
+    WorkerCluster,
+    exoctl,
+    http,
+    tiny_cluster,
+    wait_for,
+)
 
 SMOLLM2_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -23,9 +30,7 @@ SMOLLM2_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"
 def cluster2(
     tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Path]
 ) -> Iterator[WorkerCluster]:
-    with running(
-        make_cluster(tmp_path_factory.mktemp("api"), 2, next(iter(tiny_models.values())).parent)
-    ) as cluster:
+    with tiny_cluster(tmp_path_factory, "api", 2, tiny_models) as cluster:
         yield cluster
 
 

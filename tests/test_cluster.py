@@ -24,9 +24,8 @@ from tests.cluster_helpers import (
     exoctl,
     header,
     load_header,
-    make_cluster,
     raw_socket,
-    running,
+    tiny_cluster,
     wait_for,
 )
 from tests.tiny_models import corrupt_copy
@@ -40,9 +39,7 @@ KINDS = ["llama", "llama-tied", "qwen2", "mixtral", "smollm2"]
 def cluster4(
     tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Path]
 ) -> Iterator[WorkerCluster]:
-    with running(
-        make_cluster(tmp_path_factory.mktemp("cluster4"), 4, next(iter(tiny_models.values())).parent)
-    ) as cluster:
+    with tiny_cluster(tmp_path_factory, "cluster4", 4, tiny_models) as cluster:
         yield cluster
 
 
@@ -67,9 +64,10 @@ def model_ref(kind: str, tiny_models: dict[str, Path]) -> str:
     return DEFAULT_MODEL_ID if kind == "smollm2" else str(tiny_models[kind])
 
 
-def place(client: Cluster, model: str, nodes: int, dtype: str = "float32") -> str:
+def place(client: Cluster, model: str, nodes: int, dtype: str = "float32", sharding: str = "pipeline") -> str:
     card, ref = resolve_card(model)
-    placement = client.plan(card, PlacementRequest(dtype=dtype, nodes=nodes), client.statuses())
+    placement = client.plan(card, PlacementRequest(dtype=dtype, nodes=nodes), client.statuses(), sharding)
+    assert placement.sharding == sharding
     return client.load(card, ref, placement).instance_id
 
 

@@ -24,7 +24,7 @@ from exoctl.model_store import resolve_card
 from exoctl.placement import PlacementRequest
 from exoctl.protocol import PROTOCOL_VERSION
 from exoctl.sampling_params import SamplingParams
-from tests.cluster_helpers import Server, WorkerCluster, http, make_cluster, raw_socket, running
+from tests.cluster_helpers import Server, WorkerCluster, http, raw_socket, tiny_cluster
 
 FUZZ_S = 40.0
 
@@ -64,9 +64,7 @@ def hostile(rng: random.Random) -> Any:
 def cluster2(
     tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Path]
 ) -> Iterator[WorkerCluster]:
-    with running(
-        make_cluster(tmp_path_factory.mktemp("fuzz"), 2, next(iter(tiny_models.values())).parent)
-    ) as c:
+    with tiny_cluster(tmp_path_factory, "fuzz", 2, tiny_models) as c:
         yield c
 
 

@@ -32,9 +32,8 @@ from tests.cluster_helpers import (
     WorkerCluster,
     header,
     load_header,
-    make_cluster,
     raw_socket,
-    running,
+    tiny_cluster,
     wait_for,
 )
 from tests.tiny_models import COMMON, corrupt_copy
@@ -46,9 +45,7 @@ PROMPT = "The capital of France is"
 def cluster2(
     tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Path]
 ) -> Iterator[WorkerCluster]:
-    with running(
-        make_cluster(tmp_path_factory.mktemp("hardening"), 2, next(iter(tiny_models.values())).parent)
-    ) as cluster:
+    with tiny_cluster(tmp_path_factory, "hardening", 2, tiny_models) as cluster:
         yield cluster
 
 

@@ -25,9 +25,9 @@ from exoctl.placement import GB, NodeProfile, PlacementError, PlacementRequest, 
 from exoctl.sampling_params import SamplingParams
 from exoctl.sharding import plan as choose
 from exoctl.tensor_placement import place_tensor
-from tests.cluster_helpers import WorkerCluster, make_cluster, running
+from tests.cluster_helpers import WorkerCluster, tiny_cluster
 from tests.test_cluster import MAX_TOKENS, PROMPT, generate, model_ref
-from tests.test_cluster import place as place_pipeline
+from tests.test_cluster import place as place_instance
 
 QUANTIZED = list(QUANTIZED_BITS)
 KINDS = ["llama", "llama-tied", "qwen2", "mixtral"]
@@ -187,38 +187,17 @@ def test_tensor_ranks_in_process_sum_to_the_whole_quantized_model(
     tiny_models: dict[str, Path], dtype: str, world: int
 ) -> None:
     """Ranks as threads with a real all-reduce: each rank's quantized slices add up to the whole."""
-    import threading
+    from tests.test_tensor_engine import Exchange, on_ranks
 
     folder = tiny_models["qwen2"]
     whole = logits(load_model(folder, dtype=dtype))
-    barrier = threading.Barrier(world)
-    parts: list[torch.Tensor | None] = [None] * world
-    lock = threading.Lock()
-    sums: dict[int, torch.Tensor] = {}
 
-    def reducer(rank: int):  # type: ignore[no-untyped-def]
-        calls = [0]
+    def work(rank: int, exchange: Exchange) -> torch.Tensor:
+        return logits(
+            load_model(folder, dtype=dtype, shard=TensorShard(rank, world), reduce=exchange.reduce(rank))
+        )
 
-        def reduce(x: torch.Tensor) -> torch.Tensor:
-            key = calls[0]
-            calls[0] += 1
-            with lock:
-                sums[key] = sums[key] + x if key in sums else x.clone()
-            barrier.wait()
-            return sums[key]
-
-        return reduce
-
-    def run(rank: int) -> None:
-        model = load_model(folder, dtype=dtype, shard=TensorShard(rank, world), reduce=reducer(rank))
-        parts[rank] = logits(model)
-
-    threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-    merged = torch.cat([p for p in parts if p is not None], dim=-1)
+    merged = torch.cat(on_ranks(world, work), dim=-1)
     assert merged.shape == whole.shape
     torch.testing.assert_close(merged, whole, rtol=2e-3, atol=2e-3)
 
@@ -241,9 +220,7 @@ def test_smollm2_answers_paris_in_int8_and_int4(smollm2_folder: Path) -> None:
 def cluster4(
     tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Path]
 ) -> Iterator[WorkerCluster]:
-    with running(
-        make_cluster(tmp_path_factory.mktemp("quantized"), 4, next(iter(tiny_models.values())).parent)
-    ) as cluster:
+    with tiny_cluster(tmp_path_factory, "quantized", 4, tiny_models) as cluster:
         yield cluster
 
 
@@ -276,15 +253,8 @@ def test_workers_give_the_single_process_tokens_in_the_same_dtype(
     nodes: int,
     sharding: str,
 ) -> None:
-    from exoctl.model_store import resolve_card
-
     with cluster4.client() as client:
-        if sharding == "pipeline":
-            instance_id = place_pipeline(client, model_ref(kind, tiny_models), nodes, dtype)
-        else:
-            card, ref = resolve_card(model_ref(kind, tiny_models))
-            plan = client.plan(card, PlacementRequest(dtype=dtype, nodes=nodes), client.statuses(), "tensor")
-            instance_id = client.load(card, ref, plan).instance_id
+        instance_id = place_instance(client, model_ref(kind, tiny_models), nodes, dtype, sharding)
         try:
             result = generate(client, instance_id)
             assert result["token_ids"] == quantized_references[(kind, dtype)]
@@ -460,7 +430,6 @@ def test_a_prompt_longer_than_a_prefill_step_gives_the_single_process_tokens(
     """Over 256 prompt tokens the head prefills in steps of 256 and the last stage (or every
     rank) samples only after the last: the same tokens as one process."""
     from exoctl.catalog import DEFAULT_MODEL_ID
-    from exoctl.model_store import resolve_card
     from exoctl.worker.runner import PREFILL_STEP
 
     tokenizer = Tokenizer(smollm2_folder)
@@ -469,10 +438,8 @@ def test_a_prompt_longer_than_a_prefill_step_gives_the_single_process_tokens(
     params = SamplingParams(max_tokens=8)
     reference = complete(load_model(smollm2_folder), tokenizer, ids, params).token_ids
     with cluster4.client() as client:
-        card, ref = resolve_card(DEFAULT_MODEL_ID)
         nodes = 3 if sharding == "tensor" else 2
-        plan = client.plan(card, PlacementRequest(dtype="float32", nodes=nodes), client.statuses(), sharding)
-        instance_id = client.load(card, ref, plan).instance_id
+        instance_id = place_instance(client, DEFAULT_MODEL_ID, nodes, "float32", sharding)
         try:
             result = generate(client, instance_id, prompt=LONG_PROMPT, max_tokens=8)
             assert result["token_ids"] == reference
@@ -492,7 +459,7 @@ def test_decoding_goes_on_while_a_long_prompt_prefills(cluster4: WorkerCluster) 
     from exoctl.cluster.views import instances_of
 
     with cluster4.client() as client:
-        instance_id = place_pipeline(client, DEFAULT_MODEL_ID, 2, "int4")
+        instance_id = place_instance(client, DEFAULT_MODEL_ID, 2, "int4")
         try:
             view = instances_of(client.statuses())[instance_id]
             arrivals: list[float] = []

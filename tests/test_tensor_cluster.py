@@ -24,8 +24,9 @@ from exoctl.placement import PlacementRequest
 from exoctl.runner_report import RunnerStatus
 from exoctl.sampling_params import SamplingParams
 from exoctl.worker.server import DOWN_AFTER_S
-from tests.cluster_helpers import WorkerCluster, make_cluster, running, wait_for
+from tests.cluster_helpers import WorkerCluster, make_cluster, running, tiny_cluster, wait_for
 from tests.test_cluster import MAX_TOKENS, PROMPT, generate, model_ref, references  # noqa: F401
+from tests.test_cluster import place as place_instance
 from tests.tiny_models import corrupt_copy
 
 FAIL_WITHIN_S = DOWN_AFTER_S + 4.0
@@ -35,17 +36,12 @@ FAIL_WITHIN_S = DOWN_AFTER_S + 4.0
 def cluster4(
     tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Path]
 ) -> Iterator[WorkerCluster]:
-    folder = next(iter(tiny_models.values())).parent
-    with running(make_cluster(tmp_path_factory.mktemp("tensor4"), 4, folder)) as cluster:
+    with tiny_cluster(tmp_path_factory, "tensor4", 4, tiny_models) as cluster:
         yield cluster
 
 
 def place(client: Cluster, model: str, nodes: int, sharding: str = "tensor") -> str:
-    card, ref = resolve_card(model)
-    request = PlacementRequest(dtype="float32", nodes=nodes)
-    placement = client.plan(card, request, client.statuses(), sharding)
-    assert placement.sharding == sharding
-    return client.load(card, ref, placement).instance_id
+    return place_instance(client, model, nodes, "float32", sharding)
 
 
 def routed_tokens(result: dict[str, Any], layers: int, top_k: int) -> int:
