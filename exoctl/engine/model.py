@@ -20,7 +20,15 @@ from exoctl.dtypes import FLOAT_DTYPES, QUANTIZED_BITS, RUNTIME_DTYPES
 from exoctl.engine import llama, mixtral, qwen2
 from exoctl.engine.config import ModelConfig, load_config
 from exoctl.engine.kv_cache import KVCache
-from exoctl.engine.layers import AnyLinear, DecoderLayer, Reduce, RMSNorm, Rotary, make_linear
+from exoctl.engine.layers import (
+    AnyLinear,
+    DecoderLayer,
+    Reduce,
+    RMSNorm,
+    Rotary,
+    cpu_has_native_bf16,
+    make_linear,
+)
 from exoctl.engine.shard import WHOLE, TensorShard
 from exoctl.engine.weights import WeightReader
 from exoctl.errors import UnsupportedModelError
@@ -34,12 +42,6 @@ LAYER_LOADERS: dict[str, LayerLoader] = {
     "qwen2": qwen2.load_layer,
     "mixtral": mixtral.load_layer,
 }
-
-
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: bf16 dot products in hardware (torch exposes the probes privately)."""
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
 
 
 def resolve_dtype(name: str) -> torch.dtype:

@@ -72,6 +72,15 @@ def build(target: Path) -> None:
 
 
 @functools.cache
+def optional_library() -> ctypes.CDLL | None:
+    """The library where it builds, else None: float models use it for speed, not correctness."""
+    try:
+        return library()
+    except UnsupportedModelError:
+        return None
+
+
+@functools.cache
 def library() -> ctypes.CDLL:
     """The kernel, built first if this node has not built this version yet."""
     path = library_path()
@@ -93,6 +102,28 @@ def library() -> ctypes.CDLL:
         ctypes.c_int,
     ]
     lib.qmm_has_avx2.restype = ctypes.c_int
+    lib.bf16_linear.restype = ctypes.c_int
+    lib.bf16_linear.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_int,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_int,
+        ctypes.c_int64,
+        ctypes.c_int,
+    ]
+    lib.bf16_widen.restype = None
+    i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    lib.rms_norm.restype = None
+    lib.rms_norm.argtypes = [ptr, ptr, ptr, i64, i64, ctypes.c_float, i32, i32]
+    lib.rope.restype = None
+    lib.rope.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, i32]
+    lib.silu_mul.restype = None
+    lib.silu_mul.argtypes = [ptr, ptr, i64, i64, i32, i32]
+    lib.bf16_widen.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
     return lib
 
 

@@ -18,6 +18,9 @@
  * int4 nibbles enter maddubs as they are (unsigned 0..15) and the -8 is taken off after, as
  * 8 * sum(x) per block: no sign trick, no subtraction per weight.
  *
+ * The same library holds a bfloat16-weight kernel (`bf16_linear`, at the end) for CPUs without
+ * native bf16 maths, where torch's bf16 GEMV reaches about half the memory bandwidth.
+ *
  * Built by exoctl/engine/qkernel.py with the node's own compiler flags (-march=native); OpenMP is
  * the libgomp torch already loaded, and the thread count is torch's, passed in.
  */
@@ -263,4 +266,195 @@ int qmm_linear(const float *x, int64_t M, int64_t K, const void *w, const void *
     free(xs);
     free(xsum);
     return 0;
+}
+
+
+/* ---- bfloat16 weights ------------------------------------------------------------------------
+ * y[M, N] = x[M, K] @ W[N, K]^T + b, W bfloat16 in the checkpoint's own row-major layout (no
+ * repacking, so slices for tensor sharding stay plain tensors), x and y float32 or bfloat16,
+ * b float32 or NULL; sums in float32, y rounded to bfloat16 once, to nearest even, as torch does.
+ * A bf16 value is the top half of a float32, so widening is a shift: decoding stays bound by the
+ * 2 bytes a weight read from memory. Rows of W go 4 at a time (NR) against 2 rows of x (MR), so
+ * a row of x loaded once meets 4 weight rows and a weight vector widened once meets 2 rows of x;
+ * both are re-read from cache, not memory, for the next pair. */
+#define NR 4
+#define BF_MR 2
+
+static inline float bf16_to_float(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7fffffff) > 0x7f800000) return (uint16_t)((bits >> 16) | 0x40); /* quiet NaN */
+    bits += 0x7fff + ((bits >> 16) & 1);
+    return (uint16_t)(bits >> 16);
+}
+
+#ifdef FAST
+static inline __m256 widen8(const uint16_t *p) {
+    const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+}
+
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
+/* Rows n0 .. n0 + nr of W against rows m0 .. m0 + mr of x (nr <= NR, mr <= BF_MR, constants at
+ * the call sites so the accumulators stay in registers). */
+static inline __attribute__((always_inline)) void bf16_tile(
+    const int mr, const int nr, const float *x, int64_t K, int64_t m0, const uint16_t *w, int64_t n0,
+    float *y, int64_t N) {
+    float sums[BF_MR][NR];
+    int64_t k = 0;
+#ifdef FAST
+    __m256 acc[BF_MR][NR];
+    for (int t = 0; t < mr; t++)
+        for (int r = 0; r < nr; r++) acc[t][r] = _mm256_setzero_ps();
+    for (; k + 8 <= K; k += 8) {
+        __m256 wv[NR];
+        for (int r = 0; r < nr; r++) wv[r] = widen8(w + (n0 + r) * K + k);
+        for (int t = 0; t < mr; t++) {
+            const __m256 xv = _mm256_loadu_ps(x + (m0 + t) * K + k);
+            for (int r = 0; r < nr; r++) acc[t][r] = _mm256_fmadd_ps(wv[r], xv, acc[t][r]);
+        }
+    }
+    for (int t = 0; t < mr; t++)
+        for (int r = 0; r < nr; r++) sums[t][r] = hsum8(acc[t][r]);
+#else
+    for (int t = 0; t < mr; t++)
+        for (int r = 0; r < nr; r++) sums[t][r] = 0.0f;
+#endif
+    for (; k < K; k++)
+        for (int t = 0; t < mr; t++)
+            for (int r = 0; r < nr; r++) sums[t][r] += bf16_to_float(w[(n0 + r) * K + k]) * x[(m0 + t) * K + k];
+    for (int t = 0; t < mr; t++)
+        for (int r = 0; r < nr; r++) y[(m0 + t) * N + n0 + r] = sums[t][r];
+}
+
+static void bf16_rows(const float *x, int64_t M, int64_t K, const uint16_t *w, int64_t n0, int nr, float *y,
+                      int64_t N) {
+    for (int64_t m0 = 0; m0 < M; m0 += BF_MR) {
+        const int mr = M - m0 < BF_MR ? 1 : BF_MR;
+        if (nr == NR) {
+            if (mr == 2) bf16_tile(2, NR, x, K, m0, w, n0, y, N);
+            else bf16_tile(1, NR, x, K, m0, w, n0, y, N);
+        } else {
+            for (int r = 0; r < nr; r++) {
+                if (mr == 2) bf16_tile(2, 1, x, K, m0, w, n0 + r, y, N);
+                else bf16_tile(1, 1, x, K, m0, w, n0 + r, y, N);
+            }
+        }
+    }
+}
+
+/* x_bf16, y_bf16: whether x and y are bfloat16 (else float32). Returns 0, or -1 if out of memory. */
+int bf16_linear(const void *x, int x_bf16, int64_t M, int64_t K, const uint16_t *w, const float *bias, void *y,
+                int y_bf16, int64_t N, int threads) {
+    float *xf = (float *)x, *yf = (float *)y;
+    if (x_bf16) xf = (float *)malloc((size_t)(M * K) * sizeof(float));
+    if (y_bf16) yf = (float *)malloc((size_t)(M * N) * sizeof(float));
+    if (!xf || !yf) {
+        if (x_bf16) free(xf);
+        if (y_bf16) free(yf);
+        return -1;
+    }
+    if (x_bf16)
+        for (int64_t i = 0; i < M * K; i++) xf[i] = bf16_to_float(((const uint16_t *)x)[i]);
+    const int64_t tiles = (N + NR - 1) / NR;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t tile = 0; tile < tiles; tile++) {
+        const int64_t n0 = tile * NR;
+        bf16_rows(xf, M, K, w, n0, N - n0 < NR ? (int)(N - n0) : NR, yf, N);
+    }
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t n = 0; n < N; n++) {
+            const float v = yf[m * N + n] + (bias ? bias[n] : 0.0f);
+            if (y_bf16) ((uint16_t *)y)[m * N + n] = float_to_bf16(v);
+            else yf[m * N + n] = v;
+        }
+    if (x_bf16) free(xf);
+    if (y_bf16) free(yf);
+    return 0;
+}
+
+/* dst[n] = float(src[n]): a bf16 weight widened for one prefill chunk's float32 GEMM. */
+void bf16_widen(const uint16_t *src, float *dst, int64_t n, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t i = 0; i < n; i++) dst[i] = bf16_to_float(src[i]);
+}
+
+/* ---- the small per-layer steps ---------------------------------------------------------------
+ * A decode step of a small model is mostly per-call overhead: torch's RMSNorm is a dozen calls
+ * (60-70 us for 576 numbers), rope five, SiLU-and-multiply three. Each is one call here. bf16:
+ * the same roundings as transformers' bfloat16 modules, so results match torch's to the bit
+ * where the sums do. */
+
+static inline float load_any(const void *p, int64_t i, int bf16) {
+    return bf16 ? bf16_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+static inline void store_any(void *p, int64_t i, float v, int bf16) {
+    if (bf16) ((uint16_t *)p)[i] = float_to_bf16(v);
+    else ((float *)p)[i] = v;
+}
+
+/* Rounds as the tensor's dtype would: a no-op for float32. */
+static inline float round_as(float v, int bf16) { return bf16 ? bf16_to_float(float_to_bf16(v)) : v; }
+
+/* y[m] = x[m] / sqrt(mean(x[m]^2) + eps) * w, x y w [M, D] / [D], all float32 or all bf16; bf16
+ * normalises in float32, rounds, then multiplies by w and rounds (LlamaRMSNorm). */
+void rms_norm(const void *x, void *y, const void *w, int64_t M, int64_t D, float eps, int bf16, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (M > 8)
+    for (int64_t m = 0; m < M; m++) {
+        double sum = 0.0;
+        for (int64_t i = 0; i < D; i++) {
+            const float v = load_any(x, m * D + i, bf16);
+            sum += (double)v * v;
+        }
+        const float scale = 1.0f / sqrtf((float)(sum / (double)D) + eps);
+        for (int64_t i = 0; i < D; i++) {
+            const float normed = round_as(load_any(x, m * D + i, bf16) * scale, bf16);
+            store_any(y, m * D + i, normed * load_any(w, i, bf16), bf16);
+        }
+    }
+}
+
+/* Rotates, in place, the first `heads` heads of each of M rows of x (row stride `stride`
+ * elements, head size D): pairs (i, i + D/2) as transformers' rotate_half, with cos/sin [M, D]
+ * (each row's position already looked up). */
+void rope(void *x, int64_t M, int64_t stride, int64_t heads, int64_t D, const void *cos, const void *sin,
+          int bf16) {
+    const int64_t half = D / 2;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t h = 0; h < heads; h++) {
+            const int64_t base = m * stride + h * D;
+            for (int64_t i = 0; i < half; i++) {
+                const float a = load_any(x, base + i, bf16), b = load_any(x, base + i + half, bf16);
+                const float c0 = load_any(cos, m * D + i, bf16), s0 = load_any(sin, m * D + i, bf16);
+                const float c1 = load_any(cos, m * D + i + half, bf16);
+                const float s1 = load_any(sin, m * D + i + half, bf16);
+                store_any(x, base + i, round_as(a * c0, bf16) + round_as(-b * s0, bf16), bf16);
+                store_any(x, base + i + half, round_as(b * c1, bf16) + round_as(a * s1, bf16), bf16);
+            }
+        }
+}
+
+/* y[m, j] = silu(gu[m, j]) * gu[m, I + j]: gate and up side by side in one row of 2I. */
+void silu_mul(const void *gu, void *y, int64_t M, int64_t I, int bf16, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (M > 8)
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t j = 0; j < I; j++) {
+            const float g = load_any(gu, m * 2 * I + j, bf16), u = load_any(gu, m * 2 * I + I + j, bf16);
+            store_any(y, m * I + j, round_as(g / (1.0f + expf(-g)), bf16) * u, bf16);
+        }
 }

@@ -1,0 +1,122 @@
+"""The node's own C kernels beside the quantized matmul (engine/kernels/qmatmul.c): the bfloat16
+weight matmul that CPUs without native bf16 maths decode with (the same numbers as torch's float32
+matmul of the same weights, rounded once), and the per-layer steps (RMSNorm, rope, SiLU-and-multiply)
+that equal transformers' modules in float32 and bfloat16."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
+
+from exoctl.engine import layers, qkernel
+from exoctl.engine.layers import GatedMLP, Linear, RMSNorm, Rotary, cpu_has_native_bf16
+
+
+@pytest.fixture
+def kernel_linear(monkeypatch: pytest.MonkeyPatch) -> type[Linear]:
+    """Linear with the kernel, on any CPU (where bf16 is native, the engine uses torch's path)."""
+    monkeypatch.setattr(layers, "bf16_kernel", qkernel.library)
+    return Linear
+
+
+def test_the_kernel_is_what_bfloat16_uses_where_bf16_is_not_native() -> None:
+    linear = Linear(torch.zeros(8, 8, dtype=torch.bfloat16))
+    assert (linear.kernel is not None) == (not cpu_has_native_bf16())
+
+
+# N not a multiple of the kernel's 4 weight rows, K not of its 8 lanes: the tails run too. 49 rows
+# and more take the widened float32 GEMM, below that the kernel's own loop.
+@pytest.mark.parametrize("rows", [1, 2, 3, 16, 49, 130])
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_bf16_linear_equals_the_float32_matmul_of_its_weights(
+    kernel_linear: type[Linear], rows: int, x_dtype: torch.dtype, with_bias: bool
+) -> None:
+    generator = torch.Generator().manual_seed(rows)
+    weight = torch.randn(1030, 203, generator=generator).bfloat16()
+    bias = torch.randn(1030, generator=generator).bfloat16() if with_bias else None
+    x = torch.randn(2, rows, 203, generator=generator).to(x_dtype)
+    linear = kernel_linear(weight, bias)
+    linear.WIDEN_ROWS = 256  # several widened blocks, the last one short
+    out = linear(x)
+    assert out.shape == (2, rows, 1030) and out.dtype == x_dtype
+    truth = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+    # float32 sums in another order (1e-5), then one rounding to bfloat16 (2^-9 relative).
+    bound = truth.abs() * (2**-8 if x_dtype is torch.bfloat16 else 1e-5) + 1e-4
+    assert bool(((out.float() - truth).abs() <= bound).all())
+
+
+def test_an_empty_batch_gives_an_empty_answer(kernel_linear: type[Linear]) -> None:
+    linear = kernel_linear(torch.ones(16, 16, dtype=torch.bfloat16))
+    assert linear(torch.empty(0, 16, dtype=torch.bfloat16)).shape == (0, 16)
+
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def ulps_apart(a: torch.Tensor, b: torch.Tensor) -> int:
+    """The largest distance between a and b in units of their dtype's last place."""
+    step = torch.finfo(a.dtype).eps * torch.maximum(a.float().abs(), b.float().abs()).clamp_min(1e-30)
+    return int(((a.float() - b.float()).abs() / step).ceil().max())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 3, 40])
+def test_rms_norm_equals_transformers(dtype: torch.dtype, rows: int) -> None:
+    generator = torch.Generator().manual_seed(rows)
+    weight = (1 + torch.randn(576, generator=generator) / 4).to(dtype)
+    x = (torch.randn(2, rows, 576, generator=generator) * 3).to(dtype)
+    theirs = LlamaRMSNorm(576, eps=1e-5)
+    theirs.weight.data = weight.clone()
+    ours = RMSNorm(weight, 1e-5)
+    assert ours.kernel is not None
+    # float32: the sum of squares in double and 1/sqrt for torch's rsqrt move the last bits (a few
+    # ulps); bfloat16: those differences are far below its rounding, which may fall the other way once.
+    assert ulps_apart(ours(x), theirs(x)) <= (4 if dtype is torch.float32 else 1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_in_place_equals_transformers(dtype: torch.dtype) -> None:
+    heads, kv_heads, head_dim = 6, 2, 16
+    generator = torch.Generator().manual_seed(3)
+    qkv = torch.randn(2, 5, heads + 2 * kv_heads, head_dim, generator=generator).to(dtype)
+    positions = torch.tensor([[0, 1, 2, 3, 4], [7, 8, 9, 10, 11]])
+    cos, sin = Rotary(head_dim, 10000.0, None, dtype)(positions)  # [B, T, 1, D]
+    q, k = qkv[:, :, :heads].transpose(1, 2), qkv[:, :, heads : heads + kv_heads].transpose(1, 2)
+    want_q, want_k = apply_rotary_pos_emb(q, k, cos[:, :, 0], sin[:, :, 0])  # [B, H, T, D]
+    rotated = qkv.clone()
+    qkernel.library().rope(
+        rotated.data_ptr(), 10, rotated.shape[2] * head_dim, heads + kv_heads, head_dim,
+        cos.data_ptr(), sin.data_ptr(), int(dtype is torch.bfloat16),
+    )  # fmt: skip
+    # bfloat16: products of two bf16 numbers are exact in float32, so the same roundings give the
+    # same bits. float32: a*cos - b*sin may be one fused multiply-add here, two roundings there;
+    # the difference is a rounding of the terms, not of their (possibly cancelling) sum.
+    for ours, theirs in ((rotated[:, :, :heads], want_q), (rotated[:, :, heads : heads + kv_heads], want_k)):
+        if dtype is torch.bfloat16:
+            assert torch.equal(ours.transpose(1, 2), theirs)
+        else:
+            assert torch.allclose(ours.transpose(1, 2), theirs, rtol=0, atol=4 * 2**-23 * float(qkv.abs().max()))
+    assert torch.equal(rotated[:, :, heads + kv_heads :], qkv[:, :, heads + kv_heads :])  # v untouched
+
+
+class Passthrough:
+    """Stands in for gate_up and down: the MLP's own step between them is what is tested."""
+
+    out_features = 2 * 96
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_times_up_equals_torch(dtype: torch.dtype) -> None:
+    both = (torch.randn(3, 4, 2 * 96, generator=torch.Generator().manual_seed(4)) * 4).to(dtype)
+    mlp = GatedMLP(Passthrough(), Passthrough())  # type: ignore[arg-type]
+    assert mlp.kernel is not None
+    gate, up = both.split(96, dim=-1)
+    # float32: libm's expf and torch's vectorised exp differ in the last bit or two
+    assert ulps_apart(mlp(both), F.silu(gate) * up) <= (4 if dtype is torch.float32 else 1)
