@@ -27,18 +27,20 @@ def test_the_kernel_is_what_bfloat16_uses_where_bf16_is_not_native() -> None:
     assert (linear.kernel is not None) == (not cpu_has_native_bf16())
 
 
-# N not a multiple of the kernel's 4 weight rows, K not of its 8 lanes: the tails run too. 49 rows
-# and more take the widened float32 GEMM, below that the kernel's own loop.
+# K = 203 ends in a part of 16 the kernel adds one by one, 208 in a lone 16 after the steps of 32.
+# 49 rows and more take the widened float32 GEMM, below that the kernel's own loop (odd counts:
+# the last row of x alone).
 @pytest.mark.parametrize("rows", [1, 2, 3, 16, 49, 130])
+@pytest.mark.parametrize("size", [203, 208])
 @pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_bf16_linear_equals_the_float32_matmul_of_its_weights(
-    kernel_linear: type[Linear], rows: int, x_dtype: torch.dtype, with_bias: bool
+    kernel_linear: type[Linear], rows: int, size: int, x_dtype: torch.dtype, with_bias: bool
 ) -> None:
     generator = torch.Generator().manual_seed(rows)
-    weight = torch.randn(1030, 203, generator=generator).bfloat16()
+    weight = torch.randn(1030, size, generator=generator).bfloat16()
     bias = torch.randn(1030, generator=generator).bfloat16() if with_bias else None
-    x = torch.randn(2, rows, 203, generator=generator).to(x_dtype)
+    x = torch.randn(2, rows, size, generator=generator).to(x_dtype)
     linear = kernel_linear(weight, bias)
     linear.WIDEN_ROWS = 256  # several widened blocks, the last one short
     out = linear(x)
