@@ -36,6 +36,7 @@
 #define QK 32     /* weights per block */
 #define ROWS 8    /* output rows per tile */
 #define M_TILE 4  /* rows of x sharing one load of a weight group */
+#define Q_PREFETCH 4096 /* bytes: a software prefetch this far ahead of each block (1.8 -> 1.3 ms int8, 0.88 -> 0.76 int4, 11264 x 2048, one row) */
 
 int qmm_has_avx2(void) {
 #ifdef FAST
@@ -114,6 +115,7 @@ static inline __attribute__((always_inline)) void tile_avx2(
     const int64_t block_bytes = bits == 8 ? ROWS * QK : ROWS * QK / 2;
     for (int64_t b = 0; b < blocks; b++) {
         const uint8_t *wb = w + (tile * blocks + b) * block_bytes;
+        for (int64_t off = 0; off < block_bytes; off += 64) _mm_prefetch((const char *)wb + Q_PREFETCH + off, _MM_HINT_T0);
         __m256i isum[M_TILE];
         for (int t = 0; t < MR; t++) isum[t] = _mm256_setzero_si256();
         if (bits == 8) {
