@@ -66,7 +66,7 @@ def ulps_apart(a: torch.Tensor, b: torch.Tensor) -> int:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows", [1, 3, 40])
+@pytest.mark.parametrize("rows", [1, 3, 8])  # x 2 sequences: up to KERNEL_ROWS
 def test_rms_norm_equals_transformers(dtype: torch.dtype, rows: int) -> None:
     generator = torch.Generator().manual_seed(rows)
     weight = (1 + torch.randn(576, generator=generator) / 4).to(dtype)

@@ -206,6 +206,9 @@ def make_linear(weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | Non
 
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # what the library's small steps read
+# Rows up to which those C steps beat torch's: they save per-call overhead, which is what a decode
+# step of a batch pays; a prompt's rows are better served by torch's vectorised exp and loops.
+KERNEL_ROWS = 16
 
 
 class RMSNorm:
@@ -217,9 +220,15 @@ class RMSNorm:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         kernel = self.kernel
-        if kernel is not None and x.dtype is self.weight.dtype and x.dtype in KERNEL_DTYPES and x.is_contiguous():
+        size = self.shape[0]
+        if (
+            kernel is not None
+            and x.dtype is self.weight.dtype
+            and x.dtype in KERNEL_DTYPES
+            and x.numel() <= KERNEL_ROWS * size
+            and x.is_contiguous()
+        ):
             out = torch.empty_like(x)
-            size = self.shape[0]
             kernel.rms_norm(
                 x.data_ptr(),
                 out.data_ptr(),
@@ -321,6 +330,7 @@ class Attention:
         kernel = self.kernel
         if (
             kernel is not None
+            and batch * steps <= KERNEL_ROWS
             and qkv.dtype is cos.dtype
             and qkv.dtype in KERNEL_DTYPES
             and qkv.is_contiguous()
@@ -392,8 +402,13 @@ class GatedMLP:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         both = self.gate_up(x)
         kernel = self.kernel
-        if kernel is not None and both.dtype in KERNEL_DTYPES and both.is_contiguous():
-            size = self.intermediate
+        size = self.intermediate
+        if (
+            kernel is not None
+            and both.dtype in KERNEL_DTYPES
+            and both.numel() <= KERNEL_ROWS * 2 * size
+            and both.is_contiguous()
+        ):
             act = torch.empty((*both.shape[:-1], size), dtype=both.dtype)
             kernel.silu_mul(
                 both.data_ptr(),
