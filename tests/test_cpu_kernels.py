@@ -8,7 +8,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
 from exoctl.engine import layers, qkernel
@@ -101,7 +100,8 @@ def test_rope_in_place_equals_transformers(dtype: torch.dtype) -> None:
         if dtype is torch.bfloat16:
             assert torch.equal(ours.transpose(1, 2), theirs)
         else:
-            assert torch.allclose(ours.transpose(1, 2), theirs, rtol=0, atol=4 * 2**-23 * float(qkv.abs().max()))
+            bound = 4 * 2**-23 * float(qkv.abs().max())
+            assert torch.allclose(ours.transpose(1, 2), theirs, rtol=0, atol=bound)
     assert torch.equal(rotated[:, :, heads + kv_heads :], qkv[:, :, heads + kv_heads :])  # v untouched
 
 
