@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from exoctl.engine import qkernel
 from exoctl.engine.kv_cache import KVCache
 from exoctl.engine.quant import QuantizedWeight, pack_tiles, unpack_tiles
-from exoctl.errors import UnsupportedModelError
 
 if TYPE_CHECKING:
     from exoctl.engine.mixtral import SparseMoE
@@ -39,12 +38,24 @@ def bf16_kernel() -> ctypes.CDLL | None:
     registers (1.1B shape's gate/up, 2 threads: 3.1 ms a row against torch's 5.2, 10 ms for 8
     rows against 33). A node without a C compiler keeps torch's path: slower, still right.
     """
-    if cpu_has_native_bf16():
+    return None if cpu_has_native_bf16() else qkernel.optional_library()
+
+
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # what the library's C code reads and writes
+# Rows up to which the C per-layer steps beat torch's: they save per-call overhead, which is what a
+# decode step of a batch pays; a prompt's rows are better served by torch's vectorised exp and loops.
+KERNEL_ROWS = 16
+
+
+def step_kernel(rows: int, *tensors: torch.Tensor) -> ctypes.CDLL | None:
+    """The library for a C per-layer step over `rows` rows of `tensors` (one dtype, contiguous),
+    or None where torch's step runs."""
+    dtype = tensors[0].dtype
+    if rows > KERNEL_ROWS or dtype not in KERNEL_DTYPES:
         return None
-    try:
-        return qkernel.library()
-    except UnsupportedModelError:
+    if any(t.dtype is not dtype or not t.is_contiguous() for t in tensors):
         return None
+    return qkernel.optional_library()
 
 
 _widened = torch.empty(0)  # scratch for bf16 weights widened to float32, reused by every Linear
@@ -113,7 +124,7 @@ class Linear:
     def _bf16(self, x: torch.Tensor) -> torch.Tensor:
         assert self.kernel is not None
         rows = x.numel() // self.in_features
-        if x.dtype not in (torch.bfloat16, torch.float32) or not x.is_contiguous():
+        if x.dtype not in KERNEL_DTYPES or not x.is_contiguous():
             x = x.float().contiguous()
         if rows == 0:
             return torch.empty((*x.shape[:-1], self.out_features), dtype=x.dtype)
@@ -205,29 +216,16 @@ def make_linear(weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | Non
     return Linear(weight, bias)
 
 
-KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # what the library's small steps read
-# Rows up to which those C steps beat torch's: they save per-call overhead, which is what a decode
-# step of a batch pays; a prompt's rows are better served by torch's vectorised exp and loops.
-KERNEL_ROWS = 16
-
-
 class RMSNorm:
     def __init__(self, weight: torch.Tensor, eps: float) -> None:
         self.weight = weight.contiguous()
         self.eps = eps
         self.shape = (weight.shape[0],)
-        self.kernel = qkernel.optional_library()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = self.kernel
         size = self.shape[0]
-        if (
-            kernel is not None
-            and x.dtype is self.weight.dtype
-            and x.dtype in KERNEL_DTYPES
-            and x.numel() <= KERNEL_ROWS * size
-            and x.is_contiguous()
-        ):
+        kernel = step_kernel(x.numel() // size, x, self.weight)
+        if kernel is not None:
             out = torch.empty_like(x)
             kernel.rms_norm(
                 x.data_ptr(),
@@ -318,7 +316,6 @@ class Attention:
         self.head_dim = head_dim
         self.q_size = num_heads * head_dim
         self.kv_size = num_kv_heads * head_dim
-        self.kernel = qkernel.optional_library()
 
     def __call__(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, caches: list[KVCache]
@@ -327,16 +324,8 @@ class Attention:
         heads, kv_heads = self.num_heads, self.num_kv_heads
         qkv = self.qkv(x).view(batch, steps, heads + 2 * kv_heads, self.head_dim)
         # q and k rotated in one go: a decode step of a small model is mostly per-call overhead
-        kernel = self.kernel
-        if (
-            kernel is not None
-            and batch * steps <= KERNEL_ROWS
-            and qkv.dtype is cos.dtype
-            and qkv.dtype in KERNEL_DTYPES
-            and qkv.is_contiguous()
-            and cos.is_contiguous()
-            and sin.is_contiguous()
-        ):
+        kernel = step_kernel(batch * steps, qkv, cos, sin)
+        if kernel is not None:
             kernel.rope(
                 qkv.data_ptr(),
                 batch * steps,
@@ -397,18 +386,12 @@ class GatedMLP:
         self.gate_up = gate_up
         self.down = down
         self.intermediate = gate_up.out_features // 2
-        self.kernel = qkernel.optional_library()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         both = self.gate_up(x)
-        kernel = self.kernel
         size = self.intermediate
-        if (
-            kernel is not None
-            and both.dtype in KERNEL_DTYPES
-            and both.numel() <= KERNEL_ROWS * 2 * size
-            and both.is_contiguous()
-        ):
+        kernel = step_kernel(both.numel() // (2 * size), both)
+        if kernel is not None:
             act = torch.empty((*both.shape[:-1], size), dtype=both.dtype)
             kernel.silu_mul(
                 both.data_ptr(),

@@ -88,42 +88,19 @@ def library() -> ctypes.CDLL:
         build(path)
     torch.get_num_threads()  # torch (and its libgomp) is loaded before the kernel links to it
     lib = ctypes.CDLL(str(path))
-    lib.qmm_linear.restype = ctypes.c_int
-    lib.qmm_linear.argtypes = [
-        ctypes.c_void_p,
-        ctypes.c_int64,
-        ctypes.c_int64,
-        ctypes.c_void_p,
-        ctypes.c_void_p,
-        ctypes.c_void_p,
-        ctypes.c_void_p,
-        ctypes.c_int64,
-        ctypes.c_int,
-        ctypes.c_int,
-    ]
-    lib.qmm_has_avx2.restype = ctypes.c_int
-    lib.bf16_linear.restype = ctypes.c_int
-    lib.bf16_linear.argtypes = [
-        ctypes.c_void_p,
-        ctypes.c_int,
-        ctypes.c_int64,
-        ctypes.c_int64,
-        ctypes.c_void_p,
-        ctypes.c_void_p,
-        ctypes.c_void_p,
-        ctypes.c_int,
-        ctypes.c_int64,
-        ctypes.c_int,
-    ]
-    lib.bf16_widen.restype = None
-    i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    lib.rms_norm.restype = None
-    lib.rms_norm.argtypes = [ptr, ptr, ptr, i64, i64, ctypes.c_float, i32, i32]
-    lib.rope.restype = None
-    lib.rope.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, i32]
-    lib.silu_mul.restype = None
-    lib.silu_mul.argtypes = [ptr, ptr, i64, i64, i32, i32]
-    lib.bf16_widen.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+    i64, i32, f32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+    signatures = {  # name: (restype, argtypes), as kernels/qmatmul.c declares them
+        "qmm_has_avx2": (i32, []),
+        "qmm_linear": (i32, [ptr, i64, i64, ptr, ptr, ptr, ptr, i64, i32, i32]),
+        "bf16_linear": (i32, [ptr, i32, i64, i64, ptr, ptr, ptr, i32, i64, i32]),
+        "bf16_widen": (None, [ptr, ptr, i64, i32]),
+        "rms_norm": (None, [ptr, ptr, ptr, i64, i64, f32, i32, i32]),
+        "rope": (None, [ptr, i64, i64, i64, i64, ptr, ptr, i32]),
+        "silu_mul": (None, [ptr, ptr, i64, i64, i32, i32]),
+    }
+    for name, (restype, argtypes) in signatures.items():
+        function = getattr(lib, name)
+        function.restype, function.argtypes = restype, argtypes
     return lib
 
 
