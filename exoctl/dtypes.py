@@ -19,16 +19,17 @@ WIRE_DTYPE_SIZES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2, "
 
 
 FLOAT_BYTES: dict[str, int] = {name: WIRE_DTYPE_SIZES[name] for name in ("float32", "bfloat16", "float16")}
-QUANT_BLOCK = 32  # int4 weights per scale; int8 and int4 need input features in multiples of it
+QUANT_BLOCK = 32  # int4 weights per scale and minimum; int8 and int4 need input features in multiples of it
 
 
 def matrix_bytes(dtype: str, rows: int, cols: int) -> int:
     """Bytes a weight matrix [rows, cols] takes at run time, scales included: int8 has one
-    float32 scale per row, int4 one float16 per block of 32 (4.5 bits a weight, as Q4_0)."""
+    float32 scale per row, int4 a float16 scale and minimum per block of 32 (5 bits a weight, as
+    Q4_1)."""
     if dtype == "int8":
         return rows * cols + 4 * rows
     if dtype == "int4":
-        return rows * cols // 2 + 2 * (rows * cols // QUANT_BLOCK)
+        return rows * cols // 2 + 4 * (rows * cols // QUANT_BLOCK)
     return rows * cols * float_bytes(dtype)
 
 

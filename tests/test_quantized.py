@@ -48,19 +48,39 @@ def test_quantize_round_trip_is_within_the_format_bound(bits: int) -> None:
         assert (error <= step / 2 * 1.0001 + 1e-7).all()
         assert q.data.dtype == torch.int8 and q.scales.shape == (96,)
     else:
-        # Q4_0's levels (the largest magnitude maps to -8) with the scale refitted by least
-        # squares: every block's squared error is at most what Q4_0's own scale gives
+        # A scale and a minimum per block of 32, fitted by least squares from Q4_1's levels: every
+        # block's squared error is at most Q4_1's own (min at 0, max at 15) and, over the tensor,
+        # below what symmetric Q4_0 levels give
         blocks = w.view(96, 256 // BLOCK, BLOCK)
+        low, high = blocks.amin(dim=-1, keepdim=True), blocks.amax(dim=-1, keepdim=True)
+        d = ((high - low) / 15).half().float()
+        q4_1 = torch.round((blocks - low.half().float()) / d).clamp(0, 15) * d + low.half().float()
+        q4_1_error = ((q4_1 - blocks) ** 2).sum(-1)
         index = blocks.abs().argmax(dim=-1, keepdim=True)
-        step = blocks.gather(-1, index) / -8
-        levels = torch.floor(blocks / step + 8.5).clamp(0, 15) - 8
-        q4_0_error = ((levels * step.half().float() - blocks) ** 2).sum(-1)
+        step = (blocks.gather(-1, index) / -8).half().float()
+        q4_0 = (torch.floor(blocks / step + 8.5).clamp(0, 15) - 8) * step
         ours = ((dequantize(q).view_as(blocks) - blocks) ** 2).sum(-1)
-        assert (ours <= q4_0_error * 1.002 + 1e-9).all()
-        assert ours.sum() < q4_0_error.sum() * 0.98  # and better overall
-        assert (error <= step.abs().expand_as(blocks).reshape(96, 256) * 1.1).all()
-        assert q.data.shape == (96, 128) and q.scales.dtype == torch.float16
-    assert q.nbytes == {8: 96 * 256 + 96 * 4, 4: 96 * 128 + 96 * 8 * 2}[bits]
+        assert (ours <= q4_1_error * 1.002 + 1e-9).all()
+        assert ours.sum() < ((q4_0 - blocks) ** 2).sum() * 0.9
+        # and no weight further than one of Q4_1's steps from its value
+        assert (error <= d.expand_as(blocks).reshape(96, 256) * 1.01).all()
+        assert q.data.shape == (96, 128) and q.scales.shape == (96, 8, 2) and q.scales.dtype == torch.float16
+    assert q.nbytes == {8: 96 * 256 + 96 * 4, 4: 96 * 128 + 96 * 8 * 2 * 2}[bits]
+
+
+def test_int4_holds_q4_0_and_q4_1_blocks_exactly() -> None:
+    """Weights that lie on a 4-bit grid (a Q4_0 or Q4_1 checkpoint dequantized) come back bit for
+    bit: the next load of such a file loses nothing more."""
+    torch.manual_seed(1)
+    rows, blocks = 24, 6
+    d = (torch.rand(rows, blocks, 1) * 0.02 + 1e-3).half().float()
+    levels = torch.randint(0, 16, (rows, blocks, BLOCK)).float()
+    levels[..., 0], levels[..., 1] = 0, 15  # each block spans its grid, as a quantizer leaves it
+    q4_1 = levels * d + (torch.randn(rows, blocks, 1) * 0.01).half().float()
+    q4_0 = (levels - 8) * d
+    for grid in (q4_1, q4_0):
+        w = grid.view(rows, blocks * BLOCK)
+        assert torch.equal(dequantize(quantize(w, 4)), w)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -115,6 +135,31 @@ def test_the_kernel_equals_the_dequantized_matmul_within_its_bound(bits: int, ro
     assert quantized(x.to(torch.bfloat16)).dtype == torch.bfloat16
     torch.testing.assert_close(quantized(x[None])[0], out)
     torch.testing.assert_close(quantized(x[-1:]), out[-1:])
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_the_portable_loop_gives_what_the_avx2_kernel_gives(tmp_path: Path, bits: int) -> None:
+    """A node whose CPU lacks AVX2 runs kernels/qmatmul.c's plain C loop over the same layout:
+    built here without -march=native, it must compute what the vector kernel computes."""
+    import ctypes
+
+    from exoctl.engine import qkernel
+
+    portable = tmp_path / "portable.so"
+    qkernel.build(portable, ("-O2", "-fopenmp", "-shared", "-fPIC"))
+    lib = ctypes.CDLL(str(portable))
+    lib.qmm_linear.argtypes = qkernel.library().qmm_linear.argtypes
+    assert lib.qmm_has_avx2() == 0
+    torch.manual_seed(bits)
+    w, bias = torch.randn(203, 320) * 0.05, torch.randn(203)
+    quantized = QuantLinear(quantize(w, bits), bias)
+    x = torch.randn(5, 320)
+    out = torch.empty(5, 203)
+    assert lib.qmm_linear(
+        x.data_ptr(), 5, 320, quantized.data.data_ptr(), quantized.scales.data_ptr(), quantized.bias.data_ptr(),
+        out.data_ptr(), 203, bits, 1,
+    ) == 0
+    torch.testing.assert_close(out, quantized(x), rtol=1e-5, atol=1e-5)
 
 
 # --- models --------------------------------------------------------------------------------
@@ -199,7 +244,12 @@ def test_tensor_ranks_in_process_sum_to_the_whole_quantized_model(
 
     merged = torch.cat(on_ranks(world, work), dim=-1)
     assert merged.shape == whole.shape
-    torch.testing.assert_close(merged, whole, rtol=2e-3, atol=2e-3)
+    # The same weights and the same sums, in another order: float32 differences of 1e-6, except
+    # where one moves an activation across half an int8 step in the kernel's rounding, which
+    # shifts that block's dot product by a step times |w| (seen once in this model under int4:
+    # 0.4% of the logits' norm, against 43% between its int4 and float32 logits).
+    assert relative(merged, whole) < 0.01
+    assert torch.equal(merged.argmax(-1), whole.argmax(-1))
 
 
 def test_smollm2_answers_paris_in_int8_and_int4(smollm2_folder: Path) -> None:
@@ -276,8 +326,8 @@ def test_quantized_bytes_per_dtype() -> None:
     embed = card.vocab_size * card.hidden_size
     matrices = card.parameters - 2 * embed
     assert sizes["int8"] == pytest.approx(matrices + 2 * embed + embed, rel=0.01)
-    # int4: 4.5 bits a weight (Q4_0's), lm_head in int8
-    assert sizes["int4"] == pytest.approx(matrices * 4.5 / 8 + 2 * embed + embed, rel=0.01)
+    # int4: 5 bits a weight (Q4_1's: a float16 scale and minimum per 32), lm_head in int8
+    assert sizes["int4"] == pytest.approx(matrices * 5 / 8 + 2 * embed + embed, rel=0.01)
 
 
 def test_the_test_plans_models_quantized_on_the_example_inventory() -> None:

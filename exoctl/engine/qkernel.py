@@ -43,7 +43,7 @@ def library_path() -> Path:
     return exoctl_home() / "kernels" / f"qmatmul-{digest.hexdigest()[:16]}.so"
 
 
-def build(target: Path) -> None:
+def build(target: Path, flags: tuple[str, ...] = FLAGS) -> None:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise UnsupportedModelError(
@@ -56,7 +56,7 @@ def build(target: Path) -> None:
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         out = Path(scratch) / target.name
         result = subprocess.run(
-            [compiler, *FLAGS, "-o", str(out), str(SOURCE), "-lm"],
+            [compiler, *flags, "-o", str(out), str(SOURCE), "-lm"],
             capture_output=True,
             text=True,
             timeout=300,
