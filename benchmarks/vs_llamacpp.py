@@ -222,13 +222,15 @@ def main() -> None:
             del model
             gc.collect()
             for kind in GGUF_TYPES[dtype]:
+                model_file = gguf(args.cache, bin_dir, name, folder, kind)
                 theirs_decode, theirs_prefill = llama_bench(
-                    bin_dir, gguf(args.cache, bin_dir, name, folder, kind), args.threads, args.tokens, args.prefill
+                    bin_dir, model_file, args.threads, args.tokens, args.prefill
                 )
                 print(
                     f"{name:<11} {dtype:<8} {kind:<9} "
                     f"{ours_decode:>6.1f} t/s {theirs_decode:>5.1f} t/s "
-                    f"{ours_decode / theirs_decode:>5.2f}x {ours_prefill:>7.1f} t/s {theirs_prefill:>5.1f} t/s "
+                    f"{ours_decode / theirs_decode:>5.2f}x "
+                    f"{ours_prefill:>7.1f} t/s {theirs_prefill:>5.1f} t/s "
                     f"{ours_prefill / theirs_prefill:>5.2f}x {batched:>7.2f}x",
                     flush=True,
                 )

@@ -155,10 +155,9 @@ def test_the_portable_loop_gives_what_the_avx2_kernel_gives(tmp_path: Path, bits
     quantized = QuantLinear(quantize(w, bits), bias)
     x = torch.randn(5, 320)
     out = torch.empty(5, 203)
-    assert lib.qmm_linear(
-        x.data_ptr(), 5, 320, quantized.data.data_ptr(), quantized.scales.data_ptr(), quantized.bias.data_ptr(),
-        out.data_ptr(), 203, bits, 1,
-    ) == 0
+    assert quantized.bias is not None
+    weights = (quantized.data.data_ptr(), quantized.scales.data_ptr(), quantized.bias.data_ptr())
+    assert lib.qmm_linear(x.data_ptr(), 5, 320, *weights, out.data_ptr(), 203, bits, 1) == 0
     torch.testing.assert_close(out, quantized(x), rtol=1e-5, atol=1e-5)
 
 
