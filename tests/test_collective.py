@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,6 +15,7 @@ import zmq
 from exoctl.errors import CollectiveError
 from exoctl.keys import find_keys
 from exoctl.worker.collective import ZmqCollective
+from exoctl.worker.shm_exchange import SHM_DIR, SLOT_BYTES, ShmExchange, host_key
 from tests.cluster_helpers import take_ports
 
 
@@ -116,3 +119,107 @@ def test_ranks_bind_first_and_connect_once_they_know_each_other() -> None:
             collective.close()
     finally:
         ctx.destroy(linger=0)
+
+
+# --- ranks on one host: partials through shared memory -------------------------------------
+
+
+def shared_ranks(ctx: zmq.Context[Any], world: int, first_host: int, timeout_s: float) -> list[ZmqCollective]:
+    """Ranks as workers on one host make them: bound, then connected with every rank's offer."""
+    key = host_key()
+    assert key is not None, "this machine has /dev/shm and a C compiler"
+    ranks = [
+        ZmqCollective(
+            ctx, r, world, f"127.0.0.{first_host + r}:*", timeout_s=timeout_s, shm=ShmExchange(r, world, key)
+        )
+        for r in range(world)
+    ]
+    addresses = [f"127.0.0.{first_host + r}:{c.port}" for r, c in enumerate(ranks)]
+    offers = [c.offer for c in ranks]
+    for collective in ranks:
+        collective.connect(addresses, offers)
+        assert collective.shared
+    return ranks
+
+
+def own_files() -> list[Path]:
+    return list(SHM_DIR.glob(f"exoctl-tp-{os.getpid()}-*"))
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ranks_on_one_host_sum_through_shared_memory_and_big_partials_take_zeromq(world: int) -> None:
+    ctx: zmq.Context[Any] = zmq.Context()
+    ranks = shared_ranks(ctx, world, 71 + 5 * world, timeout_s=10)
+    assert len(own_files()) == world
+    # 4-row partials, and every fourth step one larger than a slot, which goes over ZeroMQ
+    shapes = [(4, 4096) if step % 4 else (SLOT_BYTES // 4 // 1024 + 1, 1024) for step in range(1, 13)]
+    results: list[list[torch.Tensor]] = [[] for _ in range(world)]
+    errors: list[BaseException] = []
+
+    def run(r: int) -> None:
+        try:
+            generator = torch.Generator().manual_seed(r)
+            for shape in shapes:
+                results[r].append(ranks[r].all_reduce(torch.randn(*shape, generator=generator)))
+            gathered = ranks[r].all_gather(torch.full((3,), float(r)))
+            results[r].append(torch.stack(gathered))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    try:
+        assert not errors, errors
+        generators = [torch.Generator().manual_seed(r) for r in range(world)]
+        for step, shape in enumerate(shapes):
+            partials = [torch.randn(*shape, generator=g) for g in generators]
+            expected = partials[0].clone()
+            for partial in partials[1:]:
+                expected += partial
+            for r in range(world):
+                assert torch.equal(results[r][step], expected)  # bit-identical on every rank
+        for r in range(world):
+            assert results[r][-1].tolist() == [[float(q)] * 3 for q in range(world)]
+        assert all(c.shared_steps == 10 for c in ranks)  # 9 small all-reduces and the gather
+        assert own_files() == []  # unlinked once every peer had mapped them
+    finally:
+        for collective in ranks:
+            collective.close()
+        ctx.destroy(linger=0)
+
+
+def test_a_silent_rank_on_one_host_fails_within_the_timeout_and_an_abort_ends_the_wait() -> None:
+    ctx: zmq.Context[Any] = zmq.Context()
+    ranks = shared_ranks(ctx, 2, 91, timeout_s=0.5)
+    try:
+        with pytest.raises(CollectiveError, match=r"no partial from rank 1 \(rank 1\) within 0.5 s"):
+            ranks[0].all_reduce(torch.ones(4))
+        ranks[0].timeout_ms = 30_000
+        timer = threading.Timer(0.3, ranks[0].abort, args=("node node2 stopped answering",))
+        timer.start()
+        began = time.monotonic()
+        with pytest.raises(CollectiveError, match="node node2 stopped answering"):
+            ranks[0].all_reduce(torch.ones(4))
+        assert time.monotonic() - began < 1.0
+    finally:
+        for collective in ranks:
+            collective.close()
+        ctx.destroy(linger=0)
+    assert own_files() == []
+
+
+def test_ranks_use_shared_memory_only_when_every_rank_is_on_this_host() -> None:
+    key = host_key()
+    assert key is not None
+    exchange = ShmExchange(0, 3, key)
+    try:
+        here = exchange.offer
+        assert exchange.colocated([here, f"{key}|/dev/shm/b", f"{key}|/dev/shm/c"])
+        assert not exchange.colocated([here, f"{key}|/dev/shm/b", None])  # an older worker
+        assert not exchange.colocated([here, f"{key}|/dev/shm/b", "other-host/boot/7|/dev/shm/c"])
+    finally:
+        exchange.close()
+    assert own_files() == []

@@ -24,7 +24,9 @@ import torch
 from exoctl.errors import UnsupportedModelError
 from exoctl.paths import exoctl_home
 
-SOURCE = Path(__file__).with_name("kernels") / "qmatmul.c"
+KERNELS = Path(__file__).with_name("kernels")
+# one library: the matmuls and per-layer steps, and the ranks' shared-memory signalling
+SOURCES = (KERNELS / "qmatmul.c", KERNELS / "shm_signal.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 
 
@@ -39,7 +41,8 @@ def _cpu_key() -> str:
 
 
 def library_path() -> Path:
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_key().encode())
+    code = b"".join(source.read_bytes() for source in SOURCES)
+    digest = hashlib.sha256(code + " ".join(FLAGS).encode() + _cpu_key().encode())
     return exoctl_home() / "kernels" / f"qmatmul-{digest.hexdigest()[:16]}.so"
 
 
@@ -56,7 +59,7 @@ def build(target: Path, flags: tuple[str, ...] = FLAGS) -> None:
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         out = Path(scratch) / target.name
         result = subprocess.run(
-            [compiler, *flags, "-o", str(out), str(SOURCE), "-lm"],
+            [compiler, *flags, "-o", str(out), *map(str, SOURCES), "-lm"],
             capture_output=True,
             text=True,
             timeout=300,
@@ -97,6 +100,8 @@ def library() -> ctypes.CDLL:
         "rms_norm": (None, [ptr, ptr, ptr, i64, i64, f32, i32, i32]),
         "rope": (None, [ptr, i64, i64, i64, i64, ptr, ptr, i32]),
         "silu_mul": (None, [ptr, ptr, i64, i64, i32, i32]),
+        "shm_publish": (None, [ptr, ctypes.c_uint32]),
+        "shm_wait": (i32, [ptr, ctypes.c_uint32, i64, i64]),
     }
     for name, (restype, argtypes) in signatures.items():
         function = getattr(lib, name)

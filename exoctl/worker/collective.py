@@ -6,7 +6,9 @@ Decoding on CPU does about 2 x layers of these per token, so latency is what cou
 `benchmarks/allreduce.py` measures this against torch.distributed's gloo on the same tensors.
 
 A rank binds its PULL socket first (on a port the OS picks, when the worker's runners share
-one host), tells its peers the address, and connects once it knows all of theirs.
+one host), tells its peers the address, and connects once it knows all of theirs. Ranks that all
+share one host exchange partials through shared memory instead (`shm_exchange.py`): no thread
+but the ranks' own between a partial and its reader.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import zmq
 from exoctl.errors import CollectiveError
 from exoctl.keys import ClusterKeys
 from exoctl.transport import secure_client, secure_server
+from exoctl.worker.shm_exchange import ShmExchange
 
 POLL_MS = 100  # how often a wait checks whether the instance was failed meanwhile
 
@@ -35,8 +38,10 @@ class ZmqCollective:
         keys: ClusterKeys | None = None,
         timeout_s: float = 10.0,
         names: list[str] | None = None,
+        shm: ShmExchange | None = None,
     ) -> None:
-        """`bind`: host:port, or host:* for a port the OS picks (then read `address`)."""
+        """`bind`: host:port, or host:* for a port the OS picks (then read `address`). `shm`: this
+        rank's shared-memory file, used if every rank offers one on this host (`connect`)."""
         self.ctx = ctx
         self.keys = keys
         self.rank = rank
@@ -54,6 +59,9 @@ class ZmqCollective:
         endpoint = self.pull.getsockopt_string(zmq.LAST_ENDPOINT)
         self.port = int(endpoint.rsplit(":", 1)[1])
         self.push: dict[int, zmq.Socket[Any]] = {}
+        self.shm = shm
+        self.shared = False  # partials go through shared memory (every rank on this host)
+        self.shared_steps = 0
 
     @classmethod
     def mesh(
@@ -70,10 +78,24 @@ class ZmqCollective:
         return collective
 
     @property
+    def offer(self) -> str | None:
+        """What this rank tells the others about its shared memory (None: it has none)."""
+        return None if self.shm is None else self.shm.offer
+
+    @property
     def connected(self) -> bool:
         return len(self.push) == self.world - 1
 
-    def connect(self, addresses: list[str]) -> None:
+    def connect(self, addresses: list[str], offers: list[str | None] | None = None) -> None:
+        """Connect to every rank's address; with every rank's shared-memory offer, use shared
+        memory if they are all on this host (each rank sees the same offers, so all agree)."""
+        if self.shm is not None and offers is not None and not self.shared:
+            if self.shm.colocated(offers):
+                self.shm.attach(offers)
+                self.shared = True
+            else:
+                self.shm.close()
+                self.shm = None
         for peer, address in enumerate(addresses):
             if peer != self.rank and peer not in self.push:
                 sock = self.ctx.socket(zmq.PUSH)
@@ -90,17 +112,58 @@ class ZmqCollective:
         for sock in self.push.values():
             sock.close(int(linger_s * 1000))
         self.pull.close(0)
+        if self.shm is not None:
+            self.shm.close()
 
     def all_gather(self, partial: torch.Tensor) -> list[torch.Tensor]:
         """Every rank's `partial` (the same shape and dtype on every rank), in rank order."""
+        parts = self._gather(partial)
+        return [part if r == self.rank else part.clone() for r, part in enumerate(parts)]
+
+    def _gather(self, partial: torch.Tensor) -> list[torch.Tensor]:
+        """all_gather, where other ranks' parts may be views of shared memory, valid until this
+        rank's next collective returns."""
         step, self.step = self.step, self.step + 1
         if self.world == 1:
             return [partial]
         began = time.perf_counter()
+        partial = partial.contiguous()
         try:
-            return self._exchange(step, partial.contiguous())
+            if (
+                self.shared
+                and self.shm is not None
+                and self.shm.fits(partial.numel() * partial.element_size())
+            ):
+                return self._exchange_shared(self.shm, step, partial)
+            return self._exchange(step, partial)
         finally:
             self.busy_s += time.perf_counter() - began
+
+    def _exchange_shared(self, shm: ShmExchange, step: int, partial: torch.Tensor) -> list[torch.Tensor]:
+        shm.publish(step, partial)
+        parts = []
+        for peer in range(self.world):
+            if peer == self.rank:
+                parts.append(partial)
+                continue
+            waited = 0
+            while not shm.wait(peer, step, POLL_MS):
+                if self.aborted is not None:
+                    raise CollectiveError(self.aborted)
+                waited += POLL_MS
+                if waited >= self.timeout_ms:
+                    raise self._silent(step, [peer])
+            parts.append(shm.view(peer, step, partial))
+        self.shared_steps += 1
+        if self.shared_steps == 1:
+            shm.unlink()  # every peer has mapped this rank's file: they published after attaching
+        return parts
+
+    def _silent(self, step: int, missing: list[int]) -> CollectiveError:
+        who = ", ".join(f"{self.names[r]} (rank {r})" for r in missing)
+        return CollectiveError(
+            f"all-reduce step {step}: no partial from {who} within {self.timeout_ms / 1000:g} s"
+        )
 
     def _exchange(self, step: int, partial: torch.Tensor) -> list[torch.Tensor]:
         header = msgpack.packb((step, self.rank))
@@ -119,11 +182,7 @@ class ZmqCollective:
             if not self.pull.poll(POLL_MS):
                 waited += POLL_MS
                 if waited >= self.timeout_ms:
-                    missing = sorted(set(range(self.world)) - set(parts))
-                    who = ", ".join(f"{self.names[r]} (rank {r})" for r in missing)
-                    raise CollectiveError(
-                        f"all-reduce step {step}: no partial from {who} within {self.timeout_ms / 1000:g} s"
-                    )
+                    raise self._silent(step, sorted(set(range(self.world)) - set(parts)))
                 continue
             head, raw = self.pull.recv_multipart()
             their_step, peer = msgpack.unpackb(head)
@@ -135,7 +194,7 @@ class ZmqCollective:
 
     def all_reduce(self, partial: torch.Tensor) -> torch.Tensor:
         """The sum over ranks of `partial` (any shape), added in rank order."""
-        parts = self.all_gather(partial)
+        parts = self._gather(partial)
         if len(parts) == 1:
             return parts[0]
         total = parts[0].clone()

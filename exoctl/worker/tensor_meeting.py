@@ -1,8 +1,9 @@
 """How the ranks of a tensor-parallel instance meet before they are ready.
 
 Each rank binds its collective socket on a port the OS picks and tells the other ranks the address
-(`tp_hello`); a hello that comes before its instance's `load` is kept until the load comes. A rank
-is ready once its weights are loaded and it knows every other rank's address (`TensorRunner`).
+and, where the node has /dev/shm, its shared-memory file and host key (`tp_hello` "shm"); a hello
+that comes before its instance's `load` is kept until the load comes. A rank is ready once its
+weights are loaded and it knows every other rank's address (`TensorRunner`).
 Torch-free at import.
 """
 
@@ -35,24 +36,33 @@ class Meeting:
         self.keys = keys
         self.max_batch = max_batch
         self.peers = peers
-        self.early: dict[str, dict[int, str]] = {}  # instance id -> rank -> collective address
+        # instance id -> rank -> (collective address, shared-memory offer)
+        self.early: dict[str, dict[int, tuple[str, str | None]]] = {}
 
     def runner(self, spec: RunnerSpec) -> TensorRunner:
         """This node's rank: bind its collective socket and tell the other ranks where it is."""
         from exoctl.worker.collective import ZmqCollective
+        from exoctl.worker.shm_exchange import ShmExchange, host_key
         from exoctl.worker.tensor_runner import TensorRunner
 
         bind = f"{self.host}:*"
+        key = host_key()
+        shm = ShmExchange(spec.rank, spec.world, key) if key is not None else None
         collective = ZmqCollective(
-            self.ctx, spec.rank, spec.world, bind, self.keys, COLLECTIVE_TIMEOUT_S, list(spec.nodes)
+            self.ctx, spec.rank, spec.world, bind, self.keys, COLLECTIVE_TIMEOUT_S, list(spec.nodes), shm
         )
         runner = TensorRunner(spec, self.max_batch, collective)
         # peers reach this node at the host they were given for it
         address = f"{spec.address.rsplit(':', 1)[0]}:{collective.port}"
-        runner.met(spec.rank, address)
-        for rank, known in self.early.pop(spec.instance_id, {}).items():
-            runner.met(rank, known)
-        hello = {"instance_id": spec.instance_id, "rank": spec.rank, "address": address}
+        runner.met(spec.rank, address, collective.offer)
+        for rank, (known, offer) in self.early.pop(spec.instance_id, {}).items():
+            runner.met(rank, known, offer)
+        hello = {
+            "instance_id": spec.instance_id,
+            "rank": spec.rank,
+            "address": address,
+            "shm": collective.offer,
+        }
         for rank, (_, peer) in enumerate(spec.peers):
             if rank != spec.rank:
                 self.peers.send(peer, protocol.encode("tp_hello", hello))
@@ -61,16 +71,19 @@ class Meeting:
     def hello(self, runner: Runner | None, message: Message) -> None:
         """Another rank's address, for `runner` (None: its load message has not come yet)."""
         instance_id, rank, address = message["instance_id"], message["rank"], message["address"]
+        offer = message.get("shm")  # absent from older workers: ZeroMQ then
+        if offer is not None and (not isinstance(offer, str) or "|" not in offer):
+            raise ProtocolError("'tp_hello' field 'shm' must be null or 'host key|path'")
         if runner is None:
             if len(self.early) > MAX_EARLY_INSTANCES:
                 self.early.pop(next(iter(self.early)))
-            self.early.setdefault(instance_id, {})[rank] = address
+            self.early.setdefault(instance_id, {})[rank] = (address, offer)
             return
         from exoctl.worker.tensor_runner import TensorRunner
 
         if not isinstance(runner, TensorRunner) or not 0 <= rank < runner.spec.world:
             raise ProtocolError(f"'tp_hello' for rank {rank} of an instance that has no such rank")
-        runner.met(rank, address)
+        runner.met(rank, address, offer)
 
     def forget(self, instance_id: str) -> None:
         self.early.pop(instance_id, None)

@@ -7,8 +7,9 @@ on each sequence's next token from a few numbers per sequence (`engine.parallel_
 never the full logits — and the head streams it and sends the next step.
 
 Ranks meet before they are ready: each binds its collective socket on a port the OS picks and
-tells the other ranks the address (`tp_hello`); a rank is ready when its weights are loaded and
-it knows every other rank's address.
+tells the other ranks the address and, where it can, its shared-memory file (`tp_hello`); a rank
+is ready when its weights are loaded and it knows every other rank's address. Ranks that all
+share a host then exchange partials through shared memory (`shm_exchange`).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class TensorRunner(Runner):
         self.collective = collective
         self.rank_samplers: dict[str, RankSampler] = {}
         self.addresses: dict[int, str] = {}  # rank -> collective address, this rank's included
+        self.offers: dict[int, str | None] = {}  # rank -> its shared-memory offer (None: none)
         self.weights_loaded = False
         self.decode_collective_s = 0.0
         self.lock = threading.Lock()  # the loader thread and the I/O loop both may make it ready
@@ -61,10 +63,12 @@ class TensorRunner(Runner):
             self.weights_loaded = True
             self._ready_if_complete()
 
-    def met(self, rank: int, address: str) -> None:
-        """Rank `rank` of this instance listens for partials at `address`."""
+    def met(self, rank: int, address: str, offer: str | None = None) -> None:
+        """Rank `rank` of this instance listens for partials at `address` (and offers its
+        shared-memory file, for ranks on its host)."""
         with self.lock:
             self.addresses[rank] = address
+            self.offers[rank] = offer
             self._ready_if_complete()
 
     def _ready_if_complete(self) -> None:
@@ -72,7 +76,8 @@ class TensorRunner(Runner):
             return
         if len(self.addresses) < self.spec.world:
             return
-        self.collective.connect([self.addresses[r] for r in range(self.spec.world)])
+        ranks = range(self.spec.world)
+        self.collective.connect([self.addresses[r] for r in ranks], [self.offers.get(r) for r in ranks])
         self.status = RunnerStatus.READY
 
     def fail(self, failure: Failure) -> None:
