@@ -63,6 +63,7 @@ class RunnerReport:
     active_sequences: int = 0
     experts: tuple[ExpertLoad, ...] = field(default_factory=tuple)
     collective_ms_per_token: float | None = None  # tensor ranks: time in collectives
+    collective_transport: str | None = None  # tensor ranks: "shm" (ranks on one host) or "zmq"
 
     @property
     def message(self) -> str:

@@ -69,6 +69,11 @@ def test_tensor_split_gives_the_single_process_tokens(
             shards = [s["TensorShardMetadata"] for s in doc["shardAssignments"]["runnerToShard"].values()]
             assert sorted(s["deviceRank"] for s in shards) == list(range(nodes))
             assert all((s["startLayer"], s["endLayer"]) == (0, s["nLayers"]) for s in shards)
+            # the ranks share this host, so their partials go through shared memory
+            runners = state_document(client.statuses(), "test")["runners"]
+            ranks = [next(iter(r.values())) for r in runners.values()]
+            ranks = [r for r in ranks if r["instanceId"] == instance_id]
+            assert len(ranks) == nodes and all(r["collectiveTransport"] == "shm" for r in ranks)
             if kind == "mixtral":
                 experts = doc["expertTokensByNode"]
                 held = sorted(int(e) for node in experts.values() for e in node)
@@ -239,3 +244,22 @@ def test_two_tensor_instances_on_the_same_nodes_run_at_once(
         finally:
             client.unload(first)
             client.unload(second)
+
+
+def test_ranks_told_not_to_share_memory_exchange_partials_over_zeromq(
+    tmp_path_factory: pytest.TempPathFactory,
+    tiny_models: dict[str, Path],
+    references: dict[str, list[int]],  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The path ranks on different hosts take, between real workers: the same tokens."""
+    monkeypatch.setenv("EXOCTL_TP_SHM", "0")  # the workers `exoctl up` starts inherit it
+    with tiny_cluster(tmp_path_factory, "tensor-zmq", 2, tiny_models) as cluster, cluster.client() as client:
+        instance_id = place(client, model_ref("qwen2", tiny_models), 2)
+        try:
+            assert generate(client, instance_id)["token_ids"] == references["qwen2"]
+            runners = state_document(client.statuses(), "test")["runners"].values()
+            ranks = [next(iter(r.values())) for r in runners]
+            assert len(ranks) == 2 and all(r["collectiveTransport"] == "zmq" for r in ranks)
+        finally:
+            client.unload(instance_id)

@@ -29,6 +29,7 @@ def _runner_doc(runner: RunnerReport) -> dict[str, Any]:
     }
     if runner.collective_ms_per_token is not None:  # a tensor-parallel rank
         body["collectiveMsPerToken"] = runner.collective_ms_per_token
+        body["collectiveTransport"] = runner.collective_transport
     if runner.status is RunnerStatus.LOADING:
         body.update(layersLoaded=runner.layers_loaded, layersTotal=runner.layers_total)
     if runner.status is RunnerStatus.FAILED:

@@ -101,7 +101,8 @@ class TensorRunner(Runner):
     def report(self) -> RunnerReport:
         # decode steps only: time in collectives (sending, and waiting for the other ranks) per token
         per_token = round(1000 * self.decode_collective_s / max(self.decoded, 1), 3)
-        return replace(super().report(), collective_ms_per_token=per_token)
+        transport = "shm" if self.collective.shared else "zmq"
+        return replace(super().report(), collective_ms_per_token=per_token, collective_transport=transport)
 
     # --- compute ---------------------------------------------------------------------------
 
