@@ -15,7 +15,7 @@ import zmq
 from exoctl.errors import CollectiveError
 from exoctl.keys import find_keys
 from exoctl.worker.collective import ZmqCollective
-from exoctl.worker.shm_exchange import SHM_DIR, SLOT_BYTES, ShmExchange, host_key
+from exoctl.worker.shm_exchange import SHM_DIR, SLOT_BYTES, ShmExchange, host_key, offer_path
 from tests.cluster_helpers import take_ports
 
 
@@ -222,4 +222,25 @@ def test_ranks_use_shared_memory_only_when_every_rank_is_on_this_host() -> None:
         assert not exchange.colocated([here, f"{key}|/dev/shm/b", "other-host/boot/7|/dev/shm/c"])
     finally:
         exchange.close()
+    assert own_files() == []
+
+
+def test_an_offer_names_only_an_exoctl_file_in_dev_shm_of_the_right_size(tmp_path: Path) -> None:
+    """Paths from the network are never opened as given: a hostile or broken hello cannot make a
+    rank map another file (mapped past its end, a file kills the reader with SIGBUS)."""
+    for bad in ("key|/etc/passwd", "key|/dev/shm/../../etc/passwd", "key|/dev/shm/other", "no separator", ""):
+        with pytest.raises(ValueError, match="not an exoctl shared-memory file"):
+            offer_path(bad)
+    assert offer_path("key|/dev/shm/exoctl-tp-1-r0-abc") == "/dev/shm/exoctl-tp-1-r0-abc"
+    key = host_key()
+    assert key is not None
+    short = SHM_DIR / f"exoctl-tp-{os.getpid()}-short"
+    short.write_bytes(b"\0" * 64)
+    exchange = ShmExchange(0, 2, key)
+    try:
+        with pytest.raises(CollectiveError, match="is not one a worker of this user made"):
+            exchange.attach([exchange.offer, f"{key}|{short}"])
+    finally:
+        exchange.close()
+        short.unlink()
     assert own_files() == []

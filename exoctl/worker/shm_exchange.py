@@ -18,6 +18,7 @@ import ctypes
 import mmap
 import os
 import socket
+import stat
 import tempfile
 from pathlib import Path
 
@@ -51,6 +52,19 @@ def spin_ns(world: int) -> int:
 ENV_SWITCH = "EXOCTL_TP_SHM"  # "0": co-located ranks use ZeroMQ too
 
 
+FILE_BYTES = HEADER_BYTES + 2 * SLOT_BYTES
+FILE_PREFIX = "exoctl-tp-"
+
+
+def offer_path(offer: str) -> str:
+    """The file an offer names, which must be one of ours in /dev/shm (never a path as given)."""
+    _, separator, path = offer.partition("|")
+    name = path.removeprefix(f"{SHM_DIR}/")
+    if not separator or not name.startswith(FILE_PREFIX) or "/" in name:
+        raise ValueError(f"not an exoctl shared-memory file: {path!r}")
+    return str(SHM_DIR / name)
+
+
 def host_key() -> str | None:
     """What co-located ranks have in common, or None where shared memory cannot be used."""
     if os.environ.get(ENV_SWITCH, "1") == "0" or not SHM_DIR.is_dir() or qkernel.optional_library() is None:
@@ -70,10 +84,10 @@ class ShmExchange:
         self.key = key
         self.lib = qkernel.library()
         self.spin_ns = spin_ns(world)
-        fd, path = tempfile.mkstemp(prefix=f"exoctl-tp-{os.getpid()}-r{rank}-", dir=SHM_DIR)
+        fd, path = tempfile.mkstemp(prefix=f"{FILE_PREFIX}{os.getpid()}-r{rank}-", dir=SHM_DIR)
         self.path: str | None = path
         try:
-            os.ftruncate(fd, HEADER_BYTES + 2 * SLOT_BYTES)
+            os.ftruncate(fd, FILE_BYTES)
             self.own = _Segment(fd)
         finally:
             os.close(fd)
@@ -93,15 +107,22 @@ class ShmExchange:
             if rank == self.rank or rank in self.peers:
                 continue
             assert offer is not None
-            path = offer.split("|", 1)[1]
+            path = offer_path(offer)
             try:
-                fd = os.open(path, os.O_RDWR)
+                fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
             except OSError as exc:
                 raise CollectiveError(
                     f"rank {rank}'s shared-memory file {path} cannot be opened here ({exc.strerror}), though "
                     f"both ranks report the same host; set {ENV_SWITCH}=0 on the workers to use ZeroMQ"
                 ) from None
             try:
+                # mapped past its end a file would kill this process at the first read (SIGBUS)
+                info = os.fstat(fd)
+                if not stat.S_ISREG(info.st_mode) or info.st_size != FILE_BYTES or info.st_uid != os.getuid():
+                    raise CollectiveError(
+                        f"rank {rank}'s shared-memory file {path} is not one a worker of this user made "
+                        f"({info.st_size} bytes, owner {info.st_uid})"
+                    )
                 self.peers[rank] = _Segment(fd)
             finally:
                 os.close(fd)
@@ -147,7 +168,7 @@ class _Segment:
     """One rank's file, mapped: the step word's address and the two slots as byte tensors."""
 
     def __init__(self, fd: int) -> None:
-        self.map = mmap.mmap(fd, HEADER_BYTES + 2 * SLOT_BYTES)
+        self.map = mmap.mmap(fd, FILE_BYTES)
         self.bytes: torch.Tensor | None = torch.frombuffer(self.map, dtype=torch.uint8)
         self.word = ctypes.c_void_p(self.bytes.data_ptr())
 

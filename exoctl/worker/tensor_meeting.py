@@ -72,8 +72,15 @@ class Meeting:
         """Another rank's address, for `runner` (None: its load message has not come yet)."""
         instance_id, rank, address = message["instance_id"], message["rank"], message["address"]
         offer = message.get("shm")  # absent from older workers: ZeroMQ then
-        if offer is not None and (not isinstance(offer, str) or "|" not in offer):
-            raise ProtocolError("'tp_hello' field 'shm' must be null or 'host key|path'")
+        if offer is not None:
+            from exoctl.worker.shm_exchange import offer_path
+
+            try:
+                offer_path(offer if isinstance(offer, str) else "")
+            except ValueError as exc:
+                raise ProtocolError(
+                    f"'tp_hello' field 'shm' must be null or 'host key|file': {exc}"
+                ) from None
         if runner is None:
             if len(self.early) > MAX_EARLY_INSTANCES:
                 self.early.pop(next(iter(self.early)))

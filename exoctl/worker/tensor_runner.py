@@ -26,7 +26,7 @@ import torch
 from exoctl.engine.model import CausalLM, load_model
 from exoctl.engine.parallel_sampling import RankSampler, choose_tokens
 from exoctl.engine.shard import TensorShard
-from exoctl.errors import ExoctlError
+from exoctl.errors import CollectiveError, ExoctlError
 from exoctl.protocol import Message
 from exoctl.runner_report import Failure, RunnerReport, RunnerStatus
 from exoctl.runner_spec import RunnerSpec
@@ -77,7 +77,11 @@ class TensorRunner(Runner):
         if len(self.addresses) < self.spec.world:
             return
         ranks = range(self.spec.world)
-        self.collective.connect([self.addresses[r] for r in ranks], [self.offers.get(r) for r in ranks])
+        try:
+            self.collective.connect([self.addresses[r] for r in ranks], [self.offers.get(r) for r in ranks])
+        except CollectiveError as exc:
+            self.fail(Failure(f"node {self.spec.nodes[self.spec.rank]}: {exc.message}"))
+            return
         self.status = RunnerStatus.READY
 
     def fail(self, failure: Failure) -> None:
