@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -143,7 +145,7 @@ def shared_ranks(ctx: zmq.Context[Any], world: int, first_host: int, timeout_s: 
 
 
 def own_files() -> list[Path]:
-    return list(SHM_DIR.glob(f"exoctl-tp-{os.getpid()}-*"))
+    return [p for p in SHM_DIR.glob("exoctl-tp-*") if f"-{os.getpid()}-r" in p.name]
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -234,7 +236,7 @@ def test_an_offer_names_only_an_exoctl_file_in_dev_shm_of_the_right_size(tmp_pat
     assert offer_path("key|/dev/shm/exoctl-tp-1-r0-abc") == "/dev/shm/exoctl-tp-1-r0-abc"
     key = host_key()
     assert key is not None
-    short = SHM_DIR / f"exoctl-tp-{os.getpid()}-short"
+    short = SHM_DIR / f"exoctl-tp-0-{os.getpid()}-r9-short"
     short.write_bytes(b"\0" * 64)
     exchange = ShmExchange(0, 2, key)
     try:
@@ -244,3 +246,24 @@ def test_an_offer_names_only_an_exoctl_file_in_dev_shm_of_the_right_size(tmp_pat
         exchange.close()
         short.unlink()
     assert own_files() == []
+
+
+def test_files_of_workers_that_died_are_swept_when_a_rank_starts() -> None:
+    """A worker killed before its ranks' first step never unlinks its file: the next rank made on
+    the host removes it (and leaves the files of processes still alive)."""
+    key = host_key()
+    assert key is not None
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    space = os.stat("/proc/self/ns/pid").st_ino
+    stale = SHM_DIR / f"exoctl-tp-{space}-{int(dead.stdout)}-r1-stale"
+    alive = SHM_DIR / f"exoctl-tp-{space}-{os.getppid()}-r1-alive"
+    stale.write_bytes(b"")
+    alive.write_bytes(b"")
+    try:
+        ShmExchange(0, 2, key).close()
+        assert not stale.exists() and alive.exists()
+    finally:
+        stale.unlink(missing_ok=True)
+        alive.unlink(missing_ok=True)

@@ -65,6 +65,36 @@ def offer_path(offer: str) -> str:
     return str(SHM_DIR / name)
 
 
+def _pid_space() -> int:
+    """This process's PID namespace: process ids in file names mean something only within it."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
+def sweep_stale() -> None:
+    """Remove the files of this user's workers that died before they unlinked theirs (a rank
+    unlinks its file after its first shared step or at unload; a killed one unlinks nothing)."""
+    space = f"{FILE_PREFIX}{_pid_space()}-"
+    for path in SHM_DIR.glob(f"{space}*"):
+        pid = path.name[len(space) :].split("-", 1)[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # alive
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # alive, another user's
+        try:
+            if path.lstat().st_uid == os.getuid():
+                path.unlink()
+        except OSError:
+            pass
+
+
 def host_key() -> str | None:
     """What co-located ranks have in common, or None where shared memory cannot be used."""
     if os.environ.get(ENV_SWITCH, "1") == "0" or not SHM_DIR.is_dir() or qkernel.optional_library() is None:
@@ -84,7 +114,8 @@ class ShmExchange:
         self.key = key
         self.lib = qkernel.library()
         self.spin_ns = spin_ns(world)
-        fd, path = tempfile.mkstemp(prefix=f"{FILE_PREFIX}{os.getpid()}-r{rank}-", dir=SHM_DIR)
+        sweep_stale()
+        fd, path = tempfile.mkstemp(prefix=f"{FILE_PREFIX}{_pid_space()}-{os.getpid()}-r{rank}-", dir=SHM_DIR)
         self.path: str | None = path
         try:
             os.ftruncate(fd, FILE_BYTES)
