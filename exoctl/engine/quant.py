@@ -115,13 +115,13 @@ def _int4_blocks(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     weights its squared error is 0.76x the symmetric one's, for 5 bits a weight instead of 4.5."""
     low, high = blocks.amin(dim=-1), blocks.amax(dim=-1)
     d, m = _half((high - low) / 15), _half(low)
+    n = blocks.shape[-1]
     for fit in range(INT4_FITS + 1):
         inverse = torch.where(d > 0, 1 / d, torch.zeros_like(d))
         levels = torch.round((blocks - m[..., None]) * inverse[..., None]).clamp_(0, 15)
         if fit == INT4_FITS:
             break
         # min over (d, m) of |w - (L d + m)|²: a line through the points (L, w) of the block
-        n = blocks.shape[-1]
         sum_l, sum_ll = levels.sum(-1), (levels * levels).sum(-1)
         sum_w, sum_lw = blocks.sum(-1), (levels * blocks).sum(-1)
         det = n * sum_ll - sum_l * sum_l

@@ -38,6 +38,9 @@ HEADER_BYTES = 4096  # the step word, alone on its page
 # rank it waits for needs.
 SPIN_NS_OWN_CORES = 1_000_000
 SPIN_NS_SHARED_CORES = 20_000
+ENV_SWITCH = "EXOCTL_TP_SHM"  # "0": co-located ranks use ZeroMQ too
+FILE_BYTES = HEADER_BYTES + 2 * SLOT_BYTES
+FILE_PREFIX = "exoctl-tp-"
 
 
 def spin_ns(world: int) -> int:
@@ -47,13 +50,6 @@ def spin_ns(world: int) -> int:
         if world * torch.get_num_threads() <= (os.cpu_count() or 1)
         else SPIN_NS_SHARED_CORES
     )
-
-
-ENV_SWITCH = "EXOCTL_TP_SHM"  # "0": co-located ranks use ZeroMQ too
-
-
-FILE_BYTES = HEADER_BYTES + 2 * SLOT_BYTES
-FILE_PREFIX = "exoctl-tp-"
 
 
 def offer_path(offer: str) -> str:
@@ -116,18 +112,15 @@ class ShmExchange:
         self.spin_ns = spin_ns(world)
         sweep_stale()
         fd, path = tempfile.mkstemp(prefix=f"{FILE_PREFIX}{_pid_space()}-{os.getpid()}-r{rank}-", dir=SHM_DIR)
-        self.path: str | None = path
+        self.path: str | None = path  # None once unlinked
+        # what the other ranks need to read this rank's partials: the host key and the file
+        self.offer = f"{key}|{path}"
         try:
             os.ftruncate(fd, FILE_BYTES)
             self.own = _Segment(fd)
         finally:
             os.close(fd)
         self.peers: dict[int, _Segment] = {}
-
-    @property
-    def offer(self) -> str:
-        """What the other ranks need to read this rank's partials: the host key and the file."""
-        return f"{self.key}|{self.path}"
 
     def colocated(self, offers: list[str | None]) -> bool:
         """Whether every rank offered shared memory on this host (the same answer on every rank)."""
@@ -164,14 +157,12 @@ class ShmExchange:
     def publish(self, step: int, partial: torch.Tensor) -> None:
         slot = self.own.slot(step, partial.numel() * partial.element_size())
         slot.copy_(partial.reshape(-1).view(torch.uint8))
-        self.lib.shm_publish(self.own.word, (step + 1) & 0xFFFFFFFF)
+        self.lib.shm_publish(self.own.word, _stamp(step))
 
     def wait(self, peer: int, step: int, timeout_ms: int) -> bool:
         """Whether `peer` published `step` within timeout_ms."""
         segment = self.peers[peer]
-        reached: int = self.lib.shm_wait(
-            segment.word, (step + 1) & 0xFFFFFFFF, self.spin_ns, timeout_ms * 1_000_000
-        )
+        reached: int = self.lib.shm_wait(segment.word, _stamp(step), self.spin_ns, timeout_ms * 1_000_000)
         return reached == 0
 
     def view(self, peer: int, step: int, like: torch.Tensor) -> torch.Tensor:
@@ -193,6 +184,11 @@ class ShmExchange:
         for segment in (self.own, *self.peers.values()):
             segment.close()
         self.peers.clear()
+
+
+def _stamp(step: int) -> int:
+    """What a rank's step word holds once its partial of `step` is written (32 bits, wrapping)."""
+    return (step + 1) & 0xFFFFFFFF
 
 
 class _Segment:
