@@ -19,6 +19,40 @@ DEFAULT_MODEL_ID = "smollm2-135m-cpu"
 
 
 @dataclass(frozen=True)
+class MatrixGroup:
+    """Matrices of one layer held as one (q/k/v fused, gate/up fused, or one matrix): `rows` in all,
+    `cols` input features, and the GGUF type of each member (the group takes the highest bits)."""
+
+    rows: int
+    cols: int
+    types: tuple[str, ...]
+
+    def nbytes(self, dtype: str) -> int:
+        from exoctl.gguf_file import runtime_bits
+
+        bits = QUANTIZED_BITS.get(dtype)
+        if bits is None:
+            return matrix_bytes(dtype, self.rows, self.cols)
+        held = max(runtime_bits(t, bits) or bits for t in self.types)
+        return matrix_bytes("int4" if held == 4 else "int8", self.rows, self.cols)
+
+
+@dataclass(frozen=True)
+class GGUFLayer:
+    """One layer of a GGUF model, for sizing: its matrices, and its float parameters (norms,
+    biases, router) that stay in the runtime's float dtype."""
+
+    groups: tuple[MatrixGroup, ...]
+    floats: int
+    split_floats: int  # of `floats`, those a tensor rank holds a part of (the q/k/v biases)
+
+    def nbytes(self, dtype: str, ranks: int = 1) -> int:
+        matrices = sum(g.nbytes(dtype) for g in self.groups) // ranks
+        whole = self.floats - self.split_floats
+        return matrices + (self.split_floats // ranks + whole) * float_bytes(dtype)
+
+
+@dataclass(frozen=True)
 class ModelCard:
     id: str
     name: str
@@ -40,6 +74,14 @@ class ModelCard:
     storage_dtype: str
     context_length: int
     tags: tuple[str, ...]
+    # A catalog card's GGUF source on the Hub, as an alternative to hf_repo's safetensors, and its
+    # default quantisation (`<id>:<QUANT>` picks another).
+    gguf_repo: str = ""
+    gguf_quant: str = ""
+    # A GGUF model's own: what `auto` means for it, and each layer's tensors (layers may differ:
+    # a Q4_K_M file keeps some layers' attn_v and ffn_down in Q6_K).
+    native_dtype: str = ""
+    gguf_layers: tuple[GGUFLayer, ...] = ()
 
     @property
     def head_dim(self) -> int:
@@ -69,9 +111,19 @@ class ModelCard:
         mlp = [(i, d), (i, d), (d, i)] * max(self.num_experts, 1)
         return [(q_out, d), (kv_out, d), (kv_out, d), (d, q_out), *mlp]
 
+    def layer_bytes_each(self, dtype: str, ranks: int = 1) -> list[int]:
+        """Each layer's weights in `dtype` (or a tensor rank's part): exact from a GGUF's tensor
+        table, else the same for every layer."""
+        if self.gguf_layers:
+            return [layer.nbytes(dtype, ranks) for layer in self.gguf_layers]
+        return [self.layer_bytes(dtype, ranks)] * self.n_layers
+
     def layer_bytes(self, dtype: str, ranks: int = 1) -> int:
         """One layer's weights in `dtype`, or one of `ranks` tensor ranks' part of them: the
-        matrices and biases are split, the norms and the router are whole on every rank."""
+        matrices and biases are split, the norms and the router are whole on every rank. For a
+        GGUF model, its largest layer."""
+        if self.gguf_layers:
+            return max(self.layer_bytes_each(dtype, ranks))
         shapes = self.layer_matrices()
         matrices = sum(matrix_bytes(dtype, rows, cols) for rows, cols in shapes) // ranks
         vectors = self.layer_parameters - sum(rows * cols for rows, cols in shapes)
@@ -94,22 +146,27 @@ class ModelCard:
         """Bytes of all weights held in `dtype` at run time (quantized: scales included, the
         embedding in bfloat16 and lm_head in int8, see dtypes)."""
         embed = embedding_bytes(dtype, self.vocab_size, self.hidden_size)
+        layers = sum(self.layer_bytes_each(dtype))
         if self.tie_word_embeddings and dtype not in QUANTIZED_BITS:
             # a float tied lm_head is counted once here (placement counts the last node's copy)
-            return self.n_layers * self.layer_bytes(dtype) + embed + self.hidden_size * float_bytes(dtype)
-        return self.n_layers * self.layer_bytes(dtype) + embed + self.head_bytes(dtype)
+            return layers + embed + self.hidden_size * float_bytes(dtype)
+        return layers + embed + self.head_bytes(dtype)
 
 
 def _cards_from(data: dict[str, Any]) -> tuple[ModelCard, ...]:
     cards = []
     for entry in data["models"]:
-        fields = {k: v for k, v in entry.items() if k not in ("base", "variants", "tags")}
+        fields = {k: v for k, v in entry.items() if k not in ("base", "variants", "tags", "gguf")}
+        gguf = entry.get("gguf") or {}
         for variant in entry["variants"]:
             cards.append(
                 ModelCard(
                     id=f"{entry['base']}-{variant}",
                     device=variant,
                     tags=(variant, *entry["tags"]),
+                    # GGUF files are a CPU format: the -cpu card names them
+                    gguf_repo=gguf.get("repo", "") if variant == "cpu" else "",
+                    gguf_quant=gguf.get("quant", "") if variant == "cpu" else "",
                     **fields,
                 )
             )

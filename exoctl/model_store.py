@@ -1,14 +1,18 @@
-"""Where a model's files are: a local folder, exoctl's converted default, or the Hugging Face cache.
-
-Torch-free except for the one-time conversion of the embedded default (imported lazily).
+"""Where a model's files are: a local folder or GGUF file, the embedded default's GGUF in its
+package, or the Hugging Face cache (a safetensors repo, or a GGUF repo as `REPO:QUANT`). Torch-free.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+from exoctl import hub_gguf
 from exoctl.catalog import DEFAULT_MODEL_ID, ModelCard, card_from_folder, find_card, get_card
 from exoctl.errors import ModelNotFoundError
+from exoctl.gguf_card import card_from_gguf
+from exoctl.gguf_file import GGUFModel, TensorInfo, is_gguf_model, open_model
+from exoctl.hub_gguf import HubGGUF, list_files, parse_reference, read_remote_header
 
 # Files every node needs besides the weights: config, tokenizer, chat template, index.
 METADATA_PATTERNS = ("*.json", "*.jinja", "tokenizer*", "*.model", "*.txt")
@@ -49,31 +53,83 @@ def allowed_roots(model_dirs: list[Path]) -> list[Path]:
     ]
 
 
+def hub_reference(model: str) -> HubGGUF | None:
+    """`REPO:QUANT`, or `CATALOG_ID:QUANT` (`:gguf` for the card's default quantisation), as a
+    Hub GGUF reference; None for anything else."""
+    parsed = parse_reference(model)
+    if parsed is None:
+        return None
+    name, quant = parsed
+    card = find_card(name)
+    if card is None:
+        if "/" not in name:
+            return None
+        return HubGGUF(name, quant)
+    if not card.gguf_repo:
+        raise ModelNotFoundError(
+            f"{card.id} has no GGUF source in the catalog",
+            hint="give a GGUF repo instead: OWNER/NAME-GGUF:QUANT",
+        )
+    return HubGGUF(card.gguf_repo, card.gguf_quant if quant.lower() == "gguf" else quant)
+
+
+def gguf_card(path: Path) -> ModelCard:
+    """The card of a local GGUF model (a file, or a folder of split files), from its header."""
+    model = open_model(path)
+    return card_from_gguf(model, model.path.name.removesuffix(".gguf"))
+
+
+def hub_gguf_card(ref: HubGGUF) -> ModelCard:
+    """The card of a Hub GGUF model, from its headers (cached files, or their first bytes fetched)."""
+    files = list_files(ref)
+    metadata: dict[str, Any] = {}
+    tensors: dict[str, TensorInfo] = {}
+    for index, filename in enumerate(files):
+        meta, infos = read_remote_header(ref, filename)
+        metadata = meta if index == 0 else metadata
+        tensors.update((info.name, info) for info in infos)
+    model = GGUFModel(tuple(Path(f) for f in files), metadata, tensors)
+    return card_from_gguf(model, ref.reference, hf_repo=ref.repo)
+
+
 def resolve_card(model: str) -> tuple[ModelCard, str]:
-    """The card of `model` (catalog id, Hugging Face repo id, or a model folder's path) and the
-    reference a worker resolves: the catalog id, or the folder's absolute path."""
+    """The card of `model` (catalog id, Hugging Face repo id, `REPO:QUANT`, a model folder's or
+    GGUF file's path) and the reference a worker resolves: the catalog id, `REPO:QUANT`, or the
+    absolute path."""
     card = find_card(model)
     if card is not None:
         return card, card.id
+    hub = hub_reference(model)
+    if hub is not None:
+        return hub_gguf_card(hub), hub.reference
     path = as_path(model)
     if is_model_folder(path):
         return card_from_folder(path.resolve()), str(path.resolve())
+    if is_gguf_model(path):
+        return gguf_card(path.resolve()), str(path.resolve())
     if exists(path):
-        raise ModelNotFoundError(f"{model} is not a model folder", hint="a model folder holds config.json")
+        raise ModelNotFoundError(
+            f"{model} is not a model folder or GGUF file",
+            hint="a model folder holds config.json (or .gguf files); a GGUF file starts with the GGUF magic",
+        )
     if model.startswith((".", "/", "~")) or model.count("/") > 1:
         raise ModelNotFoundError(f"no model folder at {model}")
     return get_card(model), model  # raises the unknown-model error with the catalog's ids
 
 
 def resolve_model(model: str, download: bool = False) -> Path:
-    """The folder holding `model`, given as a folder path, catalog id or Hugging Face repo id."""
+    """The folder (or GGUF file) holding `model`, given as a path, catalog id, Hugging Face repo
+    id or `REPO:QUANT`."""
+    hub = hub_reference(model)
+    if hub is not None:
+        return hub_gguf.download(hub)
     card, ref = resolve_card(model)
     if ref != card.id:
         return Path(ref)
     if card.id == DEFAULT_MODEL_ID:
-        from exoctl.default_model import ensure_default_model
+        from exoctl.default_model import find_gguf
 
-        return ensure_default_model()
+        return find_gguf()
     return hub_folder(card, download=download)
 
 

@@ -72,7 +72,7 @@ class Placement:
 class _Costs:
     """Bytes of the pieces of a model in one dtype."""
 
-    layer: int  # one layer's weights plus its KV reserve
+    layers: tuple[int, ...]  # each layer's weights plus its KV reserve (a GGUF's layers may differ)
     embed: int
     head: int  # final norm + lm_head
     overhead: int
@@ -82,7 +82,7 @@ class _Costs:
         dtype = request.dtype
         kv_per_layer = 2 * card.num_key_value_heads * card.head_dim * float_bytes(dtype) * request.kv_tokens
         return cls(
-            layer=card.layer_bytes(dtype) + kv_per_layer,
+            layers=tuple(b + kv_per_layer for b in card.layer_bytes_each(dtype)),
             embed=embedding_bytes(dtype, card.vocab_size, card.hidden_size),
             # final norm + lm_head; a tied lm_head is still a second copy on the last node
             head=card.head_bytes(dtype),
@@ -93,8 +93,16 @@ class _Costs:
         """Bytes a node needs besides its layers, by its position in the pipeline."""
         return self.overhead + (self.embed if index == 0 else 0) + (self.head if index == count - 1 else 0)
 
-    def total(self, n_layers: int, count: int) -> int:
-        return n_layers * self.layer + self.embed + self.head + count * self.overhead
+    def total(self, count: int) -> int:
+        return sum(self.layers) + self.embed + self.head + count * self.overhead
+
+    def ranges(self, counts: list[int]) -> list[int]:
+        """Bytes of each node's layers when nodes hold `counts` consecutive layers."""
+        out, start = [], 0
+        for n in counts:
+            out.append(sum(self.layers[start : start + n]))
+            start += n
+        return out
 
 
 def split_layers(n_layers: int, budgets: list[int]) -> list[int]:
@@ -115,31 +123,34 @@ def split_layers(n_layers: int, budgets: list[int]) -> list[int]:
     return [s + 1 for s in shares]
 
 
-def _rebalance(layers: list[int], budgets: list[int], layer_bytes: int) -> bool:
+def _rebalance(layers: list[int], budgets: list[int], costs: _Costs) -> bool:
     """Move single layers from nodes over budget to nodes with room; False if impossible."""
-    while True:
-        over = [i for i, n in enumerate(layers) if n * layer_bytes > budgets[i]]
+    largest = max(costs.layers)
+    for _ in range(len(costs.layers) * len(layers)):  # layers that differ in size could cycle
+        held = costs.ranges(layers)
+        over = [i for i, b in enumerate(held) if b > budgets[i]]
         if not over:
             return True
-        room = [i for i, n in enumerate(layers) if (n + 1) * layer_bytes <= budgets[i]]
+        room = [i for i, b in enumerate(held) if b + largest <= budgets[i]]
         giver = over[0]
         if not room or layers[giver] <= 1:
             return False
         layers[giver] -= 1
-        layers[max(room, key=lambda i: budgets[i] - layers[i] * layer_bytes)] += 1
+        layers[max(room, key=lambda i: budgets[i] - held[i])] += 1
+    return False
 
 
 def _try(card: ModelCard, chosen: list[NodeProfile], costs: _Costs) -> tuple[Shard, ...] | None:
     count = len(chosen)
     budgets = [node.capacity - costs.fixed(i, count) for i, node in enumerate(chosen)]
-    if any(b < costs.layer for b in budgets):
+    if any(b < min(costs.layers) for b in budgets):
         return None
     layers = split_layers(card.n_layers, budgets)
-    if not _rebalance(layers, budgets, costs.layer):
+    if not _rebalance(layers, budgets, costs):
         return None
     shards, start = [], 0
-    for i, (node, n) in enumerate(zip(chosen, layers, strict=True)):
-        shards.append(Shard(node.name, start, start + n, n * costs.layer + costs.fixed(i, count)))
+    for i, (node, n, held) in enumerate(zip(chosen, layers, costs.ranges(layers), strict=True)):
+        shards.append(Shard(node.name, start, start + n, held + costs.fixed(i, count)))
         start += n
     return tuple(shards)
 
@@ -182,7 +193,7 @@ def place(card: ModelCard, nodes: list[NodeProfile], request: PlacementRequest) 
     count = counts[-1]
     chosen = largest(count)
     offered = sum(n.capacity for n in chosen)
-    needed = costs.total(card.n_layers, count)
+    needed = costs.total(count)
     weights = card.weight_bytes(request.dtype)
     if request.nodes is not None:
         what = f"{count} nodes offer" if count > 1 else "1 node offers"

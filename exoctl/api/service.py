@@ -20,9 +20,10 @@ from exoctl.cluster.state import state_document
 from exoctl.cluster.views import InstanceView, NodeStatus, find_instance, instances_of, runtime_dtype
 from exoctl.dtypes import DTYPE_CHOICES
 from exoctl.errors import ExoctlError, InvalidRequestError, ModelNotFoundError
+from exoctl.gguf_file import is_gguf_model
 from exoctl.inventory import Inventory
 from exoctl.keys import ClusterKeys
-from exoctl.model_store import allowed_roots, as_path, is_model_folder, resolve_card
+from exoctl.model_store import allowed_roots, as_path, hub_reference, is_model_folder, resolve_card
 from exoctl.placement import Placement, PlacementError, PlacementRequest
 from exoctl.sampling_params import SamplingParams
 from exoctl.sharding import Plan, check_sharding
@@ -85,14 +86,14 @@ class ClusterService:
     def reference(self, model: str) -> tuple[ModelCard, str]:
         """`resolve_card`, confined as a worker is: the API opens a folder only inside the nodes'
         model directories, exoctl's store or the Hub cache, and tells nothing about other paths."""
-        if find_card(model) is not None:
+        if find_card(model) is not None or hub_reference(model) is not None:
             return resolve_card(model)
         model_dirs = [as_path(node.model_dir) for node in self.inventory.nodes]
         path = as_path(model)
         if not path.is_absolute():
             if ".." not in path.parts:
                 for folder in model_dirs:
-                    if is_model_folder(folder / path):
+                    if is_model_folder(folder / path) or is_gguf_model(folder / path):
                         return resolve_card(str(folder / path))
             return get_card(model), model  # unknown: the error lists the catalog's ids
         real = path.resolve()
@@ -132,7 +133,9 @@ class ClusterService:
         kind = check_sharding(sharding)
         card, ref = self.reference(model_id)
         with self.cluster() as cluster:
-            request = PlacementRequest(dtype=runtime_dtype(dtype, statuses), nodes=nodes, min_nodes=min_nodes)
+            request = PlacementRequest(
+                dtype=runtime_dtype(dtype, statuses, card.native_dtype), nodes=nodes, min_nodes=min_nodes
+            )
             return card, ref, cluster.choose(card, request, statuses, kind)
 
     def place(
@@ -218,12 +221,32 @@ def shards_json(placement: Placement) -> list[dict[str, Any]]:
 
 
 def is_downloaded(card: ModelCard) -> bool:
-    """Whether this machine holds the model (the converted default, or a Hugging Face cache entry)."""
+    """Whether this machine holds the model: the embedded default's package, the safetensors repo
+    in the Hugging Face cache, or the first file of the card's default GGUF quantisation there."""
     from exoctl.catalog import DEFAULT_MODEL_ID
-    from exoctl.paths import model_store
 
     if card.id == DEFAULT_MODEL_ID:
-        return (model_store() / card.id / "config.json").is_file()
-    from huggingface_hub import try_to_load_from_cache
+        from exoctl.default_model import is_installed
 
-    return isinstance(try_to_load_from_cache(card.hf_repo, "config.json"), str)
+        return is_installed()
+    return bool(local_sources(card))
+
+
+def local_sources(card: ModelCard) -> list[str]:
+    """Which of the card's sources are in this machine's Hugging Face cache: "safetensors", "gguf"."""
+    from huggingface_hub import scan_cache_dir, try_to_load_from_cache
+
+    from exoctl.hub_gguf import quant_files
+
+    found = []
+    if isinstance(try_to_load_from_cache(card.hf_repo, "config.json"), str):
+        found.append("safetensors")
+    if card.gguf_repo:
+        try:
+            repos = [r for r in scan_cache_dir().repos if r.repo_id == card.gguf_repo]
+        except Exception:  # no cache yet
+            repos = []
+        names = [f.file_name for r in repos for rev in r.revisions for f in rev.files]
+        if quant_files(names, card.gguf_quant):
+            found.append("gguf")
+    return found

@@ -48,7 +48,7 @@ def ensure_instance(
     if view is not None:
         return view
     card, ref = resolve_card(model or DEFAULT_MODEL_ID)
-    request = PlacementRequest(dtype=runtime_dtype(dtype, statuses))
+    request = PlacementRequest(dtype=runtime_dtype(dtype, statuses, card.native_dtype))
     chosen = cluster.choose(card, request, statuses, "auto")
     say(f"{card.id} is not placed: placing it with the defaults ({chosen.placement.dtype}; {chosen.reason})…")
     return cluster.load(card, ref, chosen.placement)

@@ -95,7 +95,9 @@ def place(
             from exoctl.cluster.views import NodeStatus
 
             statuses = [NodeStatus(s.node, {"ram_total": 0, "ram_available": 0}) for s in statuses]
-        request = PlacementRequest(dtype=runtime_dtype(dtype, statuses), nodes=nodes, min_nodes=min_nodes)
+        request = PlacementRequest(
+            dtype=runtime_dtype(dtype, statuses, card.native_dtype), nodes=nodes, min_nodes=min_nodes
+        )
         chosen = cluster.choose(card, request, statuses, sharding)
         placement = chosen.placement
         if dry_run:

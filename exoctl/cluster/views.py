@@ -150,9 +150,12 @@ def node_profiles(statuses: list[NodeStatus]) -> list[NodeProfile]:
     return profiles
 
 
-def runtime_dtype(dtype: str, statuses: list[NodeStatus]) -> str:
-    """`auto`: bfloat16 when every live node has native bf16 maths, else float32."""
+def runtime_dtype(dtype: str, statuses: list[NodeStatus], native: str = "") -> str:
+    """`auto`: a GGUF model's `native` dtype (the closest to its file's type: int4 for Q4_K_M);
+    else bfloat16 when every live node has native bf16 maths, else float32."""
     if dtype != "auto":
         return dtype
+    if native:
+        return native
     live = [s for s in statuses if s.up]
     return "bfloat16" if live and all(s.profile and s.profile.get("bf16_native") for s in live) else "float32"

@@ -78,7 +78,7 @@ class ModelConfig:
         scaling = data.get("rope_scaling")
         if isinstance(scaling, dict):
             kind = scaling.get("rope_type", scaling.get("type", "default"))
-            if kind not in ("default", "llama3"):
+            if kind not in ("default", "llama3", "freq_factors"):
                 raise UnsupportedModelError(f"{source}: rope scaling of type {kind!r} is not supported")
             data["rope_scaling"] = None if kind == "default" else {**scaling, "rope_type": kind}
         if model_type == "qwen2":
@@ -108,6 +108,12 @@ class ModelConfig:
 
 
 def load_config(folder: Path) -> ModelConfig:
+    """The config of a model folder, or of a GGUF model (a file, or a folder of GGUF files)."""
+    from exoctl.gguf_file import hf_config, is_gguf_model, open_model
+
+    if not (Path(folder) / "config.json").is_file() and is_gguf_model(Path(folder)):
+        model = open_model(Path(folder))
+        return ModelConfig.from_dict(hf_config(model), source=str(model.path))
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise ModelNotFoundError(

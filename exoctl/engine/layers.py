@@ -249,6 +249,9 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     if not scaling:
         return inv_freq
+    if scaling.get("rope_type") == "freq_factors":
+        # a GGUF's rope_freqs tensor: llama.cpp divides each frequency by its factor
+        return inv_freq / torch.tensor(scaling["factors"], dtype=torch.float32)
     factor = float(scaling["factor"])
     low_freq_factor = float(scaling.get("low_freq_factor", 1.0))
     high_freq_factor = float(scaling.get("high_freq_factor", 4.0))

@@ -14,7 +14,7 @@ from exoctl.engine.config import ModelConfig
 from exoctl.engine.layers import Attention, DecoderLayer, GatedMLP, RMSNorm, make_linear
 from exoctl.engine.quant import stack_rows
 from exoctl.engine.shard import WHOLE, TensorShard
-from exoctl.engine.weights import WeightReader
+from exoctl.engine.weights import WeightSource
 
 
 def head_rows(heads: range, head_dim: int) -> range:
@@ -22,7 +22,7 @@ def head_rows(heads: range, head_dim: int) -> range:
 
 
 def load_attention(
-    reader: WeightReader, config: ModelConfig, layer: int, shard: TensorShard = WHOLE
+    reader: WeightSource, config: ModelConfig, layer: int, shard: TensorShard = WHOLE
 ) -> Attention:
     prefix = f"model.layers.{layer}.self_attn"
     d, hd = config.hidden_size, config.head_dim
@@ -50,7 +50,7 @@ def load_attention(
     return Attention(layer, qkv, o_proj, len(q_rows) // hd, len(kv_rows) // hd, hd)
 
 
-def load_norms(reader: WeightReader, config: ModelConfig, layer: int) -> tuple[RMSNorm, RMSNorm]:
+def load_norms(reader: WeightSource, config: ModelConfig, layer: int) -> tuple[RMSNorm, RMSNorm]:
     prefix = f"model.layers.{layer}"
     shape = (config.hidden_size,)
     return (
@@ -60,7 +60,7 @@ def load_norms(reader: WeightReader, config: ModelConfig, layer: int) -> tuple[R
 
 
 def load_gated_mlp(
-    reader: WeightReader, names: tuple[str, str, str], d: int, i: int, part: range
+    reader: WeightSource, names: tuple[str, str, str], d: int, i: int, part: range
 ) -> GatedMLP:
     """gate [I, D], up [I, D], down [D, I]: rows `part` of gate and up, the same columns of down."""
     gate, up, down = names
@@ -68,7 +68,7 @@ def load_gated_mlp(
     return GatedMLP(make_linear(gate_up), make_linear(reader.matrix(down, (d, i), 1, part)))
 
 
-def load_mlp(reader: WeightReader, config: ModelConfig, layer: int, shard: TensorShard = WHOLE) -> GatedMLP:
+def load_mlp(reader: WeightSource, config: ModelConfig, layer: int, shard: TensorShard = WHOLE) -> GatedMLP:
     prefix = f"model.layers.{layer}.mlp"
     names = (f"{prefix}.gate_proj.weight", f"{prefix}.up_proj.weight", f"{prefix}.down_proj.weight")
     i = config.intermediate_size
@@ -76,7 +76,7 @@ def load_mlp(reader: WeightReader, config: ModelConfig, layer: int, shard: Tenso
 
 
 def load_layer(
-    reader: WeightReader, config: ModelConfig, layer: int, shard: TensorShard = WHOLE
+    reader: WeightSource, config: ModelConfig, layer: int, shard: TensorShard = WHOLE
 ) -> DecoderLayer:
     input_norm, post_norm = load_norms(reader, config, layer)
     return DecoderLayer(

@@ -17,7 +17,7 @@ from exoctl.engine.config import ModelConfig
 from exoctl.engine.layers import DecoderLayer, GatedMLP, Linear
 from exoctl.engine.llama import load_attention, load_gated_mlp, load_norms
 from exoctl.engine.shard import WHOLE, TensorShard
-from exoctl.engine.weights import WeightReader
+from exoctl.engine.weights import WeightSource
 
 
 class SparseMoE:
@@ -55,7 +55,7 @@ class SparseMoE:
         return out.view(shape)
 
 
-def load_moe(reader: WeightReader, config: ModelConfig, layer: int, shard: TensorShard = WHOLE) -> SparseMoE:
+def load_moe(reader: WeightSource, config: ModelConfig, layer: int, shard: TensorShard = WHOLE) -> SparseMoE:
     prefix = f"model.layers.{layer}.block_sparse_moe"
     d, i, e = config.hidden_size, config.intermediate_size, config.num_local_experts
     router = Linear(reader.get(f"{prefix}.gate.weight", (e, d)))
@@ -68,7 +68,7 @@ def load_moe(reader: WeightReader, config: ModelConfig, layer: int, shard: Tenso
 
 
 def load_layer(
-    reader: WeightReader, config: ModelConfig, layer: int, shard: TensorShard = WHOLE
+    reader: WeightSource, config: ModelConfig, layer: int, shard: TensorShard = WHOLE
 ) -> DecoderLayer:
     input_norm, post_norm = load_norms(reader, config, layer)
     return DecoderLayer(

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from exoctl.dtypes import FLOAT_DTYPES, QUANTIZED_BITS, RUNTIME_DTYPES
 from exoctl.engine import llama, mixtral, qwen2
 from exoctl.engine.config import ModelConfig, load_config
+from exoctl.engine.gguf_weights import GGUFWeightReader
 from exoctl.engine.kv_cache import KVCache
 from exoctl.engine.layers import (
     AnyLinear,
@@ -30,13 +31,14 @@ from exoctl.engine.layers import (
     make_linear,
 )
 from exoctl.engine.shard import WHOLE, TensorShard
-from exoctl.engine.weights import WeightReader
+from exoctl.engine.weights import WeightReader, WeightSource
 from exoctl.errors import UnsupportedModelError
+from exoctl.gguf_file import is_gguf_model
 
 DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in FLOAT_DTYPES}
 PREFILL_CHUNK = 512  # prompt positions a forward runs at a time
 
-LayerLoader = Callable[[WeightReader, ModelConfig, int, TensorShard], DecoderLayer]
+LayerLoader = Callable[[WeightSource, ModelConfig, int, TensorShard], DecoderLayer]
 LAYER_LOADERS: dict[str, LayerLoader] = {
     "llama": llama.load_layer,
     "qwen2": qwen2.load_layer,
@@ -184,12 +186,13 @@ def load_model(
     folder: Path,
     layers: tuple[int, int] | None = None,
     dtype: str = "float32",
-    reader: WeightReader | None = None,
+    reader: WeightSource | None = None,
     on_layer: Callable[[int], None] | None = None,
     shard: TensorShard = WHOLE,
     reduce: Reduce | None = None,
 ) -> CausalLM:
-    """Build the model (or the layer range [start, end) of it) from a Hugging Face folder.
+    """Build the model (or the layer range [start, end) of it) from a Hugging Face folder or a
+    GGUF model (a .gguf file, or a folder of split GGUF files).
 
     `on_layer(count)` is called after each layer with the number loaded so far (progress).
     `shard` and `reduce`: this rank's part of a tensor-parallel instance, and the all-reduce
@@ -199,7 +202,12 @@ def load_model(
     span = check_range(config, layers)
     torch_dtype = resolve_dtype(dtype)
     bits = QUANTIZED_BITS.get(dtype)
-    reader = reader or WeightReader(folder, torch_dtype, bits)
+    if reader is None:
+        reader = (
+            GGUFWeightReader(Path(folder), torch_dtype, bits)
+            if is_gguf_model(Path(folder)) and not (Path(folder) / "config.json").is_file()
+            else WeightReader(folder, torch_dtype, bits)
+        )
     load_layer = LAYER_LOADERS[config.architecture]
     d, v = config.hidden_size, config.vocab_size
     try:

@@ -211,7 +211,10 @@ def stack_rows(weights: list[torch.Tensor | QuantizedWeight]) -> torch.Tensor | 
     """Matrices with the same input features, one under the other (fused q/k/v, gate/up)."""
     quantized = [w for w in weights if isinstance(w, QuantizedWeight)]
     if len(quantized) == len(weights):
-        return concat_rows(quantized)
+        # A GGUF layer may mix int4 and int8 (a Q4_K_M file's Q6_K attn_v beside Q4_K q and k):
+        # the fused matrix takes the higher precision.
+        bits = max(w.bits for w in quantized)
+        return concat_rows([w if w.bits == bits else quantize(dequantize(w), bits) for w in quantized])
     if quantized:
         raise ValueError("cannot stack quantized and float matrices")
     return torch.cat([w for w in weights if isinstance(w, torch.Tensor)])

@@ -9,11 +9,11 @@ from exoctl.engine.config import ModelConfig
 from exoctl.engine.layers import DecoderLayer
 from exoctl.engine.llama import load_layer as load_llama_layer
 from exoctl.engine.shard import WHOLE, TensorShard
-from exoctl.engine.weights import WeightReader
+from exoctl.engine.weights import WeightSource
 
 
 def load_layer(
-    reader: WeightReader, config: ModelConfig, layer: int, shard: TensorShard = WHOLE
+    reader: WeightSource, config: ModelConfig, layer: int, shard: TensorShard = WHOLE
 ) -> DecoderLayer:
     if config.extra.get("use_sliding_window"):
         # Qwen2.5 checkpoints ship use_sliding_window=false; a windowed one would need masking.

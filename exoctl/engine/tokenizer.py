@@ -16,6 +16,14 @@ class Tokenizer:
     def __init__(self, folder: Path) -> None:
         from transformers import AutoTokenizer
 
+        from exoctl.gguf_file import is_gguf_model, model_files
+
+        if not (Path(folder) / "config.json").is_file() and is_gguf_model(Path(folder)):
+            self.hf = _gguf_tokenizer(model_files(Path(folder))[0])
+            self.eos_token_ids = frozenset(
+                {int(self.hf.eos_token_id)} if self.hf.eos_token_id is not None else ()
+            )
+            return
         try:
             self.hf = AutoTokenizer.from_pretrained(str(folder))
         except (OSError, ValueError) as exc:
@@ -55,6 +63,30 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return str(self.hf.decode(list(ids), skip_special_tokens=True))
+
+
+def _gguf_tokenizer(path: Path) -> Any:
+    """The tokenizer (and chat template) a GGUF file's metadata describes, built by transformers.
+
+    `AutoTokenizer.from_pretrained(gguf_file=...)` would do the same but first parses the whole
+    header with gguf.GGUFReader for the config (10 s for SmolLM2); transformers' GGUF tokenizer
+    builder reads only the vocabulary and merges (0.5 s).
+    """
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+        convert_gguf_tokenizer,
+        get_gguf_tokenizer,
+    )
+
+    try:
+        architecture, vocabulary, settings = get_gguf_tokenizer(str(path))
+        backend, extra = convert_gguf_tokenizer(architecture, vocabulary)
+    except (KeyError, ValueError, NotImplementedError) as exc:
+        raise ModelFormatError(
+            f"{path}: no usable tokenizer in the GGUF metadata ({type(exc).__name__}: {exc})",
+            hint="the file needs tokenizer.ggml.* metadata, as llama.cpp's converter writes",
+        ) from None
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **{**settings, **extra})
 
 
 class IncrementalDecoder:

@@ -13,7 +13,7 @@ import functools
 import json
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors import safe_open
@@ -56,6 +56,32 @@ def read_weight_map(folder: Path) -> dict[str, str]:
             for name in handle.keys():
                 weight_map[name] = file.name
     return weight_map
+
+
+class WeightSource(Protocol):
+    """What a layer loader reads tensors through: `WeightReader` (safetensors) or
+    `gguf_weights.GGUFWeightReader`, both under Hugging Face tensor names."""
+
+    read_names: list[str]
+
+    def __contains__(self, name: str) -> bool: ...
+
+    def get(
+        self, name: str, shape: Iterable[int] | None = None, dtype: torch.dtype | None = None
+    ) -> torch.Tensor: ...
+
+    def get_part(self, name: str, shape: Iterable[int], dim: int, part: range) -> torch.Tensor: ...
+
+    def matrix(
+        self,
+        name: str,
+        shape: tuple[int, int],
+        dim: int = 0,
+        part: range | None = None,
+        bits: int | None = None,
+    ) -> torch.Tensor | QuantizedWeight: ...
+
+    def close(self) -> None: ...
 
 
 class WeightReader:

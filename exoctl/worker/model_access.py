@@ -1,4 +1,5 @@
-"""Which model folders a worker will open: catalog models, or folders under its allowed roots.
+"""Which models a worker will open: catalog models, Hub GGUF references (`REPO:QUANT`), or
+folders and GGUF files under its allowed roots.
 
 Paths come from the network, so they are never opened as given: a folder must resolve (after
 symlinks) inside one of the worker's model directories, exoctl's own model store, or the
@@ -11,16 +12,22 @@ from pathlib import Path
 
 from exoctl.catalog import DEFAULT_MODEL_ID, find_card
 from exoctl.errors import ModelNotFoundError
-from exoctl.model_store import allowed_roots, download_for_layers, is_model_folder
+from exoctl.gguf_file import is_gguf_model
+from exoctl.hub_gguf import download
+from exoctl.model_store import allowed_roots, download_for_layers, hub_reference, is_model_folder
+
+
+def is_model(path: Path) -> bool:
+    return is_model_folder(path) or is_gguf_model(path)
 
 
 def check_reference(model: str, model_dirs: list[Path], node: str) -> None:
-    """Refuse at once a reference this worker will never open (cheap: no download, no conversion)."""
-    if find_card(model) is not None:
+    """Refuse at once a reference this worker will never open (cheap: no download)."""
+    if find_card(model) is not None or hub_reference(model) is not None:
         return
     path = Path(model)
     if not path.is_absolute():
-        if ".." in path.parts or not any(is_model_folder(d.expanduser() / path) for d in model_dirs):
+        if ".." in path.parts or not any(is_model(d.expanduser() / path) for d in model_dirs):
             dirs = ", ".join(str(d) for d in model_dirs) or "(none)"
             raise ModelNotFoundError(
                 f"node {node} has no model {model!r} in its model directories ({dirs})",
@@ -35,25 +42,27 @@ def check_reference(model: str, model_dirs: list[Path], node: str) -> None:
             hint="copy the folder into the node's model_dir (inventory field 'model_dir' or "
             "`exoctl up --model-dir`)",
         )
-    if not is_model_folder(real):
-        raise ModelNotFoundError(f"node {node}: {model} is not a model folder (no config.json)")
+    if not is_model(real):
+        raise ModelNotFoundError(f"node {node}: {model} is not a model folder (no config.json) or GGUF file")
 
 
 def locate(model: str, model_dirs: list[Path], node: str, layers: tuple[int, int], n_layers: int) -> Path:
-    """The folder to load from, downloading only this range's safetensors files if needed."""
+    """The folder or GGUF file to load from, downloading only this range's files if needed."""
     check_reference(model, model_dirs, node)
     card = find_card(model)
+    hub = hub_reference(model) if card is None else None
+    if hub is not None:
+        # tied=True: the last range may need the embedding's file for a tied lm_head
+        return download(hub, layers, n_layers, tied=True)
     if card is None:
         path = Path(model)
         if path.is_absolute():
             return path.resolve()
-        return next(
-            (d.expanduser() / path).resolve() for d in model_dirs if is_model_folder(d.expanduser() / path)
-        )
+        return next((d.expanduser() / path).resolve() for d in model_dirs if is_model(d.expanduser() / path))
     if card.id == DEFAULT_MODEL_ID:
-        from exoctl.default_model import ensure_default_model
+        from exoctl.default_model import find_gguf
 
-        return ensure_default_model()
+        return find_gguf()
     for folder in model_dirs:
         for name in (card.id, card.hf_repo.split("/")[-1]):
             candidate = folder.expanduser() / name

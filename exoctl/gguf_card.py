@@ -1,0 +1,82 @@
+"""A model card from a GGUF model's header: dimensions from its metadata, sizes from its tensor
+table (layer by layer, in the types the file holds). Torch-free."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from exoctl.catalog import GGUFLayer, MatrixGroup, ModelCard
+from exoctl.gguf_file import GGUFModel, hf_config, layer_of, native_dtype
+
+# Matrices the engine holds as one (engine.llama): q/k/v, and gate/up (an expert's too).
+FUSED = (("attn_q", "attn_k", "attn_v"), ("ffn_gate", "ffn_up"), ("ffn_gate_exps", "ffn_up_exps"))
+
+
+def card_from_gguf(model: GGUFModel, card_id: str, name: str = "", hf_repo: str = "") -> ModelCard:
+    config = hf_config(model)
+    n_layers = int(config["num_hidden_layers"])
+    layers = [_layer(model, i) for i in range(n_layers)]
+    card = ModelCard(
+        id=card_id,
+        name=name or str(model.metadata.get("general.name") or card_id),
+        hf_repo=hf_repo,
+        architecture="qwen2" if config["model_type"] == "qwen2" else config["model_type"],
+        device="cpu",
+        n_layers=n_layers,
+        hidden_size=int(config["hidden_size"]),
+        num_attention_heads=int(config["num_attention_heads"]),
+        num_key_value_heads=int(config["num_key_value_heads"]),
+        intermediate_size=int(config["intermediate_size"]),
+        num_experts=int(config.get("num_local_experts", 0)),
+        experts_per_token=int(config.get("num_experts_per_tok", 0)),
+        vocab_size=int(config["vocab_size"]),
+        tie_word_embeddings=bool(config["tie_word_embeddings"]),
+        attention_bias=bool(config["attention_bias"]),
+        parameters=0,
+        storage_bytes=sum(info.nbytes for info in model.tensors.values()),
+        storage_dtype=model.main_type(),
+        context_length=int(config["max_position_embeddings"]),
+        tags=("cpu", "gguf", config["model_type"]),
+        native_dtype=native_dtype(model.main_type()),
+        gguf_layers=tuple(layers),
+    )
+    return replace(card, parameters=sum(_elements(info.shape) for info in model.tensors.values()))
+
+
+def _elements(shape: tuple[int, ...]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
+
+
+def _layer(model: GGUFModel, index: int) -> GGUFLayer:
+    tensors = {
+        info.name.split(".", 2)[2].removesuffix(".weight"): info
+        for info in model.tensors.values()
+        if layer_of(info.name) == index
+    }
+    groups: list[MatrixGroup] = []
+    floats = split = 0
+    used: set[str] = set()
+    for fused in FUSED:
+        members = [tensors[k] for k in fused if k in tensors]
+        if len(members) != len(fused):
+            continue
+        used.update(fused)
+        experts = members[0].shape[0] if len(members[0].shape) == 3 else 1
+        rows = sum(m.shape[-2] for m in members)
+        group = MatrixGroup(rows, members[0].shape[-1], tuple(m.type_name for m in members))
+        groups += [group] * experts
+    for key, info in tensors.items():
+        if key in used:
+            continue
+        if key.endswith(".bias") or len(info.shape) == 1:
+            floats += _elements(info.shape)
+            split += _elements(info.shape) if key.startswith("attn_") and key.endswith(".bias") else 0
+        elif key == "ffn_gate_inp":  # the router stays in float
+            floats += _elements(info.shape)
+        else:
+            experts = info.shape[0] if len(info.shape) == 3 else 1
+            groups += [MatrixGroup(info.shape[-2], info.shape[-1], (info.type_name,))] * experts
+    return GGUFLayer(tuple(groups), floats, split)
