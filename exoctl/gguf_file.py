@@ -180,6 +180,7 @@ def model_files(path: Path, complete: bool = True) -> tuple[Path, ...]:
 
 
 def open_model(path: Path, string_arrays: Container[str] = ()) -> GGUFModel:
+    # `string_arrays`: metadata arrays to read in full (the others longer than 4,096 items are counts)
     """The model at `path`: its first file's metadata and the tensors of all its files (of the
     split parts on this machine)."""
     files = model_files(Path(path), complete=False)
@@ -319,7 +320,7 @@ def _value(blob: Any, pos: int, kind: int, keep_strings: bool) -> tuple[Any, int
     if item in _SCALAR:
         fmt = _SCALAR[item]
         width = struct.calcsize(fmt)
-        if count > 4096:  # token types and scores: only their count is wanted here
+        if count > 4096 and not keep_strings:  # token types and scores: only their count, unless asked
             return count, pos + count * width
         return list(struct.unpack_from(f"<{count}{fmt[1]}", blob, pos)), pos + count * width
     if item != _STRING:

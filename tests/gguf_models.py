@@ -128,6 +128,7 @@ def write_gguf(
     reference: Path | None = None,
     split_max_tensors: int = 0,
     seed: int = 0,
+    tokenizer_from: Path | None = None,
 ) -> Path:
     """Write `hf_folder`'s model as GGUF at `out` (split into parts of at most `split_max_tensors`
     tensors if given) and, if `reference` is given, the same dequantized weights as a
@@ -153,6 +154,8 @@ def write_gguf(
     writer.add_vocab_size(config["vocab_size"])
     writer.add_uint32("tokenizer.ggml.bos_token_id", config["bos_token_id"])
     writer.add_uint32("tokenizer.ggml.eos_token_id", config["eos_token_id"])
+    if tokenizer_from is not None:
+        copy_tokenizer(tokenizer_from, writer)
     if model_type == "mixtral":
         writer.add_expert_count(config["num_local_experts"])
         writer.add_expert_used_count(config["num_experts_per_tok"])
@@ -164,7 +167,9 @@ def write_gguf(
     def add(gguf_name: str, hf_names: list[str], values: np.ndarray) -> None:
         type_name = type_of(gguf_name, tuple(values.shape))
         kind = GGMLQuantizationType[type_name]
-        row_heads = {"attn_q": heads, "attn_k": kv_heads}.get(gguf_name.split(".")[2] if "blk" in gguf_name else "")
+        row_heads = {"attn_q": heads, "attn_k": kv_heads}.get(
+            gguf_name.split(".")[2] if "blk" in gguf_name else ""
+        )
         if arch == "llama" and row_heads:
             values = permute(values, row_heads)
         stored, back = encode(values, type_name, rng)
@@ -211,6 +216,24 @@ def write_gguf(
         write_reference(hf_folder, reference, dequantized)
     parts = sorted(out.parent.glob(f"{out.stem}-*-of-*.gguf")) if split_max_tensors else []
     return parts[0] if parts else out
+
+
+TOKENIZER_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type")
+
+
+def copy_tokenizer(source: Path, writer: GGUFWriter) -> None:
+    """The tokenizer metadata of GGUF `source` (the embedded SmolLM2's) into `writer`."""
+    from exoctl.gguf_file import read_header
+
+    meta, _ = read_header(source, TOKENIZER_ARRAYS)
+    writer.add_tokenizer_model(meta["tokenizer.ggml.model"])
+    writer.add_tokenizer_pre(meta["tokenizer.ggml.pre"])
+    writer.add_token_list(meta["tokenizer.ggml.tokens"])
+    writer.add_token_types(meta["tokenizer.ggml.token_type"])
+    writer.add_token_merges(meta["tokenizer.ggml.merges"])
+    writer.add_chat_template(meta["tokenizer.chat_template"])
+    for key in ("unknown_token_id", "padding_token_id"):
+        writer.add_uint32(f"tokenizer.ggml.{key}", meta[f"tokenizer.ggml.{key}"])
 
 
 def write_reference(hf_folder: Path, reference: Path, tensors: dict[str, torch.Tensor]) -> None:

@@ -147,12 +147,15 @@ def test_delete_frees_the_runners_memory(cluster4: WorkerCluster) -> None:
 
 
 def test_cli_place_run_state_delete(cluster4: WorkerCluster) -> None:
-    placed = cluster4.cli_json("place", DEFAULT_MODEL_ID, "--nodes", "2", "--dtype", "float32")
+    # no --dtype: the embedded default is a Q4_1 GGUF, which `auto` runs in int4
+    placed = cluster4.cli_json("place", DEFAULT_MODEL_ID, "--nodes", "2")
     try:
         # the four workers share this machine: equal parts of its memory, taken in inventory order
-        assert placed["model_id"] == DEFAULT_MODEL_ID
+        assert placed["model_id"] == DEFAULT_MODEL_ID and placed["dtype"] == "int4"
         assert [s["node"] for s in placed["shards"]] == ["node1", "node2"]
-        answer = cluster4.cli_json("run", "What is the capital of France?", "--max-tokens", "16")
+        answer = cluster4.cli_json(
+            "run", "What is the capital of France? Answer in one sentence.", "--max-tokens", "16"
+        )
         assert "Paris" in answer["text"] and answer["usage"]["prompt_tokens"] > 5
         state = cluster4.cli_json("state")
         # the test plan's jq line: .instances | .[] | .CpuRingInstance.shardAssignments.nodeToRunner
@@ -171,6 +174,34 @@ def test_cli_place_run_state_delete(cluster4: WorkerCluster) -> None:
     finally:
         deleted = cluster4.cli_json("delete", DEFAULT_MODEL_ID)
     assert deleted["deleted"][0]["model_id"] == DEFAULT_MODEL_ID
+
+
+def test_a_gguf_file_runs_across_a_two_worker_pipeline(
+    cluster4: WorkerCluster,
+    references: dict[str, list[int]],
+    tiny_models: dict[str, Path],
+    smollm2_gguf: Path,
+) -> None:
+    """The tiny Llama written as an F32 GGUF (with SmolLM2's tokenizer) into the nodes' model_dir:
+    the same weights, so the same greedy tokens as the safetensors folder in one process."""
+    from tests.gguf_models import all_as, write_gguf
+
+    gguf = write_gguf(
+        tiny_models["llama"],
+        tiny_models["llama"].parent / "llama-F32.gguf",
+        all_as("F32"),
+        tokenizer_from=smollm2_gguf,
+    )
+    placed = cluster4.cli_json(
+        "place", str(gguf), "--nodes", "2", "--dtype", "float32", "--sharding", "pipeline"
+    )
+    try:
+        assert placed["model_id"] == "llama-F32" and [s["end_layer"] for s in placed["shards"]] == [2, 4]
+        with cluster4.client() as client:
+            result = generate(client, placed["instance_id"])
+        assert result["token_ids"] == references["llama"]
+    finally:
+        cluster4.cli("delete", "llama-F32")
 
 
 def test_run_places_the_model_first_and_says_so(cluster4: WorkerCluster) -> None:
