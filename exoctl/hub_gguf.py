@@ -145,6 +145,15 @@ def list_files(ref: HubGGUF) -> list[str]:
     return files
 
 
+def not_cached(ref: HubGGUF, filename: str) -> ModelNotFoundError:
+    return ModelNotFoundError(
+        f"{ref.reference}: {filename} is not in this node's Hugging Face cache and the Hub is not reachable "
+        "(or HF_HUB_OFFLINE is set)",
+        hint=f"download it on the node (hf download {ref.repo} {filename}) or copy the .gguf files into its "
+        "model_dir",
+    )
+
+
 def cached(ref: HubGGUF, filename: str) -> Path | None:
     from huggingface_hub import try_to_load_from_cache
 
@@ -162,13 +171,15 @@ def read_remote_header(
 
         return read_header(local, string_arrays)
     from huggingface_hub import HfFileSystem
+    from huggingface_hub.errors import OfflineModeIsEnabled
 
     size = HEADER_START
     try:
-        with HfFileSystem().open(f"{ref.repo}/{filename}", "rb", block_size=0) as handle:
+        # HTTP range reads: only the header's bytes cross the network, however large the file
+        with HfFileSystem().open(f"{ref.repo}/{filename}", "rb") as handle:
+            data = b""
             while True:
-                handle.seek(0)
-                data = handle.read(size)
+                data += handle.read(size - len(data))
                 try:
                     return header_of(data, filename, string_arrays)
                 except HeaderTruncated:
@@ -177,6 +188,8 @@ def read_remote_header(
                     size *= 4
     except HeaderTruncated:
         raise
+    except OfflineModeIsEnabled:
+        raise not_cached(ref, filename) from None
     except Exception as exc:
         raise _hub_error(ref.repo, exc) from None
 
@@ -187,7 +200,7 @@ def download(
     """The local path of the model's first file, with the files a node holding `layers` needs
     (all of them without `layers`) downloaded into the Hugging Face cache."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
 
     files = list_files(ref)
     needed = files
@@ -198,13 +211,8 @@ def download(
     for filename in needed:
         try:
             paths.append(Path(hf_hub_download(ref.repo, filename)))
-        except LocalEntryNotFoundError:
-            raise ModelNotFoundError(
-                f"{ref.reference}: {filename} is not in this node's Hugging Face cache and the Hub is "
-                "not reachable",
-                hint=f"download it on the node (hf download {ref.repo} {filename}) or copy the .gguf files "
-                "into its model_dir",
-            ) from None
+        except (LocalEntryNotFoundError, OfflineModeIsEnabled):
+            raise not_cached(ref, filename) from None
         except Exception as exc:
             raise _hub_error(ref.repo, exc) from None
     return paths[0]

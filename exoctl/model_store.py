@@ -9,9 +9,9 @@ from typing import Any
 
 from exoctl import hub_gguf
 from exoctl.catalog import DEFAULT_MODEL_ID, ModelCard, card_from_folder, find_card, get_card
-from exoctl.errors import ModelNotFoundError
+from exoctl.errors import ModelFormatError, ModelNotFoundError
 from exoctl.gguf_card import card_from_gguf
-from exoctl.gguf_file import GGUFModel, TensorInfo, is_gguf_model, open_model
+from exoctl.gguf_file import GGUFModel, TensorInfo, is_gguf_model, model_name, open_model
 from exoctl.hub_gguf import HubGGUF, list_files, parse_reference, read_remote_header
 
 # Files every node needs besides the weights: config, tokenizer, chat template, index.
@@ -76,7 +76,13 @@ def hub_reference(model: str) -> HubGGUF | None:
 def gguf_card(path: Path) -> ModelCard:
     """The card of a local GGUF model (a file, or a folder of split files), from its header."""
     model = open_model(path)
-    return card_from_gguf(model, model.path.name.removesuffix(".gguf"))
+    if model.missing:  # sizing needs every part's tensor table
+        raise ModelFormatError(
+            f"{model.path.name} is part 1 of {len(model.files) + len(model.missing)} but "
+            f"{len(model.missing)} part(s) are missing: {', '.join(model.missing[:3])}",
+            hint="put every split file of the model in the same folder",
+        )
+    return card_from_gguf(model, model_name(model.path))
 
 
 def hub_gguf_card(ref: HubGGUF) -> ModelCard:

@@ -11,5 +11,6 @@ def exoctl_home() -> Path:
 
 
 def model_store() -> Path:
-    """Models exoctl made itself (the converted embedded default) live here, one folder per id."""
+    """Models exoctl made itself live here, one folder per id (the benchmarks keep SmolLM2's reference
+    folder beside it)."""
     return exoctl_home() / "models"

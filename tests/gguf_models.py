@@ -129,6 +129,7 @@ def write_gguf(
     split_max_tensors: int = 0,
     seed: int = 0,
     tokenizer_from: Path | None = None,
+    merged_experts: bool = True,
 ) -> Path:
     """Write `hf_folder`'s model as GGUF at `out` (split into parts of at most `split_max_tensors`
     tensors if given) and, if `reference` is given, the same dequantized weights as a
@@ -207,7 +208,12 @@ def write_gguf(
     for (layer, w), by_expert in sorted(experts.items()):
         order = sorted(by_expert)
         names = [f"model.layers.{layer}.block_sparse_moe.experts.{e}.{w}.weight" for e in order]
-        add(f"blk.{layer}.{MERGED_EXPERTS[w]}", names, np.stack([by_expert[e] for e in order]))
+        if merged_experts:
+            add(f"blk.{layer}.{MERGED_EXPERTS[w]}", names, np.stack([by_expert[e] for e in order]))
+        else:  # older files (TheBloke's Mixtral): one tensor per expert, blk.N.ffn_gate.E.weight
+            base = MERGED_EXPERTS[w].removesuffix("_exps.weight")
+            for e, name in zip(order, names, strict=True):
+                add(f"blk.{layer}.{base}.{e}.weight", [name], by_expert[e])
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -239,11 +239,13 @@ def test_previews_instances_state_and_metrics(server: Server, placed: str) -> No
     tensor = {p["nodes"]: p for p in body["previews"] if p["sharding"] == "Tensor"}
     assert tensor[1]["ok"] and tensor[1]["shards"][0]["start_layer"] == 0
     assert not tensor[2]["ok"] and "must each divide by the node count" in tensor[2]["error"]
-    # quantized previews count the quantized bytes; an unknown dtype is the caller's error
-    status, small = http(server, "GET", f"/instance/previews?model_id={SMOLLM2_REPO}&dtype=int4")
-    assert status == 200 and {p["dtype"] for p in small["previews"] if p["ok"]} == {"int4"}
-    one_node = [p["shards"][0]["memory_bytes"] for p in (pipeline[0], small["previews"][0])]
-    assert one_node[1] < one_node[0]
+    # the embedded default is a Q4_1 GGUF: `auto` previews int4, float32 counts 4 bytes a weight;
+    # an unknown dtype is the caller's error
+    assert {p["dtype"] for p in body["previews"] if p["ok"]} == {"int4"}
+    status, large = http(server, "GET", f"/instance/previews?model_id={SMOLLM2_REPO}&dtype=float32")
+    assert status == 200 and {p["dtype"] for p in large["previews"] if p["ok"]} == {"float32"}
+    one_node = [p["shards"][0]["memory_bytes"] for p in (pipeline[0], large["previews"][0])]
+    assert one_node[0] < one_node[1]
     status, wrong = http(server, "GET", f"/instance/previews?model_id={SMOLLM2_REPO}&dtype=int3")
     assert status == 400 and "use one of auto, float32, bfloat16, int8, int4" in wrong["error"]["message"]
     status, body = http(server, "GET", f"/instance/{placed}")

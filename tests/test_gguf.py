@@ -21,7 +21,7 @@ from exoctl.errors import ModelFormatError, ModelNotFoundError, UnsupportedModel
 from exoctl.gguf_file import hf_config, open_model
 from exoctl.hub_gguf import files_for_layers, parse_reference, quant_files
 from exoctl.model_store import hub_reference, resolve_card
-from exoctl.placement import NodeProfile, PlacementRequest, place
+from exoctl.placement import NodeProfile, PlacementError, PlacementRequest, place
 from tests.gguf_models import all_as, hf_tensors, q4_k_m, write_gguf
 
 SIMPLE_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
@@ -315,7 +315,7 @@ def test_quant_files_picks_one_quantisation_and_its_split_parts_in_order() -> No
     assert quant_files(bartowski, "q8_0") == ["Meta-Llama-3.1-8B-Instruct-Q8_0.gguf"]
     assert quant_files(bartowski, "Q4_K") == []  # not Q4_K_M's file
     qwen = [f"qwen2.5-32b-instruct-q4_k_m-{i:05d}-of-00005.gguf" for i in (3, 1, 5, 2, 4)]
-    assert quant_files(qwen + ["qwen2.5-32b-instruct-q8_0-00001-of-00009.gguf"], "Q4_K_M") == sorted(qwen)
+    assert quant_files([*qwen, "qwen2.5-32b-instruct-q8_0-00001-of-00009.gguf"], "Q4_K_M") == sorted(qwen)
     folder = [
         f"Meta-Llama-3.1-70B-Instruct-Q8_0/Meta-Llama-3.1-70B-Instruct-Q8_0-0000{i}-of-00002.gguf"
         for i in (2, 1)
@@ -350,27 +350,50 @@ def test_a_layer_range_needs_only_the_split_files_holding_its_tensors() -> None:
     assert files_for_layers(tables, (3, 4), 6, tied=False) == names[:2]
 
 
-def test_a_hub_gguf_card_is_sized_from_cached_headers(
-    wide: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The Hub is out of reach here: a repo laid out as the Hugging Face cache stands in for it."""
+@pytest.fixture
+def hub_cache(wide: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The Hub is out of reach here: a split Q4_K_M repo laid out as the Hugging Face cache holds
+    it stands in, offline. Returns its snapshot folder."""
     cache = tmp_path / "hub"
-    snapshot = cache / "models--someone--Wide-GGUF" / "snapshots" / ("0" * 40)
+    repo = cache / "models--someone--Wide-GGUF"
+    snapshot = repo / "snapshots" / ("0" * 40)
     snapshot.mkdir(parents=True)
-    (cache / "models--someone--Wide-GGUF" / "refs").mkdir()
-    (cache / "models--someone--Wide-GGUF" / "refs" / "main").write_text("0" * 40)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
     write_gguf(wide, snapshot / "wide-Q4_K_M.gguf", q4_k_m, split_max_tensors=14)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    return snapshot
+
+
+def test_a_hub_gguf_card_is_sized_from_cached_headers(hub_cache: Path) -> None:
     card, ref = resolve_card("someone/Wide-GGUF:Q4_K_M")
-    local, _ = resolve_card(str(sorted(snapshot.glob("*.gguf"))[0]))
+    local, _ = resolve_card(str(sorted(hub_cache.glob("*.gguf"))[0]))
     assert ref == "someone/Wide-GGUF:Q4_K_M" and card.id == ref and card.hf_repo == "someone/Wide-GGUF"
     assert card.layer_bytes_each("int4") == local.layer_bytes_each("int4") and card.n_layers == 3
     with pytest.raises(ModelNotFoundError, match="no GGUF file of quantisation Q2_K"):
         resolve_card("someone/Wide-GGUF:Q2_K")
     with pytest.raises(ModelNotFoundError, match="Hugging Face Hub"):
         resolve_card("nobody/Nothing-GGUF:Q4_K_M")
+
+
+def test_a_node_takes_a_hub_ggufs_parts_from_its_cache_and_names_a_missing_one(hub_cache: Path) -> None:
+    from exoctl.worker.model_access import locate
+
+    parts = sorted(hub_cache.glob("*.gguf"))
+    first = locate("someone/Wide-GGUF:Q4_K_M", [], "node1", (0, 1), 3)
+    assert first.name == parts[0].name
+    model = load_model(first, (0, 1), "int4")
+    assert model.is_first and not model.is_last
+    holders = {n: i.file.name for n, i in open_model(parts[0]).tensors.items()}
+    last_part = holders["blk.2.ffn_down.weight"]
+    assert last_part != parts[0].name
+    (hub_cache / last_part).unlink()
+    with pytest.raises(
+        ModelNotFoundError, match=rf"someone/Wide-GGUF:Q4_K_M: {last_part} is not in this node's"
+    ):
+        locate("someone/Wide-GGUF:Q4_K_M", [], "node1", (2, 3), 3)
 
 
 # --- files exoctl cannot run ----------------------------------------------------------------------
@@ -386,7 +409,7 @@ def test_a_truncated_file_is_refused_naming_the_file_and_the_tensor(
         open_model(cut)
     header = tmp_path / "header.gguf"
     header.write_bytes(source.read_bytes()[:200])
-    with pytest.raises(ModelFormatError, match="header.gguf: the GGUF header is truncated"):
+    with pytest.raises(ModelFormatError, match=r"header\.gguf: the GGUF header is truncated"):
         open_model(header)
     not_gguf = tmp_path / "notes.gguf"
     not_gguf.write_bytes(b"GGML" + bytes(100))
@@ -410,7 +433,7 @@ def test_an_unsupported_tensor_type_is_refused_naming_it(
 def _first_tensor_type_offset(data: bytearray) -> tuple[int, str]:
     from exoctl.gguf_file import _string, _value
 
-    _, tensors, kvs = struct.unpack_from("<IQQ", data, 4)
+    _, _, kvs = struct.unpack_from("<IQQ", data, 4)
     pos = 24
     for _ in range(kvs):
         _, pos = _string(data, pos)
@@ -432,7 +455,203 @@ def test_an_architecture_exoctl_does_not_run_is_refused(wide: Path, tmp_path: Pa
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(UnsupportedModelError, match="phi.gguf: GGUF architecture 'phi3' is not supported"):
+    with pytest.raises(UnsupportedModelError, match=r"phi\.gguf: GGUF architecture 'phi3' is not supported"):
         hf_config(open_model(path))
     with pytest.raises(UnsupportedModelError, match="phi3"):
         resolve_card(str(path))
+
+
+def test_models_lists_each_cards_gguf_source_and_what_is_local() -> None:
+    from exoctl.cli.models import card_json, sources_here
+
+    assert sources_here(get_card("smollm2-135m-cpu")) == ["embedded"]
+    card = get_card("llama-3.1-8b-cpu")
+    listed = card_json(card, sources_here(card))
+    assert listed["gguf"] == "bartowski/Meta-Llama-3.1-8B-Instruct-GGUF:Q4_K_M" and listed["local"] == []
+    assert card_json(get_card("llama-3.1-8b-cuda"))["gguf"] is None
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mixtral"])
+@pytest.mark.parametrize(("type_name", "dtype"), [("Q8_0", "float32"), ("Q4_0", "int4")])
+def test_tensor_ranks_of_a_gguf_model_give_the_whole_models_logits(
+    written: dict[tuple[str, str], Path], kind: str, type_name: str, dtype: str
+) -> None:
+    from exoctl.engine.shard import TensorShard
+    from tests.test_tensor_engine import Exchange, on_ranks
+
+    gguf = written[(kind, type_name)]
+    expected = logits(gguf, dtype)
+
+    def work(rank: int, exchange: Exchange) -> tuple[torch.Tensor, list[str]]:
+        reader = GGUFWeightReader(gguf, torch.float32, 4 if dtype == "int4" else None)
+        model = load_model(
+            gguf, dtype=dtype, reader=reader, shard=TensorShard(rank, 2), reduce=exchange.reduce(rank)
+        )
+        return model.forward(IDS, POSITIONS, [model.new_cache()], all_logits=True), reader.read_names
+
+    results = on_ranks(2, work)
+    got = torch.cat([r[0] for r in results], dim=-1)
+    if dtype == "int4":  # activations are rounded per rank's columns: close, the same choices
+        assert (got - expected).norm() < 0.01 * expected.norm() and torch.equal(
+            got.argmax(-1), expected.argmax(-1)
+        )
+    else:
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    if kind == "mixtral":  # each rank read its own experts' slices of the merged tensors
+        for rank, (_, names) in enumerate(results):
+            experts = {int(n.split(".")[5]) for n in names if ".experts." in n}
+            assert experts == {2 * rank, 2 * rank + 1}
+
+
+def test_a_remote_header_is_read_from_the_first_bytes_only(
+    written: dict[tuple[str, str], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HfFileSystem (HTTP range reads) stands in as a file that counts the bytes asked of it."""
+    import io
+
+    from exoctl import hub_gguf
+
+    path = written[("llama", "Q4_0")]
+    asked: list[int] = []
+
+    class Counting(io.BytesIO):
+        def read(self, size: int | None = -1) -> bytes:
+            asked.append(size or -1)
+            return super().read(size)
+
+    class FileSystem:
+        def open(self, name: str, mode: str) -> Counting:
+            assert name == f"someone/Tiny-GGUF/{path.name}" and mode == "rb"
+            return Counting(path.read_bytes())
+
+    monkeypatch.setattr("huggingface_hub.HfFileSystem", FileSystem)
+    monkeypatch.setattr(hub_gguf, "HEADER_START", 64)  # grown 4x until the header fits
+    ref = hub_gguf.HubGGUF("someone/Tiny-GGUF", "Q4_0")
+    monkeypatch.setattr(hub_gguf, "cached", lambda ref, filename: None)
+    meta, infos = hub_gguf.read_remote_header(ref, path.name)
+    local_meta, local_infos = open_model(path).metadata, list(open_model(path).tensors.values())
+    assert meta["llama.block_count"] == local_meta["llama.block_count"]
+    assert [(i.name, i.shape, i.type_name, i.nbytes) for i in infos] == [
+        (i.name, i.shape, i.type_name, i.nbytes) for i in local_infos
+    ]
+    header_bytes = min(i.offset for i in infos)  # the tensor data starts after the aligned header
+    assert sum(asked) < 4 * header_bytes + 64 < path.stat().st_size
+
+
+def test_a_split_model_with_a_part_missing_cannot_be_placed_from_here(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    first = write_gguf(tiny_models["qwen2"], tmp_path / "q.gguf", all_as("Q8_0"), split_max_tensors=20)
+    parts = sorted(tmp_path.glob("q-*-of-*.gguf"))
+    parts[-1].unlink()
+    with pytest.raises(
+        ModelFormatError, match=rf"q-00001-of-0000{len(parts)}.gguf is part 1 of {len(parts)} but 1"
+    ):
+        resolve_card(str(first))
+    first.unlink()
+    with pytest.raises(ModelNotFoundError, match="part 1 of"):
+        resolve_card(str(parts[1]))
+
+
+def q4_k_m_70b_header(path: Path) -> bytes:
+    """The header (metadata and tensor table, no data) of Llama 3.1 70B as llama.cpp's Q4_K_M
+    quantizes it: Q6_K for the output and for attn_v and ffn_down in the layers `use_more_bits`
+    picks (the first and last eighth, every third between), Q4_K elsewhere."""
+    from gguf import GGML_QUANT_SIZES, GGUFWriter
+
+    n, d, inter, heads, kv, vocab = 80, 8192, 28672, 64, 8, 128256
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_block_count(n)
+    writer.add_context_length(131072)
+    writer.add_embedding_length(d)
+    writer.add_feed_forward_length(inter)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv)
+    writer.add_rope_freq_base(500000.0)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(vocab)
+
+    def add(name: str, shape: tuple[int, ...], type_name: str) -> None:
+        kind = GGMLQuantizationType[type_name]
+        block, size = GGML_QUANT_SIZES[kind]
+        count = int(np.prod(shape))
+        if type_name == "F32":
+            writer.add_tensor_info(name, shape, np.dtype(np.float32), 4 * count)
+        else:  # quantized: the writer takes the shape in bytes
+            raw_shape = (*shape[:-1], shape[-1] // block * size)
+            writer.add_tensor_info(name, raw_shape, np.dtype(np.uint8), count // block * size, kind)
+
+    def more_bits(i: int) -> bool:
+        return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+    add("rope_freqs.weight", (64,), "F32")
+    add("token_embd.weight", (vocab, d), "Q4_K")
+    for i in range(n):
+        add(f"blk.{i}.attn_norm.weight", (d,), "F32")
+        add(f"blk.{i}.attn_q.weight", (d, d), "Q4_K")
+        add(f"blk.{i}.attn_k.weight", (kv * 128, d), "Q4_K")
+        add(f"blk.{i}.attn_v.weight", (kv * 128, d), "Q6_K" if more_bits(i) else "Q4_K")
+        add(f"blk.{i}.attn_output.weight", (d, d), "Q4_K")
+        add(f"blk.{i}.ffn_norm.weight", (d,), "F32")
+        add(f"blk.{i}.ffn_gate.weight", (inter, d), "Q4_K")
+        add(f"blk.{i}.ffn_up.weight", (inter, d), "Q4_K")
+        add(f"blk.{i}.ffn_down.weight", (d, inter), "Q6_K" if more_bits(i) else "Q4_K")
+    add("output_norm.weight", (d,), "F32")
+    add("output.weight", (vocab, d), "Q6_K")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    writer.close()
+    return path.read_bytes()
+
+
+def test_a_70b_q4_k_m_plan_is_sized_layer_by_layer_from_its_header_alone(tmp_path: Path) -> None:
+    from exoctl.gguf_card import card_from_gguf
+    from exoctl.gguf_file import GGUFModel, header_of
+
+    data = q4_k_m_70b_header(tmp_path / "header-only.gguf")
+    assert len(data) < 100_000  # what a node fetches over HTTP ranges before anything is downloaded
+    meta, infos = header_of(data, "Meta-Llama-3.1-70B-Instruct-Q4_K_M.gguf")
+    model = GGUFModel((Path("Meta-Llama-3.1-70B-Instruct-Q4_K_M.gguf"),), meta, {i.name: i for i in infos})
+    card = card_from_gguf(model, "bartowski/Meta-Llama-3.1-70B-Instruct-GGUF:Q4_K_M")
+    catalog = get_card("llama-3.1-70b-cpu")
+    assert card.parameters == catalog.parameters and card.native_dtype == "int4"
+    assert 42e9 < card.storage_bytes < 43e9  # the file's size, as the Hub lists it (42.5 GB)
+    each = card.layer_bytes_each("int4")
+    # a layer whose attn_v and ffn_down are Q6_K holds q/k/v and down in int8
+    assert len(set(each)) == 2 and each[0] > each[11] and each[12] == each[0]
+    assert sum(each) > catalog.n_layers * catalog.layer_bytes("int4")  # more than plain int4
+    nodes = [NodeProfile(f"node{i}", 96 * 10**9, 96 * 10**9, memory_cap=12 * 10**9) for i in range(1, 5)]
+    with pytest.raises(PlacementError, match=r"needs 5\d\.\d GB in int4"):
+        place(card, nodes, PlacementRequest(dtype="int4", nodes=4))  # 4 x 12 GB is too little
+    nodes = [NodeProfile(f"node{i}", 96 * 10**9, 96 * 10**9) for i in range(1, 5)]
+    plan = place(card, nodes, PlacementRequest(dtype="int4", nodes=4))
+    assert [s.n_layers for s in plan.shards] == [20, 20, 20, 20]
+    first = plan.shards[0]
+    # a shard's bytes are its own layers' (with the KV reserve), not 20 times an average layer
+    kv = 2 * 8 * 128 * 4 * 8192
+    assert (
+        first.memory_bytes - sum(b + kv for b in each[:20])
+        == plan.shards[1].memory_bytes - sum(b + kv for b in each[20:40]) + card.embedding_parameters * 2
+    )
+
+
+def test_a_gguf_instance_is_found_by_every_name_of_its_model() -> None:
+    from exoctl.cluster.views import model_matches
+
+    assert model_matches("llama-F32", "/models/llama-F32.gguf")
+    assert model_matches("q", "/models/q-00001-of-00003.gguf")
+    hub = "bartowski/Meta-Llama-3.1-8B-Instruct-GGUF:Q4_K_M"
+    assert model_matches(hub, hub) and model_matches(hub, "llama-3.1-8b-cpu:gguf")
+    assert model_matches(hub, "llama-3.1-8b-cpu:Q4_K_M") and not model_matches(hub, "llama-3.1-8b-cpu:Q8_0")
+    assert not model_matches(hub, "smollm2-135m-cpu:Q4_0") and not model_matches(hub, "llama-3.1-8b-cpu")
+
+
+def test_mixtral_files_with_one_tensor_per_expert_load_too(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    gguf = write_gguf(
+        tiny_models["mixtral"], tmp_path / "old.gguf", all_as("Q4_0"), tmp_path / "ref", merged_experts=False
+    )
+    assert "blk.0.ffn_gate.3.weight" in open_model(gguf).tensors
+    assert torch.allclose(logits(gguf), logits(tmp_path / "ref"), atol=1e-4, rtol=0)

@@ -16,7 +16,7 @@ EXAMPLES = (
 )
 
 
-def card_json(card: ModelCard) -> dict[str, Any]:
+def card_json(card: ModelCard, local: list[str] | None = None) -> dict[str, Any]:
     return {
         "id": card.id,
         "name": card.name,
@@ -32,22 +32,48 @@ def card_json(card: ModelCard) -> dict[str, Any]:
         "parameters": card.parameters,
         "storage_size_megabytes": round(card.storage_bytes / 1e6),
         "tags": list(card.tags),
+        # the card's GGUF source (`ID:QUANT`, `ID:gguf`), and which sources are on this machine
+        "gguf": f"{card.gguf_repo}:{card.gguf_quant}" if card.gguf_repo else None,
+        "local": local if local is not None else [],
     }
+
+
+def sources_here(card: ModelCard) -> list[str]:
+    """Which of the card's sources this machine holds: "embedded", "safetensors", "gguf"."""
+    from exoctl.api.service import is_downloaded, local_sources
+    from exoctl.catalog import DEFAULT_MODEL_ID
+
+    if card.id == DEFAULT_MODEL_ID:
+        return ["embedded"] if is_downloaded(card) else []
+    return local_sources(card)
 
 
 def models(json_output: JsonOption = False) -> None:
     use_json_errors(json_output)
     cards = load_catalog()
+    local = {card.id: sources_here(card) for card in cards}
     if json_output:
-        print_json([card_json(c) for c in cards])
+        print_json([card_json(c, local[c.id]) for c in cards])
         return
     table = Table(title="Models")
-    for column in ("id", "hugging face repo", "arch", "layers", "params", "size", "tags"):
+    for column in (
+        "id",
+        "hugging face repo",
+        "gguf (ID:QUANT)",
+        "local",
+        "arch",
+        "layers",
+        "params",
+        "size",
+        "tags",
+    ):
         table.add_column(column, justify="right" if column in ("layers", "params", "size") else "left")
     for card in cards:
         table.add_row(
             card.id,
             card.hf_repo,
+            f"{card.gguf_repo}:{card.gguf_quant}" if card.gguf_repo else "",
+            ", ".join(local[card.id]) or "-",
             card.architecture,
             str(card.n_layers),
             f"{card.parameters / 1e9:.2f} B",

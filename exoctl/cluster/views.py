@@ -11,8 +11,10 @@ from enum import Enum
 from typing import Any
 
 from exoctl.catalog import DEFAULT_MODEL_ID, find_card
+from exoctl.errors import ExoctlError
+from exoctl.gguf_file import model_name
 from exoctl.inventory import Node
-from exoctl.model_store import as_path
+from exoctl.model_store import as_path, hub_reference
 from exoctl.placement import GB, NodeProfile
 from exoctl.runner_report import RunnerReport, RunnerStatus
 
@@ -105,13 +107,21 @@ def instances_of(statuses: list[NodeStatus]) -> dict[str, InstanceView]:
 
 
 def model_matches(view_model_id: str, model: str) -> bool:
-    """Whether `model` (catalog id, Hugging Face repo id, or a folder) names an instance's model."""
+    """Whether `model` (catalog id, Hugging Face repo id, `ID:QUANT` / `REPO:QUANT`, a folder or
+    GGUF file) names an instance's model."""
     if view_model_id == model:
         return True
     card = find_card(model)
     if card is not None:
         return card.id == view_model_id
-    return as_path(model).name == view_model_id
+    try:
+        hub = hub_reference(model)
+    except ExoctlError:  # a catalog id with a quantisation but no GGUF source: names nothing
+        return False
+    if hub is not None:
+        return hub.reference == view_model_id
+    path = as_path(model)
+    return path.name == view_model_id or (path.suffix == ".gguf" and model_name(path) == view_model_id)
 
 
 def find_instance(statuses: list[NodeStatus], model: str | None) -> InstanceView | None:

@@ -109,9 +109,9 @@ class ModelConfig:
 
 def load_config(folder: Path) -> ModelConfig:
     """The config of a model folder, or of a GGUF model (a file, or a folder of GGUF files)."""
-    from exoctl.gguf_file import hf_config, is_gguf_model, open_model
+    from exoctl.gguf_file import hf_config, is_gguf_source, open_model
 
-    if not (Path(folder) / "config.json").is_file() and is_gguf_model(Path(folder)):
+    if is_gguf_source(Path(folder)):
         model = open_model(Path(folder))
         return ModelConfig.from_dict(hf_config(model), source=str(model.path))
     path = Path(folder) / "config.json"

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import Q4_K, dequantize
 
 from exoctl.engine.quant import (
@@ -129,11 +129,17 @@ class GGUFWeightReader:
         picked = raw[source.start : source.stop] if isinstance(source, range) else raw[source]
         return picked, info
 
+    def _columns(self, raw: np.ndarray, info: TensorInfo, part: range) -> np.ndarray | None:
+        """Columns `part` of raw rows, cut on the type's block boundaries; None if that cuts a block."""
+        block, size = GGML_QUANT_SIZES[info.ggml_type]
+        if part.start % block or part.stop % block:
+            return None
+        return raw[:, part.start // block * size : part.stop // block * size]
+
     # --- float --------------------------------------------------------------------------------
 
-    def _floats(self, raw: np.ndarray, info: TensorInfo, out: torch.dtype) -> torch.Tensor:
+    def _floats(self, raw: np.ndarray, info: TensorInfo, out: torch.dtype, cols: int) -> torch.Tensor:
         """Rows of raw bytes -> [rows, cols] in `out`, a few hundred rows at a time."""
-        cols = info.shape[-1]
         if info.type_name in ("F32", "F16", "BF16"):
             kind = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[info.type_name]
             values = torch.from_numpy(np.array(raw)).view(kind).view(-1, cols)  # a copy: the map is read-only
@@ -148,23 +154,32 @@ class GGUFWeightReader:
         self, name: str, shape: Iterable[int] | None = None, dtype: torch.dtype | None = None
     ) -> torch.Tensor:
         where, info = self._where(name)
-        full = self._shape(name, where, info)
-        wanted = tuple(shape) if shape is not None else full
+        wanted = tuple(shape) if shape is not None else self._shape(name, where, info)
         return self.get_part(name, wanted, 0, range(wanted[0]), dtype)
 
     def get_part(
         self, name: str, shape: Iterable[int], dim: int, part: range, dtype: torch.dtype | None = None
     ) -> torch.Tensor:
+        """Rows (dim 0) or columns (dim 1) `part` of a tensor, in float; only those rows are read,
+        and of the columns only the blocks that hold them."""
         shape = tuple(shape)
-        vector = len(shape) == 1
-        rows = range(1) if vector else part if dim == 0 else range(shape[0])
-        raw, info = self._rows(name, shape, range(0, 1) if vector else rows)
-        values = self._floats(raw, info, dtype or self.dtype)
+        out = dtype or self.dtype
+        if len(shape) == 1:
+            raw, info = self._rows(name, shape, range(1))
+            values = self._floats(raw, info, out, shape[0]).view(-1)
+            order = self._source_rows(info, range(shape[0]))  # a llama file's q or k bias is permuted too
+            if not isinstance(order, range):
+                values = values[torch.from_numpy(order)]
+            values = values[part.start : part.stop].contiguous()
+        else:
+            raw, info = self._rows(name, shape, part if dim == 0 else range(shape[0]))
+            cut = self._columns(raw, info, part) if dim == 1 else None
+            if cut is not None:
+                values = self._floats(cut, info, out, len(part))
+            else:
+                values = self._floats(raw, info, out, shape[1])
+                values = values[:, part.start : part.stop].contiguous() if dim == 1 else values
         self.read_names.append(name)
-        if vector:
-            values = values.view(-1)[part.start : part.stop] if dim == 0 else values.view(-1)
-        elif dim == 1:
-            values = values[:, part.start : part.stop].contiguous()
         if part != range(shape[dim]):
             self.read_parts.append((name, dim, part))
         return values
@@ -179,28 +194,38 @@ class GGUFWeightReader:
         part: range | None = None,
         bits: int | None = None,
     ) -> torch.Tensor | QuantizedWeight:
+        """A weight matrix (or its rows/columns `part`) in the bits `runtime_bits` gives its type;
+        without bits, in float as `get_part` reads it."""
         bits = bits or self.bits
         part = part if part is not None else range(shape[dim])
         if bits is None:
             return self.get_part(name, shape, dim, part)
         check_block_multiple(shape[1], name)
-        rows = part if dim == 0 else range(shape[0])
-        raw, info = self._rows(name, shape, rows)
-        held = runtime_bits(info.type_name, bits)
+        raw, info = self._rows(name, shape, part if dim == 0 else range(shape[0]))
+        held = runtime_bits(info.type_name, bits) or 8
+        repack = held == 4 and info.type_name in REPACKED_INT4
+        cols = shape[1]
+        if dim == 1 and held == 4:
+            if not repack:
+                check_block_columns(part, name)
+            # int4 blocks run along the columns: a rank's columns are its own blocks. (An int8 row's
+            # scale spans the whole row, so int8 reads whole rows.)
+            cut = self._columns(raw, info, part)
+            if cut is not None:
+                raw, cols = cut, len(part)
         pieces = []
         for start in range(0, raw.shape[0], QUANTIZE_ROWS):
             chunk = np.array(raw[start : start + QUANTIZE_ROWS])  # a writable copy of the mapped rows
-            if held == 4 and info.type_name in REPACKED_INT4:
-                pieces.append(repack_int4(torch.from_numpy(chunk), info.type_name, shape[1]))
+            if repack:
+                pieces.append(repack_int4(torch.from_numpy(chunk), info.type_name, cols))
             else:
-                floats = self._floats(chunk, info, torch.float32)
-                pieces.append(quantize(floats, held or 8))
+                pieces.append(quantize(self._floats(chunk, info, torch.float32, cols), held))
         weight = concat_rows(pieces)
         del pieces
         self.read_names.append(name)
         if part != range(shape[dim]):
             self.read_parts.append((name, dim, part))
-        if dim == 1:
+        if dim == 1 and weight.in_features != len(part):
             if weight.bits == 4:
                 check_block_columns(part, name)
             weight = weight.columns(part)

@@ -33,7 +33,7 @@ from exoctl.engine.layers import (
 from exoctl.engine.shard import WHOLE, TensorShard
 from exoctl.engine.weights import WeightReader, WeightSource
 from exoctl.errors import UnsupportedModelError
-from exoctl.gguf_file import is_gguf_model
+from exoctl.gguf_file import is_gguf_source
 
 DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in FLOAT_DTYPES}
 PREFILL_CHUNK = 512  # prompt positions a forward runs at a time
@@ -205,7 +205,7 @@ def load_model(
     if reader is None:
         reader = (
             GGUFWeightReader(Path(folder), torch_dtype, bits)
-            if is_gguf_model(Path(folder)) and not (Path(folder) / "config.json").is_file()
+            if is_gguf_source(Path(folder))
             else WeightReader(folder, torch_dtype, bits)
         )
     load_layer = LAYER_LOADERS[config.architecture]

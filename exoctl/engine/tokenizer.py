@@ -16,9 +16,9 @@ class Tokenizer:
     def __init__(self, folder: Path) -> None:
         from transformers import AutoTokenizer
 
-        from exoctl.gguf_file import is_gguf_model, model_files
+        from exoctl.gguf_file import is_gguf_source, model_files
 
-        if not (Path(folder) / "config.json").is_file() and is_gguf_model(Path(folder)):
+        if is_gguf_source(Path(folder)):
             self.hf = _gguf_tokenizer(model_files(Path(folder))[0])
             self.eos_token_ids = frozenset(
                 {int(self.hf.eos_token_id)} if self.hf.eos_token_id is not None else ()
