@@ -228,7 +228,9 @@ def test_serve_places_an_instance_again_when_it_loses_a_node(cluster3: WorkerClu
                 "model": DEFAULT_MODEL_ID,
                 "temperature": 0,
                 "max_tokens": 12,
-                "messages": [{"role": "user", "content": "What is the capital of France?"}],
+                "messages": [
+                    {"role": "user", "content": "What is the capital of France? Answer in one sentence."}
+                ],
             },
         )
         assert status == 200 and "Paris" in answer["choices"][0]["message"]["content"]

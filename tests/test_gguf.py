@@ -655,3 +655,16 @@ def test_mixtral_files_with_one_tensor_per_expert_load_too(
     )
     assert "blk.0.ffn_gate.3.weight" in open_model(gguf).tensors
     assert torch.allclose(logits(gguf), logits(tmp_path / "ref"), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("type_name", ["Q5_0", "Q5_1", "Q5_K"])
+def test_five_bit_types_load_and_are_held_in_int8_under_int4(
+    tiny_models: dict[str, Path], wide: Path, tmp_path: Path, type_name: str
+) -> None:
+    source = wide if type_name == "Q5_K" else tiny_models["llama"]
+    gguf = write_gguf(source, tmp_path / "m.gguf", all_as(type_name), tmp_path / "ref")
+    assert torch.allclose(logits(gguf), logits(tmp_path / "ref"), atol=1e-4, rtol=0)
+    card, _ = resolve_card(str(gguf))
+    assert card.native_dtype == "int8"
+    model = load_model(gguf, dtype="int4")
+    assert {linear.bits for block in model.blocks for linear in (block.attention.qkv, block.mlp.down)} == {8}

