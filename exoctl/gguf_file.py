@@ -19,9 +19,7 @@ import struct
 from collections.abc import Container
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from typing import TYPE_CHECKING, Any
 
 from exoctl.errors import ModelFormatError, ModelNotFoundError, UnsupportedModelError
 
@@ -41,6 +39,9 @@ NATIVE_DTYPE = {
 }
 # The architectures exoctl runs (llama.cpp names Mixtral files "llama" with an expert count).
 ARCHITECTURES = ("llama", "qwen2")
+
+if TYPE_CHECKING:
+    from gguf import GGMLQuantizationType
 
 _SCALAR = {
     0: "<B",
@@ -71,11 +72,13 @@ class TensorInfo:
 
     @property
     def ggml_type(self) -> GGMLQuantizationType:
+        from gguf import GGMLQuantizationType
+
         return GGMLQuantizationType[self.type_name]
 
     @property
     def row_bytes(self) -> int:
-        block, size = GGML_QUANT_SIZES[self.ggml_type]
+        block, size = block_size(self.type_name)
         return self.shape[-1] // block * size
 
 
@@ -106,6 +109,14 @@ class GGUFModel:
             if info.name.startswith("blk.") and len(info.shape) >= 2:
                 by_type[info.type_name] = by_type.get(info.type_name, 0) + info.nbytes
         return max(by_type, key=lambda name: by_type[name]) if by_type else "F32"
+
+
+def block_size(type_name: str) -> tuple[int, int]:
+    """(weights, bytes) of one block of a ggml type; F32 is (1, 4). The `gguf` package (and numpy)
+    is imported only when a GGUF file is read: most commands never touch one."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    return GGML_QUANT_SIZES[GGMLQuantizationType[type_name]]
 
 
 def runtime_bits(type_name: str, bits: int | None) -> int | None:
@@ -268,7 +279,7 @@ def _parse(
     infos = []
     for name, shape, kind, offset in entries:
         type_name = _type_name(path, name, kind)
-        block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType[type_name]]
+        block, block_bytes = block_size(type_name)
         if shape[-1] % block:
             raise ModelFormatError(
                 f"{path}: tensor {name!r} has {shape[-1]} columns, not whole {type_name} blocks"
@@ -289,6 +300,8 @@ def _parse(
 
 
 def _type_name(path: Path, tensor: str, kind: int) -> str:
+    from gguf import GGMLQuantizationType
+
     try:
         name = GGMLQuantizationType(kind).name
     except ValueError:

@@ -75,12 +75,15 @@ def check_request(model: str | None, dtype: str) -> None:
     """Errors found without asking the cluster: an unknown model or dtype."""
     import re
 
-    from exoctl.model_store import resolve_card
+    from exoctl.model_store import hub_reference, resolve_card
 
     if dtype not in DTYPE_CHOICES:
         raise ExoctlError(f"dtype {dtype!r} is not supported", hint=f"use one of {', '.join(DTYPE_CHOICES)}")
-    if model is not None and not re.fullmatch(r"[0-9a-f-]{8,36}", model):  # else an instance id
-        resolve_card(model)
+    if model is None or re.fullmatch(r"[0-9a-f-]{8,36}", model):  # an instance id
+        return
+    if hub_reference(model) is not None:  # well formed; its headers are fetched only to place it
+        return
+    resolve_card(model)
 
 
 def live_statuses(cluster: Cluster) -> list[NodeStatus]:
