@@ -12,8 +12,10 @@ through `hf_hub_download` (progress, resume, HF_TOKEN and HF_HUB_OFFLINE are hug
 
 from __future__ import annotations
 
+import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,6 +98,18 @@ def files_for_layers(
 # --- the Hub --------------------------------------------------------------------------------------
 
 
+@contextmanager
+def _quiet_hub() -> Iterator[None]:
+    """huggingface_hub logs each retried request as a warning; the error that follows says it once."""
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        hub_logger.setLevel(level)
+
+
 def _hub_error(repo: str, exc: Exception) -> ModelNotFoundError:
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
@@ -108,39 +122,59 @@ def _hub_error(repo: str, exc: Exception) -> ModelNotFoundError:
             f"no repo {repo} on the Hugging Face Hub", hint="check the name (owner/name)"
         )
     return ModelNotFoundError(
-        f"could not reach the Hugging Face Hub for {repo}: {type(exc).__name__}",
+        f"could not reach the Hugging Face Hub for {repo}: {type(exc).__name__} ({str(exc)[:100]})",
         hint="check the network (or HF_HUB_OFFLINE), or copy the .gguf files to the node and give their path",
     )
 
 
-def list_files(ref: HubGGUF) -> list[str]:
-    """The repo's files of `ref.quant`: from the Hub, or from the local cache when offline."""
-    from huggingface_hub import HfApi, constants, scan_cache_dir
+def _quants(names: list[str]) -> list[str]:
+    """The quantisations named in a repo's .gguf file names."""
+    found = (
+        re.search(r"[-_.]((?:I?Q\d|F16|BF16|F32)[A-Z0-9_]*)", n, re.I) for n in names if n.endswith(".gguf")
+    )
+    return sorted({m[1] for m in found if m})
+
+
+def cached_files(repo_id: str) -> list[str]:
+    """The files of `repo_id` in the local Hugging Face cache (every cached revision)."""
+    from huggingface_hub import scan_cache_dir
 
     try:
-        if constants.HF_HUB_OFFLINE:
-            raise ConnectionError("HF_HUB_OFFLINE is set")
-        names = HfApi().list_repo_files(ref.repo)
-    except Exception as exc:  # offline, gated, missing: the cache may still hold the files
-        names = []
+        repos = [r for r in scan_cache_dir().repos if r.repo_id == repo_id]
+    except Exception:  # no cache yet, or one it cannot read
+        return []
+    return sorted(
+        {
+            str(f.file_path.relative_to(rev.snapshot_path))
+            for r in repos
+            for rev in r.revisions
+            for f in rev.files
+        }
+    )
+
+
+def list_files(ref: HubGGUF) -> list[str]:
+    """The repo's files of `ref.quant`: from the local cache when it holds that quantisation
+    (no network: a plan is sized from cached headers), else from the Hub."""
+    from huggingface_hub import HfApi, constants
+
+    names = cached_files(ref.repo)
+    if not quant_files(names, ref.quant):
         try:
-            for repo in scan_cache_dir().repos:
-                if repo.repo_id == ref.repo:
-                    names = [
-                        str(f.file_path.relative_to(r.snapshot_path)) for r in repo.revisions for f in r.files
-                    ]
-        except Exception:
-            names = []
-        if not names:
-            raise _hub_error(ref.repo, exc) from None
+            if constants.HF_HUB_OFFLINE:
+                raise ConnectionError("HF_HUB_OFFLINE is set")
+            with _quiet_hub():
+                names = HfApi().list_repo_files(ref.repo)
+        except Exception as exc:  # offline, gated, missing: say which, with what the cache has
+            error = _hub_error(ref.repo, exc)
+            if names:
+                error.message += f"; this machine's cache holds its {', '.join(_quants(names))} only"
+            raise error from None
     files = quant_files(names, ref.quant)
     if not files:
-        quants = sorted(
-            {m[1] for n in names if (m := re.search(r"[-_.]((?:I?Q\d|F16|BF16|F32)[A-Z0-9_]*)", n, re.I))}
-        )
         raise ModelNotFoundError(
             f"{ref.repo} has no GGUF file of quantisation {ref.quant}",
-            hint=f"it has: {', '.join(quants[:12]) or 'no .gguf files'}",
+            hint=f"it has: {', '.join(_quants(names)[:12]) or 'no .gguf files'}",
         )
     return files
 
@@ -176,7 +210,7 @@ def read_remote_header(
     size = HEADER_START
     try:
         # HTTP range reads: only the header's bytes cross the network, however large the file
-        with HfFileSystem().open(f"{ref.repo}/{filename}", "rb") as handle:
+        with _quiet_hub(), HfFileSystem().open(f"{ref.repo}/{filename}", "rb") as handle:
             data = b""
             while True:
                 data += handle.read(size - len(data))

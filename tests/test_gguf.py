@@ -372,10 +372,28 @@ def test_a_hub_gguf_card_is_sized_from_cached_headers(hub_cache: Path) -> None:
     local, _ = resolve_card(str(sorted(hub_cache.glob("*.gguf"))[0]))
     assert ref == "someone/Wide-GGUF:Q4_K_M" and card.id == ref and card.hf_repo == "someone/Wide-GGUF"
     assert card.layer_bytes_each("int4") == local.layer_bytes_each("int4") and card.n_layers == 3
-    with pytest.raises(ModelNotFoundError, match="no GGUF file of quantisation Q2_K"):
-        resolve_card("someone/Wide-GGUF:Q2_K")
+    with pytest.raises(ModelNotFoundError, match="this machine's cache holds its Q4_K_M only"):
+        resolve_card("someone/Wide-GGUF:Q2_K")  # offline: what the Hub has is not known
     with pytest.raises(ModelNotFoundError, match="Hugging Face Hub"):
         resolve_card("nobody/Nothing-GGUF:Q4_K_M")
+
+
+def test_a_quantisation_the_repo_lacks_is_refused_with_what_it_has(monkeypatch: pytest.MonkeyPatch) -> None:
+    from exoctl import hub_gguf
+
+    class Api:
+        def list_repo_files(self, repo: str) -> list[str]:
+            return ["README.md", "m-Q4_K_M.gguf", "m-Q8_0.gguf", "m-IQ4_XS.gguf"]
+
+    monkeypatch.setattr("huggingface_hub.HfApi", Api)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub_gguf, "cached_files", lambda repo: [])
+    with pytest.raises(
+        ModelNotFoundError, match="someone/M-GGUF has no GGUF file of quantisation Q2_K"
+    ) as info:
+        hub_gguf.list_files(hub_gguf.HubGGUF("someone/M-GGUF", "Q2_K"))
+    assert info.value.hint == "it has: IQ4_XS, Q4_K_M, Q8_0"
+    assert hub_gguf.list_files(hub_gguf.HubGGUF("someone/M-GGUF", "q8_0")) == ["m-Q8_0.gguf"]
 
 
 def test_a_node_takes_a_hub_ggufs_parts_from_its_cache_and_names_a_missing_one(hub_cache: Path) -> None:

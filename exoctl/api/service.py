@@ -234,19 +234,13 @@ def is_downloaded(card: ModelCard) -> bool:
 
 def local_sources(card: ModelCard) -> list[str]:
     """Which of the card's sources are in this machine's Hugging Face cache: "safetensors", "gguf"."""
-    from huggingface_hub import scan_cache_dir, try_to_load_from_cache
+    from huggingface_hub import try_to_load_from_cache
 
-    from exoctl.hub_gguf import quant_files
+    from exoctl.hub_gguf import cached_files, quant_files
 
     found = []
     if isinstance(try_to_load_from_cache(card.hf_repo, "config.json"), str):
         found.append("safetensors")
-    if card.gguf_repo:
-        try:
-            repos = [r for r in scan_cache_dir().repos if r.repo_id == card.gguf_repo]
-        except Exception:  # no cache yet
-            repos = []
-        names = [f.file_name for r in repos for rev in r.revisions for f in rev.files]
-        if quant_files(names, card.gguf_quant):
-            found.append("gguf")
+    if card.gguf_repo and quant_files(cached_files(card.gguf_repo), card.gguf_quant):
+        found.append("gguf")
     return found
