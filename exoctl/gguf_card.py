@@ -3,10 +3,10 @@ table (layer by layer, in the types the file holds). Torch-free."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+import math
 
 from exoctl.catalog import GGUFLayer, MatrixGroup, ModelCard
-from exoctl.gguf_file import GGUFModel, hf_config, layer_of, native_dtype
+from exoctl.gguf_file import GGUFModel, TensorInfo, hf_config, layer_of, native_dtype
 
 # Matrices the engine holds as one (engine.llama): q/k/v, and gate/up (an expert's too).
 FUSED = (("attn_q", "attn_k", "attn_v"), ("ffn_gate", "ffn_up"), ("ffn_gate_exps", "ffn_up_exps"))
@@ -15,12 +15,20 @@ FUSED = (("attn_q", "attn_k", "attn_v"), ("ffn_gate", "ffn_up"), ("ffn_gate_exps
 def card_from_gguf(model: GGUFModel, card_id: str, name: str = "", hf_repo: str = "") -> ModelCard:
     config = hf_config(model, rope_factors=False)
     n_layers = int(config["num_hidden_layers"])
-    layers = [_layer(model, i) for i in range(n_layers)]
-    card = ModelCard(
+    by_layer: dict[int, dict[str, TensorInfo]] = {i: {} for i in range(n_layers)}
+    for info in model.tensors.values():
+        layer = layer_of(info.name)
+        if layer is not None and layer in by_layer:
+            # blk.N.attn_q.weight -> attn_q; blk.N.attn_q.bias -> attn_q.bias
+            by_layer[layer][info.name.split(".", 2)[2].removesuffix(".weight")] = info
+    layers = [_layer(by_layer[i]) for i in range(n_layers)]
+    # rope_freqs is a table of constants, not a parameter
+    parameters = sum(math.prod(i.shape) for i in model.tensors.values() if i.name != "rope_freqs.weight")
+    return ModelCard(
         id=card_id,
         name=name or str(model.metadata.get("general.name") or card_id),
         hf_repo=hf_repo,
-        architecture="qwen2" if config["model_type"] == "qwen2" else config["model_type"],
+        architecture=config["model_type"],
         device="cpu",
         n_layers=n_layers,
         hidden_size=int(config["hidden_size"]),
@@ -32,7 +40,7 @@ def card_from_gguf(model: GGUFModel, card_id: str, name: str = "", hf_repo: str 
         vocab_size=int(config["vocab_size"]),
         tie_word_embeddings=bool(config["tie_word_embeddings"]),
         attention_bias=bool(config["attention_bias"]),
-        parameters=0,
+        parameters=parameters,
         storage_bytes=sum(info.nbytes for info in model.tensors.values()),
         storage_dtype=model.main_type(),
         context_length=int(config["max_position_embeddings"]),
@@ -40,26 +48,10 @@ def card_from_gguf(model: GGUFModel, card_id: str, name: str = "", hf_repo: str 
         native_dtype=native_dtype(model.main_type()),
         gguf_layers=tuple(layers),
     )
-    # rope_freqs is a table of constants, not a parameter
-    parameters = sum(
-        _elements(info.shape) for info in model.tensors.values() if info.name != "rope_freqs.weight"
-    )
-    return replace(card, parameters=parameters)
 
 
-def _elements(shape: tuple[int, ...]) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count
-
-
-def _layer(model: GGUFModel, index: int) -> GGUFLayer:
-    tensors = {
-        info.name.split(".", 2)[2].removesuffix(".weight"): info
-        for info in model.tensors.values()
-        if layer_of(info.name) == index
-    }
+def _layer(tensors: dict[str, TensorInfo]) -> GGUFLayer:
+    """One layer's sizes from its tensors, keyed by their names within the layer."""
     groups: list[MatrixGroup] = []
     floats = split = 0
     used: set[str] = set()
@@ -76,10 +68,10 @@ def _layer(model: GGUFModel, index: int) -> GGUFLayer:
         if key in used:
             continue
         if key.endswith(".bias") or len(info.shape) == 1:
-            floats += _elements(info.shape)
-            split += _elements(info.shape) if key.startswith("attn_") and key.endswith(".bias") else 0
+            floats += math.prod(info.shape)
+            split += math.prod(info.shape) if key.startswith("attn_") and key.endswith(".bias") else 0
         elif key == "ffn_gate_inp":  # the router stays in float
-            floats += _elements(info.shape)
+            floats += math.prod(info.shape)
         else:
             experts = info.shape[0] if len(info.shape) == 3 else 1
             groups += [MatrixGroup(info.shape[-2], info.shape[-1], (info.type_name,))] * experts

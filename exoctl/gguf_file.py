@@ -13,6 +13,7 @@ the first holds the metadata), given as the first file or as the folder holding 
 
 from __future__ import annotations
 
+import math
 import mmap
 import re
 import struct
@@ -168,6 +169,15 @@ def is_gguf_source(path: Path) -> bool:
     return not (path / "config.json").is_file() and is_gguf_model(path)
 
 
+def split_parts(first: Path) -> tuple[Path, ...]:
+    """Every part of the model whose first (or only) file is `first`, here or not."""
+    match = SPLIT_NAME.match(first.name)
+    if not match:
+        return (first,)
+    count = int(match["count"])
+    return tuple(first.with_name(f"{match['stem']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1))
+
+
 def model_files(path: Path) -> tuple[Path, ...]:
     """The files of the model at `path` (a file, or a folder of one model) that are on this
     machine, first file first: a node may hold only the split parts with its tensors."""
@@ -175,27 +185,23 @@ def model_files(path: Path) -> tuple[Path, ...]:
         found = gguf_files_in(path)
         if not found:
             raise ModelNotFoundError(f"no .gguf files in {path}")
-        stems = {m["stem"] if (m := SPLIT_NAME.match(p.name)) else p.name for p in found}
+        stems = {model_name(p) for p in found}
         if len(stems) > 1:
             raise ModelFormatError(
                 f"{path} holds {len(stems)} GGUF models ({', '.join(sorted(stems)[:4])})",
                 hint="give the path of one .gguf file (the first of a split model)",
             )
         path = found[0]
-    match = SPLIT_NAME.match(path.name)
-    if not match:
-        return (path,)
-    count = int(match["count"])
-    files = tuple(path.with_name(f"{match['stem']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1))
-    if not files[0].is_file():
-        raise ModelNotFoundError(f"no file {files[0]} (part 1 of {count}, which holds the metadata)")
-    return tuple(f for f in files if f.is_file())
+    parts = split_parts(path)
+    if not parts[0].is_file():
+        raise ModelNotFoundError(f"no file {parts[0]} (part 1 of {len(parts)}, which holds the metadata)")
+    return tuple(f for f in parts if f.is_file())
 
 
 def open_model(path: Path, string_arrays: Container[str] = ()) -> GGUFModel:
-    # `string_arrays`: metadata arrays to read in full (the others longer than 4,096 items are counts)
     """The model at `path`: its first file's metadata and the tensors of all its files (of the
-    split parts on this machine)."""
+    split parts on this machine). `string_arrays`: metadata arrays to read in full (the others
+    longer than 4,096 items are kept as counts)."""
     files = model_files(Path(path))
     metadata: dict[str, Any] = {}
     tensors: dict[str, TensorInfo] = {}
@@ -211,18 +217,7 @@ def open_model(path: Path, string_arrays: Container[str] = ()) -> GGUFModel:
             tensors[info.name] = info
     if "general.architecture" not in metadata:
         raise ModelFormatError(f"{files[0]}: no general.architecture in the GGUF metadata")
-    match = SPLIT_NAME.match(files[0].name)
-    expected = int(match["count"]) if match else 1
-    present = {f.name for f in files}
-    missing = (
-        ()
-        if not match
-        else tuple(
-            name
-            for i in range(1, expected + 1)
-            if (name := f"{match['stem']}-{i:05d}-of-{expected:05d}.gguf") not in present
-        )
-    )
+    missing = tuple(p.name for p in split_parts(files[0]) if p not in files)
     return GGUFModel(files, metadata, tensors, missing)
 
 
@@ -284,10 +279,7 @@ def _parse(
             raise ModelFormatError(
                 f"{path}: tensor {name!r} has {shape[-1]} columns, not whole {type_name} blocks"
             )
-        elements = 1
-        for dim in shape:
-            elements *= dim
-        nbytes = elements // block * block_bytes
+        nbytes = math.prod(shape) // block * block_bytes
         info = TensorInfo(name, shape, type_name, path, data_start + offset, nbytes)
         if size is not None and info.offset + nbytes > size:
             raise ModelFormatError(

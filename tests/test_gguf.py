@@ -480,11 +480,12 @@ def test_an_architecture_exoctl_does_not_run_is_refused(wide: Path, tmp_path: Pa
 
 
 def test_models_lists_each_cards_gguf_source_and_what_is_local() -> None:
-    from exoctl.cli.models import card_json, sources_here
+    from exoctl.api.service import local_sources
+    from exoctl.cli.models import card_json
 
-    assert sources_here(get_card("smollm2-135m-cpu")) == ["embedded"]
+    assert local_sources(get_card("smollm2-135m-cpu")) == ["embedded"]
     card = get_card("llama-3.1-8b-cpu")
-    listed = card_json(card, sources_here(card))
+    listed = card_json(card, local_sources(card))
     assert listed["gguf"] == "bartowski/Meta-Llama-3.1-8B-Instruct-GGUF:Q4_K_M" and listed["local"] == []
     assert card_json(get_card("llama-3.1-8b-cuda"))["gguf"] is None
 

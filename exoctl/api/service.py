@@ -221,19 +221,20 @@ def shards_json(placement: Placement) -> list[dict[str, Any]]:
 
 
 def is_downloaded(card: ModelCard) -> bool:
-    """Whether this machine holds the model: the embedded default's package, the safetensors repo
-    in the Hugging Face cache, or the first file of the card's default GGUF quantisation there."""
+    """Whether this machine holds the model, from any of its sources."""
+    return bool(local_sources(card))
+
+
+def local_sources(card: ModelCard) -> list[str]:
+    """Which of the card's sources this machine holds: "embedded" (the default's package), or in
+    the Hugging Face cache "safetensors" (the repo's config) and "gguf" (the card's default
+    quantisation)."""
     from exoctl.catalog import DEFAULT_MODEL_ID
 
     if card.id == DEFAULT_MODEL_ID:
         from exoctl.default_model import is_installed
 
-        return is_installed()
-    return bool(local_sources(card))
-
-
-def local_sources(card: ModelCard) -> list[str]:
-    """Which of the card's sources are in this machine's Hugging Face cache: "safetensors", "gguf"."""
+        return ["embedded"] if is_installed() else []
     from huggingface_hub import try_to_load_from_cache
 
     from exoctl.hub_gguf import cached_files, quant_files

@@ -38,20 +38,12 @@ def card_json(card: ModelCard, local: list[str] | None = None) -> dict[str, Any]
     }
 
 
-def sources_here(card: ModelCard) -> list[str]:
-    """Which of the card's sources this machine holds: "embedded", "safetensors", "gguf"."""
-    from exoctl.api.service import is_downloaded, local_sources
-    from exoctl.catalog import DEFAULT_MODEL_ID
-
-    if card.id == DEFAULT_MODEL_ID:
-        return ["embedded"] if is_downloaded(card) else []
-    return local_sources(card)
-
-
 def models(json_output: JsonOption = False) -> None:
     use_json_errors(json_output)
     cards = load_catalog()
-    local = {card.id: sources_here(card) for card in cards}
+    from exoctl.api.service import local_sources
+
+    local = {card.id: local_sources(card) for card in cards}
     if json_output:
         print_json([card_json(c, local[c.id]) for c in cards])
         return

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from exoctl.errors import ModelFormatError, ModelNotFoundError, UnsupportedModelError
+
+if TYPE_CHECKING:
+    from exoctl.gguf_file import GGUFModel
 
 # model_type in config.json -> the engine's architecture family (one module each).
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "mixtral": "mixtral"}
@@ -109,11 +112,10 @@ class ModelConfig:
 
 def load_config(folder: Path) -> ModelConfig:
     """The config of a model folder, or of a GGUF model (a file, or a folder of GGUF files)."""
-    from exoctl.gguf_file import hf_config, is_gguf_source, open_model
+    from exoctl.gguf_file import is_gguf_source, open_model
 
     if is_gguf_source(Path(folder)):
-        model = open_model(Path(folder))
-        return ModelConfig.from_dict(hf_config(model), source=str(model.path))
+        return gguf_config(open_model(Path(folder)))
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise ModelNotFoundError(
@@ -127,3 +129,10 @@ def load_config(folder: Path) -> ModelConfig:
     if not isinstance(data, dict):
         raise ModelFormatError(f"{path}: expected a JSON object")
     return ModelConfig.from_dict(data, source=str(path))
+
+
+def gguf_config(model: GGUFModel) -> ModelConfig:
+    """The config a GGUF model's metadata implies."""
+    from exoctl.gguf_file import hf_config
+
+    return ModelConfig.from_dict(hf_config(model), source=str(model.path))

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from exoctl.dtypes import FLOAT_DTYPES, QUANTIZED_BITS, RUNTIME_DTYPES
 from exoctl.engine import llama, mixtral, qwen2
-from exoctl.engine.config import ModelConfig, load_config
+from exoctl.engine.config import ModelConfig, gguf_config, load_config
 from exoctl.engine.gguf_weights import GGUFWeightReader
 from exoctl.engine.kv_cache import KVCache
 from exoctl.engine.layers import (
@@ -33,7 +33,7 @@ from exoctl.engine.layers import (
 from exoctl.engine.shard import WHOLE, TensorShard
 from exoctl.engine.weights import WeightReader, WeightSource
 from exoctl.errors import UnsupportedModelError
-from exoctl.gguf_file import is_gguf_source
+from exoctl.gguf_file import is_gguf_source, open_model
 
 DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in FLOAT_DTYPES}
 PREFILL_CHUNK = 512  # prompt positions a forward runs at a time
@@ -198,14 +198,16 @@ def load_model(
     `shard` and `reduce`: this rank's part of a tensor-parallel instance, and the all-reduce
     its layers sum their partial outputs with (see the module doc).
     """
-    config = load_config(folder)
+    # a GGUF's header is read once, for the config and the reader
+    gguf = open_model(Path(folder)) if is_gguf_source(Path(folder)) else None
+    config = gguf_config(gguf) if gguf is not None else load_config(folder)
     span = check_range(config, layers)
     torch_dtype = resolve_dtype(dtype)
     bits = QUANTIZED_BITS.get(dtype)
     if reader is None:
         reader = (
-            GGUFWeightReader(Path(folder), torch_dtype, bits)
-            if is_gguf_source(Path(folder))
+            GGUFWeightReader(gguf, torch_dtype, bits)
+            if gguf is not None
             else WeightReader(folder, torch_dtype, bits)
         )
     load_layer = LAYER_LOADERS[config.architecture]
