@@ -153,6 +153,11 @@ class ModelCard:
         return layers + embed + self.head_bytes(dtype)
 
 
+def storage_megabytes(size_bytes: int) -> int:
+    """Megabytes as EXO counts them (its `Memory.in_mb`): bytes / 1024², rounded."""
+    return round(size_bytes / 1024**2)
+
+
 def _cards_from(data: dict[str, Any]) -> tuple[ModelCard, ...]:
     cards = []
     for entry in data["models"]:

@@ -174,7 +174,8 @@ class Server:
     def __init__(self, cluster: WorkerCluster, *args: str) -> None:
         (self.port,) = take_ports(["127.0.0.1"])
         self.base = f"http://127.0.0.1:{self.port}"
-        self.log = open(cluster.work_dir.parent / f"serve-{self.port}.log", "w")
+        self.log_path = cluster.work_dir.parent / f"serve-{self.port}.log"
+        self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -193,6 +194,10 @@ class Server:
         if not wait_for(lambda: self.up(), timeout=60):
             self.stop()
             raise AssertionError("exoctl serve did not come up")
+
+    def log_text(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text()
 
     def up(self) -> bool:
         try:

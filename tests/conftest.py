@@ -9,6 +9,13 @@ ROOT = Path(__file__).resolve().parent.parent
 # The SmolLM2 reference folder is kept between runs here (conversion takes ~30 s).
 TEST_HOME = Path(os.environ.get("EXOCTL_TEST_HOME", ROOT / ".test-cache")).resolve()
 os.environ["EXOCTL_HOME"] = str(TEST_HOME / "home")
+# the dashboard tests' screenshots, for a person to look at
+ARTIFACTS = Path(os.environ.get("EXOCTL_TEST_ARTIFACTS", TEST_HOME / "screenshots")).resolve()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if ARTIFACTS.is_dir() and any(ARTIFACTS.glob("*.png")):
+        terminalreporter.write_line(f"dashboard screenshots: {ARTIFACTS}")
 
 
 @pytest.fixture(scope="session")

@@ -201,8 +201,8 @@ def test_bad_requests_get_400_and_the_server_keeps_serving(server: Server, place
     assert set(body["error"]) == {"message", "type", "param", "code"}
     status, body = http(server, "POST", "/v1/chat/completions", raw=b"[1, 2]")
     assert status == 400 and body["error"]["type"] == "invalid_request_error"
-    status, body = http(server, "POST", "/place_instance", {"model_id": DEFAULT_MODEL_ID, "colour": "red"})
-    assert status == 400 and body["error"]["param"] == "colour"
+    status, body = http(server, "POST", "/place_instance", {"model_id": DEFAULT_MODEL_ID, "min_nodes": "2"})
+    assert status == 400 and body["error"]["param"] == "min_nodes"
     status, body = http(server, "GET", "/nowhere")
     assert status == 404 and body["error"]["type"] == "not_found_error"
     status, body = http(server, "GET", "/healthz")
@@ -251,8 +251,8 @@ def test_previews_instances_state_and_metrics(server: Server, placed: str) -> No
     status, body = http(server, "GET", f"/instance/{placed}")
     assert (
         status == 200
-        and body["instanceId"] == placed
-        and body["shardAssignments"]["modelId"] == DEFAULT_MODEL_ID
+        and body["CpuRingInstance"]["instanceId"] == placed
+        and body["CpuRingInstance"]["shardAssignments"]["modelId"] == DEFAULT_MODEL_ID
     )
     status, body = http(
         server, "GET", f"/state/instances/{placed}/CpuRingInstance/shardAssignments/nodeToRunner"
@@ -279,6 +279,101 @@ def test_previews_instances_state_and_metrics(server: Server, placed: str) -> No
         assert line in text, line
 
 
+def test_exos_endpoints_and_shapes(server: Server, placed: str, tiny_models: dict[str, Path]) -> None:
+    """What EXO's dashboard and scripts read and send, against the same cluster."""
+    status, models = http(server, "GET", "/models")
+    assert status == 200 and models == http(server, "GET", "/v1/models")[1]
+    cards = {m["id"]: m for m in models["data"]}
+    smollm2 = cards[DEFAULT_MODEL_ID]
+    # EXO's storage_size_megabytes is Memory.in_mb: bytes / 1024², rounded (98 362 432 B -> 94)
+    assert smollm2["storage_size_bytes"] == 98362432 and smollm2["storage_size_megabytes"] == 94
+    assert smollm2["context_length"] == 8192 and smollm2["family"] == "smollm"
+    assert smollm2["quantization"] == "Q4_1" and smollm2["tasks"] == ["TextGeneration"]
+    assert smollm2["capabilities"] == ["text"] and smollm2["base_model"].startswith("SmolLM2 135M")
+    assert (
+        cards["llama-3.1-8b-cpu"]["quantization"] == "bf16" and cards["llama-3.1-8b-cpu"]["family"] == "llama"
+    )
+    # the nodes' model directory's own models, by the name a place request takes
+    local = cards[tiny_models["llama"].name]
+    assert "local" in local["tags"] and local["local"] == ["folder"] and local["n_layers"] > 0
+
+    status, state = http(server, "GET", "/state")
+    assert state["topology"]["nodes"] == ["node1", "node2"]
+    assert [c[:2] for c in state["topology"]["connections"]] == [["node1", "node2"], ["node2", "node1"]]
+    assert state["topology"]["connections"][0][2]["sinkMultiaddr"]["address"].startswith(
+        "/ip4/127.0.0.12/tcp/"
+    )
+    assert state["nodeIdentities"]["node2"]["friendlyName"] == "node2"
+    assert http(server, "GET", "/node_id") == (200, "node1")
+
+    # previews in EXO's shape, exoctl's fields kept
+    status, body = http(
+        server, "GET", f"/instance/previews?model_id={DEFAULT_MODEL_ID}&instance_meta=MlxRing"
+    )
+    for preview in body["previews"]:
+        assert {"model_id", "sharding", "instance_meta", "instance", "memory_delta_by_node", "error"} <= set(
+            preview
+        )
+        assert preview["instance_meta"] == "MlxRing" and preview["model_id"] == DEFAULT_MODEL_ID
+    two = next(p for p in body["previews"] if p["sharding"] == "Pipeline" and p["nodes"] == 2)
+    assert two["error"] is None and two["ok"]
+    assert two["memory_delta_by_node"] == {s["node"]: s["memory_bytes"] for s in two["shards"]}
+    planned = two["instance"]["CpuRingInstance"]
+    assert planned["status"] == "planned" and sorted(planned["shardAssignments"]["nodeToRunner"]) == [
+        "node1",
+        "node2",
+    ]
+    split = next(p for p in body["previews"] if p["sharding"] == "Tensor" and p["nodes"] == 2)
+    assert split["instance"] is None and split["memory_delta_by_node"] is None
+    assert "must each divide by the node count" in split["error"]
+    status, wrong = http(server, "GET", f"/instance/previews?model_id={DEFAULT_MODEL_ID}&instance_meta=Metal")
+    assert status == 400 and "unknown instance_meta 'Metal'" in wrong["error"]["message"]
+
+    # GET /instance/placement: what would be placed, nothing loaded
+    status, doc = http(
+        server, "GET", f"/instance/placement?model_id={DEFAULT_MODEL_ID}&sharding=Pipeline&min_nodes=2"
+    )
+    assert status == 200 and len(doc["CpuRingInstance"]["shardAssignments"]["nodeToRunner"]) == 2
+    assert doc["CpuRingInstance"]["instanceId"] not in http(server, "GET", "/state")[1]["instances"]
+
+    # POST /instance loads a preview's instance as it is
+    status, made = http(server, "POST", "/instance", {"instance": two["instance"], "unheard_of": 1})
+    assert status == 200, made
+    try:
+        assert [(s["node"], s["start_layer"], s["end_layer"]) for s in made["shards"]] == [
+            (s["node"], s["start_layer"], s["end_layer"]) for s in two["shards"]
+        ]
+        status, loaded = http(server, "GET", f"/instance/{made['instance_id']}")
+        assert loaded["CpuRingInstance"]["status"] == "ready"
+        assert loaded["CpuRingInstance"]["shardAssignments"]["nodeToRunner"].keys() == {"node1", "node2"}
+    finally:
+        assert http(server, "DELETE", f"/instance/{made['instance_id']}")[0] == 200
+    broken = json.loads(json.dumps(two["instance"]))
+    broken["CpuRingInstance"]["shardAssignments"]["nodeToRunner"] = {"node9": "r"}
+    status, refused = http(server, "POST", "/instance", {"instance": broken})
+    assert status == 400 and "node 'node9' is not in the inventory" in refused["error"]["message"]
+
+    # EXO's own place request: MlxRing (run as the CPU ring, and said so) and keys exoctl ignores
+    exo_request = {
+        "model_id": DEFAULT_MODEL_ID,
+        "sharding": "Pipeline",
+        "instance_meta": "MlxRing",
+        "min_nodes": 1,
+        "colour": "red",
+        "draft_model": None,
+    }
+    status, body = http(server, "POST", "/place_instance", exo_request)
+    assert status == 200, body
+    try:
+        assert body["instance_meta"] == "CpuRing" and body["instance_meta_requested"] == "MlxRing"
+        assert "runs it as the cluster's own CPU ring" in body["note"]
+        assert "/place_instance: ignored unknown request keys colour, draft_model" in server.log_text()
+        status, doc = http(server, "GET", f"/instance/{body['instance_id']}")
+        assert status == 200 and doc["CpuRingInstance"]["status"] == "ready"
+    finally:
+        assert http(server, "DELETE", f"/instance/{body['instance_id']}")[0] == 200
+
+
 def test_tensor_placement_and_chat_through_the_api(server: Server, tiny_models: dict[str, Path]) -> None:
     model = str(tiny_models["llama"])
     status, body = http(server, "GET", f"/instance/previews?model_id={model}")
@@ -293,7 +388,9 @@ def test_tensor_placement_and_chat_through_the_api(server: Server, tiny_models: 
     instance_id = body["instance_id"]
     try:
         status, state = http(server, "GET", f"/instance/{instance_id}")
-        assert state["sharding"] == "Tensor" and state["status"] == "ready"
+        assert (
+            state["CpuRingInstance"]["sharding"] == "Tensor" and state["CpuRingInstance"]["status"] == "ready"
+        )
         request = {
             "model": body["model_id"],
             "messages": [{"role": "user", "content": "Hi"}],
@@ -311,11 +408,16 @@ def test_place_without_waiting_then_delete(server: Server, tiny_models: dict[str
     )
     assert status == 202 and body["status"] == "loading"
     instance_id = body["instance_id"]
-    assert wait_for(lambda: http(server, "GET", f"/instance/{instance_id}")[1].get("status") == "ready", 60)
+    assert wait_for(lambda: instance_status(server, instance_id) == "ready", 60)
     status, body = http(server, "DELETE", f"/instance/{instance_id}")
     assert status == 200 and set(body["freed_bytes"]) == {"node1"}
     assert http(server, "GET", f"/instance/{instance_id}")[0] in (200, 404)
     assert http(server, "DELETE", f"/instance/{instance_id}")[0] == 404
+
+
+def instance_status(server: Server, instance_id: str) -> str | None:
+    status, body = http(server, "GET", f"/instance/{instance_id}")
+    return body["CpuRingInstance"]["status"] if status == 200 else None
 
 
 def test_an_api_key_is_required_when_set(cluster2: WorkerCluster) -> None:

@@ -86,7 +86,60 @@ def test_state_document_has_exos_shape() -> None:
     assert doc["nodeMemory"]["a"] == {"ramTotal": {"inBytes": 100}, "ramAvailable": {"inBytes": 60}}
     assert "c" not in doc["nodeMemory"] and doc["nodeProfiles"]["c"]["status"] == "down"
     assert doc["nodeProfiles"]["a"]["processRss"] == {"inBytes": 50}
+    # EXO's topology (a link from each live node to each other) and node identities
+    assert doc["topology"]["nodes"] == ["a", "b", "c"]
+    assert doc["topology"]["connections"] == [
+        ["a", "b", {"sinkMultiaddr": {"address": "/ip4/127.0.0.2/tcp/52416"}}],
+        ["b", "a", {"sinkMultiaddr": {"address": "/ip4/127.0.0.1/tcp/52416"}}],
+    ]
+    assert doc["nodeIdentities"]["c"]["friendlyName"] == "c"
     json.dumps(doc)
+
+
+def test_a_loading_runner_says_totallayers_as_exo_does() -> None:
+    loading = runner("r1", ["a"], 0, 0, 32, RunnerStatus.LOADING)
+    doc = state_document([NodeStatus(Node("a", "127.0.0.1"), profile(), [loading])], "lab")
+    body = doc["runners"]["r1"]["RunnerLoading"]
+    assert body["totalLayers"] == 32 and body["layersLoaded"] == 32 and body["layersTotal"] == 32
+
+
+def test_an_instance_document_is_read_back_or_refused_naming_the_fault() -> None:
+    """`POST /instance`: a preview's instance gives back its placement; a doctored one is refused."""
+    from exoctl.api.instance_doc import planned_placement
+    from exoctl.cluster.state import planned_instance
+    from exoctl.errors import InvalidRequestError
+    from exoctl.placement import Placement, PlacementError, Shard
+
+    card = get_card("llama-3.1-8b-cpu")
+    statuses = [NodeStatus(Node(n, f"127.0.0.{i + 1}"), profile()) for i, n in enumerate("abc")]
+    placement = Placement(card.id, "pipeline", "bfloat16", (Shard("a", 0, 20, 0), Shard("b", 20, 32, 0)))
+    uid = "6f1c0a0e-0000-4000-8000-000000000001"
+    doc = planned_instance(statuses, placement, card.n_layers, uid)
+
+    def read(instance: dict[str, Any], nodes: list[NodeStatus] = statuses) -> Placement:
+        return planned_placement(instance, nodes, lambda m: (get_card(m), m))[2]
+
+    assert read(doc) == placement
+    assert planned_placement(doc, statuses, lambda m: (get_card(m), m))[3] == uid
+    body = doc["CpuRingInstance"]
+    shards = body["shardAssignments"]["runnerToShard"]
+    second = next(r for r, s in shards.items() if s["PipelineShardMetadata"]["deviceRank"] == 1)
+    gap = json.loads(json.dumps(doc))
+    gap["CpuRingInstance"]["shardAssignments"]["runnerToShard"][second]["PipelineShardMetadata"][
+        "startLayer"
+    ] = 21
+    with pytest.raises(InvalidRequestError, match=r"a \[0, 20\), b \[21, 32\).*without gaps"):
+        read(gap)
+    stranger = json.loads(json.dumps(doc))
+    runners = stranger["CpuRingInstance"]["shardAssignments"]["nodeToRunner"]
+    runners["z"] = runners.pop("b")
+    with pytest.raises(InvalidRequestError, match="node 'z' is not in the inventory"):
+        read(stranger)
+    down = [statuses[0], NodeStatus(Node("b", "127.0.0.2"), error="down"), statuses[2]]
+    with pytest.raises(PlacementError, match="node b is down"):
+        read(doc, down)
+    with pytest.raises(InvalidRequestError, match="one tagged instance"):
+        read({})
 
 
 def test_an_instance_missing_a_node_is_failed() -> None:

@@ -6,27 +6,39 @@ FastAPI on uvicorn. Every error uses OpenAI's envelope (`errors.py`) — also in
 
 from __future__ import annotations
 
+import logging
 import secrets
-from typing import Any
+from typing import Any, get_args
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from exoctl import __version__
+from exoctl.api.dashboard import DASHBOARD_PATHS, mount_dashboard
 from exoctl.api.errors import classify, error_body, exoctl_error_response
 from exoctl.api.metrics import Metrics
+from exoctl.api.model_list import model_entry
 from exoctl.api.openai_chat import ChatCompletion
-from exoctl.api.schemas import ChatRequest, PlaceRequest
+from exoctl.api.schemas import (
+    MLX_INSTANCE_META,
+    ChatRequest,
+    CreateInstanceRequest,
+    InstanceMeta,
+    PlaceRequest,
+)
 from exoctl.api.service import ClusterService, NotFound, shards_json
-from exoctl.errors import ExoctlError
-from exoctl.tensor_placement import valid_rank_counts
+from exoctl.dtypes import DTYPE_CHOICES
+from exoctl.errors import ExoctlError, InvalidRequestError
 
-OPEN_PATHS = frozenset({"/healthz"})
+log = logging.getLogger("exoctl.serve")
+
+OPEN_PATHS = frozenset({"/healthz", *DASHBOARD_PATHS})
 
 
 class Guard:
@@ -87,11 +99,47 @@ class Guard:
         return None
 
 
-def create_app(service: ClusterService, api_key: str | None = None) -> FastAPI:
+def ring_meta(requested: str) -> dict[str, Any]:
+    """What an EXO instance kind runs as here: MLX's rings are the cluster's own CPU ring."""
+    if requested in MLX_INSTANCE_META:
+        return {
+            "instance_meta": "CpuRing",
+            "instance_meta_requested": requested,
+            "note": f"{requested} is Apple's MLX; exoctl runs it as the cluster's own CPU ring (CpuRing)",
+        }
+    return {"instance_meta": requested}
+
+
+def check_instance_meta(value: str) -> str:
+    if value not in get_args(InstanceMeta):
+        raise InvalidRequestError(
+            f"unknown instance_meta {value!r}", hint=f"use one of {', '.join(get_args(InstanceMeta))}"
+        )
+    return value
+
+
+def ignored(keys: list[str], path: str) -> None:
+    """EXO ignores request keys it does not know, and so does exoctl: it logs them."""
+    if keys:
+        log.warning("%s: ignored unknown request keys %s", path, ", ".join(keys))
+
+
+def create_app(
+    service: ClusterService, api_key: str | None = None, cors_origins: tuple[str, ...] = ()
+) -> FastAPI:
     app = FastAPI(title="exoctl", version=__version__, docs_url=None, redoc_url=None)
     metrics = Metrics(service.statuses)
 
     app.add_middleware(Guard, api_key=api_key, metrics=metrics)
+    if cors_origins:
+        # added last, so outermost: a browser's preflight is answered before the key is asked for
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(cors_origins),
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+    mount_dashboard(app)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -120,7 +168,15 @@ def create_app(service: ClusterService, api_key: str | None = None) -> FastAPI:
     async def healthz() -> dict[str, Any]:
         statuses = await run_in_threadpool(service.statuses)
         up = sum(1 for s in statuses if s.up)
-        return {"status": "ok", "version": __version__, "nodes": len(statuses), "nodes_up": up}
+        return {
+            "status": "ok",
+            "version": __version__,
+            "cluster": service.inventory.name,
+            "nodes": len(statuses),
+            "nodes_up": up,
+            # the dashboard asks for the key before its first call, rather than after a 401
+            "api_key_required": api_key is not None,
+        }
 
     @app.get("/metrics")
     async def prometheus() -> PlainTextResponse:
@@ -129,31 +185,23 @@ def create_app(service: ClusterService, api_key: str | None = None) -> FastAPI:
 
     # --- models, instances, state -------------------------------------------------------------
 
-    @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        entries = []
-        for card, downloaded, placed in await run_in_threadpool(service.models):
-            entries.append(
-                {
-                    "id": card.id,
-                    "object": "model",
-                    "created": 0,
-                    "owned_by": "exoctl",
-                    "name": card.name,
-                    "hugging_face_id": card.hf_repo,
-                    "tags": list(card.tags),
-                    "storage_size_megabytes": round(card.storage_bytes / 1e6),
-                    "n_layers": card.n_layers,
-                    "supports_tensor": len(valid_rank_counts(card, 8)) > 1,
-                    "downloaded": downloaded,
-                    "placed": bool(placed),
-                    "instances": placed,
-                }
-            )
-        return {"object": "list", "data": entries}
+    async def model_list() -> dict[str, Any]:
+        entries = await run_in_threadpool(service.models)
+        return {
+            "object": "list",
+            "data": [model_entry(card, local, placed) for card, local, placed in entries],
+        }
+
+    app.get("/v1/models")(model_list)
+    app.get("/models")(model_list)  # EXO's name for the same list
+
+    @app.get("/node_id")
+    async def node_id() -> str:
+        return service.node_id()
 
     @app.post("/place_instance")
     async def place_instance(body: PlaceRequest) -> JSONResponse:
+        ignored(body.unknown_keys(), "/place_instance")
         instance_id, chosen = await run_in_threadpool(
             service.place, body.model_id, body.sharding, body.nodes, body.min_nodes, body.dtype, body.wait
         )
@@ -163,29 +211,69 @@ def create_app(service: ClusterService, api_key: str | None = None) -> FastAPI:
             "model_id": placement.model_id,
             "sharding": placement.sharding.capitalize(),
             "reason": chosen.reason,
-            "instance_meta": body.instance_meta,
+            **ring_meta(body.instance_meta),
             "dtype": placement.dtype,
             "shards": shards_json(placement),
             "status": "ready" if body.wait else "loading",
         }
         return JSONResponse(doc, status_code=200 if body.wait else 202)
 
+    @app.post("/instance")
+    async def create_instance(body: CreateInstanceRequest) -> JSONResponse:
+        """EXO's: load the instance a preview returned, as it is (its nodes and layer ranges)."""
+        ignored(body.unknown_keys(), "/instance")
+        instance_id, placement = await run_in_threadpool(service.place_planned, body.instance, body.wait)
+        doc = {
+            "message": "Command received.",
+            "instance_id": instance_id,
+            "model_id": placement.model_id,
+            "sharding": placement.sharding.capitalize(),
+            "dtype": placement.dtype,
+            "shards": shards_json(placement),
+            "status": "ready" if body.wait else "loading",
+        }
+        return JSONResponse(doc, status_code=200 if body.wait else 202)
+
+    @app.get("/instance/placement")
+    async def placement(
+        model_id: str,
+        sharding: str = "Pipeline",
+        instance_meta: str = "MlxRing",
+        min_nodes: int = 1,
+        dtype: str = "auto",
+    ) -> dict[str, Any]:
+        """EXO's: the instance `/place_instance` would load, without loading it."""
+        meta = check_instance_meta(instance_meta)
+        if dtype not in DTYPE_CHOICES:
+            raise InvalidRequestError(
+                f"dtype {dtype!r} is not supported", hint=f"use one of {', '.join(DTYPE_CHOICES)}"
+            )
+        doc = await run_in_threadpool(
+            service.placement_for, model_id, sharding, max(min_nodes, 1), dtype, meta
+        )
+        return doc
+
     @app.get("/instance/previews")
-    async def previews(model_id: str, dtype: str = "auto") -> dict[str, Any]:
-        return await run_in_threadpool(service.previews, model_id, dtype)
+    async def previews(model_id: str, dtype: str = "auto", instance_meta: str = "CpuRing") -> dict[str, Any]:
+        meta = check_instance_meta(instance_meta)
+        return await run_in_threadpool(service.previews, model_id, dtype, meta)
 
     @app.get("/instance/{instance_id}")
     async def instance(instance_id: str) -> dict[str, Any]:
+        """Tagged as /state tags it (`{"CpuRingInstance": {...}}`); a placement still loading in
+        the background, before any runner reports it, as its record."""
         state = await run_in_threadpool(service.state)
-        for doc in state["instances"].get(instance_id, {}).values():
-            return dict(doc)
+        if instance_id in state["instances"]:
+            return dict(state["instances"][instance_id])
         record = service.loads.get(instance_id)
         if record is not None:
             return {
-                "instanceId": instance_id,
-                "modelId": record.model_id,
-                "status": record.status,
-                "error": record.error or None,
+                "CpuRingInstance": {
+                    "instanceId": instance_id,
+                    "status": record.status,
+                    "error": record.error or None,
+                    "shardAssignments": {"modelId": record.model_id, "runnerToShard": {}, "nodeToRunner": {}},
+                }
             }
         raise NotFound(f"no instance {instance_id}", hint="GET /state lists the instances")
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -72,11 +72,17 @@ class ChatRequest(BaseModel):
         ]
 
 
+# EXO's instance kinds for Apple's MLX: exoctl has no MLX, and runs them as its own ring
+MLX_INSTANCE_META = ("MlxRing", "MlxJaccl", "MlxIbv")
+InstanceMeta = Literal["CpuRing", "CudaRing", "MlxRing", "MlxJaccl", "MlxIbv"]
+
+
 class PlaceRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # keys EXO's tools send that exoctl does not know are kept aside (and logged), not refused
+    model_config = ConfigDict(extra="allow", strict=True)
     model_id: str = Field(min_length=1)
     sharding: str = "auto"  # Pipeline, Tensor, or auto (EXO's names; any case)
-    instance_meta: Literal["CpuRing", "CudaRing"] = "CpuRing"
+    instance_meta: InstanceMeta = "CpuRing"
     min_nodes: int = Field(default=1, ge=1)
     nodes: int | None = Field(default=None, ge=1)
     dtype: str = "auto"  # one of DTYPE_CHOICES
@@ -88,3 +94,17 @@ class PlaceRequest(BaseModel):
         if dtype not in DTYPE_CHOICES:
             raise ValueError(f"Input should be {' or '.join(repr(d) for d in DTYPE_CHOICES)}")
         return dtype
+
+    def unknown_keys(self) -> list[str]:
+        return sorted(self.model_extra or {})
+
+
+class CreateInstanceRequest(BaseModel):
+    """EXO's `POST /instance`: place the instance a preview (or `/instance/placement`) returned."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    instance: dict[str, dict[str, Any]]
+    wait: bool = True
+
+    def unknown_keys(self) -> list[str]:
+        return sorted(self.model_extra or {})

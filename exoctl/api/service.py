@@ -7,16 +7,18 @@ one thread and the server answers many requests at once on a thread pool.
 from __future__ import annotations
 
 import threading
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import zmq
 
+from exoctl.api.instance_doc import planned_placement
 from exoctl.catalog import ModelCard, find_card, get_card, load_catalog
 from exoctl.cluster.client import Cluster, Generation
-from exoctl.cluster.state import state_document
+from exoctl.cluster.state import planned_instance, state_document
 from exoctl.cluster.views import InstanceView, NodeStatus, find_instance, instances_of, runtime_dtype
 from exoctl.dtypes import DTYPE_CHOICES
 from exoctl.errors import ExoctlError, InvalidRequestError, ModelNotFoundError
@@ -65,6 +67,12 @@ class ClusterService:
         finally:
             cluster.close()
 
+    def node_id(self) -> str:
+        """EXO's `/node_id` (the node the API runs on): the first node on this machine, else the
+        cluster's name (`serve` may run on a machine that is no node)."""
+        local = [n.name for n in self.inventory.nodes if n.is_loopback]
+        return local[0] if local else self.inventory.name
+
     def statuses(self) -> list[NodeStatus]:
         with self.cluster() as cluster:
             return cluster.statuses()
@@ -74,14 +82,39 @@ class ClusterService:
 
     # --- models and instances ---------------------------------------------------------------
 
-    def models(self) -> list[tuple[ModelCard, bool, list[str]]]:
-        """Every catalog card, whether it is on this machine, and the ids of its ready instances."""
+    def models(self) -> list[tuple[ModelCard, list[str], list[str]]]:
+        """Every catalog card and every model in the nodes' model directories (as this machine
+        sees them): its sources on this machine, and the ids of its ready instances."""
         views = list(instances_of(self.statuses()).values())
         result = []
         for card in load_catalog():
             placed = [v.instance_id for v in views if v.model_id == card.id and v.serving]
-            result.append((card, is_downloaded(card), placed))
+            result.append((card, local_sources(card), placed))
+        for name, card in self.local_models():
+            placed = [v.instance_id for v in views if v.model_id == card.id and v.serving]
+            result.append((replace(card, id=name), ["folder"], placed))
         return result
+
+    def local_models(self, most: int = 100) -> list[tuple[str, ModelCard]]:
+        """The model folders and GGUF files directly inside the nodes' model directories, with the
+        name a place request gives them (their folder or file name)."""
+        cards: dict[str, ModelCard] = {}
+        for folder in dict.fromkeys(as_path(node.model_dir) for node in self.inventory.nodes):
+            try:
+                entries = sorted(folder.iterdir())[:most] if folder.is_dir() else []
+            except OSError:
+                continue
+            for entry in entries:
+                if entry.name in cards or not (is_model_folder(entry) or is_gguf_model(entry)):
+                    continue
+                try:
+                    card, _ = resolve_card(str(entry))
+                except ExoctlError:  # a broken folder is not listed; placing it names what is wrong
+                    continue
+                cards[entry.name] = (
+                    card if "local" in card.tags else replace(card, tags=(*card.tags, "local"))
+                )
+        return list(cards.items())
 
     def reference(self, model: str) -> tuple[ModelCard, str]:
         """`resolve_card`, confined as a worker is: the API opens a folder only inside the nodes'
@@ -143,10 +176,14 @@ class ClusterService:
     ) -> tuple[str, Plan]:
         statuses = self.statuses()
         card, ref, chosen = self.plan(model_id, sharding, nodes, min_nodes, dtype, statuses)
-        placement = chosen.placement
-        import uuid
-
         instance_id = str(uuid.uuid4())
+        self.start_load(card, ref, sharding, chosen.placement, instance_id, wait)
+        return instance_id, chosen
+
+    def start_load(
+        self, card: ModelCard, ref: str, sharding: str, placement: Placement, instance_id: str, wait: bool
+    ) -> None:
+        """Load `placement`: now (errors raised), or on a thread (errors kept in its `LoadRecord`)."""
         record = self.loads[instance_id] = LoadRecord(card.id, ref, sharding, placement=placement)
 
         def load() -> None:
@@ -163,9 +200,10 @@ class ClusterService:
             load()
         else:
             threading.Thread(target=load, name=f"load-{instance_id[:8]}", daemon=True).start()
-        return instance_id, chosen
 
-    def previews(self, model_id: str, dtype: str = "auto") -> dict[str, Any]:
+    def previews(self, model_id: str, dtype: str = "auto", instance_meta: str = "CpuRing") -> dict[str, Any]:
+        """Every sharding over 1..live nodes, in EXO's shape (`instance`, `memory_delta_by_node`,
+        `error` null when it fits) with exoctl's own fields (`nodes`, `ok`, `dtype`, `shards`)."""
         if dtype not in DTYPE_CHOICES:
             raise InvalidRequestError(
                 f"dtype {dtype!r} is not supported", hint=f"use one of {', '.join(DTYPE_CHOICES)}"
@@ -176,15 +214,45 @@ class ClusterService:
         previews = []
         for sharding in ("Pipeline", "Tensor"):
             for count in range(1, max(live, 1) + 1):
-                entry: dict[str, Any] = {"sharding": sharding, "instance_meta": "CpuRing", "nodes": count}
+                entry: dict[str, Any] = {
+                    "model_id": card.id,
+                    "sharding": sharding,
+                    "instance_meta": instance_meta,
+                    "nodes": count,
+                }
                 try:
                     _, _, chosen = self.plan(ref, sharding, count, 1, dtype, statuses)
                     placement = chosen.placement
-                    entry.update(ok=True, dtype=placement.dtype, shards=shards_json(placement))
+                    entry.update(
+                        instance=planned_instance(statuses, placement, card.n_layers, str(uuid.uuid4())),
+                        memory_delta_by_node={s.node: s.memory_bytes for s in placement.shards},
+                        error=None,
+                        ok=True,
+                        dtype=placement.dtype,
+                        shards=shards_json(placement),
+                    )
                 except (PlacementError, ModelNotFoundError) as exc:
-                    entry.update(ok=False, error=exc.message)
+                    entry.update(instance=None, memory_delta_by_node=None, error=exc.message, ok=False)
                 previews.append(entry)
         return {"model_id": card.id, "live_nodes": live, "previews": previews}
+
+    def placement_for(
+        self, model_id: str, sharding: str, min_nodes: int, dtype: str, instance_meta: str
+    ) -> dict[str, Any]:
+        """EXO's `GET /instance/placement`: the instance `place` would load, not loaded."""
+        statuses = self.statuses()
+        card, _, chosen = self.plan(model_id, sharding, None, min_nodes, dtype, statuses)
+        return planned_instance(statuses, chosen.placement, card.n_layers, str(uuid.uuid4()))
+
+    def place_planned(self, instance: dict[str, dict[str, Any]], wait: bool) -> tuple[str, Placement]:
+        """EXO's `POST /instance`: load exactly the instance a preview returned (its nodes, ranks and
+        layer ranges), after checking it is whole and its nodes are live."""
+        statuses = self.statuses()
+        card, ref, placement, instance_id = planned_placement(instance, statuses, self.reference)
+        if not instance_id or instance_id in instances_of(statuses) or instance_id in self.loads:
+            instance_id = str(uuid.uuid4())  # the same preview posted twice: a second instance
+        self.start_load(card, ref, placement.sharding, placement, instance_id, wait)
+        return instance_id, placement
 
     def delete(self, instance_id: str) -> dict[str, int]:
         statuses = self.statuses()
@@ -218,11 +286,6 @@ def shards_json(placement: Placement) -> list[dict[str, Any]]:
         }
         for s in placement.shards
     ]
-
-
-def is_downloaded(card: ModelCard) -> bool:
-    """Whether this machine holds the model, from any of its sources."""
-    return bool(local_sources(card))
 
 
 def local_sources(card: ModelCard) -> list[str]:

@@ -6,7 +6,7 @@ from typing import Any
 
 from rich.table import Table
 
-from exoctl.catalog import ModelCard, load_catalog
+from exoctl.catalog import ModelCard, load_catalog, storage_megabytes
 from exoctl.cli.options import JsonOption
 from exoctl.cli.output import console, print_json, use_json_errors
 
@@ -30,7 +30,7 @@ def card_json(card: ModelCard, local: list[str] | None = None) -> dict[str, Any]
         "num_experts": card.num_experts,
         "vocab_size": card.vocab_size,
         "parameters": card.parameters,
-        "storage_size_megabytes": round(card.storage_bytes / 1e6),
+        "storage_size_megabytes": storage_megabytes(card.storage_bytes),
         "tags": list(card.tags),
         # the card's GGUF source (`ID:QUANT`, `ID:gguf`), and which sources are on this machine
         "gguf": f"{card.gguf_repo}:{card.gguf_quant}" if card.gguf_repo else None,

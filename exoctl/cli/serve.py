@@ -41,6 +41,13 @@ def serve(
     supervise: Annotated[
         bool, typer.Option(help="Place an instance again on the live nodes when it loses a node.")
     ] = True,
+    cors_origin: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Let a browser app served from ORIGIN (e.g. http://localhost:5173) call the API; "
+            "repeat for more. Off by default."
+        ),
+    ] = None,
     inventory: InventoryOption = None,
 ) -> None:
     if not is_loopback(host) and not api_key and not insecure:
@@ -48,6 +55,8 @@ def serve(
             f"refusing to serve on {host} without an API key: anyone who can reach it could place models",
             hint="pass --api-key (or set EXOCTL_API_KEY), or --insecure on a trusted network",
         )
+    import logging
+
     import uvicorn
 
     from exoctl.api.app import create_app
@@ -56,15 +65,18 @@ def serve(
     from exoctl.inventory import load_inventory
     from exoctl.keys import find_keys
 
+    # what the supervisor did and request keys it ignored, one line each, with the time
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s exoctl serve: %(message)s")
     inv = load_inventory(inventory)
     service = ClusterService(inv, find_keys())
-    app = create_app(service, api_key=api_key or None)
+    app = create_app(service, api_key=api_key or None, cors_origins=tuple(cors_origin or ()))
     supervisor = Supervisor(service)
     if supervise:
         supervisor.start()
     err_console.print(
         f"exoctl serve: http://{host}:{port} for cluster {inv.name!r} ({len(inv.nodes)} nodes, {inv.source})"
-        + (", API key required" if api_key else ""),
+        + (", API key required" if api_key else "")
+        + f"; dashboard at http://{host}:{port}/",
         markup=False,
     )
     try:

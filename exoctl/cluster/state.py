@@ -6,17 +6,51 @@ as written; plus what EXO lacks: per-node process RSS and CPU %, per-runner toke
 
 from __future__ import annotations
 
+import ipaddress
+import uuid
+from collections.abc import Sequence
 from typing import Any
 
-from exoctl.cluster.views import InstanceView, NodeStatus, instances_of
+from exoctl.cluster.views import NodeStatus, instances_of
+from exoctl.inventory import Node
+from exoctl.placement import Placement
 from exoctl.runner_report import RunnerReport, RunnerStatus
 
 SHARDING_TAG = {"pipeline": "PipelineShardMetadata", "tensor": "TensorShardMetadata"}
 
 
-def instance_kind(statuses: list[NodeStatus], view: InstanceView) -> str:
-    devices = {s.node.device for s in statuses if s.node.name in view.nodes}
+def instance_kind(statuses: list[NodeStatus], nodes: Sequence[str]) -> str:
+    devices = {s.node.device for s in statuses if s.node.name in nodes}
     return "CudaRingInstance" if devices == {"cuda"} else "CpuRingInstance"
+
+
+def planned_instance(
+    statuses: list[NodeStatus], placement: Placement, n_layers: int, instance_id: str
+) -> dict[str, Any]:
+    """A placement not loaded yet, tagged as /state tags an instance (EXO's preview `instance`):
+    what `POST /instance` takes back to load it."""
+    world = len(placement.shards)
+    runner_to_shard: dict[str, Any] = {}
+    node_to_runner: dict[str, str] = {}
+    for rank, shard in enumerate(placement.shards):
+        runner_id = str(uuid.uuid5(uuid.UUID(instance_id), shard.node))
+        node_to_runner[shard.node] = runner_id
+        runner_to_shard[runner_id] = shard_doc(
+            placement.sharding, shard.start_layer, shard.end_layer, n_layers, rank, world
+        )
+    return {
+        instance_kind(statuses, placement.nodes): {
+            "instanceId": instance_id,
+            "sharding": placement.sharding.capitalize(),
+            "dtype": placement.dtype,
+            "status": "planned",
+            "shardAssignments": {
+                "modelId": placement.model_id,
+                "runnerToShard": runner_to_shard,
+                "nodeToRunner": node_to_runner,
+            },
+        }
+    }
 
 
 def _runner_doc(runner: RunnerReport) -> dict[str, Any]:
@@ -31,10 +65,60 @@ def _runner_doc(runner: RunnerReport) -> dict[str, Any]:
         body["collectiveMsPerToken"] = runner.collective_ms_per_token
         body["collectiveTransport"] = runner.collective_transport
     if runner.status is RunnerStatus.LOADING:
-        body.update(layersLoaded=runner.layers_loaded, layersTotal=runner.layers_total)
+        # EXO's RunnerLoading says totalLayers; layersTotal is exoctl's older name, kept for scripts
+        total = runner.layers_total
+        body.update(layersLoaded=runner.layers_loaded, totalLayers=total, layersTotal=total)
     if runner.status is RunnerStatus.FAILED:
         body["errorMessage"] = runner.message
     return {runner.status.value: body}
+
+
+def shard_doc(sharding: str, start: int, end: int, n_layers: int, rank: int, world: int) -> dict[str, Any]:
+    """One runner's part, tagged by sharding as EXO tags it."""
+    return {
+        SHARDING_TAG.get(sharding, "PipelineShardMetadata"): {
+            "startLayer": start,
+            "endLayer": end,
+            "nLayers": n_layers,
+            "deviceRank": rank,
+            "worldSize": world,
+        }
+    }
+
+
+def multiaddr(node: Node) -> str:
+    try:
+        family = "ip6" if ipaddress.ip_address(node.host).version == 6 else "ip4"
+    except ValueError:
+        family = "dns"
+    return f"/{family}/{node.host}/tcp/{node.port}"
+
+
+def topology(statuses: list[NodeStatus]) -> dict[str, Any]:
+    """EXO's topology snapshot: the nodes, and a connection from each live node to each other live
+    node (an inventory's nodes reach each other over TCP; EXO lists the links it discovered)."""
+    live = [s.node for s in statuses if s.up]
+    connections = [
+        [a.name, b.name, {"sinkMultiaddr": {"address": multiaddr(b)}}]
+        for a in live
+        for b in live
+        if a is not b
+    ]
+    return {"nodes": [s.node.name for s in statuses], "connections": connections}
+
+
+def node_identities(statuses: list[NodeStatus]) -> dict[str, Any]:
+    """EXO's nodeIdentities: what the dashboard names a node by."""
+    identities: dict[str, Any] = {}
+    for status in statuses:
+        profile = status.profile or {}
+        identities[status.node.name] = {
+            "friendlyName": status.node.name,
+            "hostname": profile.get("hostname"),
+            "modelId": status.node.device.upper(),
+            "chipId": profile.get("cpu_model") or status.node.device,
+        }
+    return identities
 
 
 def state_document(statuses: list[NodeStatus], cluster: str) -> dict[str, Any]:
@@ -49,15 +133,14 @@ def state_document(statuses: list[NodeStatus], cluster: str) -> dict[str, Any]:
             if runner is None:
                 continue
             node_to_runner[name] = runner.runner_id
-            runner_to_shard[runner.runner_id] = {
-                SHARDING_TAG.get(view.sharding, "PipelineShardMetadata"): {
-                    "startLayer": runner.start_layer,
-                    "endLayer": runner.end_layer,
-                    "nLayers": runner.n_layers,
-                    "deviceRank": runner.rank,
-                    "worldSize": runner.world,
-                }
-            }
+            runner_to_shard[runner.runner_id] = shard_doc(
+                view.sharding,
+                runner.start_layer,
+                runner.end_layer,
+                runner.n_layers,
+                runner.rank,
+                runner.world,
+            )
             runners[runner.runner_id] = _runner_doc(runner)
         head = view.runners.get(view.head)
         # Mixtral: which experts each node holds and the tokens routed to each, so routing
@@ -68,7 +151,7 @@ def state_document(statuses: list[NodeStatus], cluster: str) -> dict[str, Any]:
             if runner.experts
         }
         instances[view.instance_id] = {
-            instance_kind(statuses, view): {
+            instance_kind(statuses, view.nodes): {
                 "instanceId": view.instance_id,
                 "sharding": view.sharding.capitalize(),
                 "dtype": view.dtype,
@@ -104,6 +187,7 @@ def state_document(statuses: list[NodeStatus], cluster: str) -> dict[str, Any]:
             entry.update(
                 version=profile["version"],
                 cpuCount=profile["cpu_count"],
+                cpuModel=profile.get("cpu_model"),
                 cpuPercent=profile["cpu_percent"],
                 loadAverage=profile["load_avg"],
                 processRss={"inBytes": profile["rss"]},
@@ -117,4 +201,6 @@ def state_document(statuses: list[NodeStatus], cluster: str) -> dict[str, Any]:
         "runners": runners,
         "nodeMemory": node_memory,
         "nodeProfiles": node_profiles,
+        "topology": topology(statuses),
+        "nodeIdentities": node_identities(statuses),
     }

@@ -16,6 +16,17 @@ from exoctl.protocol import PROTOCOL_VERSION
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
+def cpu_model() -> str:
+    """The CPU's marketing name ("AMD EPYC 7551 32-Core Processor"), shown by `state` and the dashboard."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine_id() -> str:
     """Which machine this is, so that placement sees workers that share one machine's memory."""
     for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
@@ -49,6 +60,7 @@ class NodeProfiler:
         self.process = psutil.Process()
         self.bf16 = cpu_has_native_bf16()
         self.machine_id = machine_id()
+        self.cpu_model = cpu_model()
         self.cpu_percent = 0.0
         psutil.cpu_percent(interval=None)  # primes the counter: later calls measure since the last
 
@@ -69,6 +81,7 @@ class NodeProfiler:
             "ram_total": memory.total,
             "ram_available": memory.available,
             "cpu_count": psutil.cpu_count() or 1,
+            "cpu_model": self.cpu_model,
             "cpu_percent": self.cpu_percent,
             "load_avg": [round(x, 2) for x in load],
             "rss": self.process.memory_info().rss,

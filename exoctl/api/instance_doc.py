@@ -1,0 +1,118 @@
+"""A tagged instance document (EXO's `Instance`, as a preview returns it) read back into a placement.
+
+`POST /instance` loads what a preview showed: the same nodes, ranks and layer ranges. The document
+comes from a client, so each part is checked and a wrong one named, before anything is loaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from exoctl.catalog import ModelCard
+from exoctl.cluster.views import NodeStatus, runtime_dtype
+from exoctl.dtypes import DTYPE_CHOICES
+from exoctl.errors import InvalidRequestError
+from exoctl.placement import Placement, PlacementError, Shard
+from exoctl.tensor_placement import valid_rank_counts
+
+SHARD_TAGS = {"PipelineShardMetadata": "pipeline", "TensorShardMetadata": "tensor"}
+
+
+def _field(doc: dict[str, Any], key: str, kind: type, where: str) -> Any:
+    value = doc.get(key)
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise InvalidRequestError(f"instance: {where}{key} is missing or not a {kind.__name__}")
+    return value
+
+
+def planned_placement(
+    instance: dict[str, dict[str, Any]],
+    statuses: list[NodeStatus],
+    reference: Callable[[str], tuple[ModelCard, str]],
+) -> tuple[ModelCard, str, Placement, str]:
+    """(card, model reference, placement, instance id) of a tagged instance, or an error naming
+    what is wrong with it: an unknown model, a node that is not in the inventory or is down, layer
+    ranges with a gap, a tensor split the model's heads do not allow."""
+    if len(instance) != 1:
+        raise InvalidRequestError('instance: give one tagged instance, e.g. {"CpuRingInstance": {...}}')
+    ((kind, body),) = instance.items()
+    if not isinstance(body, dict):
+        raise InvalidRequestError(f"instance: {kind} must be an object")
+    assignments = _field(body, "shardAssignments", dict, "")
+    model_id = _field(assignments, "modelId", str, "shardAssignments.")
+    node_to_runner = _field(assignments, "nodeToRunner", dict, "shardAssignments.")
+    runner_to_shard = _field(assignments, "runnerToShard", dict, "shardAssignments.")
+    card, ref = reference(model_id)
+    known = {s.node.name: s for s in statuses}
+    parts: list[tuple[int, str, str, int, int]] = []  # rank, node, sharding, start, end
+    for node, runner_id in node_to_runner.items():
+        status = known.get(node)
+        if status is None:
+            raise InvalidRequestError(
+                f"instance: node {node!r} is not in the inventory (its nodes: {', '.join(known)})"
+            )
+        if not status.up:
+            raise PlacementError(
+                f"node {node} is down: it cannot take its part of the instance",
+                hint="GET /instance/previews again for a placement on the live nodes",
+            )
+        shard = runner_to_shard.get(runner_id) if isinstance(runner_id, str) else None
+        if not isinstance(shard, dict) or len(shard) != 1:
+            raise InvalidRequestError(
+                f"instance: runner {runner_id!r} of node {node} has no shard in runnerToShard"
+            )
+        ((tag, meta),) = shard.items()
+        if tag not in SHARD_TAGS or not isinstance(meta, dict):
+            raise InvalidRequestError(
+                f"instance: node {node}'s shard is {tag!r} (use {' or '.join(SHARD_TAGS)})"
+            )
+        where = f"node {node}'s shard: "
+        start = _field(meta, "startLayer", int, where)
+        end = _field(meta, "endLayer", int, where)
+        rank = _field(meta, "deviceRank", int, where)
+        parts.append((rank, node, SHARD_TAGS[tag], start, end))
+    if not parts:
+        raise InvalidRequestError("instance: shardAssignments.nodeToRunner names no node")
+    parts.sort()
+    if [p[0] for p in parts] != list(range(len(parts))):
+        raise InvalidRequestError(
+            f"instance: device ranks are {[p[0] for p in parts]}, not 0..{len(parts) - 1}"
+        )
+    shardings = {p[2] for p in parts}
+    if len(shardings) != 1:
+        raise InvalidRequestError("instance: every shard must be of one sharding, pipeline or tensor")
+    sharding = shardings.pop()
+    dtype = body.get("dtype", "auto")
+    if dtype not in DTYPE_CHOICES:
+        raise InvalidRequestError(
+            f"instance: dtype {dtype!r} is not supported (use one of {', '.join(DTYPE_CHOICES)})"
+        )
+    runtime = runtime_dtype(dtype, statuses, card.native_dtype)
+    n = card.n_layers
+    if sharding == "pipeline":
+        edges = [0] + [p[4] for p in parts]
+        if [p[3] for p in parts] != edges[:-1] or edges[-1] != n or any(p[3] >= p[4] for p in parts):
+            ranges = ", ".join(f"{p[1]} [{p[3]}, {p[4]})" for p in parts)
+            raise InvalidRequestError(
+                f"instance: the layer ranges ({ranges}) must cover {model_id}'s layers [0, {n}) "
+                "in rank order, without gaps or overlaps"
+            )
+    else:
+        if any((p[3], p[4]) != (0, n) for p in parts):
+            raise InvalidRequestError(
+                f"instance: every tensor shard holds all of {model_id}'s layers [0, {n})"
+            )
+        if len(parts) not in valid_rank_counts(card, len(parts), runtime):
+            raise PlacementError(
+                f"{card.id} cannot be tensor-split over {len(parts)} nodes",
+                hint="GET /instance/previews shows the splits that are possible",
+            )
+    memory = body.get("memoryDeltaByNode") or {}
+    shards = tuple(
+        Shard(node, start, end, int(memory.get(node, 0)) if isinstance(memory, dict) else 0)
+        for _, node, _, start, end in parts
+    )
+    placement = Placement(card.id, sharding, runtime, shards)
+    instance_id = body.get("instanceId")
+    return card, ref, placement, instance_id if isinstance(instance_id, str) and instance_id else ""
