@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ import pytest
 from exoctl.catalog import DEFAULT_MODEL_ID
 from tests.browser import chromium, console_errors, screenshot, until, viewport
 from tests.cluster_helpers import Server, WorkerCluster, http, tiny_cluster
+from tests.conftest import ARTIFACTS
 
 KEY = "dashboard-secret"
 ORIGIN = "http://app.example:8080"
@@ -33,6 +35,7 @@ def cluster2(
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
+    shutil.rmtree(ARTIFACTS, ignore_errors=True)  # this run's screenshots only
     with chromium() as driver:
         yield driver
 
@@ -202,12 +205,13 @@ def test_place_chat_and_a_lost_node_from_the_page(
         )
         assert [r.get_attribute("data-node") for r in ranks] == ["node1", "node2"]
         assert "rank 0: 1/2 of every layer" in ranks[0].text
-        cells = until(
-            lambda: css(browser, f'.instance[data-instance="{moe}"] [data-role=experts] td[data-tokens]'),
-            10,
-            "the expert heat map",
-        )
-        assert sum(int(c.get_attribute("data-tokens")) for c in cells) > 0
+
+        def routed() -> int:
+            cells = css(browser, f'.instance[data-instance="{moe}"] [data-role=experts] td[data-tokens]')
+            return sum(int(c.get_attribute("data-tokens")) for c in cells)
+
+        # the chat's tokens, routed to the experts, on the page once the next poll has them
+        assert until(routed, 10, "the expert heat map with the chat's tokens") > 0
         screenshot(browser, "07-tensor-and-experts")
         css(browser, f'.instance[data-instance="{moe}"] button[data-action=delete]')[0].click()
         until(lambda: not css(browser, f'.instance[data-instance="{moe}"]'), 15, "the deleted instance gone")

@@ -88,6 +88,7 @@ async function apiJson(path, options) {
 }
 
 function askKey(message) {
+  setConn("wait", "API key needed");
   const error = $("key-error");
   error.hidden = !message;
   error.textContent = message || "";
