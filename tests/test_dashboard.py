@@ -173,6 +173,9 @@ def test_place_chat_and_a_lost_node_from_the_page(
         # chat from the page: streamed, with time to first token and tokens/s
         choose(browser, "chat-instance", instance_id)
         until(lambda: css(browser, "#chat-send")[0].is_enabled(), 10, "Send enabled")
+        temperature = css(browser, "#chat-temperature")[0]
+        temperature.clear()
+        temperature.send_keys("0")  # greedy: the answer the same run to run
         css(browser, "#chat-input")[0].send_keys("What is the capital of France? Answer in one sentence.")
         css(browser, "#chat-send")[0].click()
         answer = until(lambda: css(browser, ".msg.assistant[data-state=done]"), 120, "the answer streamed")[0]

@@ -480,6 +480,11 @@ async function* sseRecords(response) {
   }
 }
 
+function numberOr(text, fallback) {
+  const value = Number(text);
+  return text.trim() !== "" && Number.isFinite(value) ? value : fallback;
+}
+
 async function sendChat(event) {
   event.preventDefault();
   const text = $("chat-input").value.trim();
@@ -499,7 +504,14 @@ async function sendChat(event) {
   try {
     const response = await api("/v1/chat/completions", {
       method: "POST",
-      body: JSON.stringify({ model: instanceId, messages: ui.chat, stream: true, stream_options: { include_usage: true } }),
+      body: JSON.stringify({
+        model: instanceId,
+        messages: ui.chat,
+        stream: true,
+        stream_options: { include_usage: true },
+        temperature: numberOr($("chat-temperature").value, 0.7),
+        max_tokens: Math.round(numberOr($("chat-max-tokens").value, 256)),
+      }),
     });
     if (!response.ok) {
       const body = await response.json().catch(() => null);
