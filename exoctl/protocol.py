@@ -19,7 +19,10 @@ import msgpack
 from exoctl.dtypes import WIRE_DTYPE_SIZES
 from exoctl.errors import ExoctlError
 
-PROTOCOL_VERSION = 3  # 2: tensor sharding (tp_hello, int64 ids in "forward"); 3: typed runner reports
+# 2: tensor sharding (tp_hello, int64 ids in "forward"); 3: typed runner reports; 4: "chat" in
+# "generate" (tools, an answer's forced start), the head's tool format in its report, logprobs in
+# "token" and "delta"
+PROTOCOL_VERSION = 4
 MAX_HEADER_BYTES = 8 * 2**20
 MAX_TENSOR_BYTES = 2**31  # one 8192-token prefill of an 8192-wide model in float32 is 268 MB
 MAX_TENSORS = 4
@@ -55,6 +58,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "messages": (list, type(None)),
         "prompt": _OPT_STR,
         "params": dict,
+        "chat": (dict, type(None)),  # ChatOptions' wire form
     },
     "cancel": {"request_id": str},
     "shutdown": {},
@@ -62,7 +66,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     # a batch of B sequences: hidden [B, T, D] (T > 1 only for one sequence's prefill), or under
     # tensor sharding the token ids [B, T] every rank runs
     "forward": {"instance_id": str, "seqs": list, "positions": list},
-    "token": {"instance_id": str, "seqs": list, "tokens": list},
+    "token": {"instance_id": str, "seqs": list, "tokens": list, "logprobs": list},
     "release": {"instance_id": str, "seq": str},
     "seq_error": {"instance_id": str, "seqs": list, "message": str},
     # the head's word on which sequences live, every few seconds: the others free the rest
@@ -75,7 +79,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "status_reply": {"profile": dict, "runners": list},
     "ok": {},
     "error": {"message": str},
-    "delta": {"request_id": str, "text": str, "tokens": list},
+    "delta": {"request_id": str, "text": str, "tokens": list, "logprobs": list},
     "done": {"request_id": str, "result": dict},
     "keepalive": {"request_id": str},
 }

@@ -64,6 +64,7 @@ class RunnerReport:
     experts: tuple[ExpertLoad, ...] = field(default_factory=tuple)
     collective_ms_per_token: float | None = None  # tensor ranks: time in collectives
     collective_transport: str | None = None  # tensor ranks: "shm" (ranks on one host) or "zmq"
+    tool_format: str | None = None  # head: how its chat template calls tools (Tokenizer.tool_format)
 
     @property
     def message(self) -> str:

@@ -28,7 +28,16 @@ class SamplingParamError(InvalidRequestError):
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """temperature 0 (or below GREEDY_BELOW) is greedy; top_k 0 and top_p 1 cut nothing."""
+    """temperature 0 (or below GREEDY_BELOW) is greedy; top_k 0, top_p 1 and min_p 0 cut nothing;
+    penalties 0 (repetition 1) change nothing.
+
+    The penalties change the logits before temperature and the cuts, greedy or not:
+    - repetition_penalty (Hugging Face's, also on the prompt's tokens): a seen token's logit is
+      divided by it when positive, multiplied by it when negative;
+    - frequency_penalty and presence_penalty (OpenAI's, on the generated tokens): a token's logit
+      loses frequency_penalty x its count, and presence_penalty once it has appeared.
+    min_p keeps the tokens whose probability is at least min_p x the most likely one's.
+    """
 
     temperature: float = 0.0
     top_k: int = 0
@@ -36,9 +45,21 @@ class SamplingParams:
     seed: int | None = None
     max_tokens: int = 256
     stop: tuple[str, ...] = field(default_factory=tuple)
+    min_p: float = 0.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logprobs: int | None = None  # report the chosen tokens' logprobs, with this many alternatives
 
     def __post_init__(self) -> None:
-        for name in ("temperature", "top_p"):
+        for name in (
+            "temperature",
+            "top_p",
+            "min_p",
+            "frequency_penalty",
+            "presence_penalty",
+            "repetition_penalty",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise SamplingParamError(name, f"must be a finite number, got {value!r}")
@@ -59,6 +80,23 @@ class SamplingParams:
             raise SamplingParamError("top_k", f"must be >= 0 (0 turns it off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise SamplingParamError("top_p", f"must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p <= 1:
+            raise SamplingParamError("min_p", f"must be in [0, 1], got {self.min_p}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise SamplingParamError(name, f"must be in [-2, 2], got {getattr(self, name)}")
+        if not 0 < self.repetition_penalty <= 10:
+            raise SamplingParamError(
+                "repetition_penalty", f"must be in (0, 10] (1 turns it off), got {self.repetition_penalty}"
+            )
+        if self.logprobs is not None and (
+            isinstance(self.logprobs, bool)
+            or not isinstance(self.logprobs, int)
+            or not 0 <= self.logprobs <= 20
+        ):
+            raise SamplingParamError(
+                "top_logprobs", f"must be a whole number from 0 to 20, got {self.logprobs!r}"
+            )
         if self.max_tokens < 1:
             raise SamplingParamError("max_tokens", f"must be >= 1, got {self.max_tokens}")
         if any(not s for s in self.stop):
@@ -71,8 +109,12 @@ class SamplingParams:
 
     @property
     def truncates(self) -> bool:
-        """Whether top_k or top_p cut the distribution."""
-        return self.top_k > 0 or self.top_p < 1
+        """Whether top_k, top_p or min_p cut the distribution."""
+        return self.top_k > 0 or self.top_p < 1 or self.min_p > 0
+
+    @property
+    def penalizes(self) -> bool:
+        return bool(self.frequency_penalty or self.presence_penalty or self.repetition_penalty != 1)
 
     def to_wire(self) -> dict[str, Any]:
         return {**asdict(self), "stop": list(self.stop)}  # msgpack has lists, not tuples

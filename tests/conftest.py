@@ -43,6 +43,14 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory, smollm2_folder: Path) 
 
 
 @pytest.fixture(scope="session")
+def tool_model(tiny_models: dict[str, Path]) -> Path:
+    """tests/tool_model.py's tool-calling Llama, beside the tiny models (in the clusters' model_dir)."""
+    from tests.tool_model import write_tool_model
+
+    return write_tool_model(next(iter(tiny_models.values())).parent / "tool-caller")
+
+
+@pytest.fixture(scope="session")
 def smollm2(smollm2_folder: Path):  # type: ignore[no-untyped-def]
     from exoctl.engine.model import load_model
     from exoctl.engine.tokenizer import Tokenizer

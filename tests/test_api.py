@@ -93,7 +93,8 @@ def test_the_test_plans_curl_commands(server: Server, cluster2: WorkerCluster) -
                 '"stream": false}\''
             )
         )
-        assert answer["object"] == "chat.completion" and answer["model"] == DEFAULT_MODEL_ID
+        # the model named as the request named it (OpenAI echoes it)
+        assert answer["object"] == "chat.completion" and answer["model"] == SMOLLM2_REPO
         assert len(answer["choices"][0]["message"]["content"]) > 20
         assert answer["usage"]["completion_tokens"] > 5
         assert answer["choices"][0]["finish_reason"] in ("stop", "length")
@@ -372,6 +373,231 @@ def test_exos_endpoints_and_shapes(server: Server, placed: str, tiny_models: dic
         assert status == 200 and doc["CpuRingInstance"]["status"] == "ready"
     finally:
         assert http(server, "DELETE", f"/instance/{body['instance_id']}")[0] == 200
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+def test_a_tool_round_trip_through_the_openai_client(
+    client: openai.OpenAI, server: Server, tool_model: Path
+) -> None:
+    """Request with tools -> tool_calls -> the tool's answer -> the final answer, streamed and not,
+    with tests/tool_model.py's model (which calls get_weather(Paris), then says it is sunny)."""
+    from tests.tool_model import ANSWER
+
+    status, body = http(server, "POST", "/place_instance", {"model_id": tool_model.name})
+    assert status == 200, body
+    try:
+        user = {"role": "user", "content": "What is the weather in Paris?"}
+        first = client.chat.completions.create(model=tool_model.name, messages=[user], tools=[WEATHER_TOOL])
+        choice = first.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        assert first.model == tool_model.name
+        (call,) = choice.message.tool_calls or []
+        assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
+        assert json.loads(call.function.arguments) == {"city": "Paris"}
+        result = {"role": "tool", "tool_call_id": call.id, "content": "sunny, 24 °C"}
+        turn = [user, choice.message.model_dump(exclude_none=True), result]
+        second = client.chat.completions.create(model=tool_model.name, messages=turn, tools=[WEATHER_TOOL])
+        assert second.choices[0].message.content == ANSWER and second.choices[0].finish_reason == "stop"
+        assert not second.choices[0].message.tool_calls
+
+        # streamed: the call as tool-call deltas, usage null on every chunk but the last
+        stream = client.chat.completions.create(
+            model=tool_model.name,
+            messages=[user],
+            tools=[WEATHER_TOOL],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = list(stream)
+        assert all(c.usage is None for c in chunks[:-1]) and chunks[-1].usage is not None
+        deltas = [tc for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or []]
+        assert [(d.index, d.function.name) for d in deltas] == [(0, "get_weather")]
+        assert json.loads(deltas[0].function.arguments or "") == {"city": "Paris"}
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ""
+
+        # tool_choice: a named function or "required" is forced (the call's start is written for the
+        # model, which completes it); "none" passes no tools, and the text is not read for calls
+        for choice_value in ({"type": "function", "function": {"name": "get_weather"}}, "required"):
+            forced = client.chat.completions.create(
+                model=tool_model.name, messages=[user], tools=[WEATHER_TOOL], tool_choice=choice_value
+            )
+            (call,) = forced.choices[0].message.tool_calls or []
+            assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {
+                "city": "Paris"
+            }
+        plain = client.chat.completions.create(
+            model=tool_model.name, messages=[user], tools=[WEATHER_TOOL], tool_choice="none"
+        )
+        assert not plain.choices[0].message.tool_calls and "<tool_call>" in (
+            plain.choices[0].message.content or ""
+        )
+        with pytest.raises(
+            openai.BadRequestError, match="names function 'launch', which is not among the tools"
+        ):
+            client.chat.completions.create(
+                model=tool_model.name,
+                messages=[user],
+                tools=[WEATHER_TOOL],
+                tool_choice={"type": "function", "function": {"name": "launch"}},
+            )
+        with pytest.raises(openai.BadRequestError, match="this model reads text only"):
+            client.chat.completions.create(
+                model=tool_model.name,
+                messages=[
+                    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}
+                ],
+            )
+    finally:
+        assert http(server, "DELETE", f"/instance/{body['instance_id']}")[0] == 200
+
+
+def test_langchain_and_litellm_run_a_tool_calling_agent_turn(server: Server, tool_model: Path) -> None:
+    """Two OpenAI clients nobody here wrote: each asks with a tool, gets the call, runs the tool,
+    sends its answer back and gets the final answer."""
+    import os
+
+    from tests.tool_model import ANSWER
+
+    # litellm would fetch its model price list from the internet at import; the tests reach only 127.0.0.1
+    os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
+    import litellm
+    from langchain_core.messages import HumanMessage
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+
+    status, body = http(server, "POST", "/place_instance", {"model_id": tool_model.name})
+    assert status == 200, body
+    try:
+
+        @tool
+        def get_weather(city: str) -> str:
+            """The weather in a city."""
+            return f"sunny, 24 °C in {city}"
+
+        llm = ChatOpenAI(
+            model=tool_model.name, base_url=f"{server.base}/v1", api_key="unused", max_retries=0, timeout=120
+        ).bind_tools([get_weather])
+        question = HumanMessage("What is the weather in Paris?")
+        asked = llm.invoke([question])
+        assert [(c["name"], c["args"]) for c in asked.tool_calls] == [("get_weather", {"city": "Paris"})]
+        result = get_weather.invoke(asked.tool_calls[0])
+        assert llm.invoke([question, asked, result]).content == ANSWER
+
+        litellm.telemetry = False
+        messages: list[dict[str, Any]] = [{"role": "user", "content": "What is the weather in Paris?"}]
+        where = {"api_base": f"{server.base}/v1", "api_key": "unused", "tools": [WEATHER_TOOL]}
+        first = litellm.completion(model=f"openai/{tool_model.name}", messages=messages, **where)
+        (call,) = first.choices[0].message.tool_calls
+        assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {
+            "city": "Paris"
+        }
+        messages.append(first.choices[0].message.model_dump())
+        messages.append({"role": "tool", "tool_call_id": call.id, "content": "sunny, 24 °C"})
+        final = litellm.completion(model=f"openai/{tool_model.name}", messages=messages, **where)
+        assert final.choices[0].message.content == ANSWER
+    finally:
+        assert http(server, "DELETE", f"/instance/{body['instance_id']}")[0] == 200
+
+
+def test_penalties_and_cuts_through_the_api_repeat_with_a_seed(client: openai.OpenAI, placed: str) -> None:
+    messages = [{"role": "user", "content": "List the colours of the rainbow."}]
+    extra = {"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.3}
+
+    def answer(**more: Any) -> str:
+        done = client.chat.completions.create(
+            model=DEFAULT_MODEL_ID, messages=messages, max_tokens=24, extra_body=extra, **more
+        )
+        return done.choices[0].message.content or ""
+
+    seeded = answer(temperature=0.9, seed=5, frequency_penalty=0.5, presence_penalty=0.4)
+    assert seeded == answer(temperature=0.9, seed=5, frequency_penalty=0.5, presence_penalty=0.4)
+    # greedy, a repetitive answer: the penalties make it another
+    extra = {}
+    messages = [{"role": "user", "content": "Count from 1 to 30, separated by commas."}]
+    repeated = answer(temperature=0)
+    assert repeated == answer(temperature=0) and repeated.count("\n") >= 3, repeated  # "1. 1\n2. 2\n..."
+    penalized = answer(temperature=0, frequency_penalty=2.0, presence_penalty=1.0)
+    assert penalized != repeated, penalized
+    with pytest.raises(openai.BadRequestError, match="frequency_penalty"):
+        answer(frequency_penalty=3.0)
+
+
+def reference_logprobs(folder: Path, messages: list[dict[str, str]], steps: int, n: int) -> list[Any]:
+    """The single process's greedy tokens' log-softmax (float32): (chosen logprob, top n logprobs)."""
+    import torch
+
+    from exoctl.engine.model import load_model
+    from exoctl.engine.tokenizer import Tokenizer
+
+    model, tokenizer = load_model(folder), Tokenizer(folder)
+    ids = tokenizer.encode_chat(messages)
+    cache = model.new_cache()
+    tokens, positions = torch.tensor([ids]), torch.arange(len(ids))[None, :]
+    out = []
+    for _ in range(steps):
+        logprobs = torch.log_softmax(model.forward(tokens, positions, [cache])[0, -1].float(), dim=-1)
+        token = int(logprobs.argmax())
+        out.append(
+            (tokenizer.token_text(token)["token"], float(logprobs[token]), logprobs.topk(n).values.tolist())
+        )
+        tokens, positions = torch.tensor([[token]]), torch.tensor([[cache.length]])
+    return out
+
+
+def test_logprobs_equal_the_single_processs_through_a_pipeline_and_a_tensor_split(
+    client: openai.OpenAI, server: Server, placed: str, tiny_models: dict[str, Path]
+) -> None:
+    folder = tiny_models["llama"]
+    messages = [{"role": "user", "content": "Count with me: one, two,"}]
+    expected = reference_logprobs(folder, messages, steps=6, n=4)
+    for sharding in ("Pipeline", "Tensor"):
+        status, body = http(
+            server,
+            "POST",
+            "/place_instance",
+            {"model_id": str(folder), "sharding": sharding, "nodes": 2, "dtype": "float32"},
+        )
+        assert status == 200 and len(body["shards"]) == 2, body
+        try:
+            ask: dict[str, Any] = {
+                "model": body["instance_id"],
+                "messages": messages,
+                "temperature": 0,
+                "max_tokens": 6,
+                "logprobs": True,
+                "top_logprobs": 4,
+            }
+            whole = client.chat.completions.create(**ask)
+            entries = (whole.choices[0].logprobs and whole.choices[0].logprobs.content) or []
+            assert len(entries) == 6 == whole.usage.completion_tokens  # type: ignore[union-attr]
+            for entry, (token, logprob, top) in zip(entries, expected, strict=True):
+                assert entry.token == token and abs(entry.logprob - logprob) < 1e-4, (sharding, entry, token)
+                assert [t.logprob for t in entry.top_logprobs] == pytest.approx(top, abs=1e-4)
+                assert entry.top_logprobs[0].token == entry.token  # greedy: the most likely
+                assert bytes(entry.bytes or []).decode("utf-8", "replace") == entry.token
+            streamed = [
+                e
+                for chunk in client.chat.completions.create(**ask, stream=True)
+                for choice in chunk.choices
+                for e in ((choice.logprobs and choice.logprobs.content) or [])
+            ]
+            assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in entries]
+        finally:
+            assert http(server, "DELETE", f"/instance/{body['instance_id']}")[0] == 200
+    plain = client.chat.completions.create(model=DEFAULT_MODEL_ID, messages=messages, max_tokens=2)
+    assert plain.choices[0].logprobs is None
+    status, refused = http(server, "POST", "/v1/chat/completions", {**ask, "logprobs": False})
+    assert status == 400 and "top_logprobs needs logprobs: true" in refused["error"]["message"]
 
 
 def test_tensor_placement_and_chat_through_the_api(server: Server, tiny_models: dict[str, Path]) -> None:

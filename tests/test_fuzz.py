@@ -105,10 +105,10 @@ def test_zeromq_fuzz_keeps_the_worker_serving(cluster2: WorkerCluster, tiny_mode
             "peers",
         ],
         "unload": ["instance_id"],
-        "generate": ["instance_id", "request_id", "messages", "prompt", "params"],
+        "generate": ["instance_id", "request_id", "messages", "prompt", "params", "chat"],
         "cancel": ["request_id"],
         "forward": ["instance_id", "seqs", "positions", "params"],
-        "token": ["instance_id", "seqs", "tokens"],
+        "token": ["instance_id", "seqs", "tokens", "logprobs"],
         "release": ["instance_id", "seq"],
         "seq_error": ["instance_id", "seqs", "message"],
         "tp_hello": ["instance_id", "rank", "address"],
@@ -146,6 +146,9 @@ def test_zeromq_fuzz_keeps_the_worker_serving(cluster2: WorkerCluster, tiny_mode
                     messages=None,
                     prompt="hi",
                     params={"max_tokens": hostile(rng), "temperature": hostile(rng)},
+                    chat=rng.choice(
+                        [None, {"tools": hostile(rng), "prefix": hostile(rng), "special": hostile(rng)}]
+                    ),
                 )
             header: dict[str, Any] = {"v": PROTOCOL_VERSION, "type": kind, "id": sent, **fields}
             frames = [msgpack.packb(header, use_bin_type=True)]

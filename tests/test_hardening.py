@@ -187,9 +187,17 @@ def test_a_bad_token_message_or_value_fails_only_itself(
     with placed(cluster2, tiny_models["llama"], 2) as instance_id:
         with in_background(cluster2, instance_id, 40) as (generation, done):
             for fields, text in [
-                ({"seqs": ["a", "b"], "tokens": [1]}, "one token id (an int) per sequence id"),
-                ({"seqs": ["a"], "tokens": [1.5]}, "one token id (an int) per sequence id"),
-                ({"seqs": [7], "tokens": [1]}, "needs a list of sequence ids"),
+                (
+                    {"seqs": ["a", "b"], "tokens": [1], "logprobs": [None]},
+                    "one token id (an int) per sequence id",
+                ),
+                (
+                    {"seqs": ["a"], "tokens": [1.5], "logprobs": [None]},
+                    "one token id (an int) per sequence id",
+                ),
+                ({"seqs": [7], "tokens": [1], "logprobs": [None]}, "needs a list of sequence ids"),
+                ({"seqs": ["a"], "tokens": [1], "logprobs": [[0.5, [1], []]]}, "one logprob entry"),
+                ({"seqs": ["a"], "tokens": [1]}, "missing field 'logprobs'"),
             ]:
                 reply = ask(node1, header("token", instance_id=instance_id, **fields))
                 assert reply["type"] == "error" and text in reply["message"], reply
@@ -202,7 +210,7 @@ def test_a_nan_budget_is_an_error_for_its_request(
     cluster2: WorkerCluster, node1: zmq.Socket[Any], tiny_models: dict[str, Path]
 ) -> None:
     with placed(cluster2, tiny_models["llama"], 1) as instance_id:
-        fields = {"instance_id": instance_id, "messages": None, "prompt": "hi"}
+        fields = {"instance_id": instance_id, "messages": None, "prompt": "hi", "chat": None}
         node1.send_multipart([header("generate", **fields, request_id="r1", params={"max_tokens": math.nan})])
         deadline = time.monotonic() + 10
         reply: dict[str, Any] = {}
@@ -295,7 +303,13 @@ def test_a_sequence_whose_draw_fails_ends_alone_and_its_batch_goes_on(
     runner.load(folder)
 
     def start(request_id: str, params: SamplingParams) -> Message:
-        fields = {"instance_id": "i", "request_id": request_id, "messages": None, "prompt": PROMPT}
+        fields = {
+            "instance_id": "i",
+            "request_id": request_id,
+            "messages": None,
+            "prompt": PROMPT,
+            "chat": None,
+        }
         (out,) = runner.start(
             Message("generate", {**fields, "params": params.to_wire()}), request_id.encode()
         )
@@ -303,14 +317,16 @@ def test_a_sequence_whose_draw_fails_ends_alone_and_its_batch_goes_on(
         return out.message
 
     first = [start("sampled", SamplingParams(temperature=0.8, seed=1)), start("greedy", SamplingParams())]
-    draw = runner_module.sample
+    import exoctl.engine.sampling as sampling_module
 
-    def failing(logits: Any, params: SamplingParams, generator: Any) -> Any:
+    draw = sampling_module.sample
+
+    def failing(logits: Any, params: SamplingParams, generator: Any, history: Any = None) -> Any:
         if params.temperature == 0.8:
             raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
-        return draw(logits, params, generator)
+        return draw(logits, params, generator, history)
 
-    monkeypatch.setattr(runner_module, "sample", failing)
+    monkeypatch.setattr(sampling_module, "sample", failing)
     outs = runner.tokens(first)  # streams both first tokens, then decodes both as one batch
     errors = [o for o in outs if isinstance(o, ToClient) and o.kind == "error"]
     assert [e.request_id for e in errors] == ["sampled"] and "sampling failed" in errors[0].fields["message"]

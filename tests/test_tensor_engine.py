@@ -16,7 +16,7 @@ import torch
 
 from exoctl.engine.model import CausalLM, load_model
 from exoctl.engine.parallel_sampling import RankSampler, choose_tokens
-from exoctl.engine.sampling import top_k_filter, top_p_filter
+from exoctl.engine.sampling import Sampler, min_p_filter, top_k_filter, top_p_filter
 from exoctl.engine.shard import TensorShard
 from exoctl.engine.weights import WeightReader
 from exoctl.errors import UnsupportedModelError
@@ -180,6 +180,8 @@ def test_greedy_choice_is_the_argmax_of_the_full_row(world: int) -> None:
         SamplingParams(temperature=1.0, top_k=3),
         SamplingParams(temperature=1.3, top_p=0.7),
         SamplingParams(temperature=0.9, top_k=5, top_p=0.8),
+        SamplingParams(temperature=1.0, min_p=0.15),
+        SamplingParams(temperature=0.8, top_p=0.9, min_p=0.05),
     ],
 )
 def test_sampled_choice_follows_the_full_distribution(params: SamplingParams) -> None:
@@ -190,13 +192,38 @@ def test_sampled_choice_follows_the_full_distribution(params: SamplingParams) ->
     assert all(c == chosen[0] for c in chosen)  # every rank derives the same tokens
     counts = Counter(step[0] for step in chosen[0])
     filtered = top_p_filter(top_k_filter(logits / params.temperature, params.top_k), params.top_p)
-    expected = filtered.softmax(dim=-1)[0]
+    expected = min_p_filter(filtered, params.min_p).softmax(dim=-1)[0]
     for token in range(12):
         p = float(expected[token])
         if p == 0:
             assert counts[token] == 0, f"token {token} is outside top_k/top_p but was drawn"
         else:  # within 5 standard deviations of a binomial count
             assert abs(counts[token] - p * draws) <= 5 * math.sqrt(draws * p * (1 - p)) + 1
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_penalties_on_vocabulary_parts_choose_as_the_whole_row(world: int) -> None:
+    """Every rank penalizes its part from the same history (the prompt's ids it ran, the tokens
+    all ranks chose): the greedy tokens of the single process's sampler, step after step."""
+    torch.manual_seed(4)
+    logits = torch.randn(1, 31)
+    logits[0, 7] = logits[0, 20] = 3.0  # the favourites, each penalized once chosen
+    prompt = [7, 3, 3, 29]
+    params = SamplingParams(repetition_penalty=1.4, frequency_penalty=0.6, presence_penalty=0.3)
+
+    def work(rank: int, exchange: Exchange) -> list[int]:
+        shard = TensorShard(rank, world)
+        part = shard.part(31)
+        sampler = RankSampler.create(params, 5, rank)
+        sampler.saw_prompt(prompt)
+        step = logits[:, part.start : part.stop]
+        return [choose_tokens(step, shard, 31, [sampler], exchange.gather(rank))[0] for _ in range(12)]
+
+    chosen = on_ranks(world, work)
+    alone = Sampler.create(params, prompt)
+    assert all(c == chosen[0] for c in chosen)
+    assert chosen[0] == [alone.choose(logits) for _ in range(12)]
+    assert len(set(chosen[0])) > 2  # the penalties moved the choice around
 
 
 def test_the_same_seed_draws_the_same_tokens_and_another_seed_others() -> None:

@@ -130,7 +130,10 @@ def test_a_completion_survives_the_wire() -> None:
 
 
 def test_token_messages_merge_into_one_batch_at_the_place_of_the_first() -> None:
-    token = [PeerMessage(Message("token", {"instance_id": "i", "seqs": [s], "tokens": [1]})) for s in "ab"]
+    token = [
+        PeerMessage(Message("token", {"instance_id": "i", "seqs": [s], "tokens": [1], "logprobs": [None]}))
+        for s in "ab"
+    ]
     release = PeerMessage(Message("release", {"instance_id": "i", "seq": "c"}))
     merged = merge_token_jobs([release, token[0], Cancel("x"), token[1]])
     assert merged[0] == release and merged[2] == Cancel("x") and len(merged) == 3

@@ -20,10 +20,12 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from exoctl.api.errors import classify, error_body, exoctl_error_response
 from exoctl.api.metrics import Metrics
-from exoctl.api.schemas import ChatRequest
+from exoctl.api.schemas import ChatRequest, NamedToolChoice
 from exoctl.api.service import ClusterService
+from exoctl.api.tool_calls import ToolStream, forced_prefix
+from exoctl.chat_options import ChatOptions
 from exoctl.completion import Completion
-from exoctl.errors import ExoctlError
+from exoctl.errors import ExoctlError, InvalidRequestError
 from exoctl.sampling_params import SamplingParams
 
 DISCONNECT_CHECK_S = 0.5  # how often a non-streamed answer checks that its client is still there
@@ -32,11 +34,13 @@ DISCONNECT_CHECK_S = 0.5  # how often a non-streamed answer checks that its clie
 @dataclass(frozen=True)
 class Started:
     model: str  # the id of the instance's model
+    tool_format: str | None  # how its chat template calls tools
 
 
 @dataclass(frozen=True)
 class Delta:
     text: str
+    logprobs: list[dict[str, Any]]  # OpenAI's entries for the tokens of this text
 
 
 @dataclass(frozen=True)
@@ -57,14 +61,42 @@ def sse(data: dict[str, Any] | str) -> str:
 
 
 def request_params(body: ChatRequest) -> SamplingParams:
-    """OpenAI's defaults: temperature 1, top_p 1; max_completion_tokens over the older max_tokens."""
+    """OpenAI's defaults: temperature 1, top_p 1, no penalties; max_completion_tokens over the
+    older max_tokens. top_k, min_p and repetition_penalty are vLLM's extensions (-1 or 0: off)."""
     return SamplingParams(
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=max(body.top_k or 0, 0),
+        min_p=body.min_p or 0.0,
         seed=body.seed,
         max_tokens=body.max_completion_tokens or body.max_tokens or 1024,
         stop=tuple(body.stops()),
+        frequency_penalty=body.frequency_penalty or 0.0,
+        presence_penalty=body.presence_penalty or 0.0,
+        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        logprobs=(body.top_logprobs or 0) if body.logprobs else None,
     )
+
+
+def chat_options(body: ChatRequest, tool_format: str | None) -> tuple[ChatOptions, str]:
+    """What the head needs for the request's tools, and the forced start of the answer (also the
+    start of the text the calls are read from)."""
+    tools = body.tool_specs()
+    if tools is None:
+        return ChatOptions(), ""
+    if tool_format is None:
+        raise InvalidRequestError(
+            "this model's chat template takes no tools", hint="send the request without 'tools'"
+        )
+    choice = body.tool_choice
+    named = choice.function.name if isinstance(choice, NamedToolChoice) else None
+    if named is not None and named not in body.tool_names():
+        raise InvalidRequestError(
+            f"tool_choice names function {named!r}, which is not among the tools",
+            hint=f"tools: {', '.join(sorted(body.tool_names()))}",
+        )
+    prefix = forced_prefix(tool_format, named) if (choice == "required" or named) else ""
+    return ChatOptions(tools=tools, prefix=prefix, special=True), prefix
 
 
 def usage(result: Completion) -> dict[str, int]:
@@ -88,7 +120,9 @@ class ChatCompletion:
         self.body = body
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
-        self.model = ""
+        self.model = ""  # the instance's model id (metrics); answers name the model as asked
+        self.tools: ToolStream | None = None
+        self.logprobs: list[dict[str, Any]] = []  # entries not yet sent
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.cancel = threading.Event()
 
@@ -120,6 +154,8 @@ class ChatCompletion:
                     self.cancel.set()  # the generating thread cancels at its next token
                     return Response(status_code=499)
             match got:
+                case Delta(_, logprobs):
+                    self.logprobs += logprobs
                 case Failed(error):
                     return self._error(error)
                 case Done(result):
@@ -133,10 +169,17 @@ class ChatCompletion:
         try:
             with self.service.cluster() as cluster:
                 messages = self.body.chat_messages()
-                view, generation = self.service.generate(cluster, self.body.model, params, messages)
-                put(Started(view.model_id))
-                for delta in generation:
-                    put(Delta(delta))
+                view = self.service.instance_for(self.body.model, cluster.statuses())
+                head = view.runners.get(view.head)
+                tool_format = head.tool_format if head is not None else None
+                options, prefix = chat_options(self.body, tool_format)
+                if options.tools is not None:
+                    self.tools = ToolStream(tool_format, self.body.tool_names(), prefix)
+                generation = cluster.generate(view, params, messages=messages, chat=options)
+                put(Started(view.model_id, tool_format))
+                for text, logprobs in generation.deltas():
+                    if text or logprobs:
+                        put(Delta(text, logprobs))
                     if self.cancel.is_set():
                         generation.cancel()
                         return
@@ -152,44 +195,77 @@ class ChatCompletion:
         return exoctl_error_response(error)
 
     def _answer(self, result: Completion) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": result.text}
+        finish = finish_reason(result)
+        if self.tools is not None:
+            self.tools.feed(result.text)
+            text, calls = self.tools.finish()
+            if calls:
+                text = self.tools.shown + text
+                message = {
+                    "role": "assistant",
+                    "content": text or None,
+                    "tool_calls": [c.to_openai() for c in calls],
+                }
+                finish = "tool_calls"
         return {
             "id": self.id,
             "object": "chat.completion",
             "created": self.created,
-            "model": self.model,
+            "model": self.body.model,  # as the request named it
             "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": result.text},
-                    "finish_reason": finish_reason(result),
-                }
+                {"index": 0, "message": message, "finish_reason": finish, "logprobs": self._take_logprobs()}
             ],
             "usage": usage(result),
         }
 
     def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-        return {
+        chunk = {
             "id": self.id,
             "object": "chat.completion.chunk",
             "created": self.created,
-            "model": self.model,
+            "model": self.body.model,
             "choices": choices,
-            **extra,
         }
+        options = self.body.stream_options
+        if options is not None and options.include_usage:
+            chunk["usage"] = None  # as OpenAI: null on every chunk but the last
+        return {**chunk, **extra}
+
+    def _take_logprobs(self) -> dict[str, Any] | None:
+        """OpenAI's choice `logprobs` of the tokens not yet sent (null when not asked for)."""
+        if not self.body.logprobs:
+            return None
+        entries, self.logprobs = self.logprobs, []
+        return {"content": entries, "refusal": None}
 
     def _delta(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-        return self._chunk([{"index": 0, "delta": delta, "finish_reason": finish}])
+        choice = {"index": 0, "delta": delta, "finish_reason": finish}
+        if self.body.logprobs and (self.logprobs or finish is not None):
+            choice["logprobs"] = self._take_logprobs()
+        return self._chunk([choice])
 
     async def _stream(self) -> AsyncIterator[str]:
         try:
             yield sse(self._delta({"role": "assistant", "content": ""}))
             while True:
                 match await self.events.get():
-                    case Delta(text):
-                        yield sse(self._delta({"content": text}))
+                    case Delta(text, logprobs):
+                        self.logprobs += logprobs
+                        shown = self.tools.feed(text) if self.tools is not None else text
+                        if shown:
+                            yield sse(self._delta({"content": shown}))
                     case Done(result):
                         self.metrics.completed(self.model, result)
-                        yield sse(self._delta({}, finish_reason(result)))
+                        finish = finish_reason(result)
+                        if self.tools is not None:
+                            rest, calls = self.tools.finish()
+                            if rest:
+                                yield sse(self._delta({"content": rest}))
+                            for index, call in enumerate(calls):
+                                yield sse(self._delta({"tool_calls": [{"index": index, **call.to_openai()}]}))
+                            finish = "tool_calls" if calls else finish
+                        yield sse(self._delta({}, finish))
                         options = self.body.stream_options
                         if options is not None and options.include_usage:
                             yield sse(self._chunk([], usage=usage(result)))

@@ -2,31 +2,117 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from exoctl.dtypes import DTYPE_CHOICES
 
 
-class TextPart(BaseModel):
+class ContentPart(BaseModel):
+    """One part of a message's content: text; anything else (image_url, input_audio, file) is
+    refused by the message with a clear error, not dropped."""
+
     model_config = ConfigDict(extra="ignore", strict=True)
-    type: Literal["text"]
-    text: str
+    type: str
+    text: str | None = None
+
+
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    name: str = Field(min_length=1)
+    arguments: str = "{}"  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    id: str = ""
+    type: Literal["function"] = "function"
+    function: FunctionCall
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool's answer to one of them
 
     def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        if self.content is None:
+            return ""
+        return self.content if isinstance(self.content, str) else "".join(p.text or "" for p in self.content)
+
+    def non_text(self) -> str | None:
+        """The type of the first content part that is not text, if any."""
+        if isinstance(self.content, list):
+            for part in self.content:
+                if part.type != "text" or part.text is None:
+                    return part.type
+        return None
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as chat templates read it: OpenAI's "developer" is a system turn; a call's
+        arguments are an object (the templates write them with `tojson`)."""
+        doc: dict[str, Any] = {
+            "role": "system" if self.role == "developer" else self.role,
+            "content": self.text(),
+        }
+        if self.tool_calls:
+            doc["tool_calls"] = [
+                {
+                    "id": call.id,
+                    "type": "function",
+                    "function": {
+                        "name": call.function.name,
+                        "arguments": json_arguments(call.function.arguments),
+                    },
+                }
+                for call in self.tool_calls
+            ]
+        if self.role == "tool":
+            doc["tool_call_id"] = self.tool_call_id or ""
+            if self.name:
+                doc["name"] = self.name
+        return doc
+
+
+def json_arguments(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text  # the templates write a string as it is
 
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
     include_usage: bool = False
+
+
+class FunctionSpec(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    name: str = Field(min_length=1)
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatRequest(BaseModel):
@@ -39,19 +125,42 @@ class ChatRequest(BaseModel):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=-1)  # vLLM's spelling: -1 (or 0) turns it off
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(default=None, gt=0, le=10)
     seed: int | None = None
     stop: str | list[str] | None = None
     n: int = Field(default=1, ge=1, le=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     @field_validator("messages")
     @classmethod
     def _not_empty(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
         for index, message in enumerate(messages):
-            if not message.text().strip():
+            other = message.non_text()
+            if other is not None:
+                raise ValueError(
+                    f"message {index} ({message.role}) has a {other!r} part: this model reads text only"
+                )
+            if message.role == "assistant" and message.tool_calls:
+                continue  # content may be null beside the calls
+            if message.role != "tool" and not message.text().strip():
                 raise ValueError(f"message {index} ({message.role}) has no content")
         if messages[-1].role == "assistant":
             raise ValueError("the last message must not be the assistant's: there is nothing to answer")
         return messages
+
+    @model_validator(mode="after")
+    def _logprobs(self) -> ChatRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
 
     @field_validator("stop")
     @classmethod
@@ -64,12 +173,17 @@ class ChatRequest(BaseModel):
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
-    def chat_messages(self) -> list[dict[str, str]]:
-        # the chat templates know system, user and assistant; OpenAI's "developer" is a system turn
-        return [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-            for m in self.messages
-        ]
+    def chat_messages(self) -> list[dict[str, Any]]:
+        return [m.for_template() for m in self.messages]
+
+    def tool_names(self) -> frozenset[str]:
+        return frozenset(tool.function.name for tool in self.tools or [])
+
+    def tool_specs(self) -> list[dict[str, Any]] | None:
+        """The tools as chat templates take them, or None (none given, or tool_choice "none")."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return [tool.model_dump(exclude_none=True) for tool in self.tools]
 
 
 # EXO's instance kinds for Apple's MLX: exoctl has no MLX, and runs them as its own ring

@@ -17,7 +17,7 @@ import zmq
 
 from exoctl.api.instance_doc import planned_placement
 from exoctl.catalog import ModelCard, find_card, get_card, load_catalog
-from exoctl.cluster.client import Cluster, Generation
+from exoctl.cluster.client import Cluster
 from exoctl.cluster.state import planned_instance, state_document
 from exoctl.cluster.views import InstanceView, NodeStatus, find_instance, instances_of, runtime_dtype
 from exoctl.dtypes import DTYPE_CHOICES
@@ -27,7 +27,6 @@ from exoctl.inventory import Inventory
 from exoctl.keys import ClusterKeys
 from exoctl.model_store import allowed_roots, as_path, hub_reference, is_model_folder, resolve_card
 from exoctl.placement import Placement, PlacementError, PlacementRequest
-from exoctl.sampling_params import SamplingParams
 from exoctl.sharding import Plan, check_sharding
 
 
@@ -264,12 +263,6 @@ class ClusterService:
             freed = cluster.unload(instance_id, nodes)
         self.loads.pop(instance_id, None)
         return freed
-
-    def generate(
-        self, cluster: Cluster, model: str, params: SamplingParams, messages: list[dict[str, str]]
-    ) -> tuple[InstanceView, Generation]:
-        view = self.instance_for(model, cluster.statuses())
-        return view, cluster.generate(view, params, messages=messages)
 
 
 class NotFound(ExoctlError):

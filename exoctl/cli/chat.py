@@ -8,6 +8,12 @@ from typing import Annotated
 import typer
 
 from exoctl.cli.common import InventoryOption, check_request, ensure_instance, live_statuses, open_cluster
+from exoctl.cli.options import (
+    FrequencyPenaltyOption,
+    MinPOption,
+    PresencePenaltyOption,
+    RepetitionPenaltyOption,
+)
 from exoctl.cli.output import console, err_console, note
 from exoctl.cli.run import ModelChoice, sampling_params
 from exoctl.completion import Completion
@@ -28,13 +34,29 @@ def chat(
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="Most tokens per answer.")] = 512,
     temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
+    top_k: Annotated[int, typer.Option(help="Sample among the k most likely tokens (0: all).")] = 0,
+    min_p: MinPOption = 0.0,
+    repetition_penalty: RepetitionPenaltyOption = 1.0,
+    frequency_penalty: FrequencyPenaltyOption = 0.0,
+    presence_penalty: PresencePenaltyOption = 0.0,
     seed: Annotated[int | None, typer.Option(help="Seed for sampling.")] = None,
     dtype: Annotated[
         str, typer.Option("--dtype", help="dtype if the model has to be placed first.")
     ] = "auto",
     inventory: InventoryOption = None,
 ) -> None:
-    params = sampling_params(max_tokens, temperature, top_p, 0, seed, None)
+    params = sampling_params(
+        max_tokens,
+        temperature,
+        top_p,
+        top_k,
+        seed,
+        None,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        frequency_penalty=frequency_penalty,
+        presence_penalty=presence_penalty,
+    )
     check_request(model, dtype)
 
     with open_cluster(inventory) as cluster:

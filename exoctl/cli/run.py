@@ -15,7 +15,13 @@ from exoctl.cli.common import (
     live_statuses,
     open_cluster,
 )
-from exoctl.cli.options import JsonOption
+from exoctl.cli.options import (
+    FrequencyPenaltyOption,
+    JsonOption,
+    MinPOption,
+    PresencePenaltyOption,
+    RepetitionPenaltyOption,
+)
 from exoctl.cli.output import err_console, note, print_json, use_json_errors
 from exoctl.errors import InvalidRequestError
 from exoctl.sampling_params import SamplingParamError, SamplingParams
@@ -40,11 +46,31 @@ ModelChoice = Annotated[
 
 
 def sampling_params(
-    max_tokens: int, temperature: float, top_p: float, top_k: int, seed: int | None, stop: list[str] | None
+    max_tokens: int,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    seed: int | None,
+    stop: list[str] | None,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+    frequency_penalty: float = 0.0,
+    presence_penalty: float = 0.0,
 ) -> SamplingParams:
     """The options as SamplingParams; a bad value is named by its option."""
     try:
-        return SamplingParams(temperature, top_k, top_p, seed, max_tokens, tuple(stop or ()))
+        return SamplingParams(
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            max_tokens,
+            tuple(stop or ()),
+            min_p=min_p,
+            frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty,
+            repetition_penalty=repetition_penalty,
+        )
     except SamplingParamError as exc:
         raise InvalidRequestError(f"--{exc.name.replace('_', '-')} {exc.problem}") from None
 
@@ -58,6 +84,10 @@ def run(
     top_k: Annotated[int, typer.Option(help="Sample among the k most likely tokens (0: all).")] = 0,
     seed: Annotated[int | None, typer.Option(help="Seed for sampling.")] = None,
     stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable).")] = None,
+    min_p: MinPOption = 0.0,
+    repetition_penalty: RepetitionPenaltyOption = 1.0,
+    frequency_penalty: FrequencyPenaltyOption = 0.0,
+    presence_penalty: PresencePenaltyOption = 0.0,
     raw: Annotated[
         bool, typer.Option("--raw", help="Send the prompt as is, without the chat template.")
     ] = False,
@@ -68,7 +98,18 @@ def run(
     json_output: JsonOption = False,
 ) -> None:
     use_json_errors(json_output)
-    params = sampling_params(max_tokens, temperature, top_p, top_k, seed, stop)
+    params = sampling_params(
+        max_tokens,
+        temperature,
+        top_p,
+        top_k,
+        seed,
+        stop,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        frequency_penalty=frequency_penalty,
+        presence_penalty=presence_penalty,
+    )
     check_request(model, dtype)
     if prompt is None:
         if sys.stdin.isatty():

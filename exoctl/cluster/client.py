@@ -6,6 +6,7 @@ for its status (`views.py` assembles what the answers say), and does what it nee
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -14,6 +15,7 @@ from typing import Any
 import zmq
 
 from exoctl.catalog import ModelCard
+from exoctl.chat_options import ChatOptions
 from exoctl.cluster.views import InstanceView, NodeStatus, node_profiles
 from exoctl.completion import Completion
 from exoctl.errors import ExoctlError, InvalidRequestError
@@ -61,12 +63,18 @@ class Generation:
                 return message
 
     def __iter__(self) -> Iterator[str]:
+        for text, _ in self.deltas():
+            if text:
+                yield text
+
+    def deltas(self) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+        """(text, the logprobs of its tokens) per token: the text may be empty (held back for a
+        stop string or a character's other bytes) while its tokens' logprobs are not."""
         while not self.ended:
             message = self._next()
             if message.type == "delta":
                 self.tokens += message["tokens"]
-                if message["text"]:
-                    yield message["text"]
+                yield message["text"], message["logprobs"]
             elif message.type == "done":
                 self.ended = True
                 self.result = Completion.from_wire(message["result"])
@@ -288,11 +296,15 @@ class Cluster:
         self,
         instance: InstanceView,
         params: SamplingParams,
-        messages: list[dict[str, str]] | None = None,
+        messages: list[dict[str, Any]] | None = None,
         prompt: str | None = None,
         silence: float = GENERATION_SILENCE_S,
+        chat: ChatOptions | None = None,
     ) -> Generation:
-        texts = [m.get("content") or "" for m in messages or []] + [prompt or "", *params.stop]
+        texts = [str(m.get("content") or "") for m in messages or []] + [prompt or "", *params.stop]
+        if chat is not None:  # tools and calls count too
+            texts += [json.dumps(chat.tools or [], ensure_ascii=False), chat.prefix]
+            texts += [json.dumps(m.get("tool_calls") or [], ensure_ascii=False) for m in messages or []]
         try:
             size = sum(len(t.encode("utf-8")) for t in texts)
         except UnicodeEncodeError as exc:  # a lone surrogate: from JSON's \ud800, or undecodable argv bytes
@@ -314,6 +326,7 @@ class Cluster:
                 "messages": messages,
                 "prompt": prompt,
                 "params": params.to_wire(),
+                "chat": (chat or ChatOptions()).to_wire(),
             },
         )
         return Generation(client, request_id, send_id, silence)

@@ -14,7 +14,7 @@ import torch
 
 from exoctl.completion import Completion, Timings
 from exoctl.engine.model import CausalLM
-from exoctl.engine.sampling import make_generator, sample
+from exoctl.engine.sampling import Sampler
 from exoctl.engine.tokenizer import IncrementalDecoder, StopMatcher, Tokenizer
 from exoctl.errors import InvalidRequestError
 from exoctl.sampling_params import SamplingParams
@@ -33,8 +33,8 @@ def check_prompt(prompt_ids: Sequence[int], context_length: int) -> None:
 class TextStream:
     """Token ids in, text deltas out: incremental detokenisation, then stop strings."""
 
-    def __init__(self, tokenizer: Tokenizer, stops: Sequence[str]) -> None:
-        self.decoder = IncrementalDecoder(tokenizer)
+    def __init__(self, tokenizer: Tokenizer, stops: Sequence[str], special: bool = False) -> None:
+        self.decoder = IncrementalDecoder(tokenizer, special)
         self.stops = StopMatcher(stops)
 
     @property
@@ -52,9 +52,14 @@ class SequenceStream:
     """One sequence from its first sampled token to its finish: `push` each token, read the delta."""
 
     def __init__(
-        self, tokenizer: Tokenizer, params: SamplingParams, prompt_tokens: int, context: int
+        self,
+        tokenizer: Tokenizer,
+        params: SamplingParams,
+        prompt_tokens: int,
+        context: int,
+        special: bool = False,  # keep special tokens in the text (a tool call's markers)
     ) -> None:
-        self.text = TextStream(tokenizer, params.stop)
+        self.text = TextStream(tokenizer, params.stop, special)
         self.eos_ids = tokenizer.eos_token_ids
         self.prompt_tokens = prompt_tokens
         self.budget = min(params.max_tokens, context - prompt_tokens)
@@ -111,15 +116,15 @@ def generate_ids(model: CausalLM, prompt_ids: Sequence[int], params: SamplingPar
     """Sampled token ids, one per step, until the context is full (the caller decides when to stop)."""
     context = model.config.max_position_embeddings
     check_prompt(prompt_ids, context)
-    generator = make_generator(params.seed)
+    sampler = Sampler.create(params, prompt_ids)
     cache = model.new_cache()
     tokens = torch.tensor([list(prompt_ids)])  # [1, T]
     positions = torch.arange(len(prompt_ids))[None, :]
     for _ in range(context - len(prompt_ids)):
         logits = model.forward(tokens, positions, [cache])[:, -1]  # [1, V]
-        token = sample(logits, params, generator)  # [1]
-        yield int(token)
-        tokens = token.view(1, 1)
+        token = sampler.choose(logits)
+        yield token
+        tokens = torch.tensor([[token]])
         positions = torch.tensor([[cache.length]])
 
 

@@ -10,7 +10,8 @@ then derives the same token.
   equal to its share of the (filtered) softmax mass — from the ranks' log-sum-exps and one
   uniform draw every rank makes from the same seeded generator — and that rank's own draw
   within its part is the token.
-- top_k / top_p need a global threshold first: each rank sends its C largest scaled logits and
+- Penalties change each rank's part of the logits first; every rank keeps the same history.
+- top_k / top_p / min_p need a global threshold first: each rank sends its C largest scaled logits and
   its log-sum-exp; the k-th largest of the merged values, and the nucleus over them, give the
   same threshold on every rank. C is top_k, or CANDIDATES for top_p alone: a nucleus wider
   than k x CANDIDATES tokens is not cut (a flat distribution, where it hardly matters).
@@ -20,10 +21,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from exoctl.engine.logprobs import merge, part_summary
+from exoctl.engine.penalties import TokenHistory, penalize
 from exoctl.engine.sampling import apply_temperature
 from exoctl.engine.shard import TensorShard
 from exoctl.sampling_params import SamplingParams
@@ -40,6 +43,9 @@ class RankSampler:
     params: SamplingParams
     shared: torch.Generator
     local: torch.Generator
+    # every rank sees the step's token ids and every chosen token: the same history on each
+    history: TokenHistory = field(default_factory=TokenHistory)
+    prefilling: bool = True  # until its first token: the ids it is given are the prompt's
 
     @classmethod
     def create(cls, params: SamplingParams, seed: int, rank: int) -> RankSampler:
@@ -47,6 +53,14 @@ class RankSampler:
         shared.manual_seed(seed)
         local.manual_seed((seed * 1_000_003 + rank + 1) % 2**63)
         return cls(params, shared, local)
+
+    def saw_prompt(self, ids: list[int]) -> None:
+        if self.prefilling and self.params.repetition_penalty != 1:
+            self.history.prompt = self.history.prompt | frozenset(ids)
+
+    def chose(self, token: int) -> None:
+        self.prefilling = False
+        self.history.record(token)
 
 
 def choose_tokens(
@@ -56,9 +70,10 @@ def choose_tokens(
     on every rank."""
     rows = logits.shape[0]
     vocab = shard.part(full_vocab)
+    penalized = [penalize(logits[b], s.params, s.history, vocab.start) for b, s in enumerate(samplers)]
     scaled = [
-        logits[b] if s.params.greedy else apply_temperature(logits[b], s.params.temperature)
-        for b, s in enumerate(samplers)
+        row if s.params.greedy else apply_temperature(row, s.params.temperature)
+        for row, s in zip(penalized, samplers, strict=True)
     ]
     cut = [b for b, s in enumerate(samplers) if not s.params.greedy and s.params.truncates]
     floors = [-math.inf] * rows
@@ -99,7 +114,38 @@ def choose_tokens(
         while ids[rank] < 0:  # a rank with no allowed token has no mass; rounding put u there
             rank = (rank + 1) % len(parts)
         tokens.append(ids[rank])
+    for sampler, token in zip(samplers, tokens, strict=True):
+        sampler.chose(token)
     return tokens
+
+
+def rank_logprobs(
+    logits: torch.Tensor,
+    shard: TensorShard,
+    full_vocab: int,
+    samplers: list[RankSampler],
+    tokens: list[int],
+    gather: Gather,
+) -> list[list[object] | None]:
+    """The chosen tokens' logprobs (wire form) for the rows that ask, from each rank's summary of
+    its part: one more gather of [B, 2 + 2n], only when some row asks (the same on every rank)."""
+    wanted = [b for b, s in enumerate(samplers) if s.params.logprobs is not None]
+    out: list[list[object] | None] = [None] * len(samplers)
+    if not wanted:
+        return out
+    n = max(samplers[b].params.logprobs or 0 for b in wanted)
+    start = shard.part(full_vocab).start
+    mine = torch.stack([part_summary(logits[b], start, tokens[b], n) for b in range(len(samplers))])
+    parts = gather(mine)
+    for b in wanted:
+        out[b] = merge([p[b] for p in parts], samplers[b].params.logprobs or 0).to_wire()
+    return out
+
+
+def _width(params: SamplingParams) -> int:
+    if params.top_k:
+        return params.top_k
+    return CANDIDATES if params.top_p < 1 else 1
 
 
 def _thresholds(
@@ -113,7 +159,8 @@ def _thresholds(
     """The smallest scaled logit each row keeps under its top_k and top_p (-inf: keep all)."""
     # the same width on every rank, so the gathered tensors agree; a part smaller than the width
     # (parts differ by one) is padded with -inf. A top_k wider than a part takes whole parts: exact.
-    width = min(max(samplers[b].params.top_k or CANDIDATES for b in cut), -(-full_vocab // world))
+    # min_p alone needs only the largest
+    width = min(max(_width(samplers[b].params) for b in cut), -(-full_vocab // world))
     mine = torch.full((len(scaled), width + 1), -math.inf, dtype=torch.float64)
     for b in cut:
         row = scaled[b]
@@ -141,5 +188,7 @@ def _thresholds(
             reached = float(probs.sum()) >= params.top_p
             if reached:
                 floor = max(floor, float(kept[int(inside[-1])]))
+        if params.min_p > 0:  # within log(min_p) of the largest logit of all ranks
+            floor = max(floor, float(merged[0]) + math.log(params.min_p))
         floors[b] = floor
     return floors

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
 
+from exoctl.engine.penalties import TokenHistory, penalize
 from exoctl.sampling_params import SamplingParams
 
 
@@ -37,6 +42,15 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Keep the tokens whose probability is at least min_p x the top one's: in logits, those within
+    log(min_p) of the row's largest."""
+    if min_p <= 0:
+        return logits
+    floor = logits.max(dim=-1, keepdim=True).values + math.log(min_p)
+    return logits.masked_fill(logits < floor, float("-inf"))
+
+
 def make_generator(seed: int | None) -> torch.Generator | None:
     if seed is None:
         return None
@@ -46,12 +60,38 @@ def make_generator(seed: int | None) -> torch.Generator | None:
 
 
 def sample(
-    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator | None = None,
+    history: TokenHistory | None = None,
 ) -> torch.Tensor:
-    """[B, V] float logits -> [B] token ids under `params`."""
+    """[B, V] float logits -> [B] token ids under `params` (penalties from `history`, one row's)."""
+    if params.penalizes and history is not None:
+        logits = torch.stack([penalize(row, params, history) for row in logits])
     if params.greedy:
         return greedy(logits)
     logits = apply_temperature(logits, params.temperature)
-    logits = top_p_filter(top_k_filter(logits, params.top_k), params.top_p)
+    logits = min_p_filter(top_p_filter(top_k_filter(logits, params.top_k), params.top_p), params.min_p)
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@dataclass
+class Sampler:
+    """One sequence's choice of tokens: its parameters, its seeded generator, what it has seen."""
+
+    params: SamplingParams
+    generator: torch.Generator | None
+    history: TokenHistory
+
+    @classmethod
+    def create(cls, params: SamplingParams, prompt: Sequence[int] = ()) -> Sampler:
+        # the prompt is kept only where the repetition penalty reads it
+        seen = frozenset(prompt) if params.repetition_penalty != 1 else frozenset()
+        return cls(params, make_generator(params.seed), TokenHistory(seen))
+
+    def choose(self, logits: torch.Tensor) -> int:
+        """logits [1, V] -> the token, recorded in the history."""
+        token = int(sample(logits, self.params, self.generator, self.history))
+        self.history.record(token)
+        return token

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ class Tokenizer:
 
         from exoctl.gguf_file import is_gguf_source, model_files
 
+        self._byte_level: bool | None = None
         if is_gguf_source(Path(folder)):
             self.hf = _gguf_tokenizer(model_files(Path(folder))[0])
             self.eos_token_ids = frozenset(
@@ -47,22 +50,93 @@ class Tokenizer:
     def has_chat_template(self) -> bool:
         return bool(self.hf.chat_template)
 
+    @property
+    def tool_format(self) -> str | None:
+        """How the chat template has the model call tools, read from the template (not the model's
+        name): "llama3" (JSON after <|python_tag|>, or alone), "mistral" ([TOOL_CALLS] [...]),
+        "hermes" (<tool_call>{...}</tool_call>: Qwen2.5, and the fallback for any template that
+        takes a `tools` list); None when it takes no tools."""
+        return tool_format_of(str(self.hf.chat_template or ""))
+
     def encode(self, text: str) -> list[int]:
         return list(self.hf.encode(text))
 
-    def encode_chat(self, messages: Sequence[dict[str, Any]]) -> list[int]:
-        """Token ids of a conversation with the generation prompt for the assistant's turn."""
+    def encode_chat(
+        self, messages: Sequence[dict[str, Any]], tools: list[dict[str, Any]] | None = None, prefix: str = ""
+    ) -> list[int]:
+        """Token ids of a conversation with the generation prompt for the assistant's turn, the
+        tools rendered by the template, and `prefix` as the start of the assistant's answer (a
+        tool call the request requires)."""
         if not messages:
             raise InvalidRequestError("a chat needs at least one message")
         if not self.has_chat_template:
             raise InvalidRequestError("this model has no chat template; send a raw prompt instead")
-        ids: Any = self.hf.apply_chat_template(
-            list(messages), add_generation_prompt=True, tokenize=True, return_dict=False
-        )
-        return [int(i) for i in ids]
+        if tools and self.tool_format is None:
+            raise InvalidRequestError(
+                "this model's chat template takes no tools: send the request without them"
+            )
+        try:
+            text: Any = self.hf.apply_chat_template(
+                list(messages), tools=tools or None, add_generation_prompt=True, tokenize=False
+            )
+        except Exception as exc:  # jinja's own errors: a template that refuses these messages
+            raise InvalidRequestError(f"the model's chat template refused the messages: {exc}") from None
+        # the template writes the special tokens (BOS) itself, as apply_chat_template(tokenize=True) has it
+        return [int(i) for i in self.hf.encode(str(text) + prefix, add_special_tokens=False)]
 
-    def decode(self, ids: Sequence[int]) -> str:
-        return str(self.hf.decode(list(ids), skip_special_tokens=True))
+    def token_text(self, token: int) -> dict[str, Any]:
+        """OpenAI's {token, bytes} of one token: its own bytes (a byte-level piece, or a byte
+        fallback <0xNN>), which may be part of a UTF-8 character; the text of those bytes."""
+        piece = str(self.hf.convert_ids_to_tokens(int(token)))
+        raw = piece_bytes(piece, self.byte_level)
+        return {"token": raw.decode("utf-8", errors="replace"), "bytes": list(raw)}
+
+    @property
+    def byte_level(self) -> bool:
+        """Whether pieces are GPT-2's byte-level alphabet (Llama 3, Qwen2, SmolLM2), not sentencepiece."""
+        if self._byte_level is None:
+            try:
+                backend = json.loads(self.hf.backend_tokenizer.to_str())
+                self._byte_level = "ByteLevel" in json.dumps(backend.get("decoder"))
+            except (AttributeError, ValueError):
+                self._byte_level = False
+        return self._byte_level
+
+    def decode(self, ids: Sequence[int], special: bool = False) -> str:
+        """Text of `ids`; `special` keeps special tokens (a tool call's <|python_tag|>, [TOOL_CALLS])."""
+        return str(self.hf.decode(list(ids), skip_special_tokens=not special))
+
+
+_BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+
+@functools.cache
+def _unicode_to_bytes() -> dict[str, int]:
+    """GPT-2's byte-level alphabet read back: piece character -> byte."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {c: b for b, c in bytes_to_unicode().items()}
+
+
+def piece_bytes(piece: str, byte_level: bool) -> bytes:
+    match = _BYTE_FALLBACK.match(piece)
+    if match:
+        return bytes([int(match.group(1), 16)])
+    if byte_level:
+        table = _unicode_to_bytes()
+        if all(c in table for c in piece):
+            return bytes(table[c] for c in piece)
+    return piece.replace("\u2581", " ").encode("utf-8")
+
+
+def tool_format_of(template: str) -> str | None:
+    if "[TOOL_CALLS]" in template:
+        return "mistral"
+    if "<|python_tag|>" in template or "ipython" in template:
+        return "llama3"
+    if "<tool_call>" in template or "tools" in template:
+        return "hermes"
+    return None
 
 
 def _gguf_tokenizer(path: Path) -> Any:
@@ -97,8 +171,9 @@ class IncrementalDecoder:
     step decodes a short window (a few tokens of context), not the whole sequence.
     """
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    def __init__(self, tokenizer: Tokenizer, special: bool = False) -> None:
         self.tokenizer = tokenizer
+        self.special = special
         self.ids: list[int] = []
         self.prefix_offset = 0  # window start: tokens before it are never decoded again
         self.read_offset = 0  # tokens before it have been emitted as text
@@ -106,8 +181,8 @@ class IncrementalDecoder:
     def _window(self) -> tuple[str, str]:
         """Text of the window's emitted part, and of the whole window."""
         return (
-            self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset]),
-            self.tokenizer.decode(self.ids[self.prefix_offset :]),
+            self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset], self.special),
+            self.tokenizer.decode(self.ids[self.prefix_offset :], self.special),
         )
 
     def push(self, token_id: int) -> str:

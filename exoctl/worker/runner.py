@@ -15,14 +15,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from exoctl.chat_options import ChatOptions
 from exoctl.engine.generate import SequenceStream, check_prompt
 from exoctl.engine.kv_cache import KVCache
+from exoctl.engine.logprobs import token_logprob
 from exoctl.engine.mixtral import SparseMoE
 from exoctl.engine.model import CausalLM, load_model
-from exoctl.engine.sampling import make_generator, sample
+from exoctl.engine.sampling import Sampler
 from exoctl.engine.tokenizer import Tokenizer
 from exoctl.engine.weights import trim_heap
 from exoctl.errors import ExoctlError, InvalidRequestError
@@ -32,7 +35,7 @@ from exoctl.runner_spec import RunnerSpec
 from exoctl.sampling_params import SamplingParams
 from exoctl.worker.loader import LoadCancelled
 from exoctl.worker.outbox import Out, ToClient, ToPeer, ToSelf, client_error
-from exoctl.worker.steps import ForwardStep, check_hidden, check_room
+from exoctl.worker.steps import PROMPT_IDS, ForwardStep, check_hidden, check_room
 from exoctl.worker.tensors import from_tensor, to_tensor
 
 log = logging.getLogger("exoctl.worker")
@@ -66,7 +69,7 @@ class Runner:
         self.model: CausalLM | None = None
         self.tokenizer: Tokenizer | None = None
         self.caches: dict[str, KVCache] = {}
-        self.samplers: dict[str, tuple[SamplingParams, torch.Generator | None]] = {}
+        self.samplers: dict[str, Sampler] = {}
         self.heads: dict[str, HeadSequence] = {}
         self.prompts: dict[str, list[int]] = {}  # head: prompts not yet wholly prefilled
         self.unloading = False
@@ -165,6 +168,7 @@ class Runner:
             decode_tokens_per_s=round(self.last_decode_tps, 2),
             active_sequences=len(self.caches),
             experts=self.experts(),
+            tool_format=self.tokenizer.tool_format if self.tokenizer is not None else None,
         )
 
     def experts(self) -> tuple[ExpertLoad, ...]:
@@ -240,26 +244,42 @@ class Runner:
             return []  # more of the prompt is coming: nothing to sample yet
         logits = out[:, -1]  # [B, V]
         choices = [self.samplers[seq] for seq in step.seqs]
-        if all(sampling.greedy for sampling, _ in choices):
+        if all(s.params.greedy and not s.params.penalizes for s in choices):
             picked = dict(zip(step.seqs, (int(t) for t in logits.argmax(dim=-1)), strict=True))
         else:
             picked = {}
             failed: dict[str, str] = {}
             for i, seq in enumerate(step.seqs):
                 try:
-                    picked[seq] = int(sample(logits[i : i + 1], *choices[i]))
+                    picked[seq] = choices[i].choose(logits[i : i + 1])
                 except RuntimeError as exc:  # this sequence's draw failed: only it ends
                     failed[seq] = f"node {spec.nodes[spec.rank]}: sampling failed: {exc}"
             if failed:
-                return self._sampled(picked) + self._failed(failed)
-        return self._sampled(picked)
+                return self._sampled(picked, self._logprobs(step.seqs, logits, picked)) + self._failed(failed)
+        return self._sampled(picked, self._logprobs(step.seqs, logits, picked))
 
-    def _sampled(self, picked: dict[str, int]) -> list[Out]:
-        """The last stage's tokens, to the head."""
+    def _logprobs(
+        self, seqs: list[str], logits: torch.Tensor, picked: dict[str, int]
+    ) -> dict[str, list[object]]:
+        """The chosen tokens' logprobs (wire form) of the sequences that asked for them."""
+        wanted: dict[str, list[object]] = {}
+        for i, seq in enumerate(seqs):
+            n = self.samplers[seq].params.logprobs
+            if n is not None and seq in picked:
+                wanted[seq] = token_logprob(logits[i], picked[seq], n).to_wire()
+        return wanted
+
+    def _sampled(self, picked: dict[str, int], logprobs: dict[str, list[object]]) -> list[Out]:
+        """The last stage's tokens (and logprobs where asked), to the head."""
         spec = self.spec
         if not picked:
             return []
-        fields = {"instance_id": spec.instance_id, "seqs": list(picked), "tokens": list(picked.values())}
+        fields = {
+            "instance_id": spec.instance_id,
+            "seqs": list(picked),
+            "tokens": list(picked.values()),
+            "logprobs": [logprobs.get(seq) for seq in picked],
+        }
         if spec.is_head:
             return [ToSelf(Message("token", fields))]
         return [ToPeer(spec.peers[0][1], "token", fields)]
@@ -283,15 +303,16 @@ class Runner:
         if request_id in self.heads:
             raise InvalidRequestError(f"request id {request_id} is already running")
         params = SamplingParams.from_wire(request["params"])
+        chat = ChatOptions.from_wire(request["chat"])
         if request["messages"] is not None:
-            ids = tokenizer.encode_chat(request["messages"])
+            ids = tokenizer.encode_chat(request["messages"], chat.tools, chat.prefix)
         elif request["prompt"] is not None:
             ids = tokenizer.encode(request["prompt"])
         else:
             raise InvalidRequestError("a request needs 'messages' or 'prompt'")
         context = model.config.max_position_embeddings
         check_prompt(ids, context)
-        stream = SequenceStream(tokenizer, params, len(ids), context)
+        stream = SequenceStream(tokenizer, params, len(ids), context, special=chat.special)
         self.heads[request_id] = HeadSequence(request_id, client, stream)
         self.prompts[request_id] = ids
         return self.prefill(request_id, self._admit(request_id, params))
@@ -317,8 +338,12 @@ class Runner:
 
     def _admit(self, seq: str, params: SamplingParams) -> dict[str, object]:
         """Head: set up sampling for a new sequence; the params the other stages get for it."""
+        prompt = self.prompts.get(seq, [])
         if self.spec.is_last:
-            self.samplers[seq] = (params, make_generator(params.seed))
+            self.samplers[seq] = Sampler.create(params, prompt)
+            return params.to_wire()
+        if params.repetition_penalty != 1:  # the last stage penalizes the prompt's tokens too
+            return {**params.to_wire(), PROMPT_IDS: list(prompt)}
         return params.to_wire()
 
     def _step(self, step: ForwardStep, inputs: torch.Tensor) -> list[Out]:
@@ -338,7 +363,7 @@ class Runner:
                 continue
             sampling = step.first_params(seq)
             if self.spec.is_last:
-                self.samplers[seq] = (sampling, make_generator(sampling.seed))
+                self.samplers[seq] = Sampler.create(sampling, step.first_prompt(seq))
         hidden = to_tensor(message.tensors[0])
         return self._next(step, self._run(step.seqs, hidden, step.starts))
 
@@ -348,12 +373,14 @@ class Runner:
         outs: list[Out] = []
         going: list[HeadSequence] = []
         for message in messages:
-            for seq_id, token in zip(message["seqs"], message["tokens"], strict=True):
+            for seq_id, token, logprob in zip(
+                message["seqs"], message["tokens"], message["logprobs"], strict=True
+            ):
                 seq = self.heads.get(seq_id)
                 if seq is None:
                     continue  # cancelled or failed meanwhile
                 try:
-                    outs += self._take(seq, token)
+                    outs += self._take(seq, token, logprob)
                 except Exception as exc:  # one bad token (or a tokenizer error) ends its sequence only
                     log.warning("sequence %s failed at token %r: %s", seq_id, token, exc)
                     outs += self.abort([seq_id], f"node {self.spec.nodes[0]}: {type(exc).__name__}: {exc}")
@@ -370,19 +397,30 @@ class Runner:
             outs += self._step(step, inputs)
         return outs
 
-    def _take(self, seq: HeadSequence, token: int) -> list[Out]:
-        """One sampled token of one sequence: stream its text; finish the sequence if it is done."""
+    def _take(self, seq: HeadSequence, token: int, logprob: list[Any] | None = None) -> list[Out]:
+        """One sampled token of one sequence: stream its text (and its logprobs, OpenAI's entry);
+        finish the sequence if it is done."""
         vocab = self._model().config.vocab_size
         if not 0 <= token < vocab:
             raise ExoctlError(f"token id {token} is outside the vocabulary of {vocab}")
         delta = seq.stream.push(token)
-        outs: list[Out] = [ToClient(seq.client, "delta", seq.request_id, {"text": delta, "tokens": [token]})]
+        entries = [] if logprob is None else [self._logprob_entry(token, logprob)]
+        fields = {"text": delta, "tokens": [token], "logprobs": entries}
+        outs: list[Out] = [ToClient(seq.client, "delta", seq.request_id, fields)]
         if not seq.stream.done:
             return outs
         completion = seq.stream.completion()
         self.last_decode_tps = completion.timings.decode_tokens_per_s
         outs.append(ToClient(seq.client, "done", seq.request_id, {"result": completion.to_wire()}))
         return outs + self.release(seq.request_id)
+
+    def _logprob_entry(self, token: int, logprob: list[Any]) -> dict[str, Any]:
+        """OpenAI's {token, logprob, bytes, top_logprobs} for a token and its alternatives."""
+        tokenizer = self.tokenizer
+        assert tokenizer is not None
+        value, ids, values = logprob
+        top = [{"logprob": v, **tokenizer.token_text(i)} for i, v in zip(ids, values, strict=True)]
+        return {**tokenizer.token_text(token), "logprob": value, "top_logprobs": top}
 
     def release(self, seq: str) -> list[Out]:
         """Free a sequence here; the head also tells every other stage to free it."""

@@ -9,6 +9,8 @@ from exoctl.errors import ExoctlError
 from exoctl.protocol import Message, ProtocolError
 from exoctl.sampling_params import SamplingParams
 
+PROMPT_IDS = "prompt_ids"  # beside a sequence's sampling parameters on its first step
+
 
 @dataclass(frozen=True)
 class ForwardStep:
@@ -44,7 +46,15 @@ class ForwardStep:
         wire = self.params.get(seq)
         if not isinstance(wire, dict):
             raise ExoctlError(f"sequence {seq} is unknown here and its first message has no params")
-        return SamplingParams.from_wire(wire)
+        return SamplingParams.from_wire({k: v for k, v in wire.items() if k != PROMPT_IDS})
+
+    def first_prompt(self, seq: str) -> list[int]:
+        """The prompt's token ids, sent with a sequence's first step when its repetition penalty
+        reads them (the last stage samples, but sees hidden states only)."""
+        ids = (self.params.get(seq) or {}).get(PROMPT_IDS, [])
+        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise ExoctlError(f"sequence {seq}: {PROMPT_IDS} must be a list of token ids")
+        return ids
 
     def fields(self, instance_id: str) -> dict[str, Any]:
         """The same step as a `forward` message's fields, for the next stage or the other ranks."""
@@ -68,6 +78,26 @@ def check_peer_message(message: Message) -> None:
             isinstance(t, int) and not isinstance(t, bool) for t in tokens
         ):
             raise ProtocolError("'token' needs one token id (an int) per sequence id")
+        logprobs = message["logprobs"]
+        if len(logprobs) != len(seqs) or not all(lp is None or _is_logprob(lp) for lp in logprobs):
+            raise ProtocolError(
+                "'token' needs one logprob entry ([logprob, ids, logprobs] or null) per sequence id"
+            )
+
+
+def _is_logprob(entry: object) -> bool:
+    """[logprob, [ids], [logprobs]] as `TokenLogprob.to_wire` writes it."""
+    if not isinstance(entry, list) or len(entry) != 3:
+        return False
+    value, ids, values = entry
+    return (
+        isinstance(value, float)
+        and isinstance(ids, list)
+        and isinstance(values, list)
+        and len(ids) == len(values) <= 20
+        and all(isinstance(i, int) and not isinstance(i, bool) for i in ids)
+        and all(isinstance(v, float) for v in values)
+    )
 
 
 # Sequences one runner holds at once (each a KV cache): several times any batch it decodes.

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from exoctl.engine.model import CausalLM, load_model
-from exoctl.engine.parallel_sampling import RankSampler, choose_tokens
+from exoctl.engine.parallel_sampling import RankSampler, choose_tokens, rank_logprobs
 from exoctl.engine.shard import TensorShard
 from exoctl.errors import CollectiveError, ExoctlError
 from exoctl.protocol import Message
@@ -126,17 +126,21 @@ class TensorRunner(Runner):
         # the other ranks must start this step now: the head's own layers wait for their partials
         for _, address in spec.peers[1:]:
             self.emit(ToPeer(address, "forward", step.fields(spec.instance_id), (ids,)))
-        tokens = self._tokens_of(step, inputs)
-        if tokens is None:
+        chosen = self._tokens_of(step, inputs)
+        if chosen is None:
             return []
-        return [
-            ToSelf(Message("token", {"instance_id": spec.instance_id, "seqs": step.seqs, "tokens": tokens}))
-        ]
+        tokens, logprobs = chosen
+        fields = {"instance_id": spec.instance_id, "seqs": step.seqs, "tokens": tokens, "logprobs": logprobs}
+        return [ToSelf(Message("token", fields))]
 
-    def _tokens_of(self, step: ForwardStep, inputs: torch.Tensor) -> list[int] | None:
+    def _tokens_of(
+        self, step: ForwardStep, inputs: torch.Tensor
+    ) -> tuple[list[int], list[list[object] | None]] | None:
         """Run every layer's part on ids [B, T]; the next token of each sequence, as all ranks agree,
         or None for a prompt chunk with more to come (every rank runs it, none samples)."""
         seqs = step.seqs
+        for row, seq in enumerate(seqs):  # a prompt's ids, for its repetition penalty
+            self.rank_samplers[seq].saw_prompt(inputs[row].tolist())
         waited = self.collective.busy_s
         out = self._run(seqs, inputs, step.starts)
         if step.partial:
@@ -146,10 +150,11 @@ class TensorRunner(Runner):
         samplers = [self.rank_samplers[seq] for seq in seqs]
         vocab = self._model().config.vocab_size
         tokens = choose_tokens(logits, self.shard, vocab, samplers, self.collective.all_gather)
+        logprobs = rank_logprobs(logits, self.shard, vocab, samplers, tokens, self.collective.all_gather)
         if inputs.shape[1] == 1:
             self.compute_s += time.perf_counter() - began
             self.decode_collective_s += self.collective.busy_s - waited
-        return tokens
+        return tokens, logprobs
 
     def forward(self, message: Message) -> list[Out]:
         """A rank other than the head: run this step on the ids the head sent."""
