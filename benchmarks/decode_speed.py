@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import platform
 import tempfile
 import time
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 
 from exoctl.engine.model import CausalLM, load_model
+from exoctl.worker.profile import cpu_model
 
 PROMPT_TOKENS = 32
 
@@ -36,13 +36,7 @@ LLAMA_1B = {  # TinyLlama-1.1B's shape, random weights
 
 
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpu_model()  # what each worker reports too
 
 
 def read_bandwidth_gbs(gib: float = 1.0, repeats: int = 5) -> float:

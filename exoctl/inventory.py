@@ -51,6 +51,8 @@ class Node:
     model_dir: str = "~/models"
     device: str = "cpu"
     memory_gb: float | None = None
+    threads: int | None = None  # torch threads of the node's worker (default: its cores, shared
+    # among the workers of this machine for local ones); fewer for a node that runs other work
 
     @property
     def is_loopback(self) -> bool:
@@ -96,6 +98,13 @@ def _check_field(key: str, value: Any, where: str, problems: list[str]) -> Any:
     if key in ("port", "ssh_port"):
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
             problems.append(f"{where}: field '{key}' must be a port number from 1 to 65535, got {value!r}")
+            return None
+        return value
+    if key == "threads":
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1024:
+            problems.append(
+                f"{where}: field 'threads' must be a whole number of threads from 1 to 1024, got {value!r}"
+            )
             return None
         return value
     if key == "memory_gb":
@@ -204,11 +213,17 @@ def load_inventory_file(path: Path) -> Inventory:
 
 
 def local_inventory(
-    count: int = 2, base_port: int = DEFAULT_PORT, host: str = "127.0.0.1", model_dir: str | None = None
+    count: int = 2,
+    base_port: int = DEFAULT_PORT,
+    host: str = "127.0.0.1",
+    model_dir: str | None = None,
+    threads: int | None = None,
 ) -> Inventory:
     """The embedded default: `count` worker processes on this machine, run by this Python."""
     if count < 1:
         raise ExoctlError(f"--local must be at least 1, got {count}")
+    if threads is not None and threads < 1:
+        raise ExoctlError(f"--threads must be at least 1, got {threads}")
     if not 1 <= base_port <= 65535 - count:
         raise ExoctlError(f"--base-port must leave room for {count} ports below 65536, got {base_port}")
     common: dict[str, Any] = {
@@ -217,6 +232,8 @@ def local_inventory(
     }
     if model_dir:
         common["model_dir"] = model_dir
+    if threads is not None:
+        common["threads"] = threads
     nodes = tuple(Node(name=f"local{i + 1}", host=host, port=base_port + i, **common) for i in range(count))
     return Inventory("local", nodes, "embedded default")
 
@@ -229,10 +246,10 @@ def local_inventory_path() -> Path:
 def write_local_inventory(inventory: Inventory) -> Path:
     path = local_inventory_path()
     path.parent.mkdir(parents=True, exist_ok=True)
-    keep = ("name", "host", "port", "command", "work_dir", "model_dir")
+    keep = ("name", "host", "port", "command", "work_dir", "model_dir", "threads")
     data = {
         "cluster": inventory.name,
-        "nodes": [{k: getattr(n, k) for k in keep} for n in inventory.nodes],
+        "nodes": [{k: getattr(n, k) for k in keep if getattr(n, k) is not None} for n in inventory.nodes],
     }
     header = "# written by `exoctl up --local`; `exoctl down` leaves it, `exoctl up --local N` rewrites it\n"
     path.write_text(header + yaml.safe_dump(data, sort_keys=False), encoding="utf-8")

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -199,7 +201,9 @@ def test_a_node_lost_mid_stream_ends_the_stream_with_an_error(cluster3: WorkerCl
         server.stop()
 
 
-def test_serve_places_an_instance_again_when_it_loses_a_node(cluster3: WorkerCluster) -> None:
+def test_serve_places_an_instance_again_when_it_loses_a_node_and_restores_it_when_the_node_is_back(
+    cluster3: WorkerCluster,
+) -> None:
     from tests.cluster_helpers import Server, http
 
     server = Server(cluster3)
@@ -209,30 +213,53 @@ def test_serve_places_an_instance_again_when_it_loses_a_node(cluster3: WorkerClu
         lost = body["instance_id"]
         os.kill(cluster3.pid("node3"), signal.SIGKILL)
 
-        def reformed() -> bool:
-            state = http(server, "GET", "/state")[1]
-            return any(e["action"] == "replaced" for e in state["reformations"])
+        def events() -> list[dict[str, Any]]:
+            return http(server, "GET", "/state")[1]["reformations"]  # type: ignore[no-any-return]
 
-        assert wait_for(reformed, timeout=60)
+        assert wait_for(lambda: any(e["action"] == "replaced" for e in events()), timeout=60)
         state = http(server, "GET", "/state")[1]
         (event,) = state["reformations"]
         assert event["instanceId"] == lost and "node3" in event["reason"] and event["nodes"] == ["node1"]
+        assert event["restoreAfterSeconds"] > 0  # smaller than asked: to be restored
         assert lost not in state["instances"]  # the survivors' remnants were unloaded
         (instance,) = state["instances"].values()
         assert instance["CpuRingInstance"]["status"] == "ready"
-        status, answer = http(
-            server,
-            "POST",
-            "/v1/chat/completions",
-            {
-                "model": DEFAULT_MODEL_ID,
-                "temperature": 0,
-                "max_tokens": 12,
-                "messages": [
-                    {"role": "user", "content": "What is the capital of France? Answer in one sentence."}
-                ],
-            },
-        )
+        question = {
+            "model": DEFAULT_MODEL_ID,
+            "temperature": 0,
+            "messages": [
+                {"role": "user", "content": "What is the capital of France? Answer in one sentence."}
+            ],
+        }
+        status, answer = http(server, "POST", "/v1/chat/completions", {**question, "max_tokens": 12})
+        assert status == 200 and "Paris" in answer["choices"][0]["message"]["content"]
+
+        # the node comes back while a request runs: the request is untouched, and once the
+        # instance is idle the supervisor restores the 3 nodes asked for
+        running: dict[str, Any] = {}
+
+        def ask() -> None:
+            running["reply"] = http(server, "POST", "/v1/chat/completions", {**question, "max_tokens": 200})
+            running["ended"] = time.time()
+
+        asking = threading.Thread(target=ask)
+        asking.start()
+        assert cluster3.cli("up").returncode == 0  # node3's worker again, same name
+        asking.join(timeout=300)
+        status, reply = running["reply"]
+        assert status == 200 and "Paris" in reply["choices"][0]["message"]["content"], reply
+        assert wait_for(lambda: any(e["action"] == "restored" for e in events()), timeout=90), events()
+        restored = next(e for e in events() if e["action"] == "restored")
+        assert restored["nodes"] == ["node1", "node2", "node3"] and restored["time"] >= running["ended"] - 1
+
+        def shape() -> list[list[str]]:
+            instances = http(server, "GET", "/state")[1]["instances"].values()
+            return [sorted(i["CpuRingInstance"]["shardAssignments"]["nodeToRunner"]) for i in instances]
+
+        assert wait_for(lambda: shape() == [["node1", "node2", "node3"]], timeout=30), (
+            shape()
+        )  # the smaller one gone
+        status, answer = http(server, "POST", "/v1/chat/completions", {**question, "max_tokens": 12})
         assert status == 200 and "Paris" in answer["choices"][0]["message"]["content"]
     finally:
         server.stop()
@@ -253,16 +280,21 @@ def test_a_frozen_node_that_comes_back_gets_no_second_copy_of_the_model(cluster3
         assert wait_for(lambda: bool(state()["reformations"]), timeout=60)
         os.kill(cluster3.pid("node2"), signal.SIGCONT)
         # the thawed node's stale runner sees silence everywhere; it must not blame its peers, and
-        # what is left of the old instance must not be placed again
+        # what is left of the old instance must not be placed again: the one change is the
+        # supervisor's restore of the 3 nodes asked for, once node2 answers again
         time.sleep(3 * DOWN_AFTER_S + 4)
-        doc = state()
-        assert len(doc["reformations"]) == 1, doc["reformations"]  # type: ignore[arg-type]
-        serving = [
-            i
-            for i in doc["instances"].values()
-            if i["CpuRingInstance"]["status"] in ("ready", "running")  # type: ignore[union-attr]
-        ]
-        assert len(serving) == 1, doc["instances"]
+
+        def settled() -> bool:
+            doc = state()
+            actions = [e["action"] for e in doc["reformations"]]  # type: ignore[attr-defined]
+            serving = [
+                i
+                for i in doc["instances"].values()  # type: ignore[attr-defined]
+                if i["CpuRingInstance"]["status"] in ("ready", "running")
+            ]
+            return actions == ["replaced", "restored"] and len(serving) == 1 and len(doc["instances"]) == 1  # type: ignore[arg-type]
+
+        assert wait_for(settled, timeout=60), state()
     finally:
         os.kill(cluster3.pid("node2"), signal.SIGCONT)
         server.stop()

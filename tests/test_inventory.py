@@ -38,12 +38,12 @@ cluster: test
 defaults: {port: 6000, device: cpu, command: /opt/exo/bin/exoctl}
 nodes:
   - {name: a, host: 127.0.0.11}
-  - {name: b, host: 127.0.0.12, port: 6001, memory_gb: 8}
+  - {name: b, host: 127.0.0.12, port: 6001, memory_gb: 8, threads: 3}
 """,
     )
     a, b = load_inventory_file(path).nodes
     assert (a.port, a.command, a.memory_gb, a.is_loopback) == (6000, "/opt/exo/bin/exoctl", None, True)
-    assert (b.port, b.memory_gb) == (6001, 8.0)
+    assert (b.port, b.memory_gb, a.threads, b.threads) == (6001, 8.0, None, 3)
 
 
 def test_every_problem_is_reported_with_node_and_field(tmp_path: Path) -> None:
@@ -61,6 +61,7 @@ nodes:
   - {name: e, host: 10.0.0.5, port: 7000}
   - {name: e, host: 10.0.0.6, port: 7000}
   - {name: f, host: 10.0.0.5, port: 7000}
+  - {name: g, host: 10.0.0.7, threads: 0}
 """,
     )
     with pytest.raises(InventoryError) as info:
@@ -75,8 +76,9 @@ nodes:
         "node 'd': field 'device' must be one of cpu, cuda, got 'tpu'",
         "node 'e': duplicate node name (also node 5)",
         "node 'f': duplicate address 10.0.0.5:7000 (also node 'e')",
+        "node 'g': field 'threads' must be a whole number of threads from 1 to 1024, got 0",
     ]
-    assert str(path) in info.value.message and "8 problems" in info.value.message
+    assert str(path) in info.value.message and "9 problems" in info.value.message
 
 
 def test_broken_yaml_names_the_line(tmp_path: Path) -> None:

@@ -191,14 +191,17 @@ def test_up_reports_each_failure_by_node(tmp_path: Path, tiny_models: dict[str, 
 def test_up_local_writes_the_inventory_later_commands_use(tmp_path: Path) -> None:
     home = {"EXOCTL_HOME": str(tmp_path / "home"), "EXOCTL_INVENTORY": ""}
     (port,) = take_ports(["127.0.0.1"])
-    up = exoctl("up", "--local", "1", "--base-port", str(port), "--json", env=home)
+    up = exoctl("up", "--local", "1", "--base-port", str(port), "--threads", "1", "--json", env=home)
     try:
         assert up.returncode == 0, up.stderr
         assert json.loads(up.stdout)["nodes"][0]["address"] == f"127.0.0.1:{port}"
         written = tmp_path / "home" / "local-cluster.yaml"
         assert written.is_file() and (tmp_path / "home" / "keys" / "cluster.key_secret").is_file()
+        assert "threads: 1" in written.read_text()
         nodes = exoctl("nodes", "--json", env=home)  # no --inventory: found in $EXOCTL_HOME
         assert nodes.returncode == 0 and json.loads(nodes.stdout)[0]["node"] == "local1"
+        state = json.loads(exoctl("state", "--json", env=home).stdout)
+        assert state["nodeProfiles"]["local1"]["threads"] == 1  # the worker runs with the threads asked
     finally:
         down = exoctl("down", env=home)
     assert down.returncode == 0 and "local1" in down.stdout and "stopped" in down.stdout

@@ -108,3 +108,19 @@ def test_a_placement_that_failed_while_loading_is_not_placed_behind_its_callers_
     watch.run_once()
     watch.run_once()
     assert service.placed == [] and service.events == []
+
+
+def test_a_node_that_flaps_is_not_chased() -> None:
+    """Each time the same ask is placed again smaller, the wait before restoring it doubles."""
+    from exoctl.api.supervisor import RESTORE_AFTER_S, RESTORE_MAX_S, Asked, smaller
+    from exoctl.placement import Placement, Shard
+
+    watch = supervisor(FakeService())
+    asked = Asked("smollm2-135m-cpu", "pipeline", 3, "float32")
+    waits = [watch._flapped(asked) for _ in range(9)]
+    assert waits[:4] == [RESTORE_AFTER_S, 2 * RESTORE_AFTER_S, 4 * RESTORE_AFTER_S, 8 * RESTORE_AFTER_S]
+    assert waits[-1] == RESTORE_MAX_S
+    assert watch._flapped(Asked("smollm2-135m-cpu", "pipeline", 2, "float32")) == RESTORE_AFTER_S
+    one = Placement("m", "pipeline", "float32", (Shard("a", 0, 30, 1),))
+    assert smaller(one, asked) and not smaller(one, Asked("m", "auto", 1, "float32"))
+    assert smaller(one, Asked("m", "tensor", 1, "float32"))  # a fallback sharding

@@ -3,8 +3,14 @@
 Every few seconds it reads the cluster; an instance whose runners declared a node lost (their
 failure names the lost node: it stopped answering their heartbeats, or restarted) is unloaded
 from the nodes that still hold a part of it and placed again with the same model, sharding and
-dtype on the live nodes, when their memory allows (reformation). A node that comes back is simply
-live again: the next placement may use it.
+dtype on the live nodes, when their memory allows (reformation). A node that comes back is
+live again at once: the next placement may use it.
+
+An instance placed again smaller than it was asked for (on fewer nodes, or in another sharding)
+is restored to what was asked once enough nodes are back and it is idle: the asked shape is
+loaded beside it (or, when memory does not allow both, in its place), and the smaller one is
+unloaded once no request runs on it. A node that flaps (comes and goes) is not chased: each
+reformation of the same ask within FLAP_WINDOW_S doubles the wait before the next restore.
 """
 
 from __future__ import annotations
@@ -12,13 +18,29 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from exoctl.api.service import ClusterService
-from exoctl.cluster.views import InstanceView, instances_of
+from exoctl.cluster.views import InstanceStatus, InstanceView, instances_of
 from exoctl.errors import ExoctlError
+from exoctl.placement import Placement, PlacementError
 
 log = logging.getLogger("exoctl.serve")
+
+RESTORE_AFTER_S = 5.0  # a node back for this long (and the instance idle): the asked shape again
+RESTORE_MAX_S = 300.0
+FLAP_WINDOW_S = 600.0
+
+
+@dataclass(frozen=True)
+class Asked:
+    """What an instance was placed as, before a lost node made it smaller."""
+
+    model: str  # as asked: catalog id, folder, Hub reference
+    sharding: str  # as asked: auto, pipeline, tensor
+    nodes: int
+    dtype: str
 
 
 class Supervisor:
@@ -31,6 +53,10 @@ class Supervisor:
         # was frozen, back with a stale runner) are unloaded, not placed a second time
         self.served: set[str] = set()
         self.reformed: set[str] = set()
+        self.asked: dict[str, Asked] = {}  # instances placed again smaller, and what was asked
+        self.restore_at: dict[str, float] = {}  # ... and when a restore may be tried (monotonic)
+        self.retiring: set[str] = set()  # restored: unloaded once idle
+        self.flaps: dict[Asked, list[float]] = {}  # when each ask was placed again smaller
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="supervisor", daemon=True)
 
@@ -49,19 +75,41 @@ class Supervisor:
                 log.exception("supervisor round failed")
 
     def run_once(self) -> None:
-        views = instances_of(self.service.statuses())
+        statuses = self.service.statuses()
+        views = instances_of(statuses)
+        changed = False
         for view in views.values():
             record = self.service.loads.get(view.instance_id)
             if view.serving or (record is not None and record.status == "ready"):
                 self.served.add(view.instance_id)
             if view.lost_node is None or view.instance_id not in self.served:
                 continue
+            changed = True
             if view.instance_id in self.reformed:
                 self.unload(view)
             else:
                 self.reform(view)
         self.served &= set(views)
         self.reformed &= set(views)
+        if changed:
+            return  # what was just placed is not in `views`: restores look at the next round's
+        live = sum(1 for s in statuses if s.up)
+        for instance_id in list(self.retiring):
+            old = views.get(instance_id)
+            if old is None:
+                self.retiring.discard(instance_id)
+            elif old.status is InstanceStatus.READY:  # no request runs on it any more
+                self.unload(old)
+                self.retiring.discard(instance_id)
+        for instance_id, asked in list(self.asked.items()):
+            small = views.get(instance_id)
+            if small is None or small.lost_node is not None:
+                self.asked.pop(instance_id, None)  # gone, or being placed again itself
+                continue
+            # idle (a running request is never dropped), enough nodes, and the node not flapping
+            if small.status is InstanceStatus.READY and live >= asked.nodes:
+                if time.monotonic() >= self.restore_at.get(instance_id, 0.0):
+                    self.restore(small, asked)
 
     def unload(self, view: InstanceView) -> None:
         with self.service.cluster() as cluster:
@@ -72,6 +120,8 @@ class Supervisor:
         model = record.ref if record is not None else view.model_id
         # as it was asked: an auto placement is chosen afresh for the nodes that are left
         sharding = record.sharding if record is not None else view.sharding
+        # an instance that was itself placed again smaller keeps the first ask
+        asked = self.asked.pop(view.instance_id, None) or Asked(model, sharding, len(view.nodes), view.dtype)
         self.reformed.add(view.instance_id)
         self.unload(view)
         self.service.loads.pop(view.instance_id, None)
@@ -85,6 +135,11 @@ class Supervisor:
             new_id, chosen = self.service.place(model, sharding, None, 1, view.dtype, wait=True)
             placement = chosen.placement
             event.update(action="replaced", newInstanceId=new_id, nodes=list(placement.nodes))
+            if smaller(placement, asked):
+                wait = self._flapped(asked)
+                self.asked[new_id] = asked
+                self.restore_at[new_id] = time.monotonic() + wait
+                event["restoreAfterSeconds"] = wait
             log.warning(
                 "instance %s of %s lost a node (%s): placed again as %s on %s",
                 view.instance_id,
@@ -103,3 +158,72 @@ class Supervisor:
             )
         self.events.append(event)
         del self.events[:-50]
+
+    def _flapped(self, asked: Asked) -> float:
+        """Seconds to wait before restoring `asked`: doubled for each time it was placed again
+        smaller within FLAP_WINDOW_S."""
+        now = time.monotonic()
+        times = [t for t in self.flaps.get(asked, []) if now - t < FLAP_WINDOW_S] + [now]
+        self.flaps[asked] = times
+        return float(min(RESTORE_MAX_S, RESTORE_AFTER_S * 2 ** (len(times) - 1)))
+
+    def restore(self, view: InstanceView, asked: Asked) -> None:
+        """Load what was asked beside the smaller instance (or in its place when memory does not
+        allow both); the smaller one goes once idle."""
+        event: dict[str, Any] = {
+            "time": time.time(),
+            "instanceId": view.instance_id,
+            "modelId": view.model_id,
+            "reason": f"nodes are live again for what was asked ({asked.nodes} nodes, {asked.sharding})",
+        }
+        self.asked.pop(view.instance_id, None)
+
+        def place_asked() -> tuple[str, Placement]:
+            new_id, chosen = self.service.place(
+                asked.model, asked.sharding, asked.nodes, 1, asked.dtype, True
+            )
+            return new_id, chosen.placement
+
+        try:
+            new_id, placement = place_asked()
+            self.retiring.add(view.instance_id)
+        except PlacementError:  # not beside it: in its place (it is idle)
+            self.unload(view)
+            try:
+                new_id, placement = place_asked()
+            except ExoctlError as exc:  # the smaller shape again, rather than nothing
+                event.update(action="not restored", error=exc.message)
+                self._finish(event)
+                again, _ = self.service.place(
+                    asked.model, view.sharding, len(view.nodes), 1, view.dtype, wait=True
+                )
+                self.asked[again] = asked
+                self.restore_at[again] = time.monotonic() + self._flapped(asked)
+                return
+        except ExoctlError as exc:  # the smaller instance still serves: try again later
+            self.asked[view.instance_id] = asked
+            self.restore_at[view.instance_id] = time.monotonic() + self._flapped(asked)
+            event.update(action="not restored", error=exc.message)
+            self._finish(event)
+            return
+        event.update(action="restored", newInstanceId=new_id, nodes=list(placement.nodes))
+        self._finish(event)
+
+    def _finish(self, event: dict[str, Any]) -> None:
+        log.warning(
+            "instance %s of %s: %s%s",
+            event["instanceId"],
+            event["modelId"],
+            event["action"],
+            f" as {event['newInstanceId']} on {', '.join(event['nodes'])}"
+            if "nodes" in event
+            else f": {event.get('error')}",
+        )
+        self.events.append(event)
+        del self.events[:-50]
+
+
+def smaller(placement: Placement, asked: Asked) -> bool:
+    """Whether a placement is less than what was asked: fewer nodes, or another sharding."""
+    other_sharding = asked.sharding.lower() not in ("auto", placement.sharding)
+    return len(placement.nodes) < asked.nodes or other_sharding

@@ -40,10 +40,13 @@ def local_threads(nodes: Iterable[Node]) -> int:
 
 
 def _start_node(node: Node, keys: ClusterKeys, threads: int) -> dict[str, Any]:
+    """Start one node's worker: with the node's own `threads` when the inventory sets them, else
+    `threads` (this machine's cores shared) for a local one, else all of its cores."""
     from exoctl.cluster.launcher import run_script, start_failure, start_script
 
     local = not node.uses_ssh
-    result = run_script(node, start_script(node, keys, local_keys=local, threads=threads if local else None))
+    chosen = node.threads if node.threads is not None else threads if local else None
+    result = run_script(node, start_script(node, keys, local_keys=local, threads=chosen))
     if result.code != 0:
         return {
             "node": node.name,
@@ -63,6 +66,13 @@ def up(
     model_dir: Annotated[
         str | None, typer.Option(help="Folder the --local workers may load model folders from.")
     ] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            help="Torch threads of each --local worker (default: this machine's cores shared among them); "
+            "for an inventory's nodes, set the field 'threads'."
+        ),
+    ] = None,
     json_output: JsonOption = False,
 ) -> None:
     use_json_errors(json_output)
@@ -72,11 +82,15 @@ def up(
     from exoctl.transport import NodeError
 
     if local is not None:
-        inv = local_inventory(local, base_port, model_dir=model_dir)
+        inv = local_inventory(local, base_port, model_dir=model_dir, threads=threads)
         write_local_inventory(inv)
     else:
         if model_dir is not None:
             raise ExoctlError("--model-dir applies to --local workers", hint="set model_dir in the inventory")
+        if threads is not None:
+            raise ExoctlError(
+                "--threads applies to --local workers", hint="set 'threads' on the inventory's nodes"
+            )
         inv = load_inventory(inventory)
         if inv.source == "embedded default" and find_inventory_path(inventory) is None:
             write_local_inventory(inv)

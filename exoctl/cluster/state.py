@@ -188,6 +188,7 @@ def state_document(statuses: list[NodeStatus], cluster: str) -> dict[str, Any]:
                 version=profile["version"],
                 cpuCount=profile["cpu_count"],
                 cpuModel=profile.get("cpu_model"),
+                threads=profile.get("threads"),
                 cpuPercent=profile["cpu_percent"],
                 loadAverage=profile["load_avg"],
                 processRss={"inBytes": profile["rss"]},

@@ -178,7 +178,7 @@ function renderNode(name) {
   card.append(meter("RAM", used / total, `${bytes(used)} / ${bytes(total)}`));
   card.append(meter("CPU", profile.cpuPercent / 100, `${profile.cpuPercent.toFixed(0)}%`));
   card.append(h("div", { class: "node-meta" },
-    h("span", {}, `${profile.cpuCount} cores`),
+    h("span", {}, `${profile.cpuCount} cores${profile.threads ? ` · ${profile.threads} threads` : ""}`),
     h("span", {}, `v${profile.version}`),
     h("span", {}, `${profile.runners.length} runner${profile.runners.length === 1 ? "" : "s"}`),
     h("span", {}, `worker ${bytes(profile.processRss.inBytes)}`)));
@@ -303,12 +303,17 @@ function renderReformations(events) {
   list.replaceChildren(...events.slice().reverse().map((event) => {
     const when = new Date(event.time * 1000).toLocaleTimeString();
     const short = (id) => (id || "").slice(0, 8);
-    const what = event.action === "replaced"
-      ? `placed again as ${short(event.newInstanceId)} on ${event.nodes.join(", ")}`
-      : `not placed again: ${event.error}`;
-    return h("li", { class: event.action === "replaced" ? "" : "bad", "data-action": event.action },
+    const placedOn = () => `as ${short(event.newInstanceId)} on ${event.nodes.join(", ")}`;
+    const what = {
+      "replaced": () => `placed again ${placedOn()}`,
+      "restored": () => `restored ${placedOn()}`,
+      "not replaced": () => `not placed again: ${event.error}`,
+      "not restored": () => `not restored yet: ${event.error}`,
+    }[event.action]?.() || event.action;
+    const lost = event.action.endsWith("replaced") ? " lost a node: " : ": ";
+    return h("li", { class: event.action.startsWith("not") ? "bad" : "", "data-action": event.action },
       h("span", { class: "when" }, when),
-      `${event.modelId} (${short(event.instanceId)}) lost a node: ${event.reason}. `, h("strong", {}, what));
+      `${event.modelId} (${short(event.instanceId)})${lost}${event.reason}. `, h("strong", {}, what));
   }));
 }
 

@@ -82,6 +82,8 @@ class NodeProfiler:
             "ram_available": memory.available,
             "cpu_count": psutil.cpu_count() or 1,
             "cpu_model": self.cpu_model,
+            # the worker's compute threads: --threads (OMP_NUM_THREADS), else torch's default of one per core
+            "threads": int(os.environ.get("OMP_NUM_THREADS") or psutil.cpu_count() or 1),
             "cpu_percent": self.cpu_percent,
             "load_avg": [round(x, 2) for x in load],
             "rss": self.process.memory_info().rss,
