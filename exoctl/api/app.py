@@ -33,7 +33,6 @@ from exoctl.api.schemas import (
     PlaceRequest,
 )
 from exoctl.api.service import ClusterService, NotFound, shards_json
-from exoctl.dtypes import DTYPE_CHOICES
 from exoctl.errors import ExoctlError, InvalidRequestError
 
 log = logging.getLogger("exoctl.serve")
@@ -243,15 +242,8 @@ def create_app(
         dtype: str = "auto",
     ) -> dict[str, Any]:
         """EXO's: the instance `/place_instance` would load, without loading it."""
-        meta = check_instance_meta(instance_meta)
-        if dtype not in DTYPE_CHOICES:
-            raise InvalidRequestError(
-                f"dtype {dtype!r} is not supported", hint=f"use one of {', '.join(DTYPE_CHOICES)}"
-            )
-        doc = await run_in_threadpool(
-            service.placement_for, model_id, sharding, max(min_nodes, 1), dtype, meta
-        )
-        return doc
+        check_instance_meta(instance_meta)  # EXO's kinds, all run as the CPU ring
+        return await run_in_threadpool(service.placement_for, model_id, sharding, max(min_nodes, 1), dtype)
 
     @app.get("/instance/previews")
     async def previews(model_id: str, dtype: str = "auto", instance_meta: str = "CpuRing") -> dict[str, Any]:

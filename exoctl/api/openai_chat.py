@@ -34,7 +34,6 @@ DISCONNECT_CHECK_S = 0.5  # how often a non-streamed answer checks that its clie
 @dataclass(frozen=True)
 class Started:
     model: str  # the id of the instance's model
-    tool_format: str | None  # how its chat template calls tools
 
 
 @dataclass(frozen=True)
@@ -176,7 +175,7 @@ class ChatCompletion:
                 if options.tools is not None:
                     self.tools = ToolStream(tool_format, self.body.tool_names(), prefix)
                 generation = cluster.generate(view, params, messages=messages, chat=options)
-                put(Started(view.model_id, tool_format))
+                put(Started(view.model_id))
                 for text, logprobs in generation.deltas():
                     if text or logprobs:
                         put(Delta(text, logprobs))

@@ -203,10 +203,7 @@ class ClusterService:
     def previews(self, model_id: str, dtype: str = "auto", instance_meta: str = "CpuRing") -> dict[str, Any]:
         """Every sharding over 1..live nodes, in EXO's shape (`instance`, `memory_delta_by_node`,
         `error` null when it fits) with exoctl's own fields (`nodes`, `ok`, `dtype`, `shards`)."""
-        if dtype not in DTYPE_CHOICES:
-            raise InvalidRequestError(
-                f"dtype {dtype!r} is not supported", hint=f"use one of {', '.join(DTYPE_CHOICES)}"
-            )
+        check_dtype(dtype)
         statuses = self.statuses()
         card, ref = self.reference(model_id)
         live = sum(1 for s in statuses if s.up)
@@ -235,10 +232,9 @@ class ClusterService:
                 previews.append(entry)
         return {"model_id": card.id, "live_nodes": live, "previews": previews}
 
-    def placement_for(
-        self, model_id: str, sharding: str, min_nodes: int, dtype: str, instance_meta: str
-    ) -> dict[str, Any]:
+    def placement_for(self, model_id: str, sharding: str, min_nodes: int, dtype: str) -> dict[str, Any]:
         """EXO's `GET /instance/placement`: the instance `place` would load, not loaded."""
+        check_dtype(dtype)
         statuses = self.statuses()
         card, _, chosen = self.plan(model_id, sharding, None, min_nodes, dtype, statuses)
         return planned_instance(statuses, chosen.placement, card.n_layers, str(uuid.uuid4()))
@@ -263,6 +259,13 @@ class ClusterService:
             freed = cluster.unload(instance_id, nodes)
         self.loads.pop(instance_id, None)
         return freed
+
+
+def check_dtype(dtype: str) -> None:
+    if dtype not in DTYPE_CHOICES:
+        raise InvalidRequestError(
+            f"dtype {dtype!r} is not supported", hint=f"use one of {', '.join(DTYPE_CHOICES)}"
+        )
 
 
 class NotFound(ExoctlError):
