@@ -12,16 +12,15 @@ through `hf_hub_download` (progress, resume, HF_TOKEN and HF_HUB_OFFLINE are hug
 
 from __future__ import annotations
 
-import logging
 import re
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from exoctl.errors import ModelNotFoundError
 from exoctl.gguf_file import SPLIT_NAME, HeaderTruncated, TensorInfo, header_of, layer_of
+from exoctl.hub_fetch import Download, fetch, hub_error, quiet_hub
 
 REFERENCE = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*(?:/[\w.-]+)?):(?P<quant>[A-Za-z0-9_]+)$")
 HEADER_START = 1 << 21  # bytes fetched first; doubled until the header fits (Llama 3's is ~8 MB)
@@ -98,35 +97,6 @@ def files_for_layers(
 # --- the Hub --------------------------------------------------------------------------------------
 
 
-@contextmanager
-def _quiet_hub() -> Iterator[None]:
-    """huggingface_hub logs each retried request as a warning; the error that follows says it once."""
-    hub_logger = logging.getLogger("huggingface_hub")
-    level = hub_logger.level
-    hub_logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        hub_logger.setLevel(level)
-
-
-def _hub_error(repo: str, exc: Exception) -> ModelNotFoundError:
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
-
-    if isinstance(exc, GatedRepoError):
-        return ModelNotFoundError(
-            f"{repo} is gated", hint="set HF_TOKEN to a token that has accepted the model's licence"
-        )
-    if isinstance(exc, RepositoryNotFoundError):
-        return ModelNotFoundError(
-            f"no repo {repo} on the Hugging Face Hub", hint="check the name (owner/name)"
-        )
-    return ModelNotFoundError(
-        f"could not reach the Hugging Face Hub for {repo}: {type(exc).__name__} ({str(exc)[:100]})",
-        hint="check the network (or HF_HUB_OFFLINE), or copy the .gguf files to the node and give their path",
-    )
-
-
 def _quants(names: list[str]) -> list[str]:
     """The quantisations named in a repo's .gguf file names."""
     found = (
@@ -163,10 +133,10 @@ def list_files(ref: HubGGUF) -> list[str]:
         try:
             if constants.HF_HUB_OFFLINE:
                 raise ConnectionError("HF_HUB_OFFLINE is set")
-            with _quiet_hub():
+            with quiet_hub():
                 names = HfApi().list_repo_files(ref.repo)
         except Exception as exc:  # offline, gated, missing: say which, with what the cache has
-            error = _hub_error(ref.repo, exc)
+            error = hub_error(ref.repo, exc)
             if names:
                 error.message += f"; this machine's cache holds its {', '.join(_quants(names))} only"
             raise error from None
@@ -210,7 +180,7 @@ def read_remote_header(
     size = HEADER_START
     try:
         # HTTP range reads: only the header's bytes cross the network, however large the file
-        with _quiet_hub(), HfFileSystem().open(f"{ref.repo}/{filename}", "rb") as handle:
+        with quiet_hub(), HfFileSystem().open(f"{ref.repo}/{filename}", "rb") as handle:
             data = b""
             while True:
                 data += handle.read(size - len(data))
@@ -225,28 +195,27 @@ def read_remote_header(
     except OfflineModeIsEnabled:
         raise not_cached(ref, filename) from None
     except Exception as exc:
-        raise _hub_error(ref.repo, exc) from None
+        raise hub_error(ref.repo, exc) from None
 
 
 def download(
-    ref: HubGGUF, layers: tuple[int, int] | None = None, n_layers: int = 0, tied: bool = False
+    ref: HubGGUF,
+    layers: tuple[int, int] | None = None,
+    n_layers: int = 0,
+    tied: bool = False,
+    progress: Download | None = None,
 ) -> Path:
     """The local path of the model's first file, with the files a node holding `layers` needs
-    (all of them without `layers`) downloaded into the Hugging Face cache."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+    (all of them without `layers`) fetched into the Hugging Face cache, counted in `progress`."""
+    from huggingface_hub import constants
 
     files = list_files(ref)
     needed = files
     if layers is not None and len(files) > 1:
         tables = {f: [t.name for t in read_remote_header(ref, f)[1]] for f in files}
         needed = files_for_layers(tables, layers, n_layers, tied)
-    paths = []
-    for filename in needed:
-        try:
-            paths.append(Path(hf_hub_download(ref.repo, filename)))
-        except (LocalEntryNotFoundError, OfflineModeIsEnabled):
-            raise not_cached(ref, filename) from None
-        except Exception as exc:
-            raise _hub_error(ref.repo, exc) from None
-    return paths[0]
+    missing = [f for f in needed if cached(ref, f) is None]
+    if missing and constants.HF_HUB_OFFLINE:
+        raise not_cached(ref, missing[0])
+    progress = progress or Download("", ref.reference, layers or (0, n_layers), n_layers)
+    return fetch(ref.repo, needed, progress) / needed[0]

@@ -4,18 +4,25 @@ package, or the Hugging Face cache (a safetensors repo, or a GGUF repo as `REPO:
 
 from __future__ import annotations
 
+import fnmatch
+import json
+import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from exoctl import hub_gguf
 from exoctl.catalog import DEFAULT_MODEL_ID, ModelCard, card_from_folder, find_card, get_card
-from exoctl.errors import ModelFormatError, ModelNotFoundError
+from exoctl.errors import ExoctlError, ModelFormatError, ModelNotFoundError
 from exoctl.gguf_card import card_from_gguf
 from exoctl.gguf_file import GGUFModel, TensorInfo, is_gguf_model, model_name, open_model
-from exoctl.hub_gguf import HubGGUF, list_files, parse_reference, read_remote_header
+from exoctl.hub_fetch import Download, cached_path, fetch, hub_error, quiet_hub, remote_sizes
+from exoctl.hub_gguf import HubGGUF, cached_files, list_files, parse_reference, read_remote_header
 
 # Files every node needs besides the weights: config, tokenizer, chat template, index.
 METADATA_PATTERNS = ("*.json", "*.jinja", "tokenizer*", "*.model", "*.txt")
+# A Hugging Face repo id (`owner/name`) that is no catalog id and no local path: a safetensors repo.
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
 
 def is_model_folder(path: Path) -> bool:
@@ -120,6 +127,8 @@ def resolve_card(model: str) -> tuple[ModelCard, str]:
         )
     if model.startswith((".", "/", "~")) or model.count("/") > 1:
         raise ModelNotFoundError(f"no model folder at {model}")
+    if REPO_ID.match(model):
+        return hub_repo_card(model), model
     return get_card(model), model  # raises the unknown-model error with the catalog's ids
 
 
@@ -137,13 +146,6 @@ def resolve_model(model: str, download: bool = False) -> Path:
 
         return find_gguf()
     return hub_folder(card, download=download)
-
-
-def hub_http_error(card: ModelCard, exc: Exception) -> ModelNotFoundError:
-    return ModelNotFoundError(
-        f"could not download {card.hf_repo}: {exc}",
-        hint="gated models need HF_TOKEN set to a token that has accepted the model's licence",
-    )
 
 
 def hub_folder(card: ModelCard, download: bool = False) -> Path:
@@ -168,7 +170,7 @@ def hub_folder(card: ModelCard, download: bool = False) -> Path:
             hint=f"download it with: hf download {card.hf_repo}, or give a local model folder",
         ) from None
     except HfHubHTTPError as exc:
-        raise hub_http_error(card, exc) from None
+        raise hub_error(card.hf_repo, exc) from None
 
 
 def files_for_layers(weight_map: dict[str, str], layers: tuple[int, int], n_layers: int) -> list[str]:
@@ -190,32 +192,72 @@ def files_for_layers(weight_map: dict[str, str], layers: tuple[int, int], n_laye
     return sorted(wanted)
 
 
-def download_for_layers(card: ModelCard, layers: tuple[int, int], n_layers: int) -> Path:
-    """The model's snapshot with only the safetensors files this node's layers need.
+def repo_sizes(repo: str) -> dict[str, int]:
+    """Every file of `repo` and its size: from the Hub, or from the cache when offline."""
+    from huggingface_hub import constants
 
-    Uses the local cache when the files are there; otherwise downloads through huggingface_hub
-    (progress, resume, HF_TOKEN and HF_HUB_OFFLINE are its own).
-    """
-    import json
+    if not constants.HF_HUB_OFFLINE:
+        try:
+            with quiet_hub():
+                return remote_sizes(repo)
+        except Exception as exc:
+            raise hub_error(repo, exc) from None
+    sizes = {n: p.stat().st_size for n in cached_files(repo) if (p := cached_path(repo, n)) is not None}
+    if not sizes:
+        from huggingface_hub.errors import OfflineModeIsEnabled
 
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+        raise hub_error(repo, OfflineModeIsEnabled("HF_HUB_OFFLINE is set"))
+    return sizes
 
-    try:
-        meta = Path(snapshot_download(card.hf_repo, allow_patterns=list(METADATA_PATTERNS)))
-        index = meta / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            files = files_for_layers(weight_map, layers, n_layers)
-        else:
-            files = ["model.safetensors"]
-        return Path(snapshot_download(card.hf_repo, allow_patterns=[*METADATA_PATTERNS, *files]))
-    except LocalEntryNotFoundError:
+
+def hub_repo_card(repo: str) -> ModelCard:
+    """The card of a safetensors repo on the Hub, from its config.json (fetched, a few KB) and its
+    file sizes; the weights stay where they are."""
+    from huggingface_hub import hf_hub_download
+
+    sizes = repo_sizes(repo)
+    if "config.json" not in sizes:
         raise ModelNotFoundError(
-            f"{card.id} ({card.hf_repo}) is not in this node's Hugging Face cache "
-            "and the Hub is not reachable",
-            hint=f"download it on the node (hf download {card.hf_repo}) "
-            "or copy the folder into its model_dir",
-        ) from None
-    except HfHubHTTPError as exc:
-        raise hub_http_error(card, exc) from None
+            f"{repo} has no config.json: not a transformers model repo",
+            hint="a GGUF repo is named with its quantisation: OWNER/NAME:Q4_K_M",
+        )
+    try:
+        with quiet_hub():
+            config = Path(hf_hub_download(repo, "config.json"))
+    except Exception as exc:
+        raise hub_error(repo, exc) from None
+    card = card_from_folder(config.parent)
+    storage = sum(size for name, size in sizes.items() if name.endswith(".safetensors"))
+    return replace(
+        card, id=repo, name=repo, hf_repo=repo, storage_bytes=storage, tags=("cpu", "hub", card.architecture)
+    )
+
+
+def weight_files(repo: str, names: list[str], layers: tuple[int, int], n_layers: int) -> list[str]:
+    """The safetensors files of `names` (the repo's files) that a node holding `layers` needs."""
+    from huggingface_hub import hf_hub_download
+
+    if "model.safetensors.index.json" not in names:
+        return [n for n in names if n.endswith(".safetensors")]
+    try:
+        with quiet_hub():
+            index = Path(hf_hub_download(repo, "model.safetensors.index.json"))
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except ExoctlError:
+        raise
+    except Exception as exc:
+        raise hub_error(repo, exc) from None
+    return files_for_layers(weight_map, layers, n_layers)
+
+
+def download_for_layers(
+    repo: str, layers: tuple[int, int], n_layers: int, progress: Download | None = None
+) -> Path:
+    """The snapshot of `repo` holding its metadata files and the safetensors files a node holding
+    `layers` needs (all of them for `(0, n_layers)`), fetched into the Hugging Face cache when they
+    are not there, counted in `progress`."""
+    names = sorted(repo_sizes(repo))
+    metadata = [n for n in names if "/" not in n and any(fnmatch.fnmatch(n, p) for p in METADATA_PATTERNS)]
+    wanted = metadata + [w for w in weight_files(repo, names, layers, n_layers) if w not in metadata]
+    progress = progress or Download("", repo, layers, n_layers)
+    return fetch(repo, wanted, progress)

@@ -21,8 +21,8 @@ from exoctl.errors import ExoctlError
 
 # 2: tensor sharding (tp_hello, int64 ids in "forward"); 3: typed runner reports; 4: "chat" in
 # "generate" (tools, an answer's forced start), the head's tool format in its report, logprobs in
-# "token" and "delta"
-PROTOCOL_VERSION = 4
+# "token" and "delta"; 5: "download", "record" (the supervisor's history), both in "status_reply"
+PROTOCOL_VERSION = 5
 MAX_HEADER_BYTES = 8 * 2**20
 MAX_TENSOR_BYTES = 2**31  # one 8192-token prefill of an 8192-wide model in float32 is 268 MB
 MAX_TENSORS = 4
@@ -52,6 +52,11 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "peers": list,
     },
     "unload": {"instance_id": str},
+    # fetch the files of layers [start_layer, end_layer) (all of them for [0, n_layers)); answered
+    # at once with a download id, its progress in "status_reply"
+    "download": {"model": str, "start_layer": int, "end_layer": int, "n_layers": int},
+    # an event of the supervisor's (a reformation, a restore), kept for `exoctl state`
+    "record": {"event": dict},
     "generate": {
         "instance_id": str,
         "request_id": str,
@@ -76,7 +81,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "tp_hello": {"instance_id": str, "rank": int, "address": str},
     # replies
     "pong": {"profile": dict},
-    "status_reply": {"profile": dict, "runners": list},
+    "status_reply": {"profile": dict, "runners": list, "downloads": list, "events": list},
     "ok": {},
     "error": {"message": str},
     "delta": {"request_id": str, "text": str, "tokens": list, "logprobs": list},

@@ -65,6 +65,11 @@ class RunnerReport:
     collective_ms_per_token: float | None = None  # tensor ranks: time in collectives
     collective_transport: str | None = None  # tensor ranks: "shm" (ranks on one host) or "zmq"
     tool_format: str | None = None  # head: how its chat template calls tools (Tokenizer.tool_format)
+    # counters since load, for a benchmark's differences: tokens decoded (one per sequence per
+    # step), seconds in those steps' forward passes, and (tensor ranks) seconds of that in collectives
+    decoded_tokens: int = 0
+    compute_s: float = 0.0
+    collective_s: float = 0.0
 
     @property
     def message(self) -> str:

@@ -50,6 +50,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logprobs: int | None = None  # report the chosen tokens' logprobs, with this many alternatives
+    ignore_eos: bool = False  # generate max_tokens whatever the model says (benchmarks: a fixed length)
 
     def __post_init__(self) -> None:
         for name in (
@@ -101,6 +102,8 @@ class SamplingParams:
             raise SamplingParamError("max_tokens", f"must be >= 1, got {self.max_tokens}")
         if any(not s for s in self.stop):
             raise SamplingParamError("stop", "strings must not be empty")
+        if not isinstance(self.ignore_eos, bool):
+            raise SamplingParamError("ignore_eos", f"must be true or false, got {self.ignore_eos!r}")
 
     @property
     def greedy(self) -> bool:

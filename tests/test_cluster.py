@@ -532,3 +532,36 @@ def test_state_watch_refreshes_until_ctrl_c(cluster4: WorkerCluster) -> None:
         proc.kill()
     assert proc.returncode == 0, err
     assert "node4" in out and "Traceback" not in err
+
+
+def test_bench_measures_prefill_decode_and_concurrency_with_their_spread(cluster4: WorkerCluster) -> None:
+    cluster4.cli("delete", DEFAULT_MODEL_ID)  # so bench places it itself, on the nodes asked
+    args = ("-p", "16,64", "-n", "16", "-c", "1,4", "-r", "2", "--nodes", "2", "--sharding", "pipeline")
+    result = cluster4.cli_json("bench", DEFAULT_MODEL_ID, *args)
+    assert (
+        result["placed_by_bench"]
+        and result["sharding"] == "pipeline"
+        and len(result["nodes_in_instance"]) == 2
+    )
+    short, long = result["prefill"]
+    assert 16 <= short["prompt_tokens"] < long["prompt_tokens"] <= 66
+    for run in (short, long):
+        assert len(run["tokens_per_s"]["values"]) == 2 and run["tokens_per_s"]["mean"] > 0
+        assert run["tokens_per_s"]["sd"] >= 0
+    assert long["ttft_ms"]["mean"] > short["ttft_ms"]["mean"]  # four times the prompt takes longer
+    decode = result["decode"]
+    assert decode["tokens_per_s"]["mean"] > 0 and 0 < decode["ttft_ms"]["mean"] < decode["total_ms"]["mean"]
+    one, four = result["concurrency"]
+    assert (one["streams"], four["streams"]) == (1, 4)
+    # batched decoding: four streams at once make more tokens per second than one
+    assert four["aggregate_tokens_per_s"]["mean"] >= one["aggregate_tokens_per_s"]["mean"] > 0
+    assert 0 < four["latency_ms"]["p50"] <= four["latency_ms"]["p95"]
+    assert sorted(result["nodes"]) == sorted(result["nodes_in_instance"])
+    for entry in result["nodes"].values():
+        assert entry["compute_ms_per_token"] > 0 and entry["transport_ms_per_token"] >= 0
+        assert entry["memory_bytes"] > 0 and entry["worker_rss_bytes"] > entry["memory_bytes"]
+    # what bench placed, it unloaded
+    assert result["instance_id"] not in cluster4.cli_json("state")["instances"]
+    table = cluster4.cli("bench", DEFAULT_MODEL_ID, "-p", "16", "-n", "8", "-c", "2", "-r", "1")
+    assert table.returncode == 0, table.stderr
+    assert "prefill pp" in table.stdout and "aggregate" in table.stdout and "compute ms/token" in table.stdout

@@ -261,8 +261,18 @@ def test_serve_places_an_instance_again_when_it_loses_a_node_and_restores_it_whe
         )  # the smaller one gone
         status, answer = http(server, "POST", "/v1/chat/completions", {**question, "max_tokens": 12})
         assert status == 200 and "Paris" in answer["choices"][0]["message"]["content"]
+        served = [(e["id"], e["action"]) for e in events()]
     finally:
         server.stop()
+    # the history stays with the nodes: `exoctl state` reads it from the workers, serve gone
+    kept = cluster3.cli_json("state")["reformations"]
+    assert (
+        [(e["id"], e["action"]) for e in kept]
+        == served
+        == [(served[0][0], "replaced"), (served[1][0], "restored")]
+    )
+    table = cluster3.cli("state").stdout
+    assert "Reformations" in table and "replaced" in table and "restored" in table
 
 
 def test_a_frozen_node_that_comes_back_gets_no_second_copy_of_the_model(cluster3: WorkerCluster) -> None:

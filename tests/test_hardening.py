@@ -333,3 +333,33 @@ def test_a_sequence_whose_draw_fails_ends_alone_and_its_batch_goes_on(
     (step,) = [o for o in outs if isinstance(o, ToSelf)]
     assert step.message["seqs"] == ["greedy"]  # the batch's other sequence goes on
     assert set(runner.heads) == {"greedy"} and set(runner.caches) == {"greedy"}
+
+
+def test_downloads_and_records_that_cannot_work_are_refused_and_the_worker_lives(
+    node1: zmq.Socket[Any],
+) -> None:
+    def download(**changes: Any) -> dict[str, Any]:
+        fields = {"model": "owner/name", "start_layer": 0, "end_layer": 1, "n_layers": 1, **changes}
+        return ask(node1, header("download", **fields))
+
+    for changes, text in [
+        ({"start_layer": 2, "end_layer": 1}, "layers [2, 1) of 1 are not a range of the model"),
+        ({"end_layer": 5, "n_layers": 4}, "layers [0, 5) of 4 are not a range"),
+        ({"n_layers": 10**9, "end_layer": 10**9}, "are not a range"),
+        ({"model": "/etc"}, "loads models only from"),
+        ({"model": "../../etc"}, "has no model '../../etc'"),
+        ({"model": 7}, "'download' field 'model' must be str"),
+    ]:
+        reply = download(**changes)
+        assert reply["type"] == "error" and text in reply["message"], (changes, reply)
+    for event, text in [({"action": "x"}, "string 'id'"), ({"id": "x", "pad": "y" * 5000}, "at most 4096")]:
+        reply = ask(node1, header("record", event=event))
+        assert reply["type"] == "error" and text in reply["message"], reply
+    for _ in range(2):  # the same event twice is kept once
+        assert (
+            ask(node1, header("record", event={"id": "e1", "action": "replaced", "time": 1.0}))["type"]
+            == "ok"
+        )
+    status = ask(node1, header("status"))
+    assert status["downloads"] == [] and [e["id"] for e in status["events"]] == ["e1"]
+    assert alive(node1)

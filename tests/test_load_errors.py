@@ -116,7 +116,9 @@ def test_a_missing_shard_file_is_named(tiny_models: dict[str, Path], tmp_path: P
     shutil.copytree(tiny_models["llama"], folder)
     victim = sorted(folder.glob("model-*.safetensors"))[1]
     victim.unlink()
-    with pytest.raises(ModelFormatError, match=f"names 1 file.*{victim.name}"):
+    # the index may name files a node lacks (it downloads only its layers' files): the error comes
+    # when a tensor is read from one
+    with pytest.raises(ModelFormatError, match=rf"{victim.name}, which holds '.*', is not in the folder"):
         load_model(folder)
 
 

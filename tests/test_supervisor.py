@@ -54,6 +54,10 @@ class FakeCluster:
         self.service.unloaded.append((instance_id, [n.name for n in nodes]))
         return {}
 
+    def ask_all(self, kind: str, nodes: list[Node], fields: dict[str, Any]) -> dict[str, Any]:
+        self.service.told.append((kind, [n.name for n in nodes], fields))
+        return {}
+
 
 class FakeService:
     def __init__(self) -> None:
@@ -63,6 +67,7 @@ class FakeService:
         self.now: list[NodeStatus] = []
         self.placed: list[str] = []
         self.unloaded: list[tuple[str, list[str]]] = []
+        self.told: list[tuple[str, list[str], dict[str, Any]]] = []  # messages to the nodes
 
     def statuses(self) -> list[NodeStatus]:
         return self.now
@@ -89,6 +94,9 @@ def test_an_instance_that_served_and_lost_a_node_is_placed_again_once() -> None:
     watch.run_once()
     assert service.placed == ["smollm2-135m-cpu"] and service.unloaded == [("inst", ["a"])]
     assert service.events[-1]["action"] == "not replaced"
+    # the event is kept by the live nodes too, for `exoctl state`
+    live = [s.node.name for s in LOST if s.up]
+    assert service.told == [("record", live, {"event": service.events[-1]})] and service.events[-1]["id"]
     # a node that was frozen comes back with its stale runner, which blames the others: what is
     # left of the instance is unloaded, and it is not placed a second time
     watch.run_once()

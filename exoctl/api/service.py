@@ -18,7 +18,7 @@ import zmq
 from exoctl.api.instance_doc import planned_placement
 from exoctl.catalog import ModelCard, find_card, get_card, load_catalog
 from exoctl.cluster.client import Cluster
-from exoctl.cluster.state import planned_instance, state_document
+from exoctl.cluster.state import history, planned_instance, state_document
 from exoctl.cluster.views import InstanceView, NodeStatus, find_instance, instances_of, runtime_dtype
 from exoctl.dtypes import DTYPE_CHOICES
 from exoctl.errors import ExoctlError, InvalidRequestError, ModelNotFoundError
@@ -77,7 +77,11 @@ class ClusterService:
             return cluster.statuses()
 
     def state(self) -> dict[str, Any]:
-        return {**state_document(self.statuses(), self.inventory.name), "reformations": list(self.events)}
+        statuses = self.statuses()
+        return {
+            **state_document(statuses, self.inventory.name),
+            "reformations": history(statuses, self.events),
+        }
 
     # --- models and instances ---------------------------------------------------------------
 

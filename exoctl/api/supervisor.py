@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -156,8 +157,7 @@ class Supervisor:
                 view.model_id,
                 exc.message,
             )
-        self.events.append(event)
-        del self.events[:-50]
+        self._record(event)
 
     def _flapped(self, asked: Asked) -> float:
         """Seconds to wait before restoring `asked`: doubled for each time it was placed again
@@ -219,8 +219,20 @@ class Supervisor:
             if "nodes" in event
             else f": {event.get('error')}",
         )
+        self._record(event)
+
+    def _record(self, event: dict[str, Any]) -> None:
+        """Keep `event` for /state, and on the live nodes, so `exoctl state` shows the history
+        (from any machine, and after this server restarts)."""
+        event["id"] = uuid.uuid4().hex
         self.events.append(event)
         del self.events[:-50]
+        try:
+            live = [s.node for s in self.service.statuses() if s.up]
+            with self.service.cluster() as cluster:
+                cluster.ask_all("record", live, fields={"event": event})
+        except ExoctlError as exc:  # the history is a record, not a reason to stop
+            log.warning("could not record event %s on the nodes: %s", event["id"], exc.message)
 
 
 def smaller(placement: Placement, asked: Asked) -> bool:

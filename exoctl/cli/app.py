@@ -13,7 +13,9 @@ from typing import Annotated
 import typer
 
 from exoctl import __version__
+from exoctl.cli import bench as bench_cmd
 from exoctl.cli import chat as chat_cmd
+from exoctl.cli import download as download_cmd
 from exoctl.cli import lifecycle
 from exoctl.cli import models as models_cmd
 from exoctl.cli import place as place_cmd
@@ -35,11 +37,13 @@ app.command("down")(lifecycle.down)
 app.command("logs")(lifecycle.logs)
 app.command("nodes")(state_cmd.nodes)
 app.command("models", help=models_cmd.HELP, epilog=models_cmd.EXAMPLES)(models_cmd.models)
+app.command("download", help=download_cmd.HELP, epilog=download_cmd.EXAMPLES)(download_cmd.download)
 app.command("place", help=place_cmd.PLACE_HELP, epilog=place_cmd.PLACE_EXAMPLES)(place_cmd.place)
 app.command("delete")(place_cmd.delete)
 app.command("state", epilog=state_cmd.STATE_EXAMPLES)(state_cmd.state)
 app.command("chat", help=chat_cmd.HELP)(chat_cmd.chat)
 app.command("run", help=run_cmd.HELP, epilog=run_cmd.EXAMPLES)(run_cmd.run)
+app.command("bench", help=bench_cmd.HELP, epilog=bench_cmd.EXAMPLES)(bench_cmd.bench)
 app.command("serve", help=serve_cmd.HELP, epilog=serve_cmd.EXAMPLES)(serve_cmd.serve)
 app.add_typer(lifecycle.keys_app, name="keys")
 app.command("worker")(lifecycle.worker)

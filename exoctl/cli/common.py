@@ -13,8 +13,10 @@ from exoctl.dtypes import DTYPE_CHOICES
 from exoctl.errors import ExoctlError
 
 if TYPE_CHECKING:
+    from exoctl.catalog import ModelCard
     from exoctl.cluster.client import Cluster
     from exoctl.cluster.views import InstanceView, NodeStatus
+    from exoctl.sharding import Plan
 
 InventoryOption = Annotated[
     str | None,
@@ -35,21 +37,38 @@ def open_cluster(inventory: str | None) -> Cluster:
     return Cluster(load_inventory(inventory), find_keys())
 
 
+def plan_for(
+    cluster: Cluster,
+    statuses: list[NodeStatus],
+    card: ModelCard,
+    dtype: str,
+    sharding: str,
+    nodes: int | None = None,
+    min_nodes: int = 1,
+) -> Plan:
+    """Where `place` would put `card` on these nodes, and why (`auto` dtype resolved for them)."""
+    from exoctl.cluster.views import runtime_dtype
+    from exoctl.placement import PlacementRequest
+
+    request = PlacementRequest(
+        dtype=runtime_dtype(dtype, statuses, card.native_dtype), nodes=nodes, min_nodes=min_nodes
+    )
+    return cluster.choose(card, request, statuses, sharding)
+
+
 def ensure_instance(
     cluster: Cluster, statuses: list[NodeStatus], model: str | None, dtype: str, say: Callable[[str], None]
 ) -> InstanceView:
     """The instance for `model` in this sweep of `statuses`, placing it with the defaults first
     (and saying so) if needed."""
-    from exoctl.cluster.views import find_instance, runtime_dtype
+    from exoctl.cluster.views import find_instance
     from exoctl.model_store import resolve_card
-    from exoctl.placement import PlacementRequest
 
     view = find_instance(statuses, model)
     if view is not None:
         return view
     card, ref = resolve_card(model or DEFAULT_MODEL_ID)
-    request = PlacementRequest(dtype=runtime_dtype(dtype, statuses, card.native_dtype))
-    chosen = cluster.choose(card, request, statuses, "auto")
+    chosen = plan_for(cluster, statuses, card, dtype, "auto")
     say(f"{card.id} is not placed: placing it with the defaults ({chosen.placement.dtype}; {chosen.reason})…")
     return cluster.load(card, ref, chosen.placement)
 

@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from exoctl.dtypes import RUNTIME_DTYPES
+from exoctl.sharding import SHARDINGS
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print a JSON document instead of tables/text.")]
 ModelOption = Annotated[
@@ -19,6 +20,15 @@ DtypeOption = Annotated[
         "--dtype",
         help=f"Runtime dtype: auto (float32 without native bf16), {', '.join(RUNTIME_DTYPES)} "
         "(int8/int4: weights quantized at load; never chosen by auto).",
+    ),
+]
+
+ShardingOption = Annotated[
+    str,
+    typer.Option(
+        help="auto (one node if it fits, else tensor if the heads divide, else pipeline), "
+        "pipeline (layers split across nodes) or tensor (every layer split across nodes).",
+        autocompletion=lambda: list(SHARDINGS),
     ),
 ]
 

@@ -5,15 +5,14 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from exoctl.cli.common import InventoryOption, check_request, complete_model, open_cluster
-from exoctl.cli.options import DtypeOption, JsonOption
-from exoctl.cli.output import console, err_console, print_json, use_json_errors
+from exoctl.cli.common import InventoryOption, check_request, complete_model, open_cluster, plan_for
+from exoctl.cli.options import DtypeOption, JsonOption, ShardingOption
+from exoctl.cli.output import console, print_json, use_json_errors
+from exoctl.cli.progress import LoadProgress
 from exoctl.cli.render import placement_json, placement_table
 from exoctl.errors import ExoctlError
-from exoctl.runner_report import RunnerReport, RunnerStatus
-from exoctl.sharding import SHARDINGS, check_sharding
+from exoctl.sharding import check_sharding
 
 PLACE_HELP = (
     "Plan where a model goes and load it: on one node, split by layers (pipeline) or by weights "
@@ -23,37 +22,6 @@ PLACE_EXAMPLES = (
     "Examples:\n\n  exoctl place llama-3.1-70b-cpu --nodes 4\n\n"
     "  exoctl place qwen2.5-32b-cpu --dry-run --json\n\n  exoctl place ./my-model-folder --min-nodes 2"
 )
-
-
-class LoadProgress:
-    """Layers loaded per node, as live bars on stderr; started on the first report, so a load
-    refused at once prints nothing but its error."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.progress = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=err_console,
-            disable=not enabled,
-        )
-        self.tasks: dict[str, Any] = {}
-
-    def update(self, runners: dict[str, RunnerReport]) -> None:
-        if not self.tasks:
-            self.progress.start()
-        for node, runner in runners.items():
-            total = runner.layers_total
-            if node not in self.tasks:
-                label = f"{node} layers [{runner.start_layer}, {runner.end_layer})"
-                self.tasks[node] = self.progress.add_task(label, total=total)
-            done = total if runner.status is RunnerStatus.READY else runner.layers_loaded
-            self.progress.update(self.tasks[node], completed=done)
-
-    def stop(self) -> None:
-        if self.tasks:
-            self.progress.stop()
 
 
 def place(
@@ -67,23 +35,14 @@ def place(
     min_nodes: Annotated[
         int, typer.Option(help="Use at least this many nodes (default: fewest that fit).")
     ] = 1,
-    sharding: Annotated[
-        str,
-        typer.Option(
-            help="auto (one node if it fits, else tensor if the heads divide, else pipeline), "
-            "pipeline (layers split across nodes) or tensor (every layer split across nodes).",
-            autocompletion=lambda: list(SHARDINGS),
-        ),
-    ] = "auto",
+    sharding: ShardingOption = "auto",
     dtype: DtypeOption = "auto",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; load nothing.")] = False,
     inventory: InventoryOption = None,
     json_output: JsonOption = False,
 ) -> None:
     use_json_errors(json_output)
-    from exoctl.cluster.views import runtime_dtype
     from exoctl.model_store import resolve_card
-    from exoctl.placement import PlacementRequest
 
     sharding = check_sharding(sharding)
     check_request(None, dtype)
@@ -95,10 +54,7 @@ def place(
             from exoctl.cluster.views import NodeStatus
 
             statuses = [NodeStatus(s.node, {"ram_total": 0, "ram_available": 0}) for s in statuses]
-        request = PlacementRequest(
-            dtype=runtime_dtype(dtype, statuses, card.native_dtype), nodes=nodes, min_nodes=min_nodes
-        )
-        chosen = cluster.choose(card, request, statuses, sharding)
+        chosen = plan_for(cluster, statuses, card, dtype, sharding, nodes, min_nodes)
         placement = chosen.placement
         if dry_run:
             if json_output:

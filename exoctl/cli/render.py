@@ -22,6 +22,9 @@ STATUS_STYLE = {
 }
 
 
+DOWNLOAD_STYLE = {"completed": "green", "ongoing": "yellow", "failed": "red", "pending": "dim"}
+
+
 def gb(value: float) -> str:
     return f"{value / 1e9:.1f} GB"
 
@@ -139,10 +142,64 @@ def experts_table(views: list[InstanceView]) -> Table | None:
     return table
 
 
+def downloads_table(statuses: list[NodeStatus]) -> Table | None:
+    from exoctl.cli.progress import download_detail
+
+    rows = [(s.node.name, d) for s in statuses for d in s.downloads]
+    if not rows:
+        return None
+    table = Table(title="Downloads", title_justify="left")
+    for column in ("node", "model", "layers", "state", "progress", "files"):
+        table.add_column(column)
+    for node, report in rows[-12:]:
+        share = report["downloaded"] / report["total"] if report["total"] else 1.0
+        table.add_row(
+            node,
+            report["model"],
+            f"[{report['start_layer']}, {report['end_layer']})",
+            f"[{DOWNLOAD_STYLE.get(report['state'], 'white')}]{report['state']}[/]",
+            f"{share:.0%}  {download_detail(report)}",
+            f"{report.get('completed_files', 0)}/{report.get('total_files', 0)}",
+        )
+    return table
+
+
+def history_table(events: list[dict[str, object]]) -> Table | None:
+    """What the supervisor of `exoctl serve` did when nodes were lost and came back."""
+    import time
+
+    if not events:
+        return None
+    table = Table(title="Reformations (exoctl serve)", title_justify="left")
+    for column in ("time", "instance", "model", "what", "now on", "why"):
+        table.add_column(column)
+    for event in events[-20:]:
+        when = event.get("time")
+        action = str(event.get("action", ""))
+        nodes = event.get("nodes")
+        after = event.get("restoreAfterSeconds")
+        table.add_row(
+            time.strftime("%H:%M:%S", time.localtime(when)) if isinstance(when, int | float) else "",
+            str(event.get("instanceId", ""))[:8],
+            str(event.get("modelId", "")),
+            f"[green]{action}[/]" if action in ("replaced", "restored") else f"[red]{action}[/]",
+            (
+                f"{str(event.get('newInstanceId', ''))[:8]} on {', '.join(map(str, nodes))}"
+                if isinstance(nodes, list)
+                else ""
+            )
+            + (f" (restore in {after:.0f} s)" if isinstance(after, int | float) else ""),
+            str(event.get("error") or event.get("reason") or ""),
+        )
+    return table
+
+
 def state_view(statuses: list[NodeStatus], views: list[InstanceView]) -> Group:
-    experts = experts_table(views)
+    from exoctl.cluster.state import history
+
+    extra = [experts_table(views), downloads_table(statuses), history_table(history(statuses))]
     tables = [nodes_table(statuses), instances_table(views), shards_table(views)]
-    return Group(*tables, *([experts] if experts is not None else []))
+    return Group(*tables, *(t for t in extra if t is not None))
 
 
 def placement_table(placement: Placement) -> Table:

@@ -16,6 +16,7 @@ import zmq
 
 from exoctl.catalog import ModelCard
 from exoctl.chat_options import ChatOptions
+from exoctl.cluster.downloads import is_download
 from exoctl.cluster.views import InstanceView, NodeStatus, node_profiles
 from exoctl.completion import Completion
 from exoctl.errors import ExoctlError, InvalidRequestError
@@ -30,6 +31,10 @@ from exoctl.sharding import Plan
 from exoctl.sharding import plan as plan_sharding
 from exoctl.transport import KeyRefusedError, NodeClient, NodeError, error_reply
 
+# what `load` reports while it waits: each node's runner, and the download a node runs for it
+LoadWatcher = Callable[[dict[str, RunnerReport], dict[str, dict[str, Any]]], None]
+
+ENDED = ("completed", "failed")  # a download's last states
 STATUS_TIMEOUT_S = 1.5  # a node silent this long is shown as down
 GENERATION_SILENCE_S = 6.0  # the head sends keepalives every second while a request runs
 LOAD_STALL_S = 10.0
@@ -186,7 +191,9 @@ class Cluster:
             except ProtocolError as exc:
                 result.append(NodeStatus(node, error=f"node {node.name}: {exc.message}"))
                 continue
-            result.append(NodeStatus(node, answer["profile"], reports))
+            downloads = [d for d in answer["downloads"] if is_download(d)]
+            events = [e for e in answer["events"] if isinstance(e, dict)]
+            result.append(NodeStatus(node, answer["profile"], reports, downloads=downloads, events=events))
         return result
 
     def plan(
@@ -215,7 +222,7 @@ class Cluster:
         card: ModelCard,
         model_ref: str,
         placement: Placement,
-        on_progress: Callable[[dict[str, RunnerReport]], None] | None = None,
+        on_progress: LoadWatcher | None = None,
         instance_id: str | None = None,
     ) -> InstanceView:
         """Load every shard; the ready instance as its runners last reported it, else unload and raise."""
@@ -248,36 +255,50 @@ class Cluster:
         nodes_by_rank = tuple(n.name for n in nodes)
         return InstanceView(instance_id, card.id, placement.sharding, placement.dtype, nodes_by_rank, runners)
 
-    def _wait_loaded(
-        self,
-        instance_id: str,
-        nodes: list[Node],
-        on_progress: Callable[[dict[str, RunnerReport]], None] | None,
-    ) -> dict[str, RunnerReport]:
+    def _watch(self, nodes: list[Node], doing: str, hint: str) -> Iterator[dict[str, Message]]:
+        """The status answers of the nodes that answered, a round every 0.2 s, while `doing`; a
+        node silent for LOAD_STALL_S is an error (`hint` after its log's)."""
         last_heard = {n.name: time.monotonic() for n in nodes}
         while True:
             answers = self.ask_all("status", nodes)
-            runners: dict[str, RunnerReport] = {}
             now = time.monotonic()
+            heard: dict[str, Message] = {}
             for node in nodes:
                 answer = answers[node.name]
                 if isinstance(answer, NodeError):
                     if now - last_heard[node.name] > LOAD_STALL_S:
                         raise NodeError(
                             node.name,
-                            f"node {node.name} stopped answering while loading",
-                            hint=f"`exoctl logs {node.name}` shows its log",
+                            f"node {node.name} stopped answering while {doing}",
+                            hint=f"`exoctl logs {node.name}` shows its log{hint}",
                         )
                     continue
                 last_heard[node.name] = now
+                heard[node.name] = answer
+            yield heard
+            time.sleep(0.2)
+
+    def _wait_loaded(
+        self,
+        instance_id: str,
+        nodes: list[Node],
+        on_progress: LoadWatcher | None,
+    ) -> dict[str, RunnerReport]:
+        for answers in self._watch(nodes, "loading", ""):
+            runners: dict[str, RunnerReport] = {}
+            downloads: dict[str, dict[str, Any]] = {}  # node -> the download this load started there
+            for name, answer in answers.items():
                 mine = [r for r in answer["runners"] if r.get("instance_id") == instance_id]
                 if not mine:
-                    raise ExoctlError(
-                        f"node {node.name} lost its runner of instance {instance_id} while loading"
-                    )
-                runners[node.name] = RunnerReport.from_wire(mine[0])
+                    raise ExoctlError(f"node {name} lost its runner of instance {instance_id} while loading")
+                runners[name] = RunnerReport.from_wire(mine[0])
+                fetching = [
+                    d for d in answer["downloads"] if is_download(d) and d["instance_id"] == instance_id
+                ]
+                if fetching:
+                    downloads[name] = fetching[-1]
             if on_progress is not None:
-                on_progress(runners)
+                on_progress(runners, downloads)
             failed = [r.failure for r in runners.values() if r.failure is not None]
             if failed:
                 if failed[0].lost_node is not None:
@@ -285,7 +306,34 @@ class Cluster:
                 raise ExoctlError(f"loading failed: {failed[0].message}")
             if len(runners) == len(nodes) and all(r.status is RunnerStatus.READY for r in runners.values()):
                 return runners
-            time.sleep(0.2)
+        raise AssertionError("unreachable: _watch never ends")
+
+    def download(
+        self,
+        model_ref: str,
+        n_layers: int,
+        targets: list[tuple[Node, tuple[int, int]]],
+        on_progress: Callable[[dict[str, dict[str, Any]]], None] | None = None,
+    ) -> dict[str, dict[str, Any]]:
+        """Each node fetches the files of its layer range; their last reports once all have ended
+        (completed or failed), watched through `status` as `load` is."""
+        started: dict[str, str] = {}  # node -> download id
+        for node, (start, end) in targets:
+            fields = {"model": model_ref, "start_layer": start, "end_layer": end, "n_layers": n_layers}
+            started[node.name] = self.client(node.name).request("download", fields)["download_id"]
+        nodes = [node for node, _ in targets]
+        reports: dict[str, dict[str, Any]] = {}
+        for answers in self._watch(nodes, "downloading", "; `exoctl download` again resumes"):
+            for name, answer in answers.items():
+                mine = [d for d in answer["downloads"] if is_download(d) and d["id"] == started[name]]
+                if not mine:
+                    raise ExoctlError(f"node {name} lost its download of {model_ref} (was it restarted?)")
+                reports[name] = mine[0]
+            if on_progress is not None:
+                on_progress(reports)
+            if len(reports) == len(nodes) and all(r["state"] in ENDED for r in reports.values()):
+                return reports
+        raise AssertionError("unreachable: _watch never ends")
 
     def unload(self, instance_id: str, nodes: list[Node] | None = None) -> dict[str, int]:
         """Unload an instance from its nodes; bytes freed per node that answered."""

@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
+from exoctl.cluster.downloads import downloads_document
 from exoctl.cluster.views import NodeStatus, instances_of
 from exoctl.inventory import Node
 from exoctl.placement import Placement
@@ -204,4 +205,21 @@ def state_document(statuses: list[NodeStatus], cluster: str) -> dict[str, Any]:
         "nodeProfiles": node_profiles,
         "topology": topology(statuses),
         "nodeIdentities": node_identities(statuses),
+        "downloads": downloads_document(statuses),
+        "reformations": history(statuses),
     }
+
+
+def history(statuses: list[NodeStatus], more: Sequence[dict[str, Any]] = ()) -> list[dict[str, Any]]:
+    """The supervisor's events as the nodes keep them (each on every node live at the time), one
+    of each, oldest first; `more` adds events known elsewhere (serve's own)."""
+    merged: dict[str, dict[str, Any]] = {}
+    for event in [*(e for s in statuses for e in s.events), *more]:
+        key = event.get("id") or f"{event.get('time')}-{event.get('instanceId')}-{event.get('action')}"
+        merged.setdefault(str(key), event)
+    return sorted(merged.values(), key=event_time)
+
+
+def event_time(event: dict[str, Any]) -> float:
+    when = event.get("time")
+    return float(when) if isinstance(when, int | float) else 0.0

@@ -33,6 +33,8 @@ class NodeStatus:
     runners: list[RunnerReport] = field(default_factory=list)
     error: str | None = None
     key_refused: bool = False  # the node answered, but its handshake refused this machine's key
+    downloads: list[dict[str, Any]] = field(default_factory=list)  # hub_fetch.Download.to_wire()
+    events: list[dict[str, Any]] = field(default_factory=list)  # the supervisor's, kept by the node
 
     @property
     def up(self) -> bool:

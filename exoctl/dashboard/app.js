@@ -139,6 +139,7 @@ function render() {
   $("nodes").replaceChildren(...names.map(renderNode));
   const instances = Object.entries(state.instances).map(([id, doc]) => renderInstance(id, doc));
   $("instances").replaceChildren(...(instances.length ? instances : [h("p", { class: "muted" }, "No instance placed.")]));
+  renderDownloads(state.downloads || {});
   renderReformations(state.reformations || []);
   renderNodeChoices(up);
   renderChatChoices();
@@ -292,6 +293,42 @@ function renderExperts(byNode) {
   return h("div", { class: "heat", "data-role": "experts" },
     h("div", { class: "muted" }, "Experts by node: tokens routed to each"),
     h("table", {}, h("thead", {}, head), h("tbody", {}, rows)));
+}
+
+function renderDownloads(byNode) {
+  // EXO's shape: node -> [{"DownloadOngoing" | "DownloadCompleted" | ...: {...}}], oldest first.
+  // One row per node, model and layer range (its latest download); running ones first.
+  const latest = new Map();
+  for (const [node, list] of Object.entries(byNode)) {
+    for (const doc of list) {
+      const [kind, body] = tag(doc);
+      const shard = tag(body.shardMetadata)[1];
+      latest.set(`${node}|${body.modelId}|${shard.startLayer}|${shard.endLayer}`, { node, kind, body, shard });
+    }
+  }
+  const order = { DownloadOngoing: 0, DownloadPending: 1, DownloadFailed: 2, DownloadCompleted: 3 };
+  const rows = [...latest.values()].reverse().sort((a, b) => order[a.kind] - order[b.kind]).slice(0, 8)
+    .map(({ node, kind, body, shard }) => {
+      const progress = body.downloadProgress;
+      const total = progress ? progress.total.inBytes : body.total ? body.total.inBytes : 0;
+      const done = progress ? progress.downloaded.inBytes : kind === "DownloadCompleted" ? total : 0;
+      const state = kind.replace("Download", "").toLowerCase();
+      const detail = {
+        ongoing: () => `${bytes(done)} / ${bytes(total)} · ${bytes(progress.speed)}/s · ${progress.completedFiles}/${progress.totalFiles} files`,
+        completed: () => bytes(total),
+        failed: () => body.errorMessage,
+        pending: () => "waiting",
+      }[state]();
+      const pct = total ? (100 * done) / total : state === "completed" ? 100 : 0;
+      return h("div", { class: `download ${state}`, "data-node": node, "data-state": state, style: { "--node": nodeColor(node) } },
+        h("div", { class: "download-head" }, dot(node), h("strong", {}, node), " ",
+          `${body.modelId} [${shard.startLayer}, ${shard.endLayer})`, h("span", { class: "muted" }, ` ${state}`)),
+        h("div", { class: "download-bar" },
+          h("div", { class: "track" }, h("div", { class: "fill", style: { width: `${pct.toFixed(1)}%` } })),
+          h("span", {}, detail)));
+    });
+  $("downloads").replaceChildren(...(rows.length ? rows
+    : [h("p", { class: "muted" }, "None yet: exoctl download MODEL fetches a model onto the nodes.")]));
 }
 
 function renderReformations(events) {

@@ -60,7 +60,7 @@ class SequenceStream:
         special: bool = False,  # keep special tokens in the text (a tool call's markers)
     ) -> None:
         self.text = TextStream(tokenizer, params.stop, special)
-        self.eos_ids = tokenizer.eos_token_ids
+        self.eos_ids = frozenset() if params.ignore_eos else tokenizer.eos_token_ids
         self.prompt_tokens = prompt_tokens
         self.budget = min(params.max_tokens, context - prompt_tokens)
         self.started = time.perf_counter()

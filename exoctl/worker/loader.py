@@ -18,6 +18,7 @@ from exoctl.runner_report import Failure
 from exoctl.worker.model_access import locate
 
 if TYPE_CHECKING:
+    from exoctl.worker.downloads import Downloads
     from exoctl.worker.runner import Runner
 
 log = logging.getLogger("exoctl.worker")
@@ -27,17 +28,39 @@ class LoadCancelled(Exception):
     """The runner was unloaded while it was still loading."""
 
 
-def start_loading(runner: Runner, model_dirs: list[Path], node: str) -> threading.Thread:
-    thread = threading.Thread(target=load, args=(runner, model_dirs, node), name="load", daemon=True)
+def start_loading(
+    runner: Runner, model_dirs: list[Path], node: str, downloads: Downloads
+) -> threading.Thread:
+    thread = threading.Thread(
+        target=load, args=(runner, model_dirs, node, downloads), name="load", daemon=True
+    )
     thread.start()
     return thread
 
 
-def load(runner: Runner, model_dirs: list[Path], node: str) -> None:
+def fetch_files(runner: Runner, model_dirs: list[Path], node: str, downloads: Downloads) -> Path:
+    """The runner's files, downloaded first when the node lacks them (that download is reported in
+    the node's status beside the load, so `place` shows it before the layers load)."""
+    spec = runner.spec
+    layers = (spec.start_layer, spec.end_layer)
+    progress = downloads.new(spec.model, layers, spec.n_layers, instance_id=spec.instance_id)
+    try:
+        folder = locate(spec.model, model_dirs, node, layers, spec.n_layers, progress)
+    except ExoctlError as exc:
+        downloads.settle(progress, None, exc)
+        raise
+    except BaseException as exc:
+        downloads.settle(progress, None, ExoctlError(f"{type(exc).__name__}: {exc}"))
+        raise
+    downloads.settle(progress, folder)
+    return folder
+
+
+def load(runner: Runner, model_dirs: list[Path], node: str, downloads: Downloads) -> None:
     spec = runner.spec
     log.info("loading %s layers [%d, %d) in %s", spec.model_id, spec.start_layer, spec.end_layer, spec.dtype)
     try:
-        folder = locate(spec.model, model_dirs, node, (spec.start_layer, spec.end_layer), spec.n_layers)
+        folder = fetch_files(runner, model_dirs, node, downloads)
         runner.load(folder)
         log.info("instance %s ready: %.1f MB", spec.instance_id, runner.memory_bytes / 1e6)
     except LoadCancelled:

@@ -13,12 +13,21 @@ from pathlib import Path
 from exoctl.catalog import DEFAULT_MODEL_ID, find_card
 from exoctl.errors import ModelNotFoundError
 from exoctl.gguf_file import is_gguf_model
+from exoctl.hub_fetch import Download
 from exoctl.hub_gguf import download
-from exoctl.model_store import allowed_roots, download_for_layers, hub_reference, is_model_folder
+from exoctl.model_store import REPO_ID, allowed_roots, download_for_layers, hub_reference, is_model_folder
 
 
 def is_model(path: Path) -> bool:
     return is_model_folder(path) or is_gguf_model(path)
+
+
+def in_model_dirs(model: str, model_dirs: list[Path]) -> Path | None:
+    """The folder or GGUF file `model` (a relative name) names in one of the model directories."""
+    path = Path(model)
+    if ".." in path.parts:
+        return None
+    return next((d.expanduser() / path for d in model_dirs if is_model(d.expanduser() / path)), None)
 
 
 def check_reference(model: str, model_dirs: list[Path], node: str) -> None:
@@ -27,11 +36,12 @@ def check_reference(model: str, model_dirs: list[Path], node: str) -> None:
         return
     path = Path(model)
     if not path.is_absolute():
-        if ".." in path.parts or not any(is_model(d.expanduser() / path) for d in model_dirs):
+        if in_model_dirs(model, model_dirs) is None and not REPO_ID.match(model):
             dirs = ", ".join(str(d) for d in model_dirs) or "(none)"
             raise ModelNotFoundError(
                 f"node {node} has no model {model!r} in its model directories ({dirs})",
-                hint="use a catalog id, or copy the folder into the node's model_dir",
+                hint="use a catalog id or a Hugging Face repo id (owner/name), or copy the folder into the "
+                "node's model_dir",
             )
         return
     real = path.resolve()
@@ -46,19 +56,30 @@ def check_reference(model: str, model_dirs: list[Path], node: str) -> None:
         raise ModelNotFoundError(f"node {node}: {model} is not a model folder (no config.json) or GGUF file")
 
 
-def locate(model: str, model_dirs: list[Path], node: str, layers: tuple[int, int], n_layers: int) -> Path:
-    """The folder or GGUF file to load from, downloading only this range's files if needed."""
+def locate(
+    model: str,
+    model_dirs: list[Path],
+    node: str,
+    layers: tuple[int, int],
+    n_layers: int,
+    progress: Download | None = None,
+) -> Path:
+    """The folder or GGUF file to load from, downloading only this range's files if needed (the
+    bytes counted in `progress`)."""
     check_reference(model, model_dirs, node)
     card = find_card(model)
     hub = hub_reference(model) if card is None else None
     if hub is not None:
         # tied=True: the last range may need the embedding's file for a tied lm_head
-        return download(hub, layers, n_layers, tied=True)
+        return download(hub, layers, n_layers, tied=True, progress=progress)
     if card is None:
         path = Path(model)
         if path.is_absolute():
             return path.resolve()
-        return next((d.expanduser() / path).resolve() for d in model_dirs if is_model(d.expanduser() / path))
+        local = in_model_dirs(model, model_dirs)
+        if local is not None:
+            return local.resolve()
+        return download_for_layers(model, layers, n_layers, progress)  # a Hub repo id
     if card.id == DEFAULT_MODEL_ID:
         from exoctl.default_model import find_gguf
 
@@ -68,4 +89,4 @@ def locate(model: str, model_dirs: list[Path], node: str, layers: tuple[int, int
             candidate = folder.expanduser() / name
             if is_model_folder(candidate):
                 return candidate.resolve()
-    return download_for_layers(card, layers, n_layers)
+    return download_for_layers(card.hf_repo, layers, n_layers, progress)

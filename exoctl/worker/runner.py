@@ -166,6 +166,8 @@ class Runner:
             memory_bytes=self.memory_bytes,
             tokens_per_s=round(self.tokens_per_s, 2),
             decode_tokens_per_s=round(self.last_decode_tps, 2),
+            decoded_tokens=self.decoded,
+            compute_s=self.compute_s,
             active_sequences=len(self.caches),
             experts=self.experts(),
             tool_format=self.tokenizer.tool_format if self.tokenizer is not None else None,

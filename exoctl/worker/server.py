@@ -17,7 +17,7 @@ import logging
 import time
 import traceback
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -31,6 +31,7 @@ from exoctl.protocol import Message, ProtocolError
 from exoctl.runner_report import Failure, RunnerReport, RunnerStatus
 from exoctl.runner_spec import RunnerSpec
 from exoctl.transport import secure_server, start_authenticator
+from exoctl.worker.downloads import Downloads
 from exoctl.worker.lane import Cancel, Generate, Lane, PeerMessage
 from exoctl.worker.loader import start_loading
 from exoctl.worker.model_access import check_reference
@@ -51,6 +52,8 @@ log = logging.getLogger("exoctl.worker")
 KEEPALIVE_S = 1.0  # clients of running requests hear from the head at least this often
 LEASE_S = 2.0  # how often a head says which sequences live; the others free the rest within 2 of these
 MAX_FAILURES = 16  # failed runners whose reports a node keeps (the oldest are forgotten first)
+MAX_EVENTS = 64  # supervisor events a node keeps for `exoctl state`
+MAX_EVENT_BYTES = 4096
 
 
 @dataclass
@@ -82,6 +85,8 @@ class Worker:
         self.outbox = Outbox(self.ctx)
         self.peers = Peers(self.ctx, options.keys)
         self.meeting = Meeting(self.ctx, options.host, options.keys, options.max_batch, self.peers)
+        self.downloads = Downloads(self.name, options.model_dirs)
+        self.history: deque[dict[str, Any]] = deque(maxlen=MAX_EVENTS)  # the supervisor's record
         self.profiler = NodeProfiler(self.name, options.device, uuid.uuid4().hex)
         self.runners: dict[str, Runner] = {}  # instance id -> this node's runner of it
         # failed runners are retired (lane stopped, sockets closed); their last reports stay, bounded
@@ -195,7 +200,22 @@ class Worker:
                 reports = [*(r.report() for r in self.runners.values()), *self.failures.values()]
                 runners = [r.to_wire() for r in reports]
                 profile = self.profiler.profile()
-                self._reply(client, "status_reply", {**ok, "profile": profile, "runners": runners})
+                self._reply(
+                    client,
+                    "status_reply",
+                    {
+                        **ok,
+                        "profile": profile,
+                        "runners": runners,
+                        "downloads": self.downloads.wire(),
+                        "events": list(self.history),
+                    },
+                )
+            case "download":
+                self._reply(client, "ok", {**ok, "download_id": self.downloads.start(message)})
+            case "record":
+                self._record(message["event"])
+                self._reply(client, "ok", ok)
             case "load":
                 self._load(RunnerSpec.from_message(message))
                 self._reply(client, "ok", ok)
@@ -298,7 +318,14 @@ class Worker:
         lane = self.lanes[spec.instance_id] = Lane(runner, self.name, self.outbox)
         lane.thread.start()
         self.peers.expect([address for _, address in spec.peers], time.monotonic())
-        start_loading(runner, self.options.model_dirs, self.name)
+        start_loading(runner, self.options.model_dirs, self.name, self.downloads)
+
+    def _record(self, event: dict[str, Any]) -> None:
+        """Keep an event of the supervisor's (a reformation) so `exoctl state` can show it."""
+        if len(msgpack.packb(event)) > MAX_EVENT_BYTES or not isinstance(event.get("id"), str):
+            raise ProtocolError(f"an event is a map with a string 'id' of at most {MAX_EVENT_BYTES} bytes")
+        if all(e["id"] != event["id"] for e in self.history):
+            self.history.append(event)
 
     def _unload(self, instance_id: str) -> int:
         self.failures.pop(instance_id, None)

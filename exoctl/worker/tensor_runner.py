@@ -106,7 +106,12 @@ class TensorRunner(Runner):
         # decode steps only: time in collectives (sending, and waiting for the other ranks) per token
         per_token = round(1000 * self.decode_collective_s / max(self.decoded, 1), 3)
         transport = "shm" if self.collective.shared else "zmq"
-        return replace(super().report(), collective_ms_per_token=per_token, collective_transport=transport)
+        return replace(
+            super().report(),
+            collective_ms_per_token=per_token,
+            collective_transport=transport,
+            collective_s=self.decode_collective_s,
+        )
 
     # --- compute ---------------------------------------------------------------------------
 

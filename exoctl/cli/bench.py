@@ -1,0 +1,168 @@
+"""`exoctl bench`: measure a model on this cluster (placing it first if it is not placed)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from exoctl.cli.common import (
+    InventoryOption,
+    check_request,
+    complete_model,
+    live_statuses,
+    open_cluster,
+    plan_for,
+)
+from exoctl.cli.options import DtypeOption, JsonOption, ShardingOption
+from exoctl.cli.output import console, err_console, print_json, use_json_errors
+from exoctl.cli.progress import LoadProgress
+from exoctl.errors import ExoctlError
+from exoctl.sharding import check_sharding
+
+HELP = (
+    "Measure a model on this cluster, as llama-bench does (warm-up, repetitions, mean ± sd): prefill "
+    "tokens/s and time to first token at several prompt lengths, decode tokens/s of one stream, "
+    "aggregate tokens/s and latency at several concurrency levels, and per node compute vs "
+    "transport time and memory. Places the model first if it is not placed (and unloads it after)."
+)
+EXAMPLES = (
+    "Examples:\n\n  exoctl bench llama-3.1-8b-cpu --nodes 2\n\n"
+    "  exoctl bench smollm2-135m-cpu -p 64,256 -c 1,4 -r 5 --json"
+)
+
+
+def int_list(text: str, name: str, low: int, high: int) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ExoctlError(f"{name} must be whole numbers separated by commas, got {text!r}") from None
+    if not values or any(not low <= v <= high for v in values):
+        raise ExoctlError(f"{name} must be from {low} to {high}, got {text!r}")
+    return values
+
+
+def bench(
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="Catalog id, Hugging Face repo id, or a local model folder.", autocompletion=complete_model
+        ),
+    ],
+    prompt_lengths: Annotated[
+        str,
+        typer.Option("--prompt-lengths", "-p", help="Prompt lengths in tokens for prefill, comma-separated."),
+    ] = "32,128,512",
+    decode_tokens: Annotated[
+        int, typer.Option("--decode-tokens", "-n", help="Tokens each decode run makes.")
+    ] = 64,
+    concurrency: Annotated[
+        str, typer.Option("--concurrency", "-c", help="Concurrent streams to measure, comma-separated.")
+    ] = "1,4,8",
+    repetitions: Annotated[int, typer.Option("--repetitions", "-r", help="Runs of each measurement.")] = 3,
+    nodes: Annotated[
+        int | None, typer.Option("--nodes", help="If it places the model: exactly this many nodes.")
+    ] = None,
+    sharding: ShardingOption = "auto",
+    dtype: DtypeOption = "auto",
+    keep: Annotated[bool, typer.Option("--keep", help="Leave a model it placed loaded.")] = False,
+    inventory: InventoryOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    use_json_errors(json_output)
+    from exoctl.bench import BenchConfig, run_bench
+    from exoctl.cluster.views import find_instance
+    from exoctl.model_store import resolve_card
+
+    sharding = check_sharding(sharding)
+    check_request(None, dtype)
+    if not 1 <= decode_tokens <= 4096 or not 1 <= repetitions <= 100:
+        raise ExoctlError(
+            f"--decode-tokens must be from 1 to 4096 and --repetitions from 1 to 100, got {decode_tokens} "
+            f"and {repetitions}"
+        )
+    card, ref = resolve_card(model)
+    longest = max(card.context_length - decode_tokens - 8, 8) if card.context_length else 8192
+    lengths = int_list(prompt_lengths, "--prompt-lengths", 2, longest)
+    config = BenchConfig(lengths, decode_tokens, int_list(concurrency, "--concurrency", 1, 64), repetitions)
+
+    def say(text: str) -> None:
+        if not json_output:
+            err_console.print(f"[dim]{text}[/]")
+
+    with open_cluster(inventory) as cluster:
+        statuses = live_statuses(cluster)
+        instance = find_instance(statuses, card.id)
+        placed_here = instance is None
+        if instance is None:
+            chosen = plan_for(cluster, statuses, card, dtype, sharding, nodes)
+            say(f"placing {card.id}: {chosen.reason}")
+            progress = LoadProgress(enabled=not json_output)
+            try:
+                instance = cluster.load(card, ref, chosen.placement, progress.update)
+            finally:
+                progress.stop()
+        try:
+            result = run_bench(cluster, instance, config, say)
+        finally:
+            if placed_here and not keep:
+                cluster.unload(instance.instance_id, [cluster.inventory.node(n) for n in instance.nodes])
+        result["placed_by_bench"] = placed_here
+        result["machines"] = {
+            s.node.name: {
+                "cpu": (s.profile or {}).get("cpu_model"),
+                "threads": (s.profile or {}).get("threads"),
+            }
+            for s in statuses
+            if s.up and s.node.name in instance.nodes
+        }
+    if json_output:
+        print_json(result)
+        return
+    for table in tables(result):
+        console.print(table)
+
+
+def _pm(stat: dict[str, Any], digits: int = 2) -> str:
+    return f"{stat['mean']:.{digits}f} ± {stat['sd']:.{digits}f}"
+
+
+def tables(result: dict[str, Any]) -> list[Table]:
+    title = (
+        f"{result['model']} · {result['sharding']} · {result['dtype']} · "
+        f"{', '.join(result['nodes_in_instance'])} · {result['repetitions']} runs each (mean ± sd)"
+    )
+    speed = Table(title=title, title_justify="left")
+    for column in ("test", "tokens/s", "time to first token (ms)", "latency p50 / p95 (ms)"):
+        speed.add_column(column)
+    for run in result["prefill"]:
+        speed.add_row(
+            f"prefill pp{run['prompt_tokens']}", _pm(run["tokens_per_s"], 1), _pm(run["ttft_ms"], 1), ""
+        )
+    decode = result["decode"]
+    speed.add_row(
+        f"decode tg{decode['tokens']}, 1 stream", _pm(decode["tokens_per_s"]), _pm(decode["ttft_ms"], 1), ""
+    )
+    for run in result["concurrency"]:
+        latency = run["latency_ms"]
+        speed.add_row(
+            f"tg{decode['tokens']} × {run['streams']} streams (aggregate)",
+            _pm(run["aggregate_tokens_per_s"]),
+            f"p50 {run['ttft_ms']['p50']:.1f}",
+            f"{latency['p50']:.0f} / {latency['p95']:.0f}",
+        )
+    per_node = Table(title="per node, decoding one stream", title_justify="left")
+    for column in ("node", "layers", "compute ms/token", "transport ms/token", "runner memory", "worker RSS"):
+        per_node.add_column(column)
+    for node, entry in result["nodes"].items():
+        per_node.add_row(
+            node,
+            f"[{entry['layers'][0]}, {entry['layers'][1]})"
+            + (" (1/k)" if result["sharding"] == "tensor" else ""),
+            f"{entry['compute_ms_per_token']:.2f}",
+            f"{entry['transport_ms_per_token']:.2f}" if "transport_ms_per_token" in entry else "–",
+            f"{entry['memory_bytes'] / 2**20:.0f} MiB",
+            f"{entry['worker_rss_bytes'] / 2**20:.0f} MiB",
+        )
+    return [speed, per_node]
