@@ -56,6 +56,7 @@ class Download:
         self.path = ""
         self.files: dict[str, FileProgress] = {}
         self.started = time.monotonic()
+        self.started_at = time.time()  # wall clock, for listing downloads newest first
         self.ended: float | None = None
         self.lock = threading.Lock()
 
@@ -115,6 +116,7 @@ class Download:
                 "end_layer": self.layers[1],
                 "n_layers": self.n_layers,
                 "state": self.state,
+                "started_at": self.started_at,
                 "error": self.error,
                 "hint": self.hint,
                 "path": self.path,

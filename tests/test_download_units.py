@@ -42,7 +42,7 @@ def test_the_state_shows_downloads_in_exos_tagged_shape() -> None:
     doc = download_doc("node2", download.to_wire())
     body = doc["DownloadOngoing"]
     assert body["nodeId"] == "node2" and body["instanceId"] == "i1" and body["modelId"] == "owner/model"
-    assert body["shardMetadata"]["PipelineShardMetadata"]["startLayer"] == 2
+    assert body["shardMetadata"]["PipelineShardMetadata"]["startLayer"] == 2 and body["startedAt"] > 0
     assert body["downloadProgress"]["downloaded"] == {"inBytes": 4}
     assert body["downloadProgress"]["files"]["x.safetensors"]["total"] == {"inBytes": 10}
     download.fail("node node2: no space", "free some")

@@ -328,7 +328,7 @@ def test_serve_and_the_dashboard_show_a_download_while_it_runs(
         assert progress["totalFiles"] >= 5 and biggest in progress["files"] and progress["speed"] > 0
         with chromium() as browser:
             browser.get(server.base + "/")
-            row = f'.download[data-node="{running["node"]}"]'
+            row = f'.download[data-node="{running["node"]}"][data-model="tiny/watch"]'
             until(
                 lambda: browser.find_elements(By.CSS_SELECTOR, row + '[data-state="ongoing"]'),
                 20,
@@ -347,6 +347,8 @@ def test_serve_and_the_dashboard_show_a_download_while_it_runs(
                 "then completed",
             )
             screenshot(browser, "21-download-completed")
+            first = browser.find_elements(By.CSS_SELECTOR, '.download[data-state="completed"]')[0]
+            assert first.get_attribute("data-model") == "tiny/watch"  # the newest first
             assert console_errors(browser) == []
     finally:
         hub_cluster.hub.slow.clear()

@@ -74,6 +74,7 @@ def download_doc(node: str, report: dict[str, Any]) -> dict[str, Any]:
             }
         },
         "modelDirectory": report.get("path") or "",
+        "startedAt": report.get("started_at") if isinstance(report.get("started_at"), int | float) else None,
     }
     state = report["state"]
     if state == "ongoing":

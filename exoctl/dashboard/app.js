@@ -297,7 +297,7 @@ function renderExperts(byNode) {
 
 function renderDownloads(byNode) {
   // EXO's shape: node -> [{"DownloadOngoing" | "DownloadCompleted" | ...: {...}}], oldest first.
-  // One row per node, model and layer range (its latest download); running ones first.
+  // One row per node, model and layer range (its latest download); running ones first, then newest.
   const latest = new Map();
   for (const [node, list] of Object.entries(byNode)) {
     for (const doc of list) {
@@ -307,7 +307,8 @@ function renderDownloads(byNode) {
     }
   }
   const order = { DownloadOngoing: 0, DownloadPending: 1, DownloadFailed: 2, DownloadCompleted: 3 };
-  const rows = [...latest.values()].reverse().sort((a, b) => order[a.kind] - order[b.kind]).slice(0, 8)
+  const newest = (a, b) => (b.body.startedAt || 0) - (a.body.startedAt || 0);
+  const rows = [...latest.values()].sort((a, b) => order[a.kind] - order[b.kind] || newest(a, b)).slice(0, 8)
     .map(({ node, kind, body, shard }) => {
       const progress = body.downloadProgress;
       const total = progress ? progress.total.inBytes : body.total ? body.total.inBytes : 0;
@@ -320,7 +321,7 @@ function renderDownloads(byNode) {
         pending: () => "waiting",
       }[state]();
       const pct = total ? (100 * done) / total : state === "completed" ? 100 : 0;
-      return h("div", { class: `download ${state}`, "data-node": node, "data-state": state, style: { "--node": nodeColor(node) } },
+      return h("div", { class: `download ${state}`, "data-node": node, "data-model": body.modelId, "data-state": state, style: { "--node": nodeColor(node) } },
         h("div", { class: "download-head" }, dot(node), h("strong", {}, node), " ",
           `${body.modelId} [${shard.startLayer}, ${shard.endLayer})`, h("span", { class: "muted" }, ` ${state}`)),
         h("div", { class: "download-bar" },
