@@ -266,11 +266,9 @@ def test_serve_places_an_instance_again_when_it_loses_a_node_and_restores_it_whe
         server.stop()
     # the history stays with the nodes: `exoctl state` reads it from the workers, serve gone
     kept = cluster3.cli_json("state")["reformations"]
-    assert (
-        [(e["id"], e["action"]) for e in kept]
-        == served
-        == [(served[0][0], "replaced"), (served[1][0], "restored")]
-    )
+    assert [(e["id"], e["action"]) for e in kept] == served
+    # a restore tried while node3 was still coming back may say "not restored" before it lands
+    assert served[0][1] == "replaced" and served[-1][1] == "restored"
     table = cluster3.cli("state").stdout
     assert "Reformations" in table and "replaced" in table and "restored" in table
 
