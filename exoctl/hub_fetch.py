@@ -330,9 +330,10 @@ def fetch_blob(repo: str, name: str, download: Download) -> None:
         partial.replace(blob)
 
 
-def fetch(repo: str, names: list[str], download: Download) -> Path:
+def fetch(repo: str, names: list[str], download: Download, listed: dict[str, int] | None = None) -> Path:
     """The snapshot folder of `repo` holding each of `names`, fetched into the Hugging Face cache
-    (resuming partial files), with `download` kept up to date. Raises `ExoctlError` (say what)."""
+    (resuming partial files), with `download` kept up to date. `listed`: the repo's file sizes when
+    the caller has asked the Hub for them already. Raises `ExoctlError` (say what)."""
     from huggingface_hub import constants, hf_hub_download
 
     present = partial_bytes(repo, names)
@@ -345,7 +346,7 @@ def fetch(repo: str, names: list[str], download: Download) -> Path:
                     from huggingface_hub.errors import OfflineModeIsEnabled
 
                     raise OfflineModeIsEnabled("HF_HUB_OFFLINE is set")
-                listed = remote_sizes(repo)
+                listed = listed if listed is not None else remote_sizes(repo)
                 missing = [n for n in names if n not in listed]
                 if missing:
                     raise ModelNotFoundError(

@@ -256,8 +256,9 @@ def download_for_layers(
     """The snapshot of `repo` holding its metadata files and the safetensors files a node holding
     `layers` needs (all of them for `(0, n_layers)`), fetched into the Hugging Face cache when they
     are not there, counted in `progress`."""
-    names = sorted(repo_sizes(repo))
+    sizes = repo_sizes(repo)
+    names = sorted(sizes)
     metadata = [n for n in names if "/" not in n and any(fnmatch.fnmatch(n, p) for p in METADATA_PATTERNS)]
     wanted = metadata + [w for w in weight_files(repo, names, layers, n_layers) if w not in metadata]
     progress = progress or Download("", repo, layers, n_layers)
-    return fetch(repo, wanted, progress)
+    return fetch(repo, wanted, progress, listed=sizes)  # the Hub's list, asked for once
