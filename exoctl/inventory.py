@@ -53,6 +53,8 @@ class Node:
     memory_gb: float | None = None
     threads: int | None = None  # torch threads of the node's worker (default: its cores, shared
     # among the workers of this machine for local ones); fewer for a node that runs other work
+    activations: str | None = None  # bfloat16 or float32 forces what `auto`/int8/int4 compute in
+    # on this node; auto (the default) chooses by its CPU (see exoctl.cpu_policy)
 
     @property
     def is_loopback(self) -> bool:
@@ -104,6 +106,13 @@ def _check_field(key: str, value: Any, where: str, problems: list[str]) -> Any:
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1024:
             problems.append(
                 f"{where}: field 'threads' must be a whole number of threads from 1 to 1024, got {value!r}"
+            )
+            return None
+        return value
+    if key == "activations":
+        if value not in ("auto", "bfloat16", "float32"):
+            problems.append(
+                f"{where}: field 'activations' must be one of auto, bfloat16, float32, got {value!r}"
             )
             return None
         return value
@@ -218,6 +227,7 @@ def local_inventory(
     host: str = "127.0.0.1",
     model_dir: str | None = None,
     threads: int | None = None,
+    activations: str | None = None,
 ) -> Inventory:
     """The embedded default: `count` worker processes on this machine, run by this Python."""
     if count < 1:
@@ -234,6 +244,8 @@ def local_inventory(
         common["model_dir"] = model_dir
     if threads is not None:
         common["threads"] = threads
+    if activations is not None:
+        common["activations"] = activations
     nodes = tuple(Node(name=f"local{i + 1}", host=host, port=base_port + i, **common) for i in range(count))
     return Inventory("local", nodes, "embedded default")
 
@@ -246,7 +258,7 @@ def local_inventory_path() -> Path:
 def write_local_inventory(inventory: Inventory) -> Path:
     path = local_inventory_path()
     path.parent.mkdir(parents=True, exist_ok=True)
-    keep = ("name", "host", "port", "command", "work_dir", "model_dir", "threads")
+    keep = ("name", "host", "port", "command", "work_dir", "model_dir", "threads", "activations")
     data = {
         "cluster": inventory.name,
         "nodes": [{k: getattr(n, k) for k in keep if getattr(n, k) is not None} for n in inventory.nodes],

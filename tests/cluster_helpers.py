@@ -34,6 +34,13 @@ CLI_TIMEOUT = 180
 _next_port = random.Random(os.getpid() ^ int(time.time())).randrange(20000, 45000, 100)
 
 
+def sigint_default() -> None:
+    """preexec_fn for a CLI child a test sends SIGINT: a shell's background job ignores SIGINT
+    and its children inherit that, so the child restores the default and Python's Ctrl-C handler
+    applies (the test exercises the CLI, not the caller's shell)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _free(host: str, port: int) -> bool:
     with socket.socket() as sock:
         try:
@@ -136,11 +143,17 @@ def make_cluster(tmp: Path, count: int, model_dir: Path, **defaults: Any) -> Wor
 
 @contextmanager
 def tiny_cluster(
-    tmp_path_factory: pytest.TempPathFactory, name: str, count: int, tiny_models: dict[str, Path]
+    tmp_path_factory: pytest.TempPathFactory,
+    name: str,
+    count: int,
+    tiny_models: dict[str, Path],
+    activations: str | None = None,
 ) -> Iterator[WorkerCluster]:
-    """`count` running workers whose model directory holds the tiny models (a module's cluster)."""
+    """`count` running workers whose model directory holds the tiny models (a module's cluster);
+    `activations` forces the workers' activation dtype policy (inventory field `activations`)."""
     folder = next(iter(tiny_models.values())).parent
-    with running(make_cluster(tmp_path_factory.mktemp(name), count, folder)) as cluster:
+    defaults = {} if activations is None else {"activations": activations}
+    with running(make_cluster(tmp_path_factory.mktemp(name), count, folder, **defaults)) as cluster:
         yield cluster
 
 

@@ -13,6 +13,18 @@ os.environ["EXOCTL_HOME"] = str(TEST_HOME / "home")
 ARTIFACTS = Path(os.environ.get("EXOCTL_TEST_ARTIFACTS", TEST_HOME / "screenshots")).resolve()
 
 
+# What `auto`, int8 and int4 compute in is chosen by the CPU (exoctl.cpu_policy); the suites that
+# depend on it run both choices on any machine, forced by the switch.
+ACTIVATION_POLICIES = ("bfloat16", "float32")
+
+
+@pytest.fixture(params=ACTIVATION_POLICIES)
+def activations(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The activation dtype policy forced for this test (and the workers it starts)."""
+    monkeypatch.setenv("EXOCTL_ACTIVATIONS", request.param)
+    return str(request.param)
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if ARTIFACTS.is_dir() and any(ARTIFACTS.glob("*.png")):
         terminalreporter.write_line(f"dashboard screenshots: {ARTIFACTS}")

@@ -25,6 +25,7 @@ from tests.cluster_helpers import (
     header,
     load_header,
     raw_socket,
+    sigint_default,
     tiny_cluster,
     wait_for,
 )
@@ -386,6 +387,7 @@ def test_chat_ctrl_c_stops_the_answer_not_the_repl(cluster4: WorkerCluster) -> N
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "COLUMNS": "200"},
+        preexec_fn=sigint_default,
     )
     out: list[str] = []
 
@@ -440,6 +442,7 @@ def test_ctrl_c_in_run_stops_the_workers_too(cluster4: WorkerCluster) -> None:
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "COLUMNS": "200"},
+        preexec_fn=sigint_default,
     )
     try:
         assert proc.stdout is not None and proc.stdout.read(20)  # it is streaming
@@ -523,6 +526,7 @@ def test_state_watch_refreshes_until_ctrl_c(cluster4: WorkerCluster) -> None:
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "COLUMNS": "200"},
+        preexec_fn=sigint_default,
     )
     try:
         time.sleep(4)

@@ -183,6 +183,21 @@ def test_auto_dtype_needs_native_bf16_on_every_live_node() -> None:
     assert runtime_dtype("float32", both) == "float32"
 
 
+def test_auto_dtype_follows_each_nodes_activations_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node's reported `activations` (its CPU's choice, or the switch) decides, whatever its CPU."""
+    from exoctl.worker.profile import NodeProfiler
+
+    forced = {**profile(False), "activations": "bfloat16"}
+    held_back = {**profile(True), "activations": "float32"}
+    assert runtime_dtype("auto", [NodeStatus(Node("a", "h1"), forced)]) == "bfloat16"
+    assert runtime_dtype("auto", [NodeStatus(Node("a", "h1"), held_back)]) == "float32"
+    for policy in ("bfloat16", "float32"):
+        monkeypatch.setenv("EXOCTL_ACTIVATIONS", policy)
+        reported = NodeProfiler("n", "cpu", "boot").profile()
+        assert reported["activations"] == policy
+        assert runtime_dtype("auto", [NodeStatus(Node("a", "h1"), reported)]) == policy
+
+
 def test_a_node_downloads_only_the_files_of_its_layers() -> None:
     weight_map = {
         "model.embed_tokens.weight": "m-1.safetensors",

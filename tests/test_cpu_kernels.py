@@ -21,9 +21,24 @@ def kernel_linear(monkeypatch: pytest.MonkeyPatch) -> type[Linear]:
     return Linear
 
 
-def test_the_kernel_is_what_bfloat16_uses_where_bf16_is_not_native() -> None:
+def test_the_kernel_is_what_bfloat16_uses_where_bf16_is_not_native(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("EXOCTL_BF16_MATMUL", raising=False)
     linear = Linear(torch.zeros(8, 8, dtype=torch.bfloat16))
     assert (linear.kernel is not None) == (not cpu_has_native_bf16())
+
+
+@pytest.mark.parametrize(("forced", "by_kernel"), [("kernel", True), ("torch", False)])
+def test_the_bf16_matmul_switch_picks_the_path_on_any_cpu(
+    monkeypatch: pytest.MonkeyPatch, forced: str, by_kernel: bool
+) -> None:
+    monkeypatch.setenv("EXOCTL_BF16_MATMUL", forced)
+    weight = torch.randn(64, 96).bfloat16()
+    x = torch.randn(3, 96).bfloat16()
+    linear = Linear(weight)
+    assert (linear.kernel is not None) == by_kernel
+    # either path: the float32 matmul of the bf16 weights, rounded once to bf16
+    expected = F.linear(x.float(), weight.float()).bfloat16()
+    torch.testing.assert_close(linear(x), expected, rtol=2**-7, atol=1e-2)
 
 
 # K = 203 ends in a part of 16 the kernel adds one by one, 208 in a lone 16 after the steps of 32.

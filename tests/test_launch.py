@@ -207,6 +207,58 @@ def test_up_local_writes_the_inventory_later_commands_use(tmp_path: Path) -> Non
     assert down.returncode == 0 and "local1" in down.stdout and "stopped" in down.stdout
 
 
+def test_a_failed_up_local_never_points_later_commands_at_the_wrong_workers(tmp_path: Path) -> None:
+    """`up --local` writes its inventory only for workers that run: another layout is refused while
+    the old workers run, and a port taken leaves out that worker (no worker is orphaned)."""
+    import socket
+
+    home = {"EXOCTL_HOME": str(tmp_path / "home"), "EXOCTL_INVENTORY": ""}
+    written = tmp_path / "home" / "local-cluster.yaml"
+    first = take_ports(["127.0.0.1"] * 2)
+    other = take_ports(["127.0.0.1"] * 2)
+    up = exoctl("up", "--local", "2", "--base-port", str(first[0]), "--threads", "1", env=home)
+    try:
+        assert up.returncode == 0, up.stderr
+        before = written.read_text()
+        moved = exoctl("up", "--local", "2", "--base-port", str(other[0]), env=home)
+        assert moved.returncode == 1
+        assert "error: the local cluster in" in moved.stderr and f"local1 (127.0.0.1:{first[0]})" in moved.stderr
+        assert "exoctl down" in moved.stderr and "Traceback" not in moved.stderr
+        assert written.read_text() == before
+        nodes = json.loads(exoctl("nodes", "--json", env=home).stdout)
+        assert [n["address"] for n in nodes] == [f"127.0.0.1:{p}" for p in first]
+    finally:
+        down = exoctl("down", env=home)
+    assert down.returncode == 0 and down.stdout.count(" stopped") == 2
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", other[1]))
+    blocker.listen()
+    try:
+        partly = exoctl("up", "--local", "2", "--base-port", str(other[0]), "--threads", "1", env=home)
+        assert partly.returncode == 1
+        assert f"port {other[1]} on 127.0.0.1 is taken by another process" in partly.stdout
+        text = written.read_text()
+        assert f"port: {other[0]}" in text and f"port: {other[1]}" not in text and "local2" not in text
+    finally:
+        blocker.close()
+        down = exoctl("down", env=home)
+    assert down.returncode == 0 and "local1" in down.stdout and "stopped" in down.stdout
+
+
+def test_the_start_timeout_is_an_option_and_its_message_says_what_to_do() -> None:
+    from exoctl.cluster.launcher import ShellResult, start_failure, start_script
+    from exoctl.inventory import Node
+
+    node = Node("n1", "127.0.0.1", activations="float32")
+    script = start_script(node, None, local_keys=True, wait_s=90)
+    assert "while [ $i -lt 900 ]" in script and "--activations float32" in script
+    reason = start_failure(node, ShellResult(5, "TIMEOUT\n", ""), 90)
+    assert reason.startswith("the worker did not start listening within 90 s; it may still be starting")
+    assert "exoctl logs n1" in reason and "exoctl up --start-timeout 360" in reason
+    helped = exoctl("up", "--help")
+    assert "--start-timeout" in helped.stdout and "--activations" in helped.stdout
+
+
 def test_a_worker_refuses_a_network_address_without_keys(tmp_path: Path) -> None:
     result = exoctl("worker", "--name", "w", "--host", "0.0.0.0", "--port", "1")
     assert result.returncode == 1

@@ -97,11 +97,37 @@ def test_wrong_dtype_is_refused(tiny_models: dict[str, Path]) -> None:
 def test_auto_dtype_follows_native_bf16(
     monkeypatch: pytest.MonkeyPatch, native: bool, expected: torch.dtype
 ) -> None:
-    from exoctl.engine import model
+    from exoctl.engine import layers, model
 
-    monkeypatch.setattr(model, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.delenv("EXOCTL_ACTIVATIONS", raising=False)
+    monkeypatch.setattr(layers, "cpu_has_native_bf16", lambda: native)
     assert model.resolve_dtype("auto") == expected
+    assert model.resolve_dtype("int4") == expected
     assert model.resolve_dtype("float32") == torch.float32
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize(("forced", "expected"), [("bfloat16", torch.bfloat16), ("float32", torch.float32)])
+def test_the_activations_switch_overrides_the_cpu(
+    monkeypatch: pytest.MonkeyPatch, native: bool, forced: str, expected: torch.dtype
+) -> None:
+    from exoctl.engine import layers, model
+
+    monkeypatch.setattr(layers, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setenv("EXOCTL_ACTIVATIONS", forced)
+    for name in ("auto", "int8", "int4"):
+        assert model.resolve_dtype(name) == expected
+    assert model.resolve_dtype("float32") == torch.float32
+    assert model.resolve_dtype("bfloat16") == torch.bfloat16
+
+
+def test_a_bad_activations_switch_says_what_it_takes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from exoctl.engine import model
+    from exoctl.errors import ExoctlError
+
+    monkeypatch.setenv("EXOCTL_ACTIVATIONS", "fp8")
+    with pytest.raises(ExoctlError, match=r"EXOCTL_ACTIVATIONS='fp8' is not one of auto, bfloat16, float32"):
+        model.resolve_dtype("int4")
 
 
 def test_layer_range_outside_the_model(tiny_models: dict[str, Path]) -> None:

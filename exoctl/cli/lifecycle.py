@@ -16,7 +16,8 @@ from exoctl.cli.common import InventoryOption, complete_node
 from exoctl.cli.options import JsonOption
 from exoctl.cli.output import console, err_console, print_json, use_json_errors
 from exoctl.errors import ExoctlError
-from exoctl.inventory import DEFAULT_PORT, Node
+from exoctl.cluster.launcher import START_WAIT_S
+from exoctl.inventory import DEFAULT_PORT, Inventory, Node
 
 if TYPE_CHECKING:
     from exoctl.keys import ClusterKeys
@@ -26,7 +27,10 @@ UP_EXAMPLES = (
     "Examples:\n\n  exoctl up --local 2              # two workers on 127.0.0.1, the embedded default\n\n"
     "  exoctl up -i cluster.yaml         # one worker per node over ssh"
 )
-START_WAIT_S = 30.0
+ActivationsOption = typer.Option(
+    help="What auto, int8 and int4 models compute in: bfloat16 or float32 on any CPU, or auto "
+    "(bfloat16 where the CPU has native bf16, else float32). Also EXOCTL_ACTIVATIONS.",
+)
 
 
 def local_threads(nodes: Iterable[Node]) -> int:
@@ -39,22 +43,49 @@ def local_threads(nodes: Iterable[Node]) -> int:
     return max(1, (os.cpu_count() or 1) // max(count, 1))
 
 
-def _start_node(node: Node, keys: ClusterKeys, threads: int) -> dict[str, Any]:
+def _start_node(node: Node, keys: ClusterKeys, threads: int, wait_s: float) -> dict[str, Any]:
     """Start one node's worker: with the node's own `threads` when the inventory sets them, else
     `threads` (this machine's cores shared) for a local one, else all of its cores."""
     from exoctl.cluster.launcher import run_script, start_failure, start_script
 
     local = not node.uses_ssh
     chosen = node.threads if node.threads is not None else threads if local else None
-    result = run_script(node, start_script(node, keys, local_keys=local, threads=chosen))
+    script = start_script(node, keys, local_keys=local, threads=chosen, wait_s=wait_s)
+    result = run_script(node, script, timeout=wait_s + 30)
+    entry = {"node": node.name, "address": node.address, "result": "started", "reason": ""}
     if result.code != 0:
-        return {
-            "node": node.name,
-            "address": node.address,
-            "result": "failed",
-            "reason": start_failure(node, result),
-        }
-    return {"node": node.name, "address": node.address, "result": "started", "reason": ""}
+        # exit 5: the worker is alive but not listening yet; it stays in the inventory (never orphaned)
+        entry.update(result="failed", reason=start_failure(node, result, wait_s), pending=result.code == 5)
+    return entry
+
+
+def _check_local_replacement(inv: Inventory, keys: ClusterKeys | None) -> None:
+    """Refuse to write over the local inventory while workers it names are running elsewhere:
+    later commands would point at the new ports and `down` could no longer stop the old workers."""
+    from exoctl.cluster.client import Cluster
+    from exoctl.inventory import load_inventory_file, local_inventory_path
+    from exoctl.transport import NodeError
+
+    path = local_inventory_path()
+    if not path.is_file():
+        return
+    try:
+        old = load_inventory_file(path)
+    except ExoctlError:
+        return  # unreadable: nothing it names can be reached through it anyway
+    wanted = {(n.host, n.port) for n in inv.nodes}
+    moved = [n for n in old.nodes if (n.host, n.port) not in wanted]
+    if not moved:
+        return
+    with Cluster(old, keys) as cluster:
+        answers = cluster.ask_all("ping", moved, timeout=1.5)
+    alive = [n for n in moved if not isinstance(answers.get(n.name), NodeError)]
+    if alive:
+        names = ", ".join(f"{n.name} ({n.address})" for n in alive)
+        raise ExoctlError(
+            f"the local cluster in {path} is still running on other ports: {names}",
+            hint="stop it with `exoctl down` first (or start the same count on the same --base-port to reuse it)",
+        )
 
 
 def up(
@@ -73,27 +104,39 @@ def up(
             "for an inventory's nodes, set the field 'threads'."
         ),
     ] = None,
+    activations: Annotated[str | None, ActivationsOption] = None,
+    start_timeout: Annotated[
+        float,
+        typer.Option(
+            min=1, help="Seconds to wait for each worker to listen and answer (more for loaded machines)."
+        ),
+    ] = START_WAIT_S,
     json_output: JsonOption = False,
 ) -> None:
     use_json_errors(json_output)
     from exoctl.cluster.client import Cluster
+    from exoctl.cpu_policy import check_activations
     from exoctl.inventory import find_inventory_path, load_inventory, local_inventory, write_local_inventory
-    from exoctl.keys import init_keys
+    from exoctl.keys import find_keys, init_keys
     from exoctl.transport import NodeError
 
+    writes_local = False
     if local is not None:
-        inv = local_inventory(local, base_port, model_dir=model_dir, threads=threads)
-        write_local_inventory(inv)
+        if activations is not None:
+            check_activations(activations)
+        inv = local_inventory(local, base_port, model_dir=model_dir, threads=threads, activations=activations)
+        _check_local_replacement(inv, find_keys())
+        writes_local = True
     else:
-        if model_dir is not None:
-            raise ExoctlError("--model-dir applies to --local workers", hint="set model_dir in the inventory")
-        if threads is not None:
-            raise ExoctlError(
-                "--threads applies to --local workers", hint="set 'threads' on the inventory's nodes"
-            )
+        for flag, value, field in (
+            ("--model-dir", model_dir, "model_dir"),
+            ("--threads", threads, "threads"),
+            ("--activations", activations, "activations"),
+        ):
+            if value is not None:
+                raise ExoctlError(f"{flag} applies to --local workers", hint=f"set '{field}' on the inventory's nodes")
         inv = load_inventory(inventory)
-        if inv.source == "embedded default" and find_inventory_path(inventory) is None:
-            write_local_inventory(inv)
+        writes_local = inv.source == "embedded default" and find_inventory_path(inventory) is None
     keys, made = init_keys()
     if made:
         err_console.print(f"[dim]made the cluster key in {keys.folder}[/]")
@@ -131,19 +174,29 @@ def up(
                 entry.update(result="running", reason="already running (reused)")
             results.append(entry)
         with err_console.status(f"starting {len(to_start)} worker(s)…"), ThreadPoolExecutor(8) as pool:
-            threads = local_threads(inv.nodes)
-            started = list(pool.map(lambda n: _start_node(n, keys, threads), to_start))
+            threads_each = local_threads(inv.nodes)
+            started = list(pool.map(lambda n: _start_node(n, keys, threads_each, start_timeout), to_start))
         ready = [inv.node(e["node"]) for e in started if e["result"] == "started"]
         if ready:
-            answers = cluster.ask_all("ping", ready, timeout=START_WAIT_S)
+            answers = cluster.ask_all("ping", ready, timeout=start_timeout)
             for entry in started:
                 reply = answers.get(entry["node"])
                 if isinstance(reply, NodeError):
-                    entry.update(result="failed", reason=f"started but does not answer: {reply.message}")
+                    entry.update(
+                        result="failed", reason=f"started but does not answer: {reply.message}", pending=True
+                    )
         results += started
     order = {n.name: i for i, n in enumerate(inv.nodes)}
     results.sort(key=lambda e: order[e["node"]])
     failed = [e for e in results if e["result"] == "failed"]
+    if writes_local:
+        # only the workers that run (or may still be coming up): a failed start leaves the file as it
+        # was, so later commands and `down` still reach the workers it named
+        kept = {e["node"] for e in results if e["result"] != "failed" or e.get("pending")}
+        if kept:
+            write_local_inventory(Inventory(inv.name, tuple(n for n in inv.nodes if n.name in kept), inv.source))
+    for entry in results:
+        entry.pop("pending", None)
     if json_output:
         print_json({"cluster": inv.name, "inventory": inv.source, "nodes": results})
     else:
@@ -253,6 +306,7 @@ def worker(
     insecure: Annotated[bool, typer.Option(help="Allow a non-loopback address without keys.")] = False,
     threads: Annotated[int | None, typer.Option(help="Torch threads (default: all cores).")] = None,
     max_batch: Annotated[int, typer.Option(min=1, help="Most sequences decoded in one step.")] = 32,
+    activations: Annotated[str | None, ActivationsOption] = None,
 ) -> None:
     """Run one worker in the foreground (`exoctl up` starts these for you)."""
     from exoctl.keys import load_keys
@@ -261,6 +315,15 @@ def worker(
 
     keys = load_keys(Path(keys_dir).expanduser()) if keys_dir else None
     options = WorkerOptions(
-        name, host, port, keys, [Path(d) for d in model_dir or []], device, insecure, threads, max_batch
+        name,
+        host,
+        port,
+        keys,
+        [Path(d) for d in model_dir or []],
+        device,
+        insecure,
+        threads,
+        max_batch,
+        activations,
     )
     run_worker(options)

@@ -15,7 +15,7 @@ from exoctl.inventory import Node
 from exoctl.keys import PUBLIC_FILE, SECRET_FILE, ClusterKeys
 
 SSH_TIMEOUT_S = 60
-START_WAIT_TENTHS = 300  # the script waits up to 30 s for "listening"
+START_WAIT_S = 30.0  # how long the start script waits for "listening" by default (`up --start-timeout`)
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,13 @@ def _prologue(node: Node) -> str:
     )
 
 
-def start_script(node: Node, keys: ClusterKeys | None, local_keys: bool, threads: int | None = None) -> str:
+def start_script(
+    node: Node,
+    keys: ClusterKeys | None,
+    local_keys: bool,
+    threads: int | None = None,
+    wait_s: float = START_WAIT_S,
+) -> str:
     argv = shlex.split(node.command)
     worker = [
         *argv,
@@ -81,6 +87,8 @@ def start_script(node: Node, keys: ClusterKeys | None, local_keys: bool, threads
     ]
     if threads is not None:
         worker += ["--threads", str(threads)]
+    if node.activations is not None:
+        worker += ["--activations", node.activations]
     lines = [_prologue(node), 'mkdir -p "$work/logs" "$work/run" || exit 4']
     keys_arg = ""
     if keys is not None and local_keys:
@@ -104,7 +112,7 @@ def start_script(node: Node, keys: ClusterKeys | None, local_keys: bool, threads
         "pid=$!",
         'echo "$pid" > "$pidf"',
         "i=0",
-        f"while [ $i -lt {START_WAIT_TENTHS} ]; do",
+        f"while [ $i -lt {max(1, round(wait_s * 10))} ]; do",
         '  if grep -q "listening on" "$log" 2>/dev/null; then echo "STARTED $pid"; exit 0; fi',
         '  if ! kill -0 "$pid" 2>/dev/null; then echo EXITED; tail -n 5 "$log"; rm -f "$pidf"; exit 3; fi',
         "  sleep 0.1; i=$((i+1))",
@@ -142,7 +150,7 @@ def logs_script(node: Node, lines: int) -> str:
     )
 
 
-def start_failure(node: Node, result: ShellResult) -> str:
+def start_failure(node: Node, result: ShellResult, wait_s: float = START_WAIT_S) -> str:
     """The reason a start script failed, in words a user can act on."""
     out = result.out.strip().splitlines()
     if result.code == 127 and out[:1] == ["MISSING"]:
@@ -159,7 +167,11 @@ def start_failure(node: Node, result: ShellResult) -> str:
             return f"port {node.port} on {node.host} is taken by another process"
         return f"the worker exited at start: {detail.strip()[-300:]}"
     if result.code == 5:
-        return f"the worker did not start listening within {START_WAIT_TENTHS / 10:.0f} s"
+        return (
+            f"the worker did not start listening within {wait_s:g} s; it may still be starting (a loaded "
+            f"machine, a slow disk): see `exoctl logs {node.name}` and `exoctl nodes`, or wait longer "
+            f"with `exoctl up --start-timeout {max(120, int(wait_s * 4))}`"
+        )
     if result.code == 255 and node.uses_ssh:
         err = result.err.strip().splitlines()
         return (

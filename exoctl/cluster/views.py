@@ -164,10 +164,17 @@ def node_profiles(statuses: list[NodeStatus]) -> list[NodeProfile]:
 
 def runtime_dtype(dtype: str, statuses: list[NodeStatus], native: str = "") -> str:
     """`auto`: a GGUF model's `native` dtype (the closest to its file's type: int4 for Q4_K_M);
-    else bfloat16 when every live node has native bf16 maths, else float32."""
+    else bfloat16 when every live node computes in bfloat16 (native bf16 maths, or the activations
+    switch), else float32."""
     if dtype != "auto":
         return dtype
     if native:
         return native
     live = [s for s in statuses if s.up]
-    return "bfloat16" if live and all(s.profile and s.profile.get("bf16_native") for s in live) else "float32"
+
+    def bf16(profile: dict[str, Any] | None) -> bool:
+        if not profile:
+            return False
+        return bool(profile.get("activations", "bfloat16" if profile.get("bf16_native") else "") == "bfloat16")
+
+    return "bfloat16" if live and all(bf16(s.profile) for s in live) else "float32"

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from exoctl import cpu_policy
 from exoctl.engine import qkernel
 from exoctl.engine.kv_cache import KVCache
 from exoctl.engine.quant import QuantizedWeight, pack_tiles, unpack_tiles
@@ -29,7 +30,11 @@ def cpu_has_native_bf16() -> bool:
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
 
 
-@functools.cache
+def bf16_activations() -> bool:
+    """Whether `auto`, int8 and int4 compute in bfloat16: EXOCTL_ACTIVATIONS, else the CPU."""
+    return cpu_policy.bf16_activations(cpu_has_native_bf16())
+
+
 def bf16_kernel() -> ctypes.CDLL | None:
     """The node's own bfloat16 kernel where torch's bf16 matmul is slow, else None.
 
@@ -38,7 +43,8 @@ def bf16_kernel() -> ctypes.CDLL | None:
     registers (1.1B shape's gate/up, 2 threads: 3.1 ms a row against torch's 5.2, 10 ms for 8
     rows against 33). A node without a C compiler keeps torch's path: slower, still right.
     """
-    return None if cpu_has_native_bf16() else qkernel.optional_library()
+    by_kernel = cpu_policy.bf16_matmul_by_kernel(cpu_has_native_bf16())  # EXOCTL_BF16_MATMUL forces it
+    return qkernel.optional_library() if by_kernel else None
 
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # what the library's C code reads and writes
@@ -113,6 +119,9 @@ class Linear:
             weight = weight.contiguous()
             self.bias32 = None if bias is None else bias.float().contiguous()
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1) if self.packed else weight
+        # A tensor rank's o_proj/down_proj output is a partial sum: kept in float32 where the path
+        # computes in float32 anyway (the kernel), so ranks round once, after the all-reduce.
+        self.keep_float32 = False
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel is not None:
@@ -138,18 +147,19 @@ class Linear:
                 block = _widen_rows(self.weight, start, stop, self.kernel)
                 bias = None if self.bias32 is None else self.bias32[start:stop]
                 out[:, start:stop] = F.linear(flat, block, bias)
-            return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
-        out = torch.empty((*x.shape[:-1], self.out_features), dtype=x.dtype)
-        is_bf16 = int(x.dtype is torch.bfloat16)
+            out = out.view(*x.shape[:-1], self.out_features)
+            return out if self.keep_float32 else out.to(x.dtype)
+        out_dtype = torch.float32 if self.keep_float32 else x.dtype
+        out = torch.empty((*x.shape[:-1], self.out_features), dtype=out_dtype)
         status = self.kernel.bf16_linear(
             x.data_ptr(),
-            is_bf16,
+            int(x.dtype is torch.bfloat16),
             rows,
             self.in_features,
             self.weight.data_ptr(),
             0 if self.bias32 is None else self.bias32.data_ptr(),
             out.data_ptr(),
-            is_bf16,
+            int(out_dtype is torch.bfloat16),
             self.out_features,
             torch.get_num_threads(),
         )
@@ -176,6 +186,7 @@ class QuantLinear:
         self.nbytes = self.data.numel() + self.scales.numel() * self.scales.element_size()
         if bias is not None:
             self.nbytes += bias.numel() * bias.element_size()
+        self.keep_float32 = False  # a tensor rank's partial sum, rounded after the all-reduce (Linear)
         self._kernel = qkernel.library().qmm_linear
         self._args = (
             self.data.data_ptr(),
@@ -204,7 +215,7 @@ class QuantLinear:
         )
         if status != 0:
             raise MemoryError(f"the quantized kernel could not allocate room for {x.shape} activations")
-        return out if x.dtype is torch.float32 else out.to(x.dtype)
+        return out if x.dtype is torch.float32 or self.keep_float32 else out.to(x.dtype)
 
 
 AnyLinear = Linear | QuantLinear
@@ -428,11 +439,22 @@ class DecoderLayer:
         self.mlp = mlp
         self.reduce: Reduce | None = None
 
+    def sum_partials_in_float32(self) -> None:
+        """Under tensor sharding: the row-split projections hand their partial sums on in float32
+        where they compute in float32 (the quantized and bf16 kernels), and the layer rounds the
+        all-reduced sum to the activations' dtype once, as the whole model rounds its own sum.
+        Partials rounded to bfloat16 before the sum lose about 2^-9 of each part: the greedy tokens
+        of a 4-rank int4 split differed from the whole model's. (MoE shares are whole experts'
+        outputs, rounded as the whole model rounds them: nothing to keep.)"""
+        self.attention.o_proj.keep_float32 = True
+        if isinstance(self.mlp, GatedMLP):
+            self.mlp.down.keep_float32 = True
+
     def __call__(
         self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, caches: list[KVCache]
     ) -> torch.Tensor:
         reduce = self.reduce
         attended = self.attention(self.input_norm(h), cos, sin, caches)
-        h = h + (attended if reduce is None else reduce(attended))
+        h = h + (attended if reduce is None else reduce(attended).to(h.dtype))
         mixed = self.mlp(self.post_norm(h))
-        return h + (mixed if reduce is None else reduce(mixed))
+        return h + (mixed if reduce is None else reduce(mixed).to(h.dtype))

@@ -27,7 +27,7 @@ from exoctl.engine.layers import (
     Reduce,
     RMSNorm,
     Rotary,
-    cpu_has_native_bf16,
+    bf16_activations,
     make_linear,
 )
 from exoctl.engine.shard import WHOLE, TensorShard
@@ -49,9 +49,9 @@ LAYER_LOADERS: dict[str, LayerLoader] = {
 def resolve_dtype(name: str) -> torch.dtype:
     """The dtype of activations, norms and the KV cache. `auto`, int8 and int4 (whose weights
     only are quantized): bfloat16 on CPUs with native bf16 maths, else float32 (AVX2 prefills
-    bf16 2-3x slower)."""
+    bf16 2-3x slower); EXOCTL_ACTIVATIONS forces either on any CPU (exoctl.cpu_policy)."""
     if name == "auto" or name in QUANTIZED_BITS:
-        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+        return torch.bfloat16 if bf16_activations() else torch.float32
     try:
         return DTYPES[name]
     except KeyError:
@@ -222,6 +222,8 @@ def load_model(
         for i in span:
             block = load_layer(reader, config, i, shard)
             block.reduce = reduce
+            if reduce is not None:
+                block.sum_partials_in_float32()
             blocks.append(block)
             if on_layer is not None:
                 on_layer(len(blocks))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 
+from exoctl import cpu_policy
 from exoctl.errors import ExoctlError
 from exoctl.worker.options import WorkerOptions
 from exoctl.worker.server import Worker
@@ -49,6 +50,10 @@ def run_worker(options: WorkerOptions) -> None:
     logging.basicConfig(level=logging.INFO, handlers=[handler])
     for key, value in OMP_ENV.items():
         os.environ.setdefault(key, value)  # read when torch loads libgomp, just below
+    if options.activations is not None:
+        # the engine and the profile read the switch from the environment (exoctl.cpu_policy)
+        os.environ[cpu_policy.ACTIVATIONS_ENV] = cpu_policy.check_activations(options.activations)
+    cpu_policy.activations_name()  # a bad EXOCTL_ACTIVATIONS stops the start, with what it takes
     if options.threads is not None:
         if options.threads < 1:
             raise ExoctlError(f"--threads must be at least 1, got {options.threads}")

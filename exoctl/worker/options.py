@@ -22,6 +22,7 @@ class WorkerOptions:
     insecure: bool = False
     threads: int | None = None
     max_batch: int = 32
+    activations: str | None = None  # EXOCTL_ACTIVATIONS for this worker (exoctl.cpu_policy)
 
 
 def check_bind(host: str, keys: ClusterKeys | None, insecure: bool) -> None:

@@ -10,11 +10,8 @@ from typing import Any
 
 import psutil
 
-from exoctl import __version__
+from exoctl import __version__, cpu_policy
 from exoctl.protocol import PROTOCOL_VERSION
-
-BF16_FLAGS = ("avx512_bf16", "amx_bf16")
-
 
 def cpu_model() -> str:
     """The CPU's marketing name ("AMD EPYC 7551 32-Core Processor"), shown by `state` and the dashboard."""
@@ -39,18 +36,6 @@ def machine_id() -> str:
     return platform.node()
 
 
-def cpu_has_native_bf16() -> bool:
-    """From /proc/cpuinfo, without torch: the same AVX512-BF16 / AMX test the engine makes."""
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return False
-    flags = next(
-        (line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []
-    )
-    return any(flag in flags for flag in BF16_FLAGS)
-
-
 class NodeProfiler:
     def __init__(self, name: str, device: str, boot_id: str) -> None:
         self.name = name
@@ -58,7 +43,7 @@ class NodeProfiler:
         self.boot_id = boot_id
         self.started = time.time()
         self.process = psutil.Process()
-        self.bf16 = cpu_has_native_bf16()
+        self.bf16 = cpu_policy.cpu_has_native_bf16()
         self.machine_id = machine_id()
         self.cpu_model = cpu_model()
         self.cpu_percent = 0.0
@@ -89,5 +74,7 @@ class NodeProfiler:
             "rss": self.process.memory_info().rss,
             "device": self.device,
             "bf16_native": self.bf16,
+            # what `auto`, int8 and int4 compute in here: the CPU's choice, or EXOCTL_ACTIVATIONS's
+            "activations": cpu_policy.activations_name(self.bf16),
             "uptime_s": round(time.time() - self.started, 1),
         }

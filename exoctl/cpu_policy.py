@@ -1,0 +1,83 @@
+"""The choices made from the CPU's features, each with a switch that forces it on any CPU.
+
+Torch-free: the worker's profile, the control side and the engine read the same switches, so a
+test on an AVX2 machine runs what a bf16-native machine will run, and the other way round.
+
+- `EXOCTL_ACTIVATIONS` (`bfloat16` | `float32` | `auto`): the dtype of activations, norms and the
+  KV cache for `auto`, int8 and int4 models. `auto` (the default): bfloat16 where the CPU has
+  native bf16 dot products (AVX512-BF16 or AMX), float32 elsewhere (AVX2 runs bf16 maths 2-3x
+  slower). A node's inventory field `activations` sets it for that node's worker.
+- `EXOCTL_BF16_MATMUL` (`torch` | `kernel` | `auto`): who multiplies bfloat16 weights. `auto`:
+  torch (oneDNN's native bf16 GEMM) where the CPU has native bf16, exoctl's own kernel (bf16
+  widened to float32 in registers) elsewhere.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+from exoctl.errors import ExoctlError
+
+ACTIVATIONS_ENV = "EXOCTL_ACTIVATIONS"
+BF16_MATMUL_ENV = "EXOCTL_BF16_MATMUL"
+ACTIVATION_CHOICES = ("auto", "bfloat16", "float32")
+BF16_MATMUL_CHOICES = ("auto", "torch", "kernel")
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return frozenset()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return frozenset(line.split(":", 1)[1].split()) if ":" in line else frozenset()
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: bf16 dot products in hardware."""
+    return any(flag in cpu_flags() for flag in BF16_FLAGS)
+
+
+def _forced(env: str, choices: tuple[str, ...]) -> str | None:
+    value = os.environ.get(env, "").strip().lower()
+    if value in ("", "auto"):
+        return None
+    if value not in choices:
+        raise ExoctlError(
+            f"{env}={os.environ[env]!r} is not one of {', '.join(choices)}",
+            hint=f"unset {env} to choose by the CPU's features",
+        )
+    return value
+
+
+def check_activations(value: str) -> str:
+    """A value for the activations switch (an option or inventory field), checked."""
+    if value not in ACTIVATION_CHOICES:
+        raise ExoctlError(f"activations must be one of {', '.join(ACTIVATION_CHOICES)}, got {value!r}")
+    return value
+
+
+def bf16_activations(native: bool | None = None) -> bool:
+    """Whether `auto`, int8 and int4 models compute in bfloat16 here: the switch, else whether the
+    CPU has native bf16 (`native`, where the caller probed it otherwise, e.g. through torch)."""
+    forced = _forced(ACTIVATIONS_ENV, ACTIVATION_CHOICES)
+    if forced is not None:
+        return forced == "bfloat16"
+    return cpu_has_native_bf16() if native is None else native
+
+
+def activations_name(native: bool | None = None) -> str:
+    return "bfloat16" if bf16_activations(native) else "float32"
+
+
+def bf16_matmul_by_kernel(native: bool | None = None) -> bool:
+    """Whether bfloat16 weights go through exoctl's kernel rather than torch's GEMM here."""
+    forced = _forced(BF16_MATMUL_ENV, BF16_MATMUL_CHOICES)
+    if forced is not None:
+        return forced == "kernel"
+    return not (cpu_has_native_bf16() if native is None else native)
