@@ -229,7 +229,7 @@ def test_a_failed_up_local_never_points_later_commands_at_the_wrong_workers(tmp_
         assert [n["address"] for n in nodes] == [f"127.0.0.1:{p}" for p in first]
     finally:
         down = exoctl("down", env=home)
-    assert down.returncode == 0 and down.stdout.count(" stopped") == 2
+    assert down.returncode == 0 and down.stdout.count("stopped — stopped") == 2
     blocker = socket.socket()
     blocker.bind(("127.0.0.1", other[1]))
     blocker.listen()
