@@ -49,7 +49,13 @@ class Shard:
     node: str
     start_layer: int
     end_layer: int  # exclusive
-    memory_bytes: int
+    memory_bytes: int  # all of it: weights + kv_bytes + runtime_bytes
+    kv_bytes: int = 0  # the KV reserve of its layers (KV_RESERVE_TOKENS tokens of one sequence)
+    runtime_bytes: int = 0  # the allowance for activations, the interpreter and torch
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.memory_bytes - self.kv_bytes - self.runtime_bytes
 
     @property
     def n_layers(self) -> int:
@@ -73,6 +79,7 @@ class _Costs:
     """Bytes of the pieces of a model in one dtype."""
 
     layers: tuple[int, ...]  # each layer's weights plus its KV reserve (a GGUF's layers may differ)
+    kv_per_layer: int
     embed: int
     head: int  # final norm + lm_head
     overhead: int
@@ -83,6 +90,7 @@ class _Costs:
         kv_per_layer = 2 * card.num_key_value_heads * card.head_dim * float_bytes(dtype) * request.kv_tokens
         return cls(
             layers=tuple(b + kv_per_layer for b in card.layer_bytes_each(dtype)),
+            kv_per_layer=kv_per_layer,
             embed=embedding_bytes(dtype, card.vocab_size, card.hidden_size),
             # final norm + lm_head; a tied lm_head is still a second copy on the last node
             head=card.head_bytes(dtype),
@@ -150,9 +158,18 @@ def _try(card: ModelCard, chosen: list[NodeProfile], costs: _Costs) -> tuple[Sha
         return None
     shards, start = [], 0
     for i, (node, n, held) in enumerate(zip(chosen, layers, costs.ranges(layers), strict=True)):
-        shards.append(Shard(node.name, start, start + n, held + costs.fixed(i, count)))
+        total = held + costs.fixed(i, count)
+        shards.append(Shard(node.name, start, start + n, total, n * costs.kv_per_layer, costs.overhead))
         start += n
     return tuple(shards)
+
+
+def missing_nodes_hint(wanted: int, known: int) -> str:
+    """More nodes asked for than are live: start them, or (more than the inventory has) add them."""
+    if wanted > known:
+        nodes = f"{known} node{'s' if known != 1 else ''}"
+        return f"the inventory has {nodes}: ask for at most {known}, or add nodes to it"
+    return "start the missing workers with `exoctl up`, or ask for fewer nodes"
 
 
 def _gb(value: int) -> str:
@@ -173,7 +190,7 @@ def place(card: ModelCard, nodes: list[NodeProfile], request: PlacementRequest) 
         detail = f" ({', '.join(down)} down)" if down else ""
         raise PlacementError(
             f"{card.id} was asked for {wanted} nodes but only {len(live)} of {len(nodes)} are live{detail}",
-            hint="start the missing workers with `exoctl up`, or ask for fewer nodes",
+            hint=missing_nodes_hint(wanted, len(nodes)),
         )
     if wanted > card.n_layers:
         raise PlacementError(

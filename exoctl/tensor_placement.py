@@ -18,6 +18,7 @@ from exoctl.placement import (
     PlacementError,
     PlacementRequest,
     Shard,
+    missing_nodes_hint,
 )
 
 
@@ -52,6 +53,18 @@ def valid_rank_counts(card: ModelCard, most: int, dtype: str = "float32") -> lis
     return [k for k in range(1, most + 1) if divides(card, k) and cut_block(card, k, dtype) is None]
 
 
+def rank_kv_bytes(card: ModelCard, ranks: int, request: PlacementRequest) -> int:
+    """One rank's share of the KV reserve, over every layer."""
+    kv = (
+        2
+        * (card.num_key_value_heads // ranks)
+        * card.head_dim
+        * float_bytes(request.dtype)
+        * request.kv_tokens
+    )
+    return card.n_layers * kv
+
+
 def rank_bytes(card: ModelCard, ranks: int, request: PlacementRequest) -> int:
     """Bytes one rank needs: its slice of every layer and of lm_head, the whole embedding, its
     share of the KV reserve, and the runtime overhead."""
@@ -78,7 +91,7 @@ def place_tensor(card: ModelCard, nodes: list[NodeProfile], request: PlacementRe
     if wanted > len(live):
         raise PlacementError(
             f"{card.id} was asked for {wanted} nodes but only {len(live)} of {len(nodes)} are live",
-            hint="start the missing workers with `exoctl up`, or ask for fewer nodes",
+            hint=missing_nodes_hint(wanted, len(nodes)),
         )
     valid = valid_rank_counts(card, len(live), request.dtype)
     experts = f", {card.num_experts} experts" if card.num_experts else ""
@@ -108,7 +121,8 @@ def place_tensor(card: ModelCard, nodes: list[NodeProfile], request: PlacementRe
         chosen = largest(count)
         need = rank_bytes(card, count, request)
         if min(n.capacity for n in chosen) >= need:
-            shards = tuple(Shard(n.name, 0, card.n_layers, need) for n in chosen)
+            kv = rank_kv_bytes(card, count, request)
+            shards = tuple(Shard(n.name, 0, card.n_layers, need, kv, RUNTIME_OVERHEAD_BYTES) for n in chosen)
             return Placement(card.id, "tensor", request.dtype, shards)
     count = counts[-1]
     chosen = largest(count)

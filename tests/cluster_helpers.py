@@ -213,9 +213,12 @@ class Server:
         return self.log_path.read_text()
 
     def up(self) -> bool:
+        """Serving: /healthz answers (503 when no node of its cluster is up)."""
         try:
             with urllib.request.urlopen(f"{self.base}/healthz", timeout=5) as response:
                 return response.status == 200
+        except urllib.error.HTTPError as error:
+            return error.code == 503
         except OSError:
             return False
 

@@ -655,6 +655,11 @@ def test_an_api_key_is_required_when_set(cluster2: WorkerCluster) -> None:
         assert status == 401
         status, body = http(server, "GET", "/v1/models", headers={"Authorization": "Bearer s3cret"})
         assert status == 200 and body["object"] == "list"
+        # the scheme is case-insensitive (RFC 9110): "bearer" is Bearer, the key is not
+        assert http(server, "GET", "/v1/models", headers={"Authorization": "bearer s3cret"})[0] == 200
+        assert http(server, "GET", "/v1/models", headers={"Authorization": "BEARER s3cret"})[0] == 200
+        assert http(server, "GET", "/v1/models", headers={"Authorization": "Bearer S3CRET"})[0] == 401
+        assert http(server, "GET", "/v1/models", headers={"Authorization": "Basic s3cret"})[0] == 401
         wrong = openai.OpenAI(base_url=f"{server.base}/v1", api_key="wrong", max_retries=0)
         with pytest.raises(openai.AuthenticationError):
             wrong.models.list()
@@ -664,6 +669,93 @@ def test_an_api_key_is_required_when_set(cluster2: WorkerCluster) -> None:
         assert http(server, "GET", "/openapi.json")[0] == 401
         status, body = http(server, "GET", "/openapi.json", headers={"Authorization": "Bearer s3cret"})
         assert status == 200 and "/v1/chat/completions" in body["paths"]
+    finally:
+        server.stop()
+
+
+def test_what_is_not_supported_or_too_big_is_refused_with_a_clear_error(server: Server, placed: str) -> None:
+    chat = {"model": placed, "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 2}
+    # response_format would be ignored: a 400 that says so, not free text that looks obeyed
+    for shape in (
+        {"type": "json_object"},
+        {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}},
+    ):
+        status, body = http(server, "POST", "/v1/chat/completions", {**chat, "response_format": shape})
+        assert status == 400, body
+        assert "response_format" in body["error"]["message"] and "not supported" in body["error"]["message"]
+    status, _ = http(server, "POST", "/v1/chat/completions", {**chat, "response_format": {"type": "text"}})
+    assert status == 200
+    # a body over the limit is refused before it is read: by its Content-Length, and when chunked
+    from exoctl.api.app import MAX_BODY_BYTES
+
+    from http.client import HTTPConnection
+
+    huge = json.dumps({**chat, "padding": "x" * (MAX_BODY_BYTES + 10)}).encode()
+    connection = HTTPConnection("127.0.0.1", server.port, timeout=60)
+    connection.putrequest("POST", "/v1/chat/completions")
+    connection.putheader("Content-Type", "application/json")
+    connection.putheader("Content-Length", str(len(huge)))
+    connection.endheaders()  # the answer comes before any of the body is sent
+    answer = connection.getresponse()
+    body = json.loads(answer.read())
+    assert (
+        answer.status == 413 and f"is {len(huge)} bytes, over the limit of 16 MB" in body["error"]["message"]
+    )
+    assert body["error"]["code"] == "request_too_large"
+    connection.close()
+
+    def chunks() -> Iterator[bytes]:
+        yield huge[: len(huge) // 2]
+        yield huge[len(huge) // 2 :]
+
+    connection = HTTPConnection("127.0.0.1", server.port, timeout=60)
+    connection.request(
+        "POST",
+        "/v1/chat/completions",
+        body=chunks(),
+        headers={"Content-Type": "application/json"},
+        encode_chunked=True,
+    )
+    answer = connection.getresponse()
+    assert answer.status == 413 and json.loads(answer.read())["error"]["code"] == "request_too_large"
+    connection.close()
+    # unknown routes: OpenAI's envelope, saying where the API is
+    status, body = http(server, "GET", "/v1/nope")
+    assert status == 404 and body["error"]["type"] == "not_found_error"
+    assert (
+        "no such route: GET /v1/nope" in body["error"]["message"]
+        and "/v1/chat/completions" in body["error"]["message"]
+    )
+    status, body = http(server, "DELETE", "/v1/models")
+    assert status == 405 and body["error"]["code"] == "method_not_allowed"
+    # an unknown model is not hinted to be placed
+    status, body = http(server, "POST", "/v1/chat/completions", {**chat, "model": "nope"})
+    assert status == 404 and "unknown model 'nope'" in body["error"]["message"]
+    assert "exoctl place nope" not in body["error"]["message"]
+    assert http(server, "GET", "/healthz")[0] == 200
+
+
+def test_with_no_node_up_health_chat_nodes_and_state_say_so_alike(tmp_path: Path) -> None:
+    from tests.cluster_helpers import make_cluster
+
+    cluster = make_cluster(tmp_path, 2, tmp_path)  # never started
+    expected = "no node is up: none of the 2 nodes answered"
+    for command in ("nodes", "state"):
+        result = cluster.cli(command)
+        assert result.returncode == 1 and expected in result.stderr and "exoctl up" in result.stderr, command
+        assert "node1" in result.stdout  # the table is still shown
+    assert cluster.cli("state", "--json").returncode == 1
+    run = cluster.cli("run", "hi")
+    assert run.returncode == 1 and expected in run.stderr
+    server = Server(cluster)
+    try:
+        status, body = http(server, "GET", "/healthz")
+        assert status == 503 and body["status"] == "unavailable" and body["nodes_up"] == 0
+        assert expected in body["error"]
+        chat = {"model": DEFAULT_MODEL_ID, "messages": [{"role": "user", "content": "hi"}]}
+        status, body = http(server, "POST", "/v1/chat/completions", chat)
+        assert status == 503 and expected in body["error"]["message"]
+        assert body["error"]["code"] == "NoNodeUpError"
     finally:
         server.stop()
 

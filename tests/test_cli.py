@@ -62,8 +62,46 @@ def test_run_without_workers_says_to_start_them(tmp_path: Path) -> None:
     # an empty home: no inventory anywhere, so the embedded default (two local workers) is used
     result = exoctl("run", "hi", env={"EXOCTL_HOME": str(tmp_path), "EXOCTL_INVENTORY": ""})
     assert result.returncode == 1
-    assert result.stderr.startswith("error: no worker of cluster 'local' answers")
+    assert result.stderr.startswith("error: no node is up: none of the 2 nodes answered (local1 (127.0.0.1:")
     assert "exoctl up" in result.stderr
+
+
+def test_dry_run_with_no_node_up_plans_a_local_cluster_from_this_machine(tmp_path: Path) -> None:
+    """The embedded default with no worker running: loopback nodes share this machine's free memory."""
+    import psutil
+
+    env = {"EXOCTL_HOME": str(tmp_path), "EXOCTL_INVENTORY": ""}
+    result = exoctl("place", "smollm2-135m-cpu", "--nodes", "2", "--dry-run", "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["planned_from"] == "inventory" and [s["node"] for s in plan["shards"]] == ["local1", "local2"]
+    for shard in plan["shards"]:
+        assert shard["memory_bytes"] == shard["weight_bytes"] + shard["kv_bytes"] + shard["runtime_bytes"]
+        assert 0 < shard["weight_bytes"] < 200e6 and shard["kv_bytes"] > 0 and shard["runtime_bytes"] > 0
+    assert sum(s["memory_bytes"] for s in plan["shards"]) < psutil.virtual_memory().total
+    table = exoctl("place", "smollm2-135m-cpu", "--nodes", "2", "--dry-run", env=env)
+    assert table.returncode == 0 and "planned from the inventory: no node is up" in table.stdout
+    for column in ("weights", "KV reserve", "runtime", "needs"):
+        assert column in table.stdout
+    # not a dry run: the one "no node is up" error, not a placement's "0.0 GB" or "use --dtype"
+    real = exoctl("place", "smollm2-135m-cpu", "--nodes", "2", env=env)
+    assert real.returncode == 1 and real.stderr.startswith("error: no node is up")
+    assert "0.0 GB" not in real.stderr and "--dtype" not in real.stderr
+
+
+def test_more_nodes_than_the_inventory_has_says_so() -> None:
+    from exoctl.catalog import get_card
+    from exoctl.placement import GB, NodeProfile, PlacementError, PlacementRequest, place
+
+    nodes = [NodeProfile(f"n{i}", 64 * GB, 64 * GB) for i in range(3)]
+    with pytest.raises(PlacementError) as raised:
+        place(get_card("llama-3.1-8b-cpu"), nodes, PlacementRequest(nodes=9))
+    assert raised.value.hint == "the inventory has 3 nodes: ask for at most 3, or add nodes to it"
+    nodes[2] = NodeProfile("n2", 0, 0, live=False)
+    with pytest.raises(PlacementError) as raised:
+        place(get_card("llama-3.1-8b-cpu"), nodes, PlacementRequest(nodes=3))
+    assert "only 2 of 3 are live (n2 down)" in raised.value.message
+    assert raised.value.hint is not None and "exoctl up" in raised.value.hint
 
 
 @pytest.mark.parametrize(
@@ -141,7 +179,15 @@ def test_dry_run_on_the_example_inventory_uses_the_test_plans_node_counts(
     assert plan["model_id"] == model and plan["sharding"] == "pipeline" and plan["dtype"] == "float32"
     assert [s["node"] for s in plan["shards"]] == [f"node{i + 1}" for i in range(nodes)]
     assert all(s["memory_bytes"] <= 96e9 for s in plan["shards"])
-    assert set(plan["shards"][0]) == {"node", "start_layer", "end_layer", "memory_bytes"}
+    assert set(plan["shards"][0]) == {
+        "node",
+        "start_layer",
+        "end_layer",
+        "memory_bytes",
+        "weight_bytes",
+        "kv_bytes",
+        "runtime_bytes",
+    }
     assert plan["reason"].startswith("pipeline, as asked: layers node1 [0, ")
     table = exoctl(*args)
     assert table.returncode == 0 and "node1" in table.stdout and "GB" in table.stdout

@@ -222,7 +222,9 @@ def test_a_failed_up_local_never_points_later_commands_at_the_wrong_workers(tmp_
         before = written.read_text()
         moved = exoctl("up", "--local", "2", "--base-port", str(other[0]), env=home)
         assert moved.returncode == 1
-        assert "error: the local cluster in" in moved.stderr and f"local1 (127.0.0.1:{first[0]})" in moved.stderr
+        assert (
+            "error: the local cluster in" in moved.stderr and f"local1 (127.0.0.1:{first[0]})" in moved.stderr
+        )
         assert "exoctl down" in moved.stderr and "Traceback" not in moved.stderr
         assert written.read_text() == before
         nodes = json.loads(exoctl("nodes", "--json", env=home).stdout)

@@ -33,11 +33,38 @@ from exoctl.api.schemas import (
     PlaceRequest,
 )
 from exoctl.api.service import ClusterService, NotFound, shards_json
+from exoctl.cluster.views import no_node_up
 from exoctl.errors import ExoctlError, InvalidRequestError
 
 log = logging.getLogger("exoctl.serve")
 
 OPEN_PATHS = frozenset({"/healthz", *DASHBOARD_PATHS})
+# The largest request body taken: a 128k-token conversation is about 0.5 MB of JSON, tool schemas
+# and long system prompts a few MB more. Bodies are parsed on the event loop, so a huge one would
+# stall every stream (a 68 MB body froze /healthz for 8 s and took 1 GB).
+MAX_BODY_BYTES = 16 * 1024 * 1024
+
+
+def replay(body: bytes, receive: Receive) -> Receive:
+    """A `receive` that gives `body` as one message, then what the client sends next (its disconnect)."""
+    given = [False]
+
+    async def replayed() -> Message:
+        if not given[0]:
+            given[0] = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replayed
+
+
+def too_large_response(size: str) -> JSONResponse:
+    body = error_body(
+        f"the request body is {size}, over the limit of {MAX_BODY_BYTES // (1024 * 1024)} MB",
+        "invalid_request_error",
+        code="request_too_large",
+    )
+    return JSONResponse(body, status_code=413)
 
 
 class Guard:
@@ -58,7 +85,8 @@ class Guard:
         request = Request(scope)
         refusal = self._refusal(request)
         if refusal is not None:
-            self.metrics.requests.labels(request.url.path, str(refusal.status_code)).inc()
+            # refused before routing: counted as "unmatched", so hostile paths add no labels
+            self.metrics.requests.labels("unmatched", str(refusal.status_code)).inc()
             await refusal(scope, receive, send)
             return
         status = [500]
@@ -68,6 +96,23 @@ class Guard:
                 status[0] = message["status"]
             await send(message)
 
+        chunked = request.method in ("POST", "PUT", "PATCH") and "content-length" not in request.headers
+        if chunked:
+            # a body sent without Content-Length (chunked) is read here, up to the limit, and
+            # handed on whole: FastAPI would turn an error raised while it reads into a 400
+            body = bytearray()
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return  # the client went away
+                body += message.get("body", b"")
+                if len(body) > MAX_BODY_BYTES:
+                    self.metrics.requests.labels("unmatched", "413").inc()
+                    await too_large_response(f"over {MAX_BODY_BYTES} bytes")(scope, receive, send)
+                    return
+                if not message.get("more_body", False):
+                    break
+            receive = replay(bytes(body), receive)
         try:
             await self.app(scope, receive, counted)
         finally:
@@ -76,8 +121,12 @@ class Guard:
 
     def _refusal(self, request: Request) -> JSONResponse | None:
         if self.api_key is not None and request.url.path not in OPEN_PATHS:
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+            scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
+            # the scheme is case-insensitive (RFC 9110 11.1): "bearer" and "BEARER" are Bearer
+            right = scheme.lower() == "bearer" and secrets.compare_digest(
+                token.strip().encode(), self.api_key.encode()
+            )
+            if not right:
                 self.metrics.errors.labels("authentication_error").inc()
                 body = error_body(
                     "missing or wrong API key: send 'Authorization: Bearer <key>'",
@@ -85,6 +134,9 @@ class Guard:
                     code="invalid_api_key",
                 )
                 return JSONResponse(body, status_code=401)
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > MAX_BODY_BYTES:
+            return too_large_response(f"{int(length)} bytes")
         content_type = request.headers.get("content-type")
         if request.method == "POST" and content_type and not content_type.startswith("application/json"):
             # a browser page may POST text/plain or a form to localhost without asking (no CORS
@@ -157,18 +209,30 @@ def create_app(
         return exoctl_error_response(exc)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return JSONResponse(error_body(str(exc.detail), kind), status_code=exc.status_code)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            message = (
+                f"no such route: {request.method} {request.url.path[:200]} (the API: /v1/chat/completions, "
+                "/v1/models, /state, /instance, /place_instance, /healthz; see the README)"
+            )
+            return JSONResponse(error_body(message, "not_found_error", code="not_found"), status_code=404)
+        if exc.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path[:200]}"
+            body = error_body(message, "invalid_request_error", code="method_not_allowed")
+            return JSONResponse(body, status_code=405)
+        return JSONResponse(error_body(str(exc.detail), "invalid_request_error"), status_code=exc.status_code)
 
     # --- health and metrics -------------------------------------------------------------------
 
     @app.get("/healthz")
-    async def healthz() -> dict[str, Any]:
+    async def healthz() -> JSONResponse:
         statuses = await run_in_threadpool(service.statuses)
         up = sum(1 for s in statuses if s.up)
-        return {
-            "status": "ok",
+        down = no_node_up(statuses)
+        body = {
+            # 503 with no node up: a load balancer or a script's check should not call that healthy
+            "status": "ok" if down is None else "unavailable",
+            "error": None if down is None else f"{down.message} ({down.hint})",
             "version": __version__,
             "cluster": service.inventory.name,
             "nodes": len(statuses),
@@ -176,6 +240,7 @@ def create_app(
             # the dashboard asks for the key before its first call, rather than after a 401
             "api_key_required": api_key is not None,
         }
+        return JSONResponse(body, status_code=200 if down is None else 503)
 
     @app.get("/metrics")
     async def prometheus() -> PlainTextResponse:

@@ -8,6 +8,7 @@ from typing import Any
 from fastapi.responses import JSONResponse
 
 from exoctl.api.service import Forbidden, NotFound, NotPlacedError
+from exoctl.cluster.views import NoNodeUpError
 from exoctl.errors import ExoctlError, InvalidRequestError, ModelNotFoundError
 from exoctl.placement import PlacementError
 from exoctl.sharding import UnknownShardingError
@@ -23,6 +24,7 @@ ERROR_STATUS: list[tuple[type[ExoctlError], int, str]] = [
     (UnknownShardingError, 400, "invalid_request_error"),
     (PlacementError, 409, "placement_error"),
     (NodeError, 503, "server_error"),
+    (NoNodeUpError, 503, "server_error"),
 ]
 
 

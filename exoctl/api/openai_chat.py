@@ -270,9 +270,9 @@ class ChatCompletion:
                             yield sse(self._chunk([], usage=usage(result)))
                         break
                     case Failed(error):
-                        status, error_type = classify(error)
+                        _, error_type = classify(error)
                         self.metrics.errors.labels(error_type).inc()
-                        yield sse(error_body(error.message, error_type, code=str(status)))
+                        yield sse(error_body(error.message, error_type, code=type(error).__name__))
                         break
             yield sse("[DONE]")
         finally:

@@ -138,6 +138,19 @@ class ChatRequest(BaseModel):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    # Not supported yet: refused with a 400 rather than answered in free text as if it were obeyed.
+    response_format: dict[str, Any] | None = None
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        kind = None if value is None else value.get("type")
+        if value is not None and kind != "text":
+            raise ValueError(
+                f"response_format {kind!r} is not supported yet: exoctl cannot constrain the answer to "
+                "JSON; leave response_format out (or use type 'text') and ask for JSON in the prompt"
+            )
+        return value
 
     @field_validator("messages")
     @classmethod

@@ -19,7 +19,14 @@ from exoctl.api.instance_doc import planned_placement
 from exoctl.catalog import ModelCard, find_card, get_card, load_catalog
 from exoctl.cluster.client import Cluster
 from exoctl.cluster.state import history, planned_instance, state_document
-from exoctl.cluster.views import InstanceView, NodeStatus, find_instance, instances_of, runtime_dtype
+from exoctl.cluster.views import (
+    InstanceView,
+    NodeStatus,
+    find_instance,
+    instances_of,
+    no_node_up,
+    runtime_dtype,
+)
 from exoctl.dtypes import DTYPE_CHOICES
 from exoctl.errors import ExoctlError, InvalidRequestError, ModelNotFoundError
 from exoctl.gguf_file import is_gguf_model
@@ -145,8 +152,19 @@ class ClusterService:
         view = find_instance(statuses, model)
         if view is not None:
             return view
+        down = no_node_up(statuses)
+        if down is not None:
+            raise down
         card = find_card(model)
         wanted = card.id if card is not None else model
+        path_like = "/" in model or model.startswith(("~", ".")) or model.endswith(".gguf")
+        if card is None and hub_reference(model) is None and not path_like:
+            known = ", ".join(sorted({v.model_id for v in instances_of(statuses).values() if v.serving}))
+            raise ModelNotFoundError(
+                f"unknown model {model[:200]!r}: not a catalog id, a placed model or instance, a Hub "
+                f"repo id or a model folder (placed models: {known or 'none'})",
+                hint="`exoctl models` (GET /v1/models) lists the models; place one with `exoctl place ID`",
+            )
         placed = (
             ", ".join(sorted({v.model_id for v in instances_of(statuses).values() if v.serving})) or "none"
         )

@@ -61,12 +61,15 @@ def ensure_instance(
 ) -> InstanceView:
     """The instance for `model` in this sweep of `statuses`, placing it with the defaults first
     (and saying so) if needed."""
-    from exoctl.cluster.views import find_instance
+    from exoctl.cluster.views import find_instance, no_node_up
     from exoctl.model_store import resolve_card
 
     view = find_instance(statuses, model)
     if view is not None:
         return view
+    down = no_node_up(statuses)
+    if down is not None:
+        raise down
     card, ref = resolve_card(model or DEFAULT_MODEL_ID)
     chosen = plan_for(cluster, statuses, card, dtype, "auto")
     say(f"{card.id} is not placed: placing it with the defaults ({chosen.placement.dtype}; {chosen.reason})…")
@@ -118,12 +121,11 @@ def live_statuses(cluster: Cluster) -> list[NodeStatus]:
                 hint="copy the key they were started with into $EXOCTL_HOME/keys here, or stop them "
                 "(`exoctl down` stops the workers it started) and `exoctl up` again with this key",
             )
-        raise not_running_hint(cluster)
+        raise not_running_hint(cluster, statuses)
     return statuses
 
 
-def not_running_hint(cluster: Cluster) -> ExoctlError:
-    return ExoctlError(
-        f"no worker of cluster {cluster.inventory.name!r} answers ({cluster.inventory.source})",
-        hint="start them with `exoctl up` (or `exoctl up --local 2` for a local cluster)",
-    )
+def not_running_hint(cluster: Cluster, statuses: list[NodeStatus]) -> ExoctlError:
+    from exoctl.cluster.views import no_node_up
+
+    return no_node_up(statuses) or ExoctlError(f"no worker of cluster {cluster.inventory.name!r} answers")

@@ -6,6 +6,7 @@ import os
 import sys
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -15,8 +16,8 @@ from exoctl import __version__
 from exoctl.cli.common import InventoryOption, complete_node
 from exoctl.cli.options import JsonOption
 from exoctl.cli.output import console, err_console, print_json, use_json_errors
-from exoctl.errors import ExoctlError
 from exoctl.cluster.launcher import START_WAIT_S
+from exoctl.errors import ExoctlError
 from exoctl.inventory import DEFAULT_PORT, Inventory, Node
 
 if TYPE_CHECKING:
@@ -43,7 +44,21 @@ def local_threads(nodes: Iterable[Node]) -> int:
     return max(1, (os.cpu_count() or 1) // max(count, 1))
 
 
-def _start_node(node: Node, keys: ClusterKeys, threads: int, wait_s: float) -> dict[str, Any]:
+@dataclass
+class NodeStart:
+    """What `up` did for one node (its --json shape: node, address, result, reason)."""
+
+    node: str
+    address: str
+    result: str = ""  # started, running, failed
+    reason: str = ""
+    pending: bool = False  # failed to answer in time but still alive: kept in the local inventory
+
+    def to_json(self) -> dict[str, str]:
+        return {"node": self.node, "address": self.address, "result": self.result, "reason": self.reason}
+
+
+def _start_node(node: Node, keys: ClusterKeys, threads: int, wait_s: float) -> NodeStart:
     """Start one node's worker: with the node's own `threads` when the inventory sets them, else
     `threads` (this machine's cores shared) for a local one, else all of its cores."""
     from exoctl.cluster.launcher import run_script, start_failure, start_script
@@ -52,11 +67,11 @@ def _start_node(node: Node, keys: ClusterKeys, threads: int, wait_s: float) -> d
     chosen = node.threads if node.threads is not None else threads if local else None
     script = start_script(node, keys, local_keys=local, threads=chosen, wait_s=wait_s)
     result = run_script(node, script, timeout=wait_s + 30)
-    entry = {"node": node.name, "address": node.address, "result": "started", "reason": ""}
     if result.code != 0:
         # exit 5: the worker is alive but not listening yet; it stays in the inventory (never orphaned)
-        entry.update(result="failed", reason=start_failure(node, result, wait_s), pending=result.code == 5)
-    return entry
+        reason = start_failure(node, result, wait_s)
+        return NodeStart(node.name, node.address, "failed", reason, pending=result.code == 5)
+    return NodeStart(node.name, node.address, "started")
 
 
 def _check_local_replacement(inv: Inventory, keys: ClusterKeys | None) -> None:
@@ -84,7 +99,8 @@ def _check_local_replacement(inv: Inventory, keys: ClusterKeys | None) -> None:
         names = ", ".join(f"{n.name} ({n.address})" for n in alive)
         raise ExoctlError(
             f"the local cluster in {path} is still running on other ports: {names}",
-            hint="stop it with `exoctl down` first (or start the same count on the same --base-port to reuse it)",
+            hint="stop it with `exoctl down` first "
+            "(or start the same count on the same --base-port to reuse it)",
         )
 
 
@@ -134,80 +150,81 @@ def up(
             ("--activations", activations, "activations"),
         ):
             if value is not None:
-                raise ExoctlError(f"{flag} applies to --local workers", hint=f"set '{field}' on the inventory's nodes")
+                raise ExoctlError(
+                    f"{flag} applies to --local workers", hint=f"set '{field}' on the inventory's nodes"
+                )
         inv = load_inventory(inventory)
         writes_local = inv.source == "embedded default" and find_inventory_path(inventory) is None
     keys, made = init_keys()
     if made:
         err_console.print(f"[dim]made the cluster key in {keys.folder}[/]")
-    results: list[dict[str, Any]] = []
+    results: list[NodeStart] = []
     with Cluster(inv, keys) as cluster:
         answers = cluster.ask_all("ping")
         to_start = []
         for node in inv.nodes:
             answer = answers[node.name]
-            entry = {"node": node.name, "address": node.address, "result": "", "reason": ""}
+            entry = NodeStart(node.name, node.address)
             if isinstance(answer, NodeError):
                 if "protocol version" in answer.message:
-                    entry.update(
-                        result="failed",
-                        reason=f"version mismatch: {answer.message} "
-                        "(`exoctl down`, install the same exoctl on the node, `exoctl up`)",
+                    entry.result = "failed"
+                    entry.reason = (
+                        f"version mismatch: {answer.message} "
+                        "(`exoctl down`, install the same exoctl on the node, `exoctl up`)"
                     )
                     results.append(entry)
                 elif "refused" in answer.message:
-                    entry.update(result="failed", reason=answer.message + " (run `exoctl down` first)")
+                    entry.result, entry.reason = "failed", answer.message + " (run `exoctl down` first)"
                     results.append(entry)
                 else:
                     to_start.append(node)
                 continue
             profile = answer["profile"]
             if profile["version"] != __version__:
-                entry.update(
-                    result="failed",
-                    reason=f"version mismatch: the node runs exoctl {profile['version']}, "
-                    f"this is {__version__} (`exoctl down`, upgrade the node, `exoctl up`)",
+                entry.result = "failed"
+                entry.reason = (
+                    f"version mismatch: the node runs exoctl {profile['version']}, "
+                    f"this is {__version__} (`exoctl down`, upgrade the node, `exoctl up`)"
                 )
             elif profile["name"] != node.name:
-                entry.update(result="failed", reason=f"{node.address} is held by worker {profile['name']!r}")
+                entry.result, entry.reason = "failed", f"{node.address} is held by worker {profile['name']!r}"
             else:
-                entry.update(result="running", reason="already running (reused)")
+                entry.result, entry.reason = "running", "already running (reused)"
             results.append(entry)
         with err_console.status(f"starting {len(to_start)} worker(s)…"), ThreadPoolExecutor(8) as pool:
             threads_each = local_threads(inv.nodes)
             started = list(pool.map(lambda n: _start_node(n, keys, threads_each, start_timeout), to_start))
-        ready = [inv.node(e["node"]) for e in started if e["result"] == "started"]
+        ready = [inv.node(e.node) for e in started if e.result == "started"]
         if ready:
             answers = cluster.ask_all("ping", ready, timeout=start_timeout)
             for entry in started:
-                reply = answers.get(entry["node"])
+                reply = answers.get(entry.node)
                 if isinstance(reply, NodeError):
-                    entry.update(
-                        result="failed", reason=f"started but does not answer: {reply.message}", pending=True
-                    )
+                    entry.result, entry.pending = "failed", True
+                    entry.reason = f"started but does not answer: {reply.message}"
         results += started
     order = {n.name: i for i, n in enumerate(inv.nodes)}
-    results.sort(key=lambda e: order[e["node"]])
-    failed = [e for e in results if e["result"] == "failed"]
+    results.sort(key=lambda e: order[e.node])
+    failed = [e for e in results if e.result == "failed"]
     if writes_local:
         # only the workers that run (or may still be coming up): a failed start leaves the file as it
         # was, so later commands and `down` still reach the workers it named
-        kept = {e["node"] for e in results if e["result"] != "failed" or e.get("pending")}
+        kept = {e.node for e in results if e.result != "failed" or e.pending}
         if kept:
-            write_local_inventory(Inventory(inv.name, tuple(n for n in inv.nodes if n.name in kept), inv.source))
-    for entry in results:
-        entry.pop("pending", None)
+            write_local_inventory(
+                Inventory(inv.name, tuple(n for n in inv.nodes if n.name in kept), inv.source)
+            )
     if json_output:
-        print_json({"cluster": inv.name, "inventory": inv.source, "nodes": results})
+        print_json({"cluster": inv.name, "inventory": inv.source, "nodes": [e.to_json() for e in results]})
     else:
         for entry in results:
             mark = {
                 "started": "[green]started[/]",
                 "running": "[green]running[/]",
                 "failed": "[red]failed[/]",
-            }[entry["result"]]
-            reason = f" — {entry['reason']}" if entry["reason"] else ""
-            console.print(f"{entry['node']:<12} {entry['address']:<22} {mark}{reason}")
+            }[entry.result]
+            reason = f" — {entry.reason}" if entry.reason else ""
+            console.print(f"{entry.node:<12} {entry.address:<22} {mark}{reason}")
     if failed:
         raise typer.Exit(1)
 

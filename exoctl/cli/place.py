@@ -49,19 +49,31 @@ def place(
     card, ref = resolve_card(model)
     with open_cluster(inventory) as cluster:
         statuses = cluster.statuses()
-        if dry_run and not any(s.up for s in statuses):
-            # plan on the inventory alone: declared memory_gb, or nothing to go on
-            from exoctl.cluster.views import NodeStatus
+        planned_offline = dry_run and not any(s.up for s in statuses)
+        if not dry_run:
+            from exoctl.cluster.views import no_node_up
 
-            statuses = [NodeStatus(s.node, {"ram_total": 0, "ram_available": 0}) for s in statuses]
+            down = no_node_up(statuses)
+            if down is not None:
+                raise down
+        if planned_offline:
+            from exoctl.cluster.views import offline_statuses
+
+            statuses = offline_statuses(statuses)
         chosen = plan_for(cluster, statuses, card, dtype, sharding, nodes, min_nodes)
         placement = chosen.placement
         if dry_run:
+            source = "inventory" if planned_offline else "nodes"
             if json_output:
-                print_json({**placement_json(placement), "reason": chosen.reason})
+                print_json({**placement_json(placement), "reason": chosen.reason, "planned_from": source})
             else:
                 console.print(placement_table(placement))
                 console.print(f"sharding: {chosen.reason}")
+                if planned_offline:
+                    console.print(
+                        "[dim]planned from the inventory: no node is up (loopback nodes share this "
+                        "machine's free memory; others count their memory_gb)[/]"
+                    )
             return
         if not json_output:
             console.print(placement_table(placement))

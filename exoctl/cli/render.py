@@ -203,11 +203,17 @@ def state_view(statuses: list[NodeStatus], views: list[InstanceView]) -> Group:
 
 
 def placement_table(placement: Placement) -> Table:
+    from exoctl.placement import KV_RESERVE_TOKENS
+
     table = Table(
         title=f"{placement.model_id}: {placement.sharding} in {placement.dtype}", title_justify="left"
     )
-    for column in ("node", "layers", "count", "memory"):
-        table.add_column(column)
+    # what the memory a node needs holds: the weights it loads, the KV reserve of one long
+    # sequence, and the runtime's allowance (a small model's plan is mostly the last two)
+    for column in ("node", "layers", "count"):
+        table.add_column(column, no_wrap=True)
+    for column in ("weights", "KV reserve", "runtime", "needs"):
+        table.add_column(column, justify="right", no_wrap=True)
     count = len(placement.shards)
     for shard in placement.shards:
         span = f"[{shard.start_layer}, {shard.end_layer})"
@@ -215,8 +221,15 @@ def placement_table(placement: Placement) -> Table:
             shard.node,
             f"1/{count} of {span}" if placement.sharding == "tensor" else span,
             str(shard.n_layers),
-            gb(shard.memory_bytes),
+            mb(shard.weight_bytes),
+            mb(shard.kv_bytes),
+            mb(shard.runtime_bytes),
+            mb(shard.memory_bytes),
         )
+    table.caption = (
+        f"needs = weights + KV reserve (one {KV_RESERVE_TOKENS}-token sequence) + runtime allowance"
+    )
+    table.caption_justify = "left"
     return table
 
 
@@ -231,6 +244,9 @@ def placement_json(placement: Placement) -> dict[str, object]:
                 "start_layer": s.start_layer,
                 "end_layer": s.end_layer,
                 "memory_bytes": s.memory_bytes,
+                "weight_bytes": s.weight_bytes,
+                "kv_bytes": s.kv_bytes,
+                "runtime_bytes": s.runtime_bytes,
             }
             for s in placement.shards
         ],

@@ -27,17 +27,21 @@ def state(
     """Nodes, instances and shards of the cluster."""
     use_json_errors(json_output)
     from exoctl.cluster.state import state_document
-    from exoctl.cluster.views import instances_of
+    from exoctl.cluster.views import instances_of, no_node_up
 
     with open_cluster(inventory) as cluster:
         statuses = cluster.statuses()
-        if json_output:
-            print_json(state_document(statuses, cluster.inventory.name))
+        if json_output or not watch:
+            # the state is shown either way; with no node up it is an error, as for `nodes`
+            if json_output:
+                print_json(state_document(statuses, cluster.inventory.name))
+            else:
+                console.print(state_view(statuses, list(instances_of(statuses).values())))
+            down = no_node_up(statuses)
+            if down is not None:
+                raise down
             return
         views = list(instances_of(statuses).values())
-        if not watch:
-            console.print(state_view(statuses, views))
-            return
         try:
             with Live(state_view(statuses, views), console=console, refresh_per_second=4) as live:
                 while True:
@@ -69,5 +73,8 @@ def nodes(inventory: InventoryOption = None, json_output: JsonOption = False) ->
         )
     else:
         console.print(nodes_table(statuses))
-    if not any(s.up for s in statuses):
-        raise typer.Exit(1)
+    from exoctl.cluster.views import no_node_up
+
+    down = no_node_up(statuses)
+    if down is not None:
+        raise down

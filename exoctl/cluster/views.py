@@ -162,6 +162,44 @@ def node_profiles(statuses: list[NodeStatus]) -> list[NodeProfile]:
     return profiles
 
 
+def offline_statuses(statuses: list[NodeStatus]) -> list[NodeStatus]:
+    """Statuses to plan by when no node is up (`place --dry-run`): a node's declared memory_gb,
+    and for loopback nodes this machine's free memory (psutil), shared among them as their
+    workers would share it. A node with neither cannot be planned on."""
+    import psutil
+
+    from exoctl import cpu_policy
+
+    memory = psutil.virtual_memory()
+    here = {
+        "ram_total": memory.total,
+        "ram_available": memory.available,
+        "machine_id": "this machine",
+        "activations": cpu_policy.activations_name(),
+    }
+    planned = []
+    unknown = []
+    for status in statuses:
+        node = status.node
+        if node.memory_gb:
+            size = int(node.memory_gb * GB)
+            # without its CPU's flags, float32 activations: the larger (safe) count
+            profile = {"ram_total": size, "ram_available": size, "machine_id": node.name}
+            planned.append(NodeStatus(node, profile))
+        elif node.is_loopback:
+            planned.append(NodeStatus(node, dict(here)))
+        else:
+            unknown.append(node.name)
+            planned.append(NodeStatus(node, None, error=status.error))
+    if len(unknown) == len(statuses):
+        raise ExoctlError(
+            f"no node is up and the inventory declares no memory for {', '.join(unknown)}: "
+            "nothing to plan by",
+            hint="start the workers with `exoctl up`, or give the nodes memory_gb in the inventory",
+        )
+    return planned
+
+
 def runtime_dtype(dtype: str, statuses: list[NodeStatus], native: str = "") -> str:
     """`auto`: a GGUF model's `native` dtype (the closest to its file's type: int4 for Q4_K_M);
     else bfloat16 when every live node computes in bfloat16 (native bf16 maths, or the activations
@@ -175,6 +213,24 @@ def runtime_dtype(dtype: str, statuses: list[NodeStatus], native: str = "") -> s
     def bf16(profile: dict[str, Any] | None) -> bool:
         if not profile:
             return False
-        return bool(profile.get("activations", "bfloat16" if profile.get("bf16_native") else "") == "bfloat16")
+        return bool(
+            profile.get("activations", "bfloat16" if profile.get("bf16_native") else "") == "bfloat16"
+        )
 
     return "bfloat16" if live and all(bf16(s.profile) for s in live) else "float32"
+
+
+class NoNodeUpError(ExoctlError):
+    """Not one node of the inventory answered."""
+
+
+def no_node_up(statuses: list[NodeStatus]) -> NoNodeUpError | None:
+    """The one error for "no node is up" that `nodes`, `state`, chat and /healthz give, or None."""
+    if any(s.up for s in statuses):
+        return None
+    shown = "; ".join(f"{s.node.name} ({s.node.address}): {s.error or 'down'}" for s in statuses[:3])
+    more = f"; and {len(statuses) - 3} more" if len(statuses) > 3 else ""
+    return NoNodeUpError(
+        f"no node is up: none of the {len(statuses)} nodes answered ({shown}{more})",
+        hint="start the workers with `exoctl up` (`exoctl up --local 2` for a local cluster)",
+    )

@@ -13,6 +13,7 @@ import psutil
 from exoctl import __version__, cpu_policy
 from exoctl.protocol import PROTOCOL_VERSION
 
+
 def cpu_model() -> str:
     """The CPU's marketing name ("AMD EPYC 7551 32-Core Processor"), shown by `state` and the dashboard."""
     try:
