@@ -13,6 +13,7 @@ from enum import Enum
 from typing import Any
 
 from exoctl.protocol import ProtocolError
+from exoctl.sampling_params import SamplingDefaults
 
 
 class RunnerStatus(str, Enum):
@@ -65,6 +66,7 @@ class RunnerReport:
     collective_ms_per_token: float | None = None  # tensor ranks: time in collectives
     collective_transport: str | None = None  # tensor ranks: "shm" (ranks on one host) or "zmq"
     tool_format: str | None = None  # head: how its chat template calls tools (Tokenizer.tool_format)
+    sampling_defaults: SamplingDefaults | None = None  # head: the model's own sampling defaults
     # counters since load, for a benchmark's differences: tokens decoded (one per sequence per
     # step), seconds in those steps' forward passes, and (tensor ranks) seconds of that in collectives
     decoded_tokens: int = 0
@@ -84,6 +86,9 @@ class RunnerReport:
         raw["status"] = self.status.value
         raw["nodes"] = list(self.nodes)
         raw["experts"] = [[e.expert, e.tokens] for e in self.experts]
+        raw["sampling_defaults"] = (
+            None if self.sampling_defaults is None else self.sampling_defaults.to_wire()
+        )
         return raw
 
     @classmethod
@@ -97,6 +102,7 @@ class RunnerReport:
                 status=RunnerStatus(raw["status"]),
                 failure=Failure(str(failure["message"]), failure["lost_node"]) if failure else None,
                 experts=tuple(ExpertLoad(int(e), int(t)) for e, t in raw["experts"]),
+                sampling_defaults=SamplingDefaults.from_wire(raw.get("sampling_defaults")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ProtocolError(f"a runner report is malformed ({type(exc).__name__}: {exc})") from None
@@ -105,5 +111,5 @@ class RunnerReport:
 _PLAIN_FIELDS = tuple(
     name
     for name in RunnerReport.__dataclass_fields__
-    if name not in ("nodes", "status", "failure", "experts")
+    if name not in ("nodes", "status", "failure", "experts", "sampling_defaults")
 )

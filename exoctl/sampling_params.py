@@ -137,3 +137,91 @@ class SamplingParams:
 
 
 WIRE_FIELDS = frozenset(f.name for f in fields(SamplingParams))
+
+
+# The answer's budget when neither the request nor the model says: a chat answer, not a ramble
+# (the API's earlier 1,024 at temperature 1 gave the test plan's curl 55 s of nonsense).
+DEFAULT_MAX_TOKENS = 512
+# What a model may declare (generation_config.json, GGUF `general.sampling.*`) and a request
+# leave out; the rest of SamplingParams has no model default.
+DEFAULTABLE = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "max_tokens")
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """A model's own sampling defaults; None where it declares none. Read by the head runner
+    at load (engine.generation_defaults) and reported with it, so the API and the CLI apply the
+    defaults of the model they talk to, as vLLM and llama.cpp do. A model that declares no
+    sampling (no `do_sample`) is answered greedily, as transformers' `generate` answers it."""
+
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    max_tokens: int | None = None
+    source: str = ""  # where they were read: "generation_config.json", "GGUF metadata", or ""
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_wire(cls, raw: Any) -> SamplingDefaults | None:
+        """Defaults from a runner report; None for a malformed or missing entry (no defaults)."""
+        if not isinstance(raw, dict):
+            return None
+        try:
+            values = {name: raw.get(name) for name in DEFAULTABLE}
+            for value in values.values():
+                if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                    return None
+            return cls(**values, source=str(raw.get("source", "")))
+        except TypeError:
+            return None
+
+    def described(self) -> str:
+        shown = [f"{n} {getattr(self, n)}" for n in DEFAULTABLE if getattr(self, n) is not None]
+        return f"{', '.join(shown) or 'greedy'} (from {self.source or 'no declared defaults'})"
+
+
+@dataclass(frozen=True)
+class SamplingRequest:
+    """What a request asked for; None where it left a value to the model's defaults."""
+
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    max_tokens: int | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logprobs: int | None = None
+
+    def resolve(self, defaults: SamplingDefaults | None) -> SamplingParams:
+        """The request's values, else the model's, else greedy with no cuts and DEFAULT_MAX_TOKENS
+        (SamplingParamError names a bad value)."""
+        model = defaults or SamplingDefaults()
+
+        def pick(name: str, fallback: Any) -> Any:
+            asked = getattr(self, name)
+            if asked is not None:
+                return asked
+            declared = getattr(model, name)
+            return fallback if declared is None else declared
+
+        return SamplingParams(
+            temperature=pick("temperature", 0.0),
+            top_k=pick("top_k", 0),
+            top_p=pick("top_p", 1.0),
+            seed=self.seed,
+            max_tokens=pick("max_tokens", DEFAULT_MAX_TOKENS),
+            stop=self.stop,
+            min_p=pick("min_p", 0.0),
+            frequency_penalty=self.frequency_penalty,
+            presence_penalty=self.presence_penalty,
+            repetition_penalty=pick("repetition_penalty", 1.0),
+            logprobs=self.logprobs,
+        )

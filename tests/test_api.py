@@ -98,9 +98,56 @@ def test_the_test_plans_curl_commands(server: Server, cluster2: WorkerCluster) -
         assert len(answer["choices"][0]["message"]["content"]) > 20
         assert answer["usage"]["completion_tokens"] > 5
         assert answer["choices"][0]["finish_reason"] in ("stop", "length")
+        # no temperature and no max_tokens: the model declares no sampling, so it is answered
+        # greedily (the same text twice) within the default budget, not 1,024 tokens at temperature 1
+        from exoctl.sampling_params import DEFAULT_MAX_TOKENS
+
+        assert answer["usage"]["completion_tokens"] <= DEFAULT_MAX_TOKENS
+        again = http(
+            server,
+            "POST",
+            "/v1/chat/completions",
+            {
+                "model": SMOLLM2_REPO,
+                "messages": [{"role": "user", "content": "Explain distributed inference"}],
+            },
+        )[1]
+        assert again["choices"][0]["message"]["content"] == answer["choices"][0]["message"]["content"]
     finally:
         status, _ = http(server, "DELETE", f"/instance/{placed['instance_id']}")
         assert status == 200
+
+
+def test_a_request_that_leaves_sampling_out_gets_the_models_own_defaults(
+    server: Server, cluster2: WorkerCluster, tiny_models: dict[str, Path]
+) -> None:
+    """A model folder whose generation_config.json declares sampling and a 5-token budget: the API
+    and the CLI apply them where the request is silent, and what a request sets wins."""
+    import shutil
+
+    folder = next(iter(tiny_models.values())).parent / "llama-with-defaults"
+    if not folder.exists():
+        shutil.copytree(tiny_models["llama"], folder)
+        config = {"do_sample": True, "temperature": 0.7, "top_k": 5, "max_new_tokens": 5}
+        (folder / "generation_config.json").write_text(json.dumps(config))
+    status, body = http(server, "POST", "/place_instance", {"model_id": str(folder), "dtype": "float32"})
+    assert status == 200, body
+    try:
+        chat = {"model": str(folder), "messages": [{"role": "user", "content": "hi"}], "seed": 1}
+        for asked, expected in (({}, 5), ({"max_tokens": 3}, 3), ({"max_completion_tokens": 8}, 8)):
+            status, answer = http(server, "POST", "/v1/chat/completions", {**chat, **asked})
+            assert status == 200, answer
+            if answer["choices"][0]["finish_reason"] == "length":  # a random model may end sooner
+                assert answer["usage"]["completion_tokens"] == expected, asked
+            else:
+                assert answer["usage"]["completion_tokens"] < expected
+        run = cluster2.cli("run", "--json", "-m", str(folder), "--seed", "1", "hi")
+        assert run.returncode == 0, run.stderr
+        done = json.loads(run.stdout)
+        used = done["usage"]["completion_tokens"]
+        assert used == 5 if done["finish_reason"] == "length" else used < 5
+    finally:
+        http(server, "DELETE", f"/instance/{body['instance_id']}")
 
 
 def test_openai_client_chat_and_stream(client: openai.OpenAI, placed: str) -> None:
@@ -686,9 +733,9 @@ def test_what_is_not_supported_or_too_big_is_refused_with_a_clear_error(server: 
     status, _ = http(server, "POST", "/v1/chat/completions", {**chat, "response_format": {"type": "text"}})
     assert status == 200
     # a body over the limit is refused before it is read: by its Content-Length, and when chunked
-    from exoctl.api.app import MAX_BODY_BYTES
-
     from http.client import HTTPConnection
+
+    from exoctl.api.app import MAX_BODY_BYTES
 
     huge = json.dumps({**chat, "padding": "x" * (MAX_BODY_BYTES + 10)}).encode()
     connection = HTTPConnection("127.0.0.1", server.port, timeout=60)

@@ -3,6 +3,8 @@ included), and a malformed one is refused with a clear error rather than read by
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import msgpack
 import pytest
 
@@ -11,7 +13,13 @@ from exoctl.errors import ExoctlError, InvalidRequestError
 from exoctl.protocol import Message, ProtocolError
 from exoctl.runner_report import ExpertLoad, Failure, RunnerReport, RunnerStatus
 from exoctl.runner_spec import RunnerSpec
-from exoctl.sampling_params import SamplingParamError, SamplingParams
+from exoctl.sampling_params import (
+    DEFAULT_MAX_TOKENS,
+    SamplingDefaults,
+    SamplingParamError,
+    SamplingParams,
+    SamplingRequest,
+)
 from exoctl.worker.lane import Cancel, PeerMessage, TokenBatch, job_sequences, merge_token_jobs
 
 
@@ -43,7 +51,13 @@ def report(**changes: object) -> RunnerReport:
 
 @pytest.mark.parametrize(
     "value",
-    [report(), report(status=RunnerStatus.LOADING, failure=None, experts=(), collective_ms_per_token=None)],
+    [
+        report(),
+        report(status=RunnerStatus.LOADING, failure=None, experts=(), collective_ms_per_token=None),
+        report(
+            sampling_defaults=SamplingDefaults(0.6, None, 0.9, max_tokens=64, source="generation_config.json")
+        ),
+    ],
 )
 def test_a_runner_report_survives_the_wire(value: RunnerReport) -> None:
     back = RunnerReport.from_wire(through_msgpack(value.to_wire()))
@@ -140,3 +154,64 @@ def test_token_messages_merge_into_one_batch_at_the_place_of_the_first() -> None
     assert isinstance(merged[1], TokenBatch) and [m["seqs"] for m in merged[1].messages] == [["a"], ["b"]]
     assert job_sequences(merged[1]) == ["a", "b"] and job_sequences(release) == ["c"]
     assert job_sequences(Cancel("x")) == []
+
+
+def test_a_request_takes_what_it_left_out_from_the_model_else_greedy_and_a_bounded_answer() -> None:
+    llama = SamplingDefaults(temperature=0.6, top_p=0.9, source="generation_config.json")
+    asked = SamplingRequest(top_p=0.5, stop=("\n",), seed=3)
+    chosen = asked.resolve(llama)
+    assert (chosen.temperature, chosen.top_p, chosen.top_k) == (0.6, 0.5, 0)  # the request's top_p wins
+    assert chosen.max_tokens == DEFAULT_MAX_TOKENS == 512 and chosen.stop == ("\n",) and chosen.seed == 3
+    plain = SamplingRequest().resolve(None)
+    assert plain.greedy and not plain.truncates and plain.max_tokens == 512
+    assert SamplingRequest(temperature=1.0, max_tokens=7).resolve(llama).max_tokens == 7
+    assert SamplingRequest().resolve(SamplingDefaults(max_tokens=20)).max_tokens == 20
+    with pytest.raises(SamplingParamError, match="top_p"):
+        SamplingRequest(top_p=2.0).resolve(None)
+    # a report from an older or broken worker: no defaults rather than an error
+    assert SamplingDefaults.from_wire({"temperature": "hot"}) is None
+    assert SamplingDefaults.from_wire(None) is None
+
+
+def test_a_models_defaults_follow_transformers_reading_of_its_generation_config(tmp_path: Path) -> None:
+    import json
+
+    from exoctl.engine.generation_defaults import from_generation_config, from_gguf
+
+    def written(config: dict[str, object]) -> SamplingDefaults:
+        (tmp_path / "generation_config.json").write_text(json.dumps(config))
+        return from_generation_config(tmp_path)
+
+    assert from_generation_config(tmp_path) == SamplingDefaults()  # no file: nothing declared
+    # Llama 3.1 Instruct's and Qwen2.5 Instruct's files
+    llama = written({"do_sample": True, "temperature": 0.6, "top_p": 0.9, "eos_token_id": [128001, 128009]})
+    assert (llama.temperature, llama.top_p, llama.top_k, llama.source) == (
+        0.6,
+        0.9,
+        None,
+        "generation_config.json",
+    )
+    qwen = written(
+        {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}
+    )
+    assert (qwen.temperature, qwen.top_k, qwen.repetition_penalty) == (0.7, 20, 1.05)
+    # without do_sample transformers decodes greedily, whatever temperature the file lists
+    assert written({"temperature": 0.9, "max_new_tokens": 64}) == SamplingDefaults(
+        temperature=0.0, max_tokens=64, source="generation_config.json"
+    )
+    # max_length counts the prompt: not a budget; values SamplingParams refuses are dropped
+    assert written({"do_sample": True, "max_length": 20}).max_tokens is None
+    assert written({"do_sample": True, "top_p": 7}) == SamplingDefaults(source="generation_config.json")
+
+    from types import SimpleNamespace
+
+    header = SimpleNamespace(  # what from_gguf reads of a GGUF header
+        path=tmp_path / "m.gguf",
+        metadata={
+            "general.sampling.temp": 0.8,
+            "general.sampling.top_k": 40,
+            "general.sampling.top_p": 0.95,
+        },
+    )
+    gguf = from_gguf(header)  # type: ignore[arg-type]
+    assert (gguf.temperature, gguf.top_k, gguf.top_p, gguf.source) == (0.8, 40, 0.95, "GGUF metadata")

@@ -26,7 +26,12 @@ from exoctl.api.tool_calls import ToolStream, forced_prefix
 from exoctl.chat_options import ChatOptions
 from exoctl.completion import Completion
 from exoctl.errors import ExoctlError, InvalidRequestError
-from exoctl.sampling_params import SamplingParams
+from exoctl.sampling_params import (
+    SamplingDefaults,
+    SamplingParamError,
+    SamplingParams,
+    SamplingRequest,
+)
 
 DISCONNECT_CHECK_S = 0.5  # how often a non-streamed answer checks that its client is still there
 
@@ -59,22 +64,31 @@ def sse(data: dict[str, Any] | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-def request_params(body: ChatRequest) -> SamplingParams:
-    """OpenAI's defaults: temperature 1, top_p 1, no penalties; max_completion_tokens over the
-    older max_tokens. top_k, min_p and repetition_penalty are vLLM's extensions (-1 or 0: off)."""
-    return SamplingParams(
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p,
-        top_k=max(body.top_k or 0, 0),
-        min_p=body.min_p or 0.0,
+def request_params(body: ChatRequest) -> SamplingRequest:
+    """What the request set; what it leaves out comes from the model's own defaults, as vLLM
+    does (SamplingRequest.resolve: greedy and DEFAULT_MAX_TOKENS where the model declares none).
+    max_completion_tokens over the older max_tokens. top_k, min_p and repetition_penalty are
+    vLLM's extensions (top_k -1 or 0: off)."""
+    return SamplingRequest(
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=None if body.top_k is None else max(body.top_k, 0),
+        min_p=body.min_p,
         seed=body.seed,
-        max_tokens=body.max_completion_tokens or body.max_tokens or 1024,
+        max_tokens=body.max_completion_tokens or body.max_tokens,
         stop=tuple(body.stops()),
         frequency_penalty=body.frequency_penalty or 0.0,
         presence_penalty=body.presence_penalty or 0.0,
-        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        repetition_penalty=body.repetition_penalty,
         logprobs=(body.top_logprobs or 0) if body.logprobs else None,
     )
+
+
+def resolve_params(asked: SamplingRequest, defaults: SamplingDefaults | None) -> SamplingParams:
+    try:
+        return asked.resolve(defaults)
+    except SamplingParamError as exc:
+        raise InvalidRequestError(str(exc)) from None
 
 
 def chat_options(body: ChatRequest, tool_format: str | None) -> tuple[ChatOptions, str]:
@@ -129,6 +143,7 @@ class ChatCompletion:
         """The answer; `disconnected` tells whether the client went away (its generation is then
         cancelled, streamed or not)."""
         params = request_params(self.body)
+        resolve_params(params, None)  # a bad value is refused before any node is asked
         loop = asyncio.get_running_loop()
         thread = threading.Thread(target=self._generate, args=(loop, params), name=f"chat-{self.id[-8:]}")
         thread.daemon = True
@@ -161,7 +176,7 @@ class ChatCompletion:
                     self.metrics.completed(self.model, result)
                     return JSONResponse(self._answer(result))
 
-    def _generate(self, loop: asyncio.AbstractEventLoop, params: SamplingParams) -> None:
+    def _generate(self, loop: asyncio.AbstractEventLoop, asked: SamplingRequest) -> None:
         def put(event: Event) -> None:
             loop.call_soon_threadsafe(self.events.put_nowait, event)
 
@@ -174,6 +189,7 @@ class ChatCompletion:
                 options, prefix = chat_options(self.body, tool_format)
                 if options.tools is not None:
                     self.tools = ToolStream(tool_format, self.body.tool_names(), prefix)
+                params = resolve_params(asked, view.sampling_defaults)
                 generation = cluster.generate(view, params, messages=messages, chat=options)
                 put(Started(view.model_id))
                 for text, logprobs in generation.deltas():

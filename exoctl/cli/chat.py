@@ -10,12 +10,16 @@ import typer
 from exoctl.cli.common import InventoryOption, check_request, ensure_instance, live_statuses, open_cluster
 from exoctl.cli.options import (
     FrequencyPenaltyOption,
+    MaxTokensOption,
     MinPOption,
     PresencePenaltyOption,
     RepetitionPenaltyOption,
+    TemperatureOption,
+    TopKOption,
+    TopPOption,
 )
 from exoctl.cli.output import console, err_console, note
-from exoctl.cli.run import ModelChoice, sampling_params
+from exoctl.cli.run import ModelChoice, resolve_options, sampling_request
 from exoctl.completion import Completion
 from exoctl.errors import ExoctlError
 
@@ -31,12 +35,12 @@ COMMANDS = (
 def chat(
     model: ModelChoice = None,
     system: Annotated[str | None, typer.Option(help="A system message at the start of the chat.")] = None,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="Most tokens per answer.")] = 512,
-    temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
-    top_k: Annotated[int, typer.Option(help="Sample among the k most likely tokens (0: all).")] = 0,
-    min_p: MinPOption = 0.0,
-    repetition_penalty: RepetitionPenaltyOption = 1.0,
+    max_tokens: MaxTokensOption = None,
+    temperature: TemperatureOption = None,
+    top_p: TopPOption = None,
+    top_k: TopKOption = None,
+    min_p: MinPOption = None,
+    repetition_penalty: RepetitionPenaltyOption = None,
     frequency_penalty: FrequencyPenaltyOption = 0.0,
     presence_penalty: PresencePenaltyOption = 0.0,
     seed: Annotated[int | None, typer.Option(help="Seed for sampling.")] = None,
@@ -45,7 +49,7 @@ def chat(
     ] = "auto",
     inventory: InventoryOption = None,
 ) -> None:
-    params = sampling_params(
+    asked = sampling_request(
         max_tokens,
         temperature,
         top_p,
@@ -106,6 +110,7 @@ def chat(
                     note(COMMANDS)
                 continue
             history.append({"role": "user", "content": text})
+            params = resolve_options(asked, view.sampling_defaults)
             generation = cluster.generate(view, params, messages=history)
             try:
                 for delta in generation:

@@ -32,13 +32,27 @@ ShardingOption = Annotated[
     ),
 ]
 
-# sampling beyond temperature / top-p / top-k (`run` and `chat`)
+# sampling (`run` and `chat`): an option left out takes the model's own default (its
+# generation_config.json or GGUF metadata), else greedy with no cuts and a 512-token answer
+MaxTokensOption = Annotated[
+    int | None,
+    typer.Option("--max-tokens", "-n", help="Most tokens to generate (default: the model's, else 512)."),
+]
+TemperatureOption = Annotated[
+    float | None, typer.Option(help="0 is greedy (default: the model's own, else 0).")
+]
+TopPOption = Annotated[
+    float | None, typer.Option(help="Nucleus sampling mass (default: the model's, else 1).")
+]
+TopKOption = Annotated[
+    int | None, typer.Option(help="Sample among the k most likely tokens (0: all; default: the model's).")
+]
 MinPOption = Annotated[
-    float,
+    float | None,
     typer.Option("--min-p", help="Keep tokens at least this fraction as likely as the top one (0: off)."),
 ]
 RepetitionPenaltyOption = Annotated[
-    float,
+    float | None,
     typer.Option(
         help="Divide the logits of tokens already seen, prompt included (1: off; 1.1-1.3 is usual)."
     ),

@@ -18,13 +18,17 @@ from exoctl.cli.common import (
 from exoctl.cli.options import (
     FrequencyPenaltyOption,
     JsonOption,
+    MaxTokensOption,
     MinPOption,
     PresencePenaltyOption,
     RepetitionPenaltyOption,
+    TemperatureOption,
+    TopKOption,
+    TopPOption,
 )
 from exoctl.cli.output import err_console, note, print_json, use_json_errors
 from exoctl.errors import InvalidRequestError
-from exoctl.sampling_params import SamplingParamError, SamplingParams
+from exoctl.sampling_params import SamplingDefaults, SamplingParamError, SamplingParams, SamplingRequest
 
 HELP = "Answer one prompt (from the argument or stdin) on the cluster and exit."
 EXAMPLES = (
@@ -45,32 +49,39 @@ ModelChoice = Annotated[
 ]
 
 
-def sampling_params(
-    max_tokens: int,
-    temperature: float,
-    top_p: float,
-    top_k: int,
+def sampling_request(
+    max_tokens: int | None,
+    temperature: float | None,
+    top_p: float | None,
+    top_k: int | None,
     seed: int | None,
     stop: list[str] | None,
-    min_p: float = 0.0,
-    repetition_penalty: float = 1.0,
+    min_p: float | None = None,
+    repetition_penalty: float | None = None,
     frequency_penalty: float = 0.0,
     presence_penalty: float = 0.0,
-) -> SamplingParams:
-    """The options as SamplingParams; a bad value is named by its option."""
+) -> SamplingRequest:
+    """The options as a SamplingRequest (an option left out takes the model's default); a bad
+    value is named by its option, before any node is asked."""
+    asked = SamplingRequest(
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        max_tokens=max_tokens,
+        seed=seed,
+        stop=tuple(stop or ()),
+        frequency_penalty=frequency_penalty,
+        presence_penalty=presence_penalty,
+    )
+    resolve_options(asked, None)
+    return asked
+
+
+def resolve_options(asked: SamplingRequest, defaults: SamplingDefaults | None) -> SamplingParams:
     try:
-        return SamplingParams(
-            temperature,
-            top_k,
-            top_p,
-            seed,
-            max_tokens,
-            tuple(stop or ()),
-            min_p=min_p,
-            frequency_penalty=frequency_penalty,
-            presence_penalty=presence_penalty,
-            repetition_penalty=repetition_penalty,
-        )
+        return asked.resolve(defaults)
     except SamplingParamError as exc:
         raise InvalidRequestError(f"--{exc.name.replace('_', '-')} {exc.problem}") from None
 
@@ -78,14 +89,14 @@ def sampling_params(
 def run(
     prompt: Annotated[str | None, typer.Argument(help="The prompt; read from stdin when omitted.")] = None,
     model: ModelChoice = None,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="Most tokens to generate.")] = 256,
-    temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
-    top_k: Annotated[int, typer.Option(help="Sample among the k most likely tokens (0: all).")] = 0,
+    max_tokens: MaxTokensOption = None,
+    temperature: TemperatureOption = None,
+    top_p: TopPOption = None,
+    top_k: TopKOption = None,
     seed: Annotated[int | None, typer.Option(help="Seed for sampling.")] = None,
     stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable).")] = None,
-    min_p: MinPOption = 0.0,
-    repetition_penalty: RepetitionPenaltyOption = 1.0,
+    min_p: MinPOption = None,
+    repetition_penalty: RepetitionPenaltyOption = None,
     frequency_penalty: FrequencyPenaltyOption = 0.0,
     presence_penalty: PresencePenaltyOption = 0.0,
     raw: Annotated[
@@ -98,7 +109,7 @@ def run(
     json_output: JsonOption = False,
 ) -> None:
     use_json_errors(json_output)
-    params = sampling_params(
+    asked = sampling_request(
         max_tokens,
         temperature,
         top_p,
@@ -120,6 +131,7 @@ def run(
     with open_cluster(inventory) as cluster:
         statuses = live_statuses(cluster)
         view = ensure_instance(cluster, statuses, model, dtype, note)
+        params = resolve_options(asked, view.sampling_defaults)
         messages = None if raw else [{"role": "user", "content": prompt}]
         generation = cluster.generate(view, params, messages=messages, prompt=prompt if raw else None)
         try:

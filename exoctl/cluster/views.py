@@ -17,6 +17,7 @@ from exoctl.inventory import Node
 from exoctl.model_store import as_path, hub_reference
 from exoctl.placement import GB, NodeProfile
 from exoctl.runner_report import RunnerReport, RunnerStatus
+from exoctl.sampling_params import SamplingDefaults
 
 
 class InstanceStatus(str, Enum):
@@ -55,6 +56,12 @@ class InstanceView:
     @property
     def head(self) -> str:
         return self.nodes[0]
+
+    @property
+    def sampling_defaults(self) -> SamplingDefaults | None:
+        """The model's own sampling defaults, as its head runner read them."""
+        head = self.runners.get(self.head)
+        return head.sampling_defaults if head is not None else None
 
     @property
     def missing(self) -> list[str]:

@@ -21,6 +21,7 @@ import torch
 
 from exoctl.chat_options import ChatOptions
 from exoctl.engine.generate import SequenceStream, check_prompt
+from exoctl.engine.generation_defaults import read_defaults
 from exoctl.engine.kv_cache import KVCache
 from exoctl.engine.logprobs import token_logprob
 from exoctl.engine.mixtral import SparseMoE
@@ -32,7 +33,7 @@ from exoctl.errors import ExoctlError, InvalidRequestError
 from exoctl.protocol import Message
 from exoctl.runner_report import ExpertLoad, Failure, RunnerReport, RunnerStatus
 from exoctl.runner_spec import RunnerSpec
-from exoctl.sampling_params import SamplingParams
+from exoctl.sampling_params import SamplingDefaults, SamplingParams
 from exoctl.worker.loader import LoadCancelled
 from exoctl.worker.outbox import Out, ToClient, ToPeer, ToSelf, client_error
 from exoctl.worker.steps import PROMPT_IDS, ForwardStep, check_hidden, check_room
@@ -68,6 +69,7 @@ class Runner:
         self.layers_loaded = 0
         self.model: CausalLM | None = None
         self.tokenizer: Tokenizer | None = None
+        self.sampling_defaults: SamplingDefaults | None = None  # head: the model's own (its files)
         self.caches: dict[str, KVCache] = {}
         self.samplers: dict[str, Sampler] = {}
         self.heads: dict[str, HeadSequence] = {}
@@ -110,6 +112,8 @@ class Runner:
                     hint="the nodes hold different versions of the model; give every node the same files",
                 )
             tokenizer = Tokenizer(folder) if spec.is_head else None
+            if spec.is_head:
+                self.sampling_defaults = read_defaults(folder)
         except BaseException:
             release_memory()
             raise
@@ -171,6 +175,7 @@ class Runner:
             active_sequences=len(self.caches),
             experts=self.experts(),
             tool_format=self.tokenizer.tool_format if self.tokenizer is not None else None,
+            sampling_defaults=self.sampling_defaults,
         )
 
     def experts(self) -> tuple[ExpertLoad, ...]:
