@@ -22,7 +22,7 @@ from exoctl.errors import ExoctlError
 # 2: tensor sharding (tp_hello, int64 ids in "forward"); 3: typed runner reports; 4: "chat" in
 # "generate" (tools, an answer's forced start), the head's tool format in its report, logprobs in
 # "token" and "delta"; 5: "download", "record" (the supervisor's history), both in "status_reply"
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 MAX_HEADER_BYTES = 8 * 2**20
 MAX_TENSOR_BYTES = 2**31  # one 8192-token prefill of an 8192-wide model in float32 is 268 MB
 MAX_TENSORS = 4
@@ -66,6 +66,9 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "chat": (dict, type(None)),  # ChatOptions' wire form
     },
     "cancel": {"request_id": str},
+    # the client of a running request, answering the head's keepalive: still reading. A request
+    # whose client has said nothing for CLIENT_SILENT_S is cancelled (a SIGKILLed `serve` or `run`)
+    "alive": {"request_id": str},
     "shutdown": {},
     # between the runners of one instance
     # a batch of B sequences: hidden [B, T, D] (T > 1 only for one sequence's prefill), or under

@@ -813,6 +813,16 @@ def test_serve_refuses_a_network_address_without_a_key() -> None:
     assert result.stderr.startswith("error: refusing to serve on 0.0.0.0 without an API key")
 
 
+def test_serve_on_a_taken_port_is_one_clean_error(server: Server) -> None:
+    result = exoctl("serve", "--port", str(server.port))
+    assert result.returncode == 1
+    assert result.stderr.startswith(
+        f"error: cannot serve on 127.0.0.1:{server.port}: the port is taken by another process"
+    )
+    assert "exoctl serve: http" not in result.stderr  # no banner for a server that never ran
+    assert "Errno" not in result.stderr and "Traceback" not in result.stderr
+
+
 def test_hostile_values_get_a_4xx_naming_the_problem_never_a_500(server: Server, placed: str) -> None:
     chat = {"model": DEFAULT_MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     for change, text in [

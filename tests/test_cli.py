@@ -58,6 +58,17 @@ def test_models_table() -> None:
     assert "mixtral-8x7b-cpu" in result.stdout and "93.4 GB" in result.stdout
 
 
+def test_models_keeps_the_ids_whole_at_80_columns() -> None:
+    from exoctl.catalog import load_catalog
+
+    result = exoctl("models", env={"COLUMNS": "80"})
+    assert result.returncode == 0
+    assert max(len(line) for line in result.stdout.splitlines()) <= 80
+    for card in load_catalog():
+        assert f" {card.id} " in result.stdout, card.id
+    assert "exoctl models --json" in result.stdout  # where the columns left out are
+
+
 def test_run_without_workers_says_to_start_them(tmp_path: Path) -> None:
     # an empty home: no inventory anywhere, so the embedded default (two local workers) is used
     result = exoctl("run", "hi", env={"EXOCTL_HOME": str(tmp_path), "EXOCTL_INVENTORY": ""})

@@ -460,6 +460,57 @@ def test_ctrl_c_in_run_stops_the_workers_too(cluster4: WorkerCluster) -> None:
         cluster4.cli("delete", instance_id)
 
 
+def test_a_client_killed_without_a_word_stops_its_generation(cluster4: WorkerCluster) -> None:
+    """`exoctl run` SIGKILLed mid-answer says nothing to the head: its silence cancels the request
+    (within CLIENT_SILENT_S), not 1,000 tokens later."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from exoctl.worker.server import CLIENT_SILENT_S
+
+    instance_id = cluster4.cli_json("place", DEFAULT_MODEL_ID, "--nodes", "2", "--dtype", "float32")[
+        "instance_id"
+    ]
+
+    def generating() -> int:
+        with cluster4.client() as client:
+            return sum(r.active_sequences for s in client.statuses() for r in s.runners)
+
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "exoctl",
+            "run",
+            "--raw",
+            "-n",
+            "5000",
+            "-i",
+            str(cluster4.inventory),
+            "1, 2, 3,",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.read(20)  # it is streaming
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        killed = time.monotonic()
+        assert generating() > 0  # the head does not know yet
+        assert wait_for(lambda: generating() == 0, timeout=CLIENT_SILENT_S + 6)
+        assert time.monotonic() - killed >= CLIENT_SILENT_S - 2  # ended by the silence, not by itself
+        assert "its client said nothing" in cluster4.log("node1")
+    finally:
+        proc.kill()
+        cluster4.cli("delete", instance_id)
+
+
 def test_a_worker_busy_decoding_answers_status_at_once(cluster4: WorkerCluster) -> None:
     import time
 

@@ -275,3 +275,23 @@ def test_workers_on_one_machine_share_its_memory() -> None:
         (0, 0, False),
     ]
     assert profiles[3].capacity == 96 * 10**9
+
+
+def test_the_state_tables_keep_ids_whole_at_80_columns(monkeypatch: pytest.MonkeyPatch) -> None:
+    from rich.console import Console
+
+    from exoctl.cli import output
+    from exoctl.cli.render import state_view
+
+    narrow = Console(width=80, record=True, color_system=None)
+    monkeypatch.setattr(output, "console", narrow)
+    a, b = Node("node-alpha", "127.0.0.11", port=52415), Node("node-beta", "127.0.0.12", port=52416)
+    statuses = [
+        NodeStatus(a, profile(), [runner("r1", ["node-alpha", "node-beta"], 0, 0, 20)]),
+        NodeStatus(b, profile(), [runner("r2", ["node-alpha", "node-beta"], 1, 20, 32)]),
+    ]
+    narrow.print(state_view(statuses, list(instances_of(statuses).values())))
+    text = narrow.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    for whole in ("node-alpha", "node-beta", "127.0.0.11:52415", "llama-3.1-8b-cpu", "[20, 32)"):
+        assert whole in text, whole

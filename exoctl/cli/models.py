@@ -38,6 +38,9 @@ def card_json(card: ModelCard, local: list[str] | None = None) -> dict[str, Any]
     }
 
 
+WIDE_COLUMNS = 160  # the whole table fits from here on
+
+
 def models(json_output: JsonOption = False) -> None:
     use_json_errors(json_output)
     cards = load_catalog()
@@ -47,29 +50,30 @@ def models(json_output: JsonOption = False) -> None:
     if json_output:
         print_json([card_json(c, local[c.id]) for c in cards])
         return
+    # At 80 columns the ids a user types stay whole: a narrow terminal gets the columns that
+    # decide a choice, and the repos, GGUF sources and tags are in --json or a wider terminal.
+    wide = console.width >= WIDE_COLUMNS
     table = Table(title="Models")
-    for column in (
-        "id",
-        "hugging face repo",
-        "gguf (ID:QUANT)",
-        "local",
-        "arch",
-        "layers",
-        "params",
-        "size",
-        "tags",
-    ):
-        table.add_column(column, justify="right" if column in ("layers", "params", "size") else "left")
+    table.add_column("id", no_wrap=True, min_width=max(len(c.id) for c in cards))
+    if wide:
+        table.add_column("hugging face repo", no_wrap=True)
+        table.add_column("gguf (ID:QUANT)")
+    table.add_column("local")
+    table.add_column("arch")
+    for column in ("layers", "params", "size"):
+        table.add_column(column, justify="right", no_wrap=True)
+    if wide:
+        table.add_column("tags")
+    else:
+        table.caption = "repos, GGUF sources and tags: `exoctl models --json`, or a wider terminal"
     for card in cards:
-        table.add_row(
-            card.id,
-            card.hf_repo,
-            f"{card.gguf_repo}:{card.gguf_quant}" if card.gguf_repo else "",
-            ", ".join(local[card.id]) or "-",
-            card.architecture,
-            str(card.n_layers),
-            f"{card.parameters / 1e9:.2f} B",
-            f"{card.storage_bytes / 1e9:.1f} GB",
-            ", ".join(card.tags),
-        )
+        gguf = f"{card.gguf_repo}:{card.gguf_quant}" if card.gguf_repo else ""
+        sizes = (str(card.n_layers), f"{card.parameters / 1e9:.2f} B", f"{card.storage_bytes / 1e9:.1f} GB")
+        local_text = ", ".join(local[card.id]) or "-"
+        if wide:
+            table.add_row(
+                card.id, card.hf_repo, gguf, local_text, card.architecture, *sizes, ", ".join(card.tags)
+            )
+        else:
+            table.add_row(card.id, local_text, card.architecture, *sizes)
     console.print(table)

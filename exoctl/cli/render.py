@@ -38,27 +38,39 @@ def styled(text: str) -> str:
     return f"[{style}]{text}[/]" if style else text
 
 
+NARROW_COLUMNS = 100  # below this terminal width the tables drop what `--json` has anyway
+
+
+def narrow() -> bool:
+    from exoctl.cli.output import console
+
+    return console.width < NARROW_COLUMNS
+
+
 def nodes_table(statuses: list[NodeStatus]) -> Table:
+    # names and addresses are what a user types: never wrapped; a narrow terminal drops the
+    # device and version columns (in `exoctl nodes --json`)
+    wide = not narrow()
     table = Table(title="nodes", title_justify="left")
-    for column in (
-        "node",
-        "address",
-        "status",
-        "RAM used / total",
-        "CPU %",
-        "CPUs",
-        "device",
-        "version",
-        "runners",
-    ):
-        table.add_column(column)
+    table.add_column("node", no_wrap=True)
+    table.add_column("address", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    table.add_column("RAM used / total" if wide else "RAM used/total")
+    table.add_column("CPU %", justify="right")
+    table.add_column("CPUs", justify="right")
+    if wide:
+        table.add_column("device")
+        table.add_column("version")
+    table.add_column("runners")
     for status in statuses:
         node, profile = status.node, status.profile
         if profile is None:
             reason = "refused our key" if status.key_refused else "no answer"
-            table.add_row(node.name, node.address, styled("down"), "-", "-", "-", node.device, "-", reason)
+            extra = (node.device, "-") if wide else ()
+            table.add_row(node.name, node.address, styled("down"), "-", "-", "-", *extra, reason)
             continue
         used = profile["ram_total"] - profile["ram_available"]
+        extra = (profile["device"], profile["version"]) if wide else ()
         table.add_row(
             node.name,
             node.address,
@@ -66,8 +78,7 @@ def nodes_table(statuses: list[NodeStatus]) -> Table:
             f"{gb(used)} / {gb(profile['ram_total'])}",
             f"{profile['cpu_percent']:.0f}",
             str(profile["cpu_count"]),
-            profile["device"],
-            profile["version"],
+            *extra,
             str(len(status.runners)),
         )
     return table
@@ -76,7 +87,8 @@ def nodes_table(statuses: list[NodeStatus]) -> Table:
 def instances_table(views: list[InstanceView]) -> Table:
     table = Table(title="instances", title_justify="left")
     for column in ("instance", "model", "sharding", "dtype", "nodes", "status", "decode tok/s"):
-        table.add_column(column)
+        # ids stay whole: a user types them
+        table.add_column(column, no_wrap=column in ("instance", "model"))
     for view in views:
         head = view.runners.get(view.head)
         status = styled(view.status.value) + (f" ({view.failure})" if view.status == "failed" else "")
@@ -95,7 +107,7 @@ def instances_table(views: list[InstanceView]) -> Table:
 def shards_table(views: list[InstanceView]) -> Table:
     table = Table(title="shards", title_justify="left")
     for column in ("instance", "node", "rank", "layers", "memory", "status", "tokens/s"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=column in ("instance", "node", "layers"))
     for view in views:
         for node in view.nodes:
             runner = view.runners.get(node)

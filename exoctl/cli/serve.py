@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
+import socket
 from typing import Annotated
 
 import typer
@@ -29,6 +31,35 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def bind_listener(host: str, port: int) -> socket.socket:
+    """The server's listening socket, bound here so that a taken port or a bad address is one
+    error naming it (uvicorn would print its own raw `[Errno 98]` line first)."""
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as exc:
+        raise ExoctlError(f"cannot serve on {host}:{port}: {exc.strerror}") from None
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((host, port))
+        listener.listen(2048)
+    except OSError as exc:
+        listener.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ExoctlError(
+                f"cannot serve on {host}:{port}: the port is taken by another process",
+                hint=f"pass another --port, or stop what listens there (`ss -ltnp 'sport = :{port}'`)",
+            ) from None
+        if exc.errno == errno.EADDRNOTAVAIL:
+            raise ExoctlError(
+                f"cannot serve on {host}:{port}: {host} is not an address of this machine",
+                hint="pass --host with one of this machine's addresses (127.0.0.1 by default)",
+            ) from None
+        raise ExoctlError(f"cannot serve on {host}:{port}: {exc.strerror}") from None
+    listener.setblocking(False)
+    return listener
 
 
 def serve(
@@ -68,6 +99,7 @@ def serve(
     # what the supervisor did and request keys it ignored, one line each, with the time
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s exoctl serve: %(message)s")
     inv = load_inventory(inventory)
+    listener = bind_listener(host, port)  # before the banner: a taken port is one clean error
     service = ClusterService(inv, find_keys())
     app = create_app(service, api_key=api_key or None, cors_origins=tuple(cors_origin or ()))
     supervisor = Supervisor(service)
@@ -80,9 +112,15 @@ def serve(
         markup=False,
     )
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
-    except SystemExit as exc:  # uvicorn exits when it cannot bind
-        raise ExoctlError(f"cannot serve on {host}:{port}", hint="is the port taken? pass --port") from exc
+        config = uvicorn.Config(
+            app,
+            log_level="warning",
+            access_log=False,
+            # a connection that sends nothing is closed (slow or idle clients hold no socket for long)
+            timeout_keep_alive=5,
+        )
+        uvicorn.Server(config).run(sockets=[listener])
     finally:
+        listener.close()
         if supervise:
             supervisor.stop()

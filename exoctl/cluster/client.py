@@ -77,7 +77,10 @@ class Generation:
         stop string or a character's other bytes) while its tokens' logprobs are not."""
         while not self.ended:
             message = self._next()
-            if message.type == "delta":
+            if message.type == "keepalive":
+                # still reading: the head cancels a request whose client stopped answering these
+                self.client.send("alive", {"request_id": self.request_id})
+            elif message.type == "delta":
                 self.tokens += message["tokens"]
                 yield message["text"], message["logprobs"]
             elif message.type == "done":

@@ -19,7 +19,7 @@ import traceback
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import msgpack
@@ -50,6 +50,9 @@ __all__ = ["DOWN_AFTER_S", "SILENT_AFTER_S", "Worker"]
 log = logging.getLogger("exoctl.worker")
 
 KEEPALIVE_S = 1.0  # clients of running requests hear from the head at least this often
+# A client that has not answered the keepalives for this long is gone (SIGKILLed, its machine
+# lost): its request is cancelled rather than decoded to max_tokens for nobody.
+CLIENT_SILENT_S = 10.0
 LEASE_S = 2.0  # how often a head says which sequences live; the others free the rest within 2 of these
 MAX_FAILURES = 16  # failed runners whose reports a node keeps (the oldest are forgotten first)
 MAX_EVENTS = 64  # supervisor events a node keeps for `exoctl state`
@@ -60,6 +63,7 @@ MAX_EVENT_BYTES = 4096
 class ActiveRequest:
     client: bytes
     instance_id: str
+    heard: float = field(default_factory=time.monotonic)  # the client's last word ("alive")
 
 
 class Worker:
@@ -128,6 +132,14 @@ class Worker:
                 if now >= next_keepalive:
                     for request_id, request in list(self.active.items()):
                         self._reply(request.client, "keepalive", {"request_id": request_id})
+                        if now - request.heard > CLIENT_SILENT_S and request.instance_id in self.lanes:
+                            log.warning(
+                                "request %s: its client said nothing for %.0f s; cancelled",
+                                request_id[:8],
+                                now - request.heard,
+                            )
+                            request.heard = now  # one cancel; the lane ends the sequence
+                            self.lanes[request.instance_id].put(Cancel(request_id))
                     next_keepalive = now + KEEPALIVE_S
                 if now >= next_cpu:
                     self.profiler.sample_cpu()
@@ -224,6 +236,10 @@ class Worker:
                 self._reply(client, "ok", {**ok, "freed": freed})
             case "generate":
                 self._generate(client, message)
+            case "alive":
+                request = self.active.get(message["request_id"])
+                if request is not None and request.client == client:
+                    request.heard = time.monotonic()
             case "cancel":
                 request = self.active.get(message["request_id"])
                 if request is not None and request.instance_id in self.lanes:
