@@ -25,7 +25,10 @@ QUANT_BLOCK = 32  # int4 weights per scale and minimum; int8 and int4 need input
 def matrix_bytes(dtype: str, rows: int, cols: int) -> int:
     """Bytes a weight matrix [rows, cols] takes at run time, scales included: int8 has one
     float32 scale per row, int4 a float16 scale and minimum per block of 32 (5 bits a weight, as
-    Q4_1)."""
+    Q4_1). A matrix whose input width takes no blocks of 32 is held in float (counted as float32,
+    the larger of the two activation dtypes)."""
+    if dtype in QUANTIZED_BITS and cols % QUANT_BLOCK:
+        return rows * cols * 4
     if dtype == "int8":
         return rows * cols + 4 * rows
     if dtype == "int4":

@@ -67,6 +67,7 @@ class RunnerReport:
     collective_transport: str | None = None  # tensor ranks: "shm" (ranks on one host) or "zmq"
     tool_format: str | None = None  # head: how its chat template calls tools (Tokenizer.tool_format)
     sampling_defaults: SamplingDefaults | None = None  # head: the model's own sampling defaults
+    note: str | None = None  # what the load kept other than asked (matrices held in float)
     # counters since load, for a benchmark's differences: tokens decoded (one per sequence per
     # step), seconds in those steps' forward passes, and (tensor ranks) seconds of that in collectives
     decoded_tokens: int = 0

@@ -9,7 +9,7 @@ experts, and every rank needs the same memory: the smallest chosen node decides.
 from __future__ import annotations
 
 from exoctl.catalog import ModelCard
-from exoctl.dtypes import QUANT_BLOCK, embedding_bytes, float_bytes
+from exoctl.dtypes import QUANT_BLOCK, QUANTIZED_BITS, embedding_bytes, float_bytes
 from exoctl.placement import (
     GB,
     RUNTIME_OVERHEAD_BYTES,
@@ -34,14 +34,17 @@ def divides(card: ModelCard, ranks: int) -> bool:
 
 
 def cut_block(card: ModelCard, ranks: int, dtype: str) -> str | None:
-    """What an int4 split over `ranks` would cut mid-block (a block of 32 has one scale), or None.
-    Ranks hold input columns of o_proj (whole heads) and, dense models, of down_proj."""
-    if dtype != "int4" or ranks == 1:
+    """What an int8 or int4 split over `ranks` would cut mid-block, or None: an int4 block of 32
+    has one scale, and the kernel quantizes activations in blocks of 32 under both. Ranks hold
+    input columns of o_proj (whole heads) and, dense models, of down_proj; a matrix whose whole
+    width takes no blocks of 32 is held in float (quant.fits_blocks) and cuts nothing."""
+    if dtype not in QUANTIZED_BITS or ranks == 1:
         return None
+    width = card.num_attention_heads * card.head_dim
     columns = card.num_attention_heads // ranks * card.head_dim
-    if columns % QUANT_BLOCK:
+    if width % QUANT_BLOCK == 0 and columns % QUANT_BLOCK:
         return f"o_proj's {columns} input columns per rank"
-    if not card.num_experts:
+    if not card.num_experts and card.intermediate_size % QUANT_BLOCK == 0:
         i = card.intermediate_size
         bounds = [i * r // ranks for r in range(ranks + 1)]
         if any(bound % QUANT_BLOCK for bound in bounds):
@@ -98,10 +101,16 @@ def place_tensor(card: ModelCard, nodes: list[NodeProfile], request: PlacementRe
     cut = None if request.nodes is None else cut_block(card, request.nodes, request.dtype)
     if cut is not None and divides(card, request.nodes or 1):
         others = [k for k in valid if k > 1]
+        why = (
+            "an int4 block (one scale) never straddles two ranks"
+            if request.dtype == "int4"
+            else "the kernel reads a rank's activations in whole blocks"
+        )
+        other = "--dtype int8" if request.dtype == "int4" else "--dtype bfloat16"
         raise PlacementError(
-            f"{card.id} in int4 cannot be tensor-split over {request.nodes} nodes: {cut} are not whole "
-            f"blocks of {QUANT_BLOCK} weights, and an int4 block (one scale) never straddles two ranks",
-            hint=f"use {' or '.join(map(str, others)) + ' nodes, ' if others else ''}--dtype int8, or "
+            f"{card.id} in {request.dtype} cannot be tensor-split over {request.nodes} nodes: {cut} are "
+            f"not whole blocks of {QUANT_BLOCK} weights, and {why}",
+            hint=f"use {' or '.join(map(str, others)) + ' nodes, ' if others else ''}{other}, or "
             "--sharding pipeline",
         )
     if request.nodes is not None and request.nodes not in valid:

@@ -104,9 +104,12 @@ def test_int4_columns_keep_whole_blocks_and_refuse_to_cut_one() -> None:
     assert torch.equal(dequantize(part), dequantize(quantize(w[:, 32:96], 4)))
     with pytest.raises(UnsupportedModelError, match="would cut a block of 32 weights"):
         q.columns(range(16, 80))
-    # int8 keeps the whole row's scale: a column part of it is the whole row's values
+    # int8 keeps the whole row's scale: a column part of it is the whole row's values; the kernel
+    # reads activations in blocks of 32, so a part keeps whole blocks too
     q8 = quantize(w, 8)
-    torch.testing.assert_close(dequantize(q8.columns(range(16, 80))), dequantize(q8)[:, 16:80])
+    torch.testing.assert_close(dequantize(q8.columns(range(32, 96))), dequantize(q8)[:, 32:96])
+    with pytest.raises(UnsupportedModelError, match="of an int8 weight would cut a block of 32"):
+        q8.columns(range(16, 80))
 
 
 def kernel_error_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -385,8 +388,13 @@ def test_an_int4_split_that_would_cut_a_block_is_refused_with_the_reason() -> No
         place_tensor(card, nodes, PlacementRequest(dtype="int4", nodes=4))
     assert "down_proj's 1056 input columns split 4 ways" in str(caught.value)
     assert "--dtype int8" in (caught.value.hint or "")
-    # int8 splits it; int4 over 2 would cut at 528, not a whole block either
-    assert place_tensor(card, nodes, PlacementRequest(dtype="int8", nodes=4)).sharding == "tensor"
+    # int8 neither: the kernel reads a rank's activations in blocks of 32 (this was the raw
+    # RuntimeError of a 2-rank int8 split); bfloat16 splits it. Over 2 the cut is at 528, not a
+    # whole block either.
+    with pytest.raises(PlacementError, match="reads a rank's activations in whole blocks") as caught:
+        place_tensor(card, nodes, PlacementRequest(dtype="int8", nodes=4))
+    assert "--dtype bfloat16" in (caught.value.hint or "")
+    assert place_tensor(card, nodes, PlacementRequest(dtype="bfloat16", nodes=4)).sharding == "tensor"
     with pytest.raises(PlacementError, match="straddles"):
         place_tensor(card, nodes, PlacementRequest(dtype="int4", nodes=2))
     # the loader says the same if asked directly
@@ -570,3 +578,110 @@ def test_decoding_goes_on_while_a_long_prompt_prefills(cluster4: WorkerCluster) 
             assert len(during) >= 3, (len(during), answered - began)
         finally:
             client.unload(instance_id)
+
+
+# --- matrices whose width takes no blocks of 32 -------------------------------------------------
+
+# MLP widths of tiny models that are no multiple of 32: down_proj (and Mixtral's w2) cannot be
+# quantized in blocks, and is held in the model's float dtype, as llama.cpp's quantizer keeps such
+# a tensor in a wider type.
+ODD_WIDTHS = {"llama": 200, "qwen2": 176, "mixtral": 112}
+
+
+@pytest.fixture(scope="module")
+def odd_models(tiny_models: dict[str, Path], smollm2_folder: Path) -> dict[str, Path]:
+    """Beside the tiny models (so in the clusters' model directory)."""
+    from tests.tiny_models import make_tiny_model
+
+    base = next(iter(tiny_models.values())).parent
+    made = {}
+    for kind, width in ODD_WIDTHS.items():
+        folder = base / f"{kind}-mlp{width}"
+        if not folder.exists():
+            make_tiny_model(kind, folder, smollm2_folder, {"intermediate_size": width})
+        made[kind] = folder
+    return made
+
+
+@pytest.mark.parametrize("dtype", QUANTIZED)
+@pytest.mark.parametrize("kind", sorted(ODD_WIDTHS))
+def test_a_matrix_whose_width_takes_no_blocks_is_held_in_float(
+    odd_models: dict[str, Path], kind: str, dtype: str, activations: str
+) -> None:
+    from exoctl.engine.model import held_in_float_note
+
+    folder = odd_models[kind]
+    model = load_model(folder, dtype=dtype)
+    down = "w2" if kind == "mixtral" else "down_proj"
+    assert model.held_in_float and all(f".{down}.weight" in name for name in model.held_in_float)
+    for block in model.blocks:
+        mlps = block.mlp.experts.values() if kind == "mixtral" else [block.mlp]
+        for mlp in mlps:
+            assert isinstance(mlp.down, Linear) and mlp.down.out_features == 128
+            assert isinstance(mlp.gate_up, QuantLinear)  # the rest is quantized as asked
+    note = held_in_float_note(model.held_in_float)
+    assert note is not None and "held in float32, not quantized" in note and down in note
+    assert all(
+        mlp.down.dtype is torch.float32
+        for block in model.blocks
+        for mlp in (block.mlp.experts.values() if kind == "mixtral" else [block.mlp])
+    )
+    # close to the float model, as a quantized model of the same weights is (see the test above)
+    reference = logits(load_model(folder, dtype="float32"))
+    assert relative(logits(model), reference) < (0.4 if dtype == "int8" else 1.0)
+    # placement counts those matrices in float: it never counts less than the load holds
+    from exoctl.model_store import resolve_card
+
+    card, _ = resolve_card(str(folder))
+    assert card.weight_bytes(dtype) >= model.weight_bytes()
+
+
+@pytest.mark.parametrize("dtype", QUANTIZED)
+def test_a_tensor_split_of_an_odd_width_model_sums_to_the_whole(
+    odd_models: dict[str, Path], dtype: str, activations: str
+) -> None:
+    """The issue's raw `RuntimeError: shape '[12, 8, 1, 8, 4]' is invalid`: now a float down_proj
+    whose columns any rank count can split."""
+    from tests.test_tensor_engine import Exchange, on_ranks
+
+    folder = odd_models["llama"]
+    whole = logits(load_model(folder, dtype=dtype))
+
+    def work(rank: int, exchange: Exchange) -> torch.Tensor:
+        shard = TensorShard(rank, 2)
+        return logits(load_model(folder, dtype=dtype, shard=shard, reduce=exchange.reduce(rank)))
+
+    merged = torch.cat(on_ranks(2, work), dim=-1)
+    assert relative(merged, whole) < activation_rounding(lambda: logits(load_model(folder, dtype=dtype))) / 4
+    assert torch.equal(merged.argmax(-1), whole.argmax(-1))
+
+
+def test_workers_run_an_odd_width_model_by_pipeline_and_tensor_and_say_what_they_held(
+    cluster4: WorkerCluster, odd_models: dict[str, Path], smollm2_folder: Path, policy: str
+) -> None:
+    import json
+
+    tokenizer = Tokenizer(smollm2_folder)
+    folder = odd_models["qwen2"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("EXOCTL_ACTIVATIONS", policy)
+        expected = complete(
+            load_model(folder, dtype="int8"),
+            tokenizer,
+            tokenizer.encode(PROMPT),
+            SamplingParams(max_tokens=MAX_TOKENS),
+        ).token_ids
+    for sharding in ("pipeline", "tensor"):
+        placed = cluster4.cli(
+            "place", str(folder), "--nodes", "2", "--sharding", sharding, "--dtype", "int8", "--json"
+        )
+        assert placed.returncode == 0, placed.stderr
+        report = json.loads(placed.stdout)
+        try:
+            assert report["notes"] and all(
+                "down_proj" in n and "not quantized" in n for n in report["notes"].values()
+            )
+            with cluster4.client() as client:
+                assert generate(client, report["instance_id"])["token_ids"] == expected, sharding
+        finally:
+            cluster4.cli("delete", report["instance_id"])

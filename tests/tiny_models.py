@@ -52,10 +52,14 @@ SPECS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def make_tiny_model(kind: str, folder: Path, tokenizer_folder: Path) -> Path:
+def make_tiny_model(
+    kind: str, folder: Path, tokenizer_folder: Path, extra: dict[str, Any] | None = None
+) -> Path:
+    """`extra`: config values over the kind's (an MLP width that is no multiple of 32, say)."""
     import transformers
 
     family, overrides = SPECS[kind]
+    overrides = {**overrides, **(extra or {})}
     config_class = getattr(transformers, f"{family}Config")
     model_class = getattr(transformers, f"{family}ForCausalLM")
     torch.manual_seed(1234)

@@ -80,13 +80,20 @@ def place(
             console.print(f"sharding: {chosen.reason}")
         progress = LoadProgress(enabled=not json_output)
         try:
-            instance_id = cluster.load(card, ref, placement, progress.update).instance_id
+            view = cluster.load(card, ref, placement, progress.update)
         finally:
             progress.stop()
+    instance_id = view.instance_id
+    # what a load kept other than asked (int8/int4 matrices whose width takes no blocks of 32)
+    notes = {node: r.note for node, r in view.runners.items() if r.note}
     if json_output:
-        print_json({"instance_id": instance_id, **placement_json(placement), "reason": chosen.reason})
+        print_json(
+            {"instance_id": instance_id, **placement_json(placement), "reason": chosen.reason, "notes": notes}
+        )
     else:
         console.print(f"instance {instance_id} of {card.id} is ready on {', '.join(placement.nodes)}")
+        for node, note in notes.items():
+            console.print(f"[yellow]{node}[/]: {note}")
 
 
 def delete(

@@ -31,8 +31,8 @@ from gguf.quants import Q4_K, dequantize
 from exoctl.engine.quant import (
     QuantizedWeight,
     check_block_columns,
-    check_block_multiple,
     concat_rows,
+    fits_blocks,
     quantize,
 )
 from exoctl.engine.weights import QUANTIZE_ROWS, trim_heap
@@ -51,6 +51,7 @@ class GGUFWeightReader:
         self.dtype = dtype
         self.bits = bits
         self.read_names: list[str] = []
+        self.held_in_float: list[str] = []
         self.read_parts: list[tuple[str, int, range]] = []
         self.read_tensors: set[str] = set()  # the GGUF tensors touched
         self._maps: dict[Path, np.memmap] = {}
@@ -200,7 +201,9 @@ class GGUFWeightReader:
         part = part if part is not None else range(shape[dim])
         if bits is None:
             return self.get_part(name, shape, dim, part)
-        check_block_multiple(shape[1], name)
+        if not fits_blocks(shape[1]):  # no blocks of 32 along its input: float32 (weights.py)
+            self.held_in_float.append(name)
+            return self.get_part(name, shape, dim, part, torch.float32)
         raw, info = self._rows(name, shape, part if dim == 0 else range(shape[0]))
         held = runtime_bits(info.type_name, bits) or 8
         repack = held == 4 and info.type_name in REPACKED_INT4

@@ -112,6 +112,7 @@ class Linear:
             0 if bias is None else bias.numel() * bias.element_size()
         )
         self.bias = bias
+        self.dtype = weight.dtype
         self.kernel = bf16_kernel() if weight.dtype is torch.bfloat16 else None
         self.packed = self.kernel is None and packed_linear_available(weight.dtype)
         self.bias32 = None
@@ -126,6 +127,14 @@ class Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel is not None:
             return self._bf16(x)
+        if x.dtype is not self.dtype:
+            # a float32 matrix in a bfloat16 model (a quantized model's matrix held in float):
+            # computed in float32, handed on in float32 as a tensor rank's partial, else rounded
+            out = self._torch(x.to(self.dtype))
+            return out if self.keep_float32 else out.to(x.dtype)
+        return self._torch(x)
+
+    def _torch(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)

@@ -10,6 +10,7 @@ its logits are [B, 1, V / k], and `reduce` sums the layers' partial outputs over
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -75,6 +76,7 @@ class CausalLM:
     ) -> None:
         self.config = config
         self.shard = shard
+        self.held_in_float: tuple[str, ...] = ()  # quantized loads: matrices kept in float (load_model)
         self.kv_heads = config.num_key_value_heads // shard.world
         self.vocab = shard.part(config.vocab_size)  # the logits' columns, as vocabulary ids
         self.layers = layers
@@ -237,4 +239,18 @@ def load_model(
             lm_head = make_linear(head)
     finally:
         reader.close()
-    return CausalLM(config, span, torch_dtype, embed, blocks, norm, lm_head, shard)
+    model = CausalLM(config, span, torch_dtype, embed, blocks, norm, lm_head, shard)
+    model.held_in_float = tuple(getattr(reader, "held_in_float", ()))
+    return model
+
+
+def held_in_float_note(names: tuple[str, ...]) -> str | None:
+    """What a quantized load kept in float, in a line (None when it kept nothing): matrices whose
+    input width takes no blocks of 32, grouped by their name with the layer index elided."""
+    if not names:
+        return None
+    kinds = sorted({re.sub(r"\.layers\.\d+\.", ".layers.*.", n).removesuffix(".weight") for n in names})
+    return (
+        f"{len(names)} matri{'x' if len(names) == 1 else 'ces'} held in float32, "
+        f"not quantized (their input width is not a multiple of 32): {', '.join(kinds)}"
+    )

@@ -46,6 +46,8 @@ class QuantizedWeight:
         if part == range(self.in_features):
             return self
         if self.bits == 8:
+            # the kernel reads activations in blocks of 32: a rank's part keeps whole blocks too
+            check_block_columns(part, "an int8 weight", 8)
             return QuantizedWeight(
                 self.data[:, part.start : part.stop].contiguous(), self.scales, 8, len(part)
             )
@@ -55,15 +57,23 @@ class QuantizedWeight:
         return QuantizedWeight(data, scales, 4, len(part))
 
 
-def check_block_columns(part: range, what: str = "an int4 weight") -> None:
-    """A rank's columns of an int4 weight must be whole blocks: a block has one scale and minimum."""
+def check_block_columns(part: range, what: str = "an int4 weight", bits: int = 4) -> None:
+    """A rank's columns of a quantized weight must be whole blocks: an int4 block has one scale
+    and minimum, and the kernel quantizes activations in blocks of 32 for int8 and int4 alike."""
     if part.start % BLOCK or part.stop % BLOCK:
+        other = "--dtype bfloat16" if bits == 8 else "--dtype int8"
         raise UnsupportedModelError(
-            f"columns [{part.start}, {part.stop}) of {what} would cut a block of {BLOCK} weights: an int4 "
+            f"columns [{part.start}, {part.stop}) of {what} would cut a block of {BLOCK} weights: a "
             "block never straddles two ranks",
-            hint=f"use a node count that splits the dimension into multiples of {BLOCK}, --dtype int8, or "
+            hint=f"use a node count that splits the dimension into multiples of {BLOCK}, {other}, or "
             "--sharding pipeline",
         )
+
+
+def fits_blocks(in_features: int) -> bool:
+    """Whether a matrix of this input width quantizes into blocks of 32 (int8's activation blocks
+    and int4's weight blocks); one that does not is held in the model's float dtype."""
+    return in_features % BLOCK == 0
 
 
 def check_block_multiple(k: int, what: str = "the weight") -> None:

@@ -21,8 +21,8 @@ from safetensors import safe_open
 from exoctl.engine.quant import (
     QuantizedWeight,
     check_block_columns,
-    check_block_multiple,
     concat_rows,
+    fits_blocks,
     quantize,
 )
 from exoctl.errors import ModelFormatError, ModelNotFoundError
@@ -59,6 +59,7 @@ class WeightSource(Protocol):
     `gguf_weights.GGUFWeightReader`, both under Hugging Face tensor names."""
 
     read_names: list[str]
+    held_in_float: list[str]  # matrices asked for in int8/int4 whose width takes no blocks of 32
 
     def __contains__(self, name: str) -> bool: ...
 
@@ -66,7 +67,9 @@ class WeightSource(Protocol):
         self, name: str, shape: Iterable[int] | None = None, dtype: torch.dtype | None = None
     ) -> torch.Tensor: ...
 
-    def get_part(self, name: str, shape: Iterable[int], dim: int, part: range) -> torch.Tensor: ...
+    def get_part(
+        self, name: str, shape: Iterable[int], dim: int, part: range, dtype: torch.dtype | None = None
+    ) -> torch.Tensor: ...
 
     def matrix(
         self,
@@ -96,6 +99,7 @@ class WeightReader:
         self.weight_map = read_weight_map(self.folder)
         self._handles: dict[str, Any] = {}
         self.read_names: list[str] = []
+        self.held_in_float: list[str] = []
         self.read_parts: list[tuple[str, int, range]] = []  # what get_part read: name, dim, part
 
     def __contains__(self, name: str) -> bool:
@@ -133,18 +137,20 @@ class WeightReader:
             )
         return tensor.to(dtype or self.dtype)
 
-    def get_part(self, name: str, shape: Iterable[int], dim: int, part: range) -> torch.Tensor:
+    def get_part(
+        self, name: str, shape: Iterable[int], dim: int, part: range, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
         """Rows (dim 0) or columns (dim 1) `part` of a tensor of `shape`, read from the file
         through a slice view: only those bytes are read and converted, never the whole tensor."""
         shape = tuple(shape)
         if part == range(shape[dim]):
-            return self.get(name, shape)
+            return self.get(name, shape, dtype)
         view = self._slice_view(name, shape)
         index: list[slice] = [slice(None)] * len(shape)
         index[dim] = slice(part.start, part.stop)
         self.read_names.append(name)
         self.read_parts.append((name, dim, part))
-        return view[tuple(index)].to(self.dtype)
+        return view[tuple(index)].to(dtype or self.dtype)
 
     def matrix(
         self,
@@ -160,7 +166,11 @@ class WeightReader:
         part = part if part is not None else range(shape[dim])
         if bits is None:
             return self.get_part(name, shape, dim, part)
-        check_block_multiple(shape[1], name)
+        if not fits_blocks(shape[1]):
+            # as llama.cpp's quantizer keeps such a tensor in a wider type: float32, whatever the
+            # activations (a tensor rank's partial sum of it stays float32 until the all-reduce)
+            self.held_in_float.append(name)
+            return self.get_part(name, shape, dim, part, torch.float32)
         view = self._slice_view(name, shape)
         rows = part if dim == 0 else range(shape[0])
         # int4 blocks run along the input dimension, so a column part is read as it is (the

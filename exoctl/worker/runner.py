@@ -25,7 +25,7 @@ from exoctl.engine.generation_defaults import read_defaults
 from exoctl.engine.kv_cache import KVCache
 from exoctl.engine.logprobs import token_logprob
 from exoctl.engine.mixtral import SparseMoE
-from exoctl.engine.model import CausalLM, load_model
+from exoctl.engine.model import CausalLM, held_in_float_note, load_model
 from exoctl.engine.sampling import Sampler
 from exoctl.engine.tokenizer import Tokenizer
 from exoctl.engine.weights import trim_heap
@@ -70,6 +70,7 @@ class Runner:
         self.model: CausalLM | None = None
         self.tokenizer: Tokenizer | None = None
         self.sampling_defaults: SamplingDefaults | None = None  # head: the model's own (its files)
+        self.note: str | None = None  # what the load kept other than asked (held_in_float_note)
         self.caches: dict[str, KVCache] = {}
         self.samplers: dict[str, Sampler] = {}
         self.heads: dict[str, HeadSequence] = {}
@@ -111,6 +112,9 @@ class Runner:
                     f"{spec.n_layers}",
                     hint="the nodes hold different versions of the model; give every node the same files",
                 )
+            self.note = held_in_float_note(model.held_in_float)
+            if self.note is not None:
+                log.info("instance %s: %s", spec.instance_id[:8], self.note)
             tokenizer = Tokenizer(folder) if spec.is_head else None
             if spec.is_head:
                 self.sampling_defaults = read_defaults(folder)
@@ -176,6 +180,7 @@ class Runner:
             experts=self.experts(),
             tool_format=self.tokenizer.tool_format if self.tokenizer is not None else None,
             sampling_defaults=self.sampling_defaults,
+            note=self.note,
         )
 
     def experts(self) -> tuple[ExpertLoad, ...]:
