@@ -249,6 +249,44 @@ def test_failed_loads_give_back_their_threads_and_sockets(
     assert ask(node1, header("status"))["runners"] == []
 
 
+def test_peers_no_runner_names_any_more_have_their_sockets_closed(
+    cluster2: WorkerCluster, node1: zmq.Socket[Any], tiny_models: dict[str, Path]
+) -> None:
+    """Loads naming 60 peer addresses that never answer: once those instances are gone the
+    worker holds no socket for them (it used to keep one and its monitor per address ever named,
+    until ZeroMQ's limit made a live node 'stop answering')."""
+    from exoctl.worker.peers import IDLE_CLOSE_S
+
+    broken, _ = corrupt_copy(tiny_models["llama"], "llama-broken-for-peers", "lm_head.weight")
+    worker = psutil.Process(cluster2.pid("node1"))
+    fds = worker.num_fds()
+    me = ["node1", address(cluster2, "node1")]
+    ids = [f"peers-{i}" for i in range(60)]
+    for i, instance_id in enumerate(ids):
+        peers = [["ghost", f"127.0.0.{100 + i}:9"], me]  # a head that never answers
+        load = load_header(
+            instance_id=instance_id,
+            model=str(broken),
+            n_layers=4,
+            start_layer=2,
+            end_layer=4,  # the last stage: it reads the broken lm_head and fails
+            rank=1,
+            world=2,
+            peers=peers,
+        )
+        assert ask(node1, load)["type"] == "ok"
+
+    def all_failed() -> bool:
+        runners = ask(node1, header("status"))["runners"]
+        return all(r["status"] == "RunnerFailed" for r in runners)
+
+    assert wait_for(all_failed, timeout=60)
+    for instance_id in ids:
+        assert ask(node1, header("unload", instance_id=instance_id))["type"] == "ok"
+    assert wait_for(lambda: worker.num_fds() <= fds + 4, timeout=IDLE_CLOSE_S + 10), (worker.num_fds(), fds)
+    assert alive(node1)
+
+
 def test_the_log_keeps_a_bounded_summary_of_bad_values(
     cluster2: WorkerCluster, node1: zmq.Socket[Any]
 ) -> None:

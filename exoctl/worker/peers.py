@@ -11,6 +11,7 @@ a word). Slow is not gone, so the second wait is the longer.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import zmq
@@ -26,6 +27,10 @@ log = logging.getLogger("exoctl.worker")
 HEARTBEAT_S = 0.5
 DOWN_AFTER_S = 3.0  # a peer whose connection is gone and that is silent this long is down
 SILENT_AFTER_S = 10.0  # a peer still connected but silent this long is down too
+# A peer no runner here names any more, and not sent to for this long, has its socket closed:
+# otherwise every address ever named (instances come and go; a hostile load names hundreds) holds
+# a socket and its monitor until ZeroMQ's limit ("Too many open files").
+IDLE_CLOSE_S = 5.0
 _LINK_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
 
 
@@ -38,6 +43,7 @@ class Peers:
         self.boot: dict[str, str] = {}  # address -> the boot id it answered with first
         self.monitors: dict[str, zmq.Socket[Any]] = {}  # address -> its DEALER's connection events
         self.connected: dict[str, bool] = {}
+        self.used: dict[str, float] = {}  # address -> when a message was last sent to it
 
     def socket(self, address: str) -> zmq.Socket[Any]:
         sock = self.sockets.get(address)
@@ -58,12 +64,28 @@ class Peers:
     def send(self, address: str, frames: list[Any]) -> None:
         # never block the I/O loop on a dead or frozen peer: its messages are dropped, and the
         # heartbeat fails its instances
+        self.used[address] = time.monotonic()
         try:
             self.socket(address).send_multipart(frames, zmq.NOBLOCK, copy=False)
         except zmq.Again:
             log.warning("dropped a message to unresponsive peer %s", address)
         except zmq.ZMQError as exc:  # an address ZeroMQ cannot use, or no sockets left
             log.warning("cannot reach peer %s: %s", address, exc.strerror)
+
+    def prune(self, keep: set[str], now: float) -> list[zmq.Socket[Any]]:
+        """Forget the peers outside `keep` idle for IDLE_CLOSE_S; their sockets, for the caller to
+        unregister from its poller and close."""
+        gone = []
+        for address in list(self.sockets):
+            if address in keep or now - self.used.get(address, 0.0) < IDLE_CLOSE_S:
+                continue
+            gone.append(self.sockets.pop(address))
+            monitor = self.monitors.pop(address, None)
+            if monitor is not None:
+                monitor.close(0)
+            for table in (self.seen, self.boot, self.connected, self.used):
+                table.pop(address, None)
+        return gone
 
     def expect(self, addresses: list[str], now: float) -> None:
         """A new instance's peers: their clock starts now, not at an older instance's."""

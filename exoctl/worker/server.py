@@ -129,6 +129,10 @@ class Worker:
                 if now >= next_beat:
                     self._heartbeat(now)
                     next_beat = now + HEARTBEAT_S
+                    for sock in self.peers.prune(self._watched(), now):
+                        poller.unregister(sock)
+                        sock.close(linger=500)  # what was just sent (a `fail`, a `release`) still goes
+                    registered &= set(self.peers.sockets)
                 if now >= next_keepalive:
                     for request_id, request in list(self.active.items()):
                         self._reply(request.client, "keepalive", {"request_id": request_id})
@@ -372,10 +376,14 @@ class Worker:
         if now >= self.next_lease:
             self._renew_leases()
             self.next_lease = now + LEASE_S
+        for address, why in self.peers.beat(self._watched(), now).items():
+            self._peer_lost(address, why)
+
+    def _watched(self) -> set[str]:
+        """The other workers the runners here belong with."""
         watched = {a for r in self.runners.values() for _, a in r.spec.peers}
         watched.discard(self.address)
-        for address, why in self.peers.beat(watched, now).items():
-            self._peer_lost(address, why)
+        return watched
 
     def _renew_leases(self) -> None:
         """Each head tells its instance's other runners which sequences live (read off the lane's
