@@ -415,7 +415,7 @@ def test_exos_endpoints_and_shapes(server: Server, placed: str, tiny_models: dic
     try:
         assert body["instance_meta"] == "CpuRing" and body["instance_meta_requested"] == "MlxRing"
         assert "runs it as the cluster's own CPU ring" in body["note"]
-        assert "/place_instance: ignored unknown request keys colour, draft_model" in server.log_text()
+        assert "/place_instance: ignored 2 unknown request keys: colour, draft_model" in server.log_text()
         status, doc = http(server, "GET", f"/instance/{body['instance_id']}")
         assert status == 200 and doc["CpuRingInstance"]["status"] == "ready"
     finally:
@@ -766,6 +766,15 @@ def test_what_is_not_supported_or_too_big_is_refused_with_a_clear_error(server: 
     answer = connection.getresponse()
     assert answer.status == 413 and json.loads(answer.read())["error"]["code"] == "request_too_large"
     connection.close()
+    # a huge model name is refused, not echoed back; a flood of unknown keys is one short log line
+    status, body = http(server, "POST", "/v1/chat/completions", {**chat, "model": "m" * 5_000_000})
+    assert status == 400 and len(json.dumps(body)) < 1000 and "model" in body["error"]["message"]
+    status, body = http(server, "POST", "/place_instance", {"model_id": "m" * 5_000_000})
+    assert status == 400 and len(json.dumps(body)) < 1000
+    flood = {"model_id": "nope", **{f"key{i}": i for i in range(200_000)}}
+    http(server, "POST", "/place_instance", flood)
+    assert max(len(line) for line in server.log_text().splitlines()) < 1000
+    assert "ignored 200000 unknown request keys: key0, key1" in server.log_text()
     # unknown routes: OpenAI's envelope, saying where the API is
     status, body = http(server, "GET", "/v1/nope")
     assert status == 404 and body["error"]["type"] == "not_found_error"

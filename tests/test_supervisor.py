@@ -132,3 +132,24 @@ def test_a_node_that_flaps_is_not_chased() -> None:
     one = Placement("m", "pipeline", "float32", (Shard("a", 0, 30, 1),))
     assert smaller(one, asked) and not smaller(one, Asked("m", "auto", 1, "float32"))
     assert smaller(one, Asked("m", "tensor", 1, "float32"))  # a fallback sharding
+
+
+def test_a_frozen_ranks_stale_runner_is_unloaded_after_the_instance_left_the_state() -> None:
+    """A tensor rank frozen (SIGSTOP) while the supervisor placed its instance again comes back
+    minutes later with a ready runner that blames no one: the state shows the old instance failed
+    (its other runners are gone) until the supervisor unloads the leftover."""
+    service = FakeService()
+    watch = supervisor(service)
+    service.now = READY
+    watch.run_once()
+    service.now = LOST
+    watch.run_once()  # placed again (here: not, for memory), its survivors unloaded
+    service.now = [NodeStatus(NODES[0], PROFILE), NodeStatus(NODES[1], error="node b did not answer")]
+    for _ in range(3):
+        watch.run_once()  # the instance is gone from the state for a while
+    service.now = [
+        NodeStatus(NODES[0], PROFILE),
+        NodeStatus(NODES[1], PROFILE, [report(1, RunnerStatus.READY)]),  # b is back, stale
+    ]
+    watch.run_once()
+    assert service.unloaded[-1] == ("inst", ["b"]) and service.placed == ["smollm2-135m-cpu"]

@@ -172,7 +172,10 @@ def check_instance_meta(value: str) -> str:
 def ignored(keys: list[str], path: str) -> None:
     """EXO ignores request keys it does not know, and so does exoctl: it logs them."""
     if keys:
-        log.warning("%s: ignored unknown request keys %s", path, ", ".join(keys))
+        # bounded: a body of 500,000 unknown keys is one short line, not megabytes of log
+        shown = ", ".join(k[:40] for k in keys[:10])
+        more = f" and {len(keys) - 10} more" if len(keys) > 10 else ""
+        log.warning("%s: ignored %d unknown request keys: %s%s", path, len(keys), shown, more)
 
 
 def create_app(

@@ -9,6 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from exoctl.dtypes import DTYPE_CHOICES
 
+MAX_MODEL_CHARS = 1024  # longer than any path a model directory holds (PATH_MAX is 4096; ids are short)
+
 
 class ContentPart(BaseModel):
     """One part of a message's content: text; anything else (image_url, input_audio, file) is
@@ -117,7 +119,8 @@ class NamedToolChoice(BaseModel):
 
 class ChatRequest(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
-    model: str = Field(min_length=1)
+    # a model reference is an id, a repo id or a path: a long one is refused, never echoed back
+    model: str = Field(min_length=1, max_length=MAX_MODEL_CHARS)
     messages: list[ChatMessage] = Field(min_length=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -207,7 +210,7 @@ InstanceMeta = Literal["CpuRing", "CudaRing", "MlxRing", "MlxJaccl", "MlxIbv"]
 class PlaceRequest(BaseModel):
     # keys EXO's tools send that exoctl does not know are kept aside (and logged), not refused
     model_config = ConfigDict(extra="allow", strict=True)
-    model_id: str = Field(min_length=1)
+    model_id: str = Field(min_length=1, max_length=MAX_MODEL_CHARS)
     sharding: str = "auto"  # Pipeline, Tensor, or auto (EXO's names; any case)
     instance_meta: InstanceMeta = "CpuRing"
     min_nodes: int = Field(default=1, ge=1)

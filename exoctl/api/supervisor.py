@@ -19,6 +19,7 @@ import logging
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,9 @@ log = logging.getLogger("exoctl.serve")
 RESTORE_AFTER_S = 5.0  # a node back for this long (and the instance idle): the asked shape again
 RESTORE_MAX_S = 300.0
 FLAP_WINDOW_S = 600.0
+
+
+REFORMED_KEPT = 1000  # instance ids placed again, remembered to unload their leftovers
 
 
 @dataclass(frozen=True)
@@ -53,7 +57,9 @@ class Supervisor:
         # is final (its caller got the error), and the leftovers of one placed again (a node that
         # was frozen, back with a stale runner) are unloaded, not placed a second time
         self.served: set[str] = set()
-        self.reformed: set[str] = set()
+        # kept after the instance leaves the state: a frozen node's stale rank may bring it back
+        # (as a failed instance with one ready runner and no lost node) minutes later
+        self.reformed: OrderedDict[str, None] = OrderedDict()
         self.asked: dict[str, Asked] = {}  # instances placed again smaller, and what was asked
         self.restore_at: dict[str, float] = {}  # ... and when a restore may be tried (monotonic)
         self.retiring: set[str] = set()  # restored: unloaded once idle
@@ -83,15 +89,17 @@ class Supervisor:
             record = self.service.loads.get(view.instance_id)
             if view.serving or (record is not None and record.status == "ready"):
                 self.served.add(view.instance_id)
+            if view.instance_id in self.reformed:
+                # leftovers of an instance placed again: whatever their state, unloaded
+                if view.status is InstanceStatus.FAILED or view.lost_node is not None:
+                    changed = True
+                    self.unload(view)
+                continue
             if view.lost_node is None or view.instance_id not in self.served:
                 continue
             changed = True
-            if view.instance_id in self.reformed:
-                self.unload(view)
-            else:
-                self.reform(view)
+            self.reform(view)
         self.served &= set(views)
-        self.reformed &= set(views)
         if changed:
             return  # what was just placed is not in `views`: restores look at the next round's
         live = sum(1 for s in statuses if s.up)
@@ -123,7 +131,9 @@ class Supervisor:
         sharding = record.sharding if record is not None else view.sharding
         # an instance that was itself placed again smaller keeps the first ask
         asked = self.asked.pop(view.instance_id, None) or Asked(model, sharding, len(view.nodes), view.dtype)
-        self.reformed.add(view.instance_id)
+        self.reformed[view.instance_id] = None
+        while len(self.reformed) > REFORMED_KEPT:
+            self.reformed.popitem(last=False)
         self.unload(view)
         self.service.loads.pop(view.instance_id, None)
         event: dict[str, Any] = {
