@@ -325,6 +325,48 @@ def test_sequences_the_head_does_not_know_are_freed_by_its_lease(
             assert instances_of(client.statuses())[instance_id].status == "ready"  # not "running" for good
 
 
+def test_a_stage_whose_head_no_longer_holds_the_instance_frees_its_sequences(
+    cluster2: WorkerCluster, node2: zmq.Socket[Any], tiny_models: dict[str, Path]
+) -> None:
+    """node2 holds the last stage of an instance whose head, node1, is alive but does not hold it
+    (unloaded there, or failed there while node2 was cut off): no lease comes, and node2 frees
+    the sequences it holds rather than keep their KV caches for good."""
+    from exoctl.worker.server import LEASE_LOST_S
+
+    width = COMMON["hidden_size"]
+    peers = [["node1", address(cluster2, "node1")], ["node2", address(cluster2, "node2")]]
+    load = load_header(
+        instance_id="headless",
+        model=str(tiny_models["llama"]),
+        n_layers=4,
+        start_layer=2,
+        end_layer=4,
+        rank=1,
+        world=2,
+        peers=peers,
+    )
+    assert ask(node2, load)["type"] == "ok"
+
+    def runner() -> dict[str, Any] | None:
+        runners = ask(node2, header("status"))["runners"]
+        return next((r for r in runners if r["instance_id"] == "headless"), None)
+
+    try:
+        assert wait_for(lambda: (runner() or {}).get("status") == "RunnerReady", timeout=30)
+        params = SamplingParams().to_wire()
+        for i in range(5):
+            fields = {"instance_id": "headless", "seqs": [f"orphan{i}"], "positions": [0]}
+            meta = [{"dtype": "float32", "shape": [1, 3, width]}]
+            forward = header("forward", **fields, params={f"orphan{i}": params}, tensors=meta)
+            node2.send_multipart([forward, b"\0" * (12 * width)])
+        assert wait_for(lambda: (runner() or {}).get("active_sequences") == 5, timeout=10)
+        assert wait_for(lambda: (runner() or {}).get("active_sequences") == 0, timeout=LEASE_LOST_S + 10)
+        assert runner()["status"] == "RunnerReady"  # the runner itself stays: its head is alive  # type: ignore[index]
+        assert "no lease from its head" in cluster2.log("node2")
+    finally:
+        ask(node2, header("unload", instance_id="headless"))
+
+
 def test_a_sequence_whose_draw_fails_ends_alone_and_its_batch_goes_on(
     tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -54,6 +54,9 @@ KEEPALIVE_S = 1.0  # clients of running requests hear from the head at least thi
 # lost): its request is cancelled rather than decoded to max_tokens for nobody.
 CLIENT_SILENT_S = 10.0
 LEASE_S = 2.0  # how often a head says which sequences live; the others free the rest within 2 of these
+# A stage that has heard no lease for this long frees every sequence it holds: its head no longer
+# holds the instance (unloaded there, failed there while this node was cut off), so nothing will.
+LEASE_LOST_S = 5 * LEASE_S
 MAX_FAILURES = 16  # failed runners whose reports a node keeps (the oldest are forgotten first)
 MAX_EVENTS = 64  # supervisor events a node keeps for `exoctl state`
 MAX_EVENT_BYTES = 4096
@@ -95,6 +98,7 @@ class Worker:
         self.runners: dict[str, Runner] = {}  # instance id -> this node's runner of it
         # failed runners are retired (lane stopped, sockets closed); their last reports stay, bounded
         self.failures: OrderedDict[str, RunnerReport] = OrderedDict()
+        self.last_lease: dict[str, float] = {}  # stage runners: when their head last named its sequences
         self.lanes: dict[str, Lane] = {}  # instance id -> its compute lane
         self.active: dict[str, ActiveRequest] = {}  # request id -> client of a running request
         self.stopping = False
@@ -258,6 +262,8 @@ class Worker:
                 runner = self._runner(message["instance_id"])
                 if message.type in ("token", "seq_error", "lease"):
                     check_peer_message(message)
+                if message.type == "lease":
+                    self.last_lease[message["instance_id"]] = time.monotonic()
                 elif message.type == "forward":
                     self._check_step(runner, message)
                 self.lanes[message["instance_id"]].put(PeerMessage(message))
@@ -375,9 +381,30 @@ class Worker:
             self._retire(instance_id)
         if now >= self.next_lease:
             self._renew_leases()
+            self._expire_leases(now)
             self.next_lease = now + LEASE_S
         for address, why in self.peers.beat(self._watched(), now).items():
             self._peer_lost(address, why)
+
+    def _expire_leases(self, now: float) -> None:
+        """A stage whose head has gone quiet about its sequences frees them (two empty words free
+        all: what was held at the first, then what came since)."""
+        for instance_id, runner in self.runners.items():
+            if runner.spec.is_head or runner.spec.world == 1 or runner.status is not RunnerStatus.READY:
+                continue
+            last = self.last_lease.setdefault(instance_id, now)
+            if now - last > LEASE_LOST_S and instance_id in self.lanes:
+                log.warning(
+                    "instance %s: no lease from its head for %.0f s; freeing its sequences",
+                    instance_id[:8],
+                    now - last,
+                )
+                self.last_lease[instance_id] = now - LEASE_LOST_S + LEASE_S  # the second word next round
+                self.lanes[instance_id].put(
+                    PeerMessage(Message("lease", {"instance_id": instance_id, "seqs": []}))
+                )
+        for instance_id in set(self.last_lease) - set(self.runners):
+            del self.last_lease[instance_id]
 
     def _watched(self) -> set[str]:
         """The other workers the runners here belong with."""
