@@ -28,6 +28,20 @@ KERNELS = Path(__file__).with_name("kernels")
 # one library: the matmuls and per-layer steps, and the ranks' shared-memory signalling
 SOURCES = (KERNELS / "qmatmul.c", KERNELS / "shm_signal.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+# EXOCTL_KERNEL_ISA=portable builds without -march=native: the plain C loop a CPU without AVX2
+# runs, on any CPU (the same switch discipline as exoctl.cpu_policy's)
+KERNEL_ISA_ENV = "EXOCTL_KERNEL_ISA"
+PORTABLE_FLAGS = ("-O2", "-fopenmp", "-shared", "-fPIC")
+
+
+def build_flags() -> tuple[str, ...]:
+    choice = os.environ.get(KERNEL_ISA_ENV, "native").strip().lower() or "native"
+    if choice not in ("native", "portable"):
+        raise UnsupportedModelError(
+            f"{KERNEL_ISA_ENV}={choice!r} is not one of native, portable",
+            hint=f"unset {KERNEL_ISA_ENV} to build for this CPU",
+        )
+    return FLAGS if choice == "native" else PORTABLE_FLAGS
 
 
 def _cpu_key() -> str:
@@ -42,11 +56,12 @@ def _cpu_key() -> str:
 
 def library_path() -> Path:
     code = b"".join(source.read_bytes() for source in SOURCES)
-    digest = hashlib.sha256(code + " ".join(FLAGS).encode() + _cpu_key().encode())
+    digest = hashlib.sha256(code + " ".join(build_flags()).encode() + _cpu_key().encode())
     return exoctl_home() / "kernels" / f"qmatmul-{digest.hexdigest()[:16]}.so"
 
 
-def build(target: Path, flags: tuple[str, ...] = FLAGS) -> None:
+def build(target: Path, flags: tuple[str, ...] | None = None) -> None:
+    flags = build_flags() if flags is None else flags
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise UnsupportedModelError(
