@@ -106,7 +106,7 @@ class Linear:
     GEMV_ROWS = 48
     WIDEN_ROWS = 1024
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, partial: bool = False) -> None:
         self.out_features, self.in_features = weight.shape
         self.nbytes = weight.numel() * weight.element_size() + (
             0 if bias is None else bias.numel() * bias.element_size()
@@ -114,6 +114,10 @@ class Linear:
         self.bias = bias
         self.dtype = weight.dtype
         self.kernel = bf16_kernel() if weight.dtype is torch.bfloat16 else None
+        if partial and self.kernel is None and weight.dtype is torch.bfloat16:
+            # torch's bf16 GEMM can only write bf16: a partial sum goes through the kernel, which
+            # writes float32 (oneDNN's is faster where bf16 is native, but rounds each part)
+            self.kernel = qkernel.optional_library()
         self.packed = self.kernel is None and packed_linear_available(weight.dtype)
         self.bias32 = None
         if self.kernel is not None:
@@ -121,8 +125,8 @@ class Linear:
             self.bias32 = None if bias is None else bias.float().contiguous()
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1) if self.packed else weight
         # A tensor rank's o_proj/down_proj output is a partial sum: kept in float32 where the path
-        # computes in float32 anyway (the kernel), so ranks round once, after the all-reduce.
-        self.keep_float32 = False
+        # computes in float32 (the kernel, a float32 matrix), so ranks round once, after the sum.
+        self.keep_float32 = partial
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel is not None:
@@ -230,10 +234,19 @@ class QuantLinear:
 AnyLinear = Linear | QuantLinear
 
 
-def make_linear(weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None = None) -> AnyLinear:
+def make_linear(
+    weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None = None, partial: bool = False
+) -> AnyLinear:
+    """`partial`: a tensor rank's row-split projection (o_proj, down_proj), whose output is a
+    partial sum: handed on in float32 and rounded once, after the all-reduce (DecoderLayer).
+    Partials rounded to bfloat16 before the sum lose about 2^-9 of each part: a 4-rank int4
+    split's greedy tokens differed from the whole model's, and a 2-rank bfloat16 split's logits
+    by 2.2% (benchmarks/tensor_partials.py)."""
     if isinstance(weight, QuantizedWeight):
-        return QuantLinear(weight, bias)
-    return Linear(weight, bias)
+        linear: AnyLinear = QuantLinear(weight, bias)
+        linear.keep_float32 = partial  # the kernel computes in float32 anyway
+        return linear
+    return Linear(weight, bias, partial)
 
 
 class RMSNorm:
@@ -447,17 +460,6 @@ class DecoderLayer:
         self.post_norm = post_norm
         self.mlp = mlp
         self.reduce: Reduce | None = None
-
-    def sum_partials_in_float32(self) -> None:
-        """Under tensor sharding: the row-split projections hand their partial sums on in float32
-        where they compute in float32 (the quantized and bf16 kernels), and the layer rounds the
-        all-reduced sum to the activations' dtype once, as the whole model rounds its own sum.
-        Partials rounded to bfloat16 before the sum lose about 2^-9 of each part: the greedy tokens
-        of a 4-rank int4 split differed from the whole model's. (MoE shares are whole experts'
-        outputs, rounded as the whole model rounds them: nothing to keep.)"""
-        self.attention.o_proj.keep_float32 = True
-        if isinstance(self.mlp, GatedMLP):
-            self.mlp.down.keep_float32 = True
 
     def __call__(
         self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, caches: list[KVCache]

@@ -46,7 +46,10 @@ def load_attention(
             ]
         )
     qkv = make_linear(stack_rows(weights), bias)
-    o_proj = make_linear(reader.matrix(f"{prefix}.o_proj.weight", (d, q_out), 1, q_rows))
+    # a rank's o_proj output is a partial sum (its heads' columns): handed on in float32
+    o_proj = make_linear(
+        reader.matrix(f"{prefix}.o_proj.weight", (d, q_out), 1, q_rows), partial=shard.world > 1
+    )
     return Attention(layer, qkv, o_proj, len(q_rows) // hd, len(kv_rows) // hd, hd)
 
 
@@ -65,7 +68,8 @@ def load_gated_mlp(
     """gate [I, D], up [I, D], down [D, I]: rows `part` of gate and up, the same columns of down."""
     gate, up, down = names
     gate_up = stack_rows([reader.matrix(gate, (i, d), 0, part), reader.matrix(up, (i, d), 0, part)])
-    return GatedMLP(make_linear(gate_up), make_linear(reader.matrix(down, (d, i), 1, part)))
+    partial = part != range(i)  # a rank's columns of down: its output is a partial sum
+    return GatedMLP(make_linear(gate_up), make_linear(reader.matrix(down, (d, i), 1, part), partial=partial))
 
 
 def load_mlp(reader: WeightSource, config: ModelConfig, layer: int, shard: TensorShard = WHOLE) -> GatedMLP:

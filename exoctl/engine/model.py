@@ -224,8 +224,6 @@ def load_model(
         for i in span:
             block = load_layer(reader, config, i, shard)
             block.reduce = reduce
-            if reduce is not None:
-                block.sum_partials_in_float32()
             blocks.append(block)
             if on_layer is not None:
                 on_layer(len(blocks))
