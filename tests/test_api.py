@@ -822,6 +822,44 @@ def test_serve_refuses_a_network_address_without_a_key() -> None:
     assert result.stderr.startswith("error: refusing to serve on 0.0.0.0 without an API key")
 
 
+def test_a_client_that_trickles_its_request_head_is_cut_off(server: Server) -> None:
+    """A slowloris (a header line a byte per second) and a silent connection are closed once
+    HEAD_TIMEOUT_S has passed without a whole request head; others are served meanwhile."""
+    import socket
+    import time
+
+    from exoctl.api.http_protocol import HEAD_TIMEOUT_S
+
+    slow, silent = (
+        socket.create_connection(("127.0.0.1", server.port)),
+        socket.create_connection(("127.0.0.1", server.port)),
+    )
+    try:
+        slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        began = time.monotonic()
+        closed = False
+        while time.monotonic() - began < HEAD_TIMEOUT_S + 5:
+            try:
+                slow.sendall(b"X")
+            except OSError:
+                closed = True
+                break
+            slow.settimeout(1.0)
+            try:
+                if slow.recv(1024) == b"":
+                    closed = True
+                    break
+            except TimeoutError:
+                pass
+            assert http(server, "GET", "/healthz")[0] == 200  # the server keeps serving
+        assert closed and HEAD_TIMEOUT_S - 1 <= time.monotonic() - began <= HEAD_TIMEOUT_S + 5
+        silent.settimeout(2.0)
+        assert silent.recv(1024) == b""  # a connection that never sent a byte is gone too
+    finally:
+        slow.close()
+        silent.close()
+
+
 def test_serve_on_a_taken_port_is_one_clean_error(server: Server) -> None:
     result = exoctl("serve", "--port", str(server.port))
     assert result.returncode == 1

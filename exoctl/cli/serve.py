@@ -112,12 +112,16 @@ def serve(
         markup=False,
     )
     try:
+        from exoctl.api.http_protocol import HeadTimeoutH11Protocol
+
         config = uvicorn.Config(
             app,
             log_level="warning",
             access_log=False,
-            # a connection that sends nothing is closed (slow or idle clients hold no socket for long)
+            # an idle keep-alive connection is closed after 5 s, and one that trickles its request
+            # head after HEAD_TIMEOUT_S: slow or silent clients hold no socket for long
             timeout_keep_alive=5,
+            http=HeadTimeoutH11Protocol,
         )
         uvicorn.Server(config).run(sockets=[listener])
     finally:
