@@ -314,10 +314,13 @@ def test_serve_and_the_dashboard_show_a_download_while_it_runs(
             for node, docs in http(server, "GET", "/state")[1]["downloads"].items():
                 for doc in docs:
                     body = doc.get("DownloadOngoing")
+                    # a download's speed is measured once its first bytes have come: the first
+                    # sample after the small metadata files may still say 0
                     if (
                         body
                         and body["modelId"] == "tiny/watch"
                         and body["downloadProgress"]["downloaded"]["inBytes"]
+                        and body["downloadProgress"]["speed"] > 0
                     ):
                         return {"node": node, **body}
             return None

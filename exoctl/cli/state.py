@@ -39,6 +39,7 @@ def state(
                 console.print(state_view(statuses, list(instances_of(statuses).values())))
             down = no_node_up(statuses)
             if down is not None:
+                use_json_errors(False)  # stdout stays the one document; the error goes to stderr
                 raise down
             return
         views = list(instances_of(statuses).values())
@@ -77,4 +78,5 @@ def nodes(inventory: InventoryOption = None, json_output: JsonOption = False) ->
 
     down = no_node_up(statuses)
     if down is not None:
+        use_json_errors(False)  # stdout stays the one document; the error goes to stderr
         raise down
