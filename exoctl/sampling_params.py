@@ -148,11 +148,8 @@ DEFAULTABLE = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "
 
 
 @dataclass(frozen=True)
-class SamplingDefaults:
-    """A model's own sampling defaults; None where it declares none. Read by the head runner
-    at load (engine.generation_defaults) and reported with it, so the API and the CLI apply the
-    defaults of the model they talk to, as vLLM and llama.cpp do. A model that declares no
-    sampling (no `do_sample`) is answered greedily, as transformers' `generate` answers it."""
+class Defaultable:
+    """The values of DEFAULTABLE; None where they are left to someone else."""
 
     temperature: float | None = None
     top_k: int | None = None
@@ -160,6 +157,15 @@ class SamplingDefaults:
     min_p: float | None = None
     repetition_penalty: float | None = None
     max_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class SamplingDefaults(Defaultable):
+    """A model's own sampling defaults; None where it declares none. Read by the head runner
+    at load (engine.generation_defaults) and reported with it, so the API and the CLI apply the
+    defaults of the model they talk to, as vLLM and llama.cpp do. A model that declares no
+    sampling (no `do_sample`) is answered greedily, as transformers' `generate` answers it."""
+
     source: str = ""  # where they were read: "generation_config.json", "GGUF metadata", or ""
 
     def to_wire(self) -> dict[str, Any]:
@@ -179,21 +185,11 @@ class SamplingDefaults:
         except TypeError:
             return None
 
-    def described(self) -> str:
-        shown = [f"{n} {getattr(self, n)}" for n in DEFAULTABLE if getattr(self, n) is not None]
-        return f"{', '.join(shown) or 'greedy'} (from {self.source or 'no declared defaults'})"
-
 
 @dataclass(frozen=True)
-class SamplingRequest:
+class SamplingRequest(Defaultable):
     """What a request asked for; None where it left a value to the model's defaults."""
 
-    temperature: float | None = None
-    top_k: int | None = None
-    top_p: float | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    max_tokens: int | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
     frequency_penalty: float = 0.0

@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -416,45 +421,37 @@ def test_chat_ctrl_c_stops_the_answer_not_the_repl(cluster4: WorkerCluster) -> N
         cluster4.cli("delete", DEFAULT_MODEL_ID)
 
 
-def test_ctrl_c_in_run_stops_the_workers_too(cluster4: WorkerCluster) -> None:
-    import os
-    import signal
-    import subprocess
-    import sys
-
-    instance_id = cluster4.cli_json("place", DEFAULT_MODEL_ID, "--nodes", "2", "--dtype", "float32")[
-        "instance_id"
-    ]
+def streaming_run(cluster: WorkerCluster, max_tokens: int) -> subprocess.Popen[str]:
+    """`exoctl run` of a long answer (SmolLM2 goes on counting), already streaming."""
+    command = [sys.executable, "-m", "exoctl", "run", "--raw", "-n", str(max_tokens)]
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "exoctl",
-            "run",
-            "--raw",
-            "-n",
-            "1000",
-            "-i",
-            str(cluster4.inventory),
-            "1, 2, 3, 4, 5, 6, 7, 8,",  # SmolLM2 goes on counting: a long answer
-        ],
+        [*command, "-i", str(cluster.inventory), "1, 2, 3, 4, 5, 6, 7, 8,"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "COLUMNS": "200"},
         preexec_fn=sigint_default,
     )
+    assert proc.stdout is not None and proc.stdout.read(20)  # it is streaming
+    return proc
+
+
+def generating(cluster: WorkerCluster) -> int:
+    """Sequences the cluster's runners hold."""
+    with cluster.client() as client:
+        return sum(r.active_sequences for s in client.statuses() for r in s.runners)
+
+
+def test_ctrl_c_in_run_stops_the_workers_too(cluster4: WorkerCluster) -> None:
+    instance_id = cluster4.cli_json("place", DEFAULT_MODEL_ID, "--nodes", "2", "--dtype", "float32")[
+        "instance_id"
+    ]
+    proc = streaming_run(cluster4, 1000)
     try:
-        assert proc.stdout is not None and proc.stdout.read(20)  # it is streaming
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=30)
         assert proc.returncode != 0
-
-        def generating() -> int:
-            with cluster4.client() as client:
-                return sum(r.active_sequences for s in client.statuses() for r in s.runners)
-
-        assert wait_for(lambda: generating() == 0, timeout=3)  # not 1000 tokens later
+        assert wait_for(lambda: generating(cluster4) == 0, timeout=3)  # not 1000 tokens later
     finally:
         proc.kill()
         cluster4.cli("delete", instance_id)
@@ -462,48 +459,19 @@ def test_ctrl_c_in_run_stops_the_workers_too(cluster4: WorkerCluster) -> None:
 
 def test_a_client_killed_without_a_word_stops_its_generation(cluster4: WorkerCluster) -> None:
     """`exoctl run` SIGKILLed mid-answer says nothing to the head: its silence cancels the request
-    (within CLIENT_SILENT_S), not 1,000 tokens later."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
+    (within CLIENT_SILENT_S), not 5,000 tokens later."""
     from exoctl.worker.server import CLIENT_SILENT_S
 
     instance_id = cluster4.cli_json("place", DEFAULT_MODEL_ID, "--nodes", "2", "--dtype", "float32")[
         "instance_id"
     ]
-
-    def generating() -> int:
-        with cluster4.client() as client:
-            return sum(r.active_sequences for s in client.statuses() for r in s.runners)
-
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "exoctl",
-            "run",
-            "--raw",
-            "-n",
-            "5000",
-            "-i",
-            str(cluster4.inventory),
-            "1, 2, 3,",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "COLUMNS": "200"},
-    )
+    proc = streaming_run(cluster4, 5000)
     try:
-        assert proc.stdout is not None and proc.stdout.read(20)  # it is streaming
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
         killed = time.monotonic()
-        assert generating() > 0  # the head does not know yet
-        assert wait_for(lambda: generating() == 0, timeout=CLIENT_SILENT_S + 6)
+        assert generating(cluster4) > 0  # the head does not know yet
+        assert wait_for(lambda: generating(cluster4) == 0, timeout=CLIENT_SILENT_S + 6)
         assert time.monotonic() - killed >= CLIENT_SILENT_S - 2  # ended by the silence, not by itself
         assert "its client said nothing" in cluster4.log("node1")
     finally:
