@@ -10,6 +10,9 @@ test on an AVX2 machine runs what a bf16-native machine will run, and the other 
 - `EXOCTL_BF16_MATMUL` (`torch` | `kernel` | `auto`): who multiplies bfloat16 weights. `auto`:
   torch (oneDNN's native bf16 GEMM) where the CPU has native bf16, exoctl's own kernel (bf16
   widened to float32 in registers) elsewhere.
+- `EXOCTL_KERNEL_ISA` (`native` | `portable` | `auto`): how the quantized kernel is built.
+  `auto` is `native` (`-march=native`: AVX2 intrinsics where the CPU has them); `portable` builds
+  the plain C loop a CPU without AVX2 runs (engine.qkernel).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ ACTIVATIONS_ENV = "EXOCTL_ACTIVATIONS"
 BF16_MATMUL_ENV = "EXOCTL_BF16_MATMUL"
 ACTIVATION_CHOICES = ("auto", "bfloat16", "float32")
 BF16_MATMUL_CHOICES = ("auto", "torch", "kernel")
+KERNEL_ISA_ENV = "EXOCTL_KERNEL_ISA"
+KERNEL_ISA_CHOICES = ("auto", "native", "portable")
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
@@ -43,7 +48,9 @@ def cpu_has_native_bf16() -> bool:
     return any(flag in cpu_flags() for flag in BF16_FLAGS)
 
 
-def _forced(env: str, choices: tuple[str, ...]) -> str | None:
+def forced(env: str, choices: tuple[str, ...]) -> str | None:
+    """The switch `env`'s value, or None when it is unset or `auto`; a value outside `choices`
+    is an error that lists them."""
     value = os.environ.get(env, "").strip().lower()
     if value in ("", "auto"):
         return None
@@ -65,9 +72,9 @@ def check_activations(value: str) -> str:
 def bf16_activations(native: bool | None = None) -> bool:
     """Whether `auto`, int8 and int4 models compute in bfloat16 here: the switch, else whether the
     CPU has native bf16 (`native`, where the caller probed it otherwise, e.g. through torch)."""
-    forced = _forced(ACTIVATIONS_ENV, ACTIVATION_CHOICES)
-    if forced is not None:
-        return forced == "bfloat16"
+    choice = forced(ACTIVATIONS_ENV, ACTIVATION_CHOICES)
+    if choice is not None:
+        return choice == "bfloat16"
     return cpu_has_native_bf16() if native is None else native
 
 
@@ -77,7 +84,12 @@ def activations_name(native: bool | None = None) -> str:
 
 def bf16_matmul_by_kernel(native: bool | None = None) -> bool:
     """Whether bfloat16 weights go through exoctl's kernel rather than torch's GEMM here."""
-    forced = _forced(BF16_MATMUL_ENV, BF16_MATMUL_CHOICES)
-    if forced is not None:
-        return forced == "kernel"
+    choice = forced(BF16_MATMUL_ENV, BF16_MATMUL_CHOICES)
+    if choice is not None:
+        return choice == "kernel"
     return not (cpu_has_native_bf16() if native is None else native)
+
+
+def portable_kernel() -> bool:
+    """Whether the quantized kernel is built without -march=native (EXOCTL_KERNEL_ISA)."""
+    return forced(KERNEL_ISA_ENV, KERNEL_ISA_CHOICES) == "portable"

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from exoctl.cpu_policy import ACTIVATION_CHOICES
 from exoctl.errors import ExoctlError
 from exoctl.paths import exoctl_home
 
@@ -110,10 +111,9 @@ def _check_field(key: str, value: Any, where: str, problems: list[str]) -> Any:
             return None
         return value
     if key == "activations":
-        if value not in ("auto", "bfloat16", "float32"):
-            problems.append(
-                f"{where}: field 'activations' must be one of auto, bfloat16, float32, got {value!r}"
-            )
+        if value not in ACTIVATION_CHOICES:
+            choices = ", ".join(ACTIVATION_CHOICES)
+            problems.append(f"{where}: field 'activations' must be one of {choices}, got {value!r}")
             return None
         return value
     if key == "memory_gb":

@@ -72,9 +72,9 @@ def rank_bytes(card: ModelCard, ranks: int, request: PlacementRequest) -> int:
     """Bytes one rank needs: its slice of every layer and of lm_head, the whole embedding, its
     share of the KV reserve, and the runtime overhead."""
     dtype = request.dtype
-    kv = 2 * (card.num_key_value_heads // ranks) * card.head_dim * float_bytes(dtype) * request.kv_tokens
     return (
-        card.n_layers * (card.layer_bytes(dtype, ranks) + kv)
+        card.n_layers * card.layer_bytes(dtype, ranks)
+        + rank_kv_bytes(card, ranks, request)
         + embedding_bytes(dtype, card.vocab_size, card.hidden_size)
         + card.head_bytes(dtype, ranks)
         + RUNTIME_OVERHEAD_BYTES

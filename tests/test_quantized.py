@@ -155,6 +155,11 @@ def test_the_portable_loop_gives_what_the_avx2_kernel_gives(tmp_path: Path, bits
         patch.setenv("EXOCTL_KERNEL_ISA", "portable")
         assert qkernel.library_path() != native  # cached apart from the native build
         qkernel.build(portable)
+        patch.setenv("EXOCTL_KERNEL_ISA", "sse9")
+        with pytest.raises(
+            UnsupportedModelError, match=r"EXOCTL_KERNEL_ISA='sse9' is not one of auto, native"
+        ):
+            qkernel.build_flags()
     lib = ctypes.CDLL(str(portable))
     lib.qmm_linear.argtypes = qkernel.library().qmm_linear.argtypes
     assert lib.qmm_has_avx2() == 0

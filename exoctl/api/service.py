@@ -157,17 +157,16 @@ class ClusterService:
             raise down
         card = find_card(model)
         wanted = card.id if card is not None else model
-        path_like = "/" in model or model.startswith(("~", ".")) or model.endswith(".gguf")
-        if card is None and hub_reference(model) is None and not path_like:
-            known = ", ".join(sorted({v.model_id for v in instances_of(statuses).values() if v.serving}))
-            raise ModelNotFoundError(
-                f"unknown model {model[:200]!r}: not a catalog id, a placed model or instance, a Hub "
-                f"repo id or a model folder (placed models: {known or 'none'})",
-                hint="`exoctl models` (GET /v1/models) lists the models; place one with `exoctl place ID`",
-            )
         placed = (
             ", ".join(sorted({v.model_id for v in instances_of(statuses).values() if v.serving})) or "none"
         )
+        path_like = "/" in model or model.startswith(("~", ".")) or model.endswith(".gguf")
+        if card is None and hub_reference(model) is None and not path_like:
+            raise ModelNotFoundError(
+                f"unknown model {model[:200]!r}: not a catalog id, a placed model or instance, a Hub "
+                f"repo id or a model folder (placed models: {placed})",
+                hint="`exoctl models` (GET /v1/models) lists the models; place one with `exoctl place ID`",
+            )
         named = f"model {model!r}" + (f" ({wanted})" if wanted != model else "")
         raise NotPlacedError(
             f"{named} is not placed (placed models: {placed})",

@@ -101,7 +101,7 @@ def chat(
                         )
                 elif command == "/model" and argument.strip():
                     try:
-                        view = ensure_instance(cluster, cluster.statuses(), argument.strip(), dtype, note)
+                        view = ensure_instance(cluster, live_statuses(cluster), argument.strip(), dtype, note)
                         history = history[:1] if system else []
                         note(f"now chatting with {view.model_id} on {', '.join(view.nodes)}")
                     except ExoctlError as exc:

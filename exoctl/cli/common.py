@@ -61,15 +61,12 @@ def ensure_instance(
 ) -> InstanceView:
     """The instance for `model` in this sweep of `statuses`, placing it with the defaults first
     (and saying so) if needed."""
-    from exoctl.cluster.views import find_instance, no_node_up
+    from exoctl.cluster.views import find_instance
     from exoctl.model_store import resolve_card
 
     view = find_instance(statuses, model)
     if view is not None:
         return view
-    down = no_node_up(statuses)
-    if down is not None:
-        raise down
     card, ref = resolve_card(model or DEFAULT_MODEL_ID)
     chosen = plan_for(cluster, statuses, card, dtype, "auto")
     say(f"{card.id} is not placed: placing it with the defaults ({chosen.placement.dtype}; {chosen.reason})…")
@@ -110,8 +107,11 @@ def check_request(model: str | None, dtype: str) -> None:
 
 def live_statuses(cluster: Cluster) -> list[NodeStatus]:
     """One sweep of the nodes' statuses, for a command that needs at least one worker up."""
+    from exoctl.cluster.views import no_node_up
+
     statuses = cluster.statuses()
-    if not any(s.up for s in statuses):
+    down = no_node_up(statuses)
+    if down is not None:
         refused = [s for s in statuses if s.key_refused]
         if refused:  # they run, but with another key: starting them again is not the fix
             names = ", ".join(s.node.name for s in refused)
@@ -121,11 +121,5 @@ def live_statuses(cluster: Cluster) -> list[NodeStatus]:
                 hint="copy the key they were started with into $EXOCTL_HOME/keys here, or stop them "
                 "(`exoctl down` stops the workers it started) and `exoctl up` again with this key",
             )
-        raise not_running_hint(cluster, statuses)
+        raise down
     return statuses
-
-
-def not_running_hint(cluster: Cluster, statuses: list[NodeStatus]) -> ExoctlError:
-    from exoctl.cluster.views import no_node_up
-
-    return no_node_up(statuses) or ExoctlError(f"no worker of cluster {cluster.inventory.name!r} answers")

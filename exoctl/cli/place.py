@@ -6,7 +6,14 @@ from typing import Annotated, Any
 
 import typer
 
-from exoctl.cli.common import InventoryOption, check_request, complete_model, open_cluster, plan_for
+from exoctl.cli.common import (
+    InventoryOption,
+    check_request,
+    complete_model,
+    live_statuses,
+    open_cluster,
+    plan_for,
+)
 from exoctl.cli.options import DtypeOption, JsonOption, ShardingOption
 from exoctl.cli.output import console, print_json, use_json_errors
 from exoctl.cli.progress import LoadProgress
@@ -48,14 +55,9 @@ def place(
     check_request(None, dtype)
     card, ref = resolve_card(model)
     with open_cluster(inventory) as cluster:
-        statuses = cluster.statuses()
+        # loading needs a node up (the one "no node is up" error); a plan can be made without one
+        statuses = cluster.statuses() if dry_run else live_statuses(cluster)
         planned_offline = dry_run and not any(s.up for s in statuses)
-        if not dry_run:
-            from exoctl.cluster.views import no_node_up
-
-            down = no_node_up(statuses)
-            if down is not None:
-                raise down
         if planned_offline:
             from exoctl.cluster.views import offline_statuses
 

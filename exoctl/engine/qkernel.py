@@ -21,27 +21,25 @@ from pathlib import Path
 
 import torch
 
-from exoctl.errors import UnsupportedModelError
+from exoctl import cpu_policy
+from exoctl.errors import ExoctlError, UnsupportedModelError
 from exoctl.paths import exoctl_home
 
 KERNELS = Path(__file__).with_name("kernels")
 # one library: the matmuls and per-layer steps, and the ranks' shared-memory signalling
 SOURCES = (KERNELS / "qmatmul.c", KERNELS / "shm_signal.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
-# EXOCTL_KERNEL_ISA=portable builds without -march=native: the plain C loop a CPU without AVX2
-# runs, on any CPU (the same switch discipline as exoctl.cpu_policy's)
-KERNEL_ISA_ENV = "EXOCTL_KERNEL_ISA"
+# EXOCTL_KERNEL_ISA=portable (exoctl.cpu_policy) builds without -march=native: the plain C loop a
+# CPU without AVX2 runs, on any CPU
 PORTABLE_FLAGS = ("-O2", "-fopenmp", "-shared", "-fPIC")
 
 
 def build_flags() -> tuple[str, ...]:
-    choice = os.environ.get(KERNEL_ISA_ENV, "native").strip().lower() or "native"
-    if choice not in ("native", "portable"):
-        raise UnsupportedModelError(
-            f"{KERNEL_ISA_ENV}={choice!r} is not one of native, portable",
-            hint=f"unset {KERNEL_ISA_ENV} to build for this CPU",
-        )
-    return FLAGS if choice == "native" else PORTABLE_FLAGS
+    try:
+        portable = cpu_policy.portable_kernel()
+    except ExoctlError as exc:  # a bad switch: refused as a kernel that cannot be had
+        raise UnsupportedModelError(exc.message, hint=exc.hint) from None
+    return PORTABLE_FLAGS if portable else FLAGS
 
 
 def _cpu_key() -> str:

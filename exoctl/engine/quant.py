@@ -72,7 +72,7 @@ def check_block_columns(part: range, what: str = "an int4 weight", bits: int = 4
 
 def fits_blocks(in_features: int) -> bool:
     """Whether a matrix of this input width quantizes into blocks of 32 (int8's activation blocks
-    and int4's weight blocks); one that does not is held in the model's float dtype."""
+    and int4's weight blocks); one that does not is held in float32 (weights.WeightReader.matrix)."""
     return in_features % BLOCK == 0
 
 
