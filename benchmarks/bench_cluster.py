@@ -14,10 +14,10 @@ from pathlib import Path
 
 import yaml
 
-from exoctl.catalog import DEFAULT_MODEL_ID
 from exoctl.cluster.client import Cluster
 from exoctl.cluster.views import instances_of
-from exoctl.sampling_params import SamplingParams
+from exoctl.models.catalog import DEFAULT_MODEL_ID
+from exoctl.wire.sampling_params import SamplingParams
 
 PROMPT = "1, 2, 3, 4, 5, 6, 7, 8,"
 EXOCTL = [sys.executable, "-m", "exoctl"]

@@ -18,14 +18,14 @@ import tempfile
 import threading
 import time
 
-from exoctl.catalog import DEFAULT_MODEL_ID
 from exoctl.cluster.client import Cluster
 from exoctl.cluster.views import instances_of
 from exoctl.inventory import Inventory, Node
 from exoctl.keys import init_keys
-from exoctl.model_store import resolve_card
-from exoctl.placement import PlacementRequest
-from exoctl.sampling_params import SamplingParams
+from exoctl.models.catalog import DEFAULT_MODEL_ID
+from exoctl.models.store import resolve_card
+from exoctl.placement.pipeline import PlacementRequest
+from exoctl.wire.sampling_params import SamplingParams
 
 PROMPTS = [
     "1, 2, 3, 4,",

@@ -24,8 +24,8 @@ from exoctl.cluster.client import Cluster
 from exoctl.cluster.views import instances_of
 from exoctl.inventory import load_inventory_file
 from exoctl.keys import find_keys
-from exoctl.model_store import resolve_card
-from exoctl.placement import PlacementRequest
+from exoctl.models.store import resolve_card
+from exoctl.placement.pipeline import PlacementRequest
 
 
 def run_on(

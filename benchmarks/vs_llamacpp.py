@@ -187,9 +187,9 @@ def batch_cost(model: CausalLM, sequences: int = 8, context: int = 32) -> float:
 
 def same_file(args: argparse.Namespace, bin_dir: Path, smollm2: Path) -> None:
     """Decode of the same GGUF file in exoctl (loaded natively) and in llama.cpp."""
-    from exoctl.default_model import find_gguf
-    from exoctl.gguf_card import card_from_gguf
-    from exoctl.gguf_file import open_model
+    from exoctl.models.default import find_gguf
+    from exoctl.models.gguf.card import card_from_gguf
+    from exoctl.models.gguf.file import open_model
 
     llama = make_llama_1b(args.cache / "llama-1.1b", smollm2)
     files = [("smollm2", find_gguf())] + [

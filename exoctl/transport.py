@@ -15,10 +15,10 @@ import zmq
 import zmq.auth.thread
 import zmq.utils.monitor
 
-from exoctl import protocol
 from exoctl.errors import ExoctlError
 from exoctl.keys import ClusterKeys
-from exoctl.protocol import Message, Tensor
+from exoctl.wire import protocol
+from exoctl.wire.protocol import Message, Tensor
 
 MAX_MESSAGE_BYTES = protocol.MAX_TENSOR_BYTES + protocol.MAX_HEADER_BYTES
 _HANDSHAKE_FAILED = (

@@ -275,7 +275,7 @@ def raw_socket(cluster: WorkerCluster, node: str = "node1") -> tuple[zmq.Context
 
 
 def header(kind: str, **fields: Any) -> bytes:
-    from exoctl.protocol import PROTOCOL_VERSION
+    from exoctl.wire.protocol import PROTOCOL_VERSION
 
     return msgpack.packb({"v": PROTOCOL_VERSION, "type": kind, "id": 7, **fields})
 

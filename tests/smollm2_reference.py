@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from exoctl.default_model import find_gguf
+from exoctl.models.default import find_gguf
 
 
 def is_converted(folder: Path) -> bool:

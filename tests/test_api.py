@@ -13,7 +13,7 @@ from typing import Any
 import openai
 import pytest
 
-from exoctl.catalog import DEFAULT_MODEL_ID
+from exoctl.models.catalog import DEFAULT_MODEL_ID
 from tests.cluster_helpers import (
     Server,
     WorkerCluster,
@@ -100,7 +100,7 @@ def test_the_test_plans_curl_commands(server: Server, cluster2: WorkerCluster) -
         assert answer["choices"][0]["finish_reason"] in ("stop", "length")
         # no temperature and no max_tokens: the model declares no sampling, so it is answered
         # greedily (the same text twice) within the default budget, not 1,024 tokens at temperature 1
-        from exoctl.sampling_params import DEFAULT_MAX_TOKENS
+        from exoctl.wire.sampling_params import DEFAULT_MAX_TOKENS
 
         assert answer["usage"]["completion_tokens"] <= DEFAULT_MAX_TOKENS
         again = http(

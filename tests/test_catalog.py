@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from exoctl.catalog import find_card, get_card, load_catalog
 from exoctl.errors import ModelNotFoundError
+from exoctl.models.catalog import find_card, get_card, load_catalog
 
 TEST_PLAN_IDS = {
     f"{base}-{device}"

@@ -17,7 +17,7 @@ from exoctl.api.tool_calls import ToolStream, forced_prefix, parse
 from exoctl.engine.penalties import TokenHistory, penalize
 from exoctl.engine.sampling import Sampler, min_p_filter, sample
 from exoctl.engine.tokenizer import tool_format_of
-from exoctl.sampling_params import SamplingParamError, SamplingParams
+from exoctl.wire.sampling_params import SamplingParamError, SamplingParams
 
 NAMES = frozenset({"get_weather", "get_time"})
 WEATHER = {"city": "Paris"}

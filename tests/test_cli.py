@@ -25,8 +25,8 @@ def test_the_control_side_does_not_import_torch() -> None:
     # the CLI, the cluster client, placement, the state document and the HTTP API
     code = (
         "import sys; from exoctl.cli.app import app; import exoctl.cli.models, exoctl.cluster.client, "
-        "exoctl.cluster.state, exoctl.cluster.views, exoctl.tensor_placement, exoctl.api.app, "
-        "exoctl.api.supervisor, exoctl.model_store, exoctl.default_model; print('torch' in sys.modules)"
+        "exoctl.cluster.state, exoctl.cluster.views, exoctl.placement.tensor, exoctl.api.app, "
+        "exoctl.api.supervisor, exoctl.models.store, exoctl.models.default; print('torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT)
     assert out.stdout.strip() == "False"
@@ -59,7 +59,7 @@ def test_models_table() -> None:
 
 
 def test_models_keeps_the_ids_whole_at_80_columns() -> None:
-    from exoctl.catalog import load_catalog
+    from exoctl.models.catalog import load_catalog
 
     result = exoctl("models", env={"COLUMNS": "80"})
     assert result.returncode == 0
@@ -101,8 +101,8 @@ def test_dry_run_with_no_node_up_plans_a_local_cluster_from_this_machine(tmp_pat
 
 
 def test_more_nodes_than_the_inventory_has_says_so() -> None:
-    from exoctl.catalog import get_card
-    from exoctl.placement import GB, NodeProfile, PlacementError, PlacementRequest, place
+    from exoctl.models.catalog import get_card
+    from exoctl.placement.pipeline import GB, NodeProfile, PlacementError, PlacementRequest, place
 
     nodes = [NodeProfile(f"n{i}", 64 * GB, 64 * GB) for i in range(3)]
     with pytest.raises(PlacementError) as raised:

@@ -18,12 +18,12 @@ import msgpack
 import pytest
 import zmq
 
-from exoctl.catalog import DEFAULT_MODEL_ID
 from exoctl.cluster.client import Cluster
 from exoctl.cluster.views import instances_of
-from exoctl.model_store import resolve_card
-from exoctl.placement import PlacementRequest
-from exoctl.sampling_params import SamplingParams
+from exoctl.models.catalog import DEFAULT_MODEL_ID
+from exoctl.models.store import resolve_card
+from exoctl.placement.pipeline import PlacementRequest
+from exoctl.wire.sampling_params import SamplingParams
 from tests.cluster_helpers import (
     WorkerCluster,
     exoctl,

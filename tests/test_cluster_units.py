@@ -9,13 +9,13 @@ from typing import Any
 
 import pytest
 
-from exoctl.catalog import card_from_folder, get_card
 from exoctl.cluster.launcher import sh_path, ssh_command
 from exoctl.cluster.state import state_document
 from exoctl.cluster.views import NodeStatus, instances_of, runtime_dtype
 from exoctl.inventory import Node
-from exoctl.model_store import files_for_layers
-from exoctl.runner_report import Failure, RunnerReport, RunnerStatus
+from exoctl.models.catalog import card_from_folder, get_card
+from exoctl.models.store import files_for_layers
+from exoctl.wire.runner_report import Failure, RunnerReport, RunnerStatus
 
 
 def runner(
@@ -108,7 +108,7 @@ def test_an_instance_document_is_read_back_or_refused_naming_the_fault() -> None
     from exoctl.api.instance_doc import planned_placement
     from exoctl.cluster.state import planned_instance
     from exoctl.errors import InvalidRequestError
-    from exoctl.placement import Placement, PlacementError, Shard
+    from exoctl.placement.pipeline import Placement, PlacementError, Shard
 
     card = get_card("llama-3.1-8b-cpu")
     statuses = [NodeStatus(Node(n, f"127.0.0.{i + 1}"), profile()) for i, n in enumerate("abc")]

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from exoctl.catalog import DEFAULT_MODEL_ID
+from exoctl.models.catalog import DEFAULT_MODEL_ID
 from tests.browser import chromium, console_errors, screenshot, until, viewport
 from tests.cluster_helpers import Server, WorkerCluster, http, tiny_cluster
 from tests.conftest import ARTIFACTS

@@ -8,11 +8,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from exoctl.bench import Stat, per_node, percentile, prompt_of
 from exoctl.cluster.downloads import download_doc, is_download
+from exoctl.cluster.measure import Stat, per_node, percentile, prompt_of
 from exoctl.errors import ExoctlError
-from exoctl.hub_fetch import Download, check_space
-from exoctl.runner_report import RunnerReport, RunnerStatus
+from exoctl.models.hub_fetch import Download, check_space
+from exoctl.wire.runner_report import RunnerReport, RunnerStatus
 
 
 def test_a_downloads_progress_counts_resumed_bytes_apart_from_this_sessions() -> None:

@@ -121,7 +121,7 @@ def weight_map(folder: Path) -> dict[str, str]:
 def test_each_node_fetches_its_layers_files_then_place_loads_them_without_fetching_again(
     hub_cluster: HubCluster, tiny_models: dict[str, Path]
 ) -> None:
-    from exoctl.model_store import files_for_layers
+    from exoctl.models.store import files_for_layers
 
     source = tiny_models["llama"]
     answer = hub_cluster.cli_json("download", "tiny/llama", "--nodes", "2", "--sharding", "pipeline")

@@ -18,12 +18,12 @@ import msgpack
 import psutil
 import pytest
 
-from exoctl.catalog import DEFAULT_MODEL_ID
 from exoctl.cluster.views import instances_of
-from exoctl.model_store import resolve_card
-from exoctl.placement import PlacementRequest
-from exoctl.protocol import PROTOCOL_VERSION
-from exoctl.sampling_params import SamplingParams
+from exoctl.models.catalog import DEFAULT_MODEL_ID
+from exoctl.models.store import resolve_card
+from exoctl.placement.pipeline import PlacementRequest
+from exoctl.wire.protocol import PROTOCOL_VERSION
+from exoctl.wire.sampling_params import SamplingParams
 from tests.cluster_helpers import Server, WorkerCluster, http, raw_socket, tiny_cluster
 
 FUZZ_S = 40.0

@@ -13,15 +13,15 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType
 
-from exoctl.catalog import get_card
-from exoctl.engine.gguf_weights import GGUFWeightReader, dequantized
 from exoctl.engine.model import load_model, resolve_dtype
 from exoctl.engine.quant import QuantizedWeight, dequantize
 from exoctl.errors import ModelFormatError, ModelNotFoundError, UnsupportedModelError
-from exoctl.gguf_file import hf_config, open_model
-from exoctl.hub_gguf import files_for_layers, parse_reference, quant_files
-from exoctl.model_store import hub_reference, resolve_card
-from exoctl.placement import NodeProfile, PlacementError, PlacementRequest, place
+from exoctl.models.catalog import get_card
+from exoctl.models.gguf.file import hf_config, open_model
+from exoctl.models.gguf.hub import files_for_layers, parse_reference, quant_files
+from exoctl.models.gguf.weights import GGUFWeightReader, dequantized
+from exoctl.models.store import hub_reference, resolve_card
+from exoctl.placement.pipeline import NodeProfile, PlacementError, PlacementRequest, place
 from tests.gguf_models import all_as, hf_tensors, q4_k_m, write_gguf
 
 SIMPLE_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
@@ -120,7 +120,7 @@ def test_q_and_k_rows_are_put_back_in_hugging_face_order(
 
 
 def _raw(info: object) -> np.ndarray:
-    from exoctl.gguf_file import TensorInfo
+    from exoctl.models.gguf.file import TensorInfo
 
     assert isinstance(info, TensorInfo)
     return np.fromfile(info.file, dtype=np.uint8, count=info.nbytes, offset=info.offset).reshape(
@@ -243,7 +243,7 @@ def test_placement_sizes_a_gguf_model_from_its_tensor_table(wide: Path, tmp_path
 def test_the_embedded_default_is_the_packages_q4_1_file_and_runs_in_int4(smollm2_gguf: Path) -> None:
     card, ref = resolve_card("smollm2-135m-cpu")
     assert ref == "smollm2-135m-cpu" and card.native_dtype == "int4"
-    from exoctl.model_store import resolve_model
+    from exoctl.models.store import resolve_model
 
     assert resolve_model("smollm2-135m-cpu") == smollm2_gguf
     local, _ = resolve_card(str(smollm2_gguf))
@@ -257,7 +257,7 @@ def test_smollm2_from_its_gguf_equals_the_transformers_conversion_in_float32(
 ) -> None:
     from exoctl.engine.generate import complete
     from exoctl.engine.tokenizer import Tokenizer
-    from exoctl.sampling_params import SamplingParams
+    from exoctl.wire.sampling_params import SamplingParams
 
     gguf_tokens = Tokenizer(smollm2_gguf)
     folder_tokens = Tokenizer(smollm2_folder)
@@ -275,7 +275,7 @@ def test_smollm2_from_its_gguf_equals_the_transformers_conversion_in_float32(
 def test_smollm2_from_its_gguf_answers_paris(smollm2_gguf: Path, dtype: str, activations: str) -> None:
     from exoctl.engine.generate import complete
     from exoctl.engine.tokenizer import Tokenizer
-    from exoctl.sampling_params import SamplingParams
+    from exoctl.wire.sampling_params import SamplingParams
 
     tokenizer = Tokenizer(smollm2_gguf)
     prompt = tokenizer.encode_chat(
@@ -449,7 +449,7 @@ def test_an_unsupported_tensor_type_is_refused_naming_it(
 
 
 def _first_tensor_type_offset(data: bytearray) -> tuple[int, str]:
-    from exoctl.gguf_file import _string, _value
+    from exoctl.models.gguf.file import _string, _value
 
     _, _, kvs = struct.unpack_from("<IQQ", data, 4)
     pos = 24
@@ -627,8 +627,8 @@ def q4_k_m_70b_header(path: Path) -> bytes:
 
 
 def test_a_70b_q4_k_m_plan_is_sized_layer_by_layer_from_its_header_alone(tmp_path: Path) -> None:
-    from exoctl.gguf_card import card_from_gguf
-    from exoctl.gguf_file import GGUFModel, header_of
+    from exoctl.models.gguf.card import card_from_gguf
+    from exoctl.models.gguf.file import GGUFModel, header_of
 
     data = q4_k_m_70b_header(tmp_path / "header-only.gguf")
     assert len(data) < 100_000  # what a node fetches over HTTP ranges before anything is downloaded

@@ -23,9 +23,9 @@ from exoctl.engine.generate import complete
 from exoctl.engine.model import load_model
 from exoctl.engine.tokenizer import Tokenizer
 from exoctl.inventory import load_inventory_file
-from exoctl.model_store import resolve_card
-from exoctl.placement import PlacementRequest
-from exoctl.sampling_params import SamplingParams
+from exoctl.models.store import resolve_card
+from exoctl.placement.pipeline import PlacementRequest
+from exoctl.wire.sampling_params import SamplingParams
 from exoctl.worker.peers import DOWN_AFTER_S
 from exoctl.worker.server import MAX_FAILURES
 from tests.cluster_helpers import (
@@ -370,8 +370,8 @@ def test_a_stage_whose_head_no_longer_holds_the_instance_frees_its_sequences(
 def test_a_sequence_whose_draw_fails_ends_alone_and_its_batch_goes_on(
     tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from exoctl.protocol import Message
-    from exoctl.runner_spec import RunnerSpec
+    from exoctl.wire.protocol import Message
+    from exoctl.wire.runner_spec import RunnerSpec
     from exoctl.worker import runner as runner_module
     from exoctl.worker.outbox import ToClient, ToSelf
 

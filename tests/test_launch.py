@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from exoctl.cluster.views import instances_of
-from exoctl.model_store import resolve_card
-from exoctl.placement import PlacementRequest
-from exoctl.sampling_params import SamplingParams
+from exoctl.models.store import resolve_card
+from exoctl.placement.pipeline import PlacementRequest
+from exoctl.wire.sampling_params import SamplingParams
 from tests.cluster_helpers import (
     PYTHON_EXOCTL,
     WorkerCluster,
@@ -285,8 +285,8 @@ def test_up_reports_a_version_mismatch(
 
     from exoctl import __version__
     from exoctl.keys import init_keys
-    from exoctl.protocol import PROTOCOL_VERSION
     from exoctl.transport import secure_server, start_authenticator
+    from exoctl.wire.protocol import PROTOCOL_VERSION
 
     keys, _ = init_keys()
     (port,) = take_ports(["127.0.0.35"])

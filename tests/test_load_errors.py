@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from exoctl.engine.config import ModelConfig, load_config
 from exoctl.engine.model import load_model
 from exoctl.errors import ModelFormatError, ModelNotFoundError, UnsupportedModelError
-from exoctl.model_store import resolve_model
+from exoctl.models.store import resolve_model
 
 BASE = {
     "model_type": "llama",

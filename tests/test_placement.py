@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from exoctl.catalog import get_card
-from exoctl.placement import (
+from exoctl.models.catalog import get_card
+from exoctl.placement.pipeline import (
     GB,
     NodeProfile,
     PlacementError,

@@ -7,8 +7,8 @@ from typing import Any
 import msgpack
 import pytest
 
-from exoctl.protocol import PROTOCOL_VERSION, ProtocolError, Tensor, decode, encode
 from exoctl.transport import NodeClient  # noqa: F401  (the transport imports cleanly without torch)
+from exoctl.wire.protocol import PROTOCOL_VERSION, ProtocolError, Tensor, decode, encode
 
 
 def test_round_trip_with_tensors() -> None:

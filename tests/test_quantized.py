@@ -11,7 +11,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from exoctl.catalog import get_card
 from exoctl.dtypes import QUANTIZED_BITS
 from exoctl.engine.generate import complete
 from exoctl.engine.layers import Linear, QuantLinear
@@ -21,10 +20,11 @@ from exoctl.engine.shard import TensorShard
 from exoctl.engine.tokenizer import Tokenizer
 from exoctl.errors import UnsupportedModelError
 from exoctl.inventory import load_inventory_file
-from exoctl.placement import GB, NodeProfile, PlacementError, PlacementRequest, place
-from exoctl.sampling_params import SamplingParams
-from exoctl.sharding import plan as choose
-from exoctl.tensor_placement import place_tensor
+from exoctl.models.catalog import get_card
+from exoctl.placement.pipeline import GB, NodeProfile, PlacementError, PlacementRequest, place
+from exoctl.placement.sharding import plan as choose
+from exoctl.placement.tensor import place_tensor
+from exoctl.wire.sampling_params import SamplingParams
 from tests.cluster_helpers import WorkerCluster, tiny_cluster
 from tests.conftest import ACTIVATION_POLICIES
 from tests.test_cluster import MAX_TOKENS, PROMPT, generate, model_ref
@@ -528,7 +528,7 @@ def test_a_prompt_longer_than_a_prefill_step_gives_the_single_process_tokens(
 ) -> None:
     """Over 256 prompt tokens the head prefills in steps of 256 and the last stage (or every
     rank) samples only after the last: the same tokens as one process."""
-    from exoctl.catalog import DEFAULT_MODEL_ID
+    from exoctl.models.catalog import DEFAULT_MODEL_ID
     from exoctl.worker.runner import PREFILL_STEP
 
     tokenizer = Tokenizer(smollm2_folder)
@@ -554,8 +554,8 @@ def test_decoding_goes_on_while_a_long_prompt_prefills(cluster4: WorkerCluster) 
     import threading
     import time
 
-    from exoctl.catalog import DEFAULT_MODEL_ID
     from exoctl.cluster.views import instances_of
+    from exoctl.models.catalog import DEFAULT_MODEL_ID
 
     with cluster4.client() as client:
         instance_id = place_instance(client, DEFAULT_MODEL_ID, 2, "int4")
@@ -639,7 +639,7 @@ def test_a_matrix_whose_width_takes_no_blocks_is_held_in_float(
     reference = logits(load_model(folder, dtype="float32"))
     assert relative(logits(model), reference) < (0.4 if dtype == "int8" else 1.0)
     # placement counts those matrices in float: it never counts less than the load holds
-    from exoctl.model_store import resolve_card
+    from exoctl.models.store import resolve_card
 
     card, _ = resolve_card(str(folder))
     assert card.weight_bytes(dtype) >= model.weight_bytes()

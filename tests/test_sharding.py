@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from exoctl.catalog import get_card
-from exoctl.placement import GB, NodeProfile, PlacementError, PlacementRequest
-from exoctl.sharding import UnknownShardingError, plan
+from exoctl.models.catalog import get_card
+from exoctl.placement.pipeline import GB, NodeProfile, PlacementError, PlacementRequest
+from exoctl.placement.sharding import UnknownShardingError, plan
 
 
 def nodes(*sizes_gb: float) -> list[NodeProfile]:

@@ -9,7 +9,7 @@ import pytest
 from exoctl.engine.generate import complete
 from exoctl.engine.model import load_model
 from exoctl.errors import InvalidRequestError, ModelNotFoundError
-from exoctl.sampling_params import SamplingParams
+from exoctl.wire.sampling_params import SamplingParams
 
 
 def test_greedy_completion_says_paris(smollm2) -> None:  # type: ignore[no-untyped-def]
@@ -76,7 +76,7 @@ def test_missing_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch, tm
 def test_the_default_is_loaded_from_its_package_without_writing_anything(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from exoctl.model_store import resolve_model
+    from exoctl.models.store import resolve_model
 
     monkeypatch.setenv("EXOCTL_HOME", str(tmp_path))
     path = resolve_model("smollm2-135m-cpu")

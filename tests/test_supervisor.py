@@ -11,7 +11,7 @@ from exoctl.api.supervisor import Supervisor
 from exoctl.cluster.views import NodeStatus
 from exoctl.errors import ExoctlError
 from exoctl.inventory import Inventory, Node
-from exoctl.runner_report import Failure, RunnerReport, RunnerStatus
+from exoctl.wire.runner_report import Failure, RunnerReport, RunnerStatus
 
 NODES = (Node("a", "127.0.0.1", 1), Node("b", "127.0.0.2", 2))
 PROFILE = {"ram_total": 100, "ram_available": 60}
@@ -121,7 +121,7 @@ def test_a_placement_that_failed_while_loading_is_not_placed_behind_its_callers_
 def test_a_node_that_flaps_is_not_chased() -> None:
     """Each time the same ask is placed again smaller, the wait before restoring it doubles."""
     from exoctl.api.supervisor import RESTORE_AFTER_S, RESTORE_MAX_S, Asked, smaller
-    from exoctl.placement import Placement, Shard
+    from exoctl.placement.pipeline import Placement, Shard
 
     watch = supervisor(FakeService())
     asked = Asked("smollm2-135m-cpu", "pipeline", 3, "float32")

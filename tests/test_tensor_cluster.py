@@ -14,15 +14,15 @@ from typing import Any
 
 import pytest
 
-from exoctl.catalog import DEFAULT_MODEL_ID
 from exoctl.cluster.client import Cluster
 from exoctl.cluster.state import state_document
 from exoctl.cluster.views import instances_of
 from exoctl.errors import ExoctlError
-from exoctl.model_store import resolve_card
-from exoctl.placement import PlacementRequest
-from exoctl.runner_report import RunnerStatus
-from exoctl.sampling_params import SamplingParams
+from exoctl.models.catalog import DEFAULT_MODEL_ID
+from exoctl.models.store import resolve_card
+from exoctl.placement.pipeline import PlacementRequest
+from exoctl.wire.runner_report import RunnerStatus
+from exoctl.wire.sampling_params import SamplingParams
 from exoctl.worker.server import DOWN_AFTER_S
 from tests.cluster_helpers import WorkerCluster, make_cluster, running, tiny_cluster, wait_for
 from tests.test_cluster import MAX_TOKENS, PROMPT, generate, model_ref, references  # noqa: F401

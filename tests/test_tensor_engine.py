@@ -20,7 +20,7 @@ from exoctl.engine.sampling import Sampler, min_p_filter, top_k_filter, top_p_fi
 from exoctl.engine.shard import TensorShard
 from exoctl.engine.weights import WeightReader
 from exoctl.errors import UnsupportedModelError
-from exoctl.sampling_params import SamplingParams
+from exoctl.wire.sampling_params import SamplingParams
 
 
 class Exchange:

@@ -6,9 +6,9 @@ import re
 
 import pytest
 
-from exoctl.catalog import get_card
-from exoctl.placement import GB, NodeProfile, PlacementError, PlacementRequest, place
-from exoctl.tensor_placement import place_tensor, rank_bytes, valid_rank_counts
+from exoctl.models.catalog import get_card
+from exoctl.placement.pipeline import GB, NodeProfile, PlacementError, PlacementRequest, place
+from exoctl.placement.tensor import place_tensor, rank_bytes, valid_rank_counts
 
 
 def nodes(*sizes_gb: float) -> list[NodeProfile]:

@@ -8,12 +8,12 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from exoctl.completion import Completion, Timings
 from exoctl.errors import ExoctlError, InvalidRequestError
-from exoctl.protocol import Message, ProtocolError
-from exoctl.runner_report import ExpertLoad, Failure, RunnerReport, RunnerStatus
-from exoctl.runner_spec import RunnerSpec
-from exoctl.sampling_params import (
+from exoctl.wire.answer import Completion, Timings
+from exoctl.wire.protocol import Message, ProtocolError
+from exoctl.wire.runner_report import ExpertLoad, Failure, RunnerReport, RunnerStatus
+from exoctl.wire.runner_spec import RunnerSpec
+from exoctl.wire.sampling_params import (
     DEFAULT_MAX_TOKENS,
     SamplingDefaults,
     SamplingParamError,

@@ -10,8 +10,8 @@ from fastapi.responses import JSONResponse
 from exoctl.api.service import Forbidden, NotFound, NotPlacedError
 from exoctl.cluster.views import NoNodeUpError
 from exoctl.errors import ExoctlError, InvalidRequestError, ModelNotFoundError
-from exoctl.placement import PlacementError
-from exoctl.sharding import UnknownShardingError
+from exoctl.placement.pipeline import PlacementError
+from exoctl.placement.sharding import UnknownShardingError
 from exoctl.transport import NodeError
 
 # ExoctlError subclasses -> (HTTP status, OpenAI error type)

@@ -9,12 +9,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from exoctl.catalog import ModelCard
 from exoctl.cluster.views import NodeStatus, runtime_dtype
 from exoctl.dtypes import DTYPE_CHOICES
 from exoctl.errors import InvalidRequestError
-from exoctl.placement import Placement, PlacementError, Shard
-from exoctl.tensor_placement import valid_rank_counts
+from exoctl.models.catalog import ModelCard
+from exoctl.placement.pipeline import Placement, PlacementError, Shard
+from exoctl.placement.tensor import valid_rank_counts
 
 SHARD_TAGS = {"PipelineShardMetadata": "pipeline", "TensorShardMetadata": "tensor"}
 

@@ -9,7 +9,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from exoctl.cluster.views import NodeStatus
-from exoctl.completion import Completion
+from exoctl.wire.answer import Completion
 
 
 class NodeCollector(Collector):

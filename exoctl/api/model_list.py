@@ -6,8 +6,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from exoctl.catalog import ModelCard, storage_megabytes
-from exoctl.tensor_placement import valid_rank_counts
+from exoctl.models.catalog import ModelCard, storage_megabytes
+from exoctl.placement.tensor import valid_rank_counts
 
 # EXO's short spellings of a checkpoint's precision
 PRECISION = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}

@@ -23,10 +23,10 @@ from exoctl.api.metrics import Metrics
 from exoctl.api.schemas import ChatRequest, NamedToolChoice
 from exoctl.api.service import ClusterService
 from exoctl.api.tool_calls import ToolStream, forced_prefix
-from exoctl.chat_options import ChatOptions
-from exoctl.completion import Completion
 from exoctl.errors import ExoctlError, InvalidRequestError
-from exoctl.sampling_params import (
+from exoctl.wire.answer import Completion
+from exoctl.wire.chat_options import ChatOptions
+from exoctl.wire.sampling_params import (
     SamplingDefaults,
     SamplingParamError,
     SamplingParams,

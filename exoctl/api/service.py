@@ -16,7 +16,6 @@ from typing import Any
 import zmq
 
 from exoctl.api.instance_doc import planned_placement
-from exoctl.catalog import ModelCard, find_card, get_card, load_catalog
 from exoctl.cluster.client import Cluster
 from exoctl.cluster.state import history, planned_instance, state_document
 from exoctl.cluster.views import (
@@ -29,12 +28,13 @@ from exoctl.cluster.views import (
 )
 from exoctl.dtypes import DTYPE_CHOICES
 from exoctl.errors import ExoctlError, InvalidRequestError, ModelNotFoundError
-from exoctl.gguf_file import is_gguf_model
 from exoctl.inventory import Inventory
 from exoctl.keys import ClusterKeys
-from exoctl.model_store import allowed_roots, as_path, hub_reference, is_model_folder, resolve_card
-from exoctl.placement import Placement, PlacementError, PlacementRequest
-from exoctl.sharding import Plan, check_sharding
+from exoctl.models.catalog import ModelCard, find_card, get_card, load_catalog
+from exoctl.models.gguf.file import is_gguf_model
+from exoctl.models.store import allowed_roots, as_path, hub_reference, is_model_folder, resolve_card
+from exoctl.placement.pipeline import Placement, PlacementError, PlacementRequest
+from exoctl.placement.sharding import Plan, check_sharding
 
 
 class NotPlacedError(ExoctlError):
@@ -309,15 +309,15 @@ def local_sources(card: ModelCard) -> list[str]:
     """Which of the card's sources this machine holds: "embedded" (the default's package), or in
     the Hugging Face cache "safetensors" (the repo's config) and "gguf" (the card's default
     quantisation)."""
-    from exoctl.catalog import DEFAULT_MODEL_ID
+    from exoctl.models.catalog import DEFAULT_MODEL_ID
 
     if card.id == DEFAULT_MODEL_ID:
-        from exoctl.default_model import is_installed
+        from exoctl.models.default import is_installed
 
         return ["embedded"] if is_installed() else []
     from huggingface_hub import try_to_load_from_cache
 
-    from exoctl.hub_gguf import cached_files, quant_files
+    from exoctl.models.gguf.hub import cached_files, quant_files
 
     found = []
     if isinstance(try_to_load_from_cache(card.hf_repo, "config.json"), str):

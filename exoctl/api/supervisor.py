@@ -26,7 +26,7 @@ from typing import Any
 from exoctl.api.service import ClusterService
 from exoctl.cluster.views import InstanceStatus, InstanceView, instances_of
 from exoctl.errors import ExoctlError
-from exoctl.placement import Placement, PlacementError
+from exoctl.placement.pipeline import Placement, PlacementError
 
 log = logging.getLogger("exoctl.serve")
 

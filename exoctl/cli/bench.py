@@ -19,7 +19,7 @@ from exoctl.cli.options import DtypeOption, JsonOption, ShardingOption
 from exoctl.cli.output import console, err_console, print_json, use_json_errors
 from exoctl.cli.progress import LoadProgress
 from exoctl.errors import ExoctlError
-from exoctl.sharding import check_sharding
+from exoctl.placement.sharding import check_sharding
 
 HELP = (
     "Measure a model on this cluster, as llama-bench does (warm-up, repetitions, mean ± sd): prefill "
@@ -71,9 +71,9 @@ def bench(
     json_output: JsonOption = False,
 ) -> None:
     use_json_errors(json_output)
-    from exoctl.bench import BenchConfig, run_bench
+    from exoctl.cluster.measure import BenchConfig, run_bench
     from exoctl.cluster.views import find_instance
-    from exoctl.model_store import resolve_card
+    from exoctl.models.store import resolve_card
 
     sharding = check_sharding(sharding)
     check_request(None, dtype)

@@ -20,8 +20,8 @@ from exoctl.cli.options import (
 )
 from exoctl.cli.output import console, err_console, note
 from exoctl.cli.run import ModelChoice, resolve_options, sampling_request
-from exoctl.completion import Completion
 from exoctl.errors import ExoctlError
+from exoctl.wire.answer import Completion
 
 HELP = "Chat with a placed model: streamed answers, history across turns, /reset /stats /model /quit."
 COMMANDS = (

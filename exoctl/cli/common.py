@@ -8,15 +8,15 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from exoctl.catalog import DEFAULT_MODEL_ID
 from exoctl.dtypes import DTYPE_CHOICES
 from exoctl.errors import ExoctlError
+from exoctl.models.catalog import DEFAULT_MODEL_ID
 
 if TYPE_CHECKING:
-    from exoctl.catalog import ModelCard
     from exoctl.cluster.client import Cluster
     from exoctl.cluster.views import InstanceView, NodeStatus
-    from exoctl.sharding import Plan
+    from exoctl.models.catalog import ModelCard
+    from exoctl.placement.sharding import Plan
 
 InventoryOption = Annotated[
     str | None,
@@ -48,7 +48,7 @@ def plan_for(
 ) -> Plan:
     """Where `place` would put `card` on these nodes, and why (`auto` dtype resolved for them)."""
     from exoctl.cluster.views import runtime_dtype
-    from exoctl.placement import PlacementRequest
+    from exoctl.placement.pipeline import PlacementRequest
 
     request = PlacementRequest(
         dtype=runtime_dtype(dtype, statuses, card.native_dtype), nodes=nodes, min_nodes=min_nodes
@@ -62,7 +62,7 @@ def ensure_instance(
     """The instance for `model` in this sweep of `statuses`, placing it with the defaults first
     (and saying so) if needed."""
     from exoctl.cluster.views import find_instance
-    from exoctl.model_store import resolve_card
+    from exoctl.models.store import resolve_card
 
     view = find_instance(statuses, model)
     if view is not None:
@@ -75,7 +75,7 @@ def ensure_instance(
 
 def complete_model(incomplete: str) -> list[str]:
     """Shell completion: catalog ids."""
-    from exoctl.catalog import load_catalog
+    from exoctl.models.catalog import load_catalog
 
     return [card.id for card in load_catalog() if card.id.startswith(incomplete)]
 
@@ -94,7 +94,7 @@ def check_request(model: str | None, dtype: str) -> None:
     """Errors found without asking the cluster: an unknown model or dtype."""
     import re
 
-    from exoctl.model_store import hub_reference, resolve_card
+    from exoctl.models.store import hub_reference, resolve_card
 
     if dtype not in DTYPE_CHOICES:
         raise ExoctlError(f"dtype {dtype!r} is not supported", hint=f"use one of {', '.join(DTYPE_CHOICES)}")

@@ -19,7 +19,7 @@ from exoctl.cli.options import DtypeOption, JsonOption, ShardingOption
 from exoctl.cli.output import console, print_json, use_json_errors
 from exoctl.cli.progress import DownloadProgress, size_text
 from exoctl.errors import ExoctlError
-from exoctl.sharding import check_sharding
+from exoctl.placement.sharding import check_sharding
 
 HELP = (
     "Download a model onto the nodes from the Hugging Face Hub: each node the files of the layers "
@@ -58,7 +58,7 @@ def download(
     json_output: JsonOption = False,
 ) -> None:
     use_json_errors(json_output)
-    from exoctl.model_store import resolve_card
+    from exoctl.models.store import resolve_card
 
     sharding = check_sharding(sharding)
     check_request(None, dtype)

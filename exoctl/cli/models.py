@@ -6,9 +6,9 @@ from typing import Any
 
 from rich.table import Table
 
-from exoctl.catalog import ModelCard, load_catalog, storage_megabytes
 from exoctl.cli.options import JsonOption
 from exoctl.cli.output import console, print_json, use_json_errors
+from exoctl.models.catalog import ModelCard, load_catalog, storage_megabytes
 
 HELP = "List the models exoctl knows: id, size, layers, tags."
 EXAMPLES = (

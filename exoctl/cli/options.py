@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from exoctl.dtypes import RUNTIME_DTYPES
-from exoctl.sharding import SHARDINGS
+from exoctl.placement.sharding import SHARDINGS
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print a JSON document instead of tables/text.")]
 ModelOption = Annotated[

@@ -19,7 +19,7 @@ from exoctl.cli.output import console, print_json, use_json_errors
 from exoctl.cli.progress import LoadProgress
 from exoctl.cli.render import placement_json, placement_table
 from exoctl.errors import ExoctlError
-from exoctl.sharding import check_sharding
+from exoctl.placement.sharding import check_sharding
 
 PLACE_HELP = (
     "Plan where a model goes and load it: on one node, split by layers (pipeline) or by weights "
@@ -49,7 +49,7 @@ def place(
     json_output: JsonOption = False,
 ) -> None:
     use_json_errors(json_output)
-    from exoctl.model_store import resolve_card
+    from exoctl.models.store import resolve_card
 
     sharding = check_sharding(sharding)
     check_request(None, dtype)

@@ -8,7 +8,7 @@ from typing import Any
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from exoctl.cli.output import err_console
-from exoctl.runner_report import RunnerReport, RunnerStatus
+from exoctl.wire.runner_report import RunnerReport, RunnerStatus
 
 
 def size_text(n: float) -> str:

@@ -9,8 +9,8 @@ from rich.table import Table
 
 if TYPE_CHECKING:
     from exoctl.cluster.views import InstanceView, NodeStatus
-    from exoctl.placement import Placement
-    from exoctl.runner_report import RunnerReport
+    from exoctl.placement.pipeline import Placement
+    from exoctl.wire.runner_report import RunnerReport
 
 STATUS_STYLE = {
     "up": "green",
@@ -215,7 +215,7 @@ def state_view(statuses: list[NodeStatus], views: list[InstanceView]) -> Group:
 
 
 def placement_table(placement: Placement) -> Table:
-    from exoctl.placement import KV_RESERVE_TOKENS
+    from exoctl.placement.pipeline import KV_RESERVE_TOKENS
 
     table = Table(
         title=f"{placement.model_id}: {placement.sharding} in {placement.dtype}", title_justify="left"

@@ -28,7 +28,7 @@ from exoctl.cli.options import (
 )
 from exoctl.cli.output import err_console, note, print_json, use_json_errors
 from exoctl.errors import InvalidRequestError
-from exoctl.sampling_params import SamplingDefaults, SamplingParamError, SamplingParams, SamplingRequest
+from exoctl.wire.sampling_params import SamplingDefaults, SamplingParamError, SamplingParams, SamplingRequest
 
 HELP = "Answer one prompt (from the argument or stdin) on the cluster and exit."
 EXAMPLES = (

@@ -14,22 +14,22 @@ from typing import Any
 
 import zmq
 
-from exoctl.catalog import ModelCard
-from exoctl.chat_options import ChatOptions
 from exoctl.cluster.downloads import is_download
 from exoctl.cluster.views import InstanceView, NodeStatus, node_profiles
-from exoctl.completion import Completion
 from exoctl.errors import ExoctlError, InvalidRequestError
 from exoctl.inventory import Inventory, Node
 from exoctl.keys import ClusterKeys
-from exoctl.placement import Placement, PlacementError, PlacementRequest
-from exoctl.protocol import MAX_HEADER_BYTES, Message, ProtocolError
-from exoctl.runner_report import RunnerReport, RunnerStatus
-from exoctl.runner_spec import RunnerSpec
-from exoctl.sampling_params import SamplingParams
-from exoctl.sharding import Plan
-from exoctl.sharding import plan as plan_sharding
+from exoctl.models.catalog import ModelCard
+from exoctl.placement.pipeline import Placement, PlacementError, PlacementRequest
+from exoctl.placement.sharding import Plan
+from exoctl.placement.sharding import plan as plan_sharding
 from exoctl.transport import KeyRefusedError, NodeClient, NodeError, error_reply
+from exoctl.wire.answer import Completion
+from exoctl.wire.chat_options import ChatOptions
+from exoctl.wire.protocol import MAX_HEADER_BYTES, Message, ProtocolError
+from exoctl.wire.runner_report import RunnerReport, RunnerStatus
+from exoctl.wire.runner_spec import RunnerSpec
+from exoctl.wire.sampling_params import SamplingParams
 
 # what `load` reports while it waits: each node's runner, and the download a node runs for it
 LoadWatcher = Callable[[dict[str, RunnerReport], dict[str, dict[str, Any]]], None]

@@ -14,8 +14,8 @@ from typing import Any
 from exoctl.cluster.downloads import downloads_document
 from exoctl.cluster.views import NodeStatus, instances_of
 from exoctl.inventory import Node
-from exoctl.placement import Placement
-from exoctl.runner_report import RunnerReport, RunnerStatus
+from exoctl.placement.pipeline import Placement
+from exoctl.wire.runner_report import RunnerReport, RunnerStatus
 
 SHARDING_TAG = {"pipeline": "PipelineShardMetadata", "tensor": "TensorShardMetadata"}
 

@@ -10,14 +10,14 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from exoctl.catalog import DEFAULT_MODEL_ID, find_card
 from exoctl.errors import ExoctlError
-from exoctl.gguf_file import model_name
 from exoctl.inventory import Node
-from exoctl.model_store import as_path, hub_reference
-from exoctl.placement import GB, NodeProfile
-from exoctl.runner_report import RunnerReport, RunnerStatus
-from exoctl.sampling_params import SamplingDefaults
+from exoctl.models.catalog import DEFAULT_MODEL_ID, find_card
+from exoctl.models.gguf.file import model_name
+from exoctl.models.store import as_path, hub_reference
+from exoctl.placement.pipeline import GB, NodeProfile
+from exoctl.wire.runner_report import RunnerReport, RunnerStatus
+from exoctl.wire.sampling_params import SamplingDefaults
 
 
 class InstanceStatus(str, Enum):

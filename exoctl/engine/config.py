@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from exoctl.errors import ModelFormatError, ModelNotFoundError, UnsupportedModelError
 
 if TYPE_CHECKING:
-    from exoctl.gguf_file import GGUFModel
+    from exoctl.models.gguf.file import GGUFModel
 
 # model_type in config.json -> the engine's architecture family (one module each).
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "mixtral": "mixtral"}
@@ -112,7 +112,7 @@ class ModelConfig:
 
 def load_config(folder: Path) -> ModelConfig:
     """The config of a model folder, or of a GGUF model (a file, or a folder of GGUF files)."""
-    from exoctl.gguf_file import is_gguf_source, open_model
+    from exoctl.models.gguf.file import is_gguf_source, open_model
 
     if is_gguf_source(Path(folder)):
         return gguf_config(open_model(Path(folder)))
@@ -133,6 +133,6 @@ def load_config(folder: Path) -> ModelConfig:
 
 def gguf_config(model: GGUFModel) -> ModelConfig:
     """The config a GGUF model's metadata implies."""
-    from exoctl.gguf_file import hf_config
+    from exoctl.models.gguf.file import hf_config
 
     return ModelConfig.from_dict(hf_config(model), source=str(model.path))

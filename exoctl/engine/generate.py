@@ -12,12 +12,12 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from exoctl.completion import Completion, Timings
 from exoctl.engine.model import CausalLM
 from exoctl.engine.sampling import Sampler
 from exoctl.engine.tokenizer import IncrementalDecoder, StopMatcher, Tokenizer
 from exoctl.errors import InvalidRequestError
-from exoctl.sampling_params import SamplingParams
+from exoctl.wire.answer import Completion, Timings
+from exoctl.wire.sampling_params import SamplingParams
 
 
 def check_prompt(prompt_ids: Sequence[int], context_length: int) -> None:

@@ -16,8 +16,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from exoctl.gguf_file import GGUFModel
-from exoctl.sampling_params import SamplingDefaults, SamplingParamError, SamplingRequest
+from exoctl.models.gguf.file import GGUFModel
+from exoctl.wire.sampling_params import SamplingDefaults, SamplingParamError, SamplingRequest
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def from_gguf(model: GGUFModel) -> SamplingDefaults:
 
 def read_defaults(folder: Path) -> SamplingDefaults:
     """The sampling defaults of the model at `folder` (a Hugging Face folder or a GGUF model)."""
-    from exoctl.gguf_file import is_gguf_source, open_model
+    from exoctl.models.gguf.file import is_gguf_source, open_model
 
     if is_gguf_source(folder):
         return from_gguf(open_model(folder))

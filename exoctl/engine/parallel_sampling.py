@@ -29,7 +29,7 @@ from exoctl.engine.logprobs import merge, part_summary
 from exoctl.engine.penalties import TokenHistory, penalize
 from exoctl.engine.sampling import apply_temperature
 from exoctl.engine.shard import TensorShard
-from exoctl.sampling_params import SamplingParams
+from exoctl.wire.sampling_params import SamplingParams
 
 Gather = Callable[[torch.Tensor], list[torch.Tensor]]
 CANDIDATES = 1024

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from exoctl.sampling_params import SamplingParams
+from exoctl.wire.sampling_params import SamplingParams
 
 
 @dataclass

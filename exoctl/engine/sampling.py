@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from exoctl.engine.penalties import TokenHistory, penalize
-from exoctl.sampling_params import SamplingParams
+from exoctl.wire.sampling_params import SamplingParams
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ class Tokenizer:
     def __init__(self, folder: Path) -> None:
         from transformers import AutoTokenizer
 
-        from exoctl.gguf_file import is_gguf_source, model_files
+        from exoctl.models.gguf.file import is_gguf_source, model_files
 
         self._byte_level: bool | None = None
         if is_gguf_source(Path(folder)):

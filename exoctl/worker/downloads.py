@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from exoctl.errors import ExoctlError
-from exoctl.hub_fetch import ONGOING, PENDING, Download
-from exoctl.protocol import Message, ProtocolError
+from exoctl.models.hub_fetch import ONGOING, PENDING, Download
+from exoctl.wire.protocol import Message, ProtocolError
 from exoctl.worker.model_access import check_reference, locate
 
 log = logging.getLogger("exoctl.worker")

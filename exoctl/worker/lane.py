@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from exoctl.errors import CollectiveError, ExoctlError, InvalidRequestError
-from exoctl.protocol import Message
+from exoctl.wire.protocol import Message
 from exoctl.worker.outbox import FailInstance, Out, Outbox, Poster, ToPeer, ToSelf, client_error
 
 if TYPE_CHECKING:

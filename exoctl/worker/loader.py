@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from exoctl.errors import ExoctlError
-from exoctl.runner_report import Failure
+from exoctl.wire.runner_report import Failure
 from exoctl.worker.model_access import locate
 
 if TYPE_CHECKING:

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from exoctl.catalog import DEFAULT_MODEL_ID, find_card
 from exoctl.errors import ModelNotFoundError
-from exoctl.gguf_file import is_gguf_model
-from exoctl.hub_fetch import Download
-from exoctl.hub_gguf import download
-from exoctl.model_store import REPO_ID, allowed_roots, download_for_layers, hub_reference, is_model_folder
+from exoctl.models.catalog import DEFAULT_MODEL_ID, find_card
+from exoctl.models.gguf.file import is_gguf_model
+from exoctl.models.gguf.hub import download
+from exoctl.models.hub_fetch import Download
+from exoctl.models.store import REPO_ID, allowed_roots, download_for_layers, hub_reference, is_model_folder
 
 
 def is_model(path: Path) -> bool:
@@ -81,7 +81,7 @@ def locate(
             return local.resolve()
         return download_for_layers(model, layers, n_layers, progress)  # a Hub repo id
     if card.id == DEFAULT_MODEL_ID:
-        from exoctl.default_model import find_gguf
+        from exoctl.models.default import find_gguf
 
         return find_gguf()
     for folder in model_dirs:

@@ -13,8 +13,8 @@ from typing import Any
 
 import zmq
 
-from exoctl import protocol
-from exoctl.protocol import Message, Tensor
+from exoctl.wire import protocol
+from exoctl.wire.protocol import Message, Tensor
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,10 @@ from typing import Any
 import zmq
 import zmq.utils.monitor
 
-from exoctl import protocol
 from exoctl.keys import ClusterKeys
-from exoctl.protocol import Message
 from exoctl.transport import secure_client
+from exoctl.wire import protocol
+from exoctl.wire.protocol import Message
 
 log = logging.getLogger("exoctl.worker")
 

@@ -11,7 +11,7 @@ from typing import Any
 import psutil
 
 from exoctl import __version__, cpu_policy
-from exoctl.protocol import PROTOCOL_VERSION
+from exoctl.wire.protocol import PROTOCOL_VERSION
 
 
 def cpu_model() -> str:

@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 
-from exoctl.chat_options import ChatOptions
 from exoctl.engine.generate import SequenceStream, check_prompt
 from exoctl.engine.generation_defaults import read_defaults
 from exoctl.engine.kv_cache import KVCache
@@ -30,10 +29,11 @@ from exoctl.engine.sampling import Sampler
 from exoctl.engine.tokenizer import Tokenizer
 from exoctl.engine.weights import trim_heap
 from exoctl.errors import ExoctlError, InvalidRequestError
-from exoctl.protocol import Message
-from exoctl.runner_report import ExpertLoad, Failure, RunnerReport, RunnerStatus
-from exoctl.runner_spec import RunnerSpec
-from exoctl.sampling_params import SamplingDefaults, SamplingParams
+from exoctl.wire.chat_options import ChatOptions
+from exoctl.wire.protocol import Message
+from exoctl.wire.runner_report import ExpertLoad, Failure, RunnerReport, RunnerStatus
+from exoctl.wire.runner_spec import RunnerSpec
+from exoctl.wire.sampling_params import SamplingDefaults, SamplingParams
 from exoctl.worker.loader import LoadCancelled
 from exoctl.worker.outbox import Out, ToClient, ToPeer, ToSelf, client_error
 from exoctl.worker.steps import PROMPT_IDS, ForwardStep, check_hidden, check_room

@@ -25,12 +25,12 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 import zmq
 
-from exoctl import protocol
 from exoctl.errors import ExoctlError
-from exoctl.protocol import Message, ProtocolError
-from exoctl.runner_report import Failure, RunnerReport, RunnerStatus
-from exoctl.runner_spec import RunnerSpec
 from exoctl.transport import secure_server, start_authenticator
+from exoctl.wire import protocol
+from exoctl.wire.protocol import Message, ProtocolError
+from exoctl.wire.runner_report import Failure, RunnerReport, RunnerStatus
+from exoctl.wire.runner_spec import RunnerSpec
 from exoctl.worker.downloads import Downloads
 from exoctl.worker.lane import Cancel, Generate, Lane, PeerMessage
 from exoctl.worker.loader import start_loading

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from exoctl.errors import ExoctlError
-from exoctl.protocol import Message, ProtocolError
-from exoctl.sampling_params import SamplingParams
+from exoctl.wire.protocol import Message, ProtocolError
+from exoctl.wire.sampling_params import SamplingParams
 
 PROMPT_IDS = "prompt_ids"  # beside a sequence's sampling parameters on its first step
 

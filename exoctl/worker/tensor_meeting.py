@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from exoctl import protocol
 from exoctl.keys import ClusterKeys
-from exoctl.protocol import Message, ProtocolError
-from exoctl.runner_spec import RunnerSpec
+from exoctl.wire import protocol
+from exoctl.wire.protocol import Message, ProtocolError
+from exoctl.wire.runner_spec import RunnerSpec
 
 if TYPE_CHECKING:
     from exoctl.worker.peers import Peers

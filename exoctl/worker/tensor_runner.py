@@ -27,10 +27,10 @@ from exoctl.engine.model import CausalLM, load_model
 from exoctl.engine.parallel_sampling import RankSampler, choose_tokens, rank_logprobs
 from exoctl.engine.shard import TensorShard
 from exoctl.errors import CollectiveError, ExoctlError
-from exoctl.protocol import Message
-from exoctl.runner_report import Failure, RunnerReport, RunnerStatus
-from exoctl.runner_spec import RunnerSpec
-from exoctl.sampling_params import SamplingParams
+from exoctl.wire.protocol import Message
+from exoctl.wire.runner_report import Failure, RunnerReport, RunnerStatus
+from exoctl.wire.runner_spec import RunnerSpec
+from exoctl.wire.sampling_params import SamplingParams
 from exoctl.worker.collective import ZmqCollective
 from exoctl.worker.outbox import Out, ToPeer, ToSelf
 from exoctl.worker.runner import Runner

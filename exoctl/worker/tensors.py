@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from exoctl.dtypes import WIRE_DTYPE_SIZES
-from exoctl.protocol import Tensor
+from exoctl.wire.protocol import Tensor
 
 TORCH_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in WIRE_DTYPE_SIZES}
 

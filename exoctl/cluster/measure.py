@@ -19,10 +19,10 @@ from typing import Any
 
 from exoctl.cluster.client import Cluster
 from exoctl.cluster.views import InstanceView, NodeStatus, instances_of
-from exoctl.completion import Completion
 from exoctl.errors import ExoctlError
-from exoctl.runner_report import RunnerReport
-from exoctl.sampling_params import SamplingParams
+from exoctl.wire.answer import Completion
+from exoctl.wire.runner_report import RunnerReport
+from exoctl.wire.sampling_params import SamplingParams
 
 # common English words that are one token each in the Llama 3, Qwen2.5, Mistral and SmolLM2
 # vocabularies (with their leading space), so a prompt of n of them is about n tokens

@@ -8,9 +8,9 @@ experts, and every rank needs the same memory: the smallest chosen node decides.
 
 from __future__ import annotations
 
-from exoctl.catalog import ModelCard
 from exoctl.dtypes import QUANT_BLOCK, QUANTIZED_BITS, embedding_bytes, float_bytes
-from exoctl.placement import (
+from exoctl.models.catalog import ModelCard
+from exoctl.placement.pipeline import (
     GB,
     RUNTIME_OVERHEAD_BYTES,
     NodeProfile,

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from exoctl.errors import ModelNotFoundError
-from exoctl.gguf_file import SPLIT_NAME, HeaderTruncated, TensorInfo, header_of, layer_of
-from exoctl.hub_fetch import Download, fetch, hub_error, quiet_hub
+from exoctl.models.gguf.file import SPLIT_NAME, HeaderTruncated, TensorInfo, header_of, layer_of
+from exoctl.models.hub_fetch import Download, fetch, hub_error, quiet_hub
 
 REFERENCE = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*(?:/[\w.-]+)?):(?P<quant>[A-Za-z0-9_]+)$")
 HEADER_START = 1 << 21  # bytes fetched first; doubled until the header fits (Llama 3's is ~8 MB)
@@ -171,7 +171,7 @@ def read_remote_header(
     """A file's header: from the cache if it is there, else its first bytes over HTTP ranges."""
     local = cached(ref, filename)
     if local is not None:
-        from exoctl.gguf_file import read_header
+        from exoctl.models.gguf.file import read_header
 
         return read_header(local, string_arrays)
     from huggingface_hub import HfFileSystem

@@ -11,13 +11,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from exoctl import hub_gguf
-from exoctl.catalog import DEFAULT_MODEL_ID, ModelCard, card_from_folder, find_card, get_card
 from exoctl.errors import ExoctlError, ModelFormatError, ModelNotFoundError
-from exoctl.gguf_card import card_from_gguf
-from exoctl.gguf_file import GGUFModel, TensorInfo, is_gguf_model, model_name, open_model
-from exoctl.hub_fetch import Download, cached_path, fetch, hub_error, quiet_hub, remote_sizes
-from exoctl.hub_gguf import HubGGUF, cached_files, list_files, parse_reference, read_remote_header
+from exoctl.models.catalog import DEFAULT_MODEL_ID, ModelCard, card_from_folder, find_card, get_card
+from exoctl.models.gguf import hub as hub_gguf
+from exoctl.models.gguf.card import card_from_gguf
+from exoctl.models.gguf.file import GGUFModel, TensorInfo, is_gguf_model, model_name, open_model
+from exoctl.models.gguf.hub import HubGGUF, cached_files, list_files, parse_reference, read_remote_header
+from exoctl.models.hub_fetch import Download, cached_path, fetch, hub_error, quiet_hub, remote_sizes
 
 # Files every node needs besides the weights: config, tokenizer, chat template, index.
 METADATA_PATTERNS = ("*.json", "*.jinja", "tokenizer*", "*.model", "*.txt")
@@ -142,7 +142,7 @@ def resolve_model(model: str, download: bool = False) -> Path:
     if ref != card.id:
         return Path(ref)
     if card.id == DEFAULT_MODEL_ID:
-        from exoctl.default_model import find_gguf
+        from exoctl.models.default import find_gguf
 
         return find_gguf()
     return hub_folder(card, download=download)

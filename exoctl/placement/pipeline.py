@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from exoctl.catalog import ModelCard
 from exoctl.dtypes import embedding_bytes, float_bytes
 from exoctl.errors import ExoctlError
+from exoctl.models.catalog import ModelCard
 
 GB = 10**9
 RUNTIME_OVERHEAD_BYTES = 2 * GB

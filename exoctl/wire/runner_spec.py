@@ -11,7 +11,7 @@ from typing import Any
 
 from exoctl.dtypes import RUNTIME_DTYPES
 from exoctl.errors import ExoctlError
-from exoctl.protocol import Message, ProtocolError
+from exoctl.wire.protocol import Message, ProtocolError
 
 WORKER_SHARDINGS = ("pipeline", "tensor")
 MAX_WORLD = 64  # a runner holds a socket to each other rank: a bound, and far above a real cluster

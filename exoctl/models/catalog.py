@@ -28,7 +28,7 @@ class MatrixGroup:
     types: tuple[str, ...]
 
     def nbytes(self, dtype: str) -> int:
-        from exoctl.gguf_file import runtime_bits
+        from exoctl.models.gguf.file import runtime_bits
 
         bits = QUANTIZED_BITS.get(dtype)
         if bits is None:
@@ -180,7 +180,7 @@ def _cards_from(data: dict[str, Any]) -> tuple[ModelCard, ...]:
 
 @cache
 def load_catalog() -> tuple[ModelCard, ...]:
-    text = resources.files("exoctl").joinpath("catalog.json").read_text(encoding="utf-8")
+    text = resources.files("exoctl.models").joinpath("catalog.json").read_text(encoding="utf-8")
     return _cards_from(json.loads(text))
 
 

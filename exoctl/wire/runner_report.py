@@ -12,8 +12,8 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
 
-from exoctl.protocol import ProtocolError
-from exoctl.sampling_params import SamplingDefaults
+from exoctl.wire.protocol import ProtocolError
+from exoctl.wire.sampling_params import SamplingDefaults
 
 
 class RunnerStatus(str, Enum):

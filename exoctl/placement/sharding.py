@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from exoctl.catalog import ModelCard
 from exoctl.errors import ExoctlError
-from exoctl.placement import GB, NodeProfile, Placement, PlacementError, PlacementRequest, place
-from exoctl.tensor_placement import place_tensor
+from exoctl.models.catalog import ModelCard
+from exoctl.placement.pipeline import GB, NodeProfile, Placement, PlacementError, PlacementRequest, place
+from exoctl.placement.tensor import place_tensor
 
 SHARDINGS = ("auto", "pipeline", "tensor")
 
