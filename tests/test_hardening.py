@@ -370,30 +370,23 @@ def test_a_stage_whose_head_no_longer_holds_the_instance_frees_its_sequences(
 def test_a_sequence_whose_draw_fails_ends_alone_and_its_batch_goes_on(
     tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from exoctl.wire.protocol import Message
+    from exoctl.wire.generate_request import GenerateRequest
+    from exoctl.wire.instance_messages import SeqError, Tokens
     from exoctl.wire.runner_spec import RunnerSpec
-    from exoctl.worker import runner as runner_module
+    from exoctl.worker.instance import build_instance
     from exoctl.worker.outbox import ToClient, ToSelf
 
     folder = tiny_models["llama"]
     spec = RunnerSpec(
         "i", "r", str(folder), "m", "pipeline", "float32", 0, 4, 4, 0, 1, (("n1", "127.0.0.1:1"),)
     )
-    runner = runner_module.Runner(spec)
+    runner = build_instance(spec, 32, meeting=None)  # type: ignore[arg-type]  # a pipeline meets no ranks
     runner.load(folder)
+    head = runner.role
 
-    def start(request_id: str, params: SamplingParams) -> Message:
-        fields = {
-            "instance_id": "i",
-            "request_id": request_id,
-            "messages": None,
-            "prompt": PROMPT,
-            "chat": None,
-        }
-        (out,) = runner.start(
-            Message("generate", {**fields, "params": params.to_wire()}), request_id.encode()
-        )
-        assert isinstance(out, ToSelf)
+    def start(request_id: str, params: SamplingParams) -> Tokens:
+        (out,) = head.start(GenerateRequest("i", request_id, params, prompt=PROMPT), request_id.encode())
+        assert isinstance(out, ToSelf) and isinstance(out.message, Tokens)
         return out.message
 
     first = [start("sampled", SamplingParams(temperature=0.8, seed=1)), start("greedy", SamplingParams())]
@@ -407,12 +400,15 @@ def test_a_sequence_whose_draw_fails_ends_alone_and_its_batch_goes_on(
         return draw(logits, params, generator, history)
 
     monkeypatch.setattr(sampling_module, "sample", failing)
-    outs = runner.tokens(first)  # streams both first tokens, then decodes both as one batch
-    errors = [o for o in outs if isinstance(o, ToClient) and o.kind == "error"]
-    assert [e.request_id for e in errors] == ["sampled"] and "sampling failed" in errors[0].fields["message"]
-    (step,) = [o for o in outs if isinstance(o, ToSelf)]
-    assert step.message["seqs"] == ["greedy"]  # the batch's other sequence goes on
-    assert set(runner.heads) == {"greedy"} and set(runner.caches) == {"greedy"}
+    outs = head.tokens(first)  # streams both first tokens, then decodes both as one batch
+    to_self = [o.message for o in outs if isinstance(o, ToSelf)]
+    (step,) = [m for m in to_self if isinstance(m, Tokens)]
+    assert step.seqs == ("greedy",)  # the batch's other sequence goes on
+    (failed,) = [m for m in to_self if isinstance(m, SeqError)]  # the stage reports it to the head
+    assert failed.seqs == ("sampled",) and "sampling failed" in failed.message
+    errors = [o for o in head.abort(failed.seqs, failed.message) if isinstance(o, ToClient)]
+    assert [e.request_id for e in errors] == ["sampled"] and errors[0].kind == "error"
+    assert set(head.sequences) == {"greedy"} and set(runner.stage.caches) == {"greedy"}
 
 
 def test_downloads_and_records_that_cannot_work_are_refused_and_the_worker_lives(

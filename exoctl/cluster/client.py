@@ -26,6 +26,7 @@ from exoctl.placement.sharding import plan as plan_sharding
 from exoctl.transport import KeyRefusedError, NodeClient, NodeError, error_reply
 from exoctl.wire.answer import Completion
 from exoctl.wire.chat_options import ChatOptions
+from exoctl.wire.generate_request import GenerateRequest
 from exoctl.wire.protocol import MAX_HEADER_BYTES, Message, ProtocolError
 from exoctl.wire.runner_report import RunnerReport, RunnerStatus
 from exoctl.wire.runner_spec import RunnerSpec
@@ -369,15 +370,7 @@ class Cluster:
             )
         client = self.client(instance.head)
         request_id = uuid.uuid4().hex
-        send_id = client.send(
-            "generate",
-            {
-                "instance_id": instance.instance_id,
-                "request_id": request_id,
-                "messages": messages,
-                "prompt": prompt,
-                "params": params.to_wire(),
-                "chat": (chat or ChatOptions()).to_wire(),
-            },
-        )
+        chat = chat or ChatOptions()
+        request = GenerateRequest(instance.instance_id, request_id, params, messages, prompt, chat)
+        send_id = client.send("generate", request.to_fields())
         return Generation(client, request_id, send_id, silence)

@@ -41,14 +41,6 @@ class RunnerSpec:
     peers: tuple[tuple[str, str], ...]  # (node name, address) by rank
 
     @property
-    def is_head(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def is_last(self) -> bool:
-        return self.rank == self.world - 1
-
-    @property
     def nodes(self) -> tuple[str, ...]:
         return tuple(name for name, _ in self.peers)
 

@@ -16,21 +16,22 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from exoctl.errors import CollectiveError, ExoctlError, InvalidRequestError
-from exoctl.wire.protocol import Message
-from exoctl.worker.outbox import FailInstance, Out, Outbox, Poster, ToPeer, ToSelf, client_error
+from exoctl.wire.generate_request import GenerateRequest
+from exoctl.wire.instance_messages import Forward, InstanceMessage, Lease, Prefill, Release, SeqError, Tokens
+from exoctl.worker.outbox import FailInstance, Out, Outbox, Poster, ToSelf, client_error
 
 if TYPE_CHECKING:
-    from exoctl.worker.runner import Runner
+    from exoctl.worker.instance import InstanceRunner
 
 log = logging.getLogger("exoctl.worker")
 
 
 @dataclass(frozen=True)
 class Generate:
-    """A client's new request, for the head runner."""
+    """A client's new request, for the head."""
 
     client: bytes
-    request: Message
+    request: GenerateRequest
 
 
 @dataclass(frozen=True)
@@ -39,20 +40,20 @@ class Cancel:
 
 
 @dataclass(frozen=True)
-class PeerMessage:
-    """A `forward`, `token`, `release`, `seq_error` or `lease` from a runner of the same instance."""
+class FromPeer:
+    """A message from a runner of the same instance (or this node's own, `ToSelf`)."""
 
-    message: Message
+    message: InstanceMessage
 
 
 @dataclass(frozen=True)
 class TokenBatch:
     """Every `token` message that was queued at once: one decode step for all their sequences."""
 
-    messages: list[Message]
+    messages: list[Tokens]
 
 
-Job = Generate | Cancel | PeerMessage | TokenBatch
+Job = Generate | Cancel | FromPeer | TokenBatch
 
 
 def merge_token_jobs(jobs: list[Job]) -> list[Job]:
@@ -60,7 +61,7 @@ def merge_token_jobs(jobs: list[Job]) -> list[Job]:
     merged: list[Job] = []
     batch: TokenBatch | None = None
     for job in jobs:
-        if isinstance(job, PeerMessage) and job.message.type == "token":
+        if isinstance(job, FromPeer) and isinstance(job.message, Tokens):
             if batch is None:
                 batch = TokenBatch([])
                 merged.append(batch)
@@ -70,22 +71,22 @@ def merge_token_jobs(jobs: list[Job]) -> list[Job]:
     return merged
 
 
-def job_sequences(job: Job) -> list[str]:
+def job_sequences(job: Job) -> tuple[str, ...]:
     """The sequences a failed job was about, so each can be failed on its own."""
     match job:
         case TokenBatch(messages):
-            return [s for message in messages for s in message["seqs"]]
-        case PeerMessage(message) if message.type != "lease":  # a lease names the live ones
-            seqs = message.get("seqs")
-            if isinstance(seqs, list):
-                return [s for s in seqs if isinstance(s, str)]
-            seq = message.get("seq")
-            return [seq] if isinstance(seq, str) else []
-    return []
+            return tuple(s for message in messages for s in message.seqs)
+        case FromPeer(Forward(step=step)):
+            return tuple(step.seqs)
+        case FromPeer(SeqError(seqs=seqs)):
+            return seqs
+        case FromPeer(Release(seq=seq)) | FromPeer(Prefill(seq=seq)):
+            return (seq,)
+    return ()  # a lease names the live ones, not the ones it was about
 
 
 class Lane:
-    def __init__(self, runner: Runner, node: str, outbox: Outbox) -> None:
+    def __init__(self, runner: InstanceRunner, node: str, outbox: Outbox) -> None:
         self.runner = runner
         self.node = node
         self.outbox = outbox
@@ -105,11 +106,11 @@ class Lane:
 
         def send(out: Out) -> None:
             if isinstance(out, ToSelf):
-                self.jobs.put(PeerMessage(out.message))
+                self.jobs.put(FromPeer(out.message))
             else:
                 poster.post(out)
 
-        self.runner.emit = send
+        self.runner.set_emit(send)
         running = True
         try:
             while running:
@@ -132,32 +133,32 @@ class Lane:
         runner = self.runner
         if runner.failed or (runner.unloading and not isinstance(job, Generate)):
             return []
+        role, stage = runner.role, runner.stage
         try:
             match job:
                 case Generate(client, request):
-                    return runner.start(request, client)
+                    return role.start(request, client)
                 case Cancel(request_id):
-                    runner.cancel(request_id)
-                    return []
+                    role.cancel(request_id)
                 case TokenBatch(messages):
-                    return runner.tokens(messages)
-                case PeerMessage(message) if message.type == "forward":
-                    return runner.forward(message)
-                case PeerMessage(message) if message.type == "prefill" and runner.spec.is_head:
-                    return runner.prefill(message["seq"])
-                case PeerMessage(message) if message.type == "release":
-                    return runner.release(message["seq"])
-                case PeerMessage(message) if message.type == "seq_error":
-                    return runner.abort(message["seqs"], message["message"])
-                case PeerMessage(message) if message.type == "lease" and not runner.spec.is_head:
-                    return runner.renew(message["seqs"])
+                    return role.tokens(messages)
+                case FromPeer(Forward() as forward):
+                    return stage.forward(forward)
+                case FromPeer(Prefill(seq=seq)):
+                    return role.prefill(seq)
+                case FromPeer(Release(seq=seq)):
+                    return role.release(seq)
+                case FromPeer(SeqError(seqs=seqs, message=message)):
+                    return role.abort(seqs, message)
+                case FromPeer(Lease(seqs=seqs)):
+                    role.renew(seqs)
             return []
         except Exception as exc:
             return self._failed(job, exc)
 
     def _failed(self, job: Job, exc: Exception) -> list[Out]:
         """Tell whoever waits on this job's sequences, and only them."""
-        runner, spec = self.runner, self.runner.spec
+        runner = self.runner
         code = "invalid_request" if isinstance(exc, InvalidRequestError) else "failed"
         hint: str | None = None
         if isinstance(exc, CollectiveError):  # names the peer, not this node
@@ -167,17 +168,12 @@ class Lane:
         else:
             log.error("compute error: %s", traceback.format_exc())
             text = f"node {self.node}: {type(exc).__name__}: {exc}"
-        outs: list[Out] = []
+        outs: list[Out]
         if isinstance(job, Generate):
-            request_id = job.request["request_id"]
-            outs = [client_error(job.client, request_id, text, hint, code), *runner.release(request_id)]
+            request_id = job.request.request_id
+            outs = [client_error(job.client, request_id, text, hint, code), *runner.role.release(request_id)]
         else:
-            seqs = job_sequences(job)
-            if spec.is_head:
-                outs = runner.abort(seqs, text)
-            elif seqs:
-                fields = {"instance_id": spec.instance_id, "seqs": seqs, "message": text}
-                outs = [ToPeer(spec.peers[0][1], "seq_error", fields)]
-        if spec.sharding == "tensor" and code != "invalid_request":
-            outs.append(FailInstance(spec.instance_id, text))
+            outs = runner.role.failed(job_sequences(job), text)
+        if runner.breaks_instance_on_error and code != "invalid_request":
+            outs.append(FailInstance(runner.spec.instance_id, text))
         return outs

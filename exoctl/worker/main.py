@@ -18,7 +18,8 @@ def warm_imports() -> None:
     lazy modules are not safe to import from two threads at once."""
     from transformers import AutoTokenizer  # noqa: F401
 
-    import exoctl.worker.tensor_runner  # noqa: F401  (torch, the engine, the runners)
+    import exoctl.worker.instance
+    import exoctl.worker.tensor_rank  # noqa: F401
 
 
 # OpenMP threads of a stage that just handed its hidden state on spin for GOMP's default

@@ -8,13 +8,13 @@ and reads where each message goes from its type, never by unpacking what was enc
 from __future__ import annotations
 
 import queue
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import zmq
 
 from exoctl.wire import protocol
-from exoctl.wire.protocol import Message, Tensor
+from exoctl.wire.instance_messages import Forward, InstanceMessage, Lease, Release, SeqError, Tokens
 
 
 @dataclass(frozen=True)
@@ -39,19 +39,18 @@ class ToPeer:
     """A message to another runner of the instance, by its node's address."""
 
     address: str
-    kind: str
-    fields: dict[str, Any]
-    tensors: tuple[Tensor, ...] = field(default=())
+    message: Forward | Tokens | Release | SeqError | Lease
 
     def frames(self) -> list[Any]:
-        return protocol.encode(self.kind, self.fields, self.tensors)
+        return self.message.frames()
 
 
 @dataclass(frozen=True)
 class ToSelf:
-    """A message for this same runner (the head's own sampled tokens): queued on its lane."""
+    """A message for this same node's runner of the instance (the head's own sampled tokens, the
+    next chunk of its prompt): queued on its lane."""
 
-    message: Message
+    message: InstanceMessage
 
 
 @dataclass(frozen=True)

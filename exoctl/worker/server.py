@@ -25,25 +25,26 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 import zmq
 
-from exoctl.errors import ExoctlError
+from exoctl.errors import ExoctlError, InvalidRequestError
 from exoctl.transport import secure_server, start_authenticator
 from exoctl.wire import protocol
+from exoctl.wire.generate_request import GenerateRequest
+from exoctl.wire.instance_messages import WIRE_KINDS, Forward, Lease, decode_instance_message
 from exoctl.wire.protocol import Message, ProtocolError
 from exoctl.wire.runner_report import Failure, RunnerReport, RunnerStatus
 from exoctl.wire.runner_spec import RunnerSpec
 from exoctl.worker.downloads import Downloads
-from exoctl.worker.lane import Cancel, Generate, Lane, PeerMessage
+from exoctl.worker.lane import Cancel, FromPeer, Generate, Lane
 from exoctl.worker.loader import start_loading
 from exoctl.worker.model_access import check_reference
 from exoctl.worker.options import WorkerOptions, check_bind
-from exoctl.worker.outbox import FailInstance, Out, Outbox, ToClient, ToPeer
+from exoctl.worker.outbox import FailInstance, Out, Outbox, ToClient, ToPeer, client_error
 from exoctl.worker.peers import DOWN_AFTER_S, HEARTBEAT_S, SILENT_AFTER_S, Peers
 from exoctl.worker.profile import NodeProfiler
-from exoctl.worker.steps import check_peer_message
 from exoctl.worker.tensor_meeting import Meeting
 
 if TYPE_CHECKING:
-    from exoctl.worker.runner import Runner
+    from exoctl.worker.instance import InstanceRunner
 
 __all__ = ["DOWN_AFTER_S", "SILENT_AFTER_S", "Worker"]
 
@@ -95,7 +96,7 @@ class Worker:
         self.downloads = Downloads(self.name, options.model_dirs)
         self.history: deque[dict[str, Any]] = deque(maxlen=MAX_EVENTS)  # the supervisor's record
         self.profiler = NodeProfiler(self.name, options.device, uuid.uuid4().hex)
-        self.runners: dict[str, Runner] = {}  # instance id -> this node's runner of it
+        self.runners: dict[str, InstanceRunner] = {}  # instance id -> this node's runner of it
         # failed runners are retired (lane stopped, sockets closed); their last reports stay, bounded
         self.failures: OrderedDict[str, RunnerReport] = OrderedDict()
         self.last_lease: dict[str, float] = {}  # stage runners: when their head last named its sequences
@@ -256,19 +257,11 @@ class Worker:
             case "shutdown":
                 self._reply(client, "ok", ok)
                 self.stopping = True
-            case "forward" | "token" | "release" | "seq_error" | "lease":  # from another runner
-                if message["instance_id"] in self.failures:
-                    return  # the instance failed here: what its other runners still send is moot
-                runner = self._runner(message["instance_id"])
-                if message.type in ("token", "seq_error", "lease"):
-                    check_peer_message(message)
-                if message.type == "lease":
-                    self.last_lease[message["instance_id"]] = time.monotonic()
-                elif message.type == "forward":
-                    self._check_step(runner, message)
-                self.lanes[message["instance_id"]].put(PeerMessage(message))
+            case kind if kind in WIRE_KINDS:  # from another runner of an instance
+                self._from_peer(message)
             case "tp_hello":
-                self.meeting.hello(self.runners.get(message["instance_id"]), message)
+                holder = self.runners.get(message["instance_id"])
+                self.meeting.hello(holder.stage if holder is not None else None, message)
             case "fail":
                 holder = self.runners.get(message["instance_id"])
                 if holder is not None and not holder.failed:
@@ -285,12 +278,40 @@ class Worker:
                 f"instance {spec.instance_id} is {runner.status.value} on node {self.name}"
                 + (f": {runner.failure.message}" if runner.failure else "")
             )
-        if not spec.is_head:
-            raise ExoctlError(f"node {self.name} is not the head of instance {spec.instance_id}")
-        if message["request_id"] in self.active:
-            raise ExoctlError(f"request id {message['request_id']} is already running")
-        self.active[message["request_id"]] = ActiveRequest(client, spec.instance_id)
-        self.lanes[spec.instance_id].put(Generate(client, message))
+        runner.role.take_requests(self.name)
+        request_id = message["request_id"]
+        if request_id in self.active:
+            raise ExoctlError(f"request id {request_id} is already running")
+        try:
+            request = GenerateRequest.from_message(message)
+        except InvalidRequestError as exc:  # the client's own mistake: answered as its lane would
+            error = client_error(client, request_id, exc.message, exc.hint, "invalid_request")
+            self.router.send_multipart([client, *error.frames()], copy=False)
+            return
+        self.active[request_id] = ActiveRequest(client, spec.instance_id)
+        self.lanes[spec.instance_id].put(Generate(client, request))
+
+    def _from_peer(self, message: Message) -> None:
+        """A message between runners: decoded once, checked, queued on its instance's lane."""
+        instance_id = message["instance_id"]
+        if instance_id in self.failures:
+            return  # the instance failed here: what its other runners still send is moot
+        runner = self._runner(instance_id)
+        try:
+            typed = decode_instance_message(message)
+            if isinstance(typed, Forward):
+                runner.check(typed)
+        except ExoctlError as exc:
+            # refused to its sender; the head hears of it too, so a request waiting on those
+            # sequences ends rather than hangs
+            if message.type == "forward":
+                seqs = tuple(s for s in message["seqs"] if isinstance(s, str))
+                for out in runner.role.refused(seqs, exc.message):
+                    self._outbound(out)
+            raise
+        if isinstance(typed, Lease):
+            self.last_lease[instance_id] = time.monotonic()
+        self.lanes[instance_id].put(FromPeer(typed))
 
     def _peer_reply(self, address: str, frames: list[Any]) -> None:
         try:
@@ -302,19 +323,7 @@ class Worker:
         if why is not None:
             self._peer_lost(address, why)
 
-    def _check_step(self, runner: Runner, message: Message) -> None:
-        """Refuse a step that cannot work to its sender, before it is queued; the head hears of it
-        too, so a request waiting on those sequences ends rather than hangs."""
-        try:
-            runner.check_step(message)
-        except ExoctlError as exc:
-            seqs = [s for s in message["seqs"] if isinstance(s, str)]
-            if seqs and not runner.spec.is_head:
-                fields = {"instance_id": runner.spec.instance_id, "seqs": seqs, "message": exc.message}
-                self.peers.send(runner.spec.peers[0][1], protocol.encode("seq_error", fields))
-            raise
-
-    def _runner(self, instance_id: str) -> Runner:
+    def _runner(self, instance_id: str) -> InstanceRunner:
         runner = self.runners.get(instance_id)
         failed = self.failures.get(instance_id)
         if failed is not None:
@@ -334,12 +343,9 @@ class Worker:
         if spec.instance_id in self.runners:
             raise ExoctlError(f"instance {spec.instance_id} is already on node {self.name}")
         check_reference(spec.model, self.options.model_dirs, self.name)
-        if spec.sharding == "tensor":
-            runner: Runner = self.meeting.runner(spec)
-        else:
-            from exoctl.worker.runner import Runner
+        from exoctl.worker.instance import build_instance
 
-            runner = Runner(spec, self.options.max_batch)
+        runner = build_instance(spec, self.options.max_batch, self.meeting)
         self.runners[spec.instance_id] = runner
         lane = self.lanes[spec.instance_id] = Lane(runner, self.name, self.outbox)
         lane.thread.start()
@@ -390,7 +396,7 @@ class Worker:
         """A stage whose head has gone quiet about its sequences frees them (two empty words free
         all: what was held at the first, then what came since)."""
         for instance_id, runner in self.runners.items():
-            if runner.spec.is_head or runner.spec.world == 1 or runner.status is not RunnerStatus.READY:
+            if not runner.follows_leases or runner.status is not RunnerStatus.READY:
                 continue
             last = self.last_lease.setdefault(instance_id, now)
             if now - last > LEASE_LOST_S and instance_id in self.lanes:
@@ -400,9 +406,7 @@ class Worker:
                     now - last,
                 )
                 self.last_lease[instance_id] = now - LEASE_LOST_S + LEASE_S  # the second word next round
-                self.lanes[instance_id].put(
-                    PeerMessage(Message("lease", {"instance_id": instance_id, "seqs": []}))
-                )
+                self.lanes[instance_id].put(FromPeer(Lease(instance_id, ())))
         for instance_id in set(self.last_lease) - set(self.runners):
             del self.last_lease[instance_id]
 
@@ -413,13 +417,10 @@ class Worker:
         return watched
 
     def _renew_leases(self) -> None:
-        """Each head tells its instance's other runners which sequences live (read off the lane's
-        dict from this thread: a snapshot of its keys, which a `list` takes whole)."""
-        for instance_id, runner in self.runners.items():
-            if runner.spec.is_head and runner.spec.world > 1 and runner.status is RunnerStatus.READY:
-                fields = {"instance_id": instance_id, "seqs": list(runner.heads)}
-                for _, address in runner.spec.peers[1:]:
-                    self.peers.send(address, protocol.encode("lease", fields))
+        """Each head tells its instance's other runners which sequences live."""
+        for runner in self.runners.values():
+            for out in runner.leases():
+                self._outbound(out)
 
     def _peer_lost(self, address: str, why: str) -> None:
         for instance_id, runner in list(self.runners.items()):

@@ -3,7 +3,7 @@
 Each rank binds its collective socket on a port the OS picks and tells the other ranks the address
 and, where the node has /dev/shm, its shared-memory file and host key (`tp_hello` "shm"); a hello
 that comes before its instance's `load` is kept until the load comes. A rank is ready once its
-weights are loaded and it knows every other rank's address (`TensorRunner`).
+weights are loaded and it knows every other rank's address (`TensorRank`).
 Torch-free at import.
 """
 
@@ -20,8 +20,8 @@ from exoctl.wire.runner_spec import RunnerSpec
 
 if TYPE_CHECKING:
     from exoctl.worker.peers import Peers
-    from exoctl.worker.runner import Runner
-    from exoctl.worker.tensor_runner import TensorRunner
+    from exoctl.worker.stage import HeadRoute, Stage
+    from exoctl.worker.tensor_rank import TensorRank
 
 COLLECTIVE_TIMEOUT_S = 30.0  # a rank silent this long mid-step fails the instance (heartbeats: 3 s)
 MAX_EARLY_INSTANCES = 1000  # hellos kept for instances whose load has not come
@@ -39,11 +39,11 @@ class Meeting:
         # instance id -> rank -> (collective address, shared-memory offer)
         self.early: dict[str, dict[int, tuple[str, str | None]]] = {}
 
-    def runner(self, spec: RunnerSpec) -> TensorRunner:
+    def rank(self, spec: RunnerSpec, to_head: HeadRoute) -> TensorRank:
         """This node's rank: bind its collective socket and tell the other ranks where it is."""
         from exoctl.worker.collective import ZmqCollective
         from exoctl.worker.shm_exchange import ShmExchange, host_key
-        from exoctl.worker.tensor_runner import TensorRunner
+        from exoctl.worker.tensor_rank import TensorRank
 
         bind = f"{self.host}:*"
         key = host_key()
@@ -51,7 +51,7 @@ class Meeting:
         collective = ZmqCollective(
             self.ctx, spec.rank, spec.world, bind, self.keys, COLLECTIVE_TIMEOUT_S, list(spec.nodes), shm
         )
-        runner = TensorRunner(spec, self.max_batch, collective)
+        runner = TensorRank(spec, self.max_batch, to_head, collective)
         # peers reach this node at the host they were given for it
         address = f"{spec.address.rsplit(':', 1)[0]}:{collective.port}"
         runner.met(spec.rank, address, collective.offer)
@@ -68,8 +68,9 @@ class Meeting:
                 self.peers.send(peer, protocol.encode("tp_hello", hello))
         return runner
 
-    def hello(self, runner: Runner | None, message: Message) -> None:
-        """Another rank's address, for `runner` (None: its load message has not come yet)."""
+    def hello(self, runner: Stage | None, message: Message) -> None:
+        """Another rank's address, for this node's stage of its instance (None: its load message
+        has not come yet)."""
         instance_id, rank, address = message["instance_id"], message["rank"], message["address"]
         offer = message.get("shm")  # absent from older workers: ZeroMQ then
         if offer is not None:
@@ -86,9 +87,9 @@ class Meeting:
                 self.early.pop(next(iter(self.early)))
             self.early.setdefault(instance_id, {})[rank] = (address, offer)
             return
-        from exoctl.worker.tensor_runner import TensorRunner
+        from exoctl.worker.tensor_rank import TensorRank
 
-        if not isinstance(runner, TensorRunner) or not 0 <= rank < runner.spec.world:
+        if not isinstance(runner, TensorRank) or not 0 <= rank < runner.spec.world:
             raise ProtocolError(f"'tp_hello' for rank {rank} of an instance that has no such rank")
         runner.met(rank, address, offer)
 

@@ -1,4 +1,4 @@
-"""A tensor-parallel runner: this node's 1/k of every layer of an instance (see `engine.shard`).
+"""A tensor-parallel rank: this node's 1/k of every layer of an instance (see `engine.shard`).
 
 Every rank runs every step. The head (rank 0) tokenises, sends each step's token ids [B, T] to
 the other ranks, and runs the step itself; each layer sums its partial outputs over the ranks
@@ -27,20 +27,24 @@ from exoctl.engine.model import CausalLM, load_model
 from exoctl.engine.parallel_sampling import RankSampler, choose_tokens, rank_logprobs
 from exoctl.engine.shard import TensorShard
 from exoctl.errors import CollectiveError, ExoctlError
-from exoctl.wire.protocol import Message
+from exoctl.wire.instance_messages import Forward, ForwardStep, LogprobWire, SequenceStart, Tokens
 from exoctl.wire.runner_report import Failure, RunnerReport, RunnerStatus
 from exoctl.wire.runner_spec import RunnerSpec
 from exoctl.wire.sampling_params import SamplingParams
 from exoctl.worker.collective import ZmqCollective
-from exoctl.worker.outbox import Out, ToPeer, ToSelf
-from exoctl.worker.runner import Runner
-from exoctl.worker.steps import ForwardStep
+from exoctl.worker.outbox import Out, ToPeer
+from exoctl.worker.stage import HeadRoute, Stage
 from exoctl.worker.tensors import from_tensor, to_tensor
 
 
-class TensorRunner(Runner):
-    def __init__(self, spec: RunnerSpec, max_batch: int, collective: ZmqCollective) -> None:
-        super().__init__(spec, max_batch)
+class TensorRank(Stage):
+    # a failed step leaves the ranks' collectives out of step: the instance fails
+    breaks_instance_on_error = True
+
+    def __init__(
+        self, spec: RunnerSpec, max_batch: int, to_head: HeadRoute, collective: ZmqCollective
+    ) -> None:
+        super().__init__(spec, max_batch, to_head)
         self.shard = TensorShard(spec.rank, spec.world)
         self.collective = collective
         self.rank_samplers: dict[str, RankSampler] = {}
@@ -90,14 +94,15 @@ class TensorRunner(Runner):
 
     def free(self) -> None:
         self.collective.abort("the instance was unloaded")
+        self.rank_samplers.clear()
         super().free()
 
     def close(self) -> None:
         self.collective.close()
 
-    def release(self, seq: str) -> list[Out]:
+    def release(self, seq: str) -> None:
         self.rank_samplers.pop(seq, None)
-        return super().release(seq)
+        super().release(seq)
 
     def held(self) -> set[str]:
         return super().held() | set(self.rank_samplers)
@@ -115,39 +120,40 @@ class TensorRunner(Runner):
 
     # --- compute ---------------------------------------------------------------------------
 
-    def _admit(self, seq: str, params: SamplingParams) -> dict[str, object]:
+    def admit(self, seq: str, params: SamplingParams, prompt: list[int]) -> SequenceStart:
         # every rank needs the same seed for the draws they share: pick one if the request has none
         seed = params.seed if params.seed is not None else secrets.randbits(62)
         self.rank_samplers[seq] = RankSampler.create(params, seed, self.spec.rank)
-        return replace(params, seed=seed).to_wire()
+        return SequenceStart(replace(params, seed=seed))
 
-    def _batch_size(self) -> int:
+    def batch_size(self, sequences: int) -> int:
         return self.max_batch  # no pipeline to keep busy: every sequence in one step
 
-    def _step(self, step: ForwardStep, inputs: torch.Tensor) -> list[Out]:
+    def step(self, step: ForwardStep, ids: torch.Tensor) -> list[Out]:
+        """The head's rank: every rank runs the step on the same ids [B, T]; the tokens they agree
+        on go to the head."""
         spec = self.spec
-        ids = from_tensor(inputs)
         assert self.emit is not None
         # the other ranks must start this step now: the head's own layers wait for their partials
+        forward = Forward(spec.instance_id, step, from_tensor(ids))
         for _, address in spec.peers[1:]:
-            self.emit(ToPeer(address, "forward", step.fields(spec.instance_id), (ids,)))
-        chosen = self._tokens_of(step, inputs)
+            self.emit(ToPeer(address, forward))
+        chosen = self._tokens_of(step, ids)
         if chosen is None:
             return []
         tokens, logprobs = chosen
-        fields = {"instance_id": spec.instance_id, "seqs": step.seqs, "tokens": tokens, "logprobs": logprobs}
-        return [ToSelf(Message("token", fields))]
+        return [self.to_head(Tokens(spec.instance_id, tuple(step.seqs), tuple(tokens), tuple(logprobs)))]
 
     def _tokens_of(
         self, step: ForwardStep, inputs: torch.Tensor
-    ) -> tuple[list[int], list[list[object] | None]] | None:
+    ) -> tuple[list[int], list[LogprobWire | None]] | None:
         """Run every layer's part on ids [B, T]; the next token of each sequence, as all ranks agree,
         or None for a prompt chunk with more to come (every rank runs it, none samples)."""
         seqs = step.seqs
         for row, seq in enumerate(seqs):  # a prompt's ids, for its repetition penalty
             self.rank_samplers[seq].saw_prompt(inputs[row].tolist())
         waited = self.collective.busy_s
-        out = self._run(seqs, inputs, step.starts)
+        out = self.run(seqs, inputs, step.starts)
         if step.partial:
             return None
         logits = out[:, -1]  # [B, V / k]
@@ -161,17 +167,18 @@ class TensorRunner(Runner):
             self.decode_collective_s += self.collective.busy_s - waited
         return tokens, logprobs
 
-    def forward(self, message: Message) -> list[Out]:
+    def forward(self, message: Forward) -> list[Out]:
         """A rank other than the head: run this step on the ids the head sent."""
-        step = self.check_step(message)
+        self.check(message)
+        step = message.step
         for seq in step.seqs:
             if seq in self.rank_samplers:
                 continue
-            sampling = step.first_params(seq)
+            sampling = step.first_of(seq).params
             if sampling.seed is None:
                 raise ExoctlError(f"sequence {seq} is unknown here and its first message has no seed")
             self.rank_samplers[seq] = RankSampler.create(sampling, sampling.seed, self.spec.rank)
-        self._tokens_of(step, to_tensor(message.tensors[0]))
+        self._tokens_of(step, to_tensor(message.tensor))
         return []
 
     def _check_input(self, dtype: str, shape: tuple[int, ...], seqs: int) -> None:

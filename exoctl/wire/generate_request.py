@@ -1,0 +1,48 @@
+"""A client's `generate`: one request for the head of an instance, built by the client and decoded
+once by the worker that receives it. Torch-free."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from exoctl.errors import InvalidRequestError
+from exoctl.wire.chat_options import ChatOptions
+from exoctl.wire.protocol import Message
+from exoctl.wire.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    instance_id: str
+    request_id: str
+    params: SamplingParams
+    messages: list[dict[str, Any]] | None = None  # a chat, rendered with the model's template
+    prompt: str | None = None  # or raw text
+    chat: ChatOptions = field(default_factory=ChatOptions)
+
+    def to_fields(self) -> dict[str, Any]:
+        return {
+            "instance_id": self.instance_id,
+            "request_id": self.request_id,
+            "messages": self.messages,
+            "prompt": self.prompt,
+            "params": self.params.to_wire(),
+            "chat": self.chat.to_wire(),
+        }
+
+    @classmethod
+    def from_message(cls, message: Message) -> GenerateRequest:
+        """The `generate` the protocol has checked the field types of; InvalidRequestError names
+        what else is wrong."""
+        messages, prompt = message["messages"], message["prompt"]
+        if messages is None and prompt is None:
+            raise InvalidRequestError("a request needs 'messages' or 'prompt'")
+        return cls(
+            instance_id=message["instance_id"],
+            request_id=message["request_id"],
+            params=SamplingParams.from_wire(message["params"]),
+            messages=messages,
+            prompt=prompt,
+            chat=ChatOptions.from_wire(message["chat"]),
+        )

@@ -1,0 +1,230 @@
+"""The messages between the runners of one instance, each a frozen type decoded once at the socket.
+
+A worker's I/O loop turns a `forward`, `token`, `release`, `seq_error` or `lease` into one of these
+(`decode_instance_message`), refusing a malformed one to its sender; the compute lane dispatches on
+the type with `match`, never on a type string. `Prefill` never crosses the wire: it is the head's
+note to itself that a prompt has more chunks to run. Torch-free.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from exoctl.errors import ExoctlError
+from exoctl.wire import protocol
+from exoctl.wire.protocol import Message, ProtocolError, Tensor
+from exoctl.wire.sampling_params import SamplingParams
+
+PROMPT_IDS = "prompt_ids"  # beside a sequence's sampling parameters on its first step
+MAX_TOP_LOGPROBS = 20
+
+# A chosen token's logprob in wire form: [logprob, [ids], [logprobs]] (`TokenLogprob.to_wire`).
+LogprobWire = list[Any]
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class SequenceStart:
+    """What the runner that samples needs of a sequence it has not seen: its sampling parameters,
+    and its prompt's token ids when a repetition penalty reads them (the last pipeline stage sees
+    hidden states only)."""
+
+    params: SamplingParams
+    prompt_ids: tuple[int, ...] = ()
+
+    def to_wire(self) -> dict[str, Any]:
+        wire = self.params.to_wire()
+        return {**wire, PROMPT_IDS: list(self.prompt_ids)} if self.prompt_ids else wire
+
+    @classmethod
+    def from_wire(cls, seq: str, wire: object) -> SequenceStart:
+        if not isinstance(wire, dict):
+            raise ExoctlError(f"sequence {seq}: its first step's params must be a map")
+        ids = wire.get(PROMPT_IDS, [])
+        if not isinstance(ids, list) or not all(_is_int(i) for i in ids):
+            raise ExoctlError(f"sequence {seq}: {PROMPT_IDS} must be a list of token ids")
+        params = SamplingParams.from_wire({k: v for k, v in wire.items() if k != PROMPT_IDS})
+        return cls(params, tuple(ids))
+
+
+@dataclass(frozen=True)
+class ForwardStep:
+    """One step of B sequences, each at its own start position; a sequence's first step also
+    carries how to sample it, for the stage or rank that samples."""
+
+    seqs: list[str]
+    starts: list[int]
+    first: dict[str, SequenceStart] = field(default_factory=dict)  # on a sequence's first step only
+    # a chunk of a prompt with more to come: nothing is sampled for it
+    partial: bool = False
+
+    def first_of(self, seq: str) -> SequenceStart:
+        """How to sample a sequence this runner has not seen before."""
+        start = self.first.get(seq)
+        if start is None:
+            raise ExoctlError(f"sequence {seq} is unknown here and its first message has no params")
+        return start
+
+
+@dataclass(frozen=True)
+class Forward:
+    """A step for the next stage (hidden [B, T, D]) or for the other ranks (token ids [B, T])."""
+
+    instance_id: str
+    step: ForwardStep
+    tensor: Tensor
+
+    def frames(self) -> list[Any]:
+        step = self.step
+        fields: dict[str, Any] = {
+            "instance_id": self.instance_id,
+            "seqs": step.seqs,
+            "positions": step.starts,
+        }
+        if step.first:
+            fields["params"] = {seq: start.to_wire() for seq, start in step.first.items()}
+        if step.partial:
+            fields["partial"] = True
+        return protocol.encode("forward", fields, (self.tensor,))
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """The sampled next token of each sequence (and its logprobs where asked), for the head."""
+
+    instance_id: str
+    seqs: tuple[str, ...]
+    tokens: tuple[int, ...]
+    logprobs: tuple[LogprobWire | None, ...]
+
+    def frames(self) -> list[Any]:
+        fields = {
+            "instance_id": self.instance_id,
+            "seqs": list(self.seqs),
+            "tokens": list(self.tokens),
+            "logprobs": list(self.logprobs),
+        }
+        return protocol.encode("token", fields)
+
+
+@dataclass(frozen=True)
+class Release:
+    """The head's word that a sequence has ended: free it."""
+
+    instance_id: str
+    seq: str
+
+    def frames(self) -> list[Any]:
+        return protocol.encode("release", {"instance_id": self.instance_id, "seq": self.seq})
+
+
+@dataclass(frozen=True)
+class SeqError:
+    """Sequences that failed on a stage, with why: the head ends them and tells their clients."""
+
+    instance_id: str
+    seqs: tuple[str, ...]
+    message: str
+
+    def frames(self) -> list[Any]:
+        fields = {"instance_id": self.instance_id, "seqs": list(self.seqs), "message": self.message}
+        return protocol.encode("seq_error", fields)
+
+
+@dataclass(frozen=True)
+class Lease:
+    """The head's word on which sequences live, every few seconds: the others free the rest."""
+
+    instance_id: str
+    seqs: tuple[str, ...]
+
+    def frames(self) -> list[Any]:
+        return protocol.encode("lease", {"instance_id": self.instance_id, "seqs": list(self.seqs)})
+
+
+@dataclass(frozen=True)
+class Prefill:
+    """The head's own note: run the next chunk of this sequence's prompt (never on the wire)."""
+
+    instance_id: str
+    seq: str
+
+
+InstanceMessage = Forward | Tokens | Release | SeqError | Lease | Prefill
+# the message types a worker's I/O loop hands to `decode_instance_message`
+WIRE_KINDS = ("forward", "token", "release", "seq_error", "lease")
+
+
+def _seq_ids(message: Message) -> tuple[str, ...]:
+    seqs = message["seqs"]
+    if not all(isinstance(s, str) for s in seqs):
+        raise ProtocolError(f"'{message.type}' needs a list of sequence ids")
+    return tuple(seqs)
+
+
+def _is_logprob(entry: object) -> bool:
+    """[logprob, [ids], [logprobs]] as `TokenLogprob.to_wire` writes it."""
+    if not isinstance(entry, list) or len(entry) != 3:
+        return False
+    value, ids, values = entry
+    return (
+        isinstance(value, float)
+        and isinstance(ids, list)
+        and isinstance(values, list)
+        and len(ids) == len(values) <= MAX_TOP_LOGPROBS
+        and all(_is_int(i) for i in ids)
+        and all(isinstance(v, float) for v in values)
+    )
+
+
+def _forward(message: Message) -> Forward:
+    seqs, starts = message["seqs"], message["positions"]
+    params = message.get("params") or {}
+    partial = message.get("partial", False)
+    if (
+        not seqs
+        or len(starts) != len(seqs)
+        or not all(isinstance(x, str) for x in seqs)
+        or not all(_is_int(x) for x in starts)
+        or not isinstance(params, dict)
+        or len(set(seqs)) != len(seqs)
+    ):
+        raise ProtocolError("'forward' needs matching lists of distinct sequence ids and positions")
+    if not isinstance(partial, bool):
+        raise ProtocolError("'forward' field 'partial' must be true or false")
+    if len(message.tensors) != 1:
+        raise ProtocolError("'forward' needs exactly one tensor")
+    first = {seq: SequenceStart.from_wire(seq, params[seq]) for seq in seqs if seq in params}
+    return Forward(message["instance_id"], ForwardStep(seqs, starts, first, partial), message.tensors[0])
+
+
+def _tokens(message: Message) -> Tokens:
+    seqs, tokens, logprobs = _seq_ids(message), message["tokens"], message["logprobs"]
+    if len(tokens) != len(seqs) or not all(_is_int(t) for t in tokens):
+        raise ProtocolError("'token' needs one token id (an int) per sequence id")
+    if len(logprobs) != len(seqs) or not all(lp is None or _is_logprob(lp) for lp in logprobs):
+        raise ProtocolError(
+            "'token' needs one logprob entry ([logprob, ids, logprobs] or null) per sequence id"
+        )
+    return Tokens(message["instance_id"], seqs, tuple(tokens), tuple(logprobs))
+
+
+def decode_instance_message(message: Message) -> InstanceMessage:
+    """A validated protocol message between runners as its type; ProtocolError when it is bad (so
+    a bad one fails only itself, before it is queued beside others)."""
+    match message.type:
+        case "forward":
+            return _forward(message)
+        case "token":
+            return _tokens(message)
+        case "release":
+            return Release(message["instance_id"], message["seq"])
+        case "seq_error":
+            return SeqError(message["instance_id"], _seq_ids(message), message["message"])
+        case "lease":
+            return Lease(message["instance_id"], _seq_ids(message))
+    raise ProtocolError(f"'{message.type}' is not a message between runners")

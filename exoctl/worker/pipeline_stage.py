@@ -1,0 +1,159 @@
+"""A pipeline stage: a layer range of an instance. Rank 0 embeds the token ids the head gives it;
+each stage passes the hidden state [B, T, D] on to the next (`HandOn`); the last one samples the
+next token of each sequence and sends it to the head (`SampleHere`). Which of the two a stage
+does is chosen once, when the instance's parts are built.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from exoctl.engine.logprobs import token_logprob
+from exoctl.engine.model import CausalLM, load_model
+from exoctl.engine.sampling import Sampler
+from exoctl.wire.instance_messages import Forward, ForwardStep, LogprobWire, SeqError, SequenceStart, Tokens
+from exoctl.wire.runner_spec import RunnerSpec
+from exoctl.wire.sampling_params import SamplingParams
+from exoctl.worker.outbox import Out, ToPeer
+from exoctl.worker.stage import HeadRoute, Stage
+from exoctl.worker.steps import check_hidden
+from exoctl.worker.tensors import from_tensor, to_tensor
+
+
+class HandOn:
+    """Not the last stage: the hidden state goes on to the next stage's node."""
+
+    def __init__(self, instance_id: str, address: str) -> None:
+        self.instance_id = instance_id
+        self.address = address
+
+    def admit(self, seq: str, params: SamplingParams, prompt: list[int]) -> SequenceStart:
+        # the last stage penalizes the prompt's tokens too, and sees only hidden states
+        prompt_ids = tuple(prompt) if params.repetition_penalty != 1 else ()
+        return SequenceStart(params, prompt_ids)
+
+    def first_step(self, seq: str, start: SequenceStart) -> None:
+        """Nothing to set up: this stage does not sample."""
+
+    def finish(self, step: ForwardStep, out: torch.Tensor) -> list[Out]:
+        return [ToPeer(self.address, Forward(self.instance_id, step, from_tensor(out)))]
+
+    def release(self, seq: str) -> None:
+        pass
+
+    def held(self) -> set[str]:
+        return set()
+
+
+class SampleHere:
+    """The last stage: sample each sequence's next token from the logits, for the head."""
+
+    def __init__(self, instance_id: str, node: str, to_head: HeadRoute) -> None:
+        self.instance_id = instance_id
+        self.node = node
+        self.to_head = to_head
+        self.samplers: dict[str, Sampler] = {}
+
+    def admit(self, seq: str, params: SamplingParams, prompt: list[int]) -> SequenceStart:
+        self.samplers[seq] = Sampler.create(params, prompt)
+        return SequenceStart(params)
+
+    def first_step(self, seq: str, start: SequenceStart) -> None:
+        self.samplers[seq] = Sampler.create(start.params, list(start.prompt_ids))
+
+    def finish(self, step: ForwardStep, out: torch.Tensor) -> list[Out]:
+        """Logits [B, 1, V] (or [1, T, V] after a prompt): one token per sequence, to the head; a
+        sequence whose draw fails is reported failed, and only it ends."""
+        if step.partial:
+            return []  # more of the prompt is coming: nothing to sample yet
+        logits = out[:, -1]  # [B, V]
+        choices = [self.samplers[seq] for seq in step.seqs]
+        picked: dict[str, int] = {}
+        failed: dict[str, str] = {}
+        if all(s.params.greedy and not s.params.penalizes for s in choices):
+            picked = dict(zip(step.seqs, (int(t) for t in logits.argmax(dim=-1)), strict=True))
+        else:
+            for i, seq in enumerate(step.seqs):
+                try:
+                    picked[seq] = choices[i].choose(logits[i : i + 1])
+                except RuntimeError as exc:  # this sequence's draw failed: only it ends
+                    failed[seq] = f"node {self.node}: sampling failed: {exc}"
+        outs: list[Out] = []
+        if picked:
+            logprobs = self._logprobs(step.seqs, logits, picked)
+            entries = tuple(logprobs.get(seq) for seq in picked)
+            outs.append(
+                self.to_head(Tokens(self.instance_id, tuple(picked), tuple(picked.values()), entries))
+            )
+        outs += [self.to_head(SeqError(self.instance_id, (seq,), why)) for seq, why in failed.items()]
+        return outs
+
+    def _logprobs(
+        self, seqs: list[str], logits: torch.Tensor, picked: dict[str, int]
+    ) -> dict[str, LogprobWire]:
+        """The chosen tokens' logprobs (wire form) of the sequences that asked for them."""
+        wanted: dict[str, LogprobWire] = {}
+        for i, seq in enumerate(seqs):
+            n = self.samplers[seq].params.logprobs
+            if n is not None and seq in picked:
+                wanted[seq] = token_logprob(logits[i], picked[seq], n).to_wire()
+        return wanted
+
+    def release(self, seq: str) -> None:
+        self.samplers.pop(seq, None)
+
+    def held(self) -> set[str]:
+        return set(self.samplers)
+
+
+Onward = HandOn | SampleHere
+
+
+class PipelineStage(Stage):
+    def __init__(self, spec: RunnerSpec, max_batch: int, to_head: HeadRoute, onward: Onward) -> None:
+        super().__init__(spec, max_batch, to_head)
+        self.onward = onward
+
+    def _load_model(self, folder: Path, progress: Callable[[int], None]) -> CausalLM:
+        spec = self.spec
+        return load_model(folder, (spec.start_layer, spec.end_layer), spec.dtype, on_layer=progress)
+
+    def admit(self, seq: str, params: SamplingParams, prompt: list[int]) -> SequenceStart:
+        return self.onward.admit(seq, params, prompt)
+
+    def step(self, step: ForwardStep, ids: torch.Tensor) -> list[Out]:
+        return self.onward.finish(step, self.run(step.seqs, ids, step.starts))
+
+    def forward(self, message: Forward) -> list[Out]:
+        """A middle or last stage: run this range on the hidden states from the previous stage."""
+        self.check(message)
+        step = message.step
+        for seq in step.seqs:
+            if seq not in self.caches:
+                self.onward.first_step(seq, step.first_of(seq))
+        hidden = to_tensor(message.tensor)
+        return self.onward.finish(step, self.run(step.seqs, hidden, step.starts))
+
+    def batch_size(self, sequences: int) -> int:
+        # one micro-batch per stage keeps every stage of the pipeline busy: with all sequences in
+        # one batch, stage k would wait while the others compute
+        return min(self.max_batch, max(1, math.ceil(sequences / self.spec.world)))
+
+    def _check_input(self, dtype: str, shape: tuple[int, ...], seqs: int) -> None:
+        check_hidden(dtype, shape, seqs, self._model().config.hidden_size)
+
+    def free(self) -> None:
+        for seq in self.onward.held():
+            self.onward.release(seq)
+        super().free()
+
+    def release(self, seq: str) -> None:
+        self.onward.release(seq)
+        super().release(seq)
+
+    def held(self) -> set[str]:
+        return super().held() | self.onward.held()
