@@ -529,7 +529,7 @@ def test_a_prompt_longer_than_a_prefill_step_gives_the_single_process_tokens(
     """Over 256 prompt tokens the head prefills in steps of 256 and the last stage (or every
     rank) samples only after the last: the same tokens as one process."""
     from exoctl.models.catalog import DEFAULT_MODEL_ID
-    from exoctl.worker.runner import PREFILL_STEP
+    from exoctl.worker.head import PREFILL_STEP
 
     tokenizer = Tokenizer(smollm2_folder)
     ids = tokenizer.encode(LONG_PROMPT)
