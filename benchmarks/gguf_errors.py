@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from exoctl.engine.gguf_weights import GGUFWeightReader, dequantized
 from exoctl.engine.quant import dequantize
 from exoctl.models.gguf.file import open_model
-from exoctl.models.gguf.weights import GGUFWeightReader, dequantized
 
 cache = Path.home() / ".cache/exoctl-bench/gguf"
 names = {

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from exoctl.dtypes import FLOAT_DTYPES, QUANTIZED_BITS, RUNTIME_DTYPES
 from exoctl.engine import llama, mixtral, qwen2
 from exoctl.engine.config import ModelConfig, gguf_config, load_config
+from exoctl.engine.gguf_weights import GGUFWeightReader
 from exoctl.engine.kv_cache import KVCache
 from exoctl.engine.layers import (
     AnyLinear,
@@ -34,7 +35,6 @@ from exoctl.engine.shard import WHOLE, TensorShard
 from exoctl.engine.weights import WeightReader, WeightSource
 from exoctl.errors import UnsupportedModelError
 from exoctl.models.gguf.file import is_gguf_source, open_model
-from exoctl.models.gguf.weights import GGUFWeightReader
 
 DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in FLOAT_DTYPES}
 PREFILL_CHUNK = 512  # prompt positions a forward runs at a time
