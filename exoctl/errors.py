@@ -38,3 +38,16 @@ class InvalidRequestError(ExoctlError):
 class CollectiveError(ExoctlError):
     """A tensor-parallel peer did not deliver its partial in time, or the instance failed while
     a rank was waiting for one (the collective was aborted)."""
+
+
+def error_class(name: str) -> type[ExoctlError]:
+    """The error class a wire error names, so a client raises the kind the worker raised: one of
+    the ExoctlError subclasses made from (message, hint); ExoctlError for any other name."""
+    found: type[ExoctlError] = ExoctlError
+    pending: list[type[ExoctlError]] = [ExoctlError]
+    while pending:
+        cls = pending.pop()
+        if cls.__name__ == name and cls.__init__ is ExoctlError.__init__:
+            found = cls
+        pending += cls.__subclasses__()
+    return found

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import zmq
@@ -18,7 +18,17 @@ import zmq.utils.monitor
 from exoctl.errors import ExoctlError
 from exoctl.keys import ClusterKeys
 from exoctl.wire import protocol
-from exoctl.wire.protocol import Message, Tensor
+from exoctl.wire.messages import (
+    ErrorReply,
+    Ok,
+    Outgoing,
+    Pong,
+    Reply,
+    Request,
+    StatusReply,
+    WireMessage,
+    parse,
+)
 
 MAX_MESSAGE_BYTES = protocol.MAX_TENSOR_BYTES + protocol.MAX_HEADER_BYTES
 _HANDSHAKE_FAILED = (
@@ -29,23 +39,35 @@ _HANDSHAKE_FAILED = (
 
 
 class NodeError(ExoctlError):
-    """A node that failed a request, refused us, or stopped answering; names the node."""
+    """A node that failed a request, refused us, or stopped answering; names the node. `kind` is
+    the class of the error behind it (the worker's own, sent by name; a version mismatch)."""
 
-    def __init__(self, node: str, message: str, hint: str | None = None) -> None:
+    def __init__(
+        self, node: str, message: str, hint: str | None = None, kind: type[ExoctlError] = ExoctlError
+    ) -> None:
         super().__init__(message, hint)
         self.node = node
+        self.kind = kind
 
 
 class KeyRefusedError(NodeError):
     """A node whose CurveZMQ handshake refused this client: it holds another cluster key."""
 
 
-def error_reply(node: str, reply: Message) -> NodeError:
+def error_reply(node: str, reply: ErrorReply) -> NodeError:
     """A worker's error reply as an error that names the node (once, if the worker already did)."""
-    text = reply["message"]
+    text = reply.message
     if f"node {node}" not in text:
         text = f"node {node}: {text}"
-    return NodeError(node, text, reply.get("hint"))
+    return NodeError(node, text, reply.hint, reply.error_class)
+
+
+@dataclass(frozen=True)
+class Received:
+    """A message from a worker, with the id of the request it answers (None: not an answer)."""
+
+    reply_to: Any
+    message: WireMessage
 
 
 def secure_server(sock: zmq.Socket[Any], keys: ClusterKeys | None) -> None:
@@ -96,11 +118,9 @@ class NodeClient:
         self.monitor.close(0)
         self.sock.close(0)
 
-    def send(self, kind: str, fields: dict[str, Any] | None = None, tensors: Sequence[Tensor] = ()) -> int:
+    def send(self, message: Outgoing) -> int:
         request_id = next(_ids)
-        self.sock.send_multipart(
-            protocol.encode(kind, {"id": request_id, **(fields or {})}, tensors), copy=False
-        )
+        self.sock.send_multipart(protocol.encode(message.KIND, {"id": request_id, **message.to_fields()}))
         return request_id
 
     def _check_handshake(self) -> None:
@@ -126,36 +146,39 @@ class NodeClient:
             hint=f"is the worker running? `exoctl up` starts it, `exoctl logs {self.name}` shows its log",
         )
 
-    def receive(self, timeout: float) -> Message | None:
+    def receive(self, timeout: float) -> Received | None:
         """The next message, or None after `timeout` seconds of silence."""
         if not self.sock.poll(int(timeout * 1000)):
             return None
         frames = self.sock.recv_multipart(copy=False)
         try:
-            return protocol.decode([f.buffer for f in frames])
-        except protocol.ProtocolError as exc:
+            decoded = protocol.decode([f.buffer for f in frames])
+            return Received(decoded.get("id"), parse(decoded))
+        except ExoctlError as exc:
             raise NodeError(
-                self.name, f"node {self.name} sent a bad message: {exc.message}", exc.hint
+                self.name, f"node {self.name} sent a bad message: {exc.message}", exc.hint, type(exc)
             ) from None
 
-    def request(
-        self,
-        kind: str,
-        fields: dict[str, Any] | None = None,
-        tensors: Sequence[Tensor] = (),
-        timeout: float | None = None,
-    ) -> Message:
+    def request(self, message: Request, timeout: float | None = None) -> Reply:
         """Send one request and wait for its reply; an error reply becomes a NodeError."""
         timeout = self.timeout if timeout is None else timeout
-        request_id = self.send(kind, fields, tensors)
+        request_id = self.send(message)
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
-            reply = self.receive(max(left, 0.0)) if left > 0 else None
-            if reply is None:
+            received = self.receive(max(left, 0.0)) if left > 0 else None
+            if received is None:
                 raise self.silence_error(timeout)
-            if reply.get("id") != request_id:
+            if received.reply_to != request_id:
                 continue  # a late reply to an earlier request
-            if reply.type == "error":
-                raise error_reply(self.name, reply)
-            return reply
+            return reply_or_raise(self.name, received.message)
+
+
+def reply_or_raise(node: str, message: WireMessage) -> Reply:
+    """A worker's answer to a request: its reply, or its error raised as a NodeError."""
+    match message:
+        case ErrorReply():
+            raise error_reply(node, message)
+        case Pong() | StatusReply() | Ok():
+            return message
+    raise NodeError(node, f"node {node} answered a request with '{message.KIND}'")

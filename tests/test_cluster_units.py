@@ -4,6 +4,7 @@ selection for downloads, model cards from folders, ssh decisions and shell quoti
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from exoctl.inventory import Node
 from exoctl.models.catalog import card_from_folder, get_card
 from exoctl.models.store import files_for_layers
 from exoctl.wire.runner_report import Failure, RunnerReport, RunnerStatus
+from exoctl.wire.worker_profile import WorkerProfile
 
 
 def runner(
@@ -48,18 +50,21 @@ def runner(
     )
 
 
-def profile(bf16: bool = False) -> dict[str, Any]:
-    return {
-        "ram_total": 100,
-        "ram_available": 60,
-        "version": "0.1.0",
-        "cpu_count": 4,
-        "cpu_percent": 12.5,
-        "load_avg": [0.1, 0.2, 0.3],
-        "rss": 50,
-        "bf16_native": bf16,
-        "device": "cpu",
-    }
+def profile(bf16: bool = False, **changes: Any) -> WorkerProfile:
+    planned = WorkerProfile.planned("n", "cpu", 100, "m", "bfloat16" if bf16 else "float32")
+    return replace(
+        planned,
+        **{
+            "ram_available": 60,
+            "version": "0.1.0",
+            "cpu_count": 4,
+            "cpu_percent": 12.5,
+            "load_avg": (0.1, 0.2, 0.3),
+            "rss": 50,
+            "bf16_native": bf16,
+            **changes,
+        },
+    )
 
 
 def test_state_document_has_exos_shape() -> None:
@@ -187,14 +192,14 @@ def test_auto_dtype_follows_each_nodes_activations_switch(monkeypatch: pytest.Mo
     """A node's reported `activations` (its CPU's choice, or the switch) decides, whatever its CPU."""
     from exoctl.worker.profile import NodeProfiler
 
-    forced = {**profile(False), "activations": "bfloat16"}
-    held_back = {**profile(True), "activations": "float32"}
+    forced = profile(False, activations="bfloat16")
+    held_back = profile(True, activations="float32")
     assert runtime_dtype("auto", [NodeStatus(Node("a", "h1"), forced)]) == "bfloat16"
     assert runtime_dtype("auto", [NodeStatus(Node("a", "h1"), held_back)]) == "float32"
     for policy in ("bfloat16", "float32"):
         monkeypatch.setenv("EXOCTL_ACTIVATIONS", policy)
         reported = NodeProfiler("n", "cpu", "boot").profile()
-        assert reported["activations"] == policy
+        assert reported.activations == policy
         assert runtime_dtype("auto", [NodeStatus(Node("a", "h1"), reported)]) == policy
 
 
@@ -259,7 +264,7 @@ def test_workers_on_one_machine_share_its_memory() -> None:
     from exoctl.cluster.views import node_profiles
 
     def on(machine: str, available: int) -> dict[str, Any]:
-        return {**profile(), "machine_id": machine, "ram_total": 100, "ram_available": available}
+        return profile(machine_id=machine, ram_total=100, ram_available=available)
 
     statuses = [
         NodeStatus(Node("a", "127.0.0.11"), on("m1", 61)),

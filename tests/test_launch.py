@@ -10,6 +10,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from exoctl.cluster.views import instances_of
 from exoctl.models.store import resolve_card
 from exoctl.placement.pipeline import PlacementRequest
 from exoctl.wire.sampling_params import SamplingParams
+from exoctl.worker.profile import NodeProfiler
 from tests.cluster_helpers import (
     PYTHON_EXOCTL,
     WorkerCluster,
@@ -297,17 +299,19 @@ def test_up_reports_a_version_mismatch(
     sock.bind(f"tcp://127.0.0.35:{port}")
     stop = threading.Event()
 
+    reported = NodeProfiler("fake", "cpu", "boot").profile()
+
     def fake_worker() -> None:  # an exoctl of another version answering ping
         while not stop.is_set():
             if sock.poll(100):
                 ident, raw = sock.recv_multipart()
                 header = msgpack.unpackb(raw)
-                profile = {"version": version or __version__, "name": "fake"}
+                profile = replace(reported, version=version or __version__)
                 reply = {
                     "v": protocol or PROTOCOL_VERSION,
                     "type": "pong",
                     "id": header.get("id"),
-                    "profile": profile,
+                    "profile": profile.to_wire(),
                 }
                 sock.send_multipart([ident, msgpack.packb(reply)])
 

@@ -4,13 +4,26 @@ included), and a malformed one is refused with a clear error rather than read by
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import pytest
 
 from exoctl.errors import ExoctlError, InvalidRequestError
+from exoctl.wire import protocol
 from exoctl.wire.answer import Completion, Timings
-from exoctl.wire.protocol import Message, ProtocolError
+from exoctl.wire.instance_messages import (
+    Forward,
+    ForwardStep,
+    Lease,
+    Release,
+    SeqError,
+    SequenceStart,
+    StepRefused,
+    Tokens,
+)
+from exoctl.wire.messages import ErrorReply, parse
+from exoctl.wire.protocol import Message, ProtocolError, Tensor
 from exoctl.wire.runner_report import ExpertLoad, Failure, RunnerReport, RunnerStatus
 from exoctl.wire.runner_spec import RunnerSpec
 from exoctl.wire.sampling_params import (
@@ -20,7 +33,7 @@ from exoctl.wire.sampling_params import (
     SamplingParams,
     SamplingRequest,
 )
-from exoctl.worker.lane import Cancel, PeerMessage, TokenBatch, job_sequences, merge_token_jobs
+from exoctl.worker.lane import CancelJob, FromPeer, TokenBatch, job_sequences, merge_token_jobs
 
 
 def through_msgpack(value: object) -> object:
@@ -103,7 +116,7 @@ def test_a_runner_spec_is_the_load_message_both_ways() -> None:
     fields = through_msgpack(sent.to_fields())
     assert isinstance(fields, dict)
     assert RunnerSpec.from_message(Message("load", fields)) == sent
-    assert sent.address == "127.0.0.2:2" and sent.nodes == ("a", "b") and sent.is_last
+    assert sent.address == "127.0.0.2:2" and sent.nodes == ("a", "b")
 
 
 @pytest.mark.parametrize(
@@ -144,16 +157,51 @@ def test_a_completion_survives_the_wire() -> None:
 
 
 def test_token_messages_merge_into_one_batch_at_the_place_of_the_first() -> None:
-    token = [
-        PeerMessage(Message("token", {"instance_id": "i", "seqs": [s], "tokens": [1], "logprobs": [None]}))
-        for s in "ab"
+    token = [FromPeer(Tokens("i", (s,), (1,), (None,))) for s in "ab"]
+    release = FromPeer(Release("i", "c"))
+    merged = merge_token_jobs([release, token[0], CancelJob("x"), token[1]])
+    assert merged[0] == release and merged[2] == CancelJob("x") and len(merged) == 3
+    assert isinstance(merged[1], TokenBatch) and [m.seqs for m in merged[1].messages] == [("a",), ("b",)]
+    assert job_sequences(merged[1]) == ("a", "b") and job_sequences(release) == ("c",)
+    assert job_sequences(CancelJob("x")) == ()
+
+
+def test_every_message_between_runners_decodes_to_its_type_and_back() -> None:
+    """Each is built, framed, decoded and parsed as a worker receives it: the same object."""
+    tensor = Tensor("float32", (1, 1, 2), b"\0" * 8)
+    start = SequenceStart(SamplingParams(temperature=0.5, seed=3, repetition_penalty=1.1), (5, 6))
+    step = ForwardStep(["a"], [4], {"a": start}, partial=True)
+    sent: list[Any] = [
+        Forward("i", step, tensor),
+        Tokens("i", ("a", "b"), (1, 2), (None, [-0.5, [1], [-0.5]])),
+        Release("i", "a"),
+        SeqError("i", ("a",), "sampling failed"),
+        Lease("i", ("a", "b")),
     ]
-    release = PeerMessage(Message("release", {"instance_id": "i", "seq": "c"}))
-    merged = merge_token_jobs([release, token[0], Cancel("x"), token[1]])
-    assert merged[0] == release and merged[2] == Cancel("x") and len(merged) == 3
-    assert isinstance(merged[1], TokenBatch) and [m["seqs"] for m in merged[1].messages] == [["a"], ["b"]]
-    assert job_sequences(merged[1]) == ["a", "b"] and job_sequences(release) == ["c"]
-    assert job_sequences(Cancel("x")) == []
+    for message in sent:
+        got = parse(protocol.decode([bytes(memoryview(f)) for f in message.frames()]))
+        if isinstance(message, Forward):
+            assert isinstance(got, Forward) and got.step == step and bytes(got.tensor.data) == tensor.data
+        else:
+            assert got == message
+
+
+def test_a_bad_step_is_refused_naming_its_sequences_so_the_head_hears() -> None:
+    fields = {"v": protocol.PROTOCOL_VERSION, "type": "forward", "instance_id": "i", "seqs": ["a"]}
+    header = {**fields, "positions": [0], "params": {"a": {"temperature": "hot"}}}
+    with pytest.raises(StepRefused) as refused:
+        parse(protocol.decode([msgpack.packb(header)]))
+    assert refused.value.instance_id == "i" and refused.value.seqs == ("a",)
+
+
+def test_a_wire_error_comes_back_as_the_class_that_was_raised() -> None:
+    reply = ErrorReply.of(InvalidRequestError("bad temperature", "use 0 to 2"), request_id="r")
+    back = parse(protocol.decode(protocol.encode(reply.KIND, reply.to_fields())))
+    assert isinstance(back, ErrorReply) and back.error_class is InvalidRequestError
+    assert (back.message, back.hint, back.request_id) == ("bad temperature", "use 0 to 2", "r")
+    # a name that is no error of ours, or one that is not made from (message, hint), is plain
+    assert ErrorReply("x", kind="SystemExit").error_class is ExoctlError
+    assert ErrorReply("x", kind="NodeError").error_class is ExoctlError
 
 
 def test_a_request_takes_what_it_left_out_from_the_model_else_greedy_and_a_bounded_answer() -> None:

@@ -32,9 +32,9 @@ class NodeCollector(Collector):
             name = status.node.name
             up.add_metric([name], 1.0 if status.up else 0.0)
             if status.profile:
-                total.add_metric([name], status.profile["ram_total"])
-                available.add_metric([name], status.profile["ram_available"])
-                rss.add_metric([name], status.profile["rss"])
+                total.add_metric([name], status.profile.ram_total)
+                available.add_metric([name], status.profile.ram_available)
+                rss.add_metric([name], status.profile.rss)
             for r in status.runners:
                 runner.add_metric([name, r.model_id, r.instance_id], r.memory_bytes)
         yield from (up, total, available, rss, runner)

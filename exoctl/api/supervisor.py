@@ -27,6 +27,7 @@ from exoctl.api.service import ClusterService
 from exoctl.cluster.views import InstanceStatus, InstanceView, instances_of
 from exoctl.errors import ExoctlError
 from exoctl.placement.pipeline import Placement, PlacementError
+from exoctl.wire.messages import Record
 
 log = logging.getLogger("exoctl.serve")
 
@@ -240,7 +241,7 @@ class Supervisor:
         try:
             live = [s.node for s in self.service.statuses() if s.up]
             with self.service.cluster() as cluster:
-                cluster.ask_all("record", live, fields={"event": event})
+                cluster.ask_all(Record(event), live)
         except ExoctlError as exc:  # the history is a record, not a reason to stop
             log.warning("could not record event %s on the nodes: %s", event["id"], exc.message)
 

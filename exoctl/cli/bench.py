@@ -111,8 +111,8 @@ def bench(
         result["placed_by_bench"] = placed_here
         result["machines"] = {
             s.node.name: {
-                "cpu": (s.profile or {}).get("cpu_model"),
-                "threads": (s.profile or {}).get("threads"),
+                "cpu": s.profile.cpu_model if s.profile else None,
+                "threads": s.profile.threads if s.profile else None,
             }
             for s in statuses
             if s.up and s.node.name in instance.nodes

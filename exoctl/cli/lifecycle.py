@@ -80,6 +80,7 @@ def _check_local_replacement(inv: Inventory, keys: ClusterKeys | None) -> None:
     from exoctl.cluster.client import Cluster
     from exoctl.inventory import load_inventory_file, local_inventory_path
     from exoctl.transport import NodeError
+    from exoctl.wire.messages import Ping
 
     path = local_inventory_path()
     if not path.is_file():
@@ -93,7 +94,7 @@ def _check_local_replacement(inv: Inventory, keys: ClusterKeys | None) -> None:
     if not moved:
         return
     with Cluster(old, keys) as cluster:
-        answers = cluster.ask_all("ping", moved, timeout=1.5)
+        answers = cluster.ask_all(Ping(), moved, timeout=1.5)
     alive = [n for n in moved if not isinstance(answers.get(n.name), NodeError)]
     if alive:
         names = ", ".join(f"{n.name} ({n.address})" for n in alive)
@@ -134,7 +135,9 @@ def up(
     from exoctl.cpu_policy import check_activations
     from exoctl.inventory import find_inventory_path, load_inventory, local_inventory, write_local_inventory
     from exoctl.keys import find_keys, init_keys
-    from exoctl.transport import NodeError
+    from exoctl.transport import KeyRefusedError, NodeError
+    from exoctl.wire.messages import Ping, Pong
+    from exoctl.wire.protocol import VersionMismatchError
 
     writes_local = False
     if local is not None:
@@ -160,34 +163,36 @@ def up(
         err_console.print(f"[dim]made the cluster key in {keys.folder}[/]")
     results: list[NodeStart] = []
     with Cluster(inv, keys) as cluster:
-        answers = cluster.ask_all("ping")
+        answers = cluster.ask_all(Ping())
         to_start = []
         for node in inv.nodes:
             answer = answers[node.name]
             entry = NodeStart(node.name, node.address)
             if isinstance(answer, NodeError):
-                if "protocol version" in answer.message:
+                if issubclass(answer.kind, VersionMismatchError):
                     entry.result = "failed"
                     entry.reason = (
                         f"version mismatch: {answer.message} "
                         "(`exoctl down`, install the same exoctl on the node, `exoctl up`)"
                     )
                     results.append(entry)
-                elif "refused" in answer.message:
+                elif isinstance(answer, KeyRefusedError):
                     entry.result, entry.reason = "failed", answer.message + " (run `exoctl down` first)"
                     results.append(entry)
                 else:
                     to_start.append(node)
                 continue
-            profile = answer["profile"]
-            if profile["version"] != __version__:
+            if not isinstance(answer, Pong):
+                continue  # never: a ping is answered with a pong or an error
+            profile = answer.profile
+            if profile.version != __version__:
                 entry.result = "failed"
                 entry.reason = (
-                    f"version mismatch: the node runs exoctl {profile['version']}, "
+                    f"version mismatch: the node runs exoctl {profile.version}, "
                     f"this is {__version__} (`exoctl down`, upgrade the node, `exoctl up`)"
                 )
-            elif profile["name"] != node.name:
-                entry.result, entry.reason = "failed", f"{node.address} is held by worker {profile['name']!r}"
+            elif profile.name != node.name:
+                entry.result, entry.reason = "failed", f"{node.address} is held by worker {profile.name!r}"
             else:
                 entry.result, entry.reason = "running", "already running (reused)"
             results.append(entry)
@@ -196,7 +201,7 @@ def up(
             started = list(pool.map(lambda n: _start_node(n, keys, threads_each, start_timeout), to_start))
         ready = [inv.node(e.node) for e in started if e.result == "started"]
         if ready:
-            answers = cluster.ask_all("ping", ready, timeout=start_timeout)
+            answers = cluster.ask_all(Ping(), ready, timeout=start_timeout)
             for entry in started:
                 reply = answers.get(entry.node)
                 if isinstance(reply, NodeError):
@@ -235,12 +240,13 @@ def down(inventory: InventoryOption = None, json_output: JsonOption = False) -> 
     from exoctl.cluster.launcher import run_script, stop_script
     from exoctl.inventory import load_inventory
     from exoctl.keys import find_keys
+    from exoctl.wire.messages import Shutdown
 
     inv = load_inventory(inventory)
     from exoctl.cluster.client import Cluster
 
     with Cluster(inv, find_keys()) as cluster:
-        answers = cluster.ask_all("shutdown", timeout=2.0)
+        answers = cluster.ask_all(Shutdown(), timeout=2.0)
 
     def stop(node: Any) -> dict[str, Any]:
         answered = not isinstance(answers[node.name], Exception)

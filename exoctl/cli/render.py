@@ -69,15 +69,15 @@ def nodes_table(statuses: list[NodeStatus]) -> Table:
             extra = (node.device, "-") if wide else ()
             table.add_row(node.name, node.address, styled("down"), "-", "-", "-", *extra, reason)
             continue
-        used = profile["ram_total"] - profile["ram_available"]
-        extra = (profile["device"], profile["version"]) if wide else ()
+        used = profile.ram_total - profile.ram_available
+        extra = (profile.device, profile.version) if wide else ()
         table.add_row(
             node.name,
             node.address,
             styled("up"),
-            f"{gb(used)} / {gb(profile['ram_total'])}",
-            f"{profile['cpu_percent']:.0f}",
-            str(profile["cpu_count"]),
+            f"{gb(used)} / {gb(profile.ram_total)}",
+            f"{profile.cpu_percent:.0f}",
+            str(profile.cpu_count),
             *extra,
             str(len(status.runners)),
         )

@@ -66,7 +66,7 @@ def nodes(inventory: InventoryOption = None, json_output: JsonOption = False) ->
                     "address": s.node.address,
                     "status": "up" if s.up else "down",
                     "error": s.error,
-                    "profile": s.profile,
+                    "profile": s.profile.to_wire() if s.profile else None,
                     "runners": [r.runner_id for r in s.runners],
                 }
                 for s in statuses

@@ -23,11 +23,29 @@ from exoctl.models.catalog import ModelCard
 from exoctl.placement.pipeline import Placement, PlacementError, PlacementRequest
 from exoctl.placement.sharding import Plan
 from exoctl.placement.sharding import plan as plan_sharding
-from exoctl.transport import KeyRefusedError, NodeClient, NodeError, error_reply
+from exoctl.transport import KeyRefusedError, NodeClient, NodeError, reply_or_raise
 from exoctl.wire.answer import Completion
 from exoctl.wire.chat_options import ChatOptions
 from exoctl.wire.generate_request import GenerateRequest
-from exoctl.wire.protocol import MAX_HEADER_BYTES, Message, ProtocolError
+from exoctl.wire.messages import (
+    Alive,
+    Cancel,
+    Delta,
+    Done,
+    DownloadRequest,
+    ErrorReply,
+    Generate,
+    Keepalive,
+    Load,
+    Ok,
+    Reply,
+    Request,
+    StatusReply,
+    StatusRequest,
+    Unload,
+    WireMessage,
+)
+from exoctl.wire.protocol import MAX_HEADER_BYTES
 from exoctl.wire.runner_report import RunnerReport, RunnerStatus
 from exoctl.wire.runner_spec import RunnerSpec
 from exoctl.wire.sampling_params import SamplingParams
@@ -55,17 +73,18 @@ class Generation:
         self.ended = False
         self.tokens: list[int] = []
 
-    def _next(self) -> Message:
+    def _next(self) -> WireMessage:
         while True:
-            message = self.client.receive(self.silence)
-            if message is None:
+            received = self.client.receive(self.silence)
+            if received is None:
                 raise NodeError(
                     self.client.name,
                     f"node {self.client.name} ({self.client.address}), the head of the instance, stopped "
                     f"answering during generation (nothing for {self.silence:.0f} s)",
                     hint=f"`exoctl nodes` shows whether it is down; `exoctl logs {self.client.name}`",
                 )
-            if message.get("request_id") == self.request_id or message.get("id") == self.send_id:
+            message = received.message
+            if received.reply_to == self.send_id or getattr(message, "request_id", None) == self.request_id:
                 return message
 
     def __iter__(self) -> Iterator[str]:
@@ -77,29 +96,27 @@ class Generation:
         """(text, the logprobs of its tokens) per token: the text may be empty (held back for a
         stop string or a character's other bytes) while its tokens' logprobs are not."""
         while not self.ended:
-            message = self._next()
-            if message.type == "keepalive":
-                # still reading: the head cancels a request whose client stopped answering these
-                self.client.send("alive", {"request_id": self.request_id})
-            elif message.type == "delta":
-                self.tokens += message["tokens"]
-                yield message["text"], message["logprobs"]
-            elif message.type == "done":
-                self.ended = True
-                self.result = Completion.from_wire(message["result"])
-            elif message.type == "error":
-                self.ended = True
-                code, hint = message.get("code"), message.get("hint")
-                if code == "node_lost":
-                    raise NodeError(str(message.get("node")), message["message"], hint)
-                error = InvalidRequestError if code == "invalid_request" else ExoctlError
-                raise error(message["message"], hint)
+            match self._next():
+                case Keepalive():
+                    # still reading: the head cancels a request whose client stopped answering these
+                    self.client.send(Alive(self.request_id))
+                case Delta(text=text, tokens=tokens, logprobs=logprobs):
+                    self.tokens += tokens
+                    yield text, list(logprobs)
+                case Done(result=result):
+                    self.ended = True
+                    self.result = result
+                case ErrorReply() as error:
+                    self.ended = True
+                    if error.node is not None:  # the instance lost a node: the client says which
+                        raise NodeError(error.node, error.message, error.hint)
+                    raise error.error_class(error.message, error.hint)
 
     def cancel(self) -> Completion | None:
         """Stop the request; returns what was generated until then (None if the head is gone)."""
         if self.ended:
             return self.result
-        self.client.send("cancel", {"request_id": self.request_id})
+        self.client.send(Cancel(self.request_id))
         try:
             for _ in self:
                 pass
@@ -144,17 +161,13 @@ class Cluster:
         return self._clients[name]
 
     def ask_all(
-        self,
-        kind: str,
-        nodes: list[Node] | None = None,
-        timeout: float | None = None,
-        fields: dict[str, Any] | None = None,
-    ) -> dict[str, Message | NodeError]:
+        self, message: Request, nodes: list[Node] | None = None, timeout: float | None = None
+    ) -> dict[str, Reply | NodeError]:
         """One request to many nodes at once; each answer or the error for that node."""
         nodes = list(self.inventory.nodes) if nodes is None else nodes
         timeout = self.timeout if timeout is None else timeout
-        pending = {n.name: self.client(n.name).send(kind, fields) for n in nodes}
-        answers: dict[str, Message | NodeError] = {}
+        pending = {n.name: self.client(n.name).send(message) for n in nodes}
+        answers: dict[str, Reply | NodeError] = {}
         poller = zmq.Poller()
         for name in pending:
             poller.register(self.client(name).sock, zmq.POLLIN)
@@ -163,41 +176,34 @@ class Cluster:
             for sock, _ in poller.poll(int(left * 1000) + 1):
                 name = next(n for n in pending if self.client(n).sock is sock)
                 try:
-                    message = self.client(name).receive(0)
-                except NodeError as exc:  # a message we cannot read: another protocol version
-                    del pending[name]
-                    poller.unregister(sock)
+                    received = self.client(name).receive(0)
+                    if received is None or received.reply_to != pending[name]:
+                        continue
+                    answers[name] = reply_or_raise(name, received.message)
+                except NodeError as exc:  # an error reply, or one we cannot read (another version)
                     answers[name] = exc
-                    continue
-                if message is None or message.get("id") != pending[name]:
-                    continue
                 del pending[name]
                 poller.unregister(sock)
-                if message.type == "error":
-                    answers[name] = error_reply(name, message)
-                else:
-                    answers[name] = message
         for name in pending:
             answers[name] = self.client(name).silence_error(timeout)
         return answers
 
     def statuses(self, timeout: float | None = None) -> list[NodeStatus]:
-        answers = self.ask_all("status", timeout=timeout)
+        answers = self.ask_all(StatusRequest(), timeout=timeout)
         result = []
         for node in self.inventory.nodes:
             answer = answers[node.name]
             if isinstance(answer, NodeError):
                 refused = isinstance(answer, KeyRefusedError)
                 result.append(NodeStatus(node, error=answer.message, key_refused=refused))
-                continue
-            try:
-                reports = [RunnerReport.from_wire(r) for r in answer["runners"]]
-            except ProtocolError as exc:
-                result.append(NodeStatus(node, error=f"node {node.name}: {exc.message}"))
-                continue
-            downloads = [d for d in answer["downloads"] if is_download(d)]
-            events = [e for e in answer["events"] if isinstance(e, dict)]
-            result.append(NodeStatus(node, answer["profile"], reports, downloads=downloads, events=events))
+            elif not isinstance(answer, StatusReply):
+                result.append(
+                    NodeStatus(node, error=f"node {node.name} answered 'status' with '{answer.KIND}'")
+                )
+            else:
+                downloads = [d for d in answer.downloads if is_download(d)]
+                runners, events = list(answer.runners), list(answer.events)
+                result.append(NodeStatus(node, answer.profile, runners, downloads=downloads, events=events))
         return result
 
     def plan(
@@ -250,7 +256,7 @@ class Cluster:
                     world=len(nodes),
                     peers=peers,
                 )
-                self.client(node.name).request("load", spec.to_fields())
+                self.client(node.name).request(Load(spec))
                 sent.append(node)
             runners = self._wait_loaded(instance_id, nodes, on_progress)
         except BaseException:
@@ -259,17 +265,17 @@ class Cluster:
         nodes_by_rank = tuple(n.name for n in nodes)
         return InstanceView(instance_id, card.id, placement.sharding, placement.dtype, nodes_by_rank, runners)
 
-    def _watch(self, nodes: list[Node], doing: str, hint: str) -> Iterator[dict[str, Message]]:
+    def _watch(self, nodes: list[Node], doing: str, hint: str) -> Iterator[dict[str, StatusReply]]:
         """The status answers of the nodes that answered, a round every 0.2 s, while `doing`; a
         node silent for LOAD_STALL_S is an error (`hint` after its log's)."""
         last_heard = {n.name: time.monotonic() for n in nodes}
         while True:
-            answers = self.ask_all("status", nodes)
+            answers = self.ask_all(StatusRequest(), nodes)
             now = time.monotonic()
-            heard: dict[str, Message] = {}
+            heard: dict[str, StatusReply] = {}
             for node in nodes:
                 answer = answers[node.name]
-                if isinstance(answer, NodeError):
+                if not isinstance(answer, StatusReply):
                     if now - last_heard[node.name] > LOAD_STALL_S:
                         raise NodeError(
                             node.name,
@@ -292,13 +298,11 @@ class Cluster:
             runners: dict[str, RunnerReport] = {}
             downloads: dict[str, dict[str, Any]] = {}  # node -> the download this load started there
             for name, answer in answers.items():
-                mine = [r for r in answer["runners"] if r.get("instance_id") == instance_id]
+                mine = [r for r in answer.runners if r.instance_id == instance_id]
                 if not mine:
                     raise ExoctlError(f"node {name} lost its runner of instance {instance_id} while loading")
-                runners[name] = RunnerReport.from_wire(mine[0])
-                fetching = [
-                    d for d in answer["downloads"] if is_download(d) and d["instance_id"] == instance_id
-                ]
+                runners[name] = mine[0]
+                fetching = [d for d in answer.downloads if is_download(d) and d["instance_id"] == instance_id]
                 if fetching:
                     downloads[name] = fetching[-1]
             if on_progress is not None:
@@ -323,13 +327,15 @@ class Cluster:
         (completed or failed), watched through `status` as `load` is."""
         started: dict[str, str] = {}  # node -> download id
         for node, (start, end) in targets:
-            fields = {"model": model_ref, "start_layer": start, "end_layer": end, "n_layers": n_layers}
-            started[node.name] = self.client(node.name).request("download", fields)["download_id"]
+            asked = self.client(node.name).request(DownloadRequest(model_ref, start, end, n_layers))
+            if not isinstance(asked, Ok) or asked.download_id is None:
+                raise NodeError(node.name, f"node {node.name} started no download of {model_ref}")
+            started[node.name] = asked.download_id
         nodes = [node for node, _ in targets]
         reports: dict[str, dict[str, Any]] = {}
         for answers in self._watch(nodes, "downloading", "; `exoctl download` again resumes"):
             for name, answer in answers.items():
-                mine = [d for d in answer["downloads"] if is_download(d) and d["id"] == started[name]]
+                mine = [d for d in answer.downloads if is_download(d) and d["id"] == started[name]]
                 if not mine:
                     raise ExoctlError(f"node {name} lost its download of {model_ref} (was it restarted?)")
                 reports[name] = mine[0]
@@ -341,8 +347,8 @@ class Cluster:
 
     def unload(self, instance_id: str, nodes: list[Node] | None = None) -> dict[str, int]:
         """Unload an instance from its nodes; bytes freed per node that answered."""
-        answers = self.ask_all("unload", nodes, fields={"instance_id": instance_id})
-        return {name: int(a.get("freed", 0)) for name, a in answers.items() if not isinstance(a, NodeError)}
+        answers = self.ask_all(Unload(instance_id), nodes)
+        return {name: a.freed or 0 for name, a in answers.items() if isinstance(a, Ok)}
 
     def generate(
         self,
@@ -372,5 +378,5 @@ class Cluster:
         request_id = uuid.uuid4().hex
         chat = chat or ChatOptions()
         request = GenerateRequest(instance.instance_id, request_id, params, messages, prompt, chat)
-        send_id = client.send("generate", request.to_fields())
+        send_id = client.send(Generate(request))
         return Generation(client, request_id, send_id, silence)

@@ -188,7 +188,7 @@ def per_node(
     out), transport ms per token (tensor ranks: time in collectives; pipeline: the step's time not
     spent computing on any stage, which is hand-offs between nodes and waiting), memory."""
     nodes: dict[str, Any] = {}
-    rss = {s.node.name: (s.profile or {}).get("rss", 0) for s in statuses}
+    rss = {s.node.name: s.profile.rss if s.profile else 0 for s in statuses}
     stage_compute = 0.0
     for node, report in after.items():
         old = before.get(node)

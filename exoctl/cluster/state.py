@@ -112,12 +112,12 @@ def node_identities(statuses: list[NodeStatus]) -> dict[str, Any]:
     """EXO's nodeIdentities: what the dashboard names a node by."""
     identities: dict[str, Any] = {}
     for status in statuses:
-        profile = status.profile or {}
+        profile = status.profile
         identities[status.node.name] = {
             "friendlyName": status.node.name,
-            "hostname": profile.get("hostname"),
+            "hostname": profile.hostname if profile else None,
             "modelId": status.node.device.upper(),
-            "chipId": profile.get("cpu_model") or status.node.device,
+            "chipId": (profile.cpu_model if profile else None) or status.node.device,
         }
     return identities
 
@@ -182,18 +182,18 @@ def state_document(statuses: list[NodeStatus], cluster: str) -> dict[str, Any]:
             entry["error"] = status.error
         else:
             node_memory[node.name] = {
-                "ramTotal": {"inBytes": profile["ram_total"]},
-                "ramAvailable": {"inBytes": profile["ram_available"]},
+                "ramTotal": {"inBytes": profile.ram_total},
+                "ramAvailable": {"inBytes": profile.ram_available},
             }
             entry.update(
-                version=profile["version"],
-                cpuCount=profile["cpu_count"],
-                cpuModel=profile.get("cpu_model"),
-                threads=profile.get("threads"),
-                cpuPercent=profile["cpu_percent"],
-                loadAverage=profile["load_avg"],
-                processRss={"inBytes": profile["rss"]},
-                bf16Native=profile["bf16_native"],
+                version=profile.version,
+                cpuCount=profile.cpu_count,
+                cpuModel=profile.cpu_model,
+                threads=profile.threads,
+                cpuPercent=profile.cpu_percent,
+                loadAverage=list(profile.load_avg),
+                processRss={"inBytes": profile.rss},
+                bf16Native=profile.bf16_native,
                 runners=[r.runner_id for r in status.runners],
             )
         node_profiles[node.name] = entry

@@ -18,6 +18,7 @@ from exoctl.models.store import as_path, hub_reference
 from exoctl.placement.pipeline import GB, NodeProfile
 from exoctl.wire.runner_report import RunnerReport, RunnerStatus
 from exoctl.wire.sampling_params import SamplingDefaults
+from exoctl.wire.worker_profile import WorkerProfile
 
 
 class InstanceStatus(str, Enum):
@@ -30,7 +31,7 @@ class InstanceStatus(str, Enum):
 @dataclass
 class NodeStatus:
     node: Node
-    profile: dict[str, Any] | None = None
+    profile: WorkerProfile | None = None
     runners: list[RunnerReport] = field(default_factory=list)
     error: str | None = None
     key_refused: bool = False  # the node answered, but its handshake refused this machine's key
@@ -151,10 +152,10 @@ def node_profiles(statuses: list[NodeStatus]) -> list[NodeProfile]:
     """Placement's view of the nodes. Workers on one machine (same machine id) share its memory:
     each is given an equal part of it, so it is not counted once per worker, and equal nodes
     are then taken in inventory order."""
-    machines: dict[str, list[dict[str, Any]]] = {}
+    machines: dict[str, list[WorkerProfile]] = {}
     for status in statuses:
         if status.profile is not None:
-            machines.setdefault(str(status.profile.get("machine_id")), []).append(status.profile)
+            machines.setdefault(status.profile.machine_id, []).append(status.profile)
     profiles = []
     for status in statuses:
         cap = int(status.node.memory_gb * GB) if status.node.memory_gb else None
@@ -162,9 +163,9 @@ def node_profiles(statuses: list[NodeStatus]) -> list[NodeProfile]:
             profiles.append(NodeProfile(status.node.name, 0, 0, cap, live=False))
             continue
         # memory the node's own runners hold is reported as used, so it counts as unavailable
-        shared = machines[str(status.profile.get("machine_id"))]
-        total = min(p["ram_total"] for p in shared) // len(shared)
-        available = min(p["ram_available"] for p in shared) // len(shared)
+        shared = machines[status.profile.machine_id]
+        total = min(p.ram_total for p in shared) // len(shared)
+        available = min(p.ram_available for p in shared) // len(shared)
         profiles.append(NodeProfile(status.node.name, total, available, cap, live=True))
     return profiles
 
@@ -177,13 +178,7 @@ def offline_statuses(statuses: list[NodeStatus]) -> list[NodeStatus]:
 
     from exoctl import cpu_policy
 
-    memory = psutil.virtual_memory()
-    here = {
-        "ram_total": memory.total,
-        "ram_available": memory.available,
-        "machine_id": "this machine",
-        "activations": cpu_policy.activations_name(),
-    }
+    free = psutil.virtual_memory().available
     planned = []
     unknown = []
     for status in statuses:
@@ -191,10 +186,14 @@ def offline_statuses(statuses: list[NodeStatus]) -> list[NodeStatus]:
         if node.memory_gb:
             size = int(node.memory_gb * GB)
             # without its CPU's flags, float32 activations: the larger (safe) count
-            profile = {"ram_total": size, "ram_available": size, "machine_id": node.name}
-            planned.append(NodeStatus(node, profile))
+            planned.append(
+                NodeStatus(node, WorkerProfile.planned(node.name, node.device, size, node.name, "float32"))
+            )
         elif node.is_loopback:
-            planned.append(NodeStatus(node, dict(here)))
+            here = WorkerProfile.planned(
+                node.name, node.device, free, "this machine", cpu_policy.activations_name()
+            )
+            planned.append(NodeStatus(node, here))
         else:
             unknown.append(node.name)
             planned.append(NodeStatus(node, None, error=status.error))
@@ -217,14 +216,8 @@ def runtime_dtype(dtype: str, statuses: list[NodeStatus], native: str = "") -> s
         return native
     live = [s for s in statuses if s.up]
 
-    def bf16(profile: dict[str, Any] | None) -> bool:
-        if not profile:
-            return False
-        return bool(
-            profile.get("activations", "bfloat16" if profile.get("bf16_native") else "") == "bfloat16"
-        )
-
-    return "bfloat16" if live and all(bf16(s.profile) for s in live) else "float32"
+    bf16 = all(s.profile is not None and s.profile.activations == "bfloat16" for s in live)
+    return "bfloat16" if live and bf16 else "float32"
 
 
 class NoNodeUpError(ExoctlError):

@@ -1,15 +1,16 @@
 """The messages between the runners of one instance, each a frozen type decoded once at the socket.
 
 A worker's I/O loop turns a `forward`, `token`, `release`, `seq_error` or `lease` into one of these
-(`decode_instance_message`), refusing a malformed one to its sender; the compute lane dispatches on
+(`DECODERS`, through `messages.parse`), refusing a malformed one to its sender; the compute lane dispatches on
 the type with `match`, never on a type string. `Prefill` never crosses the wire: it is the head's
 note to itself that a prompt has more chunks to run. Torch-free.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from exoctl.errors import ExoctlError
 from exoctl.wire import protocol
@@ -74,6 +75,8 @@ class ForwardStep:
 class Forward:
     """A step for the next stage (hidden [B, T, D]) or for the other ranks (token ids [B, T])."""
 
+    KIND: ClassVar[str] = "forward"
+
     instance_id: str
     step: ForwardStep
     tensor: Tensor
@@ -96,6 +99,8 @@ class Forward:
 class Tokens:
     """The sampled next token of each sequence (and its logprobs where asked), for the head."""
 
+    KIND: ClassVar[str] = "token"
+
     instance_id: str
     seqs: tuple[str, ...]
     tokens: tuple[int, ...]
@@ -115,6 +120,8 @@ class Tokens:
 class Release:
     """The head's word that a sequence has ended: free it."""
 
+    KIND: ClassVar[str] = "release"
+
     instance_id: str
     seq: str
 
@@ -125,6 +132,8 @@ class Release:
 @dataclass(frozen=True)
 class SeqError:
     """Sequences that failed on a stage, with why: the head ends them and tells their clients."""
+
+    KIND: ClassVar[str] = "seq_error"
 
     instance_id: str
     seqs: tuple[str, ...]
@@ -139,6 +148,8 @@ class SeqError:
 class Lease:
     """The head's word on which sequences live, every few seconds: the others free the rest."""
 
+    KIND: ClassVar[str] = "lease"
+
     instance_id: str
     seqs: tuple[str, ...]
 
@@ -150,13 +161,13 @@ class Lease:
 class Prefill:
     """The head's own note: run the next chunk of this sequence's prompt (never on the wire)."""
 
+    KIND: ClassVar[str] = "prefill"
+
     instance_id: str
     seq: str
 
 
 InstanceMessage = Forward | Tokens | Release | SeqError | Lease | Prefill
-# the message types a worker's I/O loop hands to `decode_instance_message`
-WIRE_KINDS = ("forward", "token", "release", "seq_error", "lease")
 
 
 def _seq_ids(message: Message) -> tuple[str, ...]:
@@ -181,6 +192,16 @@ def _is_logprob(entry: object) -> bool:
     )
 
 
+class StepRefused(ProtocolError):
+    """A `forward` refused before it was queued; names its instance and sequences, so the head
+    can end the requests that wait on them."""
+
+    def __init__(self, message: str, instance_id: str, seqs: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.instance_id = instance_id
+        self.seqs = seqs
+
+
 def _forward(message: Message) -> Forward:
     seqs, starts = message["seqs"], message["positions"]
     params = message.get("params") or {}
@@ -194,12 +215,16 @@ def _forward(message: Message) -> Forward:
         or len(set(seqs)) != len(seqs)
     ):
         raise ProtocolError("'forward' needs matching lists of distinct sequence ids and positions")
-    if not isinstance(partial, bool):
-        raise ProtocolError("'forward' field 'partial' must be true or false")
-    if len(message.tensors) != 1:
-        raise ProtocolError("'forward' needs exactly one tensor")
-    first = {seq: SequenceStart.from_wire(seq, params[seq]) for seq in seqs if seq in params}
-    return Forward(message["instance_id"], ForwardStep(seqs, starts, first, partial), message.tensors[0])
+    instance_id = message["instance_id"]
+    try:
+        if not isinstance(partial, bool):
+            raise ProtocolError("'forward' field 'partial' must be true or false")
+        if len(message.tensors) != 1:
+            raise ProtocolError("'forward' needs exactly one tensor")
+        first = {seq: SequenceStart.from_wire(seq, params[seq]) for seq in seqs if seq in params}
+    except ExoctlError as exc:
+        raise StepRefused(exc.message, instance_id, tuple(seqs)) from None
+    return Forward(instance_id, ForwardStep(seqs, starts, first, partial), message.tensors[0])
 
 
 def _tokens(message: Message) -> Tokens:
@@ -213,18 +238,11 @@ def _tokens(message: Message) -> Tokens:
     return Tokens(message["instance_id"], seqs, tuple(tokens), tuple(logprobs))
 
 
-def decode_instance_message(message: Message) -> InstanceMessage:
-    """A validated protocol message between runners as its type; ProtocolError when it is bad (so
-    a bad one fails only itself, before it is queued beside others)."""
-    match message.type:
-        case "forward":
-            return _forward(message)
-        case "token":
-            return _tokens(message)
-        case "release":
-            return Release(message["instance_id"], message["seq"])
-        case "seq_error":
-            return SeqError(message["instance_id"], _seq_ids(message), message["message"])
-        case "lease":
-            return Lease(message["instance_id"], _seq_ids(message))
-    raise ProtocolError(f"'{message.type}' is not a message between runners")
+# type name -> decoder of the messages between runners (`messages.KINDS` holds them with the rest)
+DECODERS: dict[str, Callable[[Message], InstanceMessage]] = {
+    Forward.KIND: _forward,
+    Tokens.KIND: _tokens,
+    Release.KIND: lambda m: Release(m["instance_id"], m["seq"]),
+    SeqError.KIND: lambda m: SeqError(m["instance_id"], _seq_ids(m), m["message"]),
+    Lease.KIND: lambda m: Lease(m["instance_id"], _seq_ids(m)),
+}

@@ -97,6 +97,10 @@ class ProtocolError(ExoctlError):
     """A message that does not follow the protocol."""
 
 
+class VersionMismatchError(ProtocolError):
+    """A message of another protocol version: the sender runs another exoctl."""
+
+
 @dataclass(frozen=True)
 class Tensor:
     """Raw tensor bytes with their dtype name and shape; the worker views them with torch."""
@@ -181,7 +185,7 @@ def decode(frames: Sequence[Any]) -> Message:
         raise ProtocolError("header must be a msgpack map")
     version = header.get("v")
     if version != PROTOCOL_VERSION:
-        raise ProtocolError(
+        raise VersionMismatchError(
             f"protocol version {version!r} does not match this exoctl's {PROTOCOL_VERSION}",
             hint="run the same exoctl version everywhere: `exoctl down`, upgrade, then `exoctl up`",
         )

@@ -16,7 +16,8 @@ from typing import Any
 
 from exoctl.errors import ExoctlError
 from exoctl.models.hub_fetch import ONGOING, PENDING, Download
-from exoctl.wire.protocol import Message, ProtocolError
+from exoctl.wire.messages import DownloadRequest
+from exoctl.wire.protocol import ProtocolError
 from exoctl.worker.model_access import check_reference, locate
 
 log = logging.getLogger("exoctl.worker")
@@ -54,9 +55,9 @@ class Downloads:
         elif path is not None:
             download.complete(path)
 
-    def start(self, message: Message) -> str:
+    def start(self, asked: DownloadRequest) -> str:
         """Start the download a `download` message asks for (or join the same one running); its id."""
-        model, start, end, n_layers = (message[k] for k in ("model", "start_layer", "end_layer", "n_layers"))
+        model, start, end, n_layers = asked.model, asked.start_layer, asked.end_layer, asked.n_layers
         if not 0 < n_layers <= MAX_LAYERS or not 0 <= start < end <= n_layers:
             raise ProtocolError(
                 f"'download' layers [{start}, {end}) of {n_layers} are not a range of the model"

@@ -31,6 +31,7 @@ from exoctl.wire.instance_messages import (
     SequenceStart,
     Tokens,
 )
+from exoctl.wire.messages import Delta, Done
 from exoctl.wire.runner_report import RunnerReport
 from exoctl.wire.runner_spec import RunnerSpec
 from exoctl.wire.sampling_params import SamplingDefaults
@@ -166,13 +167,12 @@ class Head:
             raise ExoctlError(f"token id {token} is outside the vocabulary of {vocab}")
         delta = seq.stream.push(token)
         entries = [] if logprob is None else [self._logprob_entry(token, logprob)]
-        fields = {"text": delta, "tokens": [token], "logprobs": entries}
-        outs: list[Out] = [ToClient(seq.client, "delta", seq.request_id, fields)]
+        outs: list[Out] = [ToClient(seq.client, Delta(seq.request_id, delta, (token,), tuple(entries)))]
         if not seq.stream.done:
             return outs
         completion = seq.stream.completion()
         self.last_decode_tps = completion.timings.decode_tokens_per_s
-        outs.append(ToClient(seq.client, "done", seq.request_id, {"result": completion.to_wire()}))
+        outs.append(ToClient(seq.client, Done(seq.request_id, completion)))
         return outs + self.release(seq.request_id)
 
     def _logprob_entry(self, token: int, logprob: LogprobWire) -> dict[str, Any]:

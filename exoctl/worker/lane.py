@@ -27,7 +27,7 @@ log = logging.getLogger("exoctl.worker")
 
 
 @dataclass(frozen=True)
-class Generate:
+class GenerateJob:
     """A client's new request, for the head."""
 
     client: bytes
@@ -35,7 +35,7 @@ class Generate:
 
 
 @dataclass(frozen=True)
-class Cancel:
+class CancelJob:
     request_id: str
 
 
@@ -53,7 +53,7 @@ class TokenBatch:
     messages: list[Tokens]
 
 
-Job = Generate | Cancel | FromPeer | TokenBatch
+Job = GenerateJob | CancelJob | FromPeer | TokenBatch
 
 
 def merge_token_jobs(jobs: list[Job]) -> list[Job]:
@@ -131,14 +131,14 @@ class Lane:
 
     def _compute(self, job: Job) -> list[Out]:
         runner = self.runner
-        if runner.failed or (runner.unloading and not isinstance(job, Generate)):
+        if runner.failed or (runner.unloading and not isinstance(job, GenerateJob)):
             return []
         role, stage = runner.role, runner.stage
         try:
             match job:
-                case Generate(client, request):
+                case GenerateJob(client, request):
                     return role.start(request, client)
-                case Cancel(request_id):
+                case CancelJob(request_id):
                     role.cancel(request_id)
                 case TokenBatch(messages):
                     return role.tokens(messages)
@@ -159,7 +159,6 @@ class Lane:
     def _failed(self, job: Job, exc: Exception) -> list[Out]:
         """Tell whoever waits on this job's sequences, and only them."""
         runner = self.runner
-        code = "invalid_request" if isinstance(exc, InvalidRequestError) else "failed"
         hint: str | None = None
         if isinstance(exc, CollectiveError):  # names the peer, not this node
             text = f"node {self.node}: {exc.message}"
@@ -169,11 +168,12 @@ class Lane:
             log.error("compute error: %s", traceback.format_exc())
             text = f"node {self.node}: {type(exc).__name__}: {exc}"
         outs: list[Out]
-        if isinstance(job, Generate):
+        if isinstance(job, GenerateJob):
             request_id = job.request.request_id
-            outs = [client_error(job.client, request_id, text, hint, code), *runner.role.release(request_id)]
+            kind = type(exc).__name__ if isinstance(exc, ExoctlError) else "ExoctlError"
+            outs = [client_error(job.client, request_id, text, hint, kind), *runner.role.release(request_id)]
         else:
             outs = runner.role.failed(job_sequences(job), text)
-        if runner.breaks_instance_on_error and code != "invalid_request":
+        if runner.breaks_instance_on_error and not isinstance(exc, InvalidRequestError):
             outs.append(FailInstance(runner.spec.instance_id, text))
         return outs

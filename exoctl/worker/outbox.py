@@ -15,6 +15,7 @@ import zmq
 
 from exoctl.wire import protocol
 from exoctl.wire.instance_messages import Forward, InstanceMessage, Lease, Release, SeqError, Tokens
+from exoctl.wire.messages import Delta, Done, ErrorReply
 
 
 @dataclass(frozen=True)
@@ -22,16 +23,18 @@ class ToClient:
     """A reply about one running request, to the client (ZeroMQ identity) that sent it."""
 
     client: bytes
-    kind: str  # delta | done | error
-    request_id: str
-    fields: dict[str, Any]
+    message: Delta | Done | ErrorReply
+
+    @property
+    def request_id(self) -> str | None:
+        return self.message.request_id
 
     @property
     def ends_request(self) -> bool:
-        return self.kind in ("done", "error")
+        return isinstance(self.message, Done | ErrorReply)
 
     def frames(self) -> list[Any]:
-        return protocol.encode(self.kind, {"request_id": self.request_id, **self.fields})
+        return protocol.encode(self.message.KIND, self.message.to_fields())
 
 
 @dataclass(frozen=True)
@@ -65,12 +68,9 @@ Out = ToClient | ToPeer | ToSelf | FailInstance
 
 
 def client_error(
-    client: bytes, request_id: str, message: str, hint: str | None = None, code: str = ""
+    client: bytes, request_id: str, message: str, hint: str | None = None, kind: str = "ExoctlError"
 ) -> ToClient:
-    fields: dict[str, Any] = {"message": message, "hint": hint}
-    if code:
-        fields["code"] = code
-    return ToClient(client, "error", request_id, fields)
+    return ToClient(client, ErrorReply(message, hint, kind, request_id))
 
 
 class Outbox:

@@ -20,7 +20,7 @@ import zmq.utils.monitor
 from exoctl.keys import ClusterKeys
 from exoctl.transport import secure_client
 from exoctl.wire import protocol
-from exoctl.wire.protocol import Message
+from exoctl.wire.messages import ErrorReply, Ping, Pong, WireMessage
 
 log = logging.getLogger("exoctl.worker")
 
@@ -92,17 +92,17 @@ class Peers:
         for address in addresses:
             self.seen[address] = now
 
-    def heard(self, address: str, message: Message, now: float) -> str | None:
+    def heard(self, address: str, message: WireMessage, now: float) -> str | None:
         """A reply from a peer; why it is lost if it restarted, else None."""
         self.seen[address] = now
-        if message.type == "pong":
-            boot = message["profile"].get("boot_id")
-            previous = self.boot.setdefault(address, boot)
-            if previous != boot:
-                self.boot[address] = boot
-                return "restarted and lost its runners"
-        elif message.type == "error":
-            log.warning("peer %s answered with an error: %s", address, message["message"])
+        match message:
+            case Pong(profile):
+                previous = self.boot.setdefault(address, profile.boot_id)
+                if previous != profile.boot_id:
+                    self.boot[address] = profile.boot_id
+                    return "restarted and lost its runners"
+            case ErrorReply(text):
+                log.warning("peer %s answered with an error: %s", address, text)
         return None
 
     def _link_up(self, address: str) -> bool:
@@ -117,7 +117,7 @@ class Peers:
         """Ping the watched peers; those silent too long, with why they are lost."""
         lost = {}
         for address in watched:
-            self.send(address, protocol.encode("ping", {"id": 0}))
+            self.send(address, protocol.encode(Ping.KIND, {"id": 0}))
             silent = now - self.seen.get(address, now)
             if silent > SILENT_AFTER_S:
                 lost[address] = f"stopped answering (no heartbeat for {silent:.1f} s)"

@@ -6,12 +6,12 @@ import os
 import platform
 import time
 from pathlib import Path
-from typing import Any
 
 import psutil
 
 from exoctl import __version__, cpu_policy
 from exoctl.wire.protocol import PROTOCOL_VERSION
+from exoctl.wire.worker_profile import WorkerProfile
 
 
 def cpu_model() -> str:
@@ -53,29 +53,28 @@ class NodeProfiler:
     def sample_cpu(self) -> None:
         self.cpu_percent = psutil.cpu_percent(interval=None)
 
-    def profile(self) -> dict[str, Any]:
+    def profile(self) -> WorkerProfile:
         memory = psutil.virtual_memory()
-        load = os.getloadavg()
-        return {
-            "name": self.name,
-            "version": __version__,
-            "protocol": PROTOCOL_VERSION,
-            "boot_id": self.boot_id,
-            "pid": os.getpid(),
-            "hostname": platform.node(),
-            "machine_id": self.machine_id,
-            "ram_total": memory.total,
-            "ram_available": memory.available,
-            "cpu_count": psutil.cpu_count() or 1,
-            "cpu_model": self.cpu_model,
+        return WorkerProfile(
+            name=self.name,
+            version=__version__,
+            protocol=PROTOCOL_VERSION,
+            boot_id=self.boot_id,
+            pid=os.getpid(),
+            hostname=platform.node(),
+            machine_id=self.machine_id,
+            ram_total=memory.total,
+            ram_available=memory.available,
+            cpu_count=psutil.cpu_count() or 1,
+            cpu_model=self.cpu_model,
             # the worker's compute threads: --threads (OMP_NUM_THREADS), else torch's default of one per core
-            "threads": int(os.environ.get("OMP_NUM_THREADS") or psutil.cpu_count() or 1),
-            "cpu_percent": self.cpu_percent,
-            "load_avg": [round(x, 2) for x in load],
-            "rss": self.process.memory_info().rss,
-            "device": self.device,
-            "bf16_native": self.bf16,
+            threads=int(os.environ.get("OMP_NUM_THREADS") or psutil.cpu_count() or 1),
+            cpu_percent=self.cpu_percent,
+            load_avg=tuple(round(x, 2) for x in os.getloadavg()),
+            rss=self.process.memory_info().rss,
+            device=self.device,
+            bf16_native=self.bf16,
             # what `auto`, int8 and int4 compute in here: the CPU's choice, or EXOCTL_ACTIVATIONS's
-            "activations": cpu_policy.activations_name(self.bf16),
-            "uptime_s": round(time.time() - self.started, 1),
-        }
+            activations=cpu_policy.activations_name(self.bf16),
+            uptime_s=round(time.time() - self.started, 1),
+        )

@@ -25,20 +25,42 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 import zmq
 
-from exoctl.errors import ExoctlError, InvalidRequestError
+from exoctl.errors import ExoctlError
 from exoctl.transport import secure_server, start_authenticator
 from exoctl.wire import protocol
 from exoctl.wire.generate_request import GenerateRequest
-from exoctl.wire.instance_messages import WIRE_KINDS, Forward, Lease, decode_instance_message
-from exoctl.wire.protocol import Message, ProtocolError
+from exoctl.wire.instance_messages import Forward, Lease, Release, SeqError, StepRefused, Tokens
+from exoctl.wire.messages import (
+    Alive,
+    Cancel,
+    DownloadRequest,
+    ErrorReply,
+    Generate,
+    InstanceFailed,
+    Keepalive,
+    Load,
+    Ok,
+    Ping,
+    Pong,
+    Record,
+    Reply,
+    Shutdown,
+    StatusReply,
+    StatusRequest,
+    TensorHello,
+    Unload,
+    WireMessage,
+    parse,
+)
+from exoctl.wire.protocol import ProtocolError
 from exoctl.wire.runner_report import Failure, RunnerReport, RunnerStatus
 from exoctl.wire.runner_spec import RunnerSpec
 from exoctl.worker.downloads import Downloads
-from exoctl.worker.lane import Cancel, FromPeer, Generate, Lane
+from exoctl.worker.lane import CancelJob, FromPeer, GenerateJob, Lane
 from exoctl.worker.loader import start_loading
 from exoctl.worker.model_access import check_reference
 from exoctl.worker.options import WorkerOptions, check_bind
-from exoctl.worker.outbox import FailInstance, Out, Outbox, ToClient, ToPeer, client_error
+from exoctl.worker.outbox import FailInstance, Out, Outbox, ToClient, ToPeer
 from exoctl.worker.peers import DOWN_AFTER_S, HEARTBEAT_S, SILENT_AFTER_S, Peers
 from exoctl.worker.profile import NodeProfiler
 from exoctl.worker.tensor_meeting import Meeting
@@ -140,7 +162,7 @@ class Worker:
                     registered &= set(self.peers.sockets)
                 if now >= next_keepalive:
                     for request_id, request in list(self.active.items()):
-                        self._reply(request.client, "keepalive", {"request_id": request_id})
+                        self._reply(request.client, None, Keepalive(request_id))
                         if now - request.heard > CLIENT_SILENT_S and request.instance_id in self.lanes:
                             log.warning(
                                 "request %s: its client said nothing for %.0f s; cancelled",
@@ -148,7 +170,7 @@ class Worker:
                                 now - request.heard,
                             )
                             request.heard = now  # one cancel; the lane ends the sequence
-                            self.lanes[request.instance_id].put(Cancel(request_id))
+                            self.lanes[request.instance_id].put(CancelJob(request_id))
                     next_keepalive = now + KEEPALIVE_S
                 if now >= next_cpu:
                     self.profiler.sample_cpu()
@@ -178,8 +200,11 @@ class Worker:
 
     # --- sending ------------------------------------------------------------------------------
 
-    def _reply(self, client: bytes, kind: str, fields: dict[str, Any]) -> None:
-        self.router.send_multipart([client, *protocol.encode(kind, fields)], copy=False)
+    def _reply(self, client: bytes, reply_to: Any, message: Reply) -> None:
+        """A reply to a client; `reply_to` is the id of the request it answers (None: a running
+        request's message, matched by its request id)."""
+        fields = message.to_fields() if reply_to is None else {"id": reply_to, **message.to_fields()}
+        self.router.send_multipart([client, *protocol.encode(message.KIND, fields)], copy=False)
 
     def _outbound(self, out: Out) -> None:
         match out:
@@ -201,77 +226,71 @@ class Worker:
 
     def _inbound(self, frames: list[Any]) -> None:
         client, body = bytes(frames[0]), [f.buffer for f in frames[1:]]
-        request_id = _peek_id(body)
+        reply_to = _peek_id(body)
         try:
-            message = protocol.decode(body)
-            self._dispatch(client, message)
+            message = parse(protocol.decode(body))
+            self._dispatch(client, reply_to, message)
+        except StepRefused as exc:
+            self._tell_head(exc)
+            self._refuse(client, reply_to, exc)
         except ExoctlError as exc:
-            log.warning("request from %s refused: %s", client.hex()[:8], exc.message)
-            self._reply(client, "error", {"id": request_id, "message": exc.message, "hint": exc.hint})
+            self._refuse(client, reply_to, exc)
         except Exception as exc:  # a bug must not take the worker down with it
             log.error("error handling a message: %s", traceback.format_exc())
-            self._reply(client, "error", {"id": request_id, "message": f"internal error: {exc!r}"})
+            self._reply(client, reply_to, ErrorReply(f"internal error: {exc!r}"))
 
-    def _dispatch(self, client: bytes, message: Message) -> None:
-        ok = {"id": message.get("id")}
-        match message.type:
-            case "ping":
-                self._reply(client, "pong", {**ok, "profile": self.profiler.profile()})
-            case "status":
-                reports = [*(r.report() for r in self.runners.values()), *self.failures.values()]
-                runners = [r.to_wire() for r in reports]
-                profile = self.profiler.profile()
+    def _refuse(self, client: bytes, reply_to: Any, exc: ExoctlError) -> None:
+        log.warning("request from %s refused: %s", client.hex()[:8], exc.message)
+        self._reply(client, reply_to, ErrorReply.of(exc))
+
+    def _dispatch(self, client: bytes, reply_to: Any, message: WireMessage) -> None:
+        match message:
+            case Ping():
+                self._reply(client, reply_to, Pong(self.profiler.profile()))
+            case StatusRequest():
+                reports = (*(r.report() for r in self.runners.values()), *self.failures.values())
+                downloads, events = tuple(self.downloads.wire()), tuple(self.history)
                 self._reply(
-                    client,
-                    "status_reply",
-                    {
-                        **ok,
-                        "profile": profile,
-                        "runners": runners,
-                        "downloads": self.downloads.wire(),
-                        "events": list(self.history),
-                    },
+                    client, reply_to, StatusReply(self.profiler.profile(), reports, downloads, events)
                 )
-            case "download":
-                self._reply(client, "ok", {**ok, "download_id": self.downloads.start(message)})
-            case "record":
-                self._record(message["event"])
-                self._reply(client, "ok", ok)
-            case "load":
-                self._load(RunnerSpec.from_message(message))
-                self._reply(client, "ok", ok)
-            case "unload":
-                freed = self._unload(message["instance_id"])
-                self._reply(client, "ok", {**ok, "freed": freed})
-            case "generate":
-                self._generate(client, message)
-            case "alive":
-                request = self.active.get(message["request_id"])
-                if request is not None and request.client == client:
-                    request.heard = time.monotonic()
-            case "cancel":
-                request = self.active.get(message["request_id"])
-                if request is not None and request.instance_id in self.lanes:
-                    self.lanes[request.instance_id].put(Cancel(message["request_id"]))
-                self._reply(client, "ok", ok)
-            case "shutdown":
-                self._reply(client, "ok", ok)
+            case DownloadRequest():
+                self._reply(client, reply_to, Ok(download_id=self.downloads.start(message)))
+            case Record(event):
+                self._record(event)
+                self._reply(client, reply_to, Ok())
+            case Load(spec):
+                self._load(spec)
+                self._reply(client, reply_to, Ok())
+            case Unload(instance_id):
+                self._reply(client, reply_to, Ok(freed=self._unload(instance_id)))
+            case Generate(request):
+                self._generate(client, request)
+            case Alive(request_id):
+                running = self.active.get(request_id)
+                if running is not None and running.client == client:
+                    running.heard = time.monotonic()
+            case Cancel(request_id):
+                running = self.active.get(request_id)
+                if running is not None and running.instance_id in self.lanes:
+                    self.lanes[running.instance_id].put(CancelJob(request_id))
+                self._reply(client, reply_to, Ok())
+            case Shutdown():
+                self._reply(client, reply_to, Ok())
                 self.stopping = True
-            case kind if kind in WIRE_KINDS:  # from another runner of an instance
+            case Forward() | Tokens() | Release() | SeqError() | Lease():  # another runner's
                 self._from_peer(message)
-            case "tp_hello":
-                holder = self.runners.get(message["instance_id"])
+            case TensorHello():
+                holder = self.runners.get(message.instance_id)
                 self.meeting.hello(holder.stage if holder is not None else None, message)
-            case "fail":
-                holder = self.runners.get(message["instance_id"])
+            case InstanceFailed(instance_id, text, lost_node):
+                holder = self.runners.get(instance_id)
                 if holder is not None and not holder.failed:
-                    failure = Failure(message["message"], message["lost_node"])
-                    self._fail_instance(message["instance_id"], failure, notify=False)
-            case kind:
-                raise ProtocolError(f"a worker does not accept '{kind}' messages")
+                    self._fail_instance(instance_id, Failure(text, lost_node), notify=False)
+            case _:
+                raise ProtocolError(f"a worker does not accept '{message.KIND}' messages")
 
-    def _generate(self, client: bytes, message: Message) -> None:
-        runner = self._runner(message["instance_id"])
+    def _generate(self, client: bytes, request: GenerateRequest) -> None:
+        runner = self._runner(request.instance_id)
         spec = runner.spec
         if runner.status is not RunnerStatus.READY:
             raise ExoctlError(
@@ -279,44 +298,38 @@ class Worker:
                 + (f": {runner.failure.message}" if runner.failure else "")
             )
         runner.role.take_requests(self.name)
-        request_id = message["request_id"]
-        if request_id in self.active:
-            raise ExoctlError(f"request id {request_id} is already running")
-        try:
-            request = GenerateRequest.from_message(message)
-        except InvalidRequestError as exc:  # the client's own mistake: answered as its lane would
-            error = client_error(client, request_id, exc.message, exc.hint, "invalid_request")
-            self.router.send_multipart([client, *error.frames()], copy=False)
-            return
-        self.active[request_id] = ActiveRequest(client, spec.instance_id)
-        self.lanes[spec.instance_id].put(Generate(client, request))
+        if request.request_id in self.active:
+            raise ExoctlError(f"request id {request.request_id} is already running")
+        self.active[request.request_id] = ActiveRequest(client, spec.instance_id)
+        self.lanes[spec.instance_id].put(GenerateJob(client, request))
 
-    def _from_peer(self, message: Message) -> None:
-        """A message between runners: decoded once, checked, queued on its instance's lane."""
-        instance_id = message["instance_id"]
+    def _from_peer(self, message: Forward | Tokens | Release | SeqError | Lease) -> None:
+        """A message between runners, checked and queued on its instance's lane."""
+        instance_id = message.instance_id
         if instance_id in self.failures:
             return  # the instance failed here: what its other runners still send is moot
         runner = self._runner(instance_id)
-        try:
-            typed = decode_instance_message(message)
-            if isinstance(typed, Forward):
-                runner.check(typed)
-        except ExoctlError as exc:
-            # refused to its sender; the head hears of it too, so a request waiting on those
-            # sequences ends rather than hangs
-            if message.type == "forward":
-                seqs = tuple(s for s in message["seqs"] if isinstance(s, str))
-                for out in runner.role.refused(seqs, exc.message):
-                    self._outbound(out)
-            raise
-        if isinstance(typed, Lease):
+        if isinstance(message, Forward):
+            try:
+                runner.check(message)
+            except ExoctlError as exc:
+                raise StepRefused(exc.message, instance_id, tuple(message.step.seqs)) from None
+        if isinstance(message, Lease):
             self.last_lease[instance_id] = time.monotonic()
-        self.lanes[instance_id].put(FromPeer(typed))
+        self.lanes[instance_id].put(FromPeer(message))
+
+    def _tell_head(self, refused: StepRefused) -> None:
+        """A step refused to its sender: the head hears of it too, so a request waiting on those
+        sequences ends rather than hangs."""
+        runner = self.runners.get(refused.instance_id)
+        if runner is not None:
+            for out in runner.role.refused(refused.seqs, refused.message):
+                self._outbound(out)
 
     def _peer_reply(self, address: str, frames: list[Any]) -> None:
         try:
-            message = protocol.decode([f.buffer for f in frames])
-        except ProtocolError as exc:
+            message = parse(protocol.decode([f.buffer for f in frames]))
+        except ExoctlError as exc:
             log.warning("bad message from peer %s: %s", address, exc.message)
             return
         why = self.peers.heard(address, message, time.monotonic())
@@ -447,10 +460,10 @@ class Worker:
     ) -> None:
         for request_id, request in list(self.active.items()):
             if request.instance_id == instance_id:
-                fields = {"request_id": request_id, "message": message, "hint": hint}
-                if lost_node is not None:  # the client answers "unavailable", naming the node
-                    fields.update(code="node_lost", node=lost_node)
-                self._reply(request.client, "error", fields)
+                # a lost node is named: the client answers "unavailable", naming it
+                self._reply(
+                    request.client, None, ErrorReply(message, hint, request_id=request_id, node=lost_node)
+                )
                 del self.active[request_id]
 
     def _fail_instance(self, instance_id: str, failure: Failure, notify: bool) -> None:
@@ -462,10 +475,10 @@ class Worker:
         runner.fail(failure)
         self._retire(instance_id)
         if notify:
-            fields = {"instance_id": instance_id, "message": failure.message, "lost_node": failure.lost_node}
+            failed = InstanceFailed(instance_id, failure.message, failure.lost_node)
             for _, address in runner.spec.peers:
                 if address != self.address:
-                    self.peers.send(address, protocol.encode("fail", fields))
+                    self.peers.send(address, protocol.encode(failed.KIND, failed.to_fields()))
 
 
 def _peek_id(frames: list[Any]) -> Any:

@@ -15,7 +15,8 @@ import zmq
 
 from exoctl.keys import ClusterKeys
 from exoctl.wire import protocol
-from exoctl.wire.protocol import Message, ProtocolError
+from exoctl.wire.messages import TensorHello
+from exoctl.wire.protocol import ProtocolError
 from exoctl.wire.runner_spec import RunnerSpec
 
 if TYPE_CHECKING:
@@ -57,27 +58,21 @@ class Meeting:
         runner.met(spec.rank, address, collective.offer)
         for rank, (known, offer) in self.early.pop(spec.instance_id, {}).items():
             runner.met(rank, known, offer)
-        hello = {
-            "instance_id": spec.instance_id,
-            "rank": spec.rank,
-            "address": address,
-            "shm": collective.offer,
-        }
+        hello = TensorHello(spec.instance_id, spec.rank, address, collective.offer)
         for rank, (_, peer) in enumerate(spec.peers):
             if rank != spec.rank:
-                self.peers.send(peer, protocol.encode("tp_hello", hello))
+                self.peers.send(peer, protocol.encode(hello.KIND, hello.to_fields()))
         return runner
 
-    def hello(self, runner: Stage | None, message: Message) -> None:
+    def hello(self, runner: Stage | None, message: TensorHello) -> None:
         """Another rank's address, for this node's stage of its instance (None: its load message
         has not come yet)."""
-        instance_id, rank, address = message["instance_id"], message["rank"], message["address"]
-        offer = message.get("shm")  # absent from older workers: ZeroMQ then
+        instance_id, rank, address, offer = message.instance_id, message.rank, message.address, message.shm
         if offer is not None:
             from exoctl.worker.shm_exchange import offer_path
 
             try:
-                offer_path(offer if isinstance(offer, str) else "")
+                offer_path(offer)
             except ValueError as exc:
                 raise ProtocolError(
                     f"'tp_hello' field 'shm' must be null or 'host key|file': {exc}"

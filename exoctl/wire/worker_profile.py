@@ -1,0 +1,93 @@
+"""What a worker says about its node in every `pong` and `status_reply`: who it is, its memory,
+its CPU and what it computes in. Typed on both sides; torch-free."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from exoctl.wire.protocol import ProtocolError
+
+
+@dataclass(frozen=True)
+class WorkerProfile:
+    name: str
+    version: str  # of exoctl
+    protocol: int
+    boot_id: str  # new at every worker start: a node that restarted lost what it held
+    pid: int
+    hostname: str
+    machine_id: str  # the same on workers that share a machine (their memory is one)
+    ram_total: int
+    ram_available: int
+    cpu_count: int
+    cpu_model: str | None
+    threads: int  # the worker's compute threads
+    cpu_percent: float
+    load_avg: tuple[float, ...]
+    rss: int
+    device: str
+    bf16_native: bool
+    activations: str  # what `auto`, int8 and int4 compute in here (cpu_policy)
+    uptime_s: float
+
+    @classmethod
+    def planned(cls, name: str, device: str, ram: int, machine_id: str, activations: str) -> WorkerProfile:
+        """A node as `place --dry-run` plans on it with no worker up: only its memory and what it
+        computes in are known."""
+        return cls(
+            name,
+            "",
+            0,
+            "",
+            0,
+            "",
+            machine_id,
+            ram,
+            ram,
+            0,
+            None,
+            0,
+            0.0,
+            (),
+            0,
+            device,
+            False,
+            activations,
+            0.0,
+        )
+
+    def to_wire(self) -> dict[str, Any]:
+        wire = asdict(self)
+        wire["load_avg"] = list(self.load_avg)
+        return wire
+
+    @classmethod
+    def from_wire(cls, raw: Any) -> WorkerProfile:
+        if not isinstance(raw, dict):
+            raise ProtocolError("a node profile must be a map")
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            value = raw.get(f.name)
+            if not _fits(value, str(f.type)):
+                raise ProtocolError(f"node profile field '{f.name}' must be {f.type}, got {value!r:.40}")
+            values[f.name] = value
+        values["load_avg"] = tuple(values["load_avg"])
+        return cls(**values)
+
+
+def _fits(value: object, annotation: str) -> bool:
+    match annotation:
+        case "str":
+            return isinstance(value, str)
+        case "str | None":
+            return value is None or isinstance(value, str)
+        case "int":
+            return isinstance(value, int) and not isinstance(value, bool)
+        case "float":
+            return isinstance(value, (int, float)) and not isinstance(value, bool)
+        case "bool":
+            return isinstance(value, bool)
+        case "tuple[float, ...]":
+            return isinstance(value, list) and all(isinstance(x, (int, float)) for x in value)
+    raise AssertionError(f"no check for {annotation}")
