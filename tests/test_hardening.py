@@ -428,14 +428,17 @@ def test_downloads_and_records_that_cannot_work_are_refused_and_the_worker_lives
     ]:
         reply = download(**changes)
         assert reply["type"] == "error" and text in reply["message"], (changes, reply)
-    for event, text in [({"action": "x"}, "string 'id'"), ({"id": "x", "pad": "y" * 5000}, "at most 4096")]:
-        reply = ask(node1, header("record", event=event))
+    event = {"id": "e1", "time": 1.0, "instanceId": "i", "modelId": "m", "action": "replaced", "reason": None}
+    for bad, text in [
+        ({"action": "x"}, "field 'id' must be a string"),
+        ({**event, "action": "dropped"}, "'dropped' is not one of replaced"),
+        ({**event, "nodes": "n1"}, "field 'nodes' must be a list of node names"),
+        ({**event, "reason": "y" * 5000}, "at most 4096"),
+    ]:
+        reply = ask(node1, header("record", event=bad))
         assert reply["type"] == "error" and text in reply["message"], reply
     for _ in range(2):  # the same event twice is kept once
-        assert (
-            ask(node1, header("record", event={"id": "e1", "action": "replaced", "time": 1.0}))["type"]
-            == "ok"
-        )
+        assert ask(node1, header("record", event=event))["type"] == "ok"
     status = ask(node1, header("status"))
     assert status["downloads"] == [] and [e["id"] for e in status["events"]] == ["e1"]
     assert alive(node1)

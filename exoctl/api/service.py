@@ -35,6 +35,7 @@ from exoctl.models.gguf.file import is_gguf_model
 from exoctl.models.store import allowed_roots, as_path, hub_reference, is_model_folder, resolve_card
 from exoctl.placement.pipeline import Placement, PlacementError, PlacementRequest
 from exoctl.placement.sharding import Plan, check_sharding
+from exoctl.wire.supervisor_event import SupervisorEvent
 
 
 class NotPlacedError(ExoctlError):
@@ -63,7 +64,7 @@ class ClusterService:
     keys: ClusterKeys | None
     ctx: zmq.Context[Any] = field(default_factory=zmq.Context)
     loads: dict[str, LoadRecord] = field(default_factory=dict)
-    events: list[dict[str, Any]] = field(default_factory=list)  # the supervisor's, shown in /state
+    events: list[SupervisorEvent] = field(default_factory=list)  # the supervisor's, shown in /state
 
     @contextmanager
     def cluster(self) -> Iterator[Cluster]:
@@ -87,7 +88,7 @@ class ClusterService:
         statuses = self.statuses()
         return {
             **state_document(statuses, self.inventory.name),
-            "reformations": history(statuses, self.events),
+            "reformations": [e.to_wire() for e in history(statuses, self.events)],
         }
 
     # --- models and instances ---------------------------------------------------------------

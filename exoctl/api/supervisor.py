@@ -20,14 +20,28 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import replace
 
 from exoctl.api.service import ClusterService
-from exoctl.cluster.views import InstanceStatus, InstanceView, instances_of
+from exoctl.api.supervisor_plan import (
+    Action,
+    Asked,
+    ForgetAsked,
+    Memory,
+    Reform,
+    Restore,
+    Retire,
+    Seen,
+    Served,
+    StopRetiring,
+    UnloadLeftovers,
+    plan,
+)
+from exoctl.cluster.views import InstanceView, instances_of
 from exoctl.errors import ExoctlError
 from exoctl.placement.pipeline import Placement, PlacementError
 from exoctl.wire.messages import Record
+from exoctl.wire.supervisor_event import SupervisorEvent
 
 log = logging.getLogger("exoctl.serve")
 
@@ -37,16 +51,6 @@ FLAP_WINDOW_S = 600.0
 
 
 REFORMED_KEPT = 1000  # instance ids placed again, remembered to unload their leftovers
-
-
-@dataclass(frozen=True)
-class Asked:
-    """What an instance was placed as, before a lost node made it smaller."""
-
-    model: str  # as asked: catalog id, folder, Hub reference
-    sharding: str  # as asked: auto, pipeline, tensor
-    nodes: int
-    dtype: str
 
 
 class Supervisor:
@@ -83,43 +87,34 @@ class Supervisor:
                 log.exception("supervisor round failed")
 
     def run_once(self) -> None:
+        """Read the cluster, plan the round (`supervisor_plan.plan`, pure), do what it says."""
         statuses = self.service.statuses()
-        views = instances_of(statuses)
-        changed = False
-        for view in views.values():
-            record = self.service.loads.get(view.instance_id)
-            if view.serving or (record is not None and record.status == "ready"):
-                self.served.add(view.instance_id)
-            if view.instance_id in self.reformed:
-                # leftovers of an instance placed again: whatever their state, unloaded
-                if view.status is InstanceStatus.FAILED or view.lost_node is not None:
-                    changed = True
-                    self.unload(view)
-                continue
-            if view.lost_node is None or view.instance_id not in self.served:
-                continue
-            changed = True
-            self.reform(view)
-        self.served &= set(views)
-        if changed:
-            return  # what was just placed is not in `views`: restores look at the next round's
-        live = sum(1 for s in statuses if s.up)
-        for instance_id in list(self.retiring):
-            old = views.get(instance_id)
-            if old is None:
+        loaded = {i for i, record in self.service.loads.items() if record.status == "ready"}
+        seen = Seen(instances_of(statuses), loaded, sum(1 for s in statuses if s.up), time.monotonic())
+        memory = Memory(
+            frozenset(self.served),
+            frozenset(self.reformed),
+            dict(self.asked),
+            dict(self.restore_at),
+            frozenset(self.retiring),
+        )
+        for action in plan(seen, memory):
+            self.perform(action)
+
+    def perform(self, action: Action) -> None:
+        match action:
+            case Served(instance_ids):
+                self.served = set(instance_ids)
+            case UnloadLeftovers(view) | Retire(view):
+                self.unload(view)
+            case Reform(view):
+                self.reform(view)
+            case StopRetiring(instance_id):
                 self.retiring.discard(instance_id)
-            elif old.status is InstanceStatus.READY:  # no request runs on it any more
-                self.unload(old)
-                self.retiring.discard(instance_id)
-        for instance_id, asked in list(self.asked.items()):
-            small = views.get(instance_id)
-            if small is None or small.lost_node is not None:
-                self.asked.pop(instance_id, None)  # gone, or being placed again itself
-                continue
-            # idle (a running request is never dropped), enough nodes, and the node not flapping
-            if small.status is InstanceStatus.READY and live >= asked.nodes:
-                if time.monotonic() >= self.restore_at.get(instance_id, 0.0):
-                    self.restore(small, asked)
+            case ForgetAsked(instance_id):
+                self.asked.pop(instance_id, None)
+            case Restore(view, asked):
+                self.restore(view, asked)
 
     def unload(self, view: InstanceView) -> None:
         with self.service.cluster() as cluster:
@@ -137,38 +132,19 @@ class Supervisor:
             self.reformed.popitem(last=False)
         self.unload(view)
         self.service.loads.pop(view.instance_id, None)
-        event: dict[str, Any] = {
-            "time": time.time(),
-            "instanceId": view.instance_id,
-            "modelId": view.model_id,
-            "reason": view.failure,
-        }
+        event = new_event(view, "replaced", view.failure)
         try:
             new_id, chosen = self.service.place(model, sharding, None, 1, view.dtype, wait=True)
             placement = chosen.placement
-            event.update(action="replaced", newInstanceId=new_id, nodes=list(placement.nodes))
+            event = replace(event, new_instance_id=new_id, nodes=tuple(placement.nodes))
             if smaller(placement, asked):
                 wait = self._flapped(asked)
                 self.asked[new_id] = asked
                 self.restore_at[new_id] = time.monotonic() + wait
-                event["restoreAfterSeconds"] = wait
-            log.warning(
-                "instance %s of %s lost a node (%s): placed again as %s on %s",
-                view.instance_id,
-                view.model_id,
-                view.failure,
-                new_id,
-                ", ".join(placement.nodes),
-            )
+                event = replace(event, restore_after_s=wait)
         except ExoctlError as exc:
-            event.update(action="not replaced", error=exc.message)
-            log.warning(
-                "instance %s of %s lost a node and cannot be placed again: %s",
-                view.instance_id,
-                view.model_id,
-                exc.message,
-            )
-        self._record(event)
+            event = replace(event, action="not replaced", error=exc.message)
+        self._record(event, f"lost a node ({view.failure})")
 
     def _flapped(self, asked: Asked) -> float:
         """Seconds to wait before restoring `asked`: doubled for each time it was placed again
@@ -181,12 +157,8 @@ class Supervisor:
     def restore(self, view: InstanceView, asked: Asked) -> None:
         """Load what was asked beside the smaller instance (or in its place when memory does not
         allow both); the smaller one goes once idle."""
-        event: dict[str, Any] = {
-            "time": time.time(),
-            "instanceId": view.instance_id,
-            "modelId": view.model_id,
-            "reason": f"nodes are live again for what was asked ({asked.nodes} nodes, {asked.sharding})",
-        }
+        why = f"nodes are live again for what was asked ({asked.nodes} nodes, {asked.sharding})"
+        event = new_event(view, "restored", why)
         self.asked.pop(view.instance_id, None)
 
         def place_asked() -> tuple[str, Placement]:
@@ -203,8 +175,7 @@ class Supervisor:
             try:
                 new_id, placement = place_asked()
             except ExoctlError as exc:  # the smaller shape again, rather than nothing
-                event.update(action="not restored", error=exc.message)
-                self._finish(event)
+                self._record(replace(event, action="not restored", error=exc.message))
                 again, _ = self.service.place(
                     asked.model, view.sharding, len(view.nodes), 1, view.dtype, wait=True
                 )
@@ -214,28 +185,24 @@ class Supervisor:
         except ExoctlError as exc:  # the smaller instance still serves: try again later
             self.asked[view.instance_id] = asked
             self.restore_at[view.instance_id] = time.monotonic() + self._flapped(asked)
-            event.update(action="not restored", error=exc.message)
-            self._finish(event)
+            self._record(replace(event, action="not restored", error=exc.message))
             return
-        event.update(action="restored", newInstanceId=new_id, nodes=list(placement.nodes))
-        self._finish(event)
+        self._record(replace(event, new_instance_id=new_id, nodes=tuple(placement.nodes)))
 
-    def _finish(self, event: dict[str, Any]) -> None:
-        log.warning(
-            "instance %s of %s: %s%s",
-            event["instanceId"],
-            event["modelId"],
-            event["action"],
-            f" as {event['newInstanceId']} on {', '.join(event['nodes'])}"
-            if "nodes" in event
-            else f": {event.get('error')}",
+    def _record(self, event: SupervisorEvent, why: str = "") -> None:
+        """Log `event`, keep it for /state and on the live nodes, so `exoctl state` shows the
+        history (from any machine, and after this server restarts)."""
+        where = (
+            f" as {event.new_instance_id} on {', '.join(event.nodes)}" if event.nodes else f": {event.error}"
         )
-        self._record(event)
-
-    def _record(self, event: dict[str, Any]) -> None:
-        """Keep `event` for /state, and on the live nodes, so `exoctl state` shows the history
-        (from any machine, and after this server restarts)."""
-        event["id"] = uuid.uuid4().hex
+        log.warning(
+            "instance %s of %s%s: %s%s",
+            event.instance_id,
+            event.model_id,
+            f" {why}" if why else "",
+            event.action,
+            where,
+        )
         self.events.append(event)
         del self.events[:-50]
         try:
@@ -243,7 +210,11 @@ class Supervisor:
             with self.service.cluster() as cluster:
                 cluster.ask_all(Record(event), live)
         except ExoctlError as exc:  # the history is a record, not a reason to stop
-            log.warning("could not record event %s on the nodes: %s", event["id"], exc.message)
+            log.warning("could not record event %s on the nodes: %s", event.id, exc.message)
+
+
+def new_event(view: InstanceView, action: str, reason: str | None) -> SupervisorEvent:
+    return SupervisorEvent(uuid.uuid4().hex, time.time(), view.instance_id, view.model_id, action, reason)
 
 
 def smaller(placement: Placement, asked: Asked) -> bool:

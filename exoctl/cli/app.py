@@ -22,7 +22,7 @@ from exoctl.cli import place as place_cmd
 from exoctl.cli import run as run_cmd
 from exoctl.cli import serve as serve_cmd
 from exoctl.cli import state as state_cmd
-from exoctl.cli.output import print_error
+from exoctl.cli.output import out
 from exoctl.errors import ExoctlError
 
 app = typer.Typer(
@@ -73,5 +73,5 @@ def main() -> None:
     except ExoctlError as exc:
         if os.environ.get("EXOCTL_DEBUG"):
             raise
-        print_error(exc)
+        out.error(exc)
         sys.exit(1)

@@ -16,7 +16,7 @@ from exoctl.cli.common import (
     plan_for,
 )
 from exoctl.cli.options import DtypeOption, JsonOption, ShardingOption
-from exoctl.cli.output import console, err_console, print_json, use_json_errors
+from exoctl.cli.output import console, err_console, out
 from exoctl.cli.progress import LoadProgress
 from exoctl.errors import ExoctlError
 from exoctl.placement.sharding import check_sharding
@@ -70,7 +70,7 @@ def bench(
     inventory: InventoryOption = None,
     json_output: JsonOption = False,
 ) -> None:
-    use_json_errors(json_output)
+    out.mode(json_output)
     from exoctl.cluster.measure import BenchConfig, run_bench
     from exoctl.cluster.views import find_instance
     from exoctl.models.store import resolve_card
@@ -88,7 +88,7 @@ def bench(
     config = BenchConfig(lengths, decode_tokens, int_list(concurrency, "--concurrency", 1, 64), repetitions)
 
     def say(text: str) -> None:
-        if not json_output:
+        if not out.json:
             err_console.print(f"[dim]{text}[/]")
 
     with open_cluster(inventory) as cluster:
@@ -98,7 +98,7 @@ def bench(
         if instance is None:
             chosen = plan_for(cluster, statuses, card, dtype, sharding, nodes)
             say(f"placing {card.id}: {chosen.reason}")
-            progress = LoadProgress(enabled=not json_output)
+            progress = LoadProgress(enabled=not out.json)
             try:
                 instance = cluster.load(card, ref, chosen.placement, progress.update)
             finally:
@@ -117,11 +117,12 @@ def bench(
             for s in statuses
             if s.up and s.node.name in instance.nodes
         }
-    if json_output:
-        print_json(result)
-        return
-    for table in tables(result):
-        console.print(table)
+
+    def show() -> None:
+        for table in tables(result):
+            console.print(table)
+
+    out.result(result, show)
 
 
 def _pm(stat: dict[str, Any], digits: int = 2) -> str:

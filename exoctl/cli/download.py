@@ -16,7 +16,7 @@ from exoctl.cli.common import (
     plan_for,
 )
 from exoctl.cli.options import DtypeOption, JsonOption, ShardingOption
-from exoctl.cli.output import console, print_json, use_json_errors
+from exoctl.cli.output import console, out
 from exoctl.cli.progress import DownloadProgress, size_text
 from exoctl.errors import ExoctlError
 from exoctl.placement.sharding import check_sharding
@@ -57,7 +57,7 @@ def download(
     inventory: InventoryOption = None,
     json_output: JsonOption = False,
 ) -> None:
-    use_json_errors(json_output)
+    out.mode(json_output)
     from exoctl.models.store import resolve_card
 
     sharding = check_sharding(sharding)
@@ -77,26 +77,27 @@ def download(
                 )
                 for s in placement.shards
             ]
-        bars = DownloadProgress(enabled=not json_output)
+        bars = DownloadProgress(enabled=not out.json)
         try:
             reports = cluster.download(ref, card.n_layers, targets, bars.update)
         finally:
             bars.stop()
     failed = {node: r for node, r in reports.items() if r["state"] == "failed"}
-    if json_output:
-        print_json({"model": ref, "ok": not failed, "nodes": {n: _summary(r) for n, r in reports.items()}})
-        if failed:
-            raise typer.Exit(1)
-        return
-    for node, report in reports.items():
-        if report["state"] == "completed":
-            fetched = report["downloaded_this_session"]
-            console.print(
-                f"{node}: {ref} layers [{report['start_layer']}, {report['end_layer']}) "
-                f"{size_text(report['total'])} in {report['total_files']} files"
-                + (f", {size_text(fetched)} fetched" if fetched else ", already here")
-                + (f" ({report['path']})" if report["path"] else "")
-            )
+
+    def show() -> None:
+        for node, report in reports.items():
+            if report["state"] == "completed":
+                fetched = report["downloaded_this_session"]
+                console.print(
+                    f"{node}: {ref} layers [{report['start_layer']}, {report['end_layer']}) "
+                    f"{size_text(report['total'])} in {report['total_files']} files"
+                    + (f", {size_text(fetched)} fetched" if fetched else ", already here")
+                    + (f" ({report['path']})" if report["path"] else "")
+                )
+
+    out.result({"model": ref, "ok": not failed, "nodes": {n: _summary(r) for n, r in reports.items()}}, show)
+    if failed and out.json:  # the document says which failed
+        raise typer.Exit(1)
     if failed:
         first = next(iter(failed.values()))
         others = "; ".join(r["error"] for r in list(failed.values())[1:])

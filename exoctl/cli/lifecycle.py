@@ -15,7 +15,7 @@ import typer
 from exoctl import __version__
 from exoctl.cli.common import InventoryOption, complete_node
 from exoctl.cli.options import JsonOption
-from exoctl.cli.output import console, err_console, print_json, use_json_errors
+from exoctl.cli.output import console, err_console, out
 from exoctl.cluster.launcher import START_WAIT_S
 from exoctl.errors import ExoctlError
 from exoctl.inventory import DEFAULT_PORT, Inventory, Node
@@ -130,7 +130,7 @@ def up(
     ] = START_WAIT_S,
     json_output: JsonOption = False,
 ) -> None:
-    use_json_errors(json_output)
+    out.mode(json_output)
     from exoctl.cluster.client import Cluster
     from exoctl.cpu_policy import check_activations
     from exoctl.inventory import find_inventory_path, load_inventory, local_inventory, write_local_inventory
@@ -219,24 +219,21 @@ def up(
             write_local_inventory(
                 Inventory(inv.name, tuple(n for n in inv.nodes if n.name in kept), inv.source)
             )
-    if json_output:
-        print_json({"cluster": inv.name, "inventory": inv.source, "nodes": [e.to_json() for e in results]})
-    else:
+
+    def show() -> None:
+        marks = {"started": "[green]started[/]", "running": "[green]running[/]", "failed": "[red]failed[/]"}
         for entry in results:
-            mark = {
-                "started": "[green]started[/]",
-                "running": "[green]running[/]",
-                "failed": "[red]failed[/]",
-            }[entry.result]
             reason = f" — {entry.reason}" if entry.reason else ""
-            console.print(f"{entry.node:<12} {entry.address:<22} {mark}{reason}")
+            console.print(f"{entry.node:<12} {entry.address:<22} {marks[entry.result]}{reason}")
+
+    out.result({"cluster": inv.name, "inventory": inv.source, "nodes": [e.to_json() for e in results]}, show)
     if failed:
         raise typer.Exit(1)
 
 
 def down(inventory: InventoryOption = None, json_output: JsonOption = False) -> None:
     """Stop the workers of every inventory node and say what was stopped."""
-    use_json_errors(json_output)
+    out.mode(json_output)
     from exoctl.cluster.launcher import run_script, stop_script
     from exoctl.inventory import load_inventory
     from exoctl.keys import find_keys
@@ -265,12 +262,13 @@ def down(inventory: InventoryOption = None, json_output: JsonOption = False) -> 
 
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(stop, inv.nodes))
-    if json_output:
-        print_json({"cluster": inv.name, "nodes": results})
-    else:
+
+    def show() -> None:
         for entry in results:
             reason = f" — {entry['reason']}" if entry["reason"] else ""
             console.print(f"{entry['node']:<12} {entry['result']}{reason}")
+
+    out.result({"cluster": inv.name, "nodes": results}, show)
     if any(e["result"] == "failed" for e in results):
         raise typer.Exit(1)
 

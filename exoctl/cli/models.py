@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from rich.table import Table
 
 from exoctl.cli.options import JsonOption
-from exoctl.cli.output import console, print_json, use_json_errors
+from exoctl.cli.output import console, out
 from exoctl.models.catalog import ModelCard, load_catalog, storage_megabytes
 
 HELP = "List the models exoctl knows: id, size, layers, tags."
@@ -42,14 +43,15 @@ WIDE_COLUMNS = 160  # the whole table fits from here on
 
 
 def models(json_output: JsonOption = False) -> None:
-    use_json_errors(json_output)
+    out.mode(json_output)
     cards = load_catalog()
     from exoctl.api.service import local_sources
 
     local = {card.id: local_sources(card) for card in cards}
-    if json_output:
-        print_json([card_json(c, local[c.id]) for c in cards])
-        return
+    out.result([card_json(c, local[c.id]) for c in cards], lambda: console.print(models_table(cards, local)))
+
+
+def models_table(cards: Sequence[ModelCard], local: dict[str, list[str]]) -> Table:
     # At 80 columns the ids a user types stay whole: a narrow terminal gets the columns that
     # decide a choice, and the repos, GGUF sources and tags are in --json or a wider terminal.
     wide = console.width >= WIDE_COLUMNS
@@ -76,4 +78,4 @@ def models(json_output: JsonOption = False) -> None:
             )
         else:
             table.add_row(card.id, local_text, card.architecture, *sizes)
-    console.print(table)
+    return table

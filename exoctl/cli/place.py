@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -15,11 +15,14 @@ from exoctl.cli.common import (
     plan_for,
 )
 from exoctl.cli.options import DtypeOption, JsonOption, ShardingOption
-from exoctl.cli.output import console, print_json, use_json_errors
+from exoctl.cli.output import console, out
 from exoctl.cli.progress import LoadProgress
 from exoctl.cli.render import placement_json, placement_table
 from exoctl.errors import ExoctlError
 from exoctl.placement.sharding import check_sharding
+
+if TYPE_CHECKING:
+    from exoctl.placement.pipeline import Placement
 
 PLACE_HELP = (
     "Plan where a model goes and load it: on one node, split by layers (pipeline) or by weights "
@@ -48,7 +51,7 @@ def place(
     inventory: InventoryOption = None,
     json_output: JsonOption = False,
 ) -> None:
-    use_json_errors(json_output)
+    out.mode(json_output)
     from exoctl.models.store import resolve_card
 
     sharding = check_sharding(sharding)
@@ -66,21 +69,22 @@ def place(
         placement = chosen.placement
         if dry_run:
             source = "inventory" if planned_offline else "nodes"
-            if json_output:
-                print_json({**placement_json(placement), "reason": chosen.reason, "planned_from": source})
-            else:
-                console.print(placement_table(placement))
-                console.print(f"sharding: {chosen.reason}")
+
+            def show_plan() -> None:
+                show_placement(placement, chosen.reason)
                 if planned_offline:
                     console.print(
                         "[dim]planned from the inventory: no node is up (loopback nodes share this "
                         "machine's free memory; others count their memory_gb)[/]"
                     )
+
+            out.result(
+                {**placement_json(placement), "reason": chosen.reason, "planned_from": source}, show_plan
+            )
             return
-        if not json_output:
-            console.print(placement_table(placement))
-            console.print(f"sharding: {chosen.reason}")
-        progress = LoadProgress(enabled=not json_output)
+        if not out.json:  # before the load: what is about to be loaded where
+            show_placement(placement, chosen.reason)
+        progress = LoadProgress(enabled=not out.json)
         try:
             view = cluster.load(card, ref, placement, progress.update)
         finally:
@@ -88,14 +92,24 @@ def place(
     instance_id = view.instance_id
     # what a load kept other than asked (int8/int4 matrices whose width takes no blocks of 32)
     notes = {node: r.note for node, r in view.runners.items() if r.note}
-    if json_output:
-        print_json(
-            {"instance_id": instance_id, **placement_json(placement), "reason": chosen.reason, "notes": notes}
-        )
-    else:
+
+    def show_ready() -> None:
         console.print(f"instance {instance_id} of {card.id} is ready on {', '.join(placement.nodes)}")
         for node, note in notes.items():
             console.print(f"[yellow]{node}[/]: {note}")
+
+    document = {
+        "instance_id": instance_id,
+        **placement_json(placement),
+        "reason": chosen.reason,
+        "notes": notes,
+    }
+    out.result(document, show_ready)
+
+
+def show_placement(placement: Placement, reason: str) -> None:
+    console.print(placement_table(placement))
+    console.print(f"sharding: {reason}")
 
 
 def delete(
@@ -104,7 +118,7 @@ def delete(
     json_output: JsonOption = False,
 ) -> None:
     """Unload an instance from its nodes and free their memory."""
-    use_json_errors(json_output)
+    out.mode(json_output)
     from exoctl.cluster.views import instances_of, model_matches
 
     with open_cluster(inventory) as cluster:
@@ -120,12 +134,13 @@ def delete(
             nodes = [cluster.inventory.node(n) for n in view.nodes if n in view.runners]
             freed = cluster.unload(view.instance_id, nodes)
             report.append({"instance_id": view.instance_id, "model_id": view.model_id, "freed_bytes": freed})
-    if json_output:
-        print_json({"deleted": report})
-    else:
+
+    def show() -> None:
         for entry in report:
             total = sum(entry["freed_bytes"].values())
             console.print(
                 f"deleted {entry['instance_id']} ({entry['model_id']}), freed {total / 1e6:.0f} MB on "
                 f"{', '.join(entry['freed_bytes']) or 'no node'}"
             )
+
+    out.result({"deleted": report}, show)

@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from exoctl.cluster.views import InstanceView, NodeStatus
     from exoctl.placement.pipeline import Placement
     from exoctl.wire.runner_report import RunnerReport
+    from exoctl.wire.supervisor_event import SupervisorEvent
 
 STATUS_STYLE = {
     "up": "green",
@@ -176,7 +177,7 @@ def downloads_table(statuses: list[NodeStatus]) -> Table | None:
     return table
 
 
-def history_table(events: list[dict[str, object]]) -> Table | None:
+def history_table(events: list[SupervisorEvent]) -> Table | None:
     """What the supervisor of `exoctl serve` did when nodes were lost and came back."""
     import time
 
@@ -186,22 +187,15 @@ def history_table(events: list[dict[str, object]]) -> Table | None:
     for column in ("time", "instance", "model", "what", "now on", "why"):
         table.add_column(column)
     for event in events[-20:]:
-        when = event.get("time")
-        action = str(event.get("action", ""))
-        nodes = event.get("nodes")
-        after = event.get("restoreAfterSeconds")
+        action, nodes, after = event.action, event.nodes, event.restore_after_s
         table.add_row(
-            time.strftime("%H:%M:%S", time.localtime(when)) if isinstance(when, int | float) else "",
-            str(event.get("instanceId", ""))[:8],
-            str(event.get("modelId", "")),
+            time.strftime("%H:%M:%S", time.localtime(event.time)),
+            event.instance_id[:8],
+            event.model_id,
             f"[green]{action}[/]" if action in ("replaced", "restored") else f"[red]{action}[/]",
-            (
-                f"{str(event.get('newInstanceId', ''))[:8]} on {', '.join(map(str, nodes))}"
-                if isinstance(nodes, list)
-                else ""
-            )
-            + (f" (restore in {after:.0f} s)" if isinstance(after, int | float) else ""),
-            str(event.get("error") or event.get("reason") or ""),
+            (f"{(event.new_instance_id or '')[:8]} on {', '.join(nodes)}" if nodes is not None else "")
+            + (f" (restore in {after:.0f} s)" if after is not None else ""),
+            event.error or event.reason or "",
         )
     return table
 

@@ -26,7 +26,7 @@ from exoctl.cli.options import (
     TopKOption,
     TopPOption,
 )
-from exoctl.cli.output import err_console, note, print_json, use_json_errors
+from exoctl.cli.output import err_console, note, out
 from exoctl.errors import InvalidRequestError
 from exoctl.wire.sampling_params import SamplingDefaults, SamplingParamError, SamplingParams, SamplingRequest
 
@@ -108,7 +108,7 @@ def run(
     inventory: InventoryOption = None,
     json_output: JsonOption = False,
 ) -> None:
-    use_json_errors(json_output)
+    out.mode(json_output)
     asked = sampling_request(
         max_tokens,
         temperature,
@@ -136,7 +136,7 @@ def run(
         generation = cluster.generate(view, params, messages=messages, prompt=prompt if raw else None)
         try:
             for delta in generation:
-                if not json_output:
+                if not out.json:  # streamed as it comes; --json prints the whole answer at the end
                     sys.stdout.write(delta)
                     sys.stdout.flush()
         except KeyboardInterrupt:  # stop the workers too, not only this process
@@ -144,12 +144,13 @@ def run(
             raise
     result = generation.result
     assert result is not None
-    if json_output:
-        print_json(result.to_wire())
-        return
-    sys.stdout.write("\n")
     timings = result.timings
-    err_console.print(
-        f"[dim]{result.completion_tokens} tokens, {timings.decode_tokens_per_s:.1f} tok/s, "
-        f"first token after {timings.time_to_first_token_s * 1000:.0f} ms on {', '.join(view.nodes)}[/]"
-    )
+
+    def stats() -> None:  # the answer is on stdout already: its numbers on stderr
+        sys.stdout.write("\n")
+        err_console.print(
+            f"[dim]{result.completion_tokens} tokens, {timings.decode_tokens_per_s:.1f} tok/s, "
+            f"first token after {timings.time_to_first_token_s * 1000:.0f} ms on {', '.join(view.nodes)}[/]"
+        )
+
+    out.result(result.to_wire(), stats)

@@ -10,7 +10,7 @@ from rich.live import Live
 
 from exoctl.cli.common import InventoryOption, open_cluster
 from exoctl.cli.options import JsonOption
-from exoctl.cli.output import console, print_json, use_json_errors
+from exoctl.cli.output import console, out
 from exoctl.cli.render import nodes_table, state_view
 
 STATE_EXAMPLES = (
@@ -25,21 +25,20 @@ def state(
     watch: Annotated[bool, typer.Option("--watch", "-w", help="Refresh every second until Ctrl-C.")] = False,
 ) -> None:
     """Nodes, instances and shards of the cluster."""
-    use_json_errors(json_output)
+    out.mode(json_output)
     from exoctl.cluster.state import state_document
     from exoctl.cluster.views import instances_of, no_node_up
 
     with open_cluster(inventory) as cluster:
         statuses = cluster.statuses()
-        if json_output or not watch:
+        if out.json or not watch:
             # the state is shown either way; with no node up it is an error, as for `nodes`
-            if json_output:
-                print_json(state_document(statuses, cluster.inventory.name))
-            else:
-                console.print(state_view(statuses, list(instances_of(statuses).values())))
+            out.result(
+                state_document(statuses, cluster.inventory.name),
+                lambda: console.print(state_view(statuses, list(instances_of(statuses).values()))),
+            )
             down = no_node_up(statuses)
             if down is not None:
-                use_json_errors(False)  # stdout stays the one document; the error goes to stderr
                 raise down
             return
         views = list(instances_of(statuses).values())
@@ -55,28 +54,23 @@ def state(
 
 def nodes(inventory: InventoryOption = None, json_output: JsonOption = False) -> None:
     """Who is up: RAM, CPU, device, version and runners of every node."""
-    use_json_errors(json_output)
+    out.mode(json_output)
     with open_cluster(inventory) as cluster:
         statuses = cluster.statuses()
-    if json_output:
-        print_json(
-            [
-                {
-                    "node": s.node.name,
-                    "address": s.node.address,
-                    "status": "up" if s.up else "down",
-                    "error": s.error,
-                    "profile": s.profile.to_wire() if s.profile else None,
-                    "runners": [r.runner_id for r in s.runners],
-                }
-                for s in statuses
-            ]
-        )
-    else:
-        console.print(nodes_table(statuses))
+    document = [
+        {
+            "node": s.node.name,
+            "address": s.node.address,
+            "status": "up" if s.up else "down",
+            "error": s.error,
+            "profile": s.profile.to_wire() if s.profile else None,
+            "runners": [r.runner_id for r in s.runners],
+        }
+        for s in statuses
+    ]
+    out.result(document, lambda: console.print(nodes_table(statuses)))
     from exoctl.cluster.views import no_node_up
 
     down = no_node_up(statuses)
     if down is not None:
-        use_json_errors(False)  # stdout stays the one document; the error goes to stderr
         raise down

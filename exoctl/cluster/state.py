@@ -16,6 +16,7 @@ from exoctl.cluster.views import NodeStatus, instances_of
 from exoctl.inventory import Node
 from exoctl.placement.pipeline import Placement
 from exoctl.wire.runner_report import RunnerReport, RunnerStatus
+from exoctl.wire.supervisor_event import SupervisorEvent
 
 SHARDING_TAG = {"pipeline": "PipelineShardMetadata", "tensor": "TensorShardMetadata"}
 
@@ -206,20 +207,14 @@ def state_document(statuses: list[NodeStatus], cluster: str) -> dict[str, Any]:
         "topology": topology(statuses),
         "nodeIdentities": node_identities(statuses),
         "downloads": downloads_document(statuses),
-        "reformations": history(statuses),
+        "reformations": [e.to_wire() for e in history(statuses)],
     }
 
 
-def history(statuses: list[NodeStatus], more: Sequence[dict[str, Any]] = ()) -> list[dict[str, Any]]:
+def history(statuses: list[NodeStatus], more: Sequence[SupervisorEvent] = ()) -> list[SupervisorEvent]:
     """The supervisor's events as the nodes keep them (each on every node live at the time), one
     of each, oldest first; `more` adds events known elsewhere (serve's own)."""
-    merged: dict[str, dict[str, Any]] = {}
+    merged: dict[str, SupervisorEvent] = {}
     for event in [*(e for s in statuses for e in s.events), *more]:
-        key = event.get("id") or f"{event.get('time')}-{event.get('instanceId')}-{event.get('action')}"
-        merged.setdefault(str(key), event)
-    return sorted(merged.values(), key=event_time)
-
-
-def event_time(event: dict[str, Any]) -> float:
-    when = event.get("time")
-    return float(when) if isinstance(when, int | float) else 0.0
+        merged.setdefault(event.id, event)
+    return sorted(merged.values(), key=lambda e: e.time)

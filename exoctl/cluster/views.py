@@ -18,6 +18,7 @@ from exoctl.models.store import as_path, hub_reference
 from exoctl.placement.pipeline import GB, NodeProfile
 from exoctl.wire.runner_report import RunnerReport, RunnerStatus
 from exoctl.wire.sampling_params import SamplingDefaults
+from exoctl.wire.supervisor_event import SupervisorEvent
 from exoctl.wire.worker_profile import WorkerProfile
 
 
@@ -36,7 +37,7 @@ class NodeStatus:
     error: str | None = None
     key_refused: bool = False  # the node answered, but its handshake refused this machine's key
     downloads: list[dict[str, Any]] = field(default_factory=list)  # hub_fetch.Download.to_wire()
-    events: list[dict[str, Any]] = field(default_factory=list)  # the supervisor's, kept by the node
+    events: list[SupervisorEvent] = field(default_factory=list)  # the supervisor's, kept by the node
 
     @property
     def up(self) -> bool:

@@ -18,6 +18,7 @@ from exoctl.wire.instance_messages import DECODERS, InstanceMessage
 from exoctl.wire.protocol import Message, ProtocolError
 from exoctl.wire.runner_report import RunnerReport
 from exoctl.wire.runner_spec import RunnerSpec
+from exoctl.wire.supervisor_event import SupervisorEvent
 from exoctl.wire.worker_profile import WorkerProfile
 
 # --- requests to a worker (each sent with an "id" its reply echoes) --------------------------
@@ -81,10 +82,10 @@ class Record:
     """An event of the supervisor's (a reformation, a restore), kept for `exoctl state`."""
 
     KIND: ClassVar[str] = "record"
-    event: dict[str, Any]
+    event: SupervisorEvent
 
     def to_fields(self) -> dict[str, Any]:
-        return {"event": self.event}
+        return {"event": self.event.to_wire()}
 
 
 @dataclass(frozen=True)
@@ -172,14 +173,14 @@ class StatusReply:
     profile: WorkerProfile
     runners: tuple[RunnerReport, ...]
     downloads: tuple[dict[str, Any], ...]  # `hub_fetch.Download.to_wire()`, checked by the client
-    events: tuple[dict[str, Any], ...]
+    events: tuple[SupervisorEvent, ...]
 
     def to_fields(self) -> dict[str, Any]:
         return {
             "profile": self.profile.to_wire(),
             "runners": [r.to_wire() for r in self.runners],
             "downloads": list(self.downloads),
-            "events": list(self.events),
+            "events": [e.to_wire() for e in self.events],
         }
 
 
@@ -293,7 +294,7 @@ def _error(m: Message) -> ErrorReply:
 def _status_reply(m: Message) -> StatusReply:
     runners = tuple(RunnerReport.from_wire(r) for r in m["runners"])
     downloads = tuple(d for d in m["downloads"] if isinstance(d, dict))
-    events = tuple(e for e in m["events"] if isinstance(e, dict))
+    events = tuple(SupervisorEvent.from_wire(e) for e in m["events"])
     return StatusReply(WorkerProfile.from_wire(m["profile"]), runners, downloads, events)
 
 
@@ -327,7 +328,7 @@ KINDS: dict[str, Callable[[Message], WireMessage]] = {
     "load": lambda m: Load(RunnerSpec.from_message(m)),
     "unload": lambda m: Unload(m["instance_id"]),
     "download": lambda m: DownloadRequest(m["model"], m["start_layer"], m["end_layer"], m["n_layers"]),
-    "record": lambda m: Record(m["event"]),
+    "record": lambda m: Record(SupervisorEvent.from_wire(m["event"])),
     "generate": lambda m: Generate(GenerateRequest.from_message(m)),
     "cancel": lambda m: Cancel(m["request_id"]),
     "alive": lambda m: Alive(m["request_id"]),

@@ -55,6 +55,7 @@ from exoctl.wire.messages import (
 from exoctl.wire.protocol import ProtocolError
 from exoctl.wire.runner_report import Failure, RunnerReport, RunnerStatus
 from exoctl.wire.runner_spec import RunnerSpec
+from exoctl.wire.supervisor_event import SupervisorEvent
 from exoctl.worker.downloads import Downloads
 from exoctl.worker.lane import CancelJob, FromPeer, GenerateJob, Lane
 from exoctl.worker.loader import start_loading
@@ -116,7 +117,7 @@ class Worker:
         self.peers = Peers(self.ctx, options.keys)
         self.meeting = Meeting(self.ctx, options.host, options.keys, options.max_batch, self.peers)
         self.downloads = Downloads(self.name, options.model_dirs)
-        self.history: deque[dict[str, Any]] = deque(maxlen=MAX_EVENTS)  # the supervisor's record
+        self.history: deque[SupervisorEvent] = deque(maxlen=MAX_EVENTS)  # the supervisor's record
         self.profiler = NodeProfiler(self.name, options.device, uuid.uuid4().hex)
         self.runners: dict[str, InstanceRunner] = {}  # instance id -> this node's runner of it
         # failed runners are retired (lane stopped, sockets closed); their last reports stay, bounded
@@ -365,11 +366,11 @@ class Worker:
         self.peers.expect([address for _, address in spec.peers], time.monotonic())
         start_loading(runner, self.options.model_dirs, self.name, self.downloads)
 
-    def _record(self, event: dict[str, Any]) -> None:
+    def _record(self, event: SupervisorEvent) -> None:
         """Keep an event of the supervisor's (a reformation) so `exoctl state` can show it."""
-        if len(msgpack.packb(event)) > MAX_EVENT_BYTES or not isinstance(event.get("id"), str):
-            raise ProtocolError(f"an event is a map with a string 'id' of at most {MAX_EVENT_BYTES} bytes")
-        if all(e["id"] != event["id"] for e in self.history):
+        if len(msgpack.packb(event.to_wire())) > MAX_EVENT_BYTES:
+            raise ProtocolError(f"an event is at most {MAX_EVENT_BYTES} bytes")
+        if all(e.id != event.id for e in self.history):
             self.history.append(event)
 
     def _unload(self, instance_id: str) -> int:
