@@ -983,7 +983,10 @@ def test_soak_sixteen_streams_answer_as_each_prompt_does_alone(
     solo = {prompt: answer(client, prompt) for prompt in SAMPLE_PROMPTS}
     # one burst of 16 at once first: the high-water mark of 16 sequences' caches and batch
     # buffers is the allocator's to keep; what the soak adds beyond it would be a leak
-    burst = [threading.Thread(target=answer, args=(client, SAMPLE_PROMPTS[i % len(SAMPLE_PROMPTS)])) for i in range(16)]
+    burst = [
+        threading.Thread(target=answer, args=(client, SAMPLE_PROMPTS[i % len(SAMPLE_PROMPTS)]))
+        for i in range(16)
+    ]
     for thread in burst:
         thread.start()
     for thread in burst:
