@@ -17,9 +17,7 @@ import logging
 import time
 import traceback
 import uuid
-from collections import OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import msgpack
@@ -53,44 +51,28 @@ from exoctl.wire.messages import (
     parse,
 )
 from exoctl.wire.protocol import ProtocolError
-from exoctl.wire.runner_report import Failure, RunnerReport, RunnerStatus
+from exoctl.wire.runner_report import Failure, RunnerStatus
 from exoctl.wire.runner_spec import RunnerSpec
-from exoctl.wire.supervisor_event import SupervisorEvent
 from exoctl.worker.downloads import Downloads
-from exoctl.worker.lane import CancelJob, FromPeer, GenerateJob, Lane
+from exoctl.worker.event_log import EventLog
+from exoctl.worker.held_instances import HeldInstances
+from exoctl.worker.lane import CancelJob, FromPeer, GenerateJob
+from exoctl.worker.lease_clock import LEASE_LOST_S, LEASE_S, LeaseClock
 from exoctl.worker.loader import start_loading
 from exoctl.worker.model_access import check_reference
 from exoctl.worker.options import WorkerOptions, check_bind
 from exoctl.worker.outbox import FailInstance, Out, Outbox, ToClient, ToPeer
 from exoctl.worker.peers import DOWN_AFTER_S, HEARTBEAT_S, SILENT_AFTER_S, Peers
 from exoctl.worker.profile import NodeProfiler
+from exoctl.worker.running_requests import CLIENT_SILENT_S, KEEPALIVE_S, RunningRequests
 from exoctl.worker.tensor_meeting import Meeting
 
 if TYPE_CHECKING:
-    from exoctl.worker.instance import InstanceRunner
+    pass
 
-__all__ = ["DOWN_AFTER_S", "SILENT_AFTER_S", "Worker"]
+__all__ = ["CLIENT_SILENT_S", "DOWN_AFTER_S", "LEASE_LOST_S", "SILENT_AFTER_S", "Worker"]
 
 log = logging.getLogger("exoctl.worker")
-
-KEEPALIVE_S = 1.0  # clients of running requests hear from the head at least this often
-# A client that has not answered the keepalives for this long is gone (SIGKILLed, its machine
-# lost): its request is cancelled rather than decoded to max_tokens for nobody.
-CLIENT_SILENT_S = 10.0
-LEASE_S = 2.0  # how often a head says which sequences live; the others free the rest within 2 of these
-# A stage that has heard no lease for this long frees every sequence it holds: its head no longer
-# holds the instance (unloaded there, failed there while this node was cut off), so nothing will.
-LEASE_LOST_S = 5 * LEASE_S
-MAX_FAILURES = 16  # failed runners whose reports a node keeps (the oldest are forgotten first)
-MAX_EVENTS = 64  # supervisor events a node keeps for `exoctl state`
-MAX_EVENT_BYTES = 4096
-
-
-@dataclass
-class ActiveRequest:
-    client: bytes
-    instance_id: str
-    heard: float = field(default_factory=time.monotonic)  # the client's last word ("alive")
 
 
 class Worker:
@@ -117,14 +99,11 @@ class Worker:
         self.peers = Peers(self.ctx, options.keys)
         self.meeting = Meeting(self.ctx, options.host, options.keys, options.max_batch, self.peers)
         self.downloads = Downloads(self.name, options.model_dirs)
-        self.history: deque[SupervisorEvent] = deque(maxlen=MAX_EVENTS)  # the supervisor's record
+        self.history = EventLog()  # the supervisor's record
         self.profiler = NodeProfiler(self.name, options.device, uuid.uuid4().hex)
-        self.runners: dict[str, InstanceRunner] = {}  # instance id -> this node's runner of it
-        # failed runners are retired (lane stopped, sockets closed); their last reports stay, bounded
-        self.failures: OrderedDict[str, RunnerReport] = OrderedDict()
-        self.last_lease: dict[str, float] = {}  # stage runners: when their head last named its sequences
-        self.lanes: dict[str, Lane] = {}  # instance id -> its compute lane
-        self.active: dict[str, ActiveRequest] = {}  # request id -> client of a running request
+        self.held = HeldInstances(self.name, options.max_batch, self.meeting, self.outbox)
+        self.leases = LeaseClock()  # when each stage here last heard its head name the live sequences
+        self.requests = RunningRequests()  # the requests this node heads, while they run
         self.stopping = False
         self.next_lease = 0.0
         self.last_beat = time.monotonic()
@@ -157,34 +136,29 @@ class Worker:
                 if now >= next_beat:
                     self._heartbeat(now)
                     next_beat = now + HEARTBEAT_S
-                    for sock in self.peers.prune(self._watched(), now):
+                    for sock in self.peers.prune(self.held.watched(self.address), now):
                         poller.unregister(sock)
                         sock.close(linger=500)  # what was just sent (a `fail`, a `release`) still goes
                     registered &= set(self.peers.sockets)
                 if now >= next_keepalive:
-                    for request_id, request in list(self.active.items()):
-                        self._reply(request.client, None, Keepalive(request_id))
-                        if now - request.heard > CLIENT_SILENT_S and request.instance_id in self.lanes:
-                            log.warning(
-                                "request %s: its client said nothing for %.0f s; cancelled",
-                                request_id[:8],
-                                now - request.heard,
-                            )
-                            request.heard = now  # one cancel; the lane ends the sequence
-                            self.lanes[request.instance_id].put(CancelJob(request_id))
+                    self._keepalives(now)
                     next_keepalive = now + KEEPALIVE_S
                 if now >= next_cpu:
                     self.profiler.sample_cpu()
                     next_cpu = now + 1.0
         finally:
             log.info("worker %s stopping", self.name)
-            for runner in list(self.runners.values()):
-                runner.free()
-            for lane in self.lanes.values():
-                lane.stop()
-            for lane in self.lanes.values():
-                lane.thread.join(2)
+            self.held.stop()
             self.close()
+
+    def _keepalives(self, now: float) -> None:
+        for request_id, request in list(self.requests.running.items()):
+            self._reply(request.client, None, Keepalive(request_id))
+        for request_id, request in self.requests.silent(now):
+            log.warning(
+                "request %s: its client said nothing for %.0f s; cancelled", request_id[:8], CLIENT_SILENT_S
+            )
+            self.held.put(request.instance_id, CancelJob(request_id))
 
     def close(self) -> None:
         if self.auth is not None:
@@ -210,16 +184,14 @@ class Worker:
     def _outbound(self, out: Out) -> None:
         match out:
             case ToClient():
-                if out.request_id not in self.active:
+                if not self.requests.answering(out.request_id, out.ends_request):
                     return  # the request failed or was answered already
-                if out.ends_request:
-                    del self.active[out.request_id]
                 self.router.send_multipart([out.client, *out.frames()], copy=False)
             case ToPeer():
                 self.peers.send(out.address, out.frames())
             case FailInstance(instance_id, message):
                 # a lane found its instance broken (a tensor-parallel step failed part-way)
-                runner = self.runners.get(instance_id)
+                runner = self.held.runners.get(instance_id)
                 if runner is not None and not runner.failed:
                     self._fail_instance(instance_id, Failure(message), notify=True)
 
@@ -249,15 +221,15 @@ class Worker:
             case Ping():
                 self._reply(client, reply_to, Pong(self.profiler.profile()))
             case StatusRequest():
-                reports = (*(r.report() for r in self.runners.values()), *self.failures.values())
-                downloads, events = tuple(self.downloads.wire()), tuple(self.history)
+                reports = self.held.reports()
+                downloads, events = tuple(self.downloads.wire()), tuple(self.history.events)
                 self._reply(
                     client, reply_to, StatusReply(self.profiler.profile(), reports, downloads, events)
                 )
             case DownloadRequest():
                 self._reply(client, reply_to, Ok(download_id=self.downloads.start(message)))
             case Record(event):
-                self._record(event)
+                self.history.record(event)
                 self._reply(client, reply_to, Ok())
             case Load(spec):
                 self._load(spec)
@@ -267,13 +239,11 @@ class Worker:
             case Generate(request):
                 self._generate(client, request)
             case Alive(request_id):
-                running = self.active.get(request_id)
-                if running is not None and running.client == client:
-                    running.heard = time.monotonic()
+                self.requests.heard(request_id, client, time.monotonic())
             case Cancel(request_id):
-                running = self.active.get(request_id)
-                if running is not None and running.instance_id in self.lanes:
-                    self.lanes[running.instance_id].put(CancelJob(request_id))
+                running = self.requests.get(request_id)
+                if running is not None:
+                    self.held.put(running.instance_id, CancelJob(request_id))
                 self._reply(client, reply_to, Ok())
             case Shutdown():
                 self._reply(client, reply_to, Ok())
@@ -281,17 +251,17 @@ class Worker:
             case Forward() | Tokens() | Release() | SeqError() | Lease():  # another runner's
                 self._from_peer(message)
             case TensorHello():
-                holder = self.runners.get(message.instance_id)
+                holder = self.held.runners.get(message.instance_id)
                 self.meeting.hello(holder.stage if holder is not None else None, message)
             case InstanceFailed(instance_id, text, lost_node):
-                holder = self.runners.get(instance_id)
+                holder = self.held.runners.get(instance_id)
                 if holder is not None and not holder.failed:
                     self._fail_instance(instance_id, Failure(text, lost_node), notify=False)
             case _:
                 raise ProtocolError(f"a worker does not accept '{message.KIND}' messages")
 
     def _generate(self, client: bytes, request: GenerateRequest) -> None:
-        runner = self._runner(request.instance_id)
+        runner = self.held.get(request.instance_id)
         spec = runner.spec
         if runner.status is not RunnerStatus.READY:
             raise ExoctlError(
@@ -299,30 +269,28 @@ class Worker:
                 + (f": {runner.failure.message}" if runner.failure else "")
             )
         runner.role.take_requests(self.name)
-        if request.request_id in self.active:
-            raise ExoctlError(f"request id {request.request_id} is already running")
-        self.active[request.request_id] = ActiveRequest(client, spec.instance_id)
-        self.lanes[spec.instance_id].put(GenerateJob(client, request))
+        self.requests.start(request.request_id, client, spec.instance_id)
+        self.held.put(spec.instance_id, GenerateJob(client, request))
 
     def _from_peer(self, message: Forward | Tokens | Release | SeqError | Lease) -> None:
         """A message between runners, checked and queued on its instance's lane."""
         instance_id = message.instance_id
-        if instance_id in self.failures:
+        if instance_id in self.held.failures:
             return  # the instance failed here: what its other runners still send is moot
-        runner = self._runner(instance_id)
+        runner = self.held.get(instance_id)
         if isinstance(message, Forward):
             try:
                 runner.check(message)
             except ExoctlError as exc:
                 raise StepRefused(exc.message, instance_id, tuple(message.step.seqs)) from None
         if isinstance(message, Lease):
-            self.last_lease[instance_id] = time.monotonic()
-        self.lanes[instance_id].put(FromPeer(message))
+            self.leases.heard(instance_id, time.monotonic())
+        self.held.put(instance_id, FromPeer(message))
 
     def _tell_head(self, refused: StepRefused) -> None:
         """A step refused to its sender: the head hears of it too, so a request waiting on those
         sequences ends rather than hangs."""
-        runner = self.runners.get(refused.instance_id)
+        runner = self.held.runners.get(refused.instance_id)
         if runner is not None:
             for out in runner.role.refused(refused.seqs, refused.message):
                 self._outbound(out)
@@ -337,56 +305,17 @@ class Worker:
         if why is not None:
             self._peer_lost(address, why)
 
-    def _runner(self, instance_id: str) -> InstanceRunner:
-        runner = self.runners.get(instance_id)
-        failed = self.failures.get(instance_id)
-        if failed is not None:
-            raise ExoctlError(
-                f"instance {instance_id} is {failed.status.value} on node {self.name}: {failed.message}"
-            )
-        if runner is None:
-            raise ExoctlError(
-                f"node {self.name} holds no runner of instance {instance_id}",
-                hint="`exoctl state` lists the instances",
-            )
-        return runner
-
     # --- loading -----------------------------------------------------------------------------
 
     def _load(self, spec: RunnerSpec) -> None:
-        if spec.instance_id in self.runners:
-            raise ExoctlError(f"instance {spec.instance_id} is already on node {self.name}")
         check_reference(spec.model, self.options.model_dirs, self.name)
-        from exoctl.worker.instance import build_instance
-
-        runner = build_instance(spec, self.options.max_batch, self.meeting)
-        self.runners[spec.instance_id] = runner
-        lane = self.lanes[spec.instance_id] = Lane(runner, self.name, self.outbox)
-        lane.thread.start()
+        runner = self.held.add(spec)
         self.peers.expect([address for _, address in spec.peers], time.monotonic())
         start_loading(runner, self.options.model_dirs, self.name, self.downloads)
 
-    def _record(self, event: SupervisorEvent) -> None:
-        """Keep an event of the supervisor's (a reformation) so `exoctl state` can show it."""
-        if len(msgpack.packb(event.to_wire())) > MAX_EVENT_BYTES:
-            raise ProtocolError(f"an event is at most {MAX_EVENT_BYTES} bytes")
-        if all(e.id != event.id for e in self.history):
-            self.history.append(event)
-
     def _unload(self, instance_id: str) -> int:
-        self.failures.pop(instance_id, None)
-        runner = self.runners.pop(instance_id, None)
-        if runner is None:
-            return 0
-        freed = runner.memory_bytes
-        self.meeting.forget(instance_id)
         self._end_requests(instance_id, f"instance {instance_id} was deleted", None)
-        runner.free()
-        lane = self.lanes.pop(instance_id, None)
-        if lane is not None:
-            lane.stop()
-        log.info("unloaded instance %s (%.1f MB)", instance_id, freed / 1e6)
-        return int(freed)
+        return self.held.remove(instance_id)
 
     # --- failures ----------------------------------------------------------------------------
 
@@ -397,47 +326,32 @@ class Worker:
             log.warning("worker %s did not run for %.1f s", self.name, now - self.last_beat)
             self.peers.expect(list(self.peers.seen), now)
         self.last_beat = now
-        for instance_id in [i for i, r in self.runners.items() if r.failed]:  # a load that failed
-            self._retire(instance_id)
+        for instance_id in [i for i, r in self.held.runners.items() if r.failed]:  # a load that failed
+            self.held.retire(instance_id)
         if now >= self.next_lease:
             self._renew_leases()
             self._expire_leases(now)
             self.next_lease = now + LEASE_S
-        for address, why in self.peers.beat(self._watched(), now).items():
+        for address, why in self.peers.beat(self.held.watched(self.address), now).items():
             self._peer_lost(address, why)
 
     def _expire_leases(self, now: float) -> None:
         """A stage whose head has gone quiet about its sequences frees them (two empty words free
         all: what was held at the first, then what came since)."""
-        for instance_id, runner in self.runners.items():
-            if not runner.follows_leases or runner.status is not RunnerStatus.READY:
-                continue
-            last = self.last_lease.setdefault(instance_id, now)
-            if now - last > LEASE_LOST_S and instance_id in self.lanes:
-                log.warning(
-                    "instance %s: no lease from its head for %.0f s; freeing its sequences",
-                    instance_id[:8],
-                    now - last,
-                )
-                self.last_lease[instance_id] = now - LEASE_LOST_S + LEASE_S  # the second word next round
-                self.lanes[instance_id].put(FromPeer(Lease(instance_id, ())))
-        for instance_id in set(self.last_lease) - set(self.runners):
-            del self.last_lease[instance_id]
-
-    def _watched(self) -> set[str]:
-        """The other workers the runners here belong with."""
-        watched = {a for r in self.runners.values() for _, a in r.spec.peers}
-        watched.discard(self.address)
-        return watched
+        for instance_id, quiet in self.leases.lost(self.held.following(), now):
+            log.warning(
+                "instance %s: no lease from its head for %.0f s; freeing it all", instance_id[:8], quiet
+            )
+            self.held.put(instance_id, FromPeer(Lease(instance_id, ())))
 
     def _renew_leases(self) -> None:
         """Each head tells its instance's other runners which sequences live."""
-        for runner in self.runners.values():
+        for runner in self.held.runners.values():
             for out in runner.leases():
                 self._outbound(out)
 
     def _peer_lost(self, address: str, why: str) -> None:
-        for instance_id, runner in list(self.runners.items()):
+        for instance_id, runner in list(self.held.runners.items()):
             if runner.failed:
                 continue
             names = [name for name, a in runner.spec.peers if a == address]
@@ -445,36 +359,23 @@ class Worker:
                 failure = Failure(f"node {names[0]} ({address}) {why}", lost_node=names[0])
                 self._fail_instance(instance_id, failure, notify=True)
 
-    def _retire(self, instance_id: str) -> None:
-        """A failed runner gives back its thread and sockets; its last report stays in the state."""
-        runner = self.runners.pop(instance_id)
-        lane = self.lanes.pop(instance_id, None)
-        if lane is not None:
-            lane.stop()  # the lane closes the runner's sockets (a tensor rank's collective) as it ends
-        self.meeting.forget(instance_id)
-        self.failures[instance_id] = runner.report()
-        while len(self.failures) > MAX_FAILURES:
-            self.failures.popitem(last=False)
-
     def _end_requests(
         self, instance_id: str, message: str, hint: str | None, lost_node: str | None = None
     ) -> None:
-        for request_id, request in list(self.active.items()):
-            if request.instance_id == instance_id:
-                # a lost node is named: the client answers "unavailable", naming it
-                self._reply(
-                    request.client, None, ErrorReply(message, hint, request_id=request_id, node=lost_node)
-                )
-                del self.active[request_id]
+        for request_id, request in self.requests.end(instance_id):
+            # a lost node is named: the client answers "unavailable", naming it
+            self._reply(
+                request.client, None, ErrorReply(message, hint, request_id=request_id, node=lost_node)
+            )
 
     def _fail_instance(self, instance_id: str, failure: Failure, notify: bool) -> None:
         """The instance lost a node: fail its requests now, free this runner, tell the others."""
-        runner = self.runners[instance_id]
+        runner = self.held.runners[instance_id]
         log.warning("instance %s failed: %s", instance_id, failure.message)
         hint = "place the model again: `exoctl place`"
         self._end_requests(instance_id, failure.message, hint, failure.lost_node)
         runner.fail(failure)
-        self._retire(instance_id)
+        self.held.retire(instance_id)
         if notify:
             failed = InstanceFailed(instance_id, failure.message, failure.lost_node)
             for _, address in runner.spec.peers:
