@@ -10,14 +10,16 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
-from exoctl.engine import layers, qkernel
-from exoctl.engine.layers import GatedMLP, Linear, RMSNorm, Rotary, cpu_has_native_bf16, step_kernel
+from exoctl.engine import kernel_calls, qkernel
+from exoctl.engine.kernel_calls import cpu_has_native_bf16, step_kernel
+from exoctl.engine.layers import GatedMLP, RMSNorm, Rotary
+from exoctl.engine.linear import Linear
 
 
 @pytest.fixture
 def kernel_linear(monkeypatch: pytest.MonkeyPatch) -> type[Linear]:
     """Linear with the kernel, on any CPU (where bf16 is native, the engine uses torch's path)."""
-    monkeypatch.setattr(layers, "bf16_kernel", qkernel.library)
+    monkeypatch.setattr(kernel_calls, "bf16_kernel", qkernel.library)
     return Linear
 
 
@@ -137,3 +139,38 @@ def test_silu_times_up_equals_torch(dtype: torch.dtype) -> None:
     gate, up = both.split(96, dim=-1)
     # float32: libm's expf and torch's vectorised exp differ in the last bit or two
     assert ulps_apart(mlp(both), F.silu(gate) * up) <= (4 if dtype is torch.float32 else 1)
+
+
+def test_the_ctypes_table_matches_the_c_prototypes() -> None:
+    """Every function the C files export is declared in kernels/exoctl_kernels.h, and
+    qkernel.SIGNATURES gives each the argument and return types the header does: a changed
+    prototype fails here, not as a wrong pointer at run time."""
+    import ctypes
+    import re
+
+    header = (qkernel.KERNELS / "exoctl_kernels.h").read_text()
+    c_types = {
+        "int": ctypes.c_int,
+        "int64_t": ctypes.c_int64,
+        "uint32_t": ctypes.c_uint32,
+        "float": ctypes.c_float,
+        "void": None,
+    }
+
+    def ctype(declaration: str) -> object:
+        declaration = declaration.replace("const ", "").strip()
+        if "*" in declaration:
+            return ctypes.c_void_p
+        return c_types[declaration.rsplit(" ", 1)[0] if " " in declaration else declaration]
+
+    declared = {}
+    for restype, name, params in re.findall(r"^(\w+) (\w+)\(([^)]*)\);", header, flags=re.M | re.S):
+        args = [] if params.strip() == "void" else [ctype(p) for p in params.split(",")]
+        declared[name] = (c_types[restype], args)
+    assert declared == qkernel.SIGNATURES
+    exported = set()
+    for source in qkernel.SOURCES:
+        text = source.read_text()
+        exported |= set(re.findall(r"^(?:int|void) (\w+)\(", text, flags=re.M))
+        assert '#include "exoctl_kernels.h"' in text, source.name  # so the compiler checks each against it
+    assert exported == set(declared)

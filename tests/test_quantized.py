@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from exoctl.dtypes import QUANTIZED_BITS
 from exoctl.engine.generate import complete
-from exoctl.engine.layers import Linear, QuantLinear
+from exoctl.engine.linear import Linear, QuantLinear
 from exoctl.engine.model import CausalLM, _linears, load_model
 from exoctl.engine.quant import BLOCK, dequantize, quantize
 from exoctl.engine.shard import TensorShard
@@ -492,7 +492,7 @@ def test_a_long_prompt_in_chunks_gives_the_same_logits_and_cache(
 ) -> None:
     """Prompts longer than PREFILL_CHUNK run in chunks (the first by the fused causal kernel,
     later ones against the cached positions): the logits and the next step are the same."""
-    import exoctl.engine.layers as engine_layers
+    import exoctl.engine.kernel_calls as kernel_calls
     import exoctl.engine.model as engine_model
 
     if dtype == "int4":
@@ -500,7 +500,7 @@ def test_a_long_prompt_in_chunks_gives_the_same_logits_and_cache(
         # last bits (float32: 2e-5 here), and int4's rounding of activations to int8 turns a last
         # bit into a different level now and then (0.17 in these logits). One implementation for
         # both, so that what is compared is the chunking.
-        monkeypatch.setattr(engine_layers, "KERNEL_ROWS", 0)
+        monkeypatch.setattr(kernel_calls, "KERNEL_ROWS", 0)
     model = load_model(tiny_models["llama"], dtype=dtype)
     ids = torch.randint(3, 40000, (1, 70), generator=torch.Generator().manual_seed(3))
     positions = torch.arange(70)[None]

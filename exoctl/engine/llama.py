@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 
 from exoctl.engine.config import ModelConfig
-from exoctl.engine.layers import Attention, DecoderLayer, GatedMLP, RMSNorm, make_linear
+from exoctl.engine.layers import Attention, DecoderLayer, GatedMLP, RMSNorm
+from exoctl.engine.linear import make_linear
 from exoctl.engine.quant import stack_rows
 from exoctl.engine.shard import WHOLE, TensorShard
 from exoctl.engine.weights import WeightSource

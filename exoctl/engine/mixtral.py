@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from exoctl.engine.config import ModelConfig
-from exoctl.engine.layers import DecoderLayer, GatedMLP, Linear
+from exoctl.engine.layers import DecoderLayer, GatedMLP
+from exoctl.engine.linear import Linear
 from exoctl.engine.llama import load_attention, load_gated_mlp, load_norms
 from exoctl.engine.shard import WHOLE, TensorShard
 from exoctl.engine.weights import WeightSource

@@ -21,16 +21,10 @@ from exoctl.dtypes import FLOAT_DTYPES, QUANTIZED_BITS, RUNTIME_DTYPES
 from exoctl.engine import llama, mixtral, qwen2
 from exoctl.engine.config import ModelConfig, gguf_config, load_config
 from exoctl.engine.gguf_weights import GGUFWeightReader
+from exoctl.engine.kernel_calls import bf16_activations
 from exoctl.engine.kv_cache import KVCache
-from exoctl.engine.layers import (
-    AnyLinear,
-    DecoderLayer,
-    Reduce,
-    RMSNorm,
-    Rotary,
-    bf16_activations,
-    make_linear,
-)
+from exoctl.engine.layers import DecoderLayer, Reduce, RMSNorm, Rotary
+from exoctl.engine.linear import AnyLinear, make_linear
 from exoctl.engine.shard import WHOLE, TensorShard
 from exoctl.engine.weights import WeightReader, WeightSource
 from exoctl.errors import UnsupportedModelError

@@ -1,4 +1,4 @@
-"""Builds and loads the quantized matmul kernel (kernels/qmatmul.c) on the node that runs it.
+"""Builds and loads exoctl's kernel library (kernels/*.c) on the node that runs it.
 
 The kernel is plain C compiled with the node's own `cc -O3 -march=native -fopenmp` the first
 time a quantized model loads (about a second), and cached by source and CPU, so a shared home
@@ -27,11 +27,29 @@ from exoctl.paths import exoctl_home
 
 KERNELS = Path(__file__).with_name("kernels")
 # one library: the matmuls and per-layer steps, and the ranks' shared-memory signalling
-SOURCES = (KERNELS / "qmatmul.c", KERNELS / "shm_signal.c")
+SOURCES = tuple(
+    KERNELS / name for name in ("quant_matmul.c", "bf16_matmul.c", "layer_steps.c", "shm_signal.c")
+)
+HEADER = KERNELS / "exoctl_kernels.h"  # the exported prototypes (engine/kernel_calls.py's table)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 # EXOCTL_KERNEL_ISA=portable (exoctl.cpu_policy) builds without -march=native: the plain C loop a
 # CPU without AVX2 runs, on any CPU
 PORTABLE_FLAGS = ("-O2", "-fopenmp", "-shared", "-fPIC")
+
+
+_i64, _i32, _u32, _f32, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_uint32, ctypes.c_float, ctypes.c_void_p
+# name: (restype, argtypes), as kernels/exoctl_kernels.h declares them (a test compares the two)
+SIGNATURES: dict[str, tuple[type | None, list[type]]] = {
+    "qmm_has_avx2": (_i32, []),
+    "qmm_linear": (_i32, [_ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _i32, _i32]),
+    "bf16_linear": (_i32, [_ptr, _i32, _i64, _i64, _ptr, _ptr, _ptr, _i32, _i64, _i32]),
+    "bf16_widen": (None, [_ptr, _ptr, _i64, _i32]),
+    "rms_norm": (None, [_ptr, _ptr, _ptr, _i64, _i64, _f32, _i32, _i32]),
+    "rope": (None, [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _i32]),
+    "silu_mul": (None, [_ptr, _ptr, _i64, _i64, _i32, _i32]),
+    "shm_publish": (None, [_ptr, _u32]),
+    "shm_wait": (_i32, [_ptr, _u32, _i64, _i64]),
+}
 
 
 def build_flags() -> tuple[str, ...]:
@@ -53,7 +71,7 @@ def _cpu_key() -> str:
 
 
 def library_path() -> Path:
-    code = b"".join(source.read_bytes() for source in SOURCES)
+    code = b"".join(source.read_bytes() for source in (*SOURCES, HEADER))
     digest = hashlib.sha256(code + " ".join(build_flags()).encode() + _cpu_key().encode())
     return exoctl_home() / "kernels" / f"qmatmul-{digest.hexdigest()[:16]}.so"
 
@@ -104,19 +122,7 @@ def library() -> ctypes.CDLL:
         build(path)
     torch.get_num_threads()  # torch (and its libgomp) is loaded before the kernel links to it
     lib = ctypes.CDLL(str(path))
-    i64, i32, f32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
-    signatures = {  # name: (restype, argtypes), as kernels/qmatmul.c declares them
-        "qmm_has_avx2": (i32, []),
-        "qmm_linear": (i32, [ptr, i64, i64, ptr, ptr, ptr, ptr, i64, i32, i32]),
-        "bf16_linear": (i32, [ptr, i32, i64, i64, ptr, ptr, ptr, i32, i64, i32]),
-        "bf16_widen": (None, [ptr, ptr, i64, i32]),
-        "rms_norm": (None, [ptr, ptr, ptr, i64, i64, f32, i32, i32]),
-        "rope": (None, [ptr, i64, i64, i64, i64, ptr, ptr, i32]),
-        "silu_mul": (None, [ptr, ptr, i64, i64, i32, i32]),
-        "shm_publish": (None, [ptr, ctypes.c_uint32]),
-        "shm_wait": (i32, [ptr, ctypes.c_uint32, i64, i64]),
-    }
-    for name, (restype, argtypes) in signatures.items():
+    for name, (restype, argtypes) in SIGNATURES.items():
         function = getattr(lib, name)
         function.restype, function.argtypes = restype, argtypes
     return lib

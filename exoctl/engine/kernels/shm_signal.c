@@ -7,8 +7,9 @@
  * Here the writer stores and wakes, and the reader spins briefly (the other rank usually finishes
  * within microseconds of this one) and then sleeps on the word (a futex), so a rank that waits
  * long leaves its core to the ranks still computing. Linux only; the Python side checks. */
-#include <stdint.h>
 #include <time.h>
+
+#include "exoctl_kernels.h"
 #ifdef __linux__
 #include <limits.h>
 #include <linux/futex.h>
