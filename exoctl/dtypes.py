@@ -1,10 +1,14 @@
-"""The dtypes exoctl knows, listed once: what a model runs in, and what a tensor frame may carry.
+"""The one dtype policy: the names exoctl knows, `auto`, what activations compute in, how a
+quantized model lays out its embedding and lm_head, and what a tensor frame may carry.
 
-Torch-free: the CLI, the API, placement and the protocol read the names; the engine and the
-worker map them to torch dtypes.
+Sizing (the catalog, placement) and loading (the engine) read the same functions here, and
+every boundary (the CLI, the API, a `load` message, the engine) checks a name with
+`check_dtype`: one wording everywhere. Torch-free: the engine maps the names to torch dtypes.
 """
 
 from __future__ import annotations
+
+from exoctl.errors import InvalidRequestError
 
 # What a runner holds its weights in; `auto` picks a float one per cluster, never a quantized one.
 FLOAT_DTYPES: tuple[str, ...] = ("float32", "bfloat16")
@@ -48,14 +52,48 @@ def float_bytes(dtype: str) -> int:
 
 
 def embedding_bytes(dtype: str, rows: int, cols: int) -> int:
-    """The token embedding: a lookup reads one row a token, so quantized models keep it in bfloat16."""
-    return rows * cols * (2 if dtype in QUANTIZED_BITS else float_bytes(dtype))
+    """The token embedding, in `embedding_dtype`."""
+    return rows * cols * float_bytes(embedding_dtype(dtype))
 
 
 def head_dtype(dtype: str) -> str:
-    """lm_head's dtype: int8 under int4 too (the logits decide every token, as in llama.cpp)."""
+    """lm_head's dtype: int8 under int4 too (the logits decide every token, as llama.cpp keeps
+    its output matrix at higher precision)."""
     return "int8" if dtype in QUANTIZED_BITS else dtype
 
 
 def choices_text() -> str:
     return ", ".join(DTYPE_CHOICES)
+
+
+class UnsupportedDtypeError(InvalidRequestError):
+    """A dtype name exoctl does not run."""
+
+
+def check_dtype(dtype: object, choices: tuple[str, ...] = DTYPE_CHOICES) -> str:
+    """The name itself when it is one of `choices`; else the one error every boundary gives."""
+    if not isinstance(dtype, str) or dtype not in choices:
+        raise UnsupportedDtypeError(
+            f"dtype {dtype!r} is not supported", hint=f"use one of {', '.join(choices)}"
+        )
+    return dtype
+
+
+def auto_dtype(every_node_bf16: bool) -> str:
+    """`auto` for a float model: bfloat16 where every node computes in bfloat16 (native bf16
+    maths, or the activations switch), else float32 (AVX2 prefills bf16 2-3x slower)."""
+    return "bfloat16" if every_node_bf16 else "float32"
+
+
+def activation_dtype(dtype: str, bf16: bool) -> str:
+    """What activations, norms and the KV cache are in on a node that computes in bfloat16 (`bf16`)
+    or not: a float dtype is its own; `auto`, int8 and int4 (weights only quantized) the node's."""
+    if dtype == "auto" or dtype in QUANTIZED_BITS:
+        return auto_dtype(bf16)
+    return check_dtype(dtype, FLOAT_DTYPES)
+
+
+def embedding_dtype(dtype: str) -> str:
+    """The token embedding's dtype: a lookup reads one row a token, so a quantized model keeps it
+    in bfloat16 (the checkpoints' own dtype, half of a float32 table)."""
+    return "bfloat16" if dtype in QUANTIZED_BITS else dtype

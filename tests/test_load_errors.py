@@ -97,10 +97,10 @@ def test_wrong_dtype_is_refused(tiny_models: dict[str, Path]) -> None:
 def test_auto_dtype_follows_native_bf16(
     monkeypatch: pytest.MonkeyPatch, native: bool, expected: torch.dtype
 ) -> None:
-    from exoctl.engine import layers, model
+    from exoctl.engine import kernel_calls, model
 
     monkeypatch.delenv("EXOCTL_ACTIVATIONS", raising=False)
-    monkeypatch.setattr(layers, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(kernel_calls, "cpu_has_native_bf16", lambda: native)
     assert model.resolve_dtype("auto") == expected
     assert model.resolve_dtype("int4") == expected
     assert model.resolve_dtype("float32") == torch.float32
@@ -111,9 +111,9 @@ def test_auto_dtype_follows_native_bf16(
 def test_the_activations_switch_overrides_the_cpu(
     monkeypatch: pytest.MonkeyPatch, native: bool, forced: str, expected: torch.dtype
 ) -> None:
-    from exoctl.engine import layers, model
+    from exoctl.engine import kernel_calls, model
 
-    monkeypatch.setattr(layers, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(kernel_calls, "cpu_has_native_bf16", lambda: native)
     monkeypatch.setenv("EXOCTL_ACTIVATIONS", forced)
     for name in ("auto", "int8", "int4"):
         assert model.resolve_dtype(name) == expected

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from exoctl.cluster.views import NodeStatus, runtime_dtype
-from exoctl.dtypes import DTYPE_CHOICES
+from exoctl.dtypes import check_dtype
 from exoctl.errors import InvalidRequestError
 from exoctl.models.catalog import ModelCard
 from exoctl.placement.pipeline import Placement, PlacementError, Shard
@@ -83,11 +83,7 @@ def planned_placement(
     if len(shardings) != 1:
         raise InvalidRequestError("instance: every shard must be of one sharding, pipeline or tensor")
     sharding = shardings.pop()
-    dtype = body.get("dtype", "auto")
-    if dtype not in DTYPE_CHOICES:
-        raise InvalidRequestError(
-            f"instance: dtype {dtype!r} is not supported (use one of {', '.join(DTYPE_CHOICES)})"
-        )
+    dtype = check_dtype(body.get("dtype", "auto"))
     runtime = runtime_dtype(dtype, statuses, card.native_dtype)
     n = card.n_layers
     if sharding == "pipeline":

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from exoctl.dtypes import DTYPE_CHOICES
+from exoctl.dtypes import UnsupportedDtypeError, check_dtype
 
 MAX_MODEL_CHARS = 1024  # longer than any path a model directory holds (PATH_MAX is 4096; ids are short)
 
@@ -221,9 +221,10 @@ class PlaceRequest(BaseModel):
     @field_validator("dtype")
     @classmethod
     def _dtype(cls, dtype: str) -> str:
-        if dtype not in DTYPE_CHOICES:
-            raise ValueError(f"Input should be {' or '.join(repr(d) for d in DTYPE_CHOICES)}")
-        return dtype
+        try:
+            return check_dtype(dtype)
+        except UnsupportedDtypeError as exc:  # pydantic reports a ValueError as the field's error
+            raise ValueError(f"{exc.message}: {exc.hint}") from None
 
     def unknown_keys(self) -> list[str]:
         return sorted(self.model_extra or {})

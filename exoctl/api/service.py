@@ -26,8 +26,8 @@ from exoctl.cluster.views import (
     no_node_up,
     runtime_dtype,
 )
-from exoctl.dtypes import DTYPE_CHOICES
-from exoctl.errors import ExoctlError, InvalidRequestError, ModelNotFoundError
+from exoctl.dtypes import check_dtype
+from exoctl.errors import ExoctlError, ModelNotFoundError
 from exoctl.inventory import Inventory
 from exoctl.keys import ClusterKeys
 from exoctl.models.catalog import ModelCard, find_card, get_card, load_catalog
@@ -281,13 +281,6 @@ class ClusterService:
             freed = cluster.unload(instance_id, nodes)
         self.loads.pop(instance_id, None)
         return freed
-
-
-def check_dtype(dtype: str) -> None:
-    if dtype not in DTYPE_CHOICES:
-        raise InvalidRequestError(
-            f"dtype {dtype!r} is not supported", hint=f"use one of {', '.join(DTYPE_CHOICES)}"
-        )
 
 
 class NotFound(ExoctlError):

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from exoctl.dtypes import DTYPE_CHOICES
+from exoctl.dtypes import check_dtype
 from exoctl.errors import ExoctlError
 from exoctl.models.catalog import DEFAULT_MODEL_ID
 
@@ -96,8 +96,7 @@ def check_request(model: str | None, dtype: str) -> None:
 
     from exoctl.models.store import hub_reference, resolve_card
 
-    if dtype not in DTYPE_CHOICES:
-        raise ExoctlError(f"dtype {dtype!r} is not supported", hint=f"use one of {', '.join(DTYPE_CHOICES)}")
+    check_dtype(dtype)
     if model is None or re.fullmatch(r"[0-9a-f-]{8,36}", model):  # an instance id
         return
     if hub_reference(model) is not None:  # well formed; its headers are fetched only to place it

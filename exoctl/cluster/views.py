@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from exoctl.dtypes import auto_dtype
 from exoctl.errors import ExoctlError
 from exoctl.inventory import Node
 from exoctl.models.catalog import DEFAULT_MODEL_ID, find_card
@@ -217,8 +218,9 @@ def runtime_dtype(dtype: str, statuses: list[NodeStatus], native: str = "") -> s
         return native
     live = [s for s in statuses if s.up]
 
-    bf16 = all(s.profile is not None and s.profile.activations == "bfloat16" for s in live)
-    return "bfloat16" if live and bf16 else "float32"
+    return auto_dtype(
+        bool(live) and all(s.profile is not None and s.profile.activations == "bfloat16" for s in live)
+    )
 
 
 class NoNodeUpError(ExoctlError):

@@ -17,7 +17,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from exoctl.dtypes import FLOAT_DTYPES, QUANTIZED_BITS, RUNTIME_DTYPES
+from exoctl.dtypes import (
+    FLOAT_DTYPES,
+    QUANTIZED_BITS,
+    UnsupportedDtypeError,
+    activation_dtype,
+    check_dtype,
+    embedding_dtype,
+    head_dtype,
+)
 from exoctl.engine import llama, mixtral, qwen2
 from exoctl.engine.config import ModelConfig, gguf_config, load_config
 from exoctl.engine.gguf_weights import GGUFWeightReader
@@ -42,18 +50,12 @@ LAYER_LOADERS: dict[str, LayerLoader] = {
 
 
 def resolve_dtype(name: str) -> torch.dtype:
-    """The dtype of activations, norms and the KV cache. `auto`, int8 and int4 (whose weights
-    only are quantized): bfloat16 on CPUs with native bf16 maths, else float32 (AVX2 prefills
-    bf16 2-3x slower); EXOCTL_ACTIVATIONS forces either on any CPU (exoctl.cpu_policy)."""
-    if name == "auto" or name in QUANTIZED_BITS:
-        return torch.bfloat16 if bf16_activations() else torch.float32
+    """The torch dtype of activations, norms and the KV cache (`dtypes.activation_dtype`: this
+    CPU's choice for `auto`, int8 and int4; EXOCTL_ACTIVATIONS forces it on any CPU)."""
     try:
-        return DTYPES[name]
-    except KeyError:
-        raise UnsupportedModelError(
-            f"dtype {name!r} is not supported",
-            hint=f"use one of auto, {', '.join(RUNTIME_DTYPES)}",
-        ) from None
+        return DTYPES[activation_dtype(check_dtype(name), bf16_activations())]
+    except UnsupportedDtypeError as exc:
+        raise UnsupportedModelError(exc.message, hint=exc.hint) from None
 
 
 class CausalLM:
@@ -211,9 +213,8 @@ def load_model(
     try:
         embed = None
         if span.start == 0:
-            # Quantized models: a lookup reads one row per token, so quantizing the table saves no
-            # time; bfloat16 (the checkpoints' own dtype) halves a float32 table's memory.
-            embed = reader.get("model.embed_tokens.weight", (v, d), torch.bfloat16 if bits else None)
+            # in `dtypes.embedding_dtype`: bfloat16 for a quantized model (None: the runtime dtype)
+            embed = reader.get("model.embed_tokens.weight", (v, d), DTYPES.get(embedding_dtype(dtype)))
         blocks = []
         for i in span:
             block = load_layer(reader, config, i, shard)
@@ -225,9 +226,10 @@ def load_model(
         if span.stop == config.num_hidden_layers:
             norm = RMSNorm(reader.get("model.norm.weight", (d,)), config.rms_norm_eps)
             head_name = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
-            # Quantized models keep lm_head in int8 even under int4, as llama.cpp keeps its output
-            # matrix at higher precision: the logits decide every token.
-            head = reader.matrix(head_name, (v, d), 0, shard.part(v), bits=8 if bits else None)
+            # in `dtypes.head_dtype`: int8 under int4 too, the logits decide every token
+            head = reader.matrix(
+                head_name, (v, d), 0, shard.part(v), bits=QUANTIZED_BITS.get(head_dtype(dtype))
+            )
             lm_head = make_linear(head)
     finally:
         reader.close()

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from exoctl.dtypes import RUNTIME_DTYPES
+from exoctl.dtypes import RUNTIME_DTYPES, check_dtype
 from exoctl.errors import ExoctlError
 from exoctl.wire.protocol import Message, ProtocolError
 
@@ -76,8 +76,5 @@ class RunnerSpec:
             raise ProtocolError("inconsistent rank, world, peers or layer range in 'load'")
         if spec.sharding == "tensor" and (spec.start_layer, spec.end_layer) != (0, spec.n_layers):
             raise ProtocolError("a tensor-parallel rank holds every layer: give [0, n_layers)")
-        if spec.dtype not in RUNTIME_DTYPES:
-            raise ExoctlError(
-                f"dtype {spec.dtype!r} is not supported", hint=f"use {' or '.join(RUNTIME_DTYPES)}"
-            )
+        check_dtype(spec.dtype, RUNTIME_DTYPES)  # a placement's dtype: never `auto`
         return spec
