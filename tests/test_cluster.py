@@ -460,7 +460,7 @@ def test_ctrl_c_in_run_stops_the_workers_too(cluster4: WorkerCluster) -> None:
 def test_a_client_killed_without_a_word_stops_its_generation(cluster4: WorkerCluster) -> None:
     """`exoctl run` SIGKILLed mid-answer says nothing to the head: its silence cancels the request
     (within CLIENT_SILENT_S), not 5,000 tokens later."""
-    from exoctl.worker.server import CLIENT_SILENT_S
+    from exoctl.worker.running_requests import CLIENT_SILENT_S
 
     instance_id = cluster4.cli_json("place", DEFAULT_MODEL_ID, "--nodes", "2", "--dtype", "float32")[
         "instance_id"

@@ -26,8 +26,8 @@ from exoctl.inventory import load_inventory_file
 from exoctl.models.store import resolve_card
 from exoctl.placement.pipeline import PlacementRequest
 from exoctl.wire.sampling_params import SamplingParams
+from exoctl.worker.held_instances import MAX_FAILURES
 from exoctl.worker.peers import DOWN_AFTER_S
-from exoctl.worker.server import MAX_FAILURES
 from tests.cluster_helpers import (
     WorkerCluster,
     header,
@@ -331,7 +331,7 @@ def test_a_stage_whose_head_no_longer_holds_the_instance_frees_its_sequences(
     """node2 holds the last stage of an instance whose head, node1, is alive but does not hold it
     (unloaded there, or failed there while node2 was cut off): no lease comes, and node2 frees
     the sequences it holds rather than keep their KV caches for good."""
-    from exoctl.worker.server import LEASE_LOST_S
+    from exoctl.worker.lease_clock import LEASE_LOST_S
 
     width = COMMON["hidden_size"]
     peers = [["node1", address(cluster2, "node1")], ["node2", address(cluster2, "node2")]]

@@ -57,7 +57,7 @@ from exoctl.worker.downloads import Downloads
 from exoctl.worker.event_log import EventLog
 from exoctl.worker.held_instances import HeldInstances
 from exoctl.worker.lane import CancelJob, FromPeer, GenerateJob
-from exoctl.worker.lease_clock import LEASE_LOST_S, LEASE_S, LeaseClock
+from exoctl.worker.lease_clock import LEASE_S, LeaseClock
 from exoctl.worker.loader import start_loading
 from exoctl.worker.model_access import check_reference
 from exoctl.worker.options import WorkerOptions, check_bind
@@ -70,7 +70,7 @@ from exoctl.worker.tensor_meeting import Meeting
 if TYPE_CHECKING:
     pass
 
-__all__ = ["CLIENT_SILENT_S", "DOWN_AFTER_S", "LEASE_LOST_S", "SILENT_AFTER_S", "Worker"]
+__all__ = ["DOWN_AFTER_S", "SILENT_AFTER_S", "Worker"]
 
 log = logging.getLogger("exoctl.worker")
 
