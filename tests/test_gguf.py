@@ -18,7 +18,8 @@ from exoctl.engine.model import load_model, resolve_dtype
 from exoctl.engine.quant import QuantizedWeight, dequantize
 from exoctl.errors import ModelFormatError, ModelNotFoundError, UnsupportedModelError
 from exoctl.models.catalog import get_card
-from exoctl.models.gguf.file import hf_config, open_model
+from exoctl.models.gguf.file import open_model
+from exoctl.models.gguf.hf_names import hf_config
 from exoctl.models.gguf.hub import files_for_layers, parse_reference, quant_files
 from exoctl.models.store import hub_reference, resolve_card
 from exoctl.placement.pipeline import NodeProfile, PlacementError, PlacementRequest, place

@@ -10,7 +10,7 @@ import logging
 import secrets
 from typing import Any, get_args
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -194,6 +194,20 @@ def create_app(
             allow_headers=["Authorization", "Content-Type"],
         )
     mount_dashboard(app)
+    install_error_handlers(app, metrics)
+    app.include_router(health_routes(service, metrics, api_key))
+    for routes in (model_routes, place_routes, instance_routes, state_routes):
+        app.include_router(routes(service))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest, request: Request) -> Response:
+        return await ChatCompletion(service, metrics, body).respond(request.is_disconnected)
+
+    return app
+
+
+def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
+    """Every error in OpenAI's envelope, counted in /metrics by its type."""
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -225,7 +239,9 @@ def create_app(
             return JSONResponse(body, status_code=405)
         return JSONResponse(error_body(str(exc.detail), "invalid_request_error"), status_code=exc.status_code)
 
-    # --- health and metrics -------------------------------------------------------------------
+
+def health_routes(service: ClusterService, metrics: Metrics, api_key: str | None) -> APIRouter:
+    app = APIRouter()
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:
@@ -250,7 +266,12 @@ def create_app(
         text = await run_in_threadpool(generate_latest, metrics.registry)
         return PlainTextResponse(text.decode(), media_type=CONTENT_TYPE_LATEST)
 
-    # --- models, instances, state -------------------------------------------------------------
+    return app
+
+
+def model_routes(service: ClusterService) -> APIRouter:
+    """The models (OpenAI's list, and EXO's name for it) and this cluster's node id."""
+    app = APIRouter()
 
     async def model_list() -> dict[str, Any]:
         entries = await run_in_threadpool(service.models)
@@ -265,6 +286,14 @@ def create_app(
     @app.get("/node_id")
     async def node_id() -> str:
         return service.node_id()
+
+    return app
+
+
+def place_routes(service: ClusterService) -> APIRouter:
+    """EXO's routes to place an instance, or to preview one without loading it (these before
+    `/instance/{instance_id}`, which would match their paths)."""
+    app = APIRouter()
 
     @app.post("/place_instance")
     async def place_instance(body: PlaceRequest) -> JSONResponse:
@@ -318,6 +347,13 @@ def create_app(
         meta = check_instance_meta(instance_meta)
         return await run_in_threadpool(service.previews, model_id, dtype, meta)
 
+    return app
+
+
+def instance_routes(service: ClusterService) -> APIRouter:
+    """EXO's routes to read and delete one instance."""
+    app = APIRouter()
+
     @app.get("/instance/{instance_id}")
     async def instance(instance_id: str) -> dict[str, Any]:
         """Tagged as /state tags it (`{"CpuRingInstance": {...}}`); a placement still loading in
@@ -342,6 +378,13 @@ def create_app(
         freed = await run_in_threadpool(service.delete, instance_id)
         return {"deleted": instance_id, "freed_bytes": freed}
 
+    return app
+
+
+def state_routes(service: ClusterService) -> APIRouter:
+    """EXO's /state document, whole or by path."""
+    app = APIRouter()
+
     @app.get("/state")
     async def state() -> dict[str, Any]:
         return await run_in_threadpool(service.state)
@@ -357,11 +400,5 @@ def create_app(
             else:
                 raise NotFound(f"/state/{path}: no {part!r} here", hint="GET /state shows the whole document")
         return node
-
-    # --- chat -----------------------------------------------------------------------------------
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatRequest, request: Request) -> Response:
-        return await ChatCompletion(service, metrics, body).respond(request.is_disconnected)
 
     return app

@@ -44,8 +44,41 @@ def planned_placement(
     node_to_runner = _field(assignments, "nodeToRunner", dict, "shardAssignments.")
     runner_to_shard = _field(assignments, "runnerToShard", dict, "shardAssignments.")
     card, ref = reference(model_id)
+    parts = _parts(node_to_runner, runner_to_shard, statuses)
+    if not parts:
+        raise InvalidRequestError("instance: shardAssignments.nodeToRunner names no node")
+    parts.sort()
+    if [p[0] for p in parts] != list(range(len(parts))):
+        raise InvalidRequestError(
+            f"instance: device ranks are {[p[0] for p in parts]}, not 0..{len(parts) - 1}"
+        )
+    shardings = {p[2] for p in parts}
+    if len(shardings) != 1:
+        raise InvalidRequestError("instance: every shard must be of one sharding, pipeline or tensor")
+    sharding = shardings.pop()
+    dtype = check_dtype(body.get("dtype", "auto"))
+    runtime = runtime_dtype(dtype, statuses, card.native_dtype)
+    _check_layers(card, model_id, sharding, runtime, parts)
+    memory = body.get("memoryDeltaByNode") or {}
+    shards = tuple(
+        Shard(node, start, end, int(memory.get(node, 0)) if isinstance(memory, dict) else 0)
+        for _, node, _, start, end in parts
+    )
+    placement = Placement(card.id, sharding, runtime, shards)
+    instance_id = body.get("instanceId")
+    return card, ref, placement, instance_id if isinstance(instance_id, str) and instance_id else ""
+
+
+Part = tuple[int, str, str, int, int]  # rank, node, sharding, start layer, end layer
+
+
+def _parts(
+    node_to_runner: dict[str, Any], runner_to_shard: dict[str, Any], statuses: list[NodeStatus]
+) -> list[Part]:
+    """Each node's shard of a tagged instance, checked: the node in the inventory and up, its
+    runner's shard of a known kind with its layer range and rank."""
     known = {s.node.name: s for s in statuses}
-    parts: list[tuple[int, str, str, int, int]] = []  # rank, node, sharding, start, end
+    parts: list[Part] = []
     for node, runner_id in node_to_runner.items():
         status = known.get(node)
         if status is None:
@@ -72,19 +105,12 @@ def planned_placement(
         end = _field(meta, "endLayer", int, where)
         rank = _field(meta, "deviceRank", int, where)
         parts.append((rank, node, SHARD_TAGS[tag], start, end))
-    if not parts:
-        raise InvalidRequestError("instance: shardAssignments.nodeToRunner names no node")
-    parts.sort()
-    if [p[0] for p in parts] != list(range(len(parts))):
-        raise InvalidRequestError(
-            f"instance: device ranks are {[p[0] for p in parts]}, not 0..{len(parts) - 1}"
-        )
-    shardings = {p[2] for p in parts}
-    if len(shardings) != 1:
-        raise InvalidRequestError("instance: every shard must be of one sharding, pipeline or tensor")
-    sharding = shardings.pop()
-    dtype = check_dtype(body.get("dtype", "auto"))
-    runtime = runtime_dtype(dtype, statuses, card.native_dtype)
+    return parts
+
+
+def _check_layers(card: ModelCard, model_id: str, sharding: str, runtime: str, parts: list[Part]) -> None:
+    """Pipeline shards cover the layers in rank order; tensor shards each hold them all, over a
+    rank count the model's heads allow."""
     n = card.n_layers
     if sharding == "pipeline":
         edges = [0] + [p[4] for p in parts]
@@ -104,11 +130,3 @@ def planned_placement(
                 f"{card.id} cannot be tensor-split over {len(parts)} nodes",
                 hint="GET /instance/previews shows the splits that are possible",
             )
-    memory = body.get("memoryDeltaByNode") or {}
-    shards = tuple(
-        Shard(node, start, end, int(memory.get(node, 0)) if isinstance(memory, dict) else 0)
-        for _, node, _, start, end in parts
-    )
-    placement = Placement(card.id, sharding, runtime, shards)
-    instance_id = body.get("instanceId")
-    return card, ref, placement, instance_id if isinstance(instance_id, str) and instance_id else ""

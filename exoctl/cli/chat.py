@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -22,6 +22,11 @@ from exoctl.cli.output import console, err_console, note
 from exoctl.cli.run import ModelChoice, resolve_options, sampling_request
 from exoctl.errors import ExoctlError
 from exoctl.wire.answer import Completion
+from exoctl.wire.sampling_params import SamplingRequest
+
+if TYPE_CHECKING:
+    from exoctl.cluster.client import Cluster
+    from exoctl.cluster.views import InstanceView
 
 HELP = "Chat with a placed model: streamed answers, history across turns, /reset /stats /model /quit."
 COMMANDS = (
@@ -65,72 +70,91 @@ def chat(
 
     with open_cluster(inventory) as cluster:
         view = ensure_instance(cluster, live_statuses(cluster), model, dtype, note)
+        session = ChatSession(cluster, view, system)
         note(f"chatting with {view.model_id} on {', '.join(view.nodes)} — /help for commands, /quit to leave")
-        history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
-        last: Completion | None = None
-        totals = {"answers": 0, "tokens": 0}
         while True:
             try:
-                line = console.input("[bold green]you>[/] ")
+                text = console.input("[bold green]you>[/] ").strip()
             except EOFError:
                 break
             except KeyboardInterrupt:
                 console.print()
                 break
-            text = line.strip()
-            if not text:
-                continue
             if text.startswith("/"):
-                command, _, argument = text.partition(" ")
-                if command in ("/quit", "/exit"):
+                if not session.command(text, dtype):
                     break
-                if command == "/reset":
-                    history = history[:1] if system else []
-                    note("conversation forgotten")
-                elif command == "/stats":
-                    if last is None:
-                        note("no answer yet")
-                    else:
-                        t = last.timings
-                        note(
-                            f"last answer: {last.completion_tokens} tokens, "
-                            f"{t.decode_tokens_per_s:.1f} tok/s, first token after "
-                            f"{t.time_to_first_token_s * 1000:.0f} ms, "
-                            f"prompt {last.prompt_tokens} tokens; "
-                            f"session: {totals['answers']} answers, {totals['tokens']} tokens"
-                        )
-                elif command == "/model" and argument.strip():
-                    try:
-                        view = ensure_instance(cluster, live_statuses(cluster), argument.strip(), dtype, note)
-                        history = history[:1] if system else []
-                        note(f"now chatting with {view.model_id} on {', '.join(view.nodes)}")
-                    except ExoctlError as exc:
-                        err_console.print(f"[red]error:[/] {exc.message}")
-                else:
-                    note(COMMANDS)
-                continue
-            history.append({"role": "user", "content": text})
-            params = resolve_options(asked, view.sampling_defaults)
-            generation = cluster.generate(view, params, messages=history)
+            elif text:
+                session.ask(text, asked)
+
+
+class ChatSession:
+    """One conversation of `exoctl chat`: its instance, its history, and the numbers /stats shows."""
+
+    def __init__(self, cluster: Cluster, view: InstanceView, system: str | None) -> None:
+        self.cluster = cluster
+        self.view = view
+        self.start: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+        self.history = list(self.start)
+        self.last: Completion | None = None
+        self.answers = self.tokens = 0
+
+    def command(self, text: str, dtype: str) -> bool:
+        """A /command; False when it ends the chat."""
+        command, _, argument = text.partition(" ")
+        if command in ("/quit", "/exit"):
+            return False
+        if command == "/reset":
+            self.history = list(self.start)
+            note("conversation forgotten")
+        elif command == "/stats":
+            note(self.stats())
+        elif command == "/model" and argument.strip():
             try:
-                for delta in generation:
-                    sys.stdout.write(delta)
-                    sys.stdout.flush()
-                result = generation.result
-            except KeyboardInterrupt:
-                result = generation.cancel()
-                note("\n(stopped)")
+                statuses = live_statuses(self.cluster)
+                self.view = ensure_instance(self.cluster, statuses, argument.strip(), dtype, note)
+                self.history = list(self.start)
+                note(f"now chatting with {self.view.model_id} on {', '.join(self.view.nodes)}")
             except ExoctlError as exc:
-                err_console.print(
-                    f"\n[red]error:[/] {exc.message}" + (f"\n[dim]hint:[/] {exc.hint}" if exc.hint else "")
-                )
-                history.pop()
-                continue
-            sys.stdout.write("\n")
-            if result:
-                history.append({"role": "assistant", "content": result.text})
-                last = result
-                totals["answers"] += 1
-                totals["tokens"] += result.completion_tokens
-            else:
-                history.pop()
+                err_console.print(f"[red]error:[/] {exc.message}")
+        else:
+            note(COMMANDS)
+        return True
+
+    def stats(self) -> str:
+        last = self.last
+        if last is None:
+            return "no answer yet"
+        t = last.timings
+        return (
+            f"last answer: {last.completion_tokens} tokens, {t.decode_tokens_per_s:.1f} tok/s, first token "
+            f"after {t.time_to_first_token_s * 1000:.0f} ms, prompt {last.prompt_tokens} tokens; "
+            f"session: {self.answers} answers, {self.tokens} tokens"
+        )
+
+    def ask(self, text: str, asked: SamplingRequest) -> None:
+        """One turn: the answer streamed as it comes; Ctrl-C stops it (what came is kept)."""
+        self.history.append({"role": "user", "content": text})
+        params = resolve_options(asked, self.view.sampling_defaults)
+        generation = self.cluster.generate(self.view, params, messages=self.history)
+        try:
+            for delta in generation:
+                sys.stdout.write(delta)
+                sys.stdout.flush()
+            result = generation.result
+        except KeyboardInterrupt:
+            result = generation.cancel()
+            note("\n(stopped)")
+        except ExoctlError as exc:
+            err_console.print(
+                f"\n[red]error:[/] {exc.message}" + (f"\n[dim]hint:[/] {exc.hint}" if exc.hint else "")
+            )
+            self.history.pop()
+            return
+        sys.stdout.write("\n")
+        if not result:
+            self.history.pop()
+            return
+        self.history.append({"role": "assistant", "content": result.text})
+        self.last = result
+        self.answers += 1
+        self.tokens += result.completion_tokens

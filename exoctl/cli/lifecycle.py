@@ -105,6 +105,73 @@ def _check_local_replacement(inv: Inventory, keys: ClusterKeys | None) -> None:
         )
 
 
+def _inventory_to_start(
+    inventory: str | None,
+    local: int | None,
+    base_port: int,
+    model_dir: str | None,
+    threads: int | None,
+    activations: str | None,
+) -> tuple[Inventory, bool]:
+    """The nodes `up` starts, and whether it writes them as the local inventory (--local, or the
+    embedded default when no inventory file is found)."""
+    from exoctl.cpu_policy import check_activations
+    from exoctl.inventory import find_inventory_path, load_inventory, local_inventory
+    from exoctl.keys import find_keys
+
+    if local is not None:
+        if activations is not None:
+            check_activations(activations)
+        inv = local_inventory(local, base_port, model_dir=model_dir, threads=threads, activations=activations)
+        _check_local_replacement(inv, find_keys())
+        return inv, True
+    for flag, value, field in (
+        ("--model-dir", model_dir, "model_dir"),
+        ("--threads", threads, "threads"),
+        ("--activations", activations, "activations"),
+    ):
+        if value is not None:
+            raise ExoctlError(
+                f"{flag} applies to --local workers", hint=f"set '{field}' on the inventory's nodes"
+            )
+    inv = load_inventory(inventory)
+    return inv, inv.source == "embedded default" and find_inventory_path(inventory) is None
+
+
+def _already_there(node: Node, answer: object) -> NodeStart | None:
+    """What a node's answer to a ping says before anything is started: a worker to reuse, one
+    `up` must not touch (another version, another key, another name), or None: start one."""
+    from exoctl.transport import KeyRefusedError, NodeError
+    from exoctl.wire.messages import Pong
+    from exoctl.wire.protocol import VersionMismatchError
+
+    entry = NodeStart(node.name, node.address)
+    if isinstance(answer, NodeError):
+        if issubclass(answer.kind, VersionMismatchError):
+            entry.result = "failed"
+            fix = "`exoctl down`, install the same exoctl on the node, `exoctl up`"
+            entry.reason = f"version mismatch: {answer.message} ({fix})"
+        elif isinstance(answer, KeyRefusedError):
+            entry.result, entry.reason = "failed", answer.message + " (run `exoctl down` first)"
+        else:
+            return None  # nothing answers there: start it
+        return entry
+    if not isinstance(answer, Pong):
+        return None  # never: a ping is answered with a pong or an error
+    profile = answer.profile
+    if profile.version != __version__:
+        entry.result = "failed"
+        entry.reason = (
+            f"version mismatch: the node runs exoctl {profile.version}, "
+            f"this is {__version__} (`exoctl down`, upgrade the node, `exoctl up`)"
+        )
+    elif profile.name != node.name:
+        entry.result, entry.reason = "failed", f"{node.address} is held by worker {profile.name!r}"
+    else:
+        entry.result, entry.reason = "running", "already running (reused)"
+    return entry
+
+
 def up(
     inventory: InventoryOption = None,
     local: Annotated[
@@ -132,32 +199,12 @@ def up(
 ) -> None:
     out.mode(json_output)
     from exoctl.cluster.client import Cluster
-    from exoctl.cpu_policy import check_activations
-    from exoctl.inventory import find_inventory_path, load_inventory, local_inventory, write_local_inventory
-    from exoctl.keys import find_keys, init_keys
-    from exoctl.transport import KeyRefusedError, NodeError
-    from exoctl.wire.messages import Ping, Pong
-    from exoctl.wire.protocol import VersionMismatchError
+    from exoctl.inventory import write_local_inventory
+    from exoctl.keys import init_keys
+    from exoctl.transport import NodeError
+    from exoctl.wire.messages import Ping
 
-    writes_local = False
-    if local is not None:
-        if activations is not None:
-            check_activations(activations)
-        inv = local_inventory(local, base_port, model_dir=model_dir, threads=threads, activations=activations)
-        _check_local_replacement(inv, find_keys())
-        writes_local = True
-    else:
-        for flag, value, field in (
-            ("--model-dir", model_dir, "model_dir"),
-            ("--threads", threads, "threads"),
-            ("--activations", activations, "activations"),
-        ):
-            if value is not None:
-                raise ExoctlError(
-                    f"{flag} applies to --local workers", hint=f"set '{field}' on the inventory's nodes"
-                )
-        inv = load_inventory(inventory)
-        writes_local = inv.source == "embedded default" and find_inventory_path(inventory) is None
+    inv, writes_local = _inventory_to_start(inventory, local, base_port, model_dir, threads, activations)
     keys, made = init_keys()
     if made:
         err_console.print(f"[dim]made the cluster key in {keys.folder}[/]")
@@ -166,36 +213,11 @@ def up(
         answers = cluster.ask_all(Ping())
         to_start = []
         for node in inv.nodes:
-            answer = answers[node.name]
-            entry = NodeStart(node.name, node.address)
-            if isinstance(answer, NodeError):
-                if issubclass(answer.kind, VersionMismatchError):
-                    entry.result = "failed"
-                    entry.reason = (
-                        f"version mismatch: {answer.message} "
-                        "(`exoctl down`, install the same exoctl on the node, `exoctl up`)"
-                    )
-                    results.append(entry)
-                elif isinstance(answer, KeyRefusedError):
-                    entry.result, entry.reason = "failed", answer.message + " (run `exoctl down` first)"
-                    results.append(entry)
-                else:
-                    to_start.append(node)
-                continue
-            if not isinstance(answer, Pong):
-                continue  # never: a ping is answered with a pong or an error
-            profile = answer.profile
-            if profile.version != __version__:
-                entry.result = "failed"
-                entry.reason = (
-                    f"version mismatch: the node runs exoctl {profile.version}, "
-                    f"this is {__version__} (`exoctl down`, upgrade the node, `exoctl up`)"
-                )
-            elif profile.name != node.name:
-                entry.result, entry.reason = "failed", f"{node.address} is held by worker {profile.name!r}"
+            entry = _already_there(node, answers[node.name])
+            if entry is None:
+                to_start.append(node)
             else:
-                entry.result, entry.reason = "running", "already running (reused)"
-            results.append(entry)
+                results.append(entry)
         with err_console.status(f"starting {len(to_start)} worker(s)…"), ThreadPoolExecutor(8) as pool:
             threads_each = local_threads(inv.nodes)
             started = list(pool.map(lambda n: _start_node(n, keys, threads_each, start_timeout), to_start))

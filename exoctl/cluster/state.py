@@ -169,6 +169,22 @@ def state_document(statuses: list[NodeStatus], cluster: str) -> dict[str, Any]:
                 **({"expertTokensByNode": experts} if experts else {}),
             }
         }
+    node_memory, node_profiles = node_documents(statuses)
+    return {
+        "cluster": cluster,
+        "instances": instances,
+        "runners": runners,
+        "nodeMemory": node_memory,
+        "nodeProfiles": node_profiles,
+        "topology": topology(statuses),
+        "nodeIdentities": node_identities(statuses),
+        "downloads": downloads_document(statuses),
+        "reformations": [e.to_wire() for e in history(statuses)],
+    }
+
+
+def node_documents(statuses: list[NodeStatus]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """EXO's nodeMemory and nodeProfiles: each node's memory, and what it is and holds."""
     node_memory: dict[str, Any] = {}
     node_profiles: dict[str, Any] = {}
     for status in statuses:
@@ -198,17 +214,7 @@ def state_document(statuses: list[NodeStatus], cluster: str) -> dict[str, Any]:
                 runners=[r.runner_id for r in status.runners],
             )
         node_profiles[node.name] = entry
-    return {
-        "cluster": cluster,
-        "instances": instances,
-        "runners": runners,
-        "nodeMemory": node_memory,
-        "nodeProfiles": node_profiles,
-        "topology": topology(statuses),
-        "nodeIdentities": node_identities(statuses),
-        "downloads": downloads_document(statuses),
-        "reformations": [e.to_wire() for e in history(statuses)],
-    }
+    return node_memory, node_profiles
 
 
 def history(statuses: list[NodeStatus], more: Sequence[SupervisorEvent] = ()) -> list[SupervisorEvent]:

@@ -133,6 +133,6 @@ def load_config(folder: Path) -> ModelConfig:
 
 def gguf_config(model: GGUFModel) -> ModelConfig:
     """The config a GGUF model's metadata implies."""
-    from exoctl.models.gguf.file import hf_config
+    from exoctl.models.gguf.hf_names import hf_config
 
     return ModelConfig.from_dict(hf_config(model), source=str(model.path))

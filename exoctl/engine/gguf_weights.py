@@ -37,15 +37,8 @@ from exoctl.engine.quant import (
 )
 from exoctl.engine.weights import QUANTIZE_ROWS, trim_heap
 from exoctl.errors import ModelFormatError
-from exoctl.models.gguf.file import (
-    GGUFModel,
-    Location,
-    TensorInfo,
-    locate,
-    open_model,
-    permutes_qk,
-    runtime_bits,
-)
+from exoctl.models.gguf.file import GGUFModel, TensorInfo, open_model, runtime_bits
+from exoctl.models.gguf.hf_names import Location, locate, permutes_qk
 
 EXACT_INT4 = ("Q4_0", "Q4_1")
 REPACKED_INT4 = (*EXACT_INT4, "Q4_K")

@@ -6,7 +6,8 @@ from __future__ import annotations
 import math
 
 from exoctl.models.catalog import GGUFLayer, MatrixGroup, ModelCard
-from exoctl.models.gguf.file import GGUFModel, TensorInfo, hf_config, layer_of, native_dtype
+from exoctl.models.gguf.file import GGUFModel, TensorInfo, native_dtype
+from exoctl.models.gguf.hf_names import hf_config, layer_of
 
 # Matrices the engine holds as one (engine.llama): q/k/v, and gate/up (an expert's too).
 FUSED = (("attn_q", "attn_k", "attn_v"), ("ffn_gate", "ffn_up"), ("ffn_gate_exps", "ffn_up_exps"))

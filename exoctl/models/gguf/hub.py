@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from exoctl.errors import ModelNotFoundError
-from exoctl.models.gguf.file import SPLIT_NAME, HeaderTruncated, TensorInfo, header_of, layer_of
+from exoctl.models.gguf.file import SPLIT_NAME, HeaderTruncated, TensorInfo, header_of
+from exoctl.models.gguf.hf_names import layer_of
 from exoctl.models.hub_fetch import Download, fetch, hub_error, quiet_hub
 
 REFERENCE = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*(?:/[\w.-]+)?):(?P<quant>[A-Za-z0-9_]+)$")
