@@ -380,7 +380,7 @@ def test_a_hub_gguf_card_is_sized_from_cached_headers(hub_cache: Path) -> None:
 
 
 def test_a_quantisation_the_repo_lacks_is_refused_with_what_it_has(monkeypatch: pytest.MonkeyPatch) -> None:
-    from exoctl import hub_gguf
+    from exoctl.models.gguf import hub as hub_gguf
 
     class Api:
         def list_repo_files(self, repo: str) -> list[str]:
@@ -531,7 +531,7 @@ def test_a_remote_header_is_read_from_the_first_bytes_only(
     """HfFileSystem (HTTP range reads) stands in as a file that counts the bytes asked of it."""
     import io
 
-    from exoctl import hub_gguf
+    from exoctl.models.gguf import hub as hub_gguf
 
     path = written[("llama", "Q4_0")]
     asked: list[int] = []

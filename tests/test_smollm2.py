@@ -63,7 +63,7 @@ def test_a_prompt_longer_than_the_context_is_refused(smollm2) -> None:  # type: 
 def test_missing_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import importlib.util
 
-    from exoctl import default_model
+    from exoctl.models import default as default_model
 
     monkeypatch.setenv("EXOCTL_HOME", str(tmp_path))
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
