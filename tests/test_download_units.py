@@ -6,12 +6,15 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
+import msgpack
 import pytest
 
-from exoctl.cluster.downloads import download_doc, is_download
+from exoctl.cluster.downloads import download_doc
 from exoctl.cluster.measure import Stat, per_node, percentile, prompt_of
 from exoctl.errors import ExoctlError
 from exoctl.models.hub_fetch import Download, check_space
+from exoctl.wire.download_report import DownloadReport, FileReport
+from exoctl.wire.protocol import ProtocolError
 from exoctl.wire.runner_report import RunnerReport, RunnerStatus
 
 
@@ -20,36 +23,40 @@ def test_a_downloads_progress_counts_resumed_bytes_apart_from_this_sessions() ->
     download.plan({"a.json": 100, "b.safetensors": 1000}, {"a.json": 100})
     download.resumed("b.safetensors", 400)  # a partial file found: fetching starts at byte 400
     download.advance("b.safetensors", 200)
-    wire = download.to_wire()
-    assert (wire["total"], wire["downloaded"], wire["downloaded_this_session"]) == (1100, 700, 200)
-    assert (wire["completed_files"], wire["total_files"]) == (1, 2)
-    assert wire["state"] == "ongoing" and wire["speed"] > 0 and wire["eta_ms"] > 0
-    assert wire["files"]["b.safetensors"] == {
-        "total": 1000,
-        "downloaded": 600,
-        "downloaded_this_session": 200,
-    }
+    report = download.report()
+    assert (report.total, report.downloaded, report.downloaded_this_session) == (1100, 700, 200)
+    assert (report.completed_files, report.total_files) == (1, 2)
+    assert report.state == "ongoing" and report.speed > 0 and report.eta_ms > 0
+    assert report.files["b.safetensors"] == FileReport(
+        total=1000, downloaded=600, downloaded_this_session=200
+    )
     download.complete(Path("/cache/snapshot"))
-    done = download.to_wire()
-    assert done["state"] == "completed" and done["downloaded"] == 1100 and done["eta_ms"] == 0
-    assert is_download(done)
+    done = download.report()
+    assert done.state == "completed" and done.downloaded == 1100 and done.eta_ms == 0 and done.ended
+    assert DownloadReport.from_wire(msgpack.unpackb(msgpack.packb(done.to_wire()))) == done
 
 
 def test_the_state_shows_downloads_in_exos_tagged_shape() -> None:
     download = Download("d2", "owner/model", (2, 4), 4, instance_id="i1")
     download.plan({"x.safetensors": 10}, {})
     download.advance("x.safetensors", 4)
-    doc = download_doc("node2", download.to_wire())
+    doc = download_doc("node2", download.report())
     body = doc["DownloadOngoing"]
     assert body["nodeId"] == "node2" and body["instanceId"] == "i1" and body["modelId"] == "owner/model"
     assert body["shardMetadata"]["PipelineShardMetadata"]["startLayer"] == 2 and body["startedAt"] > 0
     assert body["downloadProgress"]["downloaded"] == {"inBytes": 4}
     assert body["downloadProgress"]["files"]["x.safetensors"]["total"] == {"inBytes": 10}
     download.fail("node node2: no space", "free some")
-    failed = download_doc("node2", download.to_wire())["DownloadFailed"]
+    failed = download_doc("node2", download.report())["DownloadFailed"]
     assert failed["errorMessage"] == "node node2: no space" and failed["hint"] == "free some"
-    assert not is_download({"id": "x", "model": "m", "state": "exploded"})
-    assert not is_download({**download.to_wire(), "total": "lots"})
+    wire = download.report().to_wire()
+    for bad, text in [
+        ({**wire, "state": "exploded"}, "download state 'exploded' is not one of pending"),
+        ({**wire, "total": "lots"}, "download report field 'total' must be int"),
+        ({**wire, "files": {"a": {"total": 1.5}}}, "its bytes must be integers"),
+    ]:
+        with pytest.raises(ProtocolError, match=text):
+            DownloadReport.from_wire(bad)
 
 
 def test_too_little_disk_is_refused_before_a_byte_is_written(

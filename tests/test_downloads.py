@@ -253,13 +253,13 @@ def test_a_download_killed_mid_file_resumes_where_it_stopped(
         def part_fetched() -> int:
             for status in client.statuses():
                 for report in status.downloads:
-                    if report["model"] == "tiny/resume":
-                        return int(report["files"].get(biggest, {}).get("downloaded", 0))
+                    if report.model == "tiny/resume" and biggest in report.files:
+                        return report.files[biggest].downloaded
             return 0
 
         assert wait_for(lambda: part_fetched() > 6 * 2**20, timeout=60, interval=0.2)
         node = next(
-            s.node.name for s in client.statuses() if any(d["model"] == "tiny/resume" for d in s.downloads)
+            s.node.name for s in client.statuses() if any(d.model == "tiny/resume" for d in s.downloads)
         )
         os.kill(hub_cluster.cluster.pid(node), signal.SIGKILL)
     finally:

@@ -128,3 +128,19 @@ def test_a_broken_rule_is_found(tmp_path: Path) -> None:
         "exoctl.engine.model (never imported by exoctl.cluster)",
         "exoctl.worker (exoctl.worker is not below exoctl.cluster)",
     ]
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=module_name)
+def test_every_import_of_exoctl_names_a_module_that_exists(path: Path) -> None:
+    """Type-only imports included: mypy's ignore_missing_imports would take a moved module's old
+    name for an untyped one and check nothing against it."""
+    import importlib.util
+
+    missing = []
+    for target in sorted(imports_of(path)):
+        if not target.startswith("exoctl.") or target.startswith("exoctl.__"):
+            continue
+        parent, _, name = target.rpartition(".")
+        if importlib.util.find_spec(target) is None and not hasattr(importlib.import_module(parent), name):
+            missing.append(target)
+    assert missing == []

@@ -20,6 +20,7 @@ from exoctl.cli.output import console, out
 from exoctl.cli.progress import DownloadProgress, size_text
 from exoctl.errors import ExoctlError
 from exoctl.placement.sharding import check_sharding
+from exoctl.wire.download_report import DownloadReport
 
 HELP = (
     "Download a model onto the nodes from the Hugging Face Hub: each node the files of the layers "
@@ -82,17 +83,17 @@ def download(
             reports = cluster.download(ref, card.n_layers, targets, bars.update)
         finally:
             bars.stop()
-    failed = {node: r for node, r in reports.items() if r["state"] == "failed"}
+    failed = {node: r for node, r in reports.items() if r.state == "failed"}
 
     def show() -> None:
         for node, report in reports.items():
-            if report["state"] == "completed":
-                fetched = report["downloaded_this_session"]
+            if report.state == "completed":
+                fetched = report.downloaded_this_session
                 console.print(
-                    f"{node}: {ref} layers [{report['start_layer']}, {report['end_layer']}) "
-                    f"{size_text(report['total'])} in {report['total_files']} files"
+                    f"{node}: {ref} layers [{report.start_layer}, {report.end_layer}) "
+                    f"{size_text(report.total)} in {report.total_files} files"
                     + (f", {size_text(fetched)} fetched" if fetched else ", already here")
-                    + (f" ({report['path']})" if report["path"] else "")
+                    + (f" ({report.path})" if report.path else "")
                 )
 
     out.result({"model": ref, "ok": not failed, "nodes": {n: _summary(r) for n, r in reports.items()}}, show)
@@ -100,17 +101,18 @@ def download(
         raise typer.Exit(1)
     if failed:
         first = next(iter(failed.values()))
-        others = "; ".join(r["error"] for r in list(failed.values())[1:])
+        others = "; ".join(r.error or "failed" for r in list(failed.values())[1:])
         raise ExoctlError(
-            first["error"] + (f"; {others}" if others else ""),
-            hint=first.get("hint") or "run it again to resume",
+            (first.error or "failed") + (f"; {others}" if others else ""),
+            hint=first.hint or "run it again to resume",
         )
 
 
-def _summary(report: dict[str, Any]) -> dict[str, Any]:
+def _summary(report: DownloadReport) -> dict[str, Any]:
     keys = ("state", "error", "hint", "path", "start_layer", "end_layer", "n_layers", "total", "downloaded")
+    wire = report.to_wire()
     return {
-        **{k: report.get(k) for k in keys},
-        "downloaded_this_session": report["downloaded_this_session"],
-        "files": sorted(report["files"]),
+        **{k: wire[k] for k in keys},
+        "downloaded_this_session": report.downloaded_this_session,
+        "files": sorted(report.files),
     }

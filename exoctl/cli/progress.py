@@ -3,11 +3,10 @@ report, so a request refused at once prints nothing but its error."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from exoctl.cli.output import err_console
+from exoctl.wire.download_report import DownloadReport
 from exoctl.wire.runner_report import RunnerReport, RunnerStatus
 
 
@@ -19,15 +18,15 @@ def size_text(n: float) -> str:
     return f"{n:.1f} GB"
 
 
-def download_detail(report: dict[str, Any]) -> str:
+def download_detail(report: DownloadReport) -> str:
     """`12.3 MB / 30.6 MB  5.1 MB/s  eta 4s`, or how it ended."""
-    if report["state"] == "failed":
-        return f"failed: {report.get('error') or ''}"
-    done = f"{size_text(report['downloaded'])} / {size_text(report['total'])}"
-    if report["state"] == "completed":
-        fetched = report["downloaded_this_session"]
+    if report.state == "failed":
+        return f"failed: {report.error or ''}"
+    done = f"{size_text(report.downloaded)} / {size_text(report.total)}"
+    if report.state == "completed":
+        fetched = report.downloaded_this_session
         return f"{done}  " + (f"fetched {size_text(fetched)}" if fetched else "already here")
-    return f"{done}  {size_text(report.get('speed') or 0)}/s  eta {(report.get('eta_ms') or 0) / 1000:.0f}s"
+    return f"{done}  {size_text(report.speed)}/s  eta {report.eta_ms / 1000:.0f}s"
 
 
 class NodeBars:
@@ -49,10 +48,10 @@ class NodeBars:
             self.tasks[key] = self.progress.add_task(label, total=max(total, 1), detail=detail)
         self.progress.update(self.tasks[key], total=max(total, 1), completed=completed, detail=detail)
 
-    def show_download(self, node: str, report: dict[str, Any]) -> None:
-        label = f"{node} download [{report['start_layer']}, {report['end_layer']})"
-        total = report["total"] or 1
-        done = total if report["state"] == "completed" else report["downloaded"]
+    def show_download(self, node: str, report: DownloadReport) -> None:
+        label = f"{node} download [{report.start_layer}, {report.end_layer})"
+        total = report.total or 1
+        done = total if report.state == "completed" else report.downloaded
         self.show(f"download {node}", label, total, done, download_detail(report))
 
     def stop(self) -> None:
@@ -63,12 +62,12 @@ class NodeBars:
 class LoadProgress(NodeBars):
     """`place`: each node's download (when it has to fetch its files), then its layers."""
 
-    def update(self, runners: dict[str, RunnerReport], downloads: dict[str, dict[str, Any]]) -> None:
+    def update(self, runners: dict[str, RunnerReport], downloads: dict[str, DownloadReport]) -> None:
         for node, runner in runners.items():
             report = downloads.get(node)
             if report is not None:
                 self.show_download(node, report)
-                if report["state"] != "completed":
+                if report.state != "completed":
                     continue
             total = runner.layers_total
             done = total if runner.status is RunnerStatus.READY else runner.layers_loaded
@@ -81,6 +80,6 @@ class LoadProgress(NodeBars):
 class DownloadProgress(NodeBars):
     """`download`: one bar of bytes per node."""
 
-    def update(self, reports: dict[str, dict[str, Any]]) -> None:
+    def update(self, reports: dict[str, DownloadReport]) -> None:
         for node, report in reports.items():
             self.show_download(node, report)

@@ -165,14 +165,14 @@ def downloads_table(statuses: list[NodeStatus]) -> Table | None:
     for column in ("node", "model", "layers", "state", "progress", "files"):
         table.add_column(column)
     for node, report in rows[-12:]:
-        share = report["downloaded"] / report["total"] if report["total"] else 1.0
+        share = report.downloaded / report.total if report.total else 1.0
         table.add_row(
             node,
-            report["model"],
-            f"[{report['start_layer']}, {report['end_layer']})",
-            f"[{DOWNLOAD_STYLE.get(report['state'], 'white')}]{report['state']}[/]",
+            report.model,
+            f"[{report.start_layer}, {report.end_layer})",
+            f"[{DOWNLOAD_STYLE.get(report.state, 'white')}]{report.state}[/]",
             f"{share:.0%}  {download_detail(report)}",
-            f"{report.get('completed_files', 0)}/{report.get('total_files', 0)}",
+            f"{report.completed_files}/{report.total_files}",
         )
     return table
 

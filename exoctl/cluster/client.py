@@ -14,7 +14,6 @@ from typing import Any
 
 import zmq
 
-from exoctl.cluster.downloads import is_download
 from exoctl.cluster.views import InstanceView, NodeStatus, node_profiles
 from exoctl.errors import ExoctlError, InvalidRequestError
 from exoctl.inventory import Inventory, Node
@@ -26,6 +25,7 @@ from exoctl.placement.sharding import plan as plan_sharding
 from exoctl.transport import KeyRefusedError, NodeClient, NodeError, reply_or_raise
 from exoctl.wire.answer import Completion
 from exoctl.wire.chat_options import ChatOptions
+from exoctl.wire.download_report import DownloadReport
 from exoctl.wire.generate_request import GenerateRequest
 from exoctl.wire.messages import (
     Alive,
@@ -51,9 +51,8 @@ from exoctl.wire.runner_spec import RunnerSpec
 from exoctl.wire.sampling_params import SamplingParams
 
 # what `load` reports while it waits: each node's runner, and the download a node runs for it
-LoadWatcher = Callable[[dict[str, RunnerReport], dict[str, dict[str, Any]]], None]
+LoadWatcher = Callable[[dict[str, RunnerReport], dict[str, DownloadReport]], None]
 
-ENDED = ("completed", "failed")  # a download's last states
 STATUS_TIMEOUT_S = 1.5  # a node silent this long is shown as down
 GENERATION_SILENCE_S = 6.0  # the head sends keepalives every second while a request runs
 LOAD_STALL_S = 10.0
@@ -201,8 +200,7 @@ class Cluster:
                     NodeStatus(node, error=f"node {node.name} answered 'status' with '{answer.KIND}'")
                 )
             else:
-                downloads = [d for d in answer.downloads if is_download(d)]
-                runners, events = list(answer.runners), list(answer.events)
+                runners, downloads, events = list(answer.runners), list(answer.downloads), list(answer.events)
                 result.append(NodeStatus(node, answer.profile, runners, downloads=downloads, events=events))
         return result
 
@@ -296,13 +294,13 @@ class Cluster:
     ) -> dict[str, RunnerReport]:
         for answers in self._watch(nodes, "loading", ""):
             runners: dict[str, RunnerReport] = {}
-            downloads: dict[str, dict[str, Any]] = {}  # node -> the download this load started there
+            downloads: dict[str, DownloadReport] = {}  # node -> the download this load started there
             for name, answer in answers.items():
                 mine = [r for r in answer.runners if r.instance_id == instance_id]
                 if not mine:
                     raise ExoctlError(f"node {name} lost its runner of instance {instance_id} while loading")
                 runners[name] = mine[0]
-                fetching = [d for d in answer.downloads if is_download(d) and d["instance_id"] == instance_id]
+                fetching = [d for d in answer.downloads if d.instance_id == instance_id]
                 if fetching:
                     downloads[name] = fetching[-1]
             if on_progress is not None:
@@ -321,8 +319,8 @@ class Cluster:
         model_ref: str,
         n_layers: int,
         targets: list[tuple[Node, tuple[int, int]]],
-        on_progress: Callable[[dict[str, dict[str, Any]]], None] | None = None,
-    ) -> dict[str, dict[str, Any]]:
+        on_progress: Callable[[dict[str, DownloadReport]], None] | None = None,
+    ) -> dict[str, DownloadReport]:
         """Each node fetches the files of its layer range; their last reports once all have ended
         (completed or failed), watched through `status` as `load` is."""
         started: dict[str, str] = {}  # node -> download id
@@ -332,16 +330,16 @@ class Cluster:
                 raise NodeError(node.name, f"node {node.name} started no download of {model_ref}")
             started[node.name] = asked.download_id
         nodes = [node for node, _ in targets]
-        reports: dict[str, dict[str, Any]] = {}
+        reports: dict[str, DownloadReport] = {}
         for answers in self._watch(nodes, "downloading", "; `exoctl download` again resumes"):
             for name, answer in answers.items():
-                mine = [d for d in answer.downloads if is_download(d) and d["id"] == started[name]]
+                mine = [d for d in answer.downloads if d.id == started[name]]
                 if not mine:
                     raise ExoctlError(f"node {name} lost its download of {model_ref} (was it restarted?)")
                 reports[name] = mine[0]
             if on_progress is not None:
                 on_progress(reports)
-            if len(reports) == len(nodes) and all(r["state"] in ENDED for r in reports.values()):
+            if len(reports) == len(nodes) and all(r.ended for r in reports.values()):
                 return reports
         raise AssertionError("unreachable: _watch never ends")
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
 
 from exoctl.dtypes import auto_dtype
 from exoctl.errors import ExoctlError
@@ -17,6 +16,7 @@ from exoctl.models.catalog import DEFAULT_MODEL_ID, find_card
 from exoctl.models.gguf.file import model_name
 from exoctl.models.store import as_path, hub_reference
 from exoctl.placement.pipeline import GB, NodeProfile
+from exoctl.wire.download_report import DownloadReport
 from exoctl.wire.runner_report import RunnerReport, RunnerStatus
 from exoctl.wire.sampling_params import SamplingDefaults
 from exoctl.wire.supervisor_event import SupervisorEvent
@@ -37,7 +37,7 @@ class NodeStatus:
     runners: list[RunnerReport] = field(default_factory=list)
     error: str | None = None
     key_refused: bool = False  # the node answered, but its handshake refused this machine's key
-    downloads: list[dict[str, Any]] = field(default_factory=list)  # hub_fetch.Download.to_wire()
+    downloads: list[DownloadReport] = field(default_factory=list)
     events: list[SupervisorEvent] = field(default_factory=list)  # the supervisor's, kept by the node
 
     @property

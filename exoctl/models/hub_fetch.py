@@ -21,6 +21,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from exoctl.errors import ExoctlError, ModelNotFoundError
+from exoctl.wire.download_report import DownloadReport, FileReport
 
 log = logging.getLogger("exoctl.download")
 
@@ -100,7 +101,7 @@ class Download:
     def done(self) -> bool:
         return self.state in (COMPLETED, FAILED)
 
-    def to_wire(self) -> dict[str, Any]:
+    def report(self) -> DownloadReport:
         with self.lock:
             total = sum(p.total for p in self.files.values())
             downloaded = sum(p.downloaded for p in self.files.values())
@@ -108,34 +109,27 @@ class Download:
             elapsed = max((self.ended or time.monotonic()) - self.started, 1e-3)
             speed = session / elapsed
             remaining = total - downloaded
-            return {
-                "id": self.id,
-                "model": self.model,
-                "instance_id": self.instance_id,
-                "start_layer": self.layers[0],
-                "end_layer": self.layers[1],
-                "n_layers": self.n_layers,
-                "state": self.state,
-                "started_at": self.started_at,
-                "error": self.error,
-                "hint": self.hint,
-                "path": self.path,
-                "total": total,
-                "downloaded": downloaded,
-                "downloaded_this_session": session,
-                "completed_files": sum(p.downloaded >= p.total for p in self.files.values()),
-                "total_files": len(self.files),
-                "speed": speed,
-                "eta_ms": int(remaining / speed * 1000) if speed > 0 and remaining > 0 else 0,
-                "files": {
-                    n: {
-                        "total": p.total,
-                        "downloaded": p.downloaded,
-                        "downloaded_this_session": p.this_session,
-                    }
-                    for n, p in self.files.items()
-                },
-            }
+            return DownloadReport(
+                id=self.id,
+                model=self.model,
+                instance_id=self.instance_id,
+                start_layer=self.layers[0],
+                end_layer=self.layers[1],
+                n_layers=self.n_layers,
+                state=self.state,
+                started_at=self.started_at,
+                error=self.error,
+                hint=self.hint,
+                path=self.path,
+                total=total,
+                downloaded=downloaded,
+                downloaded_this_session=session,
+                completed_files=sum(p.downloaded >= p.total for p in self.files.values()),
+                total_files=len(self.files),
+                speed=speed,
+                eta_ms=int(remaining / speed * 1000) if speed > 0 and remaining > 0 else 0,
+                files={n: FileReport(p.total, p.downloaded, p.this_session) for n, p in self.files.items()},
+            )
 
 
 # --- errors -------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 from exoctl.errors import ExoctlError, error_class
 from exoctl.wire.answer import Completion
+from exoctl.wire.download_report import DownloadReport
 from exoctl.wire.generate_request import GenerateRequest
 from exoctl.wire.instance_messages import DECODERS, InstanceMessage
 from exoctl.wire.protocol import Message, ProtocolError
@@ -172,14 +173,14 @@ class StatusReply:
     KIND: ClassVar[str] = "status_reply"
     profile: WorkerProfile
     runners: tuple[RunnerReport, ...]
-    downloads: tuple[dict[str, Any], ...]  # `hub_fetch.Download.to_wire()`, checked by the client
+    downloads: tuple[DownloadReport, ...]
     events: tuple[SupervisorEvent, ...]
 
     def to_fields(self) -> dict[str, Any]:
         return {
             "profile": self.profile.to_wire(),
             "runners": [r.to_wire() for r in self.runners],
-            "downloads": list(self.downloads),
+            "downloads": [d.to_wire() for d in self.downloads],
             "events": [e.to_wire() for e in self.events],
         }
 
@@ -293,7 +294,7 @@ def _error(m: Message) -> ErrorReply:
 
 def _status_reply(m: Message) -> StatusReply:
     runners = tuple(RunnerReport.from_wire(r) for r in m["runners"])
-    downloads = tuple(d for d in m["downloads"] if isinstance(d, dict))
+    downloads = tuple(DownloadReport.from_wire(d) for d in m["downloads"])
     events = tuple(SupervisorEvent.from_wire(e) for e in m["events"])
     return StatusReply(WorkerProfile.from_wire(m["profile"]), runners, downloads, events)
 

@@ -12,10 +12,10 @@ import traceback
 import uuid
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
 
 from exoctl.errors import ExoctlError
 from exoctl.models.hub_fetch import ONGOING, PENDING, Download
+from exoctl.wire.download_report import DownloadReport
 from exoctl.wire.messages import DownloadRequest
 from exoctl.wire.protocol import ProtocolError
 from exoctl.worker.model_access import check_reference, locate
@@ -89,7 +89,7 @@ class Downloads:
         self.settle(download, path)
         log.info("downloaded %s layers [%d, %d) to %s", download.model, *download.layers, path)
 
-    def wire(self) -> list[dict[str, Any]]:
+    def reports(self) -> list[DownloadReport]:
         with self.lock:
             shown = [d for d in self.kept.values() if d.state != PENDING or d.instance_id is None]
-        return [d.to_wire() for d in shown]
+        return [d.report() for d in shown]

@@ -19,7 +19,7 @@ from exoctl.worker.model_access import locate
 
 if TYPE_CHECKING:
     from exoctl.worker.downloads import Downloads
-    from exoctl.worker.runner import Runner
+    from exoctl.worker.instance import InstanceRunner as Runner
 
 log = logging.getLogger("exoctl.worker")
 

@@ -222,7 +222,7 @@ class Worker:
                 self._reply(client, reply_to, Pong(self.profiler.profile()))
             case StatusRequest():
                 reports = self.held.reports()
-                downloads, events = tuple(self.downloads.wire()), tuple(self.history.events)
+                downloads, events = tuple(self.downloads.reports()), tuple(self.history.events)
                 self._reply(
                     client, reply_to, StatusReply(self.profiler.profile(), reports, downloads, events)
                 )
