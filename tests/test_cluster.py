@@ -52,7 +52,7 @@ def cluster4(
 @pytest.fixture(scope="module")
 def references(tiny_models: dict[str, Path], smollm2_folder: Path) -> dict[str, list[int]]:
     """Greedy tokens of each model in this process: the engine, whole, float32."""
-    from exoctl.engine.generate import complete
+    from exoctl.engine.generate import generate_in_process
     from exoctl.engine.model import load_model
     from exoctl.engine.tokenizer import Tokenizer
 
@@ -62,7 +62,7 @@ def references(tiny_models: dict[str, Path], smollm2_folder: Path) -> dict[str, 
         tokenizer = Tokenizer(folder)
         ids = tokenizer.encode(PROMPT)
         params = SamplingParams(max_tokens=MAX_TOKENS)
-        out[kind] = complete(load_model(folder), tokenizer, ids, params).token_ids
+        out[kind] = generate_in_process(load_model(folder), tokenizer, ids, params).token_ids
     return out
 
 

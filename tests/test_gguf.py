@@ -256,7 +256,7 @@ def test_the_embedded_default_is_the_packages_q4_1_file_and_runs_in_int4(smollm2
 def test_smollm2_from_its_gguf_equals_the_transformers_conversion_in_float32(
     smollm2_gguf: Path, smollm2_folder: Path
 ) -> None:
-    from exoctl.engine.generate import complete
+    from exoctl.engine.generate import generate_in_process
     from exoctl.engine.tokenizer import Tokenizer
     from exoctl.wire.sampling_params import SamplingParams
 
@@ -267,14 +267,14 @@ def test_smollm2_from_its_gguf_equals_the_transformers_conversion_in_float32(
     assert prompt == folder_tokens.encode_chat(messages)
     assert gguf_tokens.eos_token_ids == folder_tokens.eos_token_ids
     params = SamplingParams(max_tokens=16)
-    ours = complete(load_model(smollm2_gguf), gguf_tokens, prompt, params)
-    theirs = complete(load_model(smollm2_folder), folder_tokens, prompt, params)
+    ours = generate_in_process(load_model(smollm2_gguf), gguf_tokens, prompt, params)
+    theirs = generate_in_process(load_model(smollm2_folder), folder_tokens, prompt, params)
     assert ours.token_ids == theirs.token_ids and "Paris" in ours.text
 
 
 @pytest.mark.parametrize("dtype", ["int4", "bfloat16"])
 def test_smollm2_from_its_gguf_answers_paris(smollm2_gguf: Path, dtype: str, activations: str) -> None:
-    from exoctl.engine.generate import complete
+    from exoctl.engine.generate import generate_in_process
     from exoctl.engine.tokenizer import Tokenizer
     from exoctl.wire.sampling_params import SamplingParams
 
@@ -282,7 +282,9 @@ def test_smollm2_from_its_gguf_answers_paris(smollm2_gguf: Path, dtype: str, act
     prompt = tokenizer.encode_chat(
         [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
     )
-    answer = complete(load_model(smollm2_gguf, dtype=dtype), tokenizer, prompt, SamplingParams(max_tokens=16))
+    answer = generate_in_process(
+        load_model(smollm2_gguf, dtype=dtype), tokenizer, prompt, SamplingParams(max_tokens=16)
+    )
     assert "Paris" in answer.text
 
 

@@ -19,7 +19,7 @@ import zmq
 
 from exoctl.cluster.client import Generation
 from exoctl.cluster.views import instances_of
-from exoctl.engine.generate import complete
+from exoctl.engine.generate import generate_in_process
 from exoctl.engine.model import load_model
 from exoctl.engine.tokenizer import Tokenizer
 from exoctl.inventory import load_inventory_file
@@ -124,7 +124,7 @@ def engine_tokens(folder: Path, max_tokens: int) -> list[int]:
     """The greedy tokens of PROMPT from the engine in this process."""
     tokenizer = Tokenizer(folder)
     params = SamplingParams(max_tokens=max_tokens)
-    return complete(load_model(folder), tokenizer, tokenizer.encode(PROMPT), params).token_ids
+    return generate_in_process(load_model(folder), tokenizer, tokenizer.encode(PROMPT), params).token_ids
 
 
 def test_a_load_that_cannot_work_is_refused_and_the_worker_lives(

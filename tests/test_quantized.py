@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from exoctl.dtypes import QUANTIZED_BITS
-from exoctl.engine.generate import complete
+from exoctl.engine.generate import generate_in_process
 from exoctl.engine.linear import Linear, QuantLinear
 from exoctl.engine.model import CausalLM, _linears, load_model
 from exoctl.engine.quant import BLOCK, dequantize, quantize
@@ -283,7 +283,7 @@ def test_smollm2_answers_paris_in_int8_and_int4(smollm2_folder: Path, activation
     messages = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
     ids = tokenizer.encode_chat(messages)
     for dtype in QUANTIZED:
-        result = complete(
+        result = generate_in_process(
             load_model(smollm2_folder, dtype=dtype), tokenizer, ids, SamplingParams(max_tokens=12)
         )
         assert "Paris" in result.text, (dtype, result.text)
@@ -316,7 +316,7 @@ def quantized_references(
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("EXOCTL_ACTIVATIONS", policy)
         return {
-            (kind, dtype): complete(
+            (kind, dtype): generate_in_process(
                 load_model(tiny_models[kind], dtype=dtype),
                 tokenizer,
                 ids,
@@ -535,7 +535,7 @@ def test_a_prompt_longer_than_a_prefill_step_gives_the_single_process_tokens(
     ids = tokenizer.encode(LONG_PROMPT)
     assert len(ids) > 2 * PREFILL_STEP
     params = SamplingParams(max_tokens=8)
-    reference = complete(load_model(smollm2_folder), tokenizer, ids, params).token_ids
+    reference = generate_in_process(load_model(smollm2_folder), tokenizer, ids, params).token_ids
     with cluster4.client() as client:
         nodes = 3 if sharding == "tensor" else 2
         instance_id = place_instance(client, DEFAULT_MODEL_ID, nodes, "float32", sharding)
@@ -674,7 +674,7 @@ def test_workers_run_an_odd_width_model_by_pipeline_and_tensor_and_say_what_they
     folder = odd_models["qwen2"]
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("EXOCTL_ACTIVATIONS", policy)
-        expected = complete(
+        expected = generate_in_process(
             load_model(folder, dtype="int8"),
             tokenizer,
             tokenizer.encode(PROMPT),

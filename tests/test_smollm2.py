@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from exoctl.engine.generate import complete
+from exoctl.engine.generate import generate_in_process
 from exoctl.engine.model import load_model
 from exoctl.errors import InvalidRequestError, ModelNotFoundError
 from exoctl.wire.sampling_params import SamplingParams
@@ -14,7 +14,7 @@ from exoctl.wire.sampling_params import SamplingParams
 
 def test_greedy_completion_says_paris(smollm2) -> None:  # type: ignore[no-untyped-def]
     model, tokenizer = smollm2
-    out = complete(
+    out = generate_in_process(
         model, tokenizer, tokenizer.encode("The capital of France is"), SamplingParams(max_tokens=8)
     )
     assert out.text.strip().startswith("Paris")
@@ -25,7 +25,7 @@ def test_greedy_completion_says_paris(smollm2) -> None:  # type: ignore[no-untyp
 def test_chat_template_answers_a_question(smollm2) -> None:  # type: ignore[no-untyped-def]
     model, tokenizer = smollm2
     ids = tokenizer.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
-    out = complete(model, tokenizer, ids, SamplingParams(max_tokens=60))
+    out = generate_in_process(model, tokenizer, ids, SamplingParams(max_tokens=60))
     assert "Paris" in out.text
     assert out.finish_reason == "stop"  # ended by <|im_end|>, not by the token budget
     assert out.token_ids[-1] in tokenizer.eos_token_ids
@@ -35,9 +35,9 @@ def test_chat_template_answers_a_question(smollm2) -> None:  # type: ignore[no-u
 def test_stop_string_ends_generation(smollm2) -> None:  # type: ignore[no-untyped-def]
     model, tokenizer = smollm2
     ids = tokenizer.encode("The capital of France is")
-    free = complete(model, tokenizer, ids, SamplingParams(max_tokens=8)).text
+    free = generate_in_process(model, tokenizer, ids, SamplingParams(max_tokens=8)).text
     assert "." in free
-    out = complete(model, tokenizer, ids, SamplingParams(max_tokens=8, stop=(".",)))
+    out = generate_in_process(model, tokenizer, ids, SamplingParams(max_tokens=8, stop=(".",)))
     assert out.text == free[: free.index(".")]
     assert out.finish_reason == "stop"
 
@@ -47,7 +47,8 @@ def test_seeded_sampling_is_reproducible(smollm2) -> None:  # type: ignore[no-un
     ids = tokenizer.encode("Once upon a time")
     params = SamplingParams(temperature=1.0, top_p=0.9, seed=42, max_tokens=12)
     assert (
-        complete(model, tokenizer, ids, params).token_ids == complete(model, tokenizer, ids, params).token_ids
+        generate_in_process(model, tokenizer, ids, params).token_ids
+        == generate_in_process(model, tokenizer, ids, params).token_ids
     )
 
 
@@ -57,7 +58,7 @@ def test_a_prompt_longer_than_the_context_is_refused(smollm2) -> None:  # type: 
     with pytest.raises(
         InvalidRequestError, match=r"the prompt has 8192 tokens but the model's context holds 8192"
     ):
-        complete(model, tokenizer, too_long, SamplingParams())
+        generate_in_process(model, tokenizer, too_long, SamplingParams())
 
 
 def test_missing_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

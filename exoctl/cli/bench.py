@@ -10,10 +10,10 @@ from rich.table import Table
 from exoctl.cli.common import (
     InventoryOption,
     check_request,
-    complete_model,
     live_statuses,
     open_cluster,
     plan_for,
+    suggest_models,
 )
 from exoctl.cli.options import DtypeOption, JsonOption, ShardingOption
 from exoctl.cli.output import console, err_console, out
@@ -47,7 +47,7 @@ def bench(
     model: Annotated[
         str,
         typer.Argument(
-            help="Catalog id, Hugging Face repo id, or a local model folder.", autocompletion=complete_model
+            help="Catalog id, Hugging Face repo id, or a local model folder.", autocompletion=suggest_models
         ),
     ],
     prompt_lengths: Annotated[

@@ -73,14 +73,14 @@ def ensure_instance(
     return cluster.load(card, ref, chosen.placement)
 
 
-def complete_model(incomplete: str) -> list[str]:
+def suggest_models(incomplete: str) -> list[str]:
     """Shell completion: catalog ids."""
     from exoctl.models.catalog import load_catalog
 
     return [card.id for card in load_catalog() if card.id.startswith(incomplete)]
 
 
-def complete_node(incomplete: str) -> list[str]:
+def suggest_nodes(incomplete: str) -> list[str]:
     """Shell completion: node names of the inventory in force (none if it cannot be read)."""
     from exoctl.inventory import load_inventory
 

@@ -10,10 +10,10 @@ import typer
 from exoctl.cli.common import (
     InventoryOption,
     check_request,
-    complete_model,
     live_statuses,
     open_cluster,
     plan_for,
+    suggest_models,
 )
 from exoctl.cli.options import DtypeOption, JsonOption, ShardingOption
 from exoctl.cli.output import console, out
@@ -40,7 +40,7 @@ def download(
         typer.Argument(
             help="Catalog id, Hugging Face repo id (owner/name), or a GGUF repo with its quantisation "
             "(owner/name:Q4_K_M).",
-            autocompletion=complete_model,
+            autocompletion=suggest_models,
         ),
     ],
     nodes: Annotated[

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from exoctl import __version__
-from exoctl.cli.common import InventoryOption, complete_node
+from exoctl.cli.common import InventoryOption, suggest_nodes
 from exoctl.cli.options import JsonOption
 from exoctl.cli.output import console, err_console, out
 from exoctl.cluster.launcher import START_WAIT_S
@@ -296,7 +296,7 @@ def down(inventory: InventoryOption = None, json_output: JsonOption = False) -> 
 
 
 def logs(
-    node: Annotated[str, typer.Argument(help="Node name from the inventory.", autocompletion=complete_node)],
+    node: Annotated[str, typer.Argument(help="Node name from the inventory.", autocompletion=suggest_nodes)],
     lines: Annotated[int, typer.Option("--lines", "-n", help="How many lines from the end.")] = 100,
     inventory: InventoryOption = None,
 ) -> None:

@@ -9,10 +9,10 @@ import typer
 from exoctl.cli.common import (
     InventoryOption,
     check_request,
-    complete_model,
     live_statuses,
     open_cluster,
     plan_for,
+    suggest_models,
 )
 from exoctl.cli.options import DtypeOption, JsonOption, ShardingOption
 from exoctl.cli.output import console, out
@@ -38,7 +38,7 @@ def place(
     model: Annotated[
         str,
         typer.Argument(
-            help="Catalog id, Hugging Face repo id, or a local model folder.", autocompletion=complete_model
+            help="Catalog id, Hugging Face repo id, or a local model folder.", autocompletion=suggest_models
         ),
     ],
     nodes: Annotated[int | None, typer.Option("--nodes", "-n", help="Use exactly this many nodes.")] = None,

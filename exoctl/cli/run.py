@@ -10,10 +10,10 @@ import typer
 from exoctl.cli.common import (
     InventoryOption,
     check_request,
-    complete_model,
     ensure_instance,
     live_statuses,
     open_cluster,
+    suggest_models,
 )
 from exoctl.cli.options import (
     FrequencyPenaltyOption,
@@ -42,7 +42,7 @@ ModelChoice = Annotated[
     typer.Option(
         "--model",
         "-m",
-        autocompletion=complete_model,
+        autocompletion=suggest_models,
         help="Catalog id, Hugging Face repo id, local folder, or instance id "
         "(default: the only placed model, else the embedded default).",
     ),

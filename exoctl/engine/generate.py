@@ -144,7 +144,7 @@ def stream_completion(
     yield seq.completion()
 
 
-def complete(
+def generate_in_process(
     model: CausalLM, tokenizer: Tokenizer, prompt_ids: Sequence[int], params: SamplingParams
 ) -> Completion:
     for item in stream_completion(model, tokenizer, prompt_ids, params):
