@@ -4,9 +4,10 @@ client, the CLI's progress bars and `/state.downloads`. Torch-free."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from exoctl.wire.field_types import checked_fields
 from exoctl.wire.protocol import ProtocolError
 
 STATES = ("pending", "ongoing", "completed", "failed")
@@ -53,14 +54,7 @@ class DownloadReport:
     def from_wire(cls, raw: Any) -> DownloadReport:
         if not isinstance(raw, dict) or not isinstance(raw.get("files"), dict):
             raise ProtocolError("a download report must be a map with its 'files'")
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            if f.name == "files":
-                continue
-            value = raw.get(f.name)
-            if not _fits(value, str(f.type)):
-                raise ProtocolError(f"download report field '{f.name}' must be {f.type}, got {value!r:.40}")
-            values[f.name] = value
+        values = checked_fields(cls, raw, "download report", skip=("files",))
         if values["state"] not in STATES:
             raise ProtocolError(f"download state {values['state']!r:.20} is not one of {', '.join(STATES)}")
         files = {}
@@ -72,16 +66,3 @@ class DownloadReport:
                 raise ProtocolError(f"download file {name!r:.60}: its bytes must be integers")
             files[name] = FileReport(*(int(v or 0) for v in sizes))
         return cls(**values, files=files)
-
-
-def _fits(value: object, annotation: str) -> bool:
-    match annotation:
-        case "str":
-            return isinstance(value, str)
-        case "str | None":
-            return value is None or isinstance(value, str)
-        case "int":
-            return isinstance(value, int) and not isinstance(value, bool)
-        case "float":
-            return isinstance(value, (int, float)) and not isinstance(value, bool)
-    raise AssertionError(f"no check for {annotation}")

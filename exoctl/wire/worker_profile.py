@@ -3,10 +3,10 @@ its CPU and what it computes in. Typed on both sides; torch-free."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
-from exoctl.wire.protocol import ProtocolError
+from exoctl.wire.field_types import checked_fields
 
 
 @dataclass(frozen=True)
@@ -64,30 +64,6 @@ class WorkerProfile:
 
     @classmethod
     def from_wire(cls, raw: Any) -> WorkerProfile:
-        if not isinstance(raw, dict):
-            raise ProtocolError("a node profile must be a map")
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            value = raw.get(f.name)
-            if not _fits(value, str(f.type)):
-                raise ProtocolError(f"node profile field '{f.name}' must be {f.type}, got {value!r:.40}")
-            values[f.name] = value
+        values = checked_fields(cls, raw, "node profile")
         values["load_avg"] = tuple(values["load_avg"])
         return cls(**values)
-
-
-def _fits(value: object, annotation: str) -> bool:
-    match annotation:
-        case "str":
-            return isinstance(value, str)
-        case "str | None":
-            return value is None or isinstance(value, str)
-        case "int":
-            return isinstance(value, int) and not isinstance(value, bool)
-        case "float":
-            return isinstance(value, (int, float)) and not isinstance(value, bool)
-        case "bool":
-            return isinstance(value, bool)
-        case "tuple[float, ...]":
-            return isinstance(value, list) and all(isinstance(x, (int, float)) for x in value)
-    raise AssertionError(f"no check for {annotation}")
