@@ -23,6 +23,7 @@ from exoctl.cluster.views import instances_of
 from exoctl.models.catalog import DEFAULT_MODEL_ID
 from exoctl.models.store import resolve_card
 from exoctl.placement.pipeline import PlacementRequest
+from exoctl.wire.messages import Ping, StatusRequest
 from exoctl.wire.sampling_params import SamplingParams
 from tests.cluster_helpers import (
     WorkerCluster,
@@ -135,7 +136,7 @@ def test_delete_frees_the_runners_memory(cluster4: WorkerCluster) -> None:
     with cluster4.client() as client:
 
         def rss() -> dict[str, int]:
-            return {s.node.name: s.profile["rss"] for s in client.statuses() if s.profile}
+            return {s.node.name: s.profile.rss for s in client.statuses() if s.profile}
 
         before = rss()
         instance_id = place(client, DEFAULT_MODEL_ID, 2)
@@ -243,6 +244,7 @@ def test_two_requests_at_once_get_their_own_answers(
 # --- bad input -------------------------------------------------------------------------------
 
 
+ONE_HIDDEN = {"dtype": "float32", "shape": [1, 1, 4]}  # one position of a 4-wide hidden state
 BAD_MESSAGES = [
     ([b"\xc1\xff not msgpack"], "not valid msgpack"),
     ([msgpack.packb([1, 2, 3])], "must be a msgpack map"),
@@ -280,7 +282,13 @@ BAD_MESSAGES = [
         [header("forward", instance_id="x", seqs=["s"], positions=[0]), b"extra"],
         "describes 0 tensors but 1 frames",
     ),
-    ([header("forward", instance_id="nope", seqs=["s"], positions=[0])], "holds no runner of instance nope"),
+    (
+        [
+            header("forward", instance_id="nope", seqs=["s"], positions=[0], tensors=[ONE_HIDDEN]),
+            b"\0" * 16,
+        ],
+        "holds no runner of instance nope",
+    ),
     ([header("pong", profile={})], "does not accept 'pong'"),
     ([load_header()], "loads models only from"),
     ([header("tp_hello", instance_id="i", rank="0", address="127.0.0.11:1")], "'rank' must be int"),
@@ -313,10 +321,10 @@ def test_a_client_without_the_cluster_key_is_refused(cluster4: WorkerCluster) ->
     stranger = ClusterKeys(*zmq.curve_keypair(), folder=Path("/nonexistent"))
     with Cluster(inventory, stranger, timeout=2.0) as client:
         with pytest.raises(NodeError, match=r"node node2 .* refused this client"):
-            client.client("node2").request("ping")
+            client.client("node2").request(Ping())
     with Cluster(inventory, None, timeout=2.0) as client:  # no CurveZMQ at all
         with pytest.raises(NodeError, match="node node1 "):
-            client.client("node1").request("status")
+            client.client("node1").request(StatusRequest())
     result = cluster4.cli("nodes", env={"EXOCTL_HOME": str(cluster4.work_dir / "home-without-keys")})
     assert result.returncode == 1 and "down" in result.stdout
     # with another key, `run` says what is wrong: the key, not workers to start
@@ -494,7 +502,7 @@ def test_a_worker_busy_decoding_answers_status_at_once(cluster4: WorkerCluster) 
                 for count, _ in enumerate(generation):
                     if count % 5 == 2:
                         began = time.monotonic()
-                        other.client("node1").request("status")
+                        other.client("node1").request(StatusRequest())
                         waits.append(time.monotonic() - began)
             assert len(waits) >= 5
             # one decode step of SmolLM2 here is 40-60 ms; a status queued behind compute would wait

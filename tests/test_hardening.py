@@ -372,6 +372,7 @@ def test_a_sequence_whose_draw_fails_ends_alone_and_its_batch_goes_on(
 ) -> None:
     from exoctl.wire.generate_request import GenerateRequest
     from exoctl.wire.instance_messages import SeqError, Tokens
+    from exoctl.wire.messages import ErrorReply
     from exoctl.wire.runner_spec import RunnerSpec
     from exoctl.worker.instance import build_instance
     from exoctl.worker.outbox import ToClient, ToSelf
@@ -407,7 +408,7 @@ def test_a_sequence_whose_draw_fails_ends_alone_and_its_batch_goes_on(
     (failed,) = [m for m in to_self if isinstance(m, SeqError)]  # the stage reports it to the head
     assert failed.seqs == ("sampled",) and "sampling failed" in failed.message
     errors = [o for o in head.abort(failed.seqs, failed.message) if isinstance(o, ToClient)]
-    assert [e.request_id for e in errors] == ["sampled"] and errors[0].kind == "error"
+    assert [e.request_id for e in errors] == ["sampled"] and isinstance(errors[0].message, ErrorReply)
     assert set(head.sequences) == {"greedy"} and set(runner.stage.caches) == {"greedy"}
 
 

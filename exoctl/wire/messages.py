@@ -347,9 +347,20 @@ KINDS: dict[str, Callable[[Message], WireMessage]] = {
 }
 
 
-def parse(message: Message) -> WireMessage:
+# what a worker's ROUTER takes (requests and messages between workers); the rest are replies
+WORKER_TAKES = frozenset(
+    kind
+    for kind in KINDS
+    if kind not in ("pong", "status_reply", "ok", "error", "delta", "done", "keepalive")
+)
+
+
+def parse(message: Message, takes: frozenset[str] | None = None, who: str = "a worker") -> WireMessage:
     """A checked protocol message as its class; ProtocolError (or the request's own error, such as
-    InvalidRequestError) when a field is wrong beyond its type."""
+    InvalidRequestError) when a field is wrong beyond its type, or when it is not one of the
+    kinds the receiver `takes`."""
+    if takes is not None and message.type not in takes:
+        raise ProtocolError(f"{who} does not accept '{message.type}' messages")
     decoder = KINDS.get(message.type)
     if decoder is None:  # protocol.decode knows every type; a new one needs its class here
         raise ProtocolError(f"unknown message type {message.type!r}")

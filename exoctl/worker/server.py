@@ -29,6 +29,7 @@ from exoctl.wire import protocol
 from exoctl.wire.generate_request import GenerateRequest
 from exoctl.wire.instance_messages import Forward, Lease, Release, SeqError, StepRefused, Tokens
 from exoctl.wire.messages import (
+    WORKER_TAKES,
     Alive,
     Cancel,
     DownloadRequest,
@@ -201,7 +202,7 @@ class Worker:
         client, body = bytes(frames[0]), [f.buffer for f in frames[1:]]
         reply_to = _peek_id(body)
         try:
-            message = parse(protocol.decode(body))
+            message = parse(protocol.decode(body), WORKER_TAKES)
             self._dispatch(client, reply_to, message)
         except StepRefused as exc:
             self._tell_head(exc)
