@@ -12,16 +12,15 @@ from typing import Any, get_args
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from exoctl import __version__
 from exoctl.api.dashboard import DASHBOARD_PATHS, mount_dashboard
-from exoctl.api.errors import classify, error_body, exoctl_error_response
+from exoctl.api.error_handlers import install_error_handlers
+from exoctl.api.errors import error_body
 from exoctl.api.metrics import Metrics
 from exoctl.api.model_list import model_entry
 from exoctl.api.openai_chat import ChatCompletion
@@ -34,7 +33,7 @@ from exoctl.api.schemas import (
 )
 from exoctl.api.service import ClusterService, NotFound, shards_json
 from exoctl.cluster.views import no_node_up
-from exoctl.errors import ExoctlError, InvalidRequestError
+from exoctl.errors import InvalidRequestError
 
 log = logging.getLogger("exoctl.serve")
 
@@ -204,40 +203,6 @@ def create_app(
         return await ChatCompletion(service, metrics, body).respond(request.is_disconnected)
 
     return app
-
-
-def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
-    """Every error in OpenAI's envelope, counted in /metrics by its type."""
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        message = first.get("msg", "invalid request")
-        if first.get("type") == "json_invalid":
-            message, where = "the request body is not valid JSON", ""
-        metrics.errors.labels("invalid_request_error").inc()
-        text = f"{where}: {message}" if where else message
-        return JSONResponse(error_body(text, "invalid_request_error", param=where or None), status_code=400)
-
-    @app.exception_handler(ExoctlError)
-    async def exoctl_error(_: Request, exc: ExoctlError) -> JSONResponse:
-        metrics.errors.labels(classify(exc)[1]).inc()
-        return exoctl_error_response(exc)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        if exc.status_code == 404:
-            message = (
-                f"no such route: {request.method} {request.url.path[:200]} (the API: /v1/chat/completions, "
-                "/v1/models, /state, /instance, /place_instance, /healthz; see the README)"
-            )
-            return JSONResponse(error_body(message, "not_found_error", code="not_found"), status_code=404)
-        if exc.status_code == 405:
-            message = f"{request.method} is not allowed on {request.url.path[:200]}"
-            body = error_body(message, "invalid_request_error", code="method_not_allowed")
-            return JSONResponse(body, status_code=405)
-        return JSONResponse(error_body(str(exc.detail), "invalid_request_error"), status_code=exc.status_code)
 
 
 def health_routes(service: ClusterService, metrics: Metrics, api_key: str | None) -> APIRouter:
