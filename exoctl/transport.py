@@ -27,6 +27,7 @@ from exoctl.wire.messages import (
     Request,
     StatusReply,
     WireMessage,
+    frames,
     parse,
 )
 
@@ -120,7 +121,7 @@ class NodeClient:
 
     def send(self, message: Outgoing) -> int:
         request_id = next(_ids)
-        self.sock.send_multipart(protocol.encode(message.KIND, {"id": request_id, **message.to_fields()}))
+        self.sock.send_multipart(frames(message, request_id))
         return request_id
 
     def _check_handshake(self) -> None:

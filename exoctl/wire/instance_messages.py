@@ -92,7 +92,7 @@ class Forward:
             fields["params"] = {seq: start.to_wire() for seq, start in step.first.items()}
         if step.partial:
             fields["partial"] = True
-        return protocol.encode("forward", fields, (self.tensor,))
+        return protocol.encode(self.KIND, fields, (self.tensor,))
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ class Tokens:
             "tokens": list(self.tokens),
             "logprobs": list(self.logprobs),
         }
-        return protocol.encode("token", fields)
+        return protocol.encode(self.KIND, fields)
 
 
 @dataclass(frozen=True)
@@ -126,7 +126,7 @@ class Release:
     seq: str
 
     def frames(self) -> list[Any]:
-        return protocol.encode("release", {"instance_id": self.instance_id, "seq": self.seq})
+        return protocol.encode(self.KIND, {"instance_id": self.instance_id, "seq": self.seq})
 
 
 @dataclass(frozen=True)
@@ -141,7 +141,7 @@ class SeqError:
 
     def frames(self) -> list[Any]:
         fields = {"instance_id": self.instance_id, "seqs": list(self.seqs), "message": self.message}
-        return protocol.encode("seq_error", fields)
+        return protocol.encode(self.KIND, fields)
 
 
 @dataclass(frozen=True)
@@ -154,7 +154,7 @@ class Lease:
     seqs: tuple[str, ...]
 
     def frames(self) -> list[Any]:
-        return protocol.encode("lease", {"instance_id": self.instance_id, "seqs": list(self.seqs)})
+        return protocol.encode(self.KIND, {"instance_id": self.instance_id, "seqs": list(self.seqs)})
 
 
 @dataclass(frozen=True)

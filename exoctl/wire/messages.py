@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from exoctl.errors import ExoctlError, error_class
+from exoctl.wire import protocol
 from exoctl.wire.answer import Completion
 from exoctl.wire.download_report import DownloadReport
 from exoctl.wire.generate_request import GenerateRequest
@@ -353,6 +354,13 @@ WORKER_TAKES = frozenset(
     for kind in KINDS
     if kind not in ("pong", "status_reply", "ok", "error", "delta", "done", "keepalive")
 )
+
+
+def frames(message: Outgoing, reply_to: Any = None) -> list[Any]:
+    """The frames of a message; `reply_to` is the id of the request it answers, or that its
+    answer will echo (None: a running request's message, matched by its request id)."""
+    fields = message.to_fields()
+    return protocol.encode(message.KIND, fields if reply_to is None else {"id": reply_to, **fields})
 
 
 def parse(message: Message, takes: frozenset[str] | None = None, who: str = "a worker") -> WireMessage:

@@ -13,9 +13,8 @@ from typing import Any
 
 import zmq
 
-from exoctl.wire import protocol
 from exoctl.wire.instance_messages import Forward, InstanceMessage, Lease, Release, SeqError, Tokens
-from exoctl.wire.messages import Delta, Done, ErrorReply
+from exoctl.wire.messages import Delta, Done, ErrorReply, frames
 
 
 @dataclass(frozen=True)
@@ -34,7 +33,7 @@ class ToClient:
         return isinstance(self.message, Done | ErrorReply)
 
     def frames(self) -> list[Any]:
-        return protocol.encode(self.message.KIND, self.message.to_fields())
+        return frames(self.message)
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,7 @@ import zmq.utils.monitor
 
 from exoctl.keys import ClusterKeys
 from exoctl.transport import secure_client
-from exoctl.wire import protocol
-from exoctl.wire.messages import ErrorReply, Ping, Pong, WireMessage
+from exoctl.wire.messages import ErrorReply, Ping, Pong, WireMessage, frames
 
 log = logging.getLogger("exoctl.worker")
 
@@ -117,7 +116,7 @@ class Peers:
         """Ping the watched peers; those silent too long, with why they are lost."""
         lost = {}
         for address in watched:
-            self.send(address, protocol.encode(Ping.KIND, {"id": 0}))
+            self.send(address, frames(Ping(), reply_to=0))
             silent = now - self.seen.get(address, now)
             if silent > SILENT_AFTER_S:
                 lost[address] = f"stopped answering (no heartbeat for {silent:.1f} s)"

@@ -50,11 +50,11 @@ class RunningRequests:
             del self.running[request_id]
         return True
 
-    def silent(self, now: float) -> list[tuple[str, RunningRequest]]:
-        """The requests whose client said nothing for CLIENT_SILENT_S, each returned once (its
-        clock starts again: one cancel, then the lane ends the sequence)."""
-        gone = [(i, r) for i, r in self.running.items() if now - r.heard > CLIENT_SILENT_S]
-        for _, request in gone:
+    def silent(self, now: float) -> list[tuple[str, RunningRequest, float]]:
+        """The requests whose client said nothing for CLIENT_SILENT_S, with how long, each returned
+        once (its clock starts again: one cancel, then the lane ends the sequence)."""
+        gone = [(i, r, now - r.heard) for i, r in self.running.items() if now - r.heard > CLIENT_SILENT_S]
+        for _, request, _ in gone:
             request.heard = now
         return gone
 

@@ -49,6 +49,7 @@ from exoctl.wire.messages import (
     TensorHello,
     Unload,
     WireMessage,
+    frames,
     parse,
 )
 from exoctl.wire.protocol import ProtocolError
@@ -65,7 +66,7 @@ from exoctl.worker.options import WorkerOptions, check_bind
 from exoctl.worker.outbox import FailInstance, Out, Outbox, ToClient, ToPeer
 from exoctl.worker.peers import DOWN_AFTER_S, HEARTBEAT_S, SILENT_AFTER_S, Peers
 from exoctl.worker.profile import NodeProfiler
-from exoctl.worker.running_requests import CLIENT_SILENT_S, KEEPALIVE_S, RunningRequests
+from exoctl.worker.running_requests import KEEPALIVE_S, RunningRequests
 from exoctl.worker.tensor_meeting import Meeting
 
 if TYPE_CHECKING:
@@ -155,10 +156,8 @@ class Worker:
     def _keepalives(self, now: float) -> None:
         for request_id, request in list(self.requests.running.items()):
             self._reply(request.client, None, Keepalive(request_id))
-        for request_id, request in self.requests.silent(now):
-            log.warning(
-                "request %s: its client said nothing for %.0f s; cancelled", request_id[:8], CLIENT_SILENT_S
-            )
+        for request_id, request, quiet in self.requests.silent(now):
+            log.warning("request %s: its client said nothing for %.0f s; cancelled", request_id[:8], quiet)
             self.held.put(request.instance_id, CancelJob(request_id))
 
     def close(self) -> None:
@@ -179,8 +178,7 @@ class Worker:
     def _reply(self, client: bytes, reply_to: Any, message: Reply) -> None:
         """A reply to a client; `reply_to` is the id of the request it answers (None: a running
         request's message, matched by its request id)."""
-        fields = message.to_fields() if reply_to is None else {"id": reply_to, **message.to_fields()}
-        self.router.send_multipart([client, *protocol.encode(message.KIND, fields)], copy=False)
+        self.router.send_multipart([client, *frames(message, reply_to)], copy=False)
 
     def _outbound(self, out: Out) -> None:
         match out:
@@ -381,7 +379,7 @@ class Worker:
             failed = InstanceFailed(instance_id, failure.message, failure.lost_node)
             for _, address in runner.spec.peers:
                 if address != self.address:
-                    self.peers.send(address, protocol.encode(failed.KIND, failed.to_fields()))
+                    self.peers.send(address, frames(failed))
 
 
 def _peek_id(frames: list[Any]) -> Any:

@@ -14,8 +14,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from exoctl.keys import ClusterKeys
-from exoctl.wire import protocol
-from exoctl.wire.messages import TensorHello
+from exoctl.wire.messages import TensorHello, frames
 from exoctl.wire.protocol import ProtocolError
 from exoctl.wire.runner_spec import RunnerSpec
 
@@ -61,7 +60,7 @@ class Meeting:
         hello = TensorHello(spec.instance_id, spec.rank, address, collective.offer)
         for rank, (_, peer) in enumerate(spec.peers):
             if rank != spec.rank:
-                self.peers.send(peer, protocol.encode(hello.KIND, hello.to_fields()))
+                self.peers.send(peer, frames(hello))
         return runner
 
     def hello(self, runner: Stage | None, message: TensorHello) -> None:

@@ -84,7 +84,7 @@ class TensorRank(Stage):
         try:
             self.collective.connect([self.addresses[r] for r in ranks], [self.offers.get(r) for r in ranks])
         except CollectiveError as exc:
-            self.fail(Failure(f"node {self.spec.nodes[self.spec.rank]}: {exc.message}"))
+            self.fail(Failure(f"node {self.node}: {exc.message}"))
             return
         self.status = RunnerStatus.READY
 
