@@ -56,6 +56,8 @@ class Node:
     # among the workers of this machine for local ones); fewer for a node that runs other work
     activations: str | None = None  # bfloat16 or float32 forces what `auto`/int8/int4 compute in
     # on this node; auto (the default) chooses by its CPU (see exoctl.cpu_policy)
+    prefix_cache_gb: float | None = None  # GB this node gives each instance's cached prefixes (0:
+    # none); default: the KV of PREFIX_CACHE_TOKENS positions of its part of the model
 
     @property
     def is_loopback(self) -> bool:
@@ -116,6 +118,14 @@ def _check_field(key: str, value: Any, where: str, problems: list[str]) -> Any:
             problems.append(f"{where}: field 'activations' must be one of {choices}, got {value!r}")
             return None
         return value
+    if key == "prefix_cache_gb":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            problems.append(
+                f"{where}: field 'prefix_cache_gb' must be a number of GB, 0 or more (0 turns the "
+                f"prefix cache off), got {value!r}"
+            )
+            return None
+        return float(value)
     if key == "memory_gb":
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             problems.append(f"{where}: field 'memory_gb' must be a positive number of GB, got {value!r}")
@@ -228,12 +238,15 @@ def local_inventory(
     model_dir: str | None = None,
     threads: int | None = None,
     activations: str | None = None,
+    prefix_cache_gb: float | None = None,
 ) -> Inventory:
     """The embedded default: `count` worker processes on this machine, run by this Python."""
     if count < 1:
         raise ExoctlError(f"--local must be at least 1, got {count}")
     if threads is not None and threads < 1:
         raise ExoctlError(f"--threads must be at least 1, got {threads}")
+    if prefix_cache_gb is not None and prefix_cache_gb < 0:
+        raise ExoctlError(f"--prefix-cache-gb must be 0 or more, got {prefix_cache_gb:g}")
     if not 1 <= base_port <= 65535 - count:
         raise ExoctlError(f"--base-port must leave room for {count} ports below 65536, got {base_port}")
     common: dict[str, Any] = {
@@ -246,6 +259,8 @@ def local_inventory(
         common["threads"] = threads
     if activations is not None:
         common["activations"] = activations
+    if prefix_cache_gb is not None:
+        common["prefix_cache_gb"] = prefix_cache_gb
     nodes = tuple(Node(name=f"local{i + 1}", host=host, port=base_port + i, **common) for i in range(count))
     return Inventory("local", nodes, "embedded default")
 
@@ -258,7 +273,17 @@ def local_inventory_path() -> Path:
 def write_local_inventory(inventory: Inventory) -> Path:
     path = local_inventory_path()
     path.parent.mkdir(parents=True, exist_ok=True)
-    keep = ("name", "host", "port", "command", "work_dir", "model_dir", "threads", "activations")
+    keep = (
+        "name",
+        "host",
+        "port",
+        "command",
+        "work_dir",
+        "model_dir",
+        "threads",
+        "activations",
+        "prefix_cache_gb",
+    )
     data = {
         "cluster": inventory.name,
         "nodes": [{k: getattr(n, k) for k in keep if getattr(n, k) is not None} for n in inventory.nodes],

@@ -4,6 +4,7 @@ OpenAI client, eight concurrent streams, the EXO endpoints, bad requests and the
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -182,6 +183,65 @@ def test_openai_client_chat_and_stream(client: openai.OpenAI, placed: str) -> No
         model=DEFAULT_MODEL_ID, messages=messages, temperature=0, stop=["Paris"], max_tokens=24
     )
     assert "Paris" not in (stopped.choices[0].message.content or "x Paris")
+
+
+def test_cached_tokens_in_usage_through_the_openai_client(
+    client: openai.OpenAI, server: Server, placed: str
+) -> None:
+    """A conversation's second turn reads its first from the instance's cached prefix: OpenAI's
+    usage.prompt_tokens_details.cached_tokens says how much, streamed and not; `cache_prompt: false`
+    (llama.cpp's name) reads it all again, to the same answer."""
+    history = [{"role": "user", "content": "Name a large animal that lives in the sea."}]
+    first = client.chat.completions.create(
+        model=DEFAULT_MODEL_ID, messages=history, temperature=0, max_tokens=16
+    )
+    assert first.usage is not None and first.usage.prompt_tokens_details is not None
+    history += [
+        {"role": "assistant", "content": first.choices[0].message.content or ""},
+        {"role": "user", "content": "And a small one?"},
+    ]
+    whole = client.chat.completions.create(
+        model=DEFAULT_MODEL_ID, messages=history, temperature=0, max_tokens=16
+    )
+    usage = whole.usage
+    assert usage is not None and usage.prompt_tokens_details is not None
+    cached = usage.prompt_tokens_details.cached_tokens or 0
+    assert first.usage.prompt_tokens <= cached < usage.prompt_tokens  # the whole first turn, at least
+    stream = client.chat.completions.create(
+        model=DEFAULT_MODEL_ID,
+        messages=history,
+        temperature=0,
+        max_tokens=16,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    parts, streamed = [], None
+    for chunk in stream:
+        if chunk.choices:
+            parts.append(chunk.choices[0].delta.content or "")
+        streamed = chunk.usage or streamed
+    assert streamed is not None and streamed.prompt_tokens_details is not None
+    assert streamed.prompt_tokens_details.cached_tokens == usage.prompt_tokens - 1  # all but the last
+    plain = client.chat.completions.create(
+        model=DEFAULT_MODEL_ID,
+        messages=history,
+        temperature=0,
+        max_tokens=16,
+        extra_body={"cache_prompt": False},
+    )
+    assert plain.usage is not None and plain.usage.prompt_tokens_details is not None
+    assert plain.usage.prompt_tokens_details.cached_tokens == 0
+    assert plain.choices[0].message.content == whole.choices[0].message.content == "".join(parts)
+    status, text = http(server, "GET", "/metrics")
+    assert status == 200
+    counted = re.search(rf'exoctl_cached_prompt_tokens_total{{model="{DEFAULT_MODEL_ID}"}} (\d+)', text)
+    assert counted is not None and int(counted.group(1)) >= cached + usage.prompt_tokens - 1
+    for line in (
+        "exoctl_prefix_cache_hits_total{",
+        "exoctl_prefix_cache_bytes{",
+        "exoctl_prefix_cache_lookups_total{",
+    ):
+        assert line in text, line
 
 
 def test_eight_concurrent_streams_get_their_own_answers(client: openai.OpenAI, placed: str) -> None:

@@ -87,12 +87,16 @@ def test_dry_run_with_no_node_up_plans_a_local_cluster_from_this_machine(tmp_pat
     plan = json.loads(result.stdout)
     assert plan["planned_from"] == "inventory" and [s["node"] for s in plan["shards"]] == ["local1", "local2"]
     for shard in plan["shards"]:
-        assert shard["memory_bytes"] == shard["weight_bytes"] + shard["kv_bytes"] + shard["runtime_bytes"]
+        parts = ("weight_bytes", "kv_bytes", "prefix_cache_bytes", "runtime_bytes")
+        assert shard["memory_bytes"] == sum(shard[part] for part in parts)
         assert 0 < shard["weight_bytes"] < 200e6 and shard["kv_bytes"] > 0 and shard["runtime_bytes"] > 0
+        # by default the same number of positions as the KV reserve
+        assert shard["prefix_cache_bytes"] == shard["kv_bytes"]
+    assert plan["prefix_cache_positions"] == 8192
     assert sum(s["memory_bytes"] for s in plan["shards"]) < psutil.virtual_memory().total
     table = exoctl("place", "smollm2-135m-cpu", "--nodes", "2", "--dry-run", env=env)
     assert table.returncode == 0 and "planned from the inventory: no node is up" in table.stdout
-    for column in ("weights", "KV reserve", "runtime", "needs"):
+    for column in ("weights", "KV reserve", "prefix cache", "runtime", "needs"):
         assert column in table.stdout
     # not a dry run: the one "no node is up" error, not a placement's "0.0 GB" or "use --dtype"
     real = exoctl("place", "smollm2-135m-cpu", "--nodes", "2", env=env)
@@ -197,6 +201,7 @@ def test_dry_run_on_the_example_inventory_uses_the_test_plans_node_counts(
         "memory_bytes",
         "weight_bytes",
         "kv_bytes",
+        "prefix_cache_bytes",
         "runtime_bytes",
     }
     assert plan["reason"].startswith("pipeline, as asked: layers node1 [0, ")
@@ -207,15 +212,15 @@ def test_dry_run_on_the_example_inventory_uses_the_test_plans_node_counts(
 @pytest.mark.parametrize(
     ("model", "sharding", "nodes", "reason"),
     [
-        ("llama-3.1-8b-cpu", "pipeline", 1, "one node: llama-3.1-8b-cpu fits on node1 alone (36.3 GB)"),
-        ("qwen2.5-32b-cpu", "tensor", 2, "tensor: 20 of 40 heads on each of 2 nodes, 71.2 GB each"),
+        ("llama-3.1-8b-cpu", "pipeline", 1, "one node: llama-3.1-8b-cpu fits on node1 alone (38.4 GB)"),
+        ("qwen2.5-32b-cpu", "tensor", 2, "tensor: 20 of 40 heads on each of 2 nodes, 73.4 GB each"),
         (
             "mixtral-8x7b-cpu",
             "tensor",
             4,
-            "tensor: 8 of 32 heads, 2 of 8 experts on each of 4 nodes, 49.6 GB each",
+            "tensor: 8 of 32 heads, 2 of 8 experts on each of 4 nodes, 50.2 GB each",
         ),
-        ("llama-3.1-70b-cpu", "tensor", 4, "tensor: 16 of 64 heads on each of 4 nodes, 77.1 GB each"),
+        ("llama-3.1-70b-cpu", "tensor", 4, "tensor: 16 of 64 heads on each of 4 nodes, 78.4 GB each"),
     ],
 )
 def test_auto_sharding_on_the_example_inventory_says_what_it_chose_and_why(
@@ -249,7 +254,7 @@ def test_too_little_memory_says_by_how_much(tmp_path: Path) -> None:
     result = exoctl(*args)
     assert result.returncode == 1
     assert result.stderr.startswith(
-        "error: llama-3.1-70b-cpu needs 282.2 GB in float32; 3 nodes offer 288.0 GB but it needs 293.6 GB"
+        "error: llama-3.1-70b-cpu needs 282.2 GB in float32; 3 nodes offer 288.0 GB but it needs 299.0 GB"
     )
     assert "hint: use more than 3 nodes or use --dtype bfloat16" in result.stderr
     assert "Traceback" not in result.stderr

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -373,12 +374,15 @@ def test_run_cli_variants(cluster4: WorkerCluster, tiny_models: dict[str, Path])
 
 
 def test_chat_repl(cluster4: WorkerCluster) -> None:
-    script = "What is the capital of France?\n/stats\nAnd of Italy?\n/reset\n/help\n/quit\n"
+    script = "What is the capital of France?\n/stats\nAnd of Italy?\n/stats\n/reset\n/help\n/quit\n"
     result = cluster4.cli("chat", "--dtype", "float32", "-n", "24", stdin=script)
     try:
         assert result.returncode == 0, result.stderr
         assert "Paris" in result.stdout and "Rome" in result.stdout  # history kept across turns
         assert "tok/s, first token after" in result.stderr
+        # the second turn reads the first from the instance's cached prefix
+        first, second = re.findall(r"prompt (\d+) tokens \((\d+) cached\)", result.stderr)
+        assert int(first[1]) == 0 and int(first[0]) < int(second[1]) < int(second[0])
         assert "conversation forgotten" in result.stderr and "/reset" in result.stderr
     finally:
         cluster4.cli("delete", DEFAULT_MODEL_ID)
@@ -567,7 +571,8 @@ def test_state_watch_refreshes_until_ctrl_c(cluster4: WorkerCluster) -> None:
 
 def test_bench_measures_prefill_decode_and_concurrency_with_their_spread(cluster4: WorkerCluster) -> None:
     cluster4.cli("delete", DEFAULT_MODEL_ID)  # so bench places it itself, on the nodes asked
-    args = ("-p", "16,64", "-n", "16", "-c", "1,4", "-r", "2", "--nodes", "2", "--sharding", "pipeline")
+    args = ("-p", "16,64", "-n", "16", "-c", "1,4", "-r", "2", "-t", "3", "--turn-tokens", "40")
+    args += ("--nodes", "2", "--sharding", "pipeline")
     result = cluster4.cli_json("bench", DEFAULT_MODEL_ID, *args)
     assert (
         result["placed_by_bench"]
@@ -587,12 +592,26 @@ def test_bench_measures_prefill_decode_and_concurrency_with_their_spread(cluster
     # batched decoding: four streams at once make more tokens per second than one
     assert four["aggregate_tokens_per_s"]["mean"] >= one["aggregate_tokens_per_s"]["mean"] > 0
     assert 0 < four["latency_ms"]["p50"] <= four["latency_ms"]["p95"]
+    # a conversation of 3 turns, each about 40 tokens more: with cached prefixes each turn after the
+    # first reads only what is new (the history re-read in full is the other column)
+    conversation = result["multi_turn"]
+    turns = conversation["turns"]
+    assert [t["turn"] for t in turns] == [1, 2, 3] and conversation["turn_tokens"] == 40
+    assert turns[0]["prompt_tokens"] < turns[1]["prompt_tokens"] < turns[2]["prompt_tokens"]
+    for earlier, turn in itertools.pairwise(turns):
+        # all of the previous turn's prompt at least, less what the answer re-tokenizes differently
+        assert turn["cached_tokens"] >= earlier["prompt_tokens"] - 2
+    for turn in turns:
+        for column in ("ttft_ms_cached", "ttft_ms_uncached"):
+            assert len(turn[column]["values"]) == 2 and turn[column]["mean"] > 0
+    assert set(conversation["last_over_first"]) == {"cached", "uncached"}
     assert sorted(result["nodes"]) == sorted(result["nodes_in_instance"])
     for entry in result["nodes"].values():
         assert entry["compute_ms_per_token"] > 0 and entry["transport_ms_per_token"] >= 0
         assert entry["memory_bytes"] > 0 and entry["worker_rss_bytes"] > entry["memory_bytes"]
     # what bench placed, it unloaded
     assert result["instance_id"] not in cluster4.cli_json("state")["instances"]
-    table = cluster4.cli("bench", DEFAULT_MODEL_ID, "-p", "16", "-n", "8", "-c", "2", "-r", "1")
+    table = cluster4.cli("bench", DEFAULT_MODEL_ID, "-p", "16", "-n", "8", "-c", "2", "-r", "1", "-t", "2")
     assert table.returncode == 0, table.stderr
     assert "prefill pp" in table.stdout and "aggregate" in table.stdout and "compute ms/token" in table.stdout
+    assert "time to first token by turn" in table.stdout and "with cached prefixes" in table.stdout

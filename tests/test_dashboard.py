@@ -182,6 +182,24 @@ def test_place_chat_and_a_lost_node_from_the_page(
         assert "Paris" in answer.text, answer.text
         stats = css(browser, "#chat-stats")[0].text
         assert "first token" in stats and "tok/s" in stats, stats
+        # the second turn reads the first from the instance's cached prefix: the chat's stats say
+        # how much, and the instance card counts the hit (placed from a preview: the cache is on)
+        css(browser, "#chat-input")[0].send_keys("And of Italy?")
+        css(browser, "#chat-send")[0].click()
+        until(lambda: len(css(browser, ".msg.assistant[data-state=done]")) == 2, 120, "the second answer")
+        stats = css(browser, "#chat-stats")[0].text
+        cached = re.search(r"(\d+) of (\d+) prompt tokens cached", stats)
+        assert cached is not None and 0 < int(cached.group(1)) < int(cached.group(2)), stats
+
+        def hits() -> int:
+            pill = css(browser, f".instance[data-instance='{instance_id}'] [data-role=prefix-cache]")
+            return int(pill[0].get_attribute("data-hits")) if pill else 0
+
+        assert until(hits, 10, "the cache hit on the instance card") >= 1
+        notes = [
+            n.text for n in css(browser, f".instance[data-instance='{instance_id}'] [data-role=runner-note]")
+        ]
+        assert len(notes) == 2 and all("cache" in n and "1 hits" in n for n in notes), notes
         assert console_errors(browser) == []
         screenshot(browser, "06-chat")
         # usable at 800 wide: one column, nothing wider than the window

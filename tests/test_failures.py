@@ -43,11 +43,20 @@ def place(client: Cluster, model: str, nodes: int) -> str:
 
 
 def fail_during_generation(
-    cluster: WorkerCluster, client: Cluster, victim: str, sig: int
+    cluster: WorkerCluster, client: Cluster, victim: str, sig: int, cached: bool = False
 ) -> tuple[str, float]:
-    """Start a long generation, hit `victim` with `sig` after a few tokens; the error and how long it took."""
+    """Start a long generation, hit `victim` with `sig` after a few tokens; the error and how long it
+    took. `cached`: a short request first, whose KV every runner keeps as a cached prefix."""
     instance_id = place(client, DEFAULT_MODEL_ID, len(cluster.names))
     view = instances_of(client.statuses())[instance_id]
+    if cached:
+        list(client.generate(view, SamplingParams(max_tokens=4), prompt=COUNTING))
+
+        def kept() -> bool:  # the head's `release` reaches the other runners just after the answer
+            runners = instances_of(client.statuses())[instance_id].runners.values()
+            return all(r.prefix.entries == 1 and r.prefix.bytes > 0 for r in runners)
+
+        assert wait_for(kept, timeout=5)
     generation = client.generate(view, SamplingParams(max_tokens=500), prompt=COUNTING)
     hit_at = 0.0
     with pytest.raises(ExoctlError) as caught:
@@ -75,14 +84,15 @@ def serves(client: Cluster, tiny_models: dict[str, Path], nodes: int) -> bool:
 
 def test_killed_middle_stage(cluster3: WorkerCluster, tiny_models: dict[str, Path]) -> None:
     with cluster3.client() as client:
-        message, took = fail_during_generation(cluster3, client, "node2", signal.SIGKILL)
+        message, took = fail_during_generation(cluster3, client, "node2", signal.SIGKILL, cached=True)
         assert "node2" in message and "stopped answering" in message
         assert took < FAIL_WITHIN_S
         assert wait_for(lambda: live_nodes(client) == ["node1", "node3"], timeout=5)
-        # the instance is failed, and its surviving runners freed their memory
+        # the instance is failed, and its surviving runners freed their memory, cached prefixes too
         view = next(iter(instances_of(client.statuses()).values()))
         assert view.status == "failed" and view.missing == ["node2"]
         assert all(r.status is RunnerStatus.FAILED and r.memory_bytes == 0 for r in view.runners.values())
+        assert all(r.prefix.entries == 0 and r.prefix.bytes == 0 for r in view.runners.values())
         failure = view.runners["node1"].failure
         assert failure is not None and "node2" in failure.message and failure.lost_node == "node2"
         assert serves(client, tiny_models, 2)

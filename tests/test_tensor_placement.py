@@ -8,7 +8,7 @@ import pytest
 
 from exoctl.models.catalog import get_card
 from exoctl.placement.pipeline import GB, NodeProfile, PlacementError, PlacementRequest, place
-from exoctl.placement.tensor import place_tensor, rank_bytes, valid_rank_counts
+from exoctl.placement.tensor import place_tensor, rank_bytes, rank_prefix_bytes, valid_rank_counts
 
 
 def nodes(*sizes_gb: float) -> list[NodeProfile]:
@@ -25,8 +25,11 @@ def test_valid_rank_counts_follow_the_heads_and_experts() -> None:
 def test_one_rank_needs_about_what_the_whole_model_needs() -> None:
     card = get_card("llama-3.1-8b-cpu")
     request = PlacementRequest(dtype="float32")
-    whole = place(card, nodes(96), request).shards[0].memory_bytes
-    assert abs(rank_bytes(card, 1, request) - whole) < 0.01 * whole
+    whole = place(card, nodes(96), request).shards[0]
+    # a rank's budget for cached prefixes is its share of the whole model's
+    rank = rank_bytes(card, 1, request) + rank_prefix_bytes(card, 1, nodes(96)[0], request)
+    assert whole.prefix_bytes == rank_prefix_bytes(card, 1, nodes(96)[0], request)
+    assert abs(rank - whole.memory_bytes) < 0.01 * whole.memory_bytes
 
 
 def test_four_ranks_of_70b_each_hold_a_quarter_plus_the_embedding() -> None:

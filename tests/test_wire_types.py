@@ -13,10 +13,12 @@ from exoctl.errors import ExoctlError, InvalidRequestError
 from exoctl.wire import protocol
 from exoctl.wire.answer import Completion, Timings
 from exoctl.wire.instance_messages import (
+    Forget,
     Forward,
     ForwardStep,
     Lease,
     Release,
+    Reuse,
     SeqError,
     SequenceStart,
     StepRefused,
@@ -24,7 +26,14 @@ from exoctl.wire.instance_messages import (
 )
 from exoctl.wire.messages import ErrorReply, parse
 from exoctl.wire.protocol import Message, ProtocolError, Tensor
-from exoctl.wire.runner_report import ExpertLoad, Failure, RunnerReport, RunnerStatus
+from exoctl.wire.runner_report import (
+    ExpertLoad,
+    Failure,
+    HeadPrefixStats,
+    PrefixReport,
+    RunnerReport,
+    RunnerStatus,
+)
 from exoctl.wire.runner_spec import RunnerSpec
 from exoctl.wire.sampling_params import (
     DEFAULT_MAX_TOKENS,
@@ -70,6 +79,10 @@ def report(**changes: object) -> RunnerReport:
         report(
             sampling_defaults=SamplingDefaults(0.6, None, 0.9, max_tokens=64, source="generation_config.json")
         ),
+        report(
+            prefix=PrefixReport(2, 300, 9000, 10000, 4, 250),
+            head_prefix=HeadPrefixStats(8192, 5, 4, 250, 1),
+        ),
     ],
 )
 def test_a_runner_report_survives_the_wire(value: RunnerReport) -> None:
@@ -111,8 +124,11 @@ def spec(**changes: object) -> RunnerSpec:
     return RunnerSpec(**{**base, **changes})  # type: ignore[arg-type]
 
 
-def test_a_runner_spec_is_the_load_message_both_ways() -> None:
-    sent = spec()
+@pytest.mark.parametrize(
+    "sent",
+    [spec(), spec(prefix_positions=8192, prefix_bytes=2**28, position_bytes=(23040, 23040))],
+)
+def test_a_runner_spec_is_the_load_message_both_ways(sent: RunnerSpec) -> None:
     fields = through_msgpack(sent.to_fields())
     assert isinstance(fields, dict)
     assert RunnerSpec.from_message(Message("load", fields)) == sent
@@ -127,6 +143,11 @@ def test_a_runner_spec_is_the_load_message_both_ways() -> None:
         ({"rank": 2}, "inconsistent rank"),
         ({"end_layer": 31}, "inconsistent rank"),
         ({"sharding": "tensor"}, "a tensor-parallel rank holds every layer"),
+        # a budget needs each rank's cost of a position, one for each rank, positive
+        ({"prefix_positions": 10}, "'position_bytes' must give a positive byte count for each rank"),
+        ({"position_bytes": [4]}, "'position_bytes' must give a positive byte count for each rank"),
+        ({"position_bytes": [4, 0]}, "'position_bytes' must give a positive byte count for each rank"),
+        ({"position_bytes": [4, 4], "prefix_bytes": -1}, "must be 0 or more"),
     ],
 )
 def test_an_inconsistent_load_is_refused_in_one_place(change: dict[str, object], text: str) -> None:
@@ -148,10 +169,14 @@ def test_sampling_params_survive_the_wire_and_refuse_strangers() -> None:
 
 
 def test_a_completion_survives_the_wire() -> None:
-    done = Completion("Paris.", [9, 10, 2], "stop", 12, Timings(0.25, 1.5, 1.6))
+    done = Completion("Paris.", [9, 10, 2], "stop", 12, Timings(0.25, 1.5, 1.6), cached_tokens=8)
     back = Completion.from_wire(through_msgpack(done.to_wire()))
-    assert back == done and back.total_tokens == 15
-    assert done.to_wire()["usage"] == {"prompt_tokens": 12, "completion_tokens": 3}
+    assert back == done and back.total_tokens == 15 and back.cached_tokens == 8
+    assert done.to_wire()["usage"] == {
+        "prompt_tokens": 12,
+        "completion_tokens": 3,
+        "prompt_tokens_details": {"cached_tokens": 8},
+    }
     with pytest.raises(ExoctlError, match="the head's answer is malformed"):
         Completion.from_wire({"text": "x"})
 
@@ -170,13 +195,17 @@ def test_every_message_between_runners_decodes_to_its_type_and_back() -> None:
     """Each is built, framed, decoded and parsed as a worker receives it: the same object."""
     tensor = Tensor("float32", (1, 1, 2), b"\0" * 8)
     start = SequenceStart(SamplingParams(temperature=0.5, seed=3, repetition_penalty=1.1), (5, 6))
-    step = ForwardStep(["a"], [4], {"a": start}, partial=True)
+    reusing = SequenceStart(SamplingParams(), reuse=Reuse("b", 4))
+    step = ForwardStep(["a", "c"], [4, 4], {"a": start, "c": reusing}, partial=True)
     sent: list[Any] = [
         Forward("i", step, tensor),
         Tokens("i", ("a", "b"), (1, 2), (None, [-0.5, [1], [-0.5]])),
         Release("i", "a"),
+        Release("i", "a", keep=17),
+        Forget("i", ("a", "b")),
         SeqError("i", ("a",), "sampling failed"),
         Lease("i", ("a", "b")),
+        Lease("i", ("a",), kept=("b", "c")),
     ]
     for message in sent:
         got = parse(protocol.decode([bytes(memoryview(f)) for f in message.frames()]))
@@ -184,6 +213,37 @@ def test_every_message_between_runners_decodes_to_its_type_and_back() -> None:
             assert isinstance(got, Forward) and got.step == step and bytes(got.tensor.data) == tensor.data
         else:
             assert got == message
+
+
+@pytest.mark.parametrize(
+    ("fields", "text"),
+    [
+        ({"type": "release", "seq": "a", "keep": 0}, "'keep' must be null or a count of positions >= 1"),
+        ({"type": "release", "seq": "a", "keep": "all"}, "'release' field 'keep' must be int or null"),
+        ({"type": "forget", "entries": [1]}, "'forget' needs a list of sequence ids in 'entries'"),
+        ({"type": "lease", "seqs": [], "kept": [None]}, "'lease' needs a list of sequence ids in 'kept'"),
+    ],
+)
+def test_a_malformed_word_on_cached_prefixes_is_refused(fields: dict[str, Any], text: str) -> None:
+    header = {"v": protocol.PROTOCOL_VERSION, "instance_id": "i", **fields}
+    with pytest.raises(ProtocolError, match=text):
+        parse(protocol.decode([msgpack.packb(header)]))
+
+
+@pytest.mark.parametrize("reuse", [["b"], ["b", 0], [1, 4], "b:4"])
+def test_a_first_step_reusing_a_malformed_prefix_is_refused_naming_its_sequence(reuse: object) -> None:
+    header = {
+        "v": protocol.PROTOCOL_VERSION,
+        "type": "forward",
+        "instance_id": "i",
+        "seqs": ["a"],
+        "positions": [4],
+        "params": {"a": {"reuse": reuse}},
+        "tensors": [{"dtype": "int64", "shape": [1, 1]}],
+    }
+    with pytest.raises(StepRefused, match=r"sequence a: reuse must be \[entry, positions >= 1\]") as refused:
+        parse(protocol.decode([msgpack.packb(header), b"\0" * 8]))
+    assert refused.value.seqs == ("a",)
 
 
 def test_a_bad_step_is_refused_naming_its_sequences_so_the_head_hears() -> None:

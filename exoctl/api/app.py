@@ -264,7 +264,14 @@ def place_routes(service: ClusterService) -> APIRouter:
     async def place_instance(body: PlaceRequest) -> JSONResponse:
         ignored(body.unknown_keys(), "/place_instance")
         instance_id, chosen = await run_in_threadpool(
-            service.place, body.model_id, body.sharding, body.nodes, body.min_nodes, body.dtype, body.wait
+            service.place,
+            body.model_id,
+            body.sharding,
+            body.nodes,
+            body.min_nodes,
+            body.dtype,
+            body.wait,
+            body.prefix_cache_bytes(),
         )
         placement = chosen.placement
         doc = {

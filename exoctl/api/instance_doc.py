@@ -9,11 +9,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from exoctl.cluster.views import NodeStatus, runtime_dtype
+from exoctl.cluster.views import NodeStatus, node_profiles, runtime_dtype
 from exoctl.dtypes import check_dtype
 from exoctl.errors import InvalidRequestError
 from exoctl.models.catalog import ModelCard
-from exoctl.placement.pipeline import Placement, PlacementError, Shard
+from exoctl.placement.pipeline import Placement, PlacementError, Shard, prefix_budget
 from exoctl.placement.tensor import valid_rank_counts
 
 SHARD_TAGS = {"PipelineShardMetadata": "pipeline", "TensorShardMetadata": "tensor"}
@@ -60,11 +60,19 @@ def planned_placement(
     runtime = runtime_dtype(dtype, statuses, card.native_dtype)
     _check_layers(card, model_id, sharding, runtime, parts)
     memory = body.get("memoryDeltaByNode") or {}
-    shards = tuple(
-        Shard(node, start, end, int(memory.get(node, 0)) if isinstance(memory, dict) else 0)
-        for _, node, _, start, end in parts
-    )
-    placement = Placement(card.id, sharding, runtime, shards)
+    profiles = {p.name: p for p in node_profiles(statuses)}
+    world = len(parts)
+    shards = []
+    for _, node, _, start, end in parts:
+        # the budget for cached prefixes `place` would have given this node
+        layers, kv_heads = card.n_layers, card.num_key_value_heads // world
+        if sharding == "pipeline":
+            layers, kv_heads = end - start, card.num_key_value_heads
+        own = profiles[node].prefix_cache_bytes
+        prefix, position = prefix_budget(card, runtime, layers, kv_heads, own)
+        delta = int(memory.get(node, 0)) if isinstance(memory, dict) else 0
+        shards.append(Shard(node, start, end, delta, prefix_bytes=prefix, position_bytes=position))
+    placement = Placement(card.id, sharding, runtime, tuple(shards))
     instance_id = body.get("instanceId")
     return card, ref, placement, instance_id if isinstance(instance_id, str) and instance_id else ""
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from exoctl.cluster.views import NodeStatus
@@ -25,8 +25,33 @@ class NodeCollector(Collector):
         rss = GaugeMetricFamily(
             "exoctl_node_worker_rss_bytes", "resident memory of the worker", labels=["node"]
         )
-        runner = GaugeMetricFamily(
-            "exoctl_runner_memory_bytes", "memory a runner holds", labels=["node", "model", "instance"]
+        labels = ["node", "model", "instance"]
+        runner = GaugeMetricFamily("exoctl_runner_memory_bytes", "memory a runner holds", labels=labels)
+        cached = GaugeMetricFamily(
+            "exoctl_prefix_cache_bytes", "memory a runner's cached prefixes hold", labels=labels
+        )
+        budget = GaugeMetricFamily(
+            "exoctl_prefix_cache_budget_bytes",
+            "what placement reserved for a runner's cached prefixes",
+            labels=labels,
+        )
+        hits = CounterMetricFamily(
+            "exoctl_prefix_cache_hits", "sequences a runner started from a cached prefix", labels=labels
+        )
+        reused = CounterMetricFamily(
+            "exoctl_prefix_cache_reused_tokens",
+            "prompt positions a runner copied from cached prefixes instead of running",
+            labels=labels,
+        )
+        lookups = CounterMetricFamily(
+            "exoctl_prefix_cache_lookups",
+            "requests an instance's head looked up a cached prefix for",
+            labels=["model", "instance"],
+        )
+        evictions = CounterMetricFamily(
+            "exoctl_prefix_cache_evictions",
+            "cached prefixes an instance's head evicted for room or memory",
+            labels=["model", "instance"],
         )
         for status in self.statuses():
             name = status.node.name
@@ -36,8 +61,16 @@ class NodeCollector(Collector):
                 available.add_metric([name], status.profile.ram_available)
                 rss.add_metric([name], status.profile.rss)
             for r in status.runners:
-                runner.add_metric([name, r.model_id, r.instance_id], r.memory_bytes)
-        yield from (up, total, available, rss, runner)
+                key = [name, r.model_id, r.instance_id]
+                runner.add_metric(key, r.memory_bytes)
+                cached.add_metric(key, r.prefix.bytes)
+                budget.add_metric(key, r.prefix.budget_bytes)
+                hits.add_metric(key, r.prefix.hits)
+                reused.add_metric(key, r.prefix.reused_tokens)
+                if r.head_prefix is not None:
+                    lookups.add_metric([r.model_id, r.instance_id], r.head_prefix.lookups)
+                    evictions.add_metric([r.model_id, r.instance_id], r.head_prefix.evictions)
+        yield from (up, total, available, rss, runner, cached, budget, hits, reused, lookups, evictions)
 
 
 class Metrics:
@@ -49,6 +82,12 @@ class Metrics:
         self.errors = Counter("exoctl_errors", "requests that failed", ["type"], registry=self.registry)
         self.prompt_tokens = Counter(
             "exoctl_prompt_tokens", "prompt tokens processed", ["model"], registry=self.registry
+        )
+        self.cached_tokens = Counter(
+            "exoctl_cached_prompt_tokens",
+            "prompt tokens read from a cached prefix instead of computed",
+            ["model"],
+            registry=self.registry,
         )
         self.completion_tokens = Counter(
             "exoctl_completion_tokens", "tokens generated", ["model"], registry=self.registry
@@ -63,5 +102,6 @@ class Metrics:
 
     def completed(self, model: str, result: Completion) -> None:
         self.prompt_tokens.labels(model).inc(result.prompt_tokens)
+        self.cached_tokens.labels(model).inc(result.cached_tokens)
         self.completion_tokens.labels(model).inc(result.completion_tokens)
         self.tokens_per_second.labels(model).set(result.timings.decode_tokens_per_s)

@@ -112,11 +112,13 @@ def chat_options(body: ChatRequest, tool_format: str | None) -> tuple[ChatOption
     return ChatOptions(tools=tools, prefix=prefix, special=True), prefix
 
 
-def usage(result: Completion) -> dict[str, int]:
+def usage(result: Completion) -> dict[str, Any]:
     return {
         "prompt_tokens": result.prompt_tokens,
         "completion_tokens": result.completion_tokens,
         "total_tokens": result.total_tokens,
+        # OpenAI's: the prompt tokens a cached prefix served (not computed again)
+        "prompt_tokens_details": {"cached_tokens": result.cached_tokens},
     }
 
 
@@ -190,7 +192,9 @@ class ChatCompletion:
                 if options.tools is not None:
                     self.tools = ToolStream(tool_format, self.body.tool_names(), prefix)
                 params = resolve_params(asked, view.sampling_defaults)
-                generation = cluster.generate(view, params, messages=messages, chat=options)
+                generation = cluster.generate(
+                    view, params, messages=messages, chat=options, cache_prompt=self.body.cache_prompt
+                )
                 put(Started(view.model_id))
                 for text, logprobs in generation.deltas():
                     if text or logprobs:

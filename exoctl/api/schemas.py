@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from exoctl.dtypes import UnsupportedDtypeError, check_dtype
+from exoctl.placement.pipeline import GB
 
 MAX_MODEL_CHARS = 1024  # longer than any path a model directory holds (PATH_MAX is 4096; ids are short)
 
@@ -141,6 +142,8 @@ class ChatRequest(BaseModel):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    # llama.cpp's name: false reads the whole prompt again (no cached prefix reused or kept)
+    cache_prompt: bool = True
     # Not supported yet: refused with a 400 rather than answered in free text as if it were obeyed.
     response_format: dict[str, Any] | None = None
 
@@ -217,6 +220,8 @@ class PlaceRequest(BaseModel):
     nodes: int | None = Field(default=None, ge=1)
     dtype: str = "auto"  # one of DTYPE_CHOICES
     wait: bool = True
+    # GB each node gives cached prefixes (0: none); left out, each node's own (inventory) or default
+    prefix_cache_gb: float | int | None = Field(default=None, ge=0)
 
     @field_validator("dtype")
     @classmethod
@@ -228,6 +233,9 @@ class PlaceRequest(BaseModel):
 
     def unknown_keys(self) -> list[str]:
         return sorted(self.model_extra or {})
+
+    def prefix_cache_bytes(self) -> int | None:
+        return None if self.prefix_cache_gb is None else int(self.prefix_cache_gb * GB)
 
 
 class CreateInstanceRequest(BaseModel):

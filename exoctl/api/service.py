@@ -53,6 +53,7 @@ class LoadRecord:
     model_id: str
     ref: str  # what was asked for: catalog id or folder, to place it again after a failure
     sharding: str = "auto"  # as asked (auto stays auto when it is placed again)
+    prefix_cache_bytes: int | None = None  # as asked (None: each node's own budget)
     status: str = "loading"  # loading | ready | failed
     error: str = ""
     placement: Placement | None = None
@@ -183,29 +184,52 @@ class ClusterService:
         min_nodes: int,
         dtype: str,
         statuses: list[NodeStatus],
+        prefix_cache_bytes: int | None = None,
     ) -> tuple[ModelCard, str, Plan]:
         kind = check_sharding(sharding)
         card, ref = self.reference(model_id)
         with self.cluster() as cluster:
             request = PlacementRequest(
-                dtype=runtime_dtype(dtype, statuses, card.native_dtype), nodes=nodes, min_nodes=min_nodes
+                dtype=runtime_dtype(dtype, statuses, card.native_dtype),
+                nodes=nodes,
+                min_nodes=min_nodes,
+                prefix_cache_bytes=prefix_cache_bytes,
             )
             return card, ref, cluster.choose(card, request, statuses, kind)
 
     def place(
-        self, model_id: str, sharding: str, nodes: int | None, min_nodes: int, dtype: str, wait: bool
+        self,
+        model_id: str,
+        sharding: str,
+        nodes: int | None,
+        min_nodes: int,
+        dtype: str,
+        wait: bool,
+        prefix_cache_bytes: int | None = None,
     ) -> tuple[str, Plan]:
+        """Plan and load; `prefix_cache_bytes` over each node's budget for cached prefixes."""
         statuses = self.statuses()
-        card, ref, chosen = self.plan(model_id, sharding, nodes, min_nodes, dtype, statuses)
+        card, ref, chosen = self.plan(
+            model_id, sharding, nodes, min_nodes, dtype, statuses, prefix_cache_bytes
+        )
         instance_id = str(uuid.uuid4())
-        self.start_load(card, ref, sharding, chosen.placement, instance_id, wait)
+        self.start_load(card, ref, sharding, chosen.placement, instance_id, wait, prefix_cache_bytes)
         return instance_id, chosen
 
     def start_load(
-        self, card: ModelCard, ref: str, sharding: str, placement: Placement, instance_id: str, wait: bool
+        self,
+        card: ModelCard,
+        ref: str,
+        sharding: str,
+        placement: Placement,
+        instance_id: str,
+        wait: bool,
+        prefix_cache_bytes: int | None = None,
     ) -> None:
         """Load `placement`: now (errors raised), or on a thread (errors kept in its `LoadRecord`)."""
-        record = self.loads[instance_id] = LoadRecord(card.id, ref, sharding, placement=placement)
+        record = self.loads[instance_id] = LoadRecord(
+            card.id, ref, sharding, prefix_cache_bytes, placement=placement
+        )
 
         def load() -> None:
             try:
@@ -294,6 +318,7 @@ def shards_json(placement: Placement) -> list[dict[str, Any]]:
             "start_layer": s.start_layer,
             "end_layer": s.end_layer,
             "memory_bytes": s.memory_bytes,
+            "prefix_cache_bytes": s.prefix_bytes,
         }
         for s in placement.shards
     ]

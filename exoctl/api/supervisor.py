@@ -125,8 +125,11 @@ class Supervisor:
         model = record.ref if record is not None else view.model_id
         # as it was asked: an auto placement is chosen afresh for the nodes that are left
         sharding = record.sharding if record is not None else view.sharding
+        prefix = record.prefix_cache_bytes if record is not None else None
         # an instance that was itself placed again smaller keeps the first ask
-        asked = self.asked.pop(view.instance_id, None) or Asked(model, sharding, len(view.nodes), view.dtype)
+        asked = self.asked.pop(view.instance_id, None) or Asked(
+            model, sharding, len(view.nodes), view.dtype, prefix
+        )
         self.reformed[view.instance_id] = None
         while len(self.reformed) > REFORMED_KEPT:
             self.reformed.popitem(last=False)
@@ -134,7 +137,9 @@ class Supervisor:
         self.service.loads.pop(view.instance_id, None)
         event = new_event(view, "replaced", view.failure)
         try:
-            new_id, chosen = self.service.place(model, sharding, None, 1, view.dtype, wait=True)
+            new_id, chosen = self.service.place(
+                model, sharding, None, 1, view.dtype, True, asked.prefix_cache_bytes
+            )
             placement = chosen.placement
             event = replace(event, new_instance_id=new_id, nodes=tuple(placement.nodes))
             if smaller(placement, asked):
@@ -163,7 +168,7 @@ class Supervisor:
 
         def place_asked() -> tuple[str, Placement]:
             new_id, chosen = self.service.place(
-                asked.model, asked.sharding, asked.nodes, 1, asked.dtype, True
+                asked.model, asked.sharding, asked.nodes, 1, asked.dtype, True, asked.prefix_cache_bytes
             )
             return new_id, chosen.placement
 
@@ -177,7 +182,7 @@ class Supervisor:
             except ExoctlError as exc:  # the smaller shape again, rather than nothing
                 self._record(replace(event, action="not restored", error=exc.message))
                 again, _ = self.service.place(
-                    asked.model, view.sharding, len(view.nodes), 1, view.dtype, wait=True
+                    asked.model, view.sharding, len(view.nodes), 1, view.dtype, True, asked.prefix_cache_bytes
                 )
                 self.asked[again] = asked
                 self.restore_at[again] = time.monotonic() + self._flapped(asked)

@@ -21,6 +21,7 @@ class Asked:
     sharding: str  # as asked: auto, pipeline, tensor
     nodes: int
     dtype: str
+    prefix_cache_bytes: int | None = None  # as asked (None: each node's own budget)
 
 
 @dataclass(frozen=True)

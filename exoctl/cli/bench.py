@@ -24,8 +24,9 @@ from exoctl.placement.sharding import check_sharding
 HELP = (
     "Measure a model on this cluster, as llama-bench does (warm-up, repetitions, mean ± sd): prefill "
     "tokens/s and time to first token at several prompt lengths, decode tokens/s of one stream, "
-    "aggregate tokens/s and latency at several concurrency levels, and per node compute vs "
-    "transport time and memory. Places the model first if it is not placed (and unloads it after)."
+    "aggregate tokens/s and latency at several concurrency levels, time to first token turn by turn "
+    "of a conversation with and without cached prefixes, and per node compute vs transport time and "
+    "memory. Places the model first if it is not placed (and unloads it after)."
 )
 EXAMPLES = (
     "Examples:\n\n  exoctl bench llama-3.1-8b-cpu --nodes 2\n\n"
@@ -61,6 +62,15 @@ def bench(
         str, typer.Option("--concurrency", "-c", help="Concurrent streams to measure, comma-separated.")
     ] = "1,4,8",
     repetitions: Annotated[int, typer.Option("--repetitions", "-r", help="Runs of each measurement.")] = 3,
+    turns: Annotated[
+        int,
+        typer.Option(
+            "--turns",
+            "-t",
+            help="Turns of the multi-turn conversation (each about --turn-tokens new tokens); 0 skips it.",
+        ),
+    ] = 4,
+    turn_tokens: Annotated[int, typer.Option(help="Tokens of new text in each user turn.")] = 128,
     nodes: Annotated[
         int | None, typer.Option("--nodes", help="If it places the model: exactly this many nodes.")
     ] = None,
@@ -82,10 +92,21 @@ def bench(
             f"--decode-tokens must be from 1 to 4096 and --repetitions from 1 to 100, got {decode_tokens} "
             f"and {repetitions}"
         )
+    if not 0 <= turns <= 64 or not 1 <= turn_tokens <= 4096:
+        raise ExoctlError(
+            f"--turns must be from 0 to 64 and --turn-tokens from 1 to 4096, got {turns} and {turn_tokens}"
+        )
     card, ref = resolve_card(model)
     longest = max(card.context_length - decode_tokens - 8, 8) if card.context_length else 8192
     lengths = int_list(prompt_lengths, "--prompt-lengths", 2, longest)
-    config = BenchConfig(lengths, decode_tokens, int_list(concurrency, "--concurrency", 1, 64), repetitions)
+    config = BenchConfig(
+        lengths,
+        decode_tokens,
+        int_list(concurrency, "--concurrency", 1, 64),
+        repetitions,
+        turns=turns,
+        turn_tokens=turn_tokens,
+    )
 
     def say(text: str) -> None:
         if not out.json:
@@ -166,4 +187,24 @@ def tables(result: dict[str, Any]) -> list[Table]:
             f"{entry['memory_bytes'] / 2**20:.0f} MiB",
             f"{entry['worker_rss_bytes'] / 2**20:.0f} MiB",
         )
-    return [speed, per_node]
+    tables_ = [speed, per_node]
+    conversation = result.get("multi_turn")
+    if conversation:
+        growth = conversation["last_over_first"]
+        turns = Table(
+            title=f"a conversation, time to first token by turn (last turn / first: {growth['cached']:.2f}x "
+            f"with cached prefixes, {growth['uncached']:.2f}x without)",
+            title_justify="left",
+        )
+        for column in ("turn", "prompt tokens", "cached", "with cache (ms)", "without (ms)"):
+            turns.add_column(column)
+        for row in conversation["turns"]:
+            turns.add_row(
+                str(row["turn"]),
+                str(row["prompt_tokens"]),
+                str(row["cached_tokens"]),
+                _pm(row["ttft_ms_cached"], 1),
+                _pm(row["ttft_ms_uncached"], 1),
+            )
+        tables_.append(turns)
+    return tables_

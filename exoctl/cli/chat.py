@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 HELP = "Chat with a placed model: streamed answers, history across turns, /reset /stats /model /quit."
 COMMANDS = (
     "/reset          forget the conversation\n"
-    "/stats          tokens/s and time to first token of the last answer, and totals\n"
+    "/stats          tokens/s, time to first token and cached prompt tokens of the last answer, and totals\n"
     "/model ID       switch to another model (placed first if needed)\n"
     "/quit           leave (also Ctrl-D); Ctrl-C stops an answer"
 )
@@ -96,7 +96,7 @@ class ChatSession:
         self.start: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
         self.history = list(self.start)
         self.last: Completion | None = None
-        self.answers = self.tokens = 0
+        self.answers = self.tokens = self.cached = 0
 
     def command(self, text: str, dtype: str) -> bool:
         """A /command; False when it ends the chat."""
@@ -127,8 +127,9 @@ class ChatSession:
         t = last.timings
         return (
             f"last answer: {last.completion_tokens} tokens, {t.decode_tokens_per_s:.1f} tok/s, first token "
-            f"after {t.time_to_first_token_s * 1000:.0f} ms, prompt {last.prompt_tokens} tokens; "
-            f"session: {self.answers} answers, {self.tokens} tokens"
+            f"after {t.time_to_first_token_s * 1000:.0f} ms, prompt {last.prompt_tokens} tokens "
+            f"({last.cached_tokens} cached); session: {self.answers} answers, {self.tokens} tokens, "
+            f"{self.cached} prompt tokens cached"
         )
 
     def ask(self, text: str, asked: SamplingRequest) -> None:
@@ -158,3 +159,4 @@ class ChatSession:
         self.last = result
         self.answers += 1
         self.tokens += result.completion_tokens
+        self.cached += result.cached_tokens

@@ -45,13 +45,17 @@ def plan_for(
     sharding: str,
     nodes: int | None = None,
     min_nodes: int = 1,
+    prefix_cache_gb: float | None = None,
 ) -> Plan:
     """Where `place` would put `card` on these nodes, and why (`auto` dtype resolved for them)."""
     from exoctl.cluster.views import runtime_dtype
-    from exoctl.placement.pipeline import PlacementRequest
+    from exoctl.placement.pipeline import GB, PlacementRequest
 
     request = PlacementRequest(
-        dtype=runtime_dtype(dtype, statuses, card.native_dtype), nodes=nodes, min_nodes=min_nodes
+        dtype=runtime_dtype(dtype, statuses, card.native_dtype),
+        nodes=nodes,
+        min_nodes=min_nodes,
+        prefix_cache_bytes=None if prefix_cache_gb is None else int(prefix_cache_gb * GB),
     )
     return cluster.choose(card, request, statuses, sharding)
 

@@ -14,7 +14,7 @@ import typer
 
 from exoctl import __version__
 from exoctl.cli.common import InventoryOption, suggest_nodes
-from exoctl.cli.options import JsonOption
+from exoctl.cli.options import JsonOption, PrefixCacheOption
 from exoctl.cli.output import console, err_console, out
 from exoctl.cluster.launcher import START_WAIT_S
 from exoctl.errors import ExoctlError
@@ -112,6 +112,7 @@ def _inventory_to_start(
     model_dir: str | None,
     threads: int | None,
     activations: str | None,
+    prefix_cache_gb: float | None = None,
 ) -> tuple[Inventory, bool]:
     """The nodes `up` starts, and whether it writes them as the local inventory (--local, or the
     embedded default when no inventory file is found)."""
@@ -122,13 +123,21 @@ def _inventory_to_start(
     if local is not None:
         if activations is not None:
             check_activations(activations)
-        inv = local_inventory(local, base_port, model_dir=model_dir, threads=threads, activations=activations)
+        inv = local_inventory(
+            local,
+            base_port,
+            model_dir=model_dir,
+            threads=threads,
+            activations=activations,
+            prefix_cache_gb=prefix_cache_gb,
+        )
         _check_local_replacement(inv, find_keys())
         return inv, True
     for flag, value, field in (
         ("--model-dir", model_dir, "model_dir"),
         ("--threads", threads, "threads"),
         ("--activations", activations, "activations"),
+        ("--prefix-cache-gb", prefix_cache_gb, "prefix_cache_gb"),
     ):
         if value is not None:
             raise ExoctlError(
@@ -189,6 +198,7 @@ def up(
         ),
     ] = None,
     activations: Annotated[str | None, ActivationsOption] = None,
+    prefix_cache_gb: Annotated[float | None, PrefixCacheOption] = None,
     start_timeout: Annotated[
         float,
         typer.Option(
@@ -204,7 +214,9 @@ def up(
     from exoctl.transport import NodeError
     from exoctl.wire.messages import Ping
 
-    inv, writes_local = _inventory_to_start(inventory, local, base_port, model_dir, threads, activations)
+    inv, writes_local = _inventory_to_start(
+        inventory, local, base_port, model_dir, threads, activations, prefix_cache_gb
+    )
     keys, made = init_keys()
     if made:
         err_console.print(f"[dim]made the cluster key in {keys.folder}[/]")

@@ -23,6 +23,15 @@ DtypeOption = Annotated[
     ),
 ]
 
+# the budget for cached prefixes (the KV of ended conversations kept for the next turn)
+PrefixCacheOption = typer.Option(
+    "--prefix-cache-gb",
+    min=0,
+    help="GB each node gives cached prefixes (the KV of what was read, kept so the next turn of a "
+    "conversation reads only what is new); 0 turns them off. Default: the KV of 8192 positions of the "
+    "node's part of the model; an inventory node sets its own with 'prefix_cache_gb'.",
+)
+
 ShardingOption = Annotated[
     str,
     typer.Option(

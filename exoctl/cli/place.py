@@ -14,7 +14,7 @@ from exoctl.cli.common import (
     plan_for,
     suggest_models,
 )
-from exoctl.cli.options import DtypeOption, JsonOption, ShardingOption
+from exoctl.cli.options import DtypeOption, JsonOption, PrefixCacheOption, ShardingOption
 from exoctl.cli.output import console, out
 from exoctl.cli.progress import LoadProgress
 from exoctl.cli.render import placement_json, placement_table
@@ -47,6 +47,7 @@ def place(
     ] = 1,
     sharding: ShardingOption = "auto",
     dtype: DtypeOption = "auto",
+    prefix_cache_gb: Annotated[float | None, PrefixCacheOption] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; load nothing.")] = False,
     inventory: InventoryOption = None,
     json_output: JsonOption = False,
@@ -65,7 +66,7 @@ def place(
             from exoctl.cluster.views import offline_statuses
 
             statuses = offline_statuses(statuses)
-        chosen = plan_for(cluster, statuses, card, dtype, sharding, nodes, min_nodes)
+        chosen = plan_for(cluster, statuses, card, dtype, sharding, nodes, min_nodes, prefix_cache_gb)
         placement = chosen.placement
         if dry_run:
             source = "inventory" if planned_offline else "nodes"

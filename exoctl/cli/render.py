@@ -155,6 +155,36 @@ def experts_table(views: list[InstanceView]) -> Table | None:
     return table
 
 
+def prefix_table(views: list[InstanceView]) -> Table | None:
+    """Cached prefixes: per runner what it holds against its budget and the prompt positions it
+    did not run again; per instance (on its head's row) the requests that reused one."""
+    rows = [
+        (view, node, runner)
+        for view in views
+        for node, runner in view.runners.items()
+        if runner.prefix.budget_bytes or runner.prefix.entries
+    ]
+    if not rows:
+        return None
+    table = Table(title="cached prefixes", title_justify="left")
+    for column in ("instance", "node", "entries", "held / budget", "reused tokens", "hits"):
+        table.add_column(column, no_wrap=column in ("instance", "node"))
+    for view, node, runner in rows:
+        prefix, head = runner.prefix, runner.head_prefix
+        hits = f"{prefix.hits}"
+        if head is not None:  # the head's row: of how many requests that could reuse one
+            hits += f" of {head.lookups} requests" + (f", {head.evictions} evicted" if head.evictions else "")
+        table.add_row(
+            view.instance_id[:8],
+            node,
+            str(prefix.entries),
+            f"{mb(prefix.bytes)} / {mb(prefix.budget_bytes)}",
+            str(prefix.reused_tokens),
+            hits,
+        )
+    return table
+
+
 def downloads_table(statuses: list[NodeStatus]) -> Table | None:
     from exoctl.cli.progress import download_detail
 
@@ -203,7 +233,12 @@ def history_table(events: list[SupervisorEvent]) -> Table | None:
 def state_view(statuses: list[NodeStatus], views: list[InstanceView]) -> Group:
     from exoctl.cluster.state import history
 
-    extra = [experts_table(views), downloads_table(statuses), history_table(history(statuses))]
+    extra = [
+        experts_table(views),
+        prefix_table(views),
+        downloads_table(statuses),
+        history_table(history(statuses)),
+    ]
     tables = [nodes_table(statuses), instances_table(views), shards_table(views)]
     return Group(*tables, *(t for t in extra if t is not None))
 
@@ -215,10 +250,11 @@ def placement_table(placement: Placement) -> Table:
         title=f"{placement.model_id}: {placement.sharding} in {placement.dtype}", title_justify="left"
     )
     # what the memory a node needs holds: the weights it loads, the KV reserve of one long
-    # sequence, and the runtime's allowance (a small model's plan is mostly the last two)
+    # sequence, the budget for cached prefixes, and the runtime's allowance (a small model's plan
+    # is mostly the last three)
     for column in ("node", "layers", "count"):
         table.add_column(column, no_wrap=True)
-    for column in ("weights", "KV reserve", "runtime", "needs"):
+    for column in ("weights", "KV reserve", "prefix cache", "runtime", "needs"):
         table.add_column(column, justify="right", no_wrap=True)
     count = len(placement.shards)
     for shard in placement.shards:
@@ -229,11 +265,15 @@ def placement_table(placement: Placement) -> Table:
             str(shard.n_layers),
             mb(shard.weight_bytes),
             mb(shard.kv_bytes),
+            mb(shard.prefix_bytes),
             mb(shard.runtime_bytes),
             mb(shard.memory_bytes),
         )
+    positions = placement.prefix_positions
+    cached = f"{positions} positions of cached prefixes" if positions else "no cached prefixes"
     table.caption = (
-        f"needs = weights + KV reserve (one {KV_RESERVE_TOKENS}-token sequence) + runtime allowance"
+        f"needs = weights + KV reserve (one {KV_RESERVE_TOKENS}-token sequence) + prefix cache "
+        f"({cached}; --prefix-cache-gb) + runtime allowance"
     )
     table.caption_justify = "left"
     return table
@@ -252,8 +292,11 @@ def placement_json(placement: Placement) -> dict[str, object]:
                 "memory_bytes": s.memory_bytes,
                 "weight_bytes": s.weight_bytes,
                 "kv_bytes": s.kv_bytes,
+                "prefix_cache_bytes": s.prefix_bytes,
                 "runtime_bytes": s.runtime_bytes,
             }
             for s in placement.shards
         ],
+        # the positions the instance's cached prefixes may hold (the tightest node's budget)
+        "prefix_cache_positions": placement.prefix_positions,
     }

@@ -150,7 +150,8 @@ def run(
         sys.stdout.write("\n")
         err_console.print(
             f"[dim]{result.completion_tokens} tokens, {timings.decode_tokens_per_s:.1f} tok/s, "
-            f"first token after {timings.time_to_first_token_s * 1000:.0f} ms on {', '.join(view.nodes)}[/]"
+            f"first token after {timings.time_to_first_token_s * 1000:.0f} ms ({result.cached_tokens} of "
+            f"{result.prompt_tokens} prompt tokens cached) on {', '.join(view.nodes)}[/]"
         )
 
     out.result(result.to_wire(), stats)

@@ -237,6 +237,7 @@ class Cluster:
         instance_id = instance_id or str(uuid.uuid4())
         nodes = [self.inventory.node(s.node) for s in placement.shards]
         peers = tuple((n.name, n.address) for n in nodes)
+        position_bytes = tuple(s.position_bytes for s in placement.shards)
         sent: list[Node] = []
         try:
             for rank, (shard, node) in enumerate(zip(placement.shards, nodes, strict=True)):
@@ -253,6 +254,9 @@ class Cluster:
                     rank=rank,
                     world=len(nodes),
                     peers=peers,
+                    prefix_positions=placement.prefix_positions,
+                    prefix_bytes=shard.prefix_bytes,
+                    position_bytes=position_bytes,
                 )
                 self.client(node.name).request(Load(spec))
                 sent.append(node)
@@ -356,7 +360,10 @@ class Cluster:
         prompt: str | None = None,
         silence: float = GENERATION_SILENCE_S,
         chat: ChatOptions | None = None,
+        cache_prompt: bool = True,
     ) -> Generation:
+        """Start a request on the instance's head; `cache_prompt` False neither reuses a cached
+        prefix nor keeps this one's."""
         texts = [str(m.get("content") or "") for m in messages or []] + [prompt or "", *params.stop]
         if chat is not None:  # tools and calls count too
             texts += [json.dumps(chat.tools or [], ensure_ascii=False), chat.prefix]
@@ -375,6 +382,8 @@ class Cluster:
         client = self.client(instance.head)
         request_id = uuid.uuid4().hex
         chat = chat or ChatOptions()
-        request = GenerateRequest(instance.instance_id, request_id, params, messages, prompt, chat)
+        request = GenerateRequest(
+            instance.instance_id, request_id, params, messages, prompt, chat, cache_prompt
+        )
         send_id = client.send(Generate(request))
         return Generation(client, request_id, send_id, silence)

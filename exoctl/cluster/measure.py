@@ -5,7 +5,9 @@ versus the time between nodes.
 
 Torch-free: it drives the instance through the cluster client as `run` does. Prefill and decode
 times are the head's own (`Completion.timings`); latencies are the client's wall clock; the
-per-node split is the difference of the runners' counters around the decode runs.
+per-node split is the difference of the runners' counters around the decode runs. Those runs read
+every prompt whole (`cache_prompt` off); the multi-turn test measures a conversation's time to
+first token turn by turn with the cached prefixes and without them.
 """
 
 from __future__ import annotations
@@ -60,6 +62,9 @@ class BenchConfig:
     decode_tokens: int = 64
     concurrency: tuple[int, ...] = (1, 4, 8)
     repetitions: int = 3
+    turns: int = 4  # of the multi-turn conversation (0: not measured)
+    turn_tokens: int = 128  # about this many tokens each user turn adds
+    answer_tokens: int = 32  # at most this many each answer adds
 
 
 def prompt_of(length: int, salt: int) -> str:
@@ -86,10 +91,10 @@ class Bench:
         self.salt = 0
 
     def _run(self, cluster: Cluster, prompt: str, max_tokens: int) -> tuple[Completion, float]:
-        """One request to the end; its completion and the client's wall time."""
+        """One request to the end, its prompt read whole; its completion and the client's wall time."""
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
         began = time.perf_counter()
-        generation = cluster.generate(self.instance, params, prompt=prompt)
+        generation = cluster.generate(self.instance, params, prompt=prompt, cache_prompt=False)
         for _ in generation:
             pass
         if generation.result is None:
@@ -174,6 +179,62 @@ class Bench:
             "ttft_ms": {"p50": round(percentile(ttfts, 50), 2), "p95": round(percentile(ttfts, 95), 2)},
         }
 
+    def conversation(self, cached: bool) -> list[Completion]:
+        """A chat of `turns` turns, each user turn about `turn_tokens` tokens of new text and each
+        greedy answer at most `answer_tokens`, the whole history sent every turn (as every chat
+        client does): each turn's completion, with its time to first token and cached tokens."""
+        params = SamplingParams(temperature=0.0, max_tokens=self.config.answer_tokens)
+        messages: list[dict[str, Any]] = []
+        turns = []
+        for _ in range(self.config.turns):
+            messages.append({"role": "user", "content": self._prompt(self.config.turn_tokens)})
+            generation = self.cluster.generate(self.instance, params, messages=messages, cache_prompt=cached)
+            for _ in generation:
+                pass
+            if generation.result is None:
+                raise ExoctlError("the head ended a benchmark request without an answer")
+            turns.append(generation.result)
+            messages.append({"role": "assistant", "content": generation.result.text})
+        return turns
+
+    def multi_turn(self) -> dict[str, Any]:
+        """Time to first token turn by turn, with the cached prefixes and without (alternated,
+        `repetitions` conversations each): flat with them, growing with the history without."""
+        ttft = {
+            True: [Stat() for _ in range(self.config.turns)],
+            False: [Stat() for _ in range(self.config.turns)],
+        }
+        history = [Stat() for _ in range(self.config.turns)]
+        reused = [Stat() for _ in range(self.config.turns)]
+        for _ in range(self.config.repetitions):
+            for cached in (False, True):
+                for turn, completion in enumerate(self.conversation(cached)):
+                    ttft[cached][turn].values.append(completion.timings.time_to_first_token_s * 1000)
+                    if cached:
+                        history[turn].values.append(completion.prompt_tokens)
+                        reused[turn].values.append(completion.cached_tokens)
+        rows = [
+            {
+                "turn": turn + 1,
+                "prompt_tokens": round(history[turn].mean),
+                "cached_tokens": round(reused[turn].mean),
+                "ttft_ms_cached": ttft[True][turn].to_json(),
+                "ttft_ms_uncached": ttft[False][turn].to_json(),
+            }
+            for turn in range(self.config.turns)
+        ]
+
+        def growth(cached: bool) -> float:  # the last turn's time to first token over the first's
+            first = ttft[cached][0].mean
+            return round(ttft[cached][-1].mean / first, 3) if first else 0.0
+
+        return {
+            "turns": rows,
+            "turn_tokens": self.config.turn_tokens,
+            "answer_tokens": self.config.answer_tokens,
+            "last_over_first": {"cached": growth(True), "uncached": growth(False)},
+        }
+
     def runners(self) -> dict[str, RunnerReport]:
         view = instances_of(self.cluster.statuses()).get(self.instance.instance_id)
         if view is None:
@@ -241,6 +302,10 @@ def run_bench(
     for streams in config.concurrency:
         say(f"{streams} concurrent streams…")
         concurrency.append(bench.concurrent(streams))
+    multi_turn = None
+    if config.turns:
+        say(f"a conversation of {config.turns} turns, with and without cached prefixes…")
+        multi_turn = bench.multi_turn()
     return {
         "model": instance.model_id,
         "instance_id": instance.instance_id,
@@ -251,5 +316,6 @@ def run_bench(
         "prefill": prefill,
         "decode": decode,
         "concurrency": concurrency,
+        "multi_turn": multi_turn,
         "nodes": nodes,
     }

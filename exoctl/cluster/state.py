@@ -1,7 +1,8 @@
 """The `/state` document (`exoctl state --json`): EXO's shape, built from the nodes' answers.
 
 camelCase keys and tagged unions as one-key objects, so the cluster test plan's `jq` lines work
-as written; plus what EXO lacks: per-node process RSS and CPU %, per-runner tokens/s.
+as written; plus what EXO lacks: per-node process RSS and CPU %, per-runner tokens/s, and the
+cached prefixes (per runner what it holds and what it saved, per instance the head's hits).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from exoctl.cluster.downloads import downloads_document
 from exoctl.cluster.views import NodeStatus, instances_of
 from exoctl.inventory import Node
 from exoctl.placement.pipeline import Placement
-from exoctl.wire.runner_report import RunnerReport, RunnerStatus
+from exoctl.wire.runner_report import HeadPrefixStats, PrefixReport, RunnerReport, RunnerStatus
 from exoctl.wire.supervisor_event import SupervisorEvent
 
 SHARDING_TAG = {"pipeline": "PipelineShardMetadata", "tensor": "TensorShardMetadata"}
@@ -63,6 +64,8 @@ def _runner_doc(runner: RunnerReport) -> dict[str, Any]:
         "tokensPerSecond": runner.tokens_per_s,
         "activeSequences": runner.active_sequences,
     }
+    if runner.status is RunnerStatus.READY:
+        body["prefixCache"] = prefix_doc(runner.prefix)
     if runner.collective_ms_per_token is not None:  # a tensor-parallel rank
         body["collectiveMsPerToken"] = runner.collective_ms_per_token
         body["collectiveTransport"] = runner.collective_transport
@@ -73,6 +76,30 @@ def _runner_doc(runner: RunnerReport) -> dict[str, Any]:
     if runner.status is RunnerStatus.FAILED:
         body["errorMessage"] = runner.message
     return {runner.status.value: body}
+
+
+def prefix_doc(prefix: PrefixReport) -> dict[str, Any]:
+    """A runner's cached prefixes: what it holds against its budget, and what they saved."""
+    return {
+        "entries": prefix.entries,
+        "positions": prefix.positions,
+        "bytes": prefix.bytes,
+        "budgetBytes": prefix.budget_bytes,
+        "hits": prefix.hits,
+        "reusedTokens": prefix.reused_tokens,
+    }
+
+
+def head_prefix_doc(stats: HeadPrefixStats) -> dict[str, Any]:
+    """An instance's cached prefixes as its head decides them: its budget in positions, the
+    requests that could reuse one, those that did, the positions not run again, the evictions."""
+    return {
+        "budgetPositions": stats.budget_positions,
+        "lookups": stats.lookups,
+        "hits": stats.hits,
+        "reusedTokens": stats.reused_tokens,
+        "evictions": stats.evictions,
+    }
 
 
 def shard_doc(sharding: str, start: int, end: int, n_layers: int, rank: int, world: int) -> dict[str, Any]:
@@ -167,6 +194,11 @@ def state_document(statuses: list[NodeStatus], cluster: str) -> dict[str, Any]:
                     "nodeToRunner": node_to_runner,
                 },
                 **({"expertTokensByNode": experts} if experts else {}),
+                **(
+                    {"prefixCache": head_prefix_doc(head.head_prefix)}
+                    if head is not None and head.head_prefix is not None
+                    else {}
+                ),
             }
         }
     node_memory, node_profiles = node_documents(statuses)

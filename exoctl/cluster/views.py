@@ -161,14 +161,18 @@ def node_profiles(statuses: list[NodeStatus]) -> list[NodeProfile]:
     profiles = []
     for status in statuses:
         cap = int(status.node.memory_gb * GB) if status.node.memory_gb else None
+        prefix = status.node.prefix_cache_gb
+        prefix_bytes = None if prefix is None else int(prefix * GB)
         if status.profile is None:
-            profiles.append(NodeProfile(status.node.name, 0, 0, cap, live=False))
+            profiles.append(
+                NodeProfile(status.node.name, 0, 0, cap, live=False, prefix_cache_bytes=prefix_bytes)
+            )
             continue
         # memory the node's own runners hold is reported as used, so it counts as unavailable
         shared = machines[status.profile.machine_id]
         total = min(p.ram_total for p in shared) // len(shared)
         available = min(p.ram_available for p in shared) // len(shared)
-        profiles.append(NodeProfile(status.node.name, total, available, cap, live=True))
+        profiles.append(NodeProfile(status.node.name, total, available, cap, True, prefix_bytes))
     return profiles
 
 

@@ -206,6 +206,7 @@ function renderInstance(instanceId, doc) {
   }).sort((a, b) => a.meta.deviceRank - b.meta.deviceRank);
   const nLayers = shards.length ? shards[0].meta.nLayers : 0;
   const tps = inst.decodeTokensPerSecond ? `${inst.decodeTokensPerSecond.toFixed(1)} tok/s` : null;
+  const cache = inst.prefixCache;  // the head's word on cached prefixes (absent: an older worker)
   const card = h("div", {
     class: "instance", "data-instance": instanceId, "data-sharding": inst.sharding,
     "data-status": inst.status,
@@ -216,6 +217,13 @@ function renderInstance(instanceId, doc) {
     h("span", { class: "pill pill-plain" }, inst.dtype),
     statusPill(inst.status),
     tps && h("span", { class: "pill pill-plain", title: "decode tokens/s of the last request" }, tps),
+    cache && h("span", {
+      class: "pill pill-plain", "data-role": "prefix-cache",
+      "data-hits": cache.hits, "data-reused": cache.reusedTokens,
+      title: cache.budgetPositions
+        ? `cached prefixes: ${cache.hits} of ${cache.lookups} requests reused one, ${cache.reusedTokens} prompt tokens not read again, ${cache.evictions} evicted (budget ${cache.budgetPositions} positions)`
+        : "cached prefixes are off for this instance",
+    }, cache.budgetPositions ? `cache ${cache.hits}/${cache.lookups} hits · ${cache.reusedTokens} tok` : "cache off"),
     h("span", { class: "spacer" }),
     h("button", { class: "danger", type: "button", "data-action": "delete", onclick: () => removeInstance(instanceId) }, "Delete")));
   card.append(h("div", { class: "instance-id mono" }, `${kind} · ${instanceId}`));
@@ -236,13 +244,16 @@ function loadProgress(shard) {
 
 function legendRow(shard, what) {
   const memory = shard.runner && shard.runner.memoryBytes ? bytes(shard.runner.memoryBytes) : "";
+  const prefix = shard.runner && shard.runner.prefixCache;
+  const cached = prefix && prefix.budgetBytes
+    ? `cache ${bytes(prefix.bytes)} / ${bytes(prefix.budgetBytes)}, ${prefix.hits} hits` : "";
   const state = shard.runnerStatus === "RunnerLoading"
     ? `loading ${shard.runner.layersLoaded}/${shard.runner.totalLayers}`
     : shard.runnerStatus === "RunnerFailed" ? "failed" : "";
   return h("div", {},
     h("div", { class: "legend-row", "data-node": shard.node },
       dot(shard.node), h("strong", {}, shard.node), h("span", {}, what),
-      h("span", { class: "muted" }, [memory, state].filter(Boolean).join(" · "))),
+      h("span", { class: "muted", "data-role": "runner-note" }, [memory, cached, state].filter(Boolean).join(" · "))),
     loadProgress(shard));
 }
 
@@ -576,6 +587,8 @@ async function sendChat(event) {
     ui.chat.push({ role: "assistant", content });
     const ended = performance.now();
     const tokens = usage ? usage.completion_tokens : null;
+    const details = usage && usage.prompt_tokens_details;
+    const cachedTokens = details ? details.cached_tokens : null;
     const ttft = first === null ? null : first - started;
     const decodeSeconds = first === null ? 0 : (ended - first) / 1000;
     const rate = tokens && tokens > 1 && decodeSeconds > 0 ? (tokens - 1) / decodeSeconds : null;
@@ -583,6 +596,7 @@ async function sendChat(event) {
       ttft === null ? null : `first token ${ttft.toFixed(0)} ms`,
       rate === null ? null : `${rate.toFixed(1)} tok/s`,
       tokens === null ? null : `${tokens} tokens`,
+      cachedTokens === null ? null : `${cachedTokens} of ${usage.prompt_tokens} prompt tokens cached`,
     ].filter(Boolean).join(" · ");
     answer.setAttribute("data-state", "done");
   } catch (error) {

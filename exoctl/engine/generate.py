@@ -58,10 +58,12 @@ class SequenceStream:
         prompt_tokens: int,
         context: int,
         special: bool = False,  # keep special tokens in the text (a tool call's markers)
+        cached_tokens: int = 0,  # of the prompt, the positions a cached prefix holds
     ) -> None:
         self.text = TextStream(tokenizer, params.stop, special)
         self.eos_ids = frozenset() if params.ignore_eos else tokenizer.eos_token_ids
         self.prompt_tokens = prompt_tokens
+        self.cached_tokens = cached_tokens
         self.budget = min(params.max_tokens, context - prompt_tokens)
         self.started = time.perf_counter()
         self.first_token_at = 0.0
@@ -109,6 +111,7 @@ class SequenceStream:
             self.finish_reason or "length",
             self.prompt_tokens,
             Timings(ttft, total, tps),
+            self.cached_tokens,
         )
 
 

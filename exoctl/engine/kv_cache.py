@@ -64,3 +64,33 @@ class KVCache:
     def truncate(self, length: int) -> None:
         """Forget positions from `length` on (a rejected prefix, a retried step)."""
         self.length = min(self.length, length)
+
+    def position_bytes(self) -> int:
+        """What one position costs here: keys and values of every layer of the range."""
+        return 2 * len(self.layers) * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+
+    def copy_prefix(self, positions: int, room: int = 0) -> KVCache:
+        """A new cache holding copies of this one's first `positions` positions, with capacity for
+        `room` more (so the step that follows does not grow it by doubling, copying it all again).
+        The copy is the new sequence's own: appending to it never changes this cache."""
+        if not 0 < positions <= self.length:
+            raise ValueError(f"cannot copy {positions} positions of a cache holding {self.length}")
+        copy = KVCache(self.layers, self.num_kv_heads, self.head_dim, self.dtype)
+        copy._grow(positions + room)
+        for source, target in ((self.keys, copy.keys), (self.values, copy.values)):
+            for layer in self.layers:
+                target[layer][:, :positions] = source[layer][:, :positions]
+        copy.length = positions
+        return copy
+
+    def compacted(self, positions: int) -> KVCache:
+        """This cache's first `positions` positions in tensors of exactly that size [KVH, positions,
+        D] (a cached prefix is never appended to, and its bytes are what the budget counts)."""
+        if not 0 < positions <= self.length:
+            raise ValueError(f"cannot keep {positions} positions of a cache holding {self.length}")
+        kept = KVCache(self.layers, self.num_kv_heads, self.head_dim, self.dtype)
+        for source, target in ((self.keys, kept.keys), (self.values, kept.values)):
+            for layer in self.layers:
+                target[layer] = source[layer][:, :positions].clone()
+        kept.length = kept.capacity = positions
+        return kept

@@ -3,7 +3,8 @@
 `place(card, nodes, request)` returns frozen data or raises `PlacementError` carrying the
 numbers. Memory is counted in the runtime dtype: the layers' weights, the embedding on the
 first node, the final norm and lm_head on the last, a KV-cache reserve for each node's layers,
-and a fixed runtime overhead per node (Python, torch, buffers).
+a budget for cached prefixes (the KV of ended sequences kept for reuse), and a fixed runtime
+overhead per node (Python, torch, buffers).
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ from exoctl.models.catalog import ModelCard
 GB = 10**9
 RUNTIME_OVERHEAD_BYTES = 2 * GB
 KV_RESERVE_TOKENS = 8192  # one sequence of this many tokens fits in every placement
+# Cached prefixes by default: the KV of this many positions of the node's layers (a conversation
+# or shared system prompt of that length); a node's `prefix_cache_gb` or `place --prefix-cache-gb`
+# gives bytes instead, 0 turns caching off.
+PREFIX_CACHE_TOKENS = 8192
 
 
 class PlacementError(ExoctlError):
@@ -30,6 +35,7 @@ class NodeProfile:
     ram_available: int
     memory_cap: int | None = None  # declared in the inventory: used instead of reported RAM
     live: bool = True
+    prefix_cache_bytes: int | None = None  # declared in the inventory (None: PREFIX_CACHE_TOKENS)
 
     @property
     def capacity(self) -> int:
@@ -42,6 +48,7 @@ class PlacementRequest:
     nodes: int | None = None  # exactly this many
     min_nodes: int = 1  # otherwise the fewest that fit, at least this many
     kv_tokens: int = KV_RESERVE_TOKENS
+    prefix_cache_bytes: int | None = None  # on every node, over what each node declares
 
 
 @dataclass(frozen=True)
@@ -49,13 +56,15 @@ class Shard:
     node: str
     start_layer: int
     end_layer: int  # exclusive
-    memory_bytes: int  # all of it: weights + kv_bytes + runtime_bytes
+    memory_bytes: int  # all of it: weights + kv_bytes + prefix_bytes + runtime_bytes
     kv_bytes: int = 0  # the KV reserve of its layers (KV_RESERVE_TOKENS tokens of one sequence)
     runtime_bytes: int = 0  # the allowance for activations, the interpreter and torch
+    prefix_bytes: int = 0  # the budget for cached prefixes
+    position_bytes: int = 0  # what one position of KV costs here (its layers, its heads)
 
     @property
     def weight_bytes(self) -> int:
-        return self.memory_bytes - self.kv_bytes - self.runtime_bytes
+        return self.memory_bytes - self.kv_bytes - self.runtime_bytes - self.prefix_bytes
 
     @property
     def n_layers(self) -> int:
@@ -73,6 +82,36 @@ class Placement:
     def nodes(self) -> tuple[str, ...]:
         return tuple(s.node for s in self.shards)
 
+    @property
+    def prefix_positions(self) -> int:
+        """The positions the instance's cached prefixes may hold together: an entry holds them on
+        every node, so the node whose budget holds the fewest decides (0: caching off)."""
+        if not self.shards or any(s.position_bytes <= 0 for s in self.shards):
+            return 0
+        return min(s.prefix_bytes // s.position_bytes for s in self.shards)
+
+
+def kv_position_bytes(card: ModelCard, dtype: str, kv_heads: int | None = None) -> int:
+    """Bytes one position of KV costs in one layer (keys and values of `kv_heads` heads, all of
+    them by default), in what the KV cache is held in (float32 where the CPU decides: the bound)."""
+    heads = card.num_key_value_heads if kv_heads is None else kv_heads
+    return 2 * heads * card.head_dim * float_bytes(dtype)
+
+
+def prefix_budget(
+    card: ModelCard, dtype: str, layers: int, kv_heads: int, given: int | None
+) -> tuple[int, int]:
+    """(bytes for cached prefixes, bytes of one position of KV) on a node holding `layers` layers
+    of `kv_heads` KV heads each; `given` bytes, or by default PREFIX_CACHE_TOKENS positions."""
+    position = layers * kv_position_bytes(card, dtype, kv_heads)
+    return (given if given is not None else position * PREFIX_CACHE_TOKENS), position
+
+
+def node_prefix_bytes(node: NodeProfile, request: PlacementRequest) -> int | None:
+    """The bytes a node gives cached prefixes: the request's, else the node's own; None for the
+    default of PREFIX_CACHE_TOKENS positions of what it holds."""
+    return request.prefix_cache_bytes if request.prefix_cache_bytes is not None else node.prefix_cache_bytes
+
 
 @dataclass(frozen=True)
 class _Costs:
@@ -80,6 +119,7 @@ class _Costs:
 
     layers: tuple[int, ...]  # each layer's weights plus its KV reserve (a GGUF's layers may differ)
     kv_per_layer: int
+    position_per_layer: int  # one position of KV in one layer
     embed: int
     head: int  # final norm + lm_head
     overhead: int
@@ -87,28 +127,39 @@ class _Costs:
     @classmethod
     def of(cls, card: ModelCard, request: PlacementRequest) -> _Costs:
         dtype = request.dtype
-        kv_per_layer = 2 * card.num_key_value_heads * card.head_dim * float_bytes(dtype) * request.kv_tokens
+        position = kv_position_bytes(card, dtype)
+        kv_per_layer = position * request.kv_tokens
         return cls(
             layers=tuple(b + kv_per_layer for b in card.layer_bytes_each(dtype)),
             kv_per_layer=kv_per_layer,
+            position_per_layer=position,
             embed=embedding_bytes(dtype, card.vocab_size, card.hidden_size),
             # final norm + lm_head; a tied lm_head is still a second copy on the last node
             head=card.head_bytes(dtype),
             overhead=RUNTIME_OVERHEAD_BYTES,
         )
 
+    @property
+    def prefix_per_layer(self) -> int:
+        """The default budget for cached prefixes, per layer a node holds."""
+        return self.position_per_layer * PREFIX_CACHE_TOKENS
+
     def fixed(self, index: int, count: int) -> int:
         """Bytes a node needs besides its layers, by its position in the pipeline."""
         return self.overhead + (self.embed if index == 0 else 0) + (self.head if index == count - 1 else 0)
 
-    def total(self, count: int) -> int:
-        return sum(self.layers) + self.embed + self.head + count * self.overhead
+    def total(self, count: int, prefixes: list[int | None]) -> int:
+        """All nodes together, with each node's budget for cached prefixes (None: the default)."""
+        default = sum(self.prefix_per_layer for _ in self.layers) * sum(p is None for p in prefixes)
+        given = sum(p for p in prefixes if p is not None)
+        return sum(self.layers) + self.embed + self.head + count * self.overhead + given + default // count
 
-    def ranges(self, counts: list[int]) -> list[int]:
-        """Bytes of each node's layers when nodes hold `counts` consecutive layers."""
+    def ranges(self, counts: list[int], per_layer: list[int]) -> list[int]:
+        """Bytes of each node's layers when nodes hold `counts` consecutive layers, each layer with
+        `per_layer` more on its node (the default budget for cached prefixes)."""
         out, start = [], 0
-        for n in counts:
-            out.append(sum(self.layers[start : start + n]))
+        for n, extra in zip(counts, per_layer, strict=True):
+            out.append(sum(self.layers[start : start + n]) + n * extra)
             start += n
         return out
 
@@ -131,15 +182,15 @@ def split_layers(n_layers: int, budgets: list[int]) -> list[int]:
     return [s + 1 for s in shares]
 
 
-def _rebalance(layers: list[int], budgets: list[int], costs: _Costs) -> bool:
+def _rebalance(layers: list[int], budgets: list[int], costs: _Costs, per_layer: list[int]) -> bool:
     """Move single layers from nodes over budget to nodes with room; False if impossible."""
     largest = max(costs.layers)
     for _ in range(len(costs.layers) * len(layers)):  # layers that differ in size could cycle
-        held = costs.ranges(layers)
+        held = costs.ranges(layers, per_layer)
         over = [i for i, b in enumerate(held) if b > budgets[i]]
         if not over:
             return True
-        room = [i for i, b in enumerate(held) if b + largest <= budgets[i]]
+        room = [i for i, b in enumerate(held) if b + largest + per_layer[i] <= budgets[i]]
         giver = over[0]
         if not room or layers[giver] <= 1:
             return False
@@ -148,18 +199,29 @@ def _rebalance(layers: list[int], budgets: list[int], costs: _Costs) -> bool:
     return False
 
 
-def _try(card: ModelCard, chosen: list[NodeProfile], costs: _Costs) -> tuple[Shard, ...] | None:
+def _try(
+    card: ModelCard, chosen: list[NodeProfile], costs: _Costs, request: PlacementRequest
+) -> tuple[Shard, ...] | None:
     count = len(chosen)
-    budgets = [node.capacity - costs.fixed(i, count) for i, node in enumerate(chosen)]
-    if any(b < min(costs.layers) for b in budgets):
+    given = [node_prefix_bytes(node, request) for node in chosen]
+    # a node's own budget is fixed bytes; the default grows with the layers it holds
+    per_layer = [costs.prefix_per_layer if g is None else 0 for g in given]
+    budgets = [node.capacity - costs.fixed(i, count) - (given[i] or 0) for i, node in enumerate(chosen)]
+    if any(b < min(costs.layers) + extra for b, extra in zip(budgets, per_layer, strict=True)):
         return None
     layers = split_layers(card.n_layers, budgets)
-    if not _rebalance(layers, budgets, costs):
+    if not _rebalance(layers, budgets, costs, per_layer):
         return None
     shards, start = [], 0
-    for i, (node, n, held) in enumerate(zip(chosen, layers, costs.ranges(layers), strict=True)):
-        total = held + costs.fixed(i, count)
-        shards.append(Shard(node.name, start, start + n, total, n * costs.kv_per_layer, costs.overhead))
+    for i, (node, n, held) in enumerate(zip(chosen, layers, costs.ranges(layers, per_layer), strict=True)):
+        own = given[i]
+        prefix, position = prefix_budget(card, request.dtype, n, card.num_key_value_heads, own)
+        total = held + costs.fixed(i, count) + (own or 0)
+        shards.append(
+            Shard(
+                node.name, start, start + n, total, n * costs.kv_per_layer, costs.overhead, prefix, position
+            )
+        )
         start += n
     return tuple(shards)
 
@@ -204,13 +266,13 @@ def place(card: ModelCard, nodes: list[NodeProfile], request: PlacementRequest) 
 
     counts = [wanted] if request.nodes is not None else range(wanted, min(len(live), card.n_layers) + 1)
     for count in counts:
-        shards = _try(card, largest(count), costs)
+        shards = _try(card, largest(count), costs, request)
         if shards is not None:
             return Placement(card.id, "pipeline", request.dtype, shards)
     count = counts[-1]
     chosen = largest(count)
     offered = sum(n.capacity for n in chosen)
-    needed = costs.total(count)
+    needed = costs.total(count, [node_prefix_bytes(n, request) for n in chosen])
     weights = card.weight_bytes(request.dtype)
     if request.nodes is not None:
         what = f"{count} nodes offer" if count > 1 else "1 node offers"
@@ -228,6 +290,6 @@ def place(card: ModelCard, nodes: list[NodeProfile], request: PlacementRequest) 
         hint += " or use --dtype bfloat16"
     raise PlacementError(
         f"{card.id} needs {_gb(weights)} in {request.dtype}; {what} {_gb(offered)} but it needs "
-        f"{_gb(needed)} with KV reserve and runtime overhead",
+        f"{_gb(needed)} with KV reserve, cached prefixes and runtime overhead",
         hint=hint,
     )

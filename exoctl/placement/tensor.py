@@ -8,7 +8,7 @@ experts, and every rank needs the same memory: the smallest chosen node decides.
 
 from __future__ import annotations
 
-from exoctl.dtypes import QUANT_BLOCK, QUANTIZED_BITS, embedding_bytes, float_bytes
+from exoctl.dtypes import QUANT_BLOCK, QUANTIZED_BITS, embedding_bytes
 from exoctl.models.catalog import ModelCard
 from exoctl.placement.pipeline import (
     GB,
@@ -18,7 +18,10 @@ from exoctl.placement.pipeline import (
     PlacementError,
     PlacementRequest,
     Shard,
+    kv_position_bytes,
     missing_nodes_hint,
+    node_prefix_bytes,
+    prefix_budget,
 )
 
 
@@ -56,21 +59,26 @@ def valid_rank_counts(card: ModelCard, most: int, dtype: str = "float32") -> lis
     return [k for k in range(1, most + 1) if divides(card, k) and cut_block(card, k, dtype) is None]
 
 
+def rank_position_bytes(card: ModelCard, ranks: int, dtype: str) -> int:
+    """What one position of KV costs a rank: its share of the KV heads, over every layer."""
+    return card.n_layers * kv_position_bytes(card, dtype, card.num_key_value_heads // ranks)
+
+
 def rank_kv_bytes(card: ModelCard, ranks: int, request: PlacementRequest) -> int:
     """One rank's share of the KV reserve, over every layer."""
-    kv = (
-        2
-        * (card.num_key_value_heads // ranks)
-        * card.head_dim
-        * float_bytes(request.dtype)
-        * request.kv_tokens
-    )
-    return card.n_layers * kv
+    return rank_position_bytes(card, ranks, request.dtype) * request.kv_tokens
+
+
+def rank_prefix_bytes(card: ModelCard, ranks: int, node: NodeProfile, request: PlacementRequest) -> int:
+    """A rank's budget for cached prefixes: its node's (or the request's) bytes, else the default
+    of PREFIX_CACHE_TOKENS positions of its share."""
+    kv_heads = card.num_key_value_heads // ranks
+    return prefix_budget(card, request.dtype, card.n_layers, kv_heads, node_prefix_bytes(node, request))[0]
 
 
 def rank_bytes(card: ModelCard, ranks: int, request: PlacementRequest) -> int:
-    """Bytes one rank needs: its slice of every layer and of lm_head, the whole embedding, its
-    share of the KV reserve, and the runtime overhead."""
+    """Bytes one rank needs besides its budget for cached prefixes: its slice of every layer and of
+    lm_head, the whole embedding, its share of the KV reserve, and the runtime overhead."""
     dtype = request.dtype
     return (
         card.n_layers * card.layer_bytes(dtype, ranks)
@@ -129,14 +137,22 @@ def place_tensor(card: ModelCard, nodes: list[NodeProfile], request: PlacementRe
     for count in counts:
         chosen = largest(count)
         need = rank_bytes(card, count, request)
-        if min(n.capacity for n in chosen) >= need:
+        prefixes = [rank_prefix_bytes(card, count, n, request) for n in chosen]
+        if all(n.capacity >= need + p for n, p in zip(chosen, prefixes, strict=True)):
             kv = rank_kv_bytes(card, count, request)
-            shards = tuple(Shard(n.name, 0, card.n_layers, need, kv, RUNTIME_OVERHEAD_BYTES) for n in chosen)
+            position = rank_position_bytes(card, count, request.dtype)
+            shards = tuple(
+                Shard(n.name, 0, card.n_layers, need + p, kv, RUNTIME_OVERHEAD_BYTES, p, position)
+                for n, p in zip(chosen, prefixes, strict=True)
+            )
             return Placement(card.id, "tensor", request.dtype, shards)
     count = counts[-1]
     chosen = largest(count)
-    smallest = min(chosen, key=lambda n: n.capacity)
-    need = rank_bytes(card, count, request)
+    needs = {
+        n.name: rank_bytes(card, count, request) + rank_prefix_bytes(card, count, n, request) for n in chosen
+    }
+    smallest = min(chosen, key=lambda n: n.capacity - needs[n.name])
+    need = needs[smallest.name]
     raise PlacementError(
         f"{card.id} split over {plural(count)} by tensor needs {need / GB:.1f} GB per node in "
         f"{request.dtype}, but node {smallest.name} offers {smallest.capacity / GB:.1f} GB",

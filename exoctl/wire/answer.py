@@ -28,6 +28,7 @@ class Completion:
     finish_reason: str = "length"  # one of FINISH_REASONS
     prompt_tokens: int = 0
     timings: Timings = field(default_factory=Timings)
+    cached_tokens: int = 0  # of the prompt's tokens, those read from a cached prefix (not run again)
 
     @property
     def completion_tokens(self) -> int:
@@ -43,7 +44,12 @@ class Completion:
             "text": self.text,
             "token_ids": list(self.token_ids),
             "finish_reason": self.finish_reason,
-            "usage": {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens},
+            "usage": {
+                "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens,
+                # OpenAI's shape for the prompt tokens a cache served
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+            },
             "timings": {
                 "time_to_first_token_s": round(t.time_to_first_token_s, 4),
                 "total_s": round(t.total_s, 4),
@@ -61,6 +67,7 @@ class Completion:
                 token_ids=[int(t) for t in raw["token_ids"]],
                 finish_reason=str(raw["finish_reason"]),
                 prompt_tokens=int(raw["usage"]["prompt_tokens"]),
+                cached_tokens=int(raw["usage"]["prompt_tokens_details"]["cached_tokens"]),
                 timings=Timings(
                     float(timings["time_to_first_token_s"]),
                     float(timings["total_s"]),

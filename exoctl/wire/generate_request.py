@@ -20,6 +20,7 @@ class GenerateRequest:
     messages: list[dict[str, Any]] | None = None  # a chat, rendered with the model's template
     prompt: str | None = None  # or raw text
     chat: ChatOptions = field(default_factory=ChatOptions)
+    cache_prompt: bool = True  # reuse a cached prefix of the prompt, and keep this one's (llama.cpp's name)
 
     def to_fields(self) -> dict[str, Any]:
         return {
@@ -29,6 +30,7 @@ class GenerateRequest:
             "prompt": self.prompt,
             "params": self.params.to_wire(),
             "chat": self.chat.to_wire(),
+            "cache_prompt": self.cache_prompt,
         }
 
     @classmethod
@@ -45,4 +47,5 @@ class GenerateRequest:
             messages=messages,
             prompt=prompt,
             chat=ChatOptions.from_wire(message["chat"]),
+            cache_prompt=message["cache_prompt"],
         )

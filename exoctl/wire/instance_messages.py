@@ -1,6 +1,6 @@
 """The messages between the runners of one instance, each a frozen type decoded once at the socket.
 
-A worker's I/O loop turns a `forward`, `token`, `release`, `seq_error` or `lease` into one of these
+A worker's I/O loop turns a `forward`, `token`, `release`, `forget`, `seq_error` or `lease` into one of these
 (`DECODERS`, through `messages.parse`), refusing a malformed one to its sender; the compute lane dispatches on
 the type with `match`, never on a type string. `Prefill` never crosses the wire: it is the head's
 note to itself that a prompt has more chunks to run. Torch-free.
@@ -18,6 +18,7 @@ from exoctl.wire.protocol import Message, ProtocolError, Tensor
 from exoctl.wire.sampling_params import SamplingParams
 
 PROMPT_IDS = "prompt_ids"  # beside a sequence's sampling parameters on its first step
+REUSE = "reuse"  # and the cached prefix it starts from: [entry, positions]
 MAX_TOP_LOGPROBS = 20
 
 # A chosen token's logprob in wire form: [logprob, [ids], [logprobs]] (`TokenLogprob.to_wire`).
@@ -29,17 +30,47 @@ def _is_int(value: object) -> bool:
 
 
 @dataclass(frozen=True)
+class Reuse:
+    """A new sequence starts from a copy of the first `positions` positions of cached prefix
+    `entry` (named by the sequence it was kept from): the head's choice, the same on every runner."""
+
+    entry: str
+    positions: int
+
+    def to_wire(self) -> list[Any]:
+        return [self.entry, self.positions]
+
+    @classmethod
+    def from_wire(cls, seq: str, wire: object) -> Reuse:
+        if (
+            not isinstance(wire, list)
+            or len(wire) != 2
+            or not isinstance(wire[0], str)
+            or not _is_int(wire[1])
+            or wire[1] < 1
+        ):
+            raise ExoctlError(f"sequence {seq}: {REUSE} must be [entry, positions >= 1]")
+        return cls(wire[0], wire[1])
+
+
+@dataclass(frozen=True)
 class SequenceStart:
-    """What the runner that samples needs of a sequence it has not seen: its sampling parameters,
-    and its prompt's token ids when a repetition penalty reads them (the last pipeline stage sees
-    hidden states only)."""
+    """What a runner needs of a sequence it has not seen: its sampling parameters (for the runner
+    that samples), its prompt's token ids when a repetition penalty reads them and the runner
+    does not see them all (the last pipeline stage sees hidden states only; a reused prefix's ids
+    pass no runner), and the cached prefix it starts from."""
 
     params: SamplingParams
     prompt_ids: tuple[int, ...] = ()
+    reuse: Reuse | None = None
 
     def to_wire(self) -> dict[str, Any]:
         wire = self.params.to_wire()
-        return {**wire, PROMPT_IDS: list(self.prompt_ids)} if self.prompt_ids else wire
+        if self.prompt_ids:
+            wire[PROMPT_IDS] = list(self.prompt_ids)
+        if self.reuse is not None:
+            wire[REUSE] = self.reuse.to_wire()
+        return wire
 
     @classmethod
     def from_wire(cls, seq: str, wire: object) -> SequenceStart:
@@ -48,8 +79,9 @@ class SequenceStart:
         ids = wire.get(PROMPT_IDS, [])
         if not isinstance(ids, list) or not all(_is_int(i) for i in ids):
             raise ExoctlError(f"sequence {seq}: {PROMPT_IDS} must be a list of token ids")
-        params = SamplingParams.from_wire({k: v for k, v in wire.items() if k != PROMPT_IDS})
-        return cls(params, tuple(ids))
+        reuse = None if wire.get(REUSE) is None else Reuse.from_wire(seq, wire[REUSE])
+        params = SamplingParams.from_wire({k: v for k, v in wire.items() if k not in (PROMPT_IDS, REUSE)})
+        return cls(params, tuple(ids), reuse)
 
 
 @dataclass(frozen=True)
@@ -118,15 +150,31 @@ class Tokens:
 
 @dataclass(frozen=True)
 class Release:
-    """The head's word that a sequence has ended: free it."""
+    """The head's word that a sequence has ended: free it, or keep its first `keep` positions as
+    a cached prefix of its name."""
 
     KIND: ClassVar[str] = "release"
 
     instance_id: str
     seq: str
+    keep: int | None = None
 
     def frames(self) -> list[Any]:
-        return protocol.encode(self.KIND, {"instance_id": self.instance_id, "seq": self.seq})
+        fields = {"instance_id": self.instance_id, "seq": self.seq, "keep": self.keep}
+        return protocol.encode(self.KIND, fields)
+
+
+@dataclass(frozen=True)
+class Forget:
+    """The head's word that these cached prefixes are gone from its index: free them."""
+
+    KIND: ClassVar[str] = "forget"
+
+    instance_id: str
+    entries: tuple[str, ...]
+
+    def frames(self) -> list[Any]:
+        return protocol.encode(self.KIND, {"instance_id": self.instance_id, "entries": list(self.entries)})
 
 
 @dataclass(frozen=True)
@@ -146,15 +194,18 @@ class SeqError:
 
 @dataclass(frozen=True)
 class Lease:
-    """The head's word on which sequences live, every few seconds: the others free the rest."""
+    """The head's word on which sequences live and which cached prefixes it keeps, every few
+    seconds: the others free the rest."""
 
     KIND: ClassVar[str] = "lease"
 
     instance_id: str
     seqs: tuple[str, ...]
+    kept: tuple[str, ...] = ()
 
     def frames(self) -> list[Any]:
-        return protocol.encode(self.KIND, {"instance_id": self.instance_id, "seqs": list(self.seqs)})
+        fields = {"instance_id": self.instance_id, "seqs": list(self.seqs), "kept": list(self.kept)}
+        return protocol.encode(self.KIND, fields)
 
 
 @dataclass(frozen=True)
@@ -167,14 +218,21 @@ class Prefill:
     seq: str
 
 
-InstanceMessage = Forward | Tokens | Release | SeqError | Lease | Prefill
+InstanceMessage = Forward | Tokens | Release | Forget | SeqError | Lease | Prefill
 
 
-def _seq_ids(message: Message) -> tuple[str, ...]:
-    seqs = message["seqs"]
+def _seq_ids(message: Message, name: str = "seqs") -> tuple[str, ...]:
+    seqs = message[name]
     if not all(isinstance(s, str) for s in seqs):
-        raise ProtocolError(f"'{message.type}' needs a list of sequence ids")
+        raise ProtocolError(f"'{message.type}' needs a list of sequence ids in '{name}'")
     return tuple(seqs)
+
+
+def _release(message: Message) -> Release:
+    keep = message["keep"]
+    if keep is not None and (not _is_int(keep) or keep < 1):
+        raise ProtocolError("'release' field 'keep' must be null or a count of positions >= 1")
+    return Release(message["instance_id"], message["seq"], keep)
 
 
 def _is_logprob(entry: object) -> bool:
@@ -242,7 +300,8 @@ def _tokens(message: Message) -> Tokens:
 DECODERS: dict[str, Callable[[Message], InstanceMessage]] = {
     Forward.KIND: _forward,
     Tokens.KIND: _tokens,
-    Release.KIND: lambda m: Release(m["instance_id"], m["seq"]),
+    Release.KIND: _release,
+    Forget.KIND: lambda m: Forget(m["instance_id"], _seq_ids(m, "entries")),
     SeqError.KIND: lambda m: SeqError(m["instance_id"], _seq_ids(m), m["message"]),
-    Lease.KIND: lambda m: Lease(m["instance_id"], _seq_ids(m)),
+    Lease.KIND: lambda m: Lease(m["instance_id"], _seq_ids(m), _seq_ids(m, "kept")),
 }

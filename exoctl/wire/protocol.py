@@ -21,8 +21,10 @@ from exoctl.errors import ExoctlError
 
 # 2: tensor sharding (tp_hello, int64 ids in "forward"); 3: typed runner reports; 4: "chat" in
 # "generate" (tools, an answer's forced start), the head's tool format in its report, logprobs in
-# "token" and "delta"; 5: "download", "record" (the supervisor's history), both in "status_reply"
-PROTOCOL_VERSION = 6
+# "token" and "delta"; 5: "download", "record" (the supervisor's history), both in "status_reply";
+# 7: cached prefixes ("reuse" in a first step, "keep" in "release", "forget", "kept" in "lease",
+# the budget in "load", "cache_prompt" in "generate")
+PROTOCOL_VERSION = 7
 MAX_HEADER_BYTES = 8 * 2**20
 MAX_TENSOR_BYTES = 2**31  # one 8192-token prefill of an 8192-wide model in float32 is 268 MB
 MAX_TENSORS = 4
@@ -50,6 +52,11 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "rank": int,
         "world": int,
         "peers": list,
+        # cached prefixes: the instance's budget in positions, this runner's in bytes, and what a
+        # position of KV costs on each rank's node
+        "prefix_positions": int,
+        "prefix_bytes": int,
+        "position_bytes": list,
     },
     "unload": {"instance_id": str},
     # fetch the files of layers [start_layer, end_layer) (all of them for [0, n_layers)); answered
@@ -64,6 +71,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "prompt": _OPT_STR,
         "params": dict,
         "chat": (dict, type(None)),  # ChatOptions' wire form
+        "cache_prompt": bool,  # reuse (and keep) cached prefixes
     },
     "cancel": {"request_id": str},
     # the client of a running request, answering the head's keepalive: still reading. A request
@@ -75,10 +83,14 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     # tensor sharding the token ids [B, T] every rank runs
     "forward": {"instance_id": str, "seqs": list, "positions": list},
     "token": {"instance_id": str, "seqs": list, "tokens": list, "logprobs": list},
-    "release": {"instance_id": str, "seq": str},
+    # a sequence ended: free it, or keep its first `keep` positions as a cached prefix
+    "release": {"instance_id": str, "seq": str, "keep": (int, type(None))},
+    # cached prefixes the head no longer holds
+    "forget": {"instance_id": str, "entries": list},
     "seq_error": {"instance_id": str, "seqs": list, "message": str},
-    # the head's word on which sequences live, every few seconds: the others free the rest
-    "lease": {"instance_id": str, "seqs": list},
+    # the head's word on which sequences live and which cached prefixes it keeps, every few
+    # seconds: the others free the rest
+    "lease": {"instance_id": str, "seqs": list, "kept": list},
     "fail": {"instance_id": str, "message": str, "lost_node": _OPT_STR},
     # a tensor-parallel rank's collective address, sent to the other ranks when it starts loading
     "tp_hello": {"instance_id": str, "rank": int, "address": str},

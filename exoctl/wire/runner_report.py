@@ -43,6 +43,52 @@ class ExpertLoad:
 
 
 @dataclass(frozen=True)
+class PrefixReport:
+    """A runner's cached prefixes: what it holds (entries, positions, bytes) against what placement
+    reserved for them, and what they saved (sequences started from a copy, positions not run)."""
+
+    entries: int = 0
+    positions: int = 0
+    bytes: int = 0
+    budget_bytes: int = 0
+    hits: int = 0
+    reused_tokens: int = 0
+
+    def to_wire(self) -> list[int]:
+        return [self.entries, self.positions, self.bytes, self.budget_bytes, self.hits, self.reused_tokens]
+
+    @classmethod
+    def from_wire(cls, raw: Any) -> PrefixReport:
+        if not isinstance(raw, list) or len(raw) != 6:
+            raise TypeError("a prefix report is a list of 6 counts")
+        return cls(*(int(v) for v in raw))
+
+
+@dataclass(frozen=True)
+class HeadPrefixStats:
+    """The head's side of an instance's cached prefixes: the requests that could reuse one, those
+    that did, the positions they did not run again, the entries evicted for room or memory, and the
+    budget in positions."""
+
+    budget_positions: int = 0
+    lookups: int = 0
+    hits: int = 0
+    reused_tokens: int = 0
+    evictions: int = 0
+
+    def to_wire(self) -> list[int]:
+        return [self.budget_positions, self.lookups, self.hits, self.reused_tokens, self.evictions]
+
+    @classmethod
+    def from_wire(cls, raw: Any) -> HeadPrefixStats | None:
+        if raw is None:
+            return None
+        if not isinstance(raw, list) or len(raw) != 5:
+            raise TypeError("a head's prefix statistics are a list of 5 counts")
+        return cls(*(int(v) for v in raw))
+
+
+@dataclass(frozen=True)
 class RunnerReport:
     runner_id: str
     instance_id: str
@@ -73,6 +119,8 @@ class RunnerReport:
     decoded_tokens: int = 0
     compute_s: float = 0.0
     collective_s: float = 0.0
+    prefix: PrefixReport = field(default_factory=PrefixReport)  # this runner's cached prefixes
+    head_prefix: HeadPrefixStats | None = None  # head: the instance's lookups, hits and evictions
 
     @property
     def message(self) -> str:
@@ -90,6 +138,8 @@ class RunnerReport:
         raw["sampling_defaults"] = (
             None if self.sampling_defaults is None else self.sampling_defaults.to_wire()
         )
+        raw["prefix"] = self.prefix.to_wire()
+        raw["head_prefix"] = None if self.head_prefix is None else self.head_prefix.to_wire()
         return raw
 
     @classmethod
@@ -104,6 +154,8 @@ class RunnerReport:
                 failure=Failure(str(failure["message"]), failure["lost_node"]) if failure else None,
                 experts=tuple(ExpertLoad(int(e), int(t)) for e, t in raw["experts"]),
                 sampling_defaults=SamplingDefaults.from_wire(raw.get("sampling_defaults")),
+                prefix=PrefixReport.from_wire(raw["prefix"]),
+                head_prefix=HeadPrefixStats.from_wire(raw["head_prefix"]),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ProtocolError(f"a runner report is malformed ({type(exc).__name__}: {exc})") from None
@@ -112,5 +164,5 @@ class RunnerReport:
 _PLAIN_FIELDS = tuple(
     name
     for name in RunnerReport.__dataclass_fields__
-    if name not in ("nodes", "status", "failure", "experts", "sampling_defaults")
+    if name not in ("nodes", "status", "failure", "experts", "sampling_defaults", "prefix", "head_prefix")
 )

@@ -39,6 +39,12 @@ class RunnerSpec:
     rank: int
     world: int
     peers: tuple[tuple[str, str], ...]  # (node name, address) by rank
+    # Cached prefixes (placement's reserve): the positions the instance's entries may hold together
+    # (0: none are kept), the bytes reserved for them on this runner's node, and what one position
+    # of KV costs on each rank's node (an upper bound: float32 where the dtype leaves it open).
+    prefix_positions: int = 0
+    prefix_bytes: int = 0
+    position_bytes: tuple[int, ...] = ()
 
     @property
     def nodes(self) -> tuple[str, ...]:
@@ -50,7 +56,8 @@ class RunnerSpec:
         return self.peers[self.rank][1]
 
     def to_fields(self) -> dict[str, Any]:
-        return {**asdict(self), "peers": [list(p) for p in self.peers]}
+        fields = asdict(self)
+        return {**fields, "peers": [list(p) for p in self.peers], "position_bytes": list(self.position_bytes)}
 
     @classmethod
     def from_message(cls, message: Message) -> RunnerSpec:
@@ -64,8 +71,13 @@ class RunnerSpec:
             raise ProtocolError("'peers' must be a list of [node name, address] pairs")
         for _, address in peers:
             check_address(address)
-        fields = {k: message[k] for k in cls.__dataclass_fields__ if k != "peers"}
-        spec = cls(**fields, peers=tuple((name, address) for name, address in peers))
+        position_bytes = message["position_bytes"]
+        plain = {k: message[k] for k in cls.__dataclass_fields__ if k not in ("peers", "position_bytes")}
+        spec = cls(
+            **plain,
+            peers=tuple((name, address) for name, address in peers),
+            position_bytes=tuple(position_bytes),
+        )
         if spec.sharding not in WORKER_SHARDINGS:
             raise ExoctlError(
                 f"sharding {spec.sharding!r} is not supported by this worker", hint="use pipeline or tensor"
@@ -77,4 +89,12 @@ class RunnerSpec:
         if spec.sharding == "tensor" and (spec.start_layer, spec.end_layer) != (0, spec.n_layers):
             raise ProtocolError("a tensor-parallel rank holds every layer: give [0, n_layers)")
         check_dtype(spec.dtype, RUNTIME_DTYPES)  # a placement's dtype: never `auto`
+        # what a position of KV costs on each rank (none given: no cached prefixes)
+        sized = len(position_bytes) == spec.world and all(
+            isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in position_bytes
+        )
+        if not sized and (position_bytes or spec.prefix_positions):
+            raise ProtocolError("'position_bytes' must give a positive byte count for each rank")
+        if spec.prefix_positions < 0 or spec.prefix_bytes < 0:
+            raise ProtocolError("'prefix_positions' and 'prefix_bytes' must be 0 or more")
         return spec

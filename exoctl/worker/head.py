@@ -5,6 +5,10 @@ sequence, run a step, release it), streams each sampled token's text to the clie
 what goes on: the next prompt chunk, the next decode step of every running sequence as one batch
 (continuous batching), the end of a sequence everywhere. A runner elsewhere in the instance is a
 `Follower`: the head's leases and releases reach its stage there.
+
+The head also decides the instance's cached prefixes (`PrefixIndex`): a new request reuses the
+longest cached prefix of its token ids (named in its first step, so every runner copies the same
+positions), and an ended one is kept as a cached prefix (named in its `Release`) or not.
 """
 
 from __future__ import annotations
@@ -22,20 +26,24 @@ from exoctl.engine.tokenizer import Tokenizer
 from exoctl.errors import ExoctlError, InvalidRequestError
 from exoctl.wire.generate_request import GenerateRequest
 from exoctl.wire.instance_messages import (
+    Forget,
     ForwardStep,
     Lease,
     LogprobWire,
     Prefill,
     Release,
+    Reuse,
     SeqError,
     SequenceStart,
     Tokens,
 )
 from exoctl.wire.messages import Delta, Done
-from exoctl.wire.runner_report import RunnerReport
+from exoctl.wire.runner_report import HeadPrefixStats, RunnerReport
 from exoctl.wire.runner_spec import RunnerSpec
 from exoctl.wire.sampling_params import SamplingDefaults
+from exoctl.worker.node_memory import MemoryView, positions_to_free
 from exoctl.worker.outbox import Out, ToClient, ToPeer, ToSelf, client_error
+from exoctl.worker.prefix_index import PrefixIndex
 from exoctl.worker.stage import Stage
 
 log = logging.getLogger("exoctl.worker")
@@ -46,23 +54,33 @@ PREFILL_STEP = 256
 
 @dataclass
 class HeadSequence:
-    """One request as the head sees it: who asked, and its stream of tokens and text."""
+    """One request as the head sees it: who asked, its prompt, and its stream of tokens and text."""
 
     request_id: str
     client: bytes
     stream: SequenceStream
+    prompt_ids: list[int]
+    caches: bool = True  # its KV may be kept as a cached prefix when it ends (`cache_prompt`)
+    pinned: str | None = None  # the cached prefix its first step copies, until its first token
+
+    def held_ids(self) -> list[int]:
+        """The token ids of the positions every runner's cache holds for it: the prompt and every
+        sampled token but the last (which no step has run yet)."""
+        return (self.prompt_ids + self.stream.token_ids)[: self.stream.next_position]
 
 
 class Head:
-    def __init__(self, spec: RunnerSpec, stage: Stage) -> None:
+    def __init__(self, spec: RunnerSpec, stage: Stage, memory: MemoryView | None = None) -> None:
         self.spec = spec
         self.stage = stage
+        self.memory = memory  # the free memory of the instance's nodes (None: not watched)
         self.instance_id = spec.instance_id
         self.followers = [address for _, address in spec.peers[1:]]  # every other runner's node
         self.tokenizer: Tokenizer | None = None
         self.sampling_defaults: SamplingDefaults | None = None  # the model's own (its files)
         self.sequences: dict[str, HeadSequence] = {}
         self.prompts: dict[str, list[int]] = {}  # prompts not yet wholly prefilled
+        self.prefixes = PrefixIndex(spec.prefix_positions)  # the instance's cached prefixes
         self.last_decode_tps = 0.0  # end-to-end decode speed of the last request
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -75,23 +93,29 @@ class Head:
         self.tokenizer = None
         self.sequences.clear()
         self.prompts.clear()
+        self.prefixes.clear()
 
     def take_requests(self, node: str) -> None:
         """This node serves the instance's requests."""
 
     def report(self, report: RunnerReport) -> RunnerReport:
         tokenizer = self.tokenizer
+        index = self.prefixes
+        stats = index.stats
         return replace(
             report,
             decode_tokens_per_s=round(self.last_decode_tps, 2),
             tool_format=tokenizer.tool_format if tokenizer is not None else None,
             sampling_defaults=self.sampling_defaults,
+            head_prefix=HeadPrefixStats(
+                index.budget, stats.lookups, stats.hits, stats.reused_tokens, stats.evictions
+            ),
         )
 
     def leases(self) -> list[Out]:
-        """The head's word to the other runners on which sequences live (read from the I/O
-        loop's thread: `tuple` takes a snapshot of the dict's keys whole)."""
-        live = Lease(self.instance_id, tuple(self.sequences))
+        """The head's word to the other runners on which sequences live and which cached prefixes
+        it keeps (read from the I/O loop's thread: `tuple` takes a snapshot of a dict's keys whole)."""
+        live = Lease(self.instance_id, tuple(self.sequences), tuple(self.prefixes.entries))
         return [ToPeer(address, live) for address in self.followers]
 
     # --- requests ----------------------------------------------------------------------------
@@ -110,19 +134,61 @@ class Head:
             ids = tokenizer.encode(request.prompt or "")
         context = self.stage.context
         check_prompt(ids, context)
-        stream = SequenceStream(tokenizer, request.params, len(ids), context, special=chat.special)
-        self.sequences[request_id] = HeadSequence(request_id, client, stream)
+        relieved = self._relieve(min(len(ids) + request.params.max_tokens, context))
+        reuse = self._reuse(ids) if request.cache_prompt else None
+        cached = reuse.positions if reuse is not None else 0
+        stream = SequenceStream(
+            tokenizer, request.params, len(ids), context, special=chat.special, cached_tokens=cached
+        )
+        pinned = reuse.entry if reuse is not None else None
+        self.sequences[request_id] = HeadSequence(
+            request_id, client, stream, ids, request.cache_prompt, pinned
+        )
         self.prompts[request_id] = ids
-        return self.prefill(request_id, self.stage.admit(request_id, request.params, ids))
+        return relieved + self.prefill(request_id, self.stage.admit(request_id, request.params, ids, reuse))
+
+    def _relieve(self, positions: int) -> list[Out]:
+        """Memory pressure: where a new sequence of `positions` positions would leave a node less
+        than its floor free, evict cached prefixes (least recently used first) to make it up."""
+        if self.memory is None or not self.prefixes.entries or not self.spec.position_bytes:
+            return []
+        rooms = [
+            (room, cost)
+            for (_, address), cost in zip(self.spec.peers, self.spec.position_bytes, strict=True)
+            if (room := self.memory(address)) is not None
+        ]
+        short = positions_to_free(rooms, positions)
+        if short <= 0:
+            return []
+        evicted = self.prefixes.evict(short)
+        if evicted:
+            log.warning(
+                "instance %s: memory is short; evicted %d cached prefixes for a request of %d positions",
+                self.instance_id[:8],
+                len(evicted),
+                positions,
+            )
+        return self._forget(evicted)
+
+    def _reuse(self, ids: list[int]) -> Reuse | None:
+        """The cached prefix a new prompt starts from, pinned until its first step has passed every
+        runner; None when no entry shares its start."""
+        match = self.prefixes.match(ids)
+        if match is None:
+            return None
+        self.prefixes.pin(match.entry)
+        return Reuse(match.entry, match.positions)
 
     def prefill(self, seq: str, first: SequenceStart | None = None) -> list[Out]:
-        """The next PREFILL_STEP positions of a prompt. A longer prompt queues a `Prefill` to
-        itself for the rest, so the decode steps of other sequences waiting in the lane run between
-        its chunks instead of after the whole prompt; the last stage samples after the last chunk."""
+        """The next PREFILL_STEP positions of a prompt (after the cached prefix it reuses). A
+        longer prompt queues a `Prefill` to itself for the rest, so the decode steps of other
+        sequences waiting in the lane run between its chunks instead of after the whole prompt; the
+        last stage samples after the last chunk."""
         ids = self.prompts.get(seq)
         if ids is None or seq not in self.sequences:
             return []  # cancelled or failed meanwhile
-        done = self.stage.position(seq)
+        reused = first.reuse if first is not None else None
+        done = reused.positions if reused is not None else self.stage.position(seq)
         chunk = ids[done : done + PREFILL_STEP]
         more = done + len(chunk) < len(ids)
         step = ForwardStep([seq], [done], {} if first is None else {seq: first}, partial=more)
@@ -165,6 +231,7 @@ class Head:
         vocab = self.stage.vocab_size
         if not 0 <= token < vocab:
             raise ExoctlError(f"token id {token} is outside the vocabulary of {vocab}")
+        self._unpin(seq)  # its first step has passed every runner: none copies from the entry now
         delta = seq.stream.push(token)
         entries = [] if logprob is None else [self._logprob_entry(token, logprob)]
         outs: list[Out] = [ToClient(seq.client, Delta(seq.request_id, delta, (token,), tuple(entries)))]
@@ -173,7 +240,7 @@ class Head:
         completion = seq.stream.completion()
         self.last_decode_tps = completion.timings.decode_tokens_per_s
         outs.append(ToClient(seq.client, Done(seq.request_id, completion)))
-        return outs + self.release(seq.request_id)
+        return outs + self._end(seq.request_id, keep=True)
 
     def _logprob_entry(self, token: int, logprob: LogprobWire) -> dict[str, Any]:
         """OpenAI's {token, logprob, bytes, top_logprobs} for a token and its alternatives."""
@@ -187,11 +254,47 @@ class Head:
 
     def release(self, seq: str) -> list[Out]:
         """Free a sequence here and tell every other runner to free it."""
-        self.stage.release(seq)
+        return self._end(seq, keep=False)
+
+    def _end(self, seq: str, keep: bool) -> list[Out]:
+        """A sequence ends: everywhere its cache is freed, or (`keep`, when the index takes it) kept
+        as a cached prefix; entries it covers or that make room for it are forgotten."""
+        head = self.sequences.pop(seq, None)
         self.prompts.pop(seq, None)
-        if self.sequences.pop(seq, None) is None:
+        if head is None:
+            self.stage.release(seq)
             return []
-        return [ToPeer(address, Release(self.instance_id, seq)) for address in self.followers]
+        self._unpin(head)
+        kept: int | None = None
+        forget: tuple[str, ...] = ()
+        if keep and head.caches and self.prefixes.enabled:
+            decision = self.prefixes.keep(seq, head.held_ids())
+            kept, forget = (head.stream.next_position if decision.kept else None), decision.forget
+        self.stage.release(seq, kept)
+        outs: list[Out] = [
+            ToPeer(address, Release(self.instance_id, seq, kept)) for address in self.followers
+        ]
+        return outs + self._forget(forget)
+
+    def _forget(self, entries: tuple[str, ...]) -> list[Out]:
+        """Entries gone from the index: freed here, and the other runners told."""
+        if not entries:
+            return []
+        self.stage.forget(entries)
+        return [ToPeer(address, Forget(self.instance_id, entries)) for address in self.followers]
+
+    def _unpin(self, seq: HeadSequence) -> None:
+        if seq.pinned is not None:
+            self.prefixes.unpin(seq.pinned)
+            seq.pinned = None
+
+    def released(self, message: Release) -> list[Out]:
+        """The head sends releases and takes none: one sent to it is moot."""
+        return []
+
+    def forget(self, entries: tuple[str, ...]) -> list[Out]:
+        """The head forgets its own entries; a word from elsewhere is moot."""
+        return []
 
     def abort(self, seqs: tuple[str, ...], message: str) -> list[Out]:
         """These sequences failed (here or on a stage): tell their clients, free them everywhere."""
@@ -217,7 +320,7 @@ class Head:
         if seq is not None:
             seq.stream.cancelled = True
 
-    def renew(self, live: tuple[str, ...]) -> None:
+    def renew(self, live: tuple[str, ...], kept: tuple[str, ...]) -> None:
         """A lease names the head's own sequences: the head gives leases, it takes none."""
 
 
@@ -258,6 +361,15 @@ class Follower:
         self.stage.release(seq)
         return []
 
+    def released(self, message: Release) -> list[Out]:
+        """The head's word that a sequence ended: free it, or keep it as a cached prefix."""
+        self.stage.release(message.seq, message.keep)
+        return []
+
+    def forget(self, entries: tuple[str, ...]) -> list[Out]:
+        self.stage.forget(entries)
+        return []
+
     def abort(self, seqs: tuple[str, ...], message: str) -> list[Out]:
         for seq in seqs:
             self.stage.release(seq)
@@ -275,8 +387,8 @@ class Follower:
     def cancel(self, request_id: str) -> None:
         pass
 
-    def renew(self, live: tuple[str, ...]) -> None:
-        self.stage.renew(live)
+    def renew(self, live: tuple[str, ...], kept: tuple[str, ...]) -> None:
+        self.stage.renew(live, kept)
 
 
 Role = Head | Follower

@@ -12,6 +12,7 @@ from exoctl.errors import ExoctlError
 from exoctl.wire.runner_report import RunnerReport, RunnerStatus
 from exoctl.wire.runner_spec import RunnerSpec
 from exoctl.worker.lane import Job, Lane
+from exoctl.worker.node_memory import MemoryView
 from exoctl.worker.outbox import Outbox
 from exoctl.worker.tensor_meeting import Meeting
 
@@ -24,11 +25,14 @@ MAX_FAILURES = 16  # failed runners whose reports a node keeps (the oldest are f
 
 
 class HeldInstances:
-    def __init__(self, node: str, max_batch: int, meeting: Meeting, outbox: Outbox) -> None:
+    def __init__(
+        self, node: str, max_batch: int, meeting: Meeting, outbox: Outbox, memory: MemoryView | None = None
+    ) -> None:
         self.node = node
         self.max_batch = max_batch
         self.meeting = meeting
         self.outbox = outbox
+        self.memory = memory  # the nodes' free memory, for heads (cached prefixes go first)
         self.runners: dict[str, InstanceRunner] = {}  # instance id -> this node's runner of it
         self.lanes: dict[str, Lane] = {}  # instance id -> its compute lane
         # failed runners are retired (lane stopped, sockets closed); their last reports stay
@@ -72,7 +76,7 @@ class HeldInstances:
             raise ExoctlError(f"instance {spec.instance_id} is already on node {self.node}")
         from exoctl.worker.instance import build_instance
 
-        runner = build_instance(spec, self.max_batch, self.meeting)
+        runner = build_instance(spec, self.max_batch, self.meeting, self.memory)
         self.runners[spec.instance_id] = runner
         lane = self.lanes[spec.instance_id] = Lane(runner, self.node, self.outbox)
         lane.thread.start()

@@ -16,6 +16,7 @@ from exoctl.wire.instance_messages import Forward, SeqError, Tokens
 from exoctl.wire.runner_report import Failure, RunnerReport, RunnerStatus
 from exoctl.wire.runner_spec import RunnerSpec
 from exoctl.worker.head import Follower, Head, Role
+from exoctl.worker.node_memory import MemoryView
 from exoctl.worker.outbox import Out, ToPeer, ToSelf
 from exoctl.worker.pipeline_stage import HandOn, Onward, PipelineStage, SampleHere
 from exoctl.worker.stage import HeadRoute, Stage
@@ -95,8 +96,11 @@ def head_route(spec: RunnerSpec) -> HeadRoute:
     return to_head
 
 
-def build_instance(spec: RunnerSpec, max_batch: int, meeting: Meeting) -> InstanceRunner:
-    """This node's parts of an instance, by its rank and the instance's sharding."""
+def build_instance(
+    spec: RunnerSpec, max_batch: int, meeting: Meeting, memory: MemoryView | None = None
+) -> InstanceRunner:
+    """This node's parts of an instance, by its rank and the instance's sharding; `memory` tells
+    the head its nodes' free memory."""
     to_head = head_route(spec)
     if spec.sharding == "tensor":
         stage: Stage = meeting.rank(spec, to_head)
@@ -107,5 +111,5 @@ def build_instance(spec: RunnerSpec, max_batch: int, meeting: Meeting) -> Instan
         else:
             onward = HandOn(spec.instance_id, spec.peers[spec.rank + 1][1])
         stage = PipelineStage(spec, max_batch, to_head, onward)
-    role: Role = Head(spec, stage) if spec.rank == 0 else Follower(spec, stage)
+    role: Role = Head(spec, stage, memory) if spec.rank == 0 else Follower(spec, stage)
     return InstanceRunner(spec, stage, role)

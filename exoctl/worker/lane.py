@@ -17,7 +17,16 @@ from typing import TYPE_CHECKING
 
 from exoctl.errors import CollectiveError, ExoctlError, InvalidRequestError
 from exoctl.wire.generate_request import GenerateRequest
-from exoctl.wire.instance_messages import Forward, InstanceMessage, Lease, Prefill, Release, SeqError, Tokens
+from exoctl.wire.instance_messages import (
+    Forget,
+    Forward,
+    InstanceMessage,
+    Lease,
+    Prefill,
+    Release,
+    SeqError,
+    Tokens,
+)
 from exoctl.worker.outbox import FailInstance, Out, Outbox, Poster, ToSelf, client_error
 
 if TYPE_CHECKING:
@@ -82,7 +91,7 @@ def job_sequences(job: Job) -> tuple[str, ...]:
             return seqs
         case FromPeer(Release(seq=seq)) | FromPeer(Prefill(seq=seq)):
             return (seq,)
-    return ()  # a lease names the live ones, not the ones it was about
+    return ()  # a lease names the live ones, not the ones it was about; a forget names no sequence
 
 
 class Lane:
@@ -146,12 +155,14 @@ class Lane:
                     return stage.forward(forward)
                 case FromPeer(Prefill(seq=seq)):
                     return role.prefill(seq)
-                case FromPeer(Release(seq=seq)):
-                    return role.release(seq)
+                case FromPeer(Release() as release):
+                    return role.released(release)
+                case FromPeer(Forget(entries=entries)):
+                    return role.forget(entries)
                 case FromPeer(SeqError(seqs=seqs, message=message)):
                     return role.abort(seqs, message)
-                case FromPeer(Lease(seqs=seqs)):
-                    role.renew(seqs)
+                case FromPeer(Lease(seqs=seqs, kept=kept)):
+                    role.renew(seqs, kept)
             return []
         except Exception as exc:
             return self._failed(job, exc)

@@ -13,7 +13,7 @@ from typing import Any
 
 import zmq
 
-from exoctl.wire.instance_messages import Forward, InstanceMessage, Lease, Release, SeqError, Tokens
+from exoctl.wire.instance_messages import Forget, Forward, InstanceMessage, Lease, Release, SeqError, Tokens
 from exoctl.wire.messages import Delta, Done, ErrorReply, frames
 
 
@@ -41,7 +41,7 @@ class ToPeer:
     """A message to another runner of the instance, by its node's address."""
 
     address: str
-    message: Forward | Tokens | Release | SeqError | Lease
+    message: Forward | Tokens | Release | Forget | SeqError | Lease
 
     def frames(self) -> list[Any]:
         return self.message.frames()

@@ -20,6 +20,7 @@ import zmq.utils.monitor
 from exoctl.keys import ClusterKeys
 from exoctl.transport import secure_client
 from exoctl.wire.messages import ErrorReply, Ping, Pong, WireMessage, frames
+from exoctl.worker.node_memory import Room
 
 log = logging.getLogger("exoctl.worker")
 
@@ -43,6 +44,7 @@ class Peers:
         self.monitors: dict[str, zmq.Socket[Any]] = {}  # address -> its DEALER's connection events
         self.connected: dict[str, bool] = {}
         self.used: dict[str, float] = {}  # address -> when a message was last sent to it
+        self.rooms: dict[str, Room] = {}  # address -> its memory, as its last pong said
 
     def socket(self, address: str) -> zmq.Socket[Any]:
         sock = self.sockets.get(address)
@@ -82,7 +84,7 @@ class Peers:
             monitor = self.monitors.pop(address, None)
             if monitor is not None:
                 monitor.close(0)
-            for table in (self.seen, self.boot, self.connected, self.used):
+            for table in (self.seen, self.boot, self.connected, self.used, self.rooms):
                 table.pop(address, None)
         return gone
 
@@ -96,6 +98,7 @@ class Peers:
         self.seen[address] = now
         match message:
             case Pong(profile):
+                self.rooms[address] = Room(profile.ram_available, profile.ram_total)
                 previous = self.boot.setdefault(address, profile.boot_id)
                 if previous != profile.boot_id:
                     self.boot[address] = profile.boot_id

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -15,7 +16,15 @@ import torch
 from exoctl.engine.logprobs import token_logprob
 from exoctl.engine.model import CausalLM, load_model
 from exoctl.engine.sampling import Sampler
-from exoctl.wire.instance_messages import Forward, ForwardStep, LogprobWire, SeqError, SequenceStart, Tokens
+from exoctl.wire.instance_messages import (
+    Forward,
+    ForwardStep,
+    LogprobWire,
+    Reuse,
+    SeqError,
+    SequenceStart,
+    Tokens,
+)
 from exoctl.wire.runner_spec import RunnerSpec
 from exoctl.wire.sampling_params import SamplingParams
 from exoctl.worker.outbox import Out, ToPeer
@@ -122,11 +131,13 @@ class PipelineStage(Stage):
         spec = self.spec
         return load_model(folder, (spec.start_layer, spec.end_layer), spec.dtype, on_layer=progress)
 
-    def admit(self, seq: str, params: SamplingParams, prompt: list[int]) -> SequenceStart:
-        return self.onward.admit(seq, params, prompt)
+    def admit(
+        self, seq: str, params: SamplingParams, prompt: list[int], reuse: Reuse | None
+    ) -> SequenceStart:
+        return replace(self.onward.admit(seq, params, prompt), reuse=reuse)
 
     def step(self, step: ForwardStep, ids: torch.Tensor) -> list[Out]:
-        return self.onward.finish(step, self.run(step.seqs, ids, step.starts))
+        return self.onward.finish(step, self.run(step, ids))
 
     def forward(self, message: Forward) -> list[Out]:
         """A middle or last stage: run this range on the hidden states from the previous stage."""
@@ -136,7 +147,7 @@ class PipelineStage(Stage):
             if seq not in self.caches:
                 self.onward.first_step(seq, step.first_of(seq))
         hidden = to_tensor(message.tensor)
-        return self.onward.finish(step, self.run(step.seqs, hidden, step.starts))
+        return self.onward.finish(step, self.run(step, hidden))
 
     def batch_size(self, sequences: int) -> int:
         # one micro-batch per stage keeps every stage of the pipeline busy: with all sequences in
@@ -151,9 +162,9 @@ class PipelineStage(Stage):
             self.onward.release(seq)
         super().free()
 
-    def release(self, seq: str) -> None:
+    def release(self, seq: str, keep: int | None = None) -> None:
         self.onward.release(seq)
-        super().release(seq)
+        super().release(seq, keep)
 
     def held(self) -> set[str]:
         return super().held() | self.onward.held()

@@ -27,7 +27,7 @@ from exoctl.errors import ExoctlError
 from exoctl.transport import secure_server, start_authenticator
 from exoctl.wire import protocol
 from exoctl.wire.generate_request import GenerateRequest
-from exoctl.wire.instance_messages import Forward, Lease, Release, SeqError, StepRefused, Tokens
+from exoctl.wire.instance_messages import Forget, Forward, Lease, Release, SeqError, StepRefused, Tokens
 from exoctl.wire.messages import (
     WORKER_TAKES,
     Alive,
@@ -62,6 +62,7 @@ from exoctl.worker.lane import CancelJob, FromPeer, GenerateJob
 from exoctl.worker.lease_clock import LEASE_S, LeaseClock
 from exoctl.worker.loader import start_loading
 from exoctl.worker.model_access import check_reference
+from exoctl.worker.node_memory import NodeMemory
 from exoctl.worker.options import WorkerOptions, check_bind
 from exoctl.worker.outbox import FailInstance, Out, Outbox, ToClient, ToPeer
 from exoctl.worker.peers import DOWN_AFTER_S, HEARTBEAT_S, SILENT_AFTER_S, Peers
@@ -103,7 +104,9 @@ class Worker:
         self.downloads = Downloads(self.name, options.model_dirs)
         self.history = EventLog()  # the supervisor's record
         self.profiler = NodeProfiler(self.name, options.device, uuid.uuid4().hex)
-        self.held = HeldInstances(self.name, options.max_batch, self.meeting, self.outbox)
+        # a head reads its nodes' free memory from here (its own now, its peers' from their pongs)
+        memory = NodeMemory(self.address, self.peers.rooms.get)
+        self.held = HeldInstances(self.name, options.max_batch, self.meeting, self.outbox, memory)
         self.leases = LeaseClock()  # when each stage here last heard its head name the live sequences
         self.requests = RunningRequests()  # the requests this node heads, while they run
         self.stopping = False
@@ -247,7 +250,7 @@ class Worker:
             case Shutdown():
                 self._reply(client, reply_to, Ok())
                 self.stopping = True
-            case Forward() | Tokens() | Release() | SeqError() | Lease():  # another runner's
+            case Forward() | Tokens() | Release() | Forget() | SeqError() | Lease():  # another runner's
                 self._from_peer(message)
             case TensorHello():
                 holder = self.held.runners.get(message.instance_id)
@@ -271,7 +274,7 @@ class Worker:
         self.requests.start(request.request_id, client, spec.instance_id)
         self.held.put(spec.instance_id, GenerateJob(client, request))
 
-    def _from_peer(self, message: Forward | Tokens | Release | SeqError | Lease) -> None:
+    def _from_peer(self, message: Forward | Tokens | Release | Forget | SeqError | Lease) -> None:
         """A message between runners, checked and queued on its instance's lane."""
         instance_id = message.instance_id
         if instance_id in self.held.failures:

@@ -1,10 +1,14 @@
 """A stage: the part of one instance's compute that lives on this node — its layers, and the KV
 cache of every sequence that passed through them.
 
-`Stage` is the one interface the head drives (`admit`, `step`, `release`) and the lane feeds
-(`forward` from another runner, `renew`); `PipelineStage` and `TensorRank` are its two kinds. A
+`Stage` is the one interface the head drives (`admit`, `step`, `release`, `forget`) and the lane
+feeds (`forward` from another runner, `renew`); `PipelineStage` and `TensorRank` are its two kinds. A
 stage computes only: each method returns the messages to send (`outbox`), and what it has to say
 to the head it sends by the route it was built with (`to_head`), never by calling into the head.
+
+Beside the live sequences' caches a stage keeps cached prefixes (`PrefixStore`): a sequence's first
+step may say to start from a copy of one (`SequenceStart.reuse`), and a release may say to keep the
+sequence's cache as one. What is kept and reused is the head's word, the same on every runner.
 """
 
 from __future__ import annotations
@@ -23,12 +27,13 @@ from exoctl.engine.mixtral import SparseMoE
 from exoctl.engine.model import CausalLM, held_in_float_note
 from exoctl.engine.weights import trim_heap
 from exoctl.errors import ExoctlError
-from exoctl.wire.instance_messages import Forward, ForwardStep, SeqError, SequenceStart, Tokens
+from exoctl.wire.instance_messages import Forward, ForwardStep, Reuse, SeqError, SequenceStart, Tokens
 from exoctl.wire.runner_report import ExpertLoad, Failure, RunnerReport, RunnerStatus
 from exoctl.wire.runner_spec import RunnerSpec
 from exoctl.wire.sampling_params import SamplingParams
 from exoctl.worker.loader import LoadCancelled
 from exoctl.worker.outbox import Out
+from exoctl.worker.prefix_store import PrefixStore
 from exoctl.worker.steps import check_room
 
 log = logging.getLogger("exoctl.worker")
@@ -59,6 +64,7 @@ class Stage(ABC):
         self.model: CausalLM | None = None
         self.note: str | None = None  # what the load kept other than asked (held_in_float_note)
         self.caches: dict[str, KVCache] = {}
+        self.prefixes = PrefixStore(self.node, spec.prefix_bytes)
         self.unloading = False
         self.leased: set[str] = set()  # sequences held here when the head last said which live
         self.decoded = 0  # decode positions computed here, and the time they took
@@ -69,9 +75,11 @@ class Stage(ABC):
     # --- what each kind does -----------------------------------------------------------------
 
     @abstractmethod
-    def admit(self, seq: str, params: SamplingParams, prompt: list[int]) -> SequenceStart:
-        """Head: set up sampling for a new sequence; how the runner that samples it does (sent
-        with its first step)."""
+    def admit(
+        self, seq: str, params: SamplingParams, prompt: list[int], reuse: Reuse | None
+    ) -> SequenceStart:
+        """Head: set up sampling for a new sequence; what every runner needs of it (how to sample
+        it, the cached prefix it starts from), sent with its first step."""
 
     @abstractmethod
     def step(self, step: ForwardStep, ids: torch.Tensor) -> list[Out]:
@@ -138,6 +146,7 @@ class Stage(ABC):
         self.unloading = True
         self.model = None
         self.caches.clear()
+        self.prefixes.clear()
         release_memory()
 
     def close(self) -> None:  # noqa: B027  (a pipeline stage has nothing to close)
@@ -148,7 +157,8 @@ class Stage(ABC):
         model = self.model
         if model is None:
             return 0
-        return model.weight_bytes() + sum(c.nbytes for c in list(self.caches.values()))
+        live = sum(c.nbytes for c in list(self.caches.values()))
+        return model.weight_bytes() + live + self.prefixes.nbytes
 
     @property
     def tokens_per_s(self) -> float:
@@ -178,6 +188,7 @@ class Stage(ABC):
             active_sequences=len(self.caches),
             experts=self.experts(),
             note=self.note,
+            prefix=self.prefixes.report(),
         )
 
     def experts(self) -> tuple[ExpertLoad, ...]:
@@ -213,17 +224,18 @@ class Stage(ABC):
         cache = self.caches.get(seq)
         return 0 if cache is None else cache.length
 
-    def run(self, seqs: list[str], inputs: torch.Tensor, starts: list[int]) -> torch.Tensor:
+    def run(self, step: ForwardStep, inputs: torch.Tensor) -> torch.Tensor:
         """These layers on B sequences: inputs [B, T] ids or [B, T, D] hidden, each at its own start."""
         model = self._model()
+        seqs, starts = step.seqs, step.starts
         count = inputs.shape[1]
         self._check_room(seqs, starts, count)
+        opened = {seq: self._open(step, seq, count) for seq in seqs if seq not in self.caches}
         for seq, start in zip(seqs, starts, strict=True):
-            if self.position(seq) != start:
-                raise ExoctlError(f"sequence {seq} is at position {self.position(seq)} here, not {start}")
-        for seq in seqs:
-            if seq not in self.caches:
-                self.caches[seq] = model.new_cache()
+            held = opened[seq].length if seq in opened else self.position(seq)
+            if held != start:
+                raise ExoctlError(f"sequence {seq} is at position {held} here, not {start}")
+        self.caches.update(opened)
         caches = [self.caches[seq] for seq in seqs]
         positions = torch.tensor(starts)[:, None] + torch.arange(count)[None, :]  # [B, T]
         began = time.perf_counter()
@@ -232,6 +244,14 @@ class Stage(ABC):
             self.decoded += len(seqs)
             self.compute_s += time.perf_counter() - began
         return out
+
+    def _open(self, step: ForwardStep, seq: str, count: int) -> KVCache:
+        """The cache of a sequence new here: empty, or a copy of the cached prefix its first step
+        names (with room for this step's `count` positions)."""
+        start = step.first.get(seq)
+        if start is None or start.reuse is None:
+            return self._model().new_cache()
+        return self.prefixes.reuse(start.reuse, self.caches, count)
 
     def _check_room(self, seqs: list[str], starts: list[int], count: int) -> None:
         new = sum(1 for seq in seqs if seq not in self.caches)
@@ -247,18 +267,26 @@ class Stage(ABC):
 
     # --- sequences ---------------------------------------------------------------------------
 
-    def release(self, seq: str) -> None:
-        self.caches.pop(seq, None)
+    def release(self, seq: str, keep: int | None = None) -> None:
+        """Free a sequence; or keep its first `keep` positions as a cached prefix of its name."""
+        cache = self.caches.pop(seq, None)
+        if keep is not None and cache is not None:
+            self.prefixes.keep(seq, cache, keep)
+
+    def forget(self, entries: tuple[str, ...]) -> None:
+        self.prefixes.forget(entries)
 
     def held(self) -> set[str]:
         """The sequences this stage holds any state of."""
         return set(self.caches)
 
-    def renew(self, live: tuple[str, ...]) -> None:
-        """Not the head: the head's word on which sequences live. One held here at its last word and
-        not named in this one is freed: the head never knew it, or its `release` was lost. (One
-        that came since the last word waits for the next, so a word overtaken by a new sequence's
-        first step frees nothing.)"""
+    def renew(self, live: tuple[str, ...], kept: tuple[str, ...]) -> None:
+        """Not the head: the head's word on which sequences live and which cached prefixes it keeps.
+        A sequence held here at its last word and not named in this one is freed: the head never
+        knew it, or its `release` was lost. (One that came since the last word waits for the next,
+        so a word overtaken by a new sequence's first step frees nothing.) A cached prefix it does
+        not name is freed at once: its `release` and this word travel the same way, in order."""
         for seq in self.leased - set(live):
             self.release(seq)
         self.leased = self.held()
+        self.prefixes.retain(kept)

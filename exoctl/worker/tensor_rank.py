@@ -27,7 +27,7 @@ from exoctl.engine.model import CausalLM, load_model
 from exoctl.engine.parallel_sampling import RankSampler, choose_tokens, rank_logprobs
 from exoctl.engine.shard import TensorShard
 from exoctl.errors import CollectiveError, ExoctlError
-from exoctl.wire.instance_messages import Forward, ForwardStep, LogprobWire, SequenceStart, Tokens
+from exoctl.wire.instance_messages import Forward, ForwardStep, LogprobWire, Reuse, SequenceStart, Tokens
 from exoctl.wire.runner_report import Failure, RunnerReport, RunnerStatus
 from exoctl.wire.runner_spec import RunnerSpec
 from exoctl.wire.sampling_params import SamplingParams
@@ -100,9 +100,9 @@ class TensorRank(Stage):
     def close(self) -> None:
         self.collective.close()
 
-    def release(self, seq: str) -> None:
+    def release(self, seq: str, keep: int | None = None) -> None:
         self.rank_samplers.pop(seq, None)
-        super().release(seq)
+        super().release(seq, keep)
 
     def held(self) -> set[str]:
         return super().held() | set(self.rank_samplers)
@@ -120,11 +120,17 @@ class TensorRank(Stage):
 
     # --- compute ---------------------------------------------------------------------------
 
-    def admit(self, seq: str, params: SamplingParams, prompt: list[int]) -> SequenceStart:
+    def admit(
+        self, seq: str, params: SamplingParams, prompt: list[int], reuse: Reuse | None
+    ) -> SequenceStart:
         # every rank needs the same seed for the draws they share: pick one if the request has none
         seed = params.seed if params.seed is not None else secrets.randbits(62)
-        self.rank_samplers[seq] = RankSampler.create(params, seed, self.spec.rank)
-        return SequenceStart(replace(params, seed=seed))
+        sampler = self.rank_samplers[seq] = RankSampler.create(params, seed, self.spec.rank)
+        # a reused prefix's ids pass no rank's step: a repetition penalty reads them from here
+        reused = tuple(prompt[: reuse.positions]) if reuse is not None else ()
+        sampler.saw_prompt(list(reused))
+        penalized = reused if params.repetition_penalty != 1 else ()
+        return SequenceStart(replace(params, seed=seed), penalized, reuse)
 
     def batch_size(self, sequences: int) -> int:
         return self.max_batch  # no pipeline to keep busy: every sequence in one step
@@ -153,7 +159,7 @@ class TensorRank(Stage):
         for row, seq in enumerate(seqs):  # a prompt's ids, for its repetition penalty
             self.rank_samplers[seq].saw_prompt(inputs[row].tolist())
         waited = self.collective.busy_s
-        out = self.run(seqs, inputs, step.starts)
+        out = self.run(step, inputs)
         if step.partial:
             return None
         logits = out[:, -1]  # [B, V / k]
@@ -177,7 +183,8 @@ class TensorRank(Stage):
             sampling = step.first_of(seq).params
             if sampling.seed is None:
                 raise ExoctlError(f"sequence {seq} is unknown here and its first message has no seed")
-            self.rank_samplers[seq] = RankSampler.create(sampling, sampling.seed, self.spec.rank)
+            sampler = self.rank_samplers[seq] = RankSampler.create(sampling, sampling.seed, self.spec.rank)
+            sampler.saw_prompt(list(step.first_of(seq).prompt_ids))
         self._tokens_of(step, to_tensor(message.tensor))
         return []
 
