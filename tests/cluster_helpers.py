@@ -295,5 +295,8 @@ def load_header(**changes: Any) -> bytes:
         "rank": 0,
         "world": 1,
         "peers": [["node1", "127.0.0.11:1"]],
+        "prefix_positions": 0,
+        "prefix_bytes": 0,
+        "position_bytes": [],
     }
     return header("load", **{**fields, **changes})

@@ -353,7 +353,13 @@ def test_run_cli_variants(cluster4: WorkerCluster, tiny_models: dict[str, Path])
         assert raw.returncode == 0, raw.stderr
         doc = json.loads(raw.stdout)
         assert doc["text"].strip().startswith("Paris")
-        assert doc["usage"] == {"prompt_tokens": 5, "completion_tokens": 6}
+        assert doc["usage"] == {
+            "prompt_tokens": 5,
+            "completion_tokens": 6,
+            "prompt_tokens_details": {
+                "cached_tokens": doc["usage"]["prompt_tokens_details"]["cached_tokens"]
+            },
+        }
         assert len(doc["token_ids"]) == 6 and doc["finish_reason"] == "length"
         assert set(doc["timings"]) == {"time_to_first_token_s", "total_s", "decode_tokens_per_s"}
         streamed = cluster4.cli("run", "What is the capital of France?")

@@ -124,7 +124,16 @@ def test_an_instance_document_is_read_back_or_refused_naming_the_fault() -> None
     def read(instance: dict[str, Any], nodes: list[NodeStatus] = statuses) -> Placement:
         return planned_placement(instance, nodes, lambda m: (get_card(m), m))[2]
 
-    assert read(doc) == placement
+    from dataclasses import replace
+
+    from exoctl.placement.pipeline import PREFIX_CACHE_TOKENS, kv_position_bytes
+
+    def budgeted(shard: Shard) -> Shard:  # what `place` reserves for cached prefixes by default
+        position = shard.n_layers * kv_position_bytes(card, "bfloat16")
+        return replace(shard, prefix_bytes=position * PREFIX_CACHE_TOKENS, position_bytes=position)
+
+    assert read(doc) == replace(placement, shards=tuple(budgeted(s) for s in placement.shards))
+    assert read(doc).prefix_positions == PREFIX_CACHE_TOKENS
     assert planned_placement(doc, statuses, lambda m: (get_card(m), m))[3] == uid
     body = doc["CpuRingInstance"]
     shards = body["shardAssignments"]["runnerToShard"]

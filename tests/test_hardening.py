@@ -210,7 +210,13 @@ def test_a_nan_budget_is_an_error_for_its_request(
     cluster2: WorkerCluster, node1: zmq.Socket[Any], tiny_models: dict[str, Path]
 ) -> None:
     with placed(cluster2, tiny_models["llama"], 1) as instance_id:
-        fields = {"instance_id": instance_id, "messages": None, "prompt": "hi", "chat": None}
+        fields = {
+            "instance_id": instance_id,
+            "messages": None,
+            "prompt": "hi",
+            "chat": None,
+            "cache_prompt": True,
+        }
         node1.send_multipart([header("generate", **fields, request_id="r1", params={"max_tokens": math.nan})])
         deadline = time.monotonic() + 10
         reply: dict[str, Any] = {}

@@ -30,7 +30,7 @@ from exoctl.worker.instance import InstanceRunner, build_instance
 from exoctl.worker.node_memory import MIN_FREE_BYTES, Room
 from exoctl.worker.outbox import ToClient, ToSelf
 from exoctl.worker.prefix_index import common_prefix
-from tests.cluster_helpers import WorkerCluster, tiny_cluster
+from tests.cluster_helpers import WorkerCluster, header, raw_socket, tiny_cluster, wait_for
 
 FIRST = "The capital of France is"
 # shares FIRST's tokens, then goes on: what the next turn of a conversation looks like
@@ -301,8 +301,12 @@ def test_a_tiny_budget_from_place_keeps_every_runner_within_its_bytes(
         (instance,) = [next(iter(i.values())) for i in state["instances"].values()]
         assert instance["prefixCache"]["evictions"] >= 1
         assert instance["prefixCache"]["budgetPositions"] == placed["prefix_cache_positions"]
-        table = cluster.cli("state")
-        assert "cached prefixes" in table.stdout and " / 20 KB" not in table.stdout  # sizes in MB
+        table = cluster.cli("state").stdout
+        assert "cached prefixes" in table
+        # the head's row: how many of the 5 requests reused a prefix (the last repeats the first's
+        # text, so it reused what the budget kept of it or nothing), and what was evicted
+        head = instance["prefixCache"]
+        assert f"{head['hits']} of 5 requests, {head['evictions']} evicted" in table
     finally:
         cluster.cli("delete", placed["instance_id"])
 
@@ -345,3 +349,30 @@ def test_run_tells_how_many_prompt_tokens_were_cached(
         assert RunnerStatus.READY.value in json.dumps(cluster.cli_json("state")["runners"])
     finally:
         cluster.cli("delete", placed["instance_id"])
+
+
+def test_a_follower_that_lost_an_entry_costs_the_request_nothing(
+    cluster: WorkerCluster, tiny_models: dict[str, Path]
+) -> None:
+    """node2 forgets its cached prefixes behind its head's back (a lease naming none, as a lost
+    word would leave it): the request that reuses one there runs again without it, to the same
+    tokens, and the head forgets the entry everywhere."""
+    with cluster.client() as client:
+        instance_id = place(client, tiny_models["llama"], "pipeline", 2)
+        try:
+            generate(client, instance_id, FIRST, GREEDY)
+            assert wait_for(lambda: [r.prefix.entries for r in runners(client, instance_id)] == [1, 1], 5)
+            ctx, node2 = raw_socket(cluster, "node2")
+            try:
+                node2.send_multipart([header("lease", instance_id=instance_id, seqs=[], kept=[])])
+                assert wait_for(lambda: [r.prefix.entries for r in runners(client, instance_id)] == [1, 0], 5)
+            finally:
+                ctx.destroy(linger=0)
+            result = generate(client, instance_id, LONGER, GREEDY)
+            assert result.cached_tokens == 0  # run again from the start, on every stage
+            assert result.token_ids == generate(client, instance_id, LONGER, GREEDY, cache=False).token_ids
+            head = runners(client, instance_id)[0].head_prefix
+            assert head is not None and head.hits == 1  # it matched, then went without
+            assert "running it again without the cached prefix" in cluster.log("node1")
+        finally:
+            client.unload(instance_id)

@@ -204,6 +204,7 @@ def test_every_message_between_runners_decodes_to_its_type_and_back() -> None:
         Release("i", "a", keep=17),
         Forget("i", ("a", "b")),
         SeqError("i", ("a",), "sampling failed"),
+        SeqError("i", ("a", "c"), "node b holds nothing of cached prefix x", missing=("x",)),
         Lease("i", ("a", "b")),
         Lease("i", ("a",), kept=("b", "c")),
     ]

@@ -179,16 +179,24 @@ class Forget:
 
 @dataclass(frozen=True)
 class SeqError:
-    """Sequences that failed on a stage, with why: the head ends them and tells their clients."""
+    """Sequences that failed on a stage, with why: the head ends them and tells their clients; or,
+    where the stage lacked the cached prefixes they reuse (`missing`), forgets those and runs the
+    sequences again without them."""
 
     KIND: ClassVar[str] = "seq_error"
 
     instance_id: str
     seqs: tuple[str, ...]
     message: str
+    missing: tuple[str, ...] = ()
 
     def frames(self) -> list[Any]:
-        fields = {"instance_id": self.instance_id, "seqs": list(self.seqs), "message": self.message}
+        fields = {
+            "instance_id": self.instance_id,
+            "seqs": list(self.seqs),
+            "message": self.message,
+            "missing": list(self.missing),
+        }
         return protocol.encode(self.KIND, fields)
 
 
@@ -302,6 +310,6 @@ DECODERS: dict[str, Callable[[Message], InstanceMessage]] = {
     Tokens.KIND: _tokens,
     Release.KIND: _release,
     Forget.KIND: lambda m: Forget(m["instance_id"], _seq_ids(m, "entries")),
-    SeqError.KIND: lambda m: SeqError(m["instance_id"], _seq_ids(m), m["message"]),
+    SeqError.KIND: lambda m: SeqError(m["instance_id"], _seq_ids(m), m["message"], _seq_ids(m, "missing")),
     Lease.KIND: lambda m: Lease(m["instance_id"], _seq_ids(m), _seq_ids(m, "kept")),
 }

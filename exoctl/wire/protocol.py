@@ -87,7 +87,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "release": {"instance_id": str, "seq": str, "keep": (int, type(None))},
     # cached prefixes the head no longer holds
     "forget": {"instance_id": str, "entries": list},
-    "seq_error": {"instance_id": str, "seqs": list, "message": str},
+    # `missing`: the cached prefixes the stage lacked (the head runs the sequences again without)
+    "seq_error": {"instance_id": str, "seqs": list, "message": str, "missing": list},
     # the head's word on which sequences live and which cached prefixes it keeps, every few
     # seconds: the others free the rest
     "lease": {"instance_id": str, "seqs": list, "kept": list},

@@ -59,6 +59,7 @@ class HeadSequence:
     request_id: str
     client: bytes
     stream: SequenceStream
+    request: GenerateRequest
     prompt_ids: list[int]
     caches: bool = True  # its KV may be kept as a cached prefix when it ends (`cache_prompt`)
     pinned: str | None = None  # the cached prefix its first step copies, until its first token
@@ -120,8 +121,9 @@ class Head:
 
     # --- requests ----------------------------------------------------------------------------
 
-    def start(self, request: GenerateRequest, client: bytes) -> list[Out]:
-        """A new request: tokenise, check, prefill."""
+    def start(self, request: GenerateRequest, client: bytes, reuse_cached: bool = True) -> list[Out]:
+        """A new request: tokenise, check, prefill (after the cached prefix it reuses, unless
+        `reuse_cached` is off: a sequence run again because a runner lacked its prefix)."""
         tokenizer = self.tokenizer
         assert tokenizer is not None
         request_id = request.request_id
@@ -135,14 +137,14 @@ class Head:
         context = self.stage.context
         check_prompt(ids, context)
         relieved = self._relieve(min(len(ids) + request.params.max_tokens, context))
-        reuse = self._reuse(ids) if request.cache_prompt else None
+        reuse = self._reuse(ids) if request.cache_prompt and reuse_cached else None
         cached = reuse.positions if reuse is not None else 0
         stream = SequenceStream(
             tokenizer, request.params, len(ids), context, special=chat.special, cached_tokens=cached
         )
         pinned = reuse.entry if reuse is not None else None
         self.sequences[request_id] = HeadSequence(
-            request_id, client, stream, ids, request.cache_prompt, pinned
+            request_id, client, stream, request, ids, request.cache_prompt, pinned
         )
         self.prompts[request_id] = ids
         return relieved + self.prefill(request_id, self.stage.admit(request_id, request.params, ids, reuse))
@@ -176,8 +178,12 @@ class Head:
         match = self.prefixes.match(ids)
         if match is None:
             return None
+        reuse = Reuse(match.entry, match.positions)
+        if not self.stage.prefixes.holds(reuse):  # never so unless a keep was refused: forget it
+            self.stage.forget(self.prefixes.drop(match.entry))
+            return None
         self.prefixes.pin(match.entry)
-        return Reuse(match.entry, match.positions)
+        return reuse
 
     def prefill(self, seq: str, first: SequenceStart | None = None) -> list[Out]:
         """The next PREFILL_STEP positions of a prompt (after the cached prefix it reuses). A
@@ -296,9 +302,13 @@ class Head:
         """The head forgets its own entries; a word from elsewhere is moot."""
         return []
 
-    def abort(self, seqs: tuple[str, ...], message: str) -> list[Out]:
-        """These sequences failed (here or on a stage): tell their clients, free them everywhere."""
+    def abort(self, seqs: tuple[str, ...], message: str, missing: tuple[str, ...] = ()) -> list[Out]:
+        """These sequences failed (here or on a stage): tell their clients, free them everywhere. A
+        stage that lacked the cached prefixes they reuse (`missing`, a lost word of the head's): the
+        entries are forgotten everywhere, and a sequence with no token yet runs again without."""
         outs: list[Out] = []
+        if missing:
+            outs, seqs = self._run_again(seqs, message, missing)
         for seq in seqs:
             head = self.sequences.get(seq)
             released = self.release(seq)
@@ -307,9 +317,28 @@ class Head:
             outs += released
         return outs
 
-    def failed(self, seqs: tuple[str, ...], message: str) -> list[Out]:
+    def _run_again(
+        self, seqs: tuple[str, ...], message: str, missing: tuple[str, ...]
+    ) -> tuple[list[Out], tuple[str, ...]]:
+        """Forget the `missing` entries everywhere and start again, without a cached prefix, the
+        sequences that have no token yet (their client has seen nothing); the others, to abort."""
+        outs: list[Out] = []
+        for entry in missing:
+            outs += self._forget(self.prefixes.drop(entry))
+        rest = []
+        for seq in seqs:
+            head = self.sequences.get(seq)
+            if head is None or head.stream.token_ids:
+                rest.append(seq)
+                continue
+            log.warning("sequence %s: %s; running it again without the cached prefix", seq, message)
+            outs += self._end(seq, keep=False)
+            outs += self.start(head.request, head.client, reuse_cached=False)
+        return outs, tuple(rest)
+
+    def failed(self, seqs: tuple[str, ...], message: str, missing: tuple[str, ...] = ()) -> list[Out]:
         """A job of this node's lane failed these sequences."""
-        return self.abort(seqs, message)
+        return self.abort(seqs, message, missing)
 
     def refused(self, seqs: tuple[str, ...], message: str) -> list[Out]:
         """A step refused at the socket: no runner of this instance sends the head a step."""
@@ -370,16 +399,17 @@ class Follower:
         self.stage.forget(entries)
         return []
 
-    def abort(self, seqs: tuple[str, ...], message: str) -> list[Out]:
+    def abort(self, seqs: tuple[str, ...], message: str, missing: tuple[str, ...] = ()) -> list[Out]:
         for seq in seqs:
             self.stage.release(seq)
         return []
 
-    def failed(self, seqs: tuple[str, ...], message: str) -> list[Out]:
-        """A job here failed these sequences: the head ends them and tells their clients."""
+    def failed(self, seqs: tuple[str, ...], message: str, missing: tuple[str, ...] = ()) -> list[Out]:
+        """A job here failed these sequences: the head ends them and tells their clients (or runs
+        them again, where what failed was a cached prefix missing here)."""
         if not seqs:
             return []
-        return [ToPeer(self.head_address, SeqError(self.instance_id, seqs, message))]
+        return [ToPeer(self.head_address, SeqError(self.instance_id, seqs, message, missing))]
 
     def refused(self, seqs: tuple[str, ...], message: str) -> list[Out]:
         return self.failed(seqs, message)

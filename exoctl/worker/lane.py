@@ -28,6 +28,7 @@ from exoctl.wire.instance_messages import (
     Tokens,
 )
 from exoctl.worker.outbox import FailInstance, Out, Outbox, Poster, ToSelf, client_error
+from exoctl.worker.prefix_store import PrefixMissingError
 
 if TYPE_CHECKING:
     from exoctl.worker.instance import InstanceRunner
@@ -159,8 +160,8 @@ class Lane:
                     return role.released(release)
                 case FromPeer(Forget(entries=entries)):
                     return role.forget(entries)
-                case FromPeer(SeqError(seqs=seqs, message=message)):
-                    return role.abort(seqs, message)
+                case FromPeer(SeqError(seqs=seqs, message=message, missing=missing)):
+                    return role.abort(seqs, message, missing)
                 case FromPeer(Lease(seqs=seqs, kept=kept)):
                     role.renew(seqs, kept)
             return []
@@ -184,7 +185,8 @@ class Lane:
             kind = type(exc).__name__ if isinstance(exc, ExoctlError) else "ExoctlError"
             outs = [client_error(job.client, request_id, text, hint, kind), *runner.role.release(request_id)]
         else:
-            outs = runner.role.failed(job_sequences(job), text)
+            missing = (exc.entry,) if isinstance(exc, PrefixMissingError) else ()
+            outs = runner.role.failed(job_sequences(job), text, missing)
         if runner.breaks_instance_on_error and not isinstance(exc, InvalidRequestError):
             outs.append(FailInstance(runner.spec.instance_id, text))
         return outs

@@ -142,6 +142,10 @@ class PrefixIndex:
         self.entries[name] = Entry(held, self._tick())
         return KeepDecision(True, (*covered, *evicted))
 
+    def drop(self, name: str) -> tuple[str, ...]:
+        """Forget an entry a runner lacks; what was forgotten (nothing if it was not held)."""
+        return (name,) if self.entries.pop(name, None) is not None else ()
+
     def evict(self, positions: int) -> tuple[str, ...]:
         """Free at least `positions` (memory pressure), least recently used first, pinned entries
         never; what was evicted."""

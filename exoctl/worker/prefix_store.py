@@ -17,6 +17,15 @@ from exoctl.wire.runner_report import PrefixReport
 DECODE_ROOM = 256
 
 
+class PrefixMissingError(ExoctlError):
+    """A step reuses a cached prefix this runner does not hold (a lost word from its head): the head
+    forgets the entry and runs the sequence again without it."""
+
+    def __init__(self, message: str, hint: str | None = None, entry: str = "") -> None:
+        super().__init__(message, hint)
+        self.entry = entry
+
+
 class PrefixStore:
     def __init__(self, node: str, budget_bytes: int) -> None:
         self.node = node
@@ -35,15 +44,20 @@ class PrefixStore:
         source = self.entries.get(reuse.entry) or live.get(reuse.entry)
         if source is None or source.length < reuse.positions:
             held = "nothing" if source is None else f"{source.length} positions"
-            raise ExoctlError(
+            raise PrefixMissingError(
                 f"node {self.node} holds {held} of cached prefix {reuse.entry}, "
                 f"not the {reuse.positions} positions the head reuses",
                 hint="send the request again (`cache_prompt: false` skips the cache)",
+                entry=reuse.entry,
             )
         copy = source.copy_prefix(reuse.positions, room + DECODE_ROOM)
         self.hits += 1
         self.reused_tokens += reuse.positions
         return copy
+
+    def holds(self, reuse: Reuse) -> bool:
+        entry = self.entries.get(reuse.entry)
+        return entry is not None and entry.length >= reuse.positions
 
     def keep(self, name: str, cache: KVCache, positions: int) -> None:
         """Keep an ended sequence's first `positions` positions under its name (replacing an
