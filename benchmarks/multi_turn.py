@@ -1,13 +1,14 @@
 """A conversation, turn by turn, against `exoctl serve` and llama.cpp's `llama-server` on the same
 GGUF file with the same threads, side by side in one run.
 
-    python benchmarks/multi_turn.py [--turns 10] [--turn-tokens 90] [--answer-tokens 48]
+    python benchmarks/multi_turn.py [--turns 10] [--turn-tokens 90] [--answer-tokens 48] [--repeat 3]
                                     [--workers 1,2] [--threads 2] [--system-tokens 2000] [--cache DIR]
 
 Each server answers the same user turns (about --turn-tokens tokens of new text each), greedy, at
 most --answer-tokens tokens, streamed over HTTP; its own answers go back into its history, and
 the whole history is sent every turn, as every chat client does. The time to first token is the
-client's: from the request to the first streamed text. exoctl runs SmolLM2's Q4_1 file (the
+client's: from the request to the first streamed text; each conversation runs --repeat times and
+each turn shows the median. exoctl runs SmolLM2's Q4_1 file (the
 embedded default, int4) on 1 local worker and on a 2-worker pipeline, with its cached prefixes
 and without (`cache_prompt: false`); llama-server runs the same file with `-t THREADS -np 1`,
 with its prompt cache (`cache_prompt`, on by default) and without.
@@ -111,12 +112,26 @@ def chat(
     return text, first if first is not None else time.perf_counter() - began, usage
 
 
-def conversation(base: str, model: str, args: argparse.Namespace, cache: bool) -> list[dict[str, Any]]:
-    """The same user turns every time (salted by turn only); each turn's TTFT and prompt size."""
+def conversations(base: str, model: str, args: argparse.Namespace, cache: bool) -> list[dict[str, Any]]:
+    """`--repeat` conversations, each turn's median TTFT (and its spread) and prompt size."""
+    import statistics
+
+    runs = [conversation(base, model, args, cache, salt) for salt in range(args.repeat)]
+    turns = []
+    for turn in range(args.turns):
+        times = [run[turn]["ttft_s"] for run in runs]
+        turns.append({**runs[0][turn], "ttft_s": statistics.median(times), "ttft_all_s": times})
+    return turns
+
+
+def conversation(
+    base: str, model: str, args: argparse.Namespace, cache: bool, salt: int = 0
+) -> list[dict[str, Any]]:
+    """The same user turns every time (salted by turn and `salt`); each turn's TTFT and prompt size."""
     messages: list[dict[str, str]] = []
     turns = []
     for turn in range(args.turns):
-        messages.append({"role": "user", "content": prompt_of(args.turn_tokens, 100 + turn)})
+        messages.append({"role": "user", "content": prompt_of(args.turn_tokens, 100 + turn + 1000 * salt)})
         text, ttft, usage = chat(base, model, messages, args.answer_tokens, cache)
         messages.append({"role": "assistant", "content": text})
         details = usage.get("prompt_tokens_details") or {}
@@ -256,6 +271,7 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=10)
     parser.add_argument("--turn-tokens", type=int, default=90)  # with the answer, ~140 a turn
     parser.add_argument("--answer-tokens", type=int, default=48)
+    parser.add_argument("--repeat", type=int, default=3, help="conversations of each kind (median per turn)")
     parser.add_argument("--workers", default="1,2")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--system-tokens", type=int, default=2000)
@@ -272,13 +288,13 @@ def main() -> None:
         name = f"exoctl {workers}w"
         with exoctl_server(workers, args.threads) as base:
             chat(base, "smollm2-135m-cpu", [{"role": "user", "content": "Hello"}], 4, False)  # warm up
-            runs[f"{name} cache"] = conversation(base, "smollm2-135m-cpu", args, True)
-            runs[f"{name} no cache"] = conversation(base, "smollm2-135m-cpu", args, False)
+            runs[f"{name} cache"] = conversations(base, "smollm2-135m-cpu", args, True)
+            runs[f"{name} no cache"] = conversations(base, "smollm2-135m-cpu", args, False)
             systems[name] = system_prompt(base, "smollm2-135m-cpu", args)
     with llama_server(bin_dir, model, args.threads) as base:
         chat(base, "smollm2", [{"role": "user", "content": "Hello"}], 4, False)
-        runs["llama-server cache"] = conversation(base, "smollm2", args, True)
-        runs["llama-server no cache"] = conversation(base, "smollm2", args, False)
+        runs["llama-server cache"] = conversations(base, "smollm2", args, True)
+        runs["llama-server no cache"] = conversations(base, "smollm2", args, False)
         systems["llama-server"] = system_prompt(base, "smollm2", args)
 
     names = list(runs)

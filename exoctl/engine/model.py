@@ -31,7 +31,7 @@ from exoctl.engine.config import ModelConfig, gguf_config, load_config
 from exoctl.engine.gguf_weights import GGUFWeightReader
 from exoctl.engine.kernel_calls import bf16_activations
 from exoctl.engine.kv_cache import KVCache
-from exoctl.engine.layers import DecoderLayer, Reduce, RMSNorm, Rotary
+from exoctl.engine.layers import DecoderLayer, Reduce, RMSNorm, Rotary, stacked_causal_mask
 from exoctl.engine.linear import AnyLinear, make_linear
 from exoctl.engine.shard import WHOLE, TensorShard
 from exoctl.engine.weights import WeightReader, WeightSource
@@ -136,8 +136,13 @@ class CausalLM:
             else inputs.to(self.dtype)
         )
         cos, sin = self.rotary(positions)
+        mask = None
+        steps = inputs.shape[1]
+        if steps > 1 and caches[0].length:  # one sequence's new positions after cached ones
+            groups = self.config.num_attention_heads // self.config.num_key_value_heads
+            mask = stacked_causal_mask(caches[0].length, steps, groups, self.dtype)  # every layer's
         for block in self.blocks:
-            h = block(h, cos, sin, caches)
+            h = block(h, cos, sin, caches, mask)
         if self.lm_head is None or self.norm is None or head == "none":
             return h
         if head == "last":
