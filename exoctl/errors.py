@@ -40,6 +40,15 @@ class CollectiveError(ExoctlError):
     a rank was waiting for one (the collective was aborted)."""
 
 
+class PrefixMissingError(ExoctlError):
+    """A step reuses a cached prefix its runner does not hold (a lost word from the head): the head
+    forgets the entry and runs the sequence again without it."""
+
+    def __init__(self, message: str, hint: str | None = None, entry: str = "") -> None:
+        super().__init__(message, hint)
+        self.entry = entry
+
+
 def error_class(name: str) -> type[ExoctlError]:
     """The error class a wire error names, so a client raises the kind the worker raised: one of
     the ExoctlError subclasses made from (message, hint); ExoctlError for any other name."""

@@ -59,9 +59,8 @@ class HeadSequence:
     request_id: str
     client: bytes
     stream: SequenceStream
-    request: GenerateRequest
+    request: GenerateRequest  # as asked (`cache_prompt`: its KV may be kept when it ends)
     prompt_ids: list[int]
-    caches: bool = True  # its KV may be kept as a cached prefix when it ends (`cache_prompt`)
     pinned: str | None = None  # the cached prefix its first step copies, until its first token
 
     def held_ids(self) -> list[int]:
@@ -143,9 +142,7 @@ class Head:
             tokenizer, request.params, len(ids), context, special=chat.special, cached_tokens=cached
         )
         pinned = reuse.entry if reuse is not None else None
-        self.sequences[request_id] = HeadSequence(
-            request_id, client, stream, request, ids, request.cache_prompt, pinned
-        )
+        self.sequences[request_id] = HeadSequence(request_id, client, stream, request, ids, pinned)
         self.prompts[request_id] = ids
         return relieved + self.prefill(request_id, self.stage.admit(request_id, request.params, ids, reuse))
 
@@ -273,7 +270,7 @@ class Head:
         self._unpin(head)
         kept: int | None = None
         forget: tuple[str, ...] = ()
-        if keep and head.caches and self.prefixes.enabled:
+        if keep and head.request.cache_prompt and self.prefixes.enabled:
             decision = self.prefixes.keep(seq, head.held_ids())
             kept, forget = (head.stream.next_position if decision.kept else None), decision.forget
         self.stage.release(seq, kept)

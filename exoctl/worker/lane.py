@@ -15,7 +15,7 @@ import traceback
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from exoctl.errors import CollectiveError, ExoctlError, InvalidRequestError
+from exoctl.errors import CollectiveError, ExoctlError, InvalidRequestError, PrefixMissingError
 from exoctl.wire.generate_request import GenerateRequest
 from exoctl.wire.instance_messages import (
     Forget,
@@ -28,7 +28,6 @@ from exoctl.wire.instance_messages import (
     Tokens,
 )
 from exoctl.worker.outbox import FailInstance, Out, Outbox, Poster, ToSelf, client_error
-from exoctl.worker.prefix_store import PrefixMissingError
 
 if TYPE_CHECKING:
     from exoctl.worker.instance import InstanceRunner

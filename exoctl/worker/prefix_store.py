@@ -8,22 +8,13 @@ hold the same entries; it counts what it did for the state (`PrefixReport`).
 from __future__ import annotations
 
 from exoctl.engine.kv_cache import KVCache
-from exoctl.errors import ExoctlError
+from exoctl.errors import PrefixMissingError
 from exoctl.wire.instance_messages import Reuse
 from exoctl.wire.runner_report import PrefixReport
 
 # Positions of room a reused cache gets beyond the step that follows (the answer's first tokens),
 # so decoding does not grow it by doubling at once.
 DECODE_ROOM = 256
-
-
-class PrefixMissingError(ExoctlError):
-    """A step reuses a cached prefix this runner does not hold (a lost word from its head): the head
-    forgets the entry and runs the sequence again without it."""
-
-    def __init__(self, message: str, hint: str | None = None, entry: str = "") -> None:
-        super().__init__(message, hint)
-        self.entry = entry
 
 
 class PrefixStore:
