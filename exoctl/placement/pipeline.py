@@ -150,9 +150,11 @@ class _Costs:
 
     def total(self, count: int, prefixes: list[int | None]) -> int:
         """All nodes together, with each node's budget for cached prefixes (None: the default)."""
-        default = sum(self.prefix_per_layer for _ in self.layers) * sum(p is None for p in prefixes)
         given = sum(p for p in prefixes if p is not None)
-        return sum(self.layers) + self.embed + self.head + count * self.overhead + given + default // count
+        # the nodes on the default hold their share of the layers, each with its per-layer budget
+        defaulted = sum(p is None for p in prefixes)
+        default = len(self.layers) * self.prefix_per_layer * defaulted // count
+        return sum(self.layers) + self.embed + self.head + count * self.overhead + given + default
 
     def ranges(self, counts: list[int], per_layer: list[int]) -> list[int]:
         """Bytes of each node's layers when nodes hold `counts` consecutive layers, each layer with
