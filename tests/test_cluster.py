@@ -578,7 +578,7 @@ def test_state_watch_refreshes_until_ctrl_c(cluster4: WorkerCluster) -> None:
 def test_bench_measures_prefill_decode_and_concurrency_with_their_spread(cluster4: WorkerCluster) -> None:
     cluster4.cli("delete", DEFAULT_MODEL_ID)  # so bench places it itself, on the nodes asked
     args = ("-p", "16,64", "-n", "16", "-c", "1,4", "-r", "2", "-t", "3", "--turn-tokens", "40")
-    args += ("--nodes", "2", "--sharding", "pipeline")
+    args += ("--nodes", "2", "--sharding", "pipeline", "--draft", "ngram")
     result = cluster4.cli_json("bench", DEFAULT_MODEL_ID, *args)
     assert (
         result["placed_by_bench"]
@@ -611,6 +611,14 @@ def test_bench_measures_prefill_decode_and_concurrency_with_their_spread(cluster
         for column in ("ttft_ms_cached", "ttft_ms_uncached"):
             assert len(turn[column]["values"]) == 2 and turn[column]["mean"] > 0
     assert set(conversation["last_over_first"]) == {"cached", "uncached"}
+    # placed with prompt lookup: decode with and without it, on a prompt that copies and one that does not
+    speculation = result["speculation"]
+    assert speculation["drafter"] == "ngram"
+    copy, free = speculation["prompts"]
+    assert (copy["prompt"], free["prompt"]) == ("copy", "free")
+    for row in (copy, free):
+        assert len(row["tokens_per_s_speculative"]["values"]) == 2 and row["tokens_per_s_plain"]["mean"] > 0
+    assert copy["acceptance"] > 0 and copy["tokens_per_pass"] > 1
     assert sorted(result["nodes"]) == sorted(result["nodes_in_instance"])
     for entry in result["nodes"].values():
         assert entry["compute_ms_per_token"] > 0 and entry["transport_ms_per_token"] >= 0

@@ -272,6 +272,8 @@ def place_routes(service: ClusterService) -> APIRouter:
             body.dtype,
             body.wait,
             body.prefix_cache_bytes(),
+            body.draft,
+            body.draft_dtype,
         )
         placement = chosen.placement
         doc = {

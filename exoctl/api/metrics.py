@@ -53,6 +53,25 @@ class NodeCollector(Collector):
             "cached prefixes an instance's head evicted for room or memory",
             labels=["model", "instance"],
         )
+        spec_labels = ["model", "instance", "drafter"]
+        spec_passes = CounterMetricFamily(
+            "exoctl_decode_passes",
+            "decode passes of an instance with a drafter (plain and verifying)",
+            labels=spec_labels,
+        )
+        spec_tokens = CounterMetricFamily(
+            "exoctl_decode_pass_tokens",
+            "tokens those decode passes gave (over passes: tokens per pass)",
+            labels=spec_labels,
+        )
+        drafted = CounterMetricFamily(
+            "exoctl_speculative_drafted_tokens",
+            "tokens a drafter guessed for verification",
+            labels=spec_labels,
+        )
+        accepted = CounterMetricFamily(
+            "exoctl_speculative_accepted_tokens", "guessed tokens the target accepted", labels=spec_labels
+        )
         for status in self.statuses():
             name = status.node.name
             up.add_metric([name], 1.0 if status.up else 0.0)
@@ -70,7 +89,14 @@ class NodeCollector(Collector):
                 if r.head_prefix is not None:
                     lookups.add_metric([r.model_id, r.instance_id], r.head_prefix.lookups)
                     evictions.add_metric([r.model_id, r.instance_id], r.head_prefix.evictions)
+                if r.speculation is not None:
+                    key = [r.model_id, r.instance_id, r.speculation.drafter]
+                    spec_passes.add_metric(key, r.speculation.passes)
+                    spec_tokens.add_metric(key, r.speculation.tokens)
+                    drafted.add_metric(key, r.speculation.drafted)
+                    accepted.add_metric(key, r.speculation.accepted)
         yield from (up, total, available, rss, runner, cached, budget, hits, reused, lookups, evictions)
+        yield from (spec_passes, spec_tokens, drafted, accepted)
 
 
 class Metrics:

@@ -193,7 +193,12 @@ class ChatCompletion:
                     self.tools = ToolStream(tool_format, self.body.tool_names(), prefix)
                 params = resolve_params(asked, view.sampling_defaults)
                 generation = cluster.generate(
-                    view, params, messages=messages, chat=options, cache_prompt=self.body.cache_prompt
+                    view,
+                    params,
+                    messages=messages,
+                    chat=options,
+                    cache_prompt=self.body.cache_prompt,
+                    speculative=self.body.speculative,
                 )
                 put(Started(view.model_id))
                 for text, logprobs in generation.deltas():

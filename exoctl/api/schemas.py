@@ -144,6 +144,8 @@ class ChatRequest(BaseModel):
     parallel_tool_calls: bool | None = None
     # llama.cpp's name: false reads the whole prompt again (no cached prefix reused or kept)
     cache_prompt: bool = True
+    # false decodes this request one token a step even where the instance drafts (speculative decoding)
+    speculative: bool = True
     # Not supported yet: refused with a 400 rather than answered in free text as if it were obeyed.
     response_format: dict[str, Any] | None = None
 
@@ -222,8 +224,11 @@ class PlaceRequest(BaseModel):
     wait: bool = True
     # GB each node gives cached prefixes (0: none); left out, each node's own (inventory) or default
     prefix_cache_gb: float | int | None = Field(default=None, ge=0)
+    # speculative decoding's drafter: none, ngram, auto, or a draft model (`exoctl place --draft`)
+    draft: str | None = Field(default=None, max_length=MAX_MODEL_CHARS)
+    draft_dtype: str = "auto"
 
-    @field_validator("dtype")
+    @field_validator("dtype", "draft_dtype")
     @classmethod
     def _dtype(cls, dtype: str) -> str:
         try:

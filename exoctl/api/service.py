@@ -31,6 +31,7 @@ from exoctl.errors import ExoctlError, ModelNotFoundError
 from exoctl.inventory import Inventory
 from exoctl.keys import ClusterKeys
 from exoctl.models.catalog import ModelCard, find_card, get_card, load_catalog
+from exoctl.models.drafts import choose_draft
 from exoctl.models.gguf.file import is_gguf_model
 from exoctl.models.store import allowed_roots, as_path, hub_reference, is_model_folder, resolve_card
 from exoctl.placement.pipeline import Placement, PlacementError, PlacementRequest
@@ -54,6 +55,8 @@ class LoadRecord:
     ref: str  # what was asked for: catalog id or folder, to place it again after a failure
     sharding: str = "auto"  # as asked (auto stays auto when it is placed again)
     prefix_cache_bytes: int | None = None  # as asked (None: each node's own budget)
+    draft: str | None = None  # speculative decoding's drafter, as asked (`models.drafts`)
+    draft_dtype: str = "auto"
     status: str = "loading"  # loading | ready | failed
     error: str = ""
     placement: Placement | None = None
@@ -185,6 +188,8 @@ class ClusterService:
         dtype: str,
         statuses: list[NodeStatus],
         prefix_cache_bytes: int | None = None,
+        draft: str | None = None,
+        draft_dtype: str = "auto",
     ) -> tuple[ModelCard, str, Plan]:
         kind = check_sharding(sharding)
         card, ref = self.reference(model_id)
@@ -194,6 +199,7 @@ class ClusterService:
                 nodes=nodes,
                 min_nodes=min_nodes,
                 prefix_cache_bytes=prefix_cache_bytes,
+                draft=choose_draft(card, draft, draft_dtype),
             )
             return card, ref, cluster.choose(card, request, statuses, kind)
 
@@ -206,14 +212,20 @@ class ClusterService:
         dtype: str,
         wait: bool,
         prefix_cache_bytes: int | None = None,
+        draft: str | None = None,
+        draft_dtype: str = "auto",
     ) -> tuple[str, Plan]:
-        """Plan and load; `prefix_cache_bytes` over each node's budget for cached prefixes."""
+        """Plan and load; `prefix_cache_bytes` over each node's budget for cached prefixes, `draft`
+        the head's drafter for speculative decoding."""
         statuses = self.statuses()
         card, ref, chosen = self.plan(
-            model_id, sharding, nodes, min_nodes, dtype, statuses, prefix_cache_bytes
+            model_id, sharding, nodes, min_nodes, dtype, statuses, prefix_cache_bytes, draft, draft_dtype
         )
         instance_id = str(uuid.uuid4())
         self.start_load(card, ref, sharding, chosen.placement, instance_id, wait, prefix_cache_bytes)
+        record = self.loads.get(instance_id)
+        if record is not None:
+            record.draft, record.draft_dtype = draft, draft_dtype
         return instance_id, chosen
 
     def start_load(

@@ -126,9 +126,10 @@ class Supervisor:
         # as it was asked: an auto placement is chosen afresh for the nodes that are left
         sharding = record.sharding if record is not None else view.sharding
         prefix = record.prefix_cache_bytes if record is not None else None
+        draft, draft_dtype = (record.draft, record.draft_dtype) if record is not None else (None, "auto")
         # an instance that was itself placed again smaller keeps the first ask
         asked = self.asked.pop(view.instance_id, None) or Asked(
-            model, sharding, len(view.nodes), view.dtype, prefix
+            model, sharding, len(view.nodes), view.dtype, prefix, draft, draft_dtype
         )
         self.reformed[view.instance_id] = None
         while len(self.reformed) > REFORMED_KEPT:
@@ -138,7 +139,15 @@ class Supervisor:
         event = new_event(view, "replaced", view.failure)
         try:
             new_id, chosen = self.service.place(
-                model, sharding, None, 1, view.dtype, True, asked.prefix_cache_bytes
+                model,
+                sharding,
+                None,
+                1,
+                view.dtype,
+                True,
+                asked.prefix_cache_bytes,
+                asked.draft,
+                asked.draft_dtype,
             )
             placement = chosen.placement
             event = replace(event, new_instance_id=new_id, nodes=tuple(placement.nodes))
@@ -168,7 +177,15 @@ class Supervisor:
 
         def place_asked() -> tuple[str, Placement]:
             new_id, chosen = self.service.place(
-                asked.model, asked.sharding, asked.nodes, 1, asked.dtype, True, asked.prefix_cache_bytes
+                asked.model,
+                asked.sharding,
+                asked.nodes,
+                1,
+                asked.dtype,
+                True,
+                asked.prefix_cache_bytes,
+                asked.draft,
+                asked.draft_dtype,
             )
             return new_id, chosen.placement
 
@@ -182,7 +199,15 @@ class Supervisor:
             except ExoctlError as exc:  # the smaller shape again, rather than nothing
                 self._record(replace(event, action="not restored", error=exc.message))
                 again, _ = self.service.place(
-                    asked.model, view.sharding, len(view.nodes), 1, view.dtype, True, asked.prefix_cache_bytes
+                    asked.model,
+                    view.sharding,
+                    len(view.nodes),
+                    1,
+                    view.dtype,
+                    True,
+                    asked.prefix_cache_bytes,
+                    asked.draft,
+                    asked.draft_dtype,
                 )
                 self.asked[again] = asked
                 self.restore_at[again] = time.monotonic() + self._flapped(asked)

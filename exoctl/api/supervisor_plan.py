@@ -22,6 +22,8 @@ class Asked:
     nodes: int
     dtype: str
     prefix_cache_bytes: int | None = None  # as asked (None: each node's own budget)
+    draft: str | None = None  # the drafter, as asked
+    draft_dtype: str = "auto"
 
 
 @dataclass(frozen=True)

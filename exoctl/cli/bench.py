@@ -76,6 +76,10 @@ def bench(
     ] = None,
     sharding: ShardingOption = "auto",
     dtype: DtypeOption = "auto",
+    draft: Annotated[
+        str, typer.Option("--draft", help="If it places the model: its drafter (see `place --draft`).")
+    ] = "none",
+    draft_dtype: Annotated[str, typer.Option("--draft-dtype", help="The draft model's dtype.")] = "auto",
     keep: Annotated[bool, typer.Option("--keep", help="Leave a model it placed loaded.")] = False,
     inventory: InventoryOption = None,
     json_output: JsonOption = False,
@@ -117,7 +121,7 @@ def bench(
         instance = find_instance(statuses, card.id)
         placed_here = instance is None
         if instance is None:
-            chosen = plan_for(cluster, statuses, card, dtype, sharding, nodes)
+            chosen = plan_for(cluster, statuses, card, dtype, sharding, nodes, 1, None, draft, draft_dtype)
             say(f"placing {card.id}: {chosen.reason}")
             progress = LoadProgress(enabled=not out.json)
             try:
@@ -207,4 +211,29 @@ def tables(result: dict[str, Any]) -> list[Table]:
                 _pm(row["ttft_ms_uncached"], 1),
             )
         tables_.append(turns)
+    speculation = result.get("speculation")
+    if speculation:
+        guessed = Table(
+            title=f"decode, 1 stream, with speculative decoding ({speculation['drafter']}) and without",
+            title_justify="left",
+        )
+        for column in (
+            "prompt",
+            "speculative tokens/s",
+            "plain tokens/s",
+            "speed-up",
+            "accepted",
+            "tokens/pass",
+        ):
+            guessed.add_column(column)
+        for row in speculation["prompts"]:
+            guessed.add_row(
+                row["prompt"],
+                _pm(row["tokens_per_s_speculative"]),
+                _pm(row["tokens_per_s_plain"]),
+                f"{row['speedup']:.2f}x",
+                f"{row['acceptance']:.0%}",
+                f"{row['tokens_per_pass']:.2f}",
+            )
+        tables_.append(guessed)
     return tables_

@@ -46,9 +46,13 @@ def plan_for(
     nodes: int | None = None,
     min_nodes: int = 1,
     prefix_cache_gb: float | None = None,
+    draft: str | None = None,
+    draft_dtype: str = "auto",
 ) -> Plan:
-    """Where `place` would put `card` on these nodes, and why (`auto` dtype resolved for them)."""
+    """Where `place` would put `card` on these nodes, and why (`auto` dtype resolved for them);
+    `draft`: speculative decoding's drafter (`models.drafts`)."""
     from exoctl.cluster.views import runtime_dtype
+    from exoctl.models.drafts import choose_draft
     from exoctl.placement.pipeline import GB, PlacementRequest
 
     request = PlacementRequest(
@@ -56,6 +60,7 @@ def plan_for(
         nodes=nodes,
         min_nodes=min_nodes,
         prefix_cache_bytes=None if prefix_cache_gb is None else int(prefix_cache_gb * GB),
+        draft=choose_draft(card, draft, draft_dtype),
     )
     return cluster.choose(card, request, statuses, sharding)
 

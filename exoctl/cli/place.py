@@ -19,6 +19,7 @@ from exoctl.cli.output import console, out
 from exoctl.cli.progress import LoadProgress
 from exoctl.cli.render import placement_json, placement_table
 from exoctl.errors import ExoctlError
+from exoctl.models.drafts import DRAFT_HELP
 from exoctl.placement.sharding import check_sharding
 
 if TYPE_CHECKING:
@@ -30,7 +31,8 @@ PLACE_HELP = (
 )
 PLACE_EXAMPLES = (
     "Examples:\n\n  exoctl place llama-3.1-70b-cpu --nodes 4\n\n"
-    "  exoctl place qwen2.5-32b-cpu --dry-run --json\n\n  exoctl place ./my-model-folder --min-nodes 2"
+    "  exoctl place qwen2.5-32b-cpu --dry-run --json\n\n  exoctl place ./my-model-folder --min-nodes 2\n\n"
+    "  exoctl place llama-3.1-70b-cpu --nodes 4 --draft llama-3.2-1b-cpu:gguf"
 )
 
 
@@ -48,6 +50,10 @@ def place(
     sharding: ShardingOption = "auto",
     dtype: DtypeOption = "auto",
     prefix_cache_gb: Annotated[float | None, PrefixCacheOption] = None,
+    draft: Annotated[str, typer.Option("--draft", help=DRAFT_HELP)] = "none",
+    draft_dtype: Annotated[
+        str, typer.Option("--draft-dtype", help="The draft model's dtype (auto: its GGUF's, else int4).")
+    ] = "auto",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; load nothing.")] = False,
     inventory: InventoryOption = None,
     json_output: JsonOption = False,
@@ -66,7 +72,9 @@ def place(
             from exoctl.cluster.views import offline_statuses
 
             statuses = offline_statuses(statuses)
-        chosen = plan_for(cluster, statuses, card, dtype, sharding, nodes, min_nodes, prefix_cache_gb)
+        chosen = plan_for(
+            cluster, statuses, card, dtype, sharding, nodes, min_nodes, prefix_cache_gb, draft, draft_dtype
+        )
         placement = chosen.placement
         if dry_run:
             source = "inventory" if planned_offline else "nodes"

@@ -185,6 +185,32 @@ def prefix_table(views: list[InstanceView]) -> Table | None:
     return table
 
 
+def speculation_table(views: list[InstanceView]) -> Table | None:
+    """Speculative decoding per instance with a drafter: its decode passes, tokens per pass, and
+    the guesses its drafter made and the target accepted."""
+    rows = [
+        (view, runner.speculation)
+        for view in views
+        for runner in view.runners.values()
+        if runner.speculation is not None
+    ]
+    if not rows:
+        return None
+    table = Table(title="speculative decoding", title_justify="left")
+    for column in ("instance", "drafter", "passes", "tokens / pass", "guessed", "accepted"):
+        table.add_column(column, no_wrap=column in ("instance", "drafter"))
+    for view, report in rows:
+        table.add_row(
+            view.instance_id[:8],
+            report.drafter,
+            str(report.passes),
+            f"{report.tokens_per_pass:.2f}",
+            str(report.drafted),
+            f"{report.accepted} ({report.acceptance:.0%})",
+        )
+    return table
+
+
 def downloads_table(statuses: list[NodeStatus]) -> Table | None:
     from exoctl.cli.progress import download_detail
 
@@ -236,6 +262,7 @@ def state_view(statuses: list[NodeStatus], views: list[InstanceView]) -> Group:
     extra = [
         experts_table(views),
         prefix_table(views),
+        speculation_table(views),
         downloads_table(statuses),
         history_table(history(statuses)),
     ]
@@ -254,11 +281,22 @@ def placement_table(placement: Placement) -> Table:
     # is mostly the last three)
     for column in ("node", "layers", "count"):
         table.add_column(column, no_wrap=True)
-    for column in ("weights", "KV reserve", "prefix cache", "runtime", "needs"):
+    draft = placement.draft
+    with_model = draft is not None and draft.bytes > 0
+    columns = (
+        "weights",
+        "KV reserve",
+        "prefix cache",
+        *(("draft",) if with_model else ()),
+        "runtime",
+        "needs",
+    )
+    for column in columns:
         table.add_column(column, justify="right", no_wrap=True)
     count = len(placement.shards)
     for shard in placement.shards:
         span = f"[{shard.start_layer}, {shard.end_layer})"
+        drafted = (mb(shard.draft_bytes),) if with_model else ()
         table.add_row(
             shard.node,
             f"1/{count} of {span}" if placement.sharding == "tensor" else span,
@@ -266,14 +304,22 @@ def placement_table(placement: Placement) -> Table:
             mb(shard.weight_bytes),
             mb(shard.kv_bytes),
             mb(shard.prefix_bytes),
+            *drafted,
             mb(shard.runtime_bytes),
             mb(shard.memory_bytes),
         )
     positions = placement.prefix_positions
     cached = f"{positions} positions of cached prefixes" if positions else "no cached prefixes"
+    drafting = ""
+    if draft is not None:
+        drafting = (
+            f" + draft (speculative decoding: {draft.model_id} in {draft.dtype} beside the first node's part)"
+            if with_model
+            else "; speculative decoding drafts by prompt lookup (ngram)"
+        )
     table.caption = (
         f"needs = weights + KV reserve (one {KV_RESERVE_TOKENS}-token sequence) + prefix cache "
-        f"({cached}; --prefix-cache-gb) + runtime allowance"
+        f"({cached}; --prefix-cache-gb) + runtime allowance{drafting}"
     )
     table.caption_justify = "left"
     return table
@@ -294,9 +340,19 @@ def placement_json(placement: Placement) -> dict[str, object]:
                 "kv_bytes": s.kv_bytes,
                 "prefix_cache_bytes": s.prefix_bytes,
                 "runtime_bytes": s.runtime_bytes,
+                "draft_bytes": s.draft_bytes,
             }
             for s in placement.shards
         ],
         # the positions the instance's cached prefixes may hold (the tightest node's budget)
         "prefix_cache_positions": placement.prefix_positions,
+        "draft": draft_json(placement),
     }
+
+
+def draft_json(placement: Placement) -> dict[str, object] | None:
+    """The head's drafter for speculative decoding (None: none)."""
+    draft = placement.draft
+    if draft is None:
+        return None
+    return {"drafter": draft.model_id or draft.reference, "dtype": draft.dtype or None, "bytes": draft.bytes}

@@ -105,6 +105,13 @@ def run(
     dtype: Annotated[
         str, typer.Option("--dtype", help="dtype if the model has to be placed first.")
     ] = "auto",
+    speculative: Annotated[
+        bool,
+        typer.Option(
+            "--speculative/--no-speculative",
+            help="Let the instance's drafter guess tokens (place --draft); off: one token a step.",
+        ),
+    ] = True,
     inventory: InventoryOption = None,
     json_output: JsonOption = False,
 ) -> None:
@@ -133,7 +140,9 @@ def run(
         view = ensure_instance(cluster, statuses, model, dtype, note)
         params = resolve_options(asked, view.sampling_defaults)
         messages = None if raw else [{"role": "user", "content": prompt}]
-        generation = cluster.generate(view, params, messages=messages, prompt=prompt if raw else None)
+        generation = cluster.generate(
+            view, params, messages=messages, prompt=prompt if raw else None, speculative=speculative
+        )
         try:
             for delta in generation:
                 if not out.json:  # streamed as it comes; --json prints the whole answer at the end

@@ -124,6 +124,19 @@ class Generation:
         return self.result
 
 
+def draft_fields(placement: Placement) -> dict[str, Any]:
+    """The `RunnerSpec` fields of the placement's drafter (every rank gets them; rank 0 drafts)."""
+    draft = placement.draft
+    if draft is None:
+        return {}
+    return {
+        "draft": draft.reference,
+        "draft_model_id": draft.model_id,
+        "draft_dtype": draft.dtype,
+        "draft_layers": draft.layers,
+    }
+
+
 class Cluster:
     def __init__(
         self,
@@ -257,6 +270,7 @@ class Cluster:
                     prefix_positions=placement.prefix_positions,
                     prefix_bytes=shard.prefix_bytes,
                     position_bytes=position_bytes,
+                    **draft_fields(placement),
                 )
                 self.client(node.name).request(Load(spec))
                 sent.append(node)
@@ -361,9 +375,11 @@ class Cluster:
         silence: float = GENERATION_SILENCE_S,
         chat: ChatOptions | None = None,
         cache_prompt: bool = True,
+        speculative: bool = True,
     ) -> Generation:
         """Start a request on the instance's head; `cache_prompt` False neither reuses a cached
-        prefix nor keeps this one's."""
+        prefix nor keeps this one's; `speculative` False decodes it one token a step even where the
+        instance has a drafter."""
         texts = [str(m.get("content") or "") for m in messages or []] + [prompt or "", *params.stop]
         if chat is not None:  # tools and calls count too
             texts += [json.dumps(chat.tools or [], ensure_ascii=False), chat.prefix]
@@ -383,7 +399,7 @@ class Cluster:
         request_id = uuid.uuid4().hex
         chat = chat or ChatOptions()
         request = GenerateRequest(
-            instance.instance_id, request_id, params, messages, prompt, chat, cache_prompt
+            instance.instance_id, request_id, params, messages, prompt, chat, cache_prompt, speculative
         )
         send_id = client.send(Generate(request))
         return Generation(client, request_id, send_id, silence)

@@ -23,7 +23,7 @@ from exoctl.cluster.client import Cluster
 from exoctl.cluster.views import InstanceView, NodeStatus, instances_of
 from exoctl.errors import ExoctlError
 from exoctl.wire.answer import Completion
-from exoctl.wire.runner_report import RunnerReport
+from exoctl.wire.runner_report import RunnerReport, SpeculationReport
 from exoctl.wire.sampling_params import SamplingParams
 
 # common English words that are one token each in the Llama 3, Qwen2.5, Mistral and SmolLM2
@@ -90,11 +90,27 @@ class Bench:
         self.config = config
         self.salt = 0
 
-    def _run(self, cluster: Cluster, prompt: str, max_tokens: int) -> tuple[Completion, float]:
-        """One request to the end, its prompt read whole; its completion and the client's wall time."""
+    def _run(
+        self,
+        cluster: Cluster,
+        prompt: str,
+        max_tokens: int,
+        speculative: bool = False,
+        messages: list[dict[str, Any]] | None = None,
+    ) -> tuple[Completion, float]:
+        """One request to the end, its prompt read whole (as raw text, or `messages` through the
+        chat template); its completion and the client's wall time. Speculation only where asked:
+        the other measurements are of one token a step."""
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
         began = time.perf_counter()
-        generation = cluster.generate(self.instance, params, prompt=prompt, cache_prompt=False)
+        generation = cluster.generate(
+            self.instance,
+            params,
+            prompt=None if messages else prompt,
+            messages=messages,
+            cache_prompt=False,
+            speculative=speculative,
+        )
         for _ in generation:
             pass
         if generation.result is None:
@@ -235,6 +251,50 @@ class Bench:
             "last_over_first": {"cached": growth(True), "uncached": growth(False)},
         }
 
+    def speculation(self) -> dict[str, Any] | None:
+        """An instance with a drafter: one stream's decode tokens/s with speculation and without
+        (alternated, `repetitions` each) on a prompt that asks to copy a text (where guesses come
+        true) and on one that does not, with the acceptance and tokens per pass the head counted."""
+        if self._speculation_report() is None:
+            return None
+        text = prompt_of(96, 0)
+        prompts = {
+            "copy": [{"role": "user", "content": f"Repeat this text exactly, word for word:\n\n{text}"}],
+            "free": [{"role": "user", "content": "Write a short story about a lighthouse keeper."}],
+        }
+        rows = []
+        for name, messages in prompts.items():
+            speed = {True: Stat(), False: Stat()}
+            before = self._speculation_report()
+            for _ in range(self.config.repetitions):
+                for speculative in (False, True):
+                    completion, _ = self._run(
+                        self.cluster, "", self.config.decode_tokens, speculative, messages
+                    )
+                    speed[speculative].values.append(completion.timings.decode_tokens_per_s)
+            after = self._speculation_report()
+            assert before is not None and after is not None
+            drafted, accepted = after.drafted - before.drafted, after.accepted - before.accepted
+            passes, tokens = after.passes - before.passes, after.tokens - before.tokens
+            plain = speed[False].mean
+            rows.append(
+                {
+                    "prompt": name,
+                    "tokens_per_s_speculative": speed[True].to_json(),
+                    "tokens_per_s_plain": speed[False].to_json(),
+                    "speedup": round(speed[True].mean / plain, 3) if plain else 0.0,
+                    "acceptance": round(accepted / drafted, 3) if drafted else 0.0,
+                    # over the passes of both kinds of run: the plain runs' count one token each
+                    "tokens_per_pass": round(tokens / passes, 3) if passes else 0.0,
+                }
+            )
+        report = self._speculation_report()
+        return {"drafter": report.drafter if report else "", "prompts": rows}
+
+    def _speculation_report(self) -> SpeculationReport | None:
+        head = self.runners().get(self.instance.head)
+        return head.speculation if head is not None else None
+
     def runners(self) -> dict[str, RunnerReport]:
         view = instances_of(self.cluster.statuses()).get(self.instance.instance_id)
         if view is None:
@@ -302,6 +362,8 @@ def run_bench(
     for streams in config.concurrency:
         say(f"{streams} concurrent streams…")
         concurrency.append(bench.concurrent(streams))
+    say("speculative decoding, if the instance drafts…")
+    speculation = bench.speculation()
     multi_turn = None
     if config.turns:
         say(f"a conversation of {config.turns} turns, with and without cached prefixes…")
@@ -317,5 +379,6 @@ def run_bench(
         "decode": decode,
         "concurrency": concurrency,
         "multi_turn": multi_turn,
+        "speculation": speculation,
         "nodes": nodes,
     }

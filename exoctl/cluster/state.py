@@ -16,7 +16,13 @@ from exoctl.cluster.downloads import downloads_document
 from exoctl.cluster.views import NodeStatus, instances_of
 from exoctl.inventory import Node
 from exoctl.placement.pipeline import Placement
-from exoctl.wire.runner_report import HeadPrefixStats, PrefixReport, RunnerReport, RunnerStatus
+from exoctl.wire.runner_report import (
+    HeadPrefixStats,
+    PrefixReport,
+    RunnerReport,
+    RunnerStatus,
+    SpeculationReport,
+)
 from exoctl.wire.supervisor_event import SupervisorEvent
 
 SHARDING_TAG = {"pipeline": "PipelineShardMetadata", "tensor": "TensorShardMetadata"}
@@ -99,6 +105,21 @@ def head_prefix_doc(stats: HeadPrefixStats) -> dict[str, Any]:
         "hits": stats.hits,
         "reusedTokens": stats.reused_tokens,
         "evictions": stats.evictions,
+    }
+
+
+def speculation_doc(report: SpeculationReport) -> dict[str, Any]:
+    """An instance's speculative decoding as its head counts it: the drafter, decode passes and the
+    tokens they gave (tokens per pass), the guesses and how many were accepted."""
+    return {
+        "drafter": report.drafter,
+        "passes": report.passes,
+        "tokens": report.tokens,
+        "tokensPerPass": round(report.tokens_per_pass, 3),
+        "verifyPasses": report.verify_passes,
+        "drafted": report.drafted,
+        "accepted": report.accepted,
+        "acceptance": round(report.acceptance, 3),
     }
 
 
@@ -197,6 +218,11 @@ def state_document(statuses: list[NodeStatus], cluster: str) -> dict[str, Any]:
                 **(
                     {"prefixCache": head_prefix_doc(head.head_prefix)}
                     if head is not None and head.head_prefix is not None
+                    else {}
+                ),
+                **(
+                    {"speculation": speculation_doc(head.speculation)}
+                    if head is not None and head.speculation is not None
                     else {}
                 ),
             }

@@ -207,6 +207,7 @@ function renderInstance(instanceId, doc) {
   const nLayers = shards.length ? shards[0].meta.nLayers : 0;
   const tps = inst.decodeTokensPerSecond ? `${inst.decodeTokensPerSecond.toFixed(1)} tok/s` : null;
   const cache = inst.prefixCache;  // the head's word on cached prefixes (absent: an older worker)
+  const spec = inst.speculation;  // speculative decoding (absent: no drafter)
   const card = h("div", {
     class: "instance", "data-instance": instanceId, "data-sharding": inst.sharding,
     "data-status": inst.status,
@@ -224,6 +225,11 @@ function renderInstance(instanceId, doc) {
         ? `cached prefixes: ${cache.hits} of ${cache.lookups} requests reused one, ${cache.reusedTokens} prompt tokens not read again, ${cache.evictions} evicted (budget ${cache.budgetPositions} positions)`
         : "cached prefixes are off for this instance",
     }, cache.budgetPositions ? `cache ${cache.hits}/${cache.lookups} hits · ${cache.reusedTokens} tok` : "cache off"),
+    spec && h("span", {
+      class: "pill pill-plain", "data-role": "speculation",
+      "data-accepted": spec.accepted, "data-drafted": spec.drafted,
+      title: `speculative decoding by ${spec.drafter}: ${spec.accepted} of ${spec.drafted} guessed tokens accepted over ${spec.verifyPasses} verification passes; ${spec.tokens} tokens in ${spec.passes} decode passes`,
+    }, `${spec.drafter} · ${spec.tokensPerPass.toFixed(2)} tok/pass · ${(100 * spec.acceptance).toFixed(0)}% accepted`),
     h("span", { class: "spacer" }),
     h("button", { class: "danger", type: "button", "data-action": "delete", onclick: () => removeInstance(instanceId) }, "Delete")));
   card.append(h("div", { class: "instance-id mono" }, `${kind} · ${instanceId}`));
@@ -449,6 +455,7 @@ async function place(event) {
     sharding: chosen.sharding,
     nodes: chosen.nodes,
     dtype: $("place-dtype").value,
+    draft: $("place-draft").value,
     wait: false,
   };
   $("place-button").disabled = true;

@@ -11,6 +11,10 @@ then derives the same token.
   uniform draw every rank makes from the same seeded generator — and that rank's own draw
   within its part is the token.
 - Penalties change each rank's part of the logits first; every rank keeps the same history.
+- A drafted token (speculative decoding) is accepted with probability p(draft), its scaled logit
+  against the ranks' log-sum-exps, from a shared draw; otherwise the token is drawn as above
+  from p with the draft taken out (each rank's draw and mass leave it out): speculative sampling's
+  residual for a draft proposed with certainty, so the token's distribution is still p.
 - top_k / top_p / min_p need a global threshold first: each rank sends its C largest scaled logits and
   its log-sum-exp; the k-th largest of the merged values, and the nucleus over them, give the
   same threshold on every rank. C is top_k, or CANDIDATES for top_p alone: a nucleus wider
@@ -64,11 +68,17 @@ class RankSampler:
 
 
 def choose_tokens(
-    logits: torch.Tensor, shard: TensorShard, full_vocab: int, samplers: list[RankSampler], gather: Gather
+    logits: torch.Tensor,
+    shard: TensorShard,
+    full_vocab: int,
+    samplers: list[RankSampler],
+    gather: Gather,
+    drafts: list[int | None] | None = None,
 ) -> list[int]:
     """logits [B, |part|] float32 of this rank's part of the vocabulary -> B token ids, the same
-    on every rank."""
+    on every rank; a row's draft (speculative decoding) is accepted by the rule above."""
     rows = logits.shape[0]
+    guesses = drafts if drafts is not None else [None] * rows
     vocab = shard.part(full_vocab)
     penalized = [penalize(logits[b], s.params, s.history, vocab.start) for b, s in enumerate(samplers)]
     scaled = [
@@ -79,8 +89,10 @@ def choose_tokens(
     floors = [-math.inf] * rows
     if cut:
         floors = _thresholds(scaled, cut, samplers, full_vocab, shard.world, gather)
-    # per row: (value, global id): the max for greedy rows, the part's log-sum-exp for sampled ones
-    mine = torch.empty(rows, 2, dtype=torch.float64)
+    # per row: (value, global id, the draft's scaled logit): the max for greedy rows, the part's
+    # log-sum-exp for sampled ones (without the draft's token, which the third column holds)
+    mine = torch.empty(rows, 3, dtype=torch.float64)
+    mine[:, 2] = -math.inf
     for b, sampler in enumerate(samplers):
         row = scaled[b]
         if sampler.params.greedy:
@@ -88,6 +100,11 @@ def choose_tokens(
             mine[b, 0], mine[b, 1] = float(row[best]), vocab.start + best
             continue
         row = row.masked_fill(row < floors[b], -math.inf) if floors[b] > -math.inf else row
+        draft = guesses[b]
+        if draft is not None and vocab.start <= draft < vocab.stop:
+            mine[b, 2] = float(row[draft - vocab.start])
+            row = row.clone()
+            row[draft - vocab.start] = -math.inf
         mass = float(torch.logsumexp(row, dim=0))
         mine[b, 0] = mass
         mine[b, 1] = -1
@@ -107,6 +124,16 @@ def choose_tokens(
                     best = rank
             tokens.append(ids[best])
             continue
+        guess = guesses[b]
+        if guess is not None:
+            drafted = max(float(p[b, 2]) for p in parts)
+            total = float(torch.logsumexp(torch.tensor([*values, drafted], dtype=torch.float64), dim=0))
+            accept = float(torch.rand(1, generator=sampler.shared, dtype=torch.float64))
+            if drafted > -math.inf and (
+                all(v == -math.inf for v in values) or accept < math.exp(drafted - total)
+            ):
+                tokens.append(guess)
+                continue
         shares = torch.tensor(values, dtype=torch.float64).softmax(dim=0)
         u = float(torch.rand(1, generator=sampler.shared, dtype=torch.float64))
         edges = shares.cumsum(dim=0)
@@ -117,6 +144,27 @@ def choose_tokens(
     for sampler, token in zip(samplers, tokens, strict=True):
         sampler.chose(token)
     return tokens
+
+
+def verify_drafts(
+    logits: torch.Tensor,
+    shard: TensorShard,
+    full_vocab: int,
+    sampler: RankSampler,
+    drafts: list[int],
+    gather: Gather,
+) -> list[int]:
+    """logits [k + 1, |part|] of one sequence's step over its last token and k drafted ones -> the
+    tokens every rank accepts: position by position until one is not the draft (the correction)
+    or after the last draft (the bonus token)."""
+    accepted: list[int] = []
+    for i in range(len(drafts) + 1):
+        guess = drafts[i] if i < len(drafts) else None
+        token = choose_tokens(logits[i : i + 1], shard, full_vocab, [sampler], gather, [guess])[0]
+        accepted.append(token)
+        if guess is None or token != guess:
+            break
+    return accepted
 
 
 def rank_logprobs(

@@ -95,3 +95,53 @@ class Sampler:
         token = int(sample(logits, self.params, self.generator, self.history))
         self.history.record(token)
         return token
+
+    def verify(self, logits: torch.Tensor, draft: int) -> int:
+        """logits [1, V] at a position a drafter guessed `draft` for -> the token, recorded.
+
+        Greedy: the argmax, as `choose` (the draft is accepted when it is that token). Sampled:
+        speculative sampling's rule for a draft proposed with certainty (q a point mass, as
+        every drafter here proposes: prompt lookup, or a draft model's greedy choice): accept it
+        with probability min(1, p/q) = p(draft); otherwise draw from the residual, p with the
+        draft taken out and renormalised. The token's distribution is p exactly."""
+        if self.params.greedy:
+            return self.choose(logits)
+        row = logits[0]
+        if self.params.penalizes:
+            row = penalize(row, self.params, self.history)
+        scaled = apply_temperature(row, self.params.temperature)
+        scaled = min_p_filter(
+            top_p_filter(top_k_filter(scaled, self.params.top_k), self.params.top_p), self.params.min_p
+        )
+        probs = scaled.softmax(dim=-1)
+        u = float(torch.rand(1, generator=self.generator, dtype=torch.float64))
+        if u < float(probs[draft]):
+            token = draft
+        else:
+            residual = probs.clone()
+            residual[draft] = 0
+            # the draft held all the mass but for rounding: nothing else can be drawn
+            token = (
+                draft
+                if float(residual.sum()) <= 0
+                else int(torch.multinomial(residual, 1, generator=self.generator))
+            )
+        self.history.record(token)
+        return token
+
+
+def verify_drafts(sampler: Sampler, logits: torch.Tensor, drafts: Sequence[int]) -> list[int]:
+    """logits [k + 1, V] of a step that ran a sequence's last token and k drafted ones -> the
+    tokens it accepts: each position's token in turn (`Sampler.verify`), until one is not the
+    draft (it is the correction) or after the last draft (the bonus token): 1 to k + 1 tokens."""
+    accepted: list[int] = []
+    for i in range(len(drafts) + 1):
+        row = logits[i : i + 1]
+        if i == len(drafts):
+            accepted.append(sampler.choose(row))
+            break
+        token = sampler.verify(row, drafts[i])
+        accepted.append(token)
+        if token != drafts[i]:
+            break
+    return accepted

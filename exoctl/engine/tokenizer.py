@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from exoctl.errors import InvalidRequestError, ModelFormatError
+from exoctl.errors import ExoctlError, InvalidRequestError, ModelFormatError
 
 
 class Tokenizer:
@@ -234,3 +234,25 @@ class StopMatcher:
     def flush(self) -> str:
         out, self.pending = ("" if self.stopped else self.pending), ""
         return out
+
+
+def same_tokens(target: Tokenizer, draft: Tokenizer, draft_name: str) -> None:
+    """Refuse a draft model whose tokens are not the target's: its guesses would be other words.
+    Same vocabulary (every token and its id) and the same special tokens (EOS ids, BOS)."""
+    ours, theirs = target.hf.get_vocab(), draft.hf.get_vocab()
+    if ours != theirs:
+        differ = sorted(set(ours.items()) ^ set(theirs.items()), key=lambda item: item[1])[:3]
+        shown = ", ".join(f"{token!r}" for token, _ in differ)
+        # the advice is in the message: a load failure reaches `place` as its message only
+        raise ExoctlError(
+            f"draft model {draft_name} has another tokenizer: {len(theirs)} tokens against the target's "
+            f"{len(ours)}, and they differ (first: {shown}); draft with a model of the target's family "
+            "(the same tokenizer), or with --draft ngram"
+        )
+    if target.eos_token_ids != draft.eos_token_ids or target.hf.bos_token_id != draft.hf.bos_token_id:
+        raise ExoctlError(
+            f"draft model {draft_name} has other special tokens: end of sequence "
+            f"{sorted(draft.eos_token_ids)} and start {draft.hf.bos_token_id} against the target's "
+            f"{sorted(target.eos_token_ids)} and {target.hf.bos_token_id}; draft with a model of the "
+            "target's family, or with --draft ngram"
+        )

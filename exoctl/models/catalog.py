@@ -81,6 +81,7 @@ class ModelCard:
     # A GGUF model's own: what `auto` means for it, and each layer's tensors (layers may differ:
     # a Q4_K_M file keeps some layers' attn_v and ffn_down in Q6_K).
     native_dtype: str = ""
+    draft: str = ""  # the catalog base of its natural draft model (same tokenizer, far smaller)
     gguf_layers: tuple[GGUFLayer, ...] = ()
 
     @property

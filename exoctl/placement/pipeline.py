@@ -43,12 +43,30 @@ class NodeProfile:
 
 
 @dataclass(frozen=True)
+class DraftChoice:
+    """The head's drafter for speculative decoding: prompt lookup (`reference` "ngram", no model)
+    or a draft model: its reference as a worker resolves it, catalog id, dtype, layer count, and
+    the bytes it takes on the head's node (weights and a KV reserve; 0 for prompt lookup)."""
+
+    reference: str
+    model_id: str = ""
+    dtype: str = ""
+    layers: int = 0
+    bytes: int = 0
+
+
+@dataclass(frozen=True)
 class PlacementRequest:
     dtype: str = "float32"
     nodes: int | None = None  # exactly this many
     min_nodes: int = 1  # otherwise the fewest that fit, at least this many
     kv_tokens: int = KV_RESERVE_TOKENS
     prefix_cache_bytes: int | None = None  # on every node, over what each node declares
+    draft: DraftChoice | None = None  # speculative decoding's drafter, on the first node
+
+    @property
+    def draft_bytes(self) -> int:
+        return self.draft.bytes if self.draft is not None else 0
 
 
 @dataclass(frozen=True)
@@ -56,15 +74,16 @@ class Shard:
     node: str
     start_layer: int
     end_layer: int  # exclusive
-    memory_bytes: int  # all of it: weights + kv_bytes + prefix_bytes + runtime_bytes
+    memory_bytes: int  # all of it: weights + kv_bytes + prefix_bytes + runtime_bytes + draft_bytes
     kv_bytes: int = 0  # the KV reserve of its layers (KV_RESERVE_TOKENS tokens of one sequence)
     runtime_bytes: int = 0  # the allowance for activations, the interpreter and torch
     prefix_bytes: int = 0  # the budget for cached prefixes
     position_bytes: int = 0  # what one position of KV costs here (its layers, its heads)
+    draft_bytes: int = 0  # the first node: a draft model for speculative decoding
 
     @property
     def weight_bytes(self) -> int:
-        return self.memory_bytes - self.kv_bytes - self.runtime_bytes - self.prefix_bytes
+        return self.memory_bytes - self.kv_bytes - self.runtime_bytes - self.prefix_bytes - self.draft_bytes
 
     @property
     def n_layers(self) -> int:
@@ -77,6 +96,7 @@ class Placement:
     sharding: str
     dtype: str
     shards: tuple[Shard, ...]
+    draft: DraftChoice | None = None  # the head's drafter (on shards[0]'s node)
 
     @property
     def nodes(self) -> tuple[str, ...]:
@@ -123,6 +143,7 @@ class _Costs:
     embed: int
     head: int  # final norm + lm_head
     overhead: int
+    draft: int = 0  # a draft model beside the first node's layers
 
     @classmethod
     def of(cls, card: ModelCard, request: PlacementRequest) -> _Costs:
@@ -137,6 +158,7 @@ class _Costs:
             # final norm + lm_head; a tied lm_head is still a second copy on the last node
             head=card.head_bytes(dtype),
             overhead=RUNTIME_OVERHEAD_BYTES,
+            draft=request.draft_bytes,
         )
 
     @property
@@ -145,8 +167,10 @@ class _Costs:
         return self.position_per_layer * PREFIX_CACHE_TOKENS
 
     def fixed(self, index: int, count: int) -> int:
-        """Bytes a node needs besides its layers, by its position in the pipeline."""
-        return self.overhead + (self.embed if index == 0 else 0) + (self.head if index == count - 1 else 0)
+        """Bytes a node needs besides its layers, by its position in the pipeline (the first also
+        holds the draft model)."""
+        first = self.embed + self.draft if index == 0 else 0
+        return self.overhead + first + (self.head if index == count - 1 else 0)
 
     def total(self, count: int, prefixes: list[int | None]) -> int:
         """All nodes together, with each node's budget for cached prefixes (None: the default)."""
@@ -154,7 +178,9 @@ class _Costs:
         # the nodes on the default hold their share of the layers, each with its per-layer budget
         defaulted = sum(p is None for p in prefixes)
         default = len(self.layers) * self.prefix_per_layer * defaulted // count
-        return sum(self.layers) + self.embed + self.head + count * self.overhead + given + default
+        return (
+            sum(self.layers) + self.embed + self.head + count * self.overhead + given + default + self.draft
+        )
 
     def ranges(self, counts: list[int], per_layer: list[int]) -> list[int]:
         """Bytes of each node's layers when nodes hold `counts` consecutive layers, each layer with
@@ -219,9 +245,18 @@ def _try(
         own = given[i]
         prefix, position = prefix_budget(card, request.dtype, n, card.num_key_value_heads, own)
         total = held + costs.fixed(i, count) + (own or 0)
+        draft = costs.draft if i == 0 else 0
         shards.append(
             Shard(
-                node.name, start, start + n, total, n * costs.kv_per_layer, costs.overhead, prefix, position
+                node.name,
+                start,
+                start + n,
+                total,
+                n * costs.kv_per_layer,
+                costs.overhead,
+                prefix,
+                position,
+                draft,
             )
         )
         start += n
@@ -270,7 +305,7 @@ def place(card: ModelCard, nodes: list[NodeProfile], request: PlacementRequest) 
     for count in counts:
         shards = _try(card, largest(count), costs, request)
         if shards is not None:
-            return Placement(card.id, "pipeline", request.dtype, shards)
+            return Placement(card.id, "pipeline", request.dtype, shards, request.draft)
     count = counts[-1]
     chosen = largest(count)
     offered = sum(n.capacity for n in chosen)
@@ -292,6 +327,7 @@ def place(card: ModelCard, nodes: list[NodeProfile], request: PlacementRequest) 
         hint += " or use --dtype bfloat16"
     raise PlacementError(
         f"{card.id} needs {_gb(weights)} in {request.dtype}; {what} {_gb(offered)} but it needs "
-        f"{_gb(needed)} with KV reserve, cached prefixes and runtime overhead",
+        f"{_gb(needed)} with KV reserve, cached prefixes{', the draft model' if costs.draft else ''} and "
+        "runtime overhead",
         hint=hint,
     )

@@ -138,18 +138,22 @@ def place_tensor(card: ModelCard, nodes: list[NodeProfile], request: PlacementRe
         chosen = largest(count)
         need = rank_bytes(card, count, request)
         prefixes = [rank_prefix_bytes(card, count, n, request) for n in chosen]
-        if all(n.capacity >= need + p for n, p in zip(chosen, prefixes, strict=True)):
+        drafts = [request.draft_bytes if i == 0 else 0 for i in range(count)]  # rank 0 drafts
+        if all(n.capacity >= need + p + d for n, p, d in zip(chosen, prefixes, drafts, strict=True)):
             kv = rank_kv_bytes(card, count, request)
             position = rank_position_bytes(card, count, request.dtype)
             shards = tuple(
-                Shard(n.name, 0, card.n_layers, need + p, kv, RUNTIME_OVERHEAD_BYTES, p, position)
-                for n, p in zip(chosen, prefixes, strict=True)
+                Shard(n.name, 0, card.n_layers, need + p + d, kv, RUNTIME_OVERHEAD_BYTES, p, position, d)
+                for n, p, d in zip(chosen, prefixes, drafts, strict=True)
             )
-            return Placement(card.id, "tensor", request.dtype, shards)
+            return Placement(card.id, "tensor", request.dtype, shards, request.draft)
     count = counts[-1]
     chosen = largest(count)
     needs = {
-        n.name: rank_bytes(card, count, request) + rank_prefix_bytes(card, count, n, request) for n in chosen
+        n.name: rank_bytes(card, count, request)
+        + rank_prefix_bytes(card, count, n, request)
+        + (request.draft_bytes if i == 0 else 0)
+        for i, n in enumerate(chosen)
     }
     smallest = min(chosen, key=lambda n: n.capacity - needs[n.name])
     need = needs[smallest.name]

@@ -21,6 +21,7 @@ class GenerateRequest:
     prompt: str | None = None  # or raw text
     chat: ChatOptions = field(default_factory=ChatOptions)
     cache_prompt: bool = True  # reuse a cached prefix of the prompt, and keep this one's (llama.cpp's name)
+    speculative: bool = True  # let the instance's drafter guess tokens for it (off: one per step)
 
     def to_fields(self) -> dict[str, Any]:
         return {
@@ -31,6 +32,7 @@ class GenerateRequest:
             "params": self.params.to_wire(),
             "chat": self.chat.to_wire(),
             "cache_prompt": self.cache_prompt,
+            "speculative": self.speculative,
         }
 
     @classmethod
@@ -48,4 +50,5 @@ class GenerateRequest:
             prompt=prompt,
             chat=ChatOptions.from_wire(message["chat"]),
             cache_prompt=message["cache_prompt"],
+            speculative=message["speculative"],
         )

@@ -87,13 +87,19 @@ class SequenceStart:
 @dataclass(frozen=True)
 class ForwardStep:
     """One step of B sequences, each at its own start position; a sequence's first step also
-    carries how to sample it, for the stage or rank that samples."""
+    carries how to sample it, for the stage or rank that samples.
+
+    A verification step (speculative decoding) runs a sequence's last token and the k tokens a
+    drafter guessed after it (`drafts`, [1, k + 1] ids): the sampling runner accepts the longest
+    run of guesses the target agrees with, and every runner cuts the positions of the rejected
+    ones from its cache when the sequence's next step starts before them."""
 
     seqs: list[str]
     starts: list[int]
     first: dict[str, SequenceStart] = field(default_factory=dict)  # on a sequence's first step only
     # a chunk of a prompt with more to come: nothing is sampled for it
     partial: bool = False
+    drafts: dict[str, tuple[int, ...]] = field(default_factory=dict)  # seq -> its guessed tokens
 
     def first_of(self, seq: str) -> SequenceStart:
         """How to sample a sequence this runner has not seen before."""
@@ -124,12 +130,15 @@ class Forward:
             fields["params"] = {seq: start.to_wire() for seq, start in step.first.items()}
         if step.partial:
             fields["partial"] = True
+        if step.drafts:
+            fields["drafts"] = {seq: list(ids) for seq, ids in step.drafts.items()}
         return protocol.encode(self.KIND, fields, (self.tensor,))
 
 
 @dataclass(frozen=True)
 class Tokens:
-    """The sampled next token of each sequence (and its logprobs where asked), for the head."""
+    """The sampled next token of each sequence (and its logprobs where asked), for the head. After
+    a verification step a sequence appears once per token it accepted, in order."""
 
     KIND: ClassVar[str] = "token"
 
@@ -272,6 +281,7 @@ def _forward(message: Message) -> Forward:
     seqs, starts = message["seqs"], message["positions"]
     params = message.get("params") or {}
     partial = message.get("partial", False)
+    drafts = message.get("drafts") or {}
     if (
         not seqs
         or len(starts) != len(seqs)
@@ -288,9 +298,23 @@ def _forward(message: Message) -> Forward:
         if len(message.tensors) != 1:
             raise ProtocolError("'forward' needs exactly one tensor")
         first = {seq: SequenceStart.from_wire(seq, params[seq]) for seq in seqs if seq in params}
+        guessed = _drafts(drafts, seqs, partial)
     except ExoctlError as exc:
         raise StepRefused(exc.message, instance_id, tuple(seqs)) from None
-    return Forward(instance_id, ForwardStep(seqs, starts, first, partial), message.tensors[0])
+    return Forward(instance_id, ForwardStep(seqs, starts, first, partial, guessed), message.tensors[0])
+
+
+def _drafts(drafts: object, seqs: list[str], partial: bool) -> dict[str, tuple[int, ...]]:
+    """A verification step's guesses: {seq: [token ids]}, of the step's own sequences, never on a
+    prompt chunk."""
+    if not isinstance(drafts, dict) or not all(
+        seq in seqs and isinstance(ids, list) and ids and all(_is_int(i) and i >= 0 for i in ids)
+        for seq, ids in drafts.items()
+    ):
+        raise ProtocolError("'forward' field 'drafts' must map the step's sequence ids to token ids")
+    if drafts and partial:
+        raise ProtocolError("'forward' of a prompt chunk carries no drafts")
+    return {seq: tuple(ids) for seq, ids in drafts.items()}
 
 
 def _tokens(message: Message) -> Tokens:

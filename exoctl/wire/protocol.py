@@ -23,8 +23,10 @@ from exoctl.errors import ExoctlError
 # "generate" (tools, an answer's forced start), the head's tool format in its report, logprobs in
 # "token" and "delta"; 5: "download", "record" (the supervisor's history), both in "status_reply";
 # 7: cached prefixes ("reuse" in a first step, "keep" in "release", "forget", "kept" in "lease",
-# the budget in "load", "cache_prompt" in "generate")
-PROTOCOL_VERSION = 7
+# the budget in "load", "cache_prompt" in "generate"); 8: speculative decoding ("drafts" in
+# "forward", a sequence once per accepted token in "token", the drafter in "load", "speculative"
+# in "generate")
+PROTOCOL_VERSION = 8
 MAX_HEADER_BYTES = 8 * 2**20
 MAX_TENSOR_BYTES = 2**31  # one 8192-token prefill of an 8192-wide model in float32 is 268 MB
 MAX_TENSORS = 4
@@ -57,6 +59,12 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "prefix_positions": int,
         "prefix_bytes": int,
         "position_bytes": list,
+        # speculative decoding: the head's drafter ("" none, "ngram", or a draft model's reference,
+        # id, dtype and layer count)
+        "draft": str,
+        "draft_model_id": str,
+        "draft_dtype": str,
+        "draft_layers": int,
     },
     "unload": {"instance_id": str},
     # fetch the files of layers [start_layer, end_layer) (all of them for [0, n_layers)); answered
@@ -72,6 +80,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "params": dict,
         "chat": (dict, type(None)),  # ChatOptions' wire form
         "cache_prompt": bool,  # reuse (and keep) cached prefixes
+        "speculative": bool,  # draft and verify several tokens a step where the instance has a drafter
     },
     "cancel": {"request_id": str},
     # the client of a running request, answering the head's keepalive: still reading. A request

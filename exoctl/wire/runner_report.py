@@ -89,6 +89,39 @@ class HeadPrefixStats:
 
 
 @dataclass(frozen=True)
+class SpeculationReport:
+    """The head's speculative decoding since load: its drafter ("ngram" or the draft model's id),
+    the decode passes of every sequence and the tokens they gave, the verification passes among
+    them, and the tokens guessed and accepted there."""
+
+    drafter: str
+    passes: int = 0
+    tokens: int = 0
+    verify_passes: int = 0
+    drafted: int = 0
+    accepted: int = 0
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_pass(self) -> float:
+        return self.tokens / self.passes if self.passes else 0.0
+
+    def to_wire(self) -> list[Any]:
+        return [self.drafter, self.passes, self.tokens, self.verify_passes, self.drafted, self.accepted]
+
+    @classmethod
+    def from_wire(cls, raw: Any) -> SpeculationReport | None:
+        if raw is None:
+            return None
+        if not isinstance(raw, list) or len(raw) != 6 or not isinstance(raw[0], str):
+            raise TypeError("a head's speculation report is [drafter, 5 counts]")
+        return cls(raw[0], *(int(v) for v in raw[1:]))
+
+
+@dataclass(frozen=True)
 class RunnerReport:
     runner_id: str
     instance_id: str
@@ -121,6 +154,7 @@ class RunnerReport:
     collective_s: float = 0.0
     prefix: PrefixReport = field(default_factory=PrefixReport)  # this runner's cached prefixes
     head_prefix: HeadPrefixStats | None = None  # head: the instance's lookups, hits and evictions
+    speculation: SpeculationReport | None = None  # head of an instance with a drafter
 
     @property
     def message(self) -> str:
@@ -140,6 +174,7 @@ class RunnerReport:
         )
         raw["prefix"] = self.prefix.to_wire()
         raw["head_prefix"] = None if self.head_prefix is None else self.head_prefix.to_wire()
+        raw["speculation"] = None if self.speculation is None else self.speculation.to_wire()
         return raw
 
     @classmethod
@@ -156,6 +191,7 @@ class RunnerReport:
                 sampling_defaults=SamplingDefaults.from_wire(raw.get("sampling_defaults")),
                 prefix=PrefixReport.from_wire(raw["prefix"]),
                 head_prefix=HeadPrefixStats.from_wire(raw["head_prefix"]),
+                speculation=SpeculationReport.from_wire(raw.get("speculation")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ProtocolError(f"a runner report is malformed ({type(exc).__name__}: {exc})") from None
@@ -164,5 +200,15 @@ class RunnerReport:
 _PLAIN_FIELDS = tuple(
     name
     for name in RunnerReport.__dataclass_fields__
-    if name not in ("nodes", "status", "failure", "experts", "sampling_defaults", "prefix", "head_prefix")
+    if name
+    not in (
+        "nodes",
+        "status",
+        "failure",
+        "experts",
+        "sampling_defaults",
+        "prefix",
+        "head_prefix",
+        "speculation",
+    )
 )

@@ -15,6 +15,7 @@ from exoctl.wire.protocol import Message, ProtocolError
 
 WORKER_SHARDINGS = ("pipeline", "tensor")
 MAX_WORLD = 64  # a runner holds a socket to each other rank: a bound, and far above a real cluster
+NGRAM_DRAFT = "ngram"  # the drafter that needs no model: prompt lookup
 
 
 def check_address(address: str) -> None:
@@ -45,6 +46,17 @@ class RunnerSpec:
     prefix_positions: int = 0
     prefix_bytes: int = 0
     position_bytes: tuple[int, ...] = ()
+    # Speculative decoding: the head's drafter, "" for none, NGRAM_DRAFT for prompt lookup, else a
+    # draft model's reference (resolved as `model` is), loaded whole beside rank 0's part in
+    # `draft_dtype`; its catalog id and layer count (what to fetch) come with it.
+    draft: str = ""
+    draft_model_id: str = ""
+    draft_dtype: str = ""
+    draft_layers: int = 0
+
+    @property
+    def drafts_with_model(self) -> bool:
+        return self.draft not in ("", NGRAM_DRAFT)
 
     @property
     def nodes(self) -> tuple[str, ...]:
@@ -97,4 +109,8 @@ class RunnerSpec:
             raise ProtocolError("'position_bytes' must give a positive byte count for each rank")
         if spec.prefix_positions < 0 or spec.prefix_bytes < 0:
             raise ProtocolError("'prefix_positions' and 'prefix_bytes' must be 0 or more")
+        if spec.drafts_with_model:
+            check_dtype(spec.draft_dtype, RUNTIME_DTYPES)
+            if spec.draft_layers < 1:
+                raise ProtocolError("a draft model's 'draft_layers' must be 1 or more")
         return spec

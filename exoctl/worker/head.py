@@ -20,9 +20,12 @@ from typing import Any
 
 import torch
 
+from exoctl.engine.draft_model import DraftModel
 from exoctl.engine.generate import SequenceStream, check_prompt
 from exoctl.engine.generation_defaults import read_defaults
-from exoctl.engine.tokenizer import Tokenizer
+from exoctl.engine.model import load_model
+from exoctl.engine.prompt_lookup import PromptLookup
+from exoctl.engine.tokenizer import Tokenizer, same_tokens
 from exoctl.errors import ExoctlError, InvalidRequestError
 from exoctl.wire.generate_request import GenerateRequest
 from exoctl.wire.instance_messages import (
@@ -38,12 +41,13 @@ from exoctl.wire.instance_messages import (
     Tokens,
 )
 from exoctl.wire.messages import Delta, Done
-from exoctl.wire.runner_report import HeadPrefixStats, RunnerReport
-from exoctl.wire.runner_spec import RunnerSpec
+from exoctl.wire.runner_report import HeadPrefixStats, RunnerReport, SpeculationReport
+from exoctl.wire.runner_spec import NGRAM_DRAFT, RunnerSpec
 from exoctl.wire.sampling_params import SamplingDefaults
 from exoctl.worker.node_memory import MemoryView, positions_to_free
 from exoctl.worker.outbox import Out, ToClient, ToPeer, ToSelf, client_error
 from exoctl.worker.prefix_index import PrefixIndex
+from exoctl.worker.speculation import Speculator
 from exoctl.worker.stage import Stage
 
 log = logging.getLogger("exoctl.worker")
@@ -62,6 +66,10 @@ class HeadSequence:
     request: GenerateRequest  # as asked (`cache_prompt`: its KV may be kept when it ends)
     prompt_ids: list[int]
     pinned: str | None = None  # the cached prefix its first step copies, until its first token
+
+    def known_ids(self) -> list[int]:
+        """Every token id of it so far: the prompt and every sampled token (what a drafter reads)."""
+        return self.prompt_ids + self.stream.token_ids
 
     def held_ids(self) -> list[int]:
         """The token ids of the positions every runner's cache holds for it: the prompt and every
@@ -82,14 +90,42 @@ class Head:
         self.prompts: dict[str, list[int]] = {}  # prompts not yet wholly prefilled
         self.prefixes = PrefixIndex(spec.prefix_positions)  # the instance's cached prefixes
         self.last_decode_tps = 0.0  # end-to-end decode speed of the last request
+        self.speculator = Speculator(PromptLookup() if spec.draft == NGRAM_DRAFT else None)
+        self.draft_model: DraftModel | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
 
-    def load(self, folder: Path) -> None:
+    def load(self, folder: Path, draft_folder: Path | None = None) -> None:
         self.tokenizer = Tokenizer(folder)
         self.sampling_defaults = read_defaults(folder)
+        if draft_folder is not None:
+            self._load_draft(draft_folder)
+
+    def _load_draft(self, folder: Path) -> None:
+        """The draft model, whole, beside this node's part of the target: its tokenizer first (a
+        draft of other tokens is refused before its weights are read)."""
+        spec = self.spec
+        assert self.tokenizer is not None
+        same_tokens(self.tokenizer, Tokenizer(folder), spec.draft_model_id or spec.draft)
+        model = load_model(folder, None, spec.draft_dtype)
+        if model.config.num_hidden_layers != spec.draft_layers:
+            raise ExoctlError(
+                f"draft model {folder} has {model.config.num_hidden_layers} layers but the placement "
+                f"expected {spec.draft_layers}",
+                hint="the node holds another version of the draft model; give it the catalog's files",
+            )
+        self.draft_model = DraftModel(model)
+        self.speculator = Speculator(self.draft_model)
+
+    @property
+    def memory_bytes(self) -> int:
+        """What the head holds besides its stage: the draft model and its caches."""
+        return self.draft_model.nbytes if self.draft_model is not None else 0
 
     def free(self) -> None:
+        self.speculator.clear()
+        self.draft_model = None
+        self.speculator = Speculator(None)
         self.tokenizer = None
         self.sequences.clear()
         self.prompts.clear()
@@ -110,6 +146,18 @@ class Head:
             head_prefix=HeadPrefixStats(
                 index.budget, stats.lookups, stats.hits, stats.reused_tokens, stats.evictions
             ),
+            speculation=self._speculation_report(),
+            memory_bytes=report.memory_bytes + self.memory_bytes,
+        )
+
+    def _speculation_report(self) -> SpeculationReport | None:
+        speculator = self.speculator
+        if not self.spec.draft:
+            return None
+        stats = speculator.stats
+        drafter = self.spec.draft_model_id or self.spec.draft
+        return SpeculationReport(
+            drafter, stats.passes, stats.tokens, stats.verify_passes, stats.drafted, stats.accepted
         )
 
     def leases(self) -> list[Out]:
@@ -203,15 +251,19 @@ class Head:
         return outs
 
     def tokens(self, batches: list[Tokens]) -> list[Out]:
-        """Tokens the sampling runner chose, from one or more messages. Stream each, then run the
-        next step of every sequence that goes on, as batches [B, 1] (continuous batching)."""
+        """Tokens the sampling runner chose, from one or more messages (after a verification step,
+        a sequence's accepted tokens in order). Stream each, then run the next step of every
+        sequence that goes on, as batches [B, 1] (continuous batching), or a sequence that steps
+        alone as a verification step of its guesses [1, k + 1]."""
         outs: list[Out] = []
-        going: list[HeadSequence] = []
+        going: dict[str, HeadSequence] = {}
         for batch in batches:
+            taken: dict[str, int] = {}
             for seq_id, token, logprob in zip(batch.seqs, batch.tokens, batch.logprobs, strict=True):
                 seq = self.sequences.get(seq_id)
                 if seq is None:
-                    continue  # cancelled or failed meanwhile
+                    continue  # cancelled, failed or finished meanwhile (a run's tokens after its end)
+                taken[seq_id] = taken.get(seq_id, 0) + 1
                 try:
                     outs += self._take(seq, token, logprob)
                 except Exception as exc:  # one bad token (or a tokenizer error) ends its sequence only
@@ -219,14 +271,33 @@ class Head:
                     outs += self.abort((seq_id,), f"node {self.spec.nodes[0]}: {type(exc).__name__}: {exc}")
                     continue
                 if seq.request_id in self.sequences:
-                    going.append(seq)
-        size = self.stage.batch_size(len(self.sequences))
-        for first in range(0, len(going), size):
-            group = going[first : first + size]
-            step = ForwardStep([s.request_id for s in group], [s.stream.next_position for s in group])
-            inputs = torch.tensor([[s.stream.token_ids[-1]] for s in group])  # [B, 1]
-            outs += self.stage.step(step, inputs)
+                    going[seq_id] = seq
+            for seq_id, count in taken.items():
+                self.speculator.took(seq_id, count)
+        group_size = self.stage.batch_size(len(self.sequences))
+        # a run's later token may have ended a sequence an earlier one kept going
+        ordered = [seq for seq_id, seq in going.items() if seq_id in self.sequences]
+        for first in range(0, len(ordered), group_size):
+            group = ordered[first : first + group_size]
+            outs += self._decode(group)
         return outs
+
+    def _decode(self, group: list[HeadSequence]) -> list[Out]:
+        """The next decode step of these sequences: [B, 1] ids, or for one sequence that steps
+        alone, its last token and the drafter's guesses [1, k + 1]."""
+        guesses: tuple[int, ...] = ()
+        for seq in group:
+            stream = seq.stream
+            room = min(stream.budget - len(stream.token_ids), self.stage.context - stream.next_position)
+            allowed = len(group) == 1 and seq.request.speculative
+            guesses = self.speculator.guesses(seq.request_id, seq.known_ids(), room, allowed)
+        if guesses:
+            seq = group[0]
+            step = ForwardStep([seq.request_id], [seq.stream.next_position], drafts={seq.request_id: guesses})
+            return self.stage.step(step, torch.tensor([[seq.stream.token_ids[-1], *guesses]]))  # [1, k + 1]
+        step = ForwardStep([s.request_id for s in group], [s.stream.next_position for s in group])
+        inputs = torch.tensor([[s.stream.token_ids[-1]] for s in group])  # [B, 1]
+        return self.stage.step(step, inputs)
 
     def _take(self, seq: HeadSequence, token: int, logprob: LogprobWire | None) -> list[Out]:
         """One sampled token of one sequence: stream its text (and its logprobs, OpenAI's entry);
@@ -264,6 +335,7 @@ class Head:
         as a cached prefix; entries it covers or that make room for it are forgotten."""
         head = self.sequences.pop(seq, None)
         self.prompts.pop(seq, None)
+        self.speculator.forget(seq)
         if head is None:
             self.stage.release(seq)
             return []
@@ -359,8 +431,8 @@ class Follower:
         self.stage = stage
         self.head_address = spec.peers[0][1]
 
-    def load(self, folder: Path) -> None:
-        """No tokenizer here: only the head reads text."""
+    def load(self, folder: Path, draft_folder: Path | None = None) -> None:
+        """No tokenizer here: only the head reads text (and drafts)."""
 
     def free(self) -> None:
         pass

@@ -50,14 +50,16 @@ class InstanceRunner:
 
     @property
     def memory_bytes(self) -> int:
-        return self.stage.memory_bytes
+        draft = self.role.memory_bytes if isinstance(self.role, Head) else 0
+        return self.stage.memory_bytes + draft
 
     @property
     def breaks_instance_on_error(self) -> bool:
         return self.stage.breaks_instance_on_error
 
-    def load(self, folder: Path) -> None:
-        self.role.load(folder)  # the tokenizer first: cheap, and a bad one fails before the weights
+    def load(self, folder: Path, draft_folder: Path | None = None) -> None:
+        # the tokenizer (and a draft model's) first: cheap, and a bad one fails before the weights
+        self.role.load(folder, draft_folder)
         self.stage.load(folder)
 
     def fail(self, failure: Failure) -> None:

@@ -42,10 +42,31 @@ def fetch_files(runner: Runner, model_dirs: list[Path], node: str, downloads: Do
     """The runner's files, downloaded first when the node lacks them (that download is reported in
     the node's status beside the load, so `place` shows it before the layers load)."""
     spec = runner.spec
-    layers = (spec.start_layer, spec.end_layer)
-    progress = downloads.new(spec.model, layers, spec.n_layers, instance_id=spec.instance_id)
+    return _fetch(
+        spec.model, (spec.start_layer, spec.end_layer), spec.n_layers, runner, model_dirs, node, downloads
+    )
+
+
+def fetch_draft(runner: Runner, model_dirs: list[Path], node: str, downloads: Downloads) -> Path | None:
+    """The head's draft model, whole (none for a drafter without one, or on another rank)."""
+    spec = runner.spec
+    if spec.rank != 0 or not spec.drafts_with_model:
+        return None
+    return _fetch(spec.draft, (0, spec.draft_layers), spec.draft_layers, runner, model_dirs, node, downloads)
+
+
+def _fetch(
+    model: str,
+    layers: tuple[int, int],
+    n_layers: int,
+    runner: Runner,
+    model_dirs: list[Path],
+    node: str,
+    downloads: Downloads,
+) -> Path:
+    progress = downloads.new(model, layers, n_layers, instance_id=runner.spec.instance_id)
     try:
-        folder = locate(spec.model, model_dirs, node, layers, spec.n_layers, progress)
+        folder = locate(model, model_dirs, node, layers, n_layers, progress)
     except ExoctlError as exc:
         downloads.settle(progress, None, exc)
         raise
@@ -61,7 +82,7 @@ def load(runner: Runner, model_dirs: list[Path], node: str, downloads: Downloads
     log.info("loading %s layers [%d, %d) in %s", spec.model_id, spec.start_layer, spec.end_layer, spec.dtype)
     try:
         folder = fetch_files(runner, model_dirs, node, downloads)
-        runner.load(folder)
+        runner.load(folder, fetch_draft(runner, model_dirs, node, downloads))
         log.info("instance %s ready: %.1f MB", spec.instance_id, runner.memory_bytes / 1e6)
     except LoadCancelled:
         log.info("load of instance %s cancelled", spec.instance_id)

@@ -15,7 +15,7 @@ import torch
 
 from exoctl.engine.logprobs import token_logprob
 from exoctl.engine.model import CausalLM, load_model
-from exoctl.engine.sampling import Sampler
+from exoctl.engine.sampling import Sampler, verify_drafts
 from exoctl.wire.instance_messages import (
     Forward,
     ForwardStep,
@@ -79,6 +79,8 @@ class SampleHere:
         sequence whose draw fails is reported failed, and only it ends."""
         if step.partial:
             return []  # more of the prompt is coming: nothing to sample yet
+        if step.drafts:
+            return self._verify(step, out)
         logits = out[:, -1]  # [B, V]
         choices = [self.samplers[seq] for seq in step.seqs]
         picked: dict[str, int] = {}
@@ -99,6 +101,34 @@ class SampleHere:
                 self.to_head(Tokens(self.instance_id, tuple(picked), tuple(picked.values()), entries))
             )
         outs += [self.to_head(SeqError(self.instance_id, (seq,), why)) for seq, why in failed.items()]
+        return outs
+
+    def _verify(self, step: ForwardStep, out: torch.Tensor) -> list[Out]:
+        """A verification step's logits [B, k + 1, V]: each sequence's accepted tokens, in order
+        (its guesses while the target agrees, then its own token), each with its logprobs."""
+        seqs: list[str] = []
+        tokens: list[int] = []
+        entries: list[LogprobWire | None] = []
+        outs: list[Out] = []
+        for b, seq in enumerate(step.seqs):
+            sampler = self.samplers[seq]
+            drafts = step.drafts.get(seq, ())
+            try:
+                accepted = verify_drafts(sampler, out[b, : len(drafts) + 1], drafts)
+            except RuntimeError as exc:
+                outs.append(
+                    self.to_head(
+                        SeqError(self.instance_id, (seq,), f"node {self.node}: sampling failed: {exc}")
+                    )
+                )
+                continue
+            n = sampler.params.logprobs
+            for i, token in enumerate(accepted):
+                seqs.append(seq)
+                tokens.append(token)
+                entries.append(None if n is None else token_logprob(out[b, i], token, n).to_wire())
+        if seqs:
+            outs.insert(0, self.to_head(Tokens(self.instance_id, tuple(seqs), tuple(tokens), tuple(entries))))
         return outs
 
     def _logprobs(

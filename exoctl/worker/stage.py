@@ -67,6 +67,9 @@ class Stage(ABC):
         self.prefixes = PrefixStore(self.node, spec.prefix_bytes)
         self.unloading = False
         self.leased: set[str] = set()  # sequences held here when the head last said which live
+        # sequence -> the first position of its last verification step's guesses: a later step
+        # may start anywhere from there, and the rejected positions after its start are cut
+        self.guessed_from: dict[str, int] = {}
         self.decoded = 0  # decode positions computed here, and the time they took
         self.compute_s = 0.0
         # sends a message at once, before the step that produced it ends (set by the compute lane)
@@ -146,6 +149,7 @@ class Stage(ABC):
         self.unloading = True
         self.model = None
         self.caches.clear()
+        self.guessed_from.clear()
         self.prefixes.clear()
         release_memory()
 
@@ -232,18 +236,33 @@ class Stage(ABC):
         self._check_room(seqs, starts, count)
         opened = {seq: self._open(step, seq, count) for seq in seqs if seq not in self.caches}
         for seq, start in zip(seqs, starts, strict=True):
-            held = opened[seq].length if seq in opened else self.position(seq)
+            held = opened[seq].length if seq in opened else self._cut_rejected(seq, start)
             if held != start:
                 raise ExoctlError(f"sequence {seq} is at position {held} here, not {start}")
         self.caches.update(opened)
         caches = [self.caches[seq] for seq in seqs]
         positions = torch.tensor(starts)[:, None] + torch.arange(count)[None, :]  # [B, T]
         began = time.perf_counter()
-        out = model.forward(inputs, positions, caches)
-        if count == 1:
+        # a verification step's sampling runner needs every position's logits: [B, k + 1, V]
+        out = model.forward(inputs, positions, caches, all_logits=bool(step.drafts))
+        for seq, start in zip(seqs, starts, strict=True):
+            if seq in step.drafts:
+                self.guessed_from[seq] = start + 1
+            else:
+                self.guessed_from.pop(seq, None)
+        if count == 1 or step.drafts:  # decode passes (a verification step is one pass)
             self.decoded += len(seqs)
             self.compute_s += time.perf_counter() - began
         return out
+
+    def _cut_rejected(self, seq: str, start: int) -> int:
+        """The positions a sequence holds here for a step at `start`: a verification step's
+        rejected guesses after `start` are cut first."""
+        cache = self.caches[seq]
+        floor = self.guessed_from.get(seq)
+        if floor is not None and floor <= start < cache.length:
+            cache.truncate(start)
+        return cache.length
 
     def _open(self, step: ForwardStep, seq: str, count: int) -> KVCache:
         """The cache of a sequence new here: empty, or a copy of the cached prefix its first step
@@ -270,6 +289,7 @@ class Stage(ABC):
     def release(self, seq: str, keep: int | None = None) -> None:
         """Free a sequence; or keep its first `keep` positions as a cached prefix of its name."""
         cache = self.caches.pop(seq, None)
+        self.guessed_from.pop(seq, None)
         if keep is not None and cache is not None:
             self.prefixes.keep(seq, cache, keep)
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from exoctl.engine.model import CausalLM, load_model
-from exoctl.engine.parallel_sampling import RankSampler, choose_tokens, rank_logprobs
+from exoctl.engine.parallel_sampling import RankSampler, choose_tokens, rank_logprobs, verify_drafts
 from exoctl.engine.shard import TensorShard
 from exoctl.errors import CollectiveError, ExoctlError
 from exoctl.wire.instance_messages import Forward, ForwardStep, LogprobWire, Reuse, SequenceStart, Tokens
@@ -147,14 +147,15 @@ class TensorRank(Stage):
         chosen = self._tokens_of(step, ids)
         if chosen is None:
             return []
-        tokens, logprobs = chosen
-        return [self.to_head(Tokens(spec.instance_id, tuple(step.seqs), tuple(tokens), tuple(logprobs)))]
+        seqs, tokens, logprobs = chosen
+        return [self.to_head(Tokens(spec.instance_id, tuple(seqs), tuple(tokens), tuple(logprobs)))]
 
     def _tokens_of(
         self, step: ForwardStep, inputs: torch.Tensor
-    ) -> tuple[list[int], list[LogprobWire | None]] | None:
-        """Run every layer's part on ids [B, T]; the next token of each sequence, as all ranks agree,
-        or None for a prompt chunk with more to come (every rank runs it, none samples)."""
+    ) -> tuple[list[str], list[int], list[LogprobWire | None]] | None:
+        """Run every layer's part on ids [B, T]; the next token of each sequence, as all ranks agree
+        (after a verification step, each sequence once per token it accepted), or None for a
+        prompt chunk with more to come (every rank runs it, none samples)."""
         seqs = step.seqs
         for row, seq in enumerate(seqs):  # a prompt's ids, for its repetition penalty
             self.rank_samplers[seq].saw_prompt(inputs[row].tolist())
@@ -162,16 +163,41 @@ class TensorRank(Stage):
         out = self.run(step, inputs)
         if step.partial:
             return None
-        logits = out[:, -1]  # [B, V / k]
         began = time.perf_counter()
         samplers = [self.rank_samplers[seq] for seq in seqs]
         vocab = self._model().config.vocab_size
-        tokens = choose_tokens(logits, self.shard, vocab, samplers, self.collective.all_gather)
-        logprobs = rank_logprobs(logits, self.shard, vocab, samplers, tokens, self.collective.all_gather)
-        if inputs.shape[1] == 1:
+        gather = self.collective.all_gather
+        if step.drafts:
+            chosen = self._verify(step, out, samplers)
+        else:
+            logits = out[:, -1]  # [B, V / k]
+            tokens = choose_tokens(logits, self.shard, vocab, samplers, gather)
+            logprobs = rank_logprobs(logits, self.shard, vocab, samplers, tokens, gather)
+            chosen = list(seqs), tokens, logprobs
+        if inputs.shape[1] == 1 or step.drafts:
             self.compute_s += time.perf_counter() - began
             self.decode_collective_s += self.collective.busy_s - waited
-        return tokens, logprobs
+        return chosen
+
+    def _verify(
+        self, step: ForwardStep, out: torch.Tensor, samplers: list[RankSampler]
+    ) -> tuple[list[str], list[int], list[LogprobWire | None]]:
+        """A verification step's logits [B, k + 1, V / k]: the tokens every rank accepts for each
+        sequence, in order, with their logprobs (the same gathers on every rank)."""
+        vocab = self._model().config.vocab_size
+        gather = self.collective.all_gather
+        seqs: list[str] = []
+        tokens: list[int] = []
+        logprobs: list[LogprobWire | None] = []
+        for b, (seq, sampler) in enumerate(zip(step.seqs, samplers, strict=True)):
+            drafts = list(step.drafts.get(seq, ()))
+            rows = out[b, : len(drafts) + 1]
+            accepted = verify_drafts(rows, self.shard, vocab, sampler, drafts, gather)
+            for i, token in enumerate(accepted):
+                seqs.append(seq)
+                tokens.append(token)
+                logprobs += rank_logprobs(rows[i : i + 1], self.shard, vocab, [sampler], [token], gather)
+        return seqs, tokens, logprobs
 
     def forward(self, message: Forward) -> list[Out]:
         """A rank other than the head: run this step on the ids the head sent."""
