@@ -31,11 +31,11 @@ from typing import Any
 import torch
 
 from exoctl.cluster.client import Cluster
+from exoctl.cluster.drafts import choose_draft
 from exoctl.cluster.views import instances_of
 from exoctl.inventory import load_inventory_file
 from exoctl.keys import find_keys
 from exoctl.models.catalog import DEFAULT_MODEL_ID
-from exoctl.models.drafts import choose_draft
 from exoctl.models.store import resolve_card
 from exoctl.placement.pipeline import PlacementRequest
 from exoctl.wire.runner_report import SpeculationReport

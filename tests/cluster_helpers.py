@@ -298,5 +298,9 @@ def load_header(**changes: Any) -> bytes:
         "prefix_positions": 0,
         "prefix_bytes": 0,
         "position_bytes": [],
+        "draft": "",
+        "draft_model_id": "",
+        "draft_dtype": "",
+        "draft_layers": 0,
     }
     return header("load", **{**fields, **changes})

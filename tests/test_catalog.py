@@ -13,7 +13,9 @@ TEST_PLAN_IDS = {
 
 
 def test_the_catalog_has_the_test_plan_ids_and_the_default() -> None:
-    assert {c.id for c in load_catalog()} == TEST_PLAN_IDS | {"smollm2-135m-cpu"}
+    # and the test plan's models' draft models (speculative decoding: the same tokenizer, far smaller)
+    drafts = {"llama-3.2-1b-cpu", "qwen2.5-0.5b-cpu"}
+    assert {c.id for c in load_catalog()} == TEST_PLAN_IDS | {"smollm2-135m-cpu"} | drafts
 
 
 @pytest.mark.parametrize("card", load_catalog(), ids=lambda c: c.id)

@@ -203,7 +203,9 @@ def test_dry_run_on_the_example_inventory_uses_the_test_plans_node_counts(
         "kv_bytes",
         "prefix_cache_bytes",
         "runtime_bytes",
+        "draft_bytes",
     }
+    assert plan["draft"] is None  # no drafter unless asked (--draft)
     assert plan["reason"].startswith("pipeline, as asked: layers node1 [0, ")
     table = exoctl(*args)
     assert table.returncode == 0 and "node1" in table.stdout and "GB" in table.stdout

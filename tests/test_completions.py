@@ -37,4 +37,4 @@ def complete_bash(words: str) -> list[str]:
 def test_bash_completes_commands_options_and_model_ids() -> None:
     assert complete_bash("exoctl pl") == ["place"]
     assert "--dry-run" in complete_bash("exoctl place --dr")
-    assert complete_bash("exoctl place qwen") == ["qwen2.5-32b-cpu", "qwen2.5-32b-cuda"]
+    assert complete_bash("exoctl place qwen2.5-3") == ["qwen2.5-32b-cpu", "qwen2.5-32b-cuda"]

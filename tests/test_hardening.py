@@ -216,6 +216,7 @@ def test_a_nan_budget_is_an_error_for_its_request(
             "prompt": "hi",
             "chat": None,
             "cache_prompt": True,
+            "speculative": True,
         }
         node1.send_multipart([header("generate", **fields, request_id="r1", params={"max_tokens": math.nan})])
         deadline = time.monotonic() + 10

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 
 from exoctl.cluster.client import Cluster
+from exoctl.cluster.drafts import choose_draft
 from exoctl.cluster.views import instances_of
 from exoctl.engine.tokenizer import Tokenizer
 from exoctl.errors import ExoctlError
 from exoctl.models.catalog import DEFAULT_MODEL_ID
-from exoctl.models.drafts import choose_draft
 from exoctl.models.store import resolve_card
 from exoctl.placement.pipeline import PlacementRequest
 from exoctl.wire.answer import Completion

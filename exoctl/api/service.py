@@ -17,6 +17,7 @@ import zmq
 
 from exoctl.api.instance_doc import planned_placement
 from exoctl.cluster.client import Cluster
+from exoctl.cluster.drafts import choose_draft
 from exoctl.cluster.state import history, planned_instance, state_document
 from exoctl.cluster.views import (
     InstanceView,
@@ -31,7 +32,6 @@ from exoctl.errors import ExoctlError, ModelNotFoundError
 from exoctl.inventory import Inventory
 from exoctl.keys import ClusterKeys
 from exoctl.models.catalog import ModelCard, find_card, get_card, load_catalog
-from exoctl.models.drafts import choose_draft
 from exoctl.models.gguf.file import is_gguf_model
 from exoctl.models.store import allowed_roots, as_path, hub_reference, is_model_folder, resolve_card
 from exoctl.placement.pipeline import Placement, PlacementError, PlacementRequest
@@ -55,7 +55,7 @@ class LoadRecord:
     ref: str  # what was asked for: catalog id or folder, to place it again after a failure
     sharding: str = "auto"  # as asked (auto stays auto when it is placed again)
     prefix_cache_bytes: int | None = None  # as asked (None: each node's own budget)
-    draft: str | None = None  # speculative decoding's drafter, as asked (`models.drafts`)
+    draft: str | None = None  # speculative decoding's drafter, as asked (`cluster.drafts`)
     draft_dtype: str = "auto"
     status: str = "loading"  # loading | ready | failed
     error: str = ""

@@ -50,9 +50,9 @@ def plan_for(
     draft_dtype: str = "auto",
 ) -> Plan:
     """Where `place` would put `card` on these nodes, and why (`auto` dtype resolved for them);
-    `draft`: speculative decoding's drafter (`models.drafts`)."""
+    `draft`: speculative decoding's drafter (`cluster.drafts`)."""
+    from exoctl.cluster.drafts import choose_draft
     from exoctl.cluster.views import runtime_dtype
-    from exoctl.models.drafts import choose_draft
     from exoctl.placement.pipeline import GB, PlacementRequest
 
     request = PlacementRequest(

@@ -18,8 +18,8 @@ from exoctl.cli.options import DtypeOption, JsonOption, PrefixCacheOption, Shard
 from exoctl.cli.output import console, out
 from exoctl.cli.progress import LoadProgress
 from exoctl.cli.render import placement_json, placement_table
+from exoctl.cluster.drafts import DRAFT_HELP
 from exoctl.errors import ExoctlError
-from exoctl.models.drafts import DRAFT_HELP
 from exoctl.placement.sharding import check_sharding
 
 if TYPE_CHECKING:

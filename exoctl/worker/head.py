@@ -151,14 +151,9 @@ class Head:
         )
 
     def _speculation_report(self) -> SpeculationReport | None:
-        speculator = self.speculator
         if not self.spec.draft:
             return None
-        stats = speculator.stats
-        drafter = self.spec.draft_model_id or self.spec.draft
-        return SpeculationReport(
-            drafter, stats.passes, stats.tokens, stats.verify_passes, stats.drafted, stats.accepted
-        )
+        return self.speculator.stats.report(self.spec.draft_model_id or self.spec.draft)
 
     def leases(self) -> list[Out]:
         """The head's word to the other runners on which sequences live and which cached prefixes

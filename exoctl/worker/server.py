@@ -311,6 +311,8 @@ class Worker:
 
     def _load(self, spec: RunnerSpec) -> None:
         check_reference(spec.model, self.options.model_dirs, self.name)
+        if spec.drafts_with_model and spec.rank == 0:  # the head loads the draft model
+            check_reference(spec.draft, self.options.model_dirs, self.name)
         runner = self.held.add(spec)
         self.peers.expect([address for _, address in spec.peers], time.monotonic())
         start_loading(runner, self.options.model_dirs, self.name, self.downloads)

@@ -26,6 +26,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from exoctl.wire.runner_report import SpeculationReport
+
 START_K = 4
 MAX_K = 8
 JUDGE_AFTER = 3  # passes of each kind timed before speculation is judged
@@ -87,13 +89,10 @@ class SpeculationStats:
     drafted: int = 0  # tokens guessed
     accepted: int = 0  # of them, accepted
 
-    @property
-    def acceptance(self) -> float:
-        return self.accepted / self.drafted if self.drafted else 0.0
-
-    @property
-    def tokens_per_pass(self) -> float:
-        return self.tokens / self.passes if self.passes else 0.0
+    def report(self, drafter: str) -> SpeculationReport:
+        return SpeculationReport(
+            drafter, self.passes, self.tokens, self.verify_passes, self.drafted, self.accepted
+        )
 
 
 class Speculator:
