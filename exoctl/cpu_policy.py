@@ -10,6 +10,10 @@ test on an AVX2 machine runs what a bf16-native machine will run, and the other 
 - `EXOCTL_BF16_MATMUL` (`torch` | `kernel` | `auto`): who multiplies bfloat16 weights. `auto`:
   torch (oneDNN's native bf16 GEMM) where the CPU has native bf16, exoctl's own kernel (bf16
   widened to float32 in registers) elsewhere.
+- `EXOCTL_F32_MATMUL` (`torch` | `kernel` | `auto`): who multiplies float32 weights by a step of
+  at most 16 rows (decode, speculative decoding's verification). `auto` is the kernel, whose cost
+  barely grows with the rows (each weight read once), where oneDNN's sgemm costs 1.7-2.2x one
+  row's at 2 to 5 rows on the AVX2 EPYC it was measured on; prompts of more rows go to oneDNN.
 - `EXOCTL_KERNEL_ISA` (`native` | `portable` | `auto`): how the quantized kernel is built.
   `auto` is `native` (`-march=native`: AVX2 intrinsics where the CPU has them); `portable` builds
   the plain C loop a CPU without AVX2 runs (engine.qkernel).
@@ -27,6 +31,8 @@ ACTIVATIONS_ENV = "EXOCTL_ACTIVATIONS"
 BF16_MATMUL_ENV = "EXOCTL_BF16_MATMUL"
 ACTIVATION_CHOICES = ("auto", "bfloat16", "float32")
 BF16_MATMUL_CHOICES = ("auto", "torch", "kernel")
+F32_MATMUL_ENV = "EXOCTL_F32_MATMUL"
+F32_MATMUL_CHOICES = ("auto", "torch", "kernel")
 KERNEL_ISA_ENV = "EXOCTL_KERNEL_ISA"
 KERNEL_ISA_CHOICES = ("auto", "native", "portable")
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -88,6 +94,11 @@ def bf16_matmul_by_kernel(native: bool | None = None) -> bool:
     if choice is not None:
         return choice == "kernel"
     return not (cpu_has_native_bf16() if native is None else native)
+
+
+def f32_matmul_by_kernel() -> bool:
+    """Whether float32 weights go through exoctl's kernel for steps of few rows (EXOCTL_F32_MATMUL)."""
+    return forced(F32_MATMUL_ENV, F32_MATMUL_CHOICES) != "torch"
 
 
 def portable_kernel() -> bool:

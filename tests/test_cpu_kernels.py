@@ -67,6 +67,39 @@ def test_bf16_linear_equals_the_float32_matmul_of_its_weights(
     assert bool(((out.float() - truth).abs() <= bound).all())
 
 
+@pytest.mark.parametrize(("forced", "by_kernel"), [("kernel", True), ("torch", False), ("auto", True)])
+def test_the_f32_matmul_switch_picks_the_path(
+    monkeypatch: pytest.MonkeyPatch, forced: str, by_kernel: bool
+) -> None:
+    monkeypatch.setenv("EXOCTL_F32_MATMUL", forced)
+    weight, x = torch.randn(64, 96), torch.randn(3, 96)
+    linear = Linear(weight)
+    assert (linear.small is not None) == by_kernel
+    torch.testing.assert_close(linear(x), F.linear(x, weight), rtol=1e-5, atol=1e-5)
+
+
+# K = 203 ends in a tail the kernel adds one by one; 17 rows and more go to oneDNN's GEMM.
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 16, 17])
+@pytest.mark.parametrize("size", [203, 576])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_f32_linear_equals_torch_and_each_row_is_the_same_bits_alone(
+    monkeypatch: pytest.MonkeyPatch, rows: int, size: int, with_bias: bool
+) -> None:
+    """The kernel's sums per row do not depend on the other rows: a verification step of k + 1
+    positions gives each position the bits a step of one gives it (speculative decoding)."""
+    monkeypatch.setenv("EXOCTL_F32_MATMUL", "kernel")
+    generator = torch.Generator().manual_seed(rows)
+    weight = torch.randn(1030, size, generator=generator)
+    bias = torch.randn(1030, generator=generator) if with_bias else None
+    x = torch.randn(rows, size, generator=generator)
+    linear = Linear(weight, bias)
+    out = linear(x)
+    torch.testing.assert_close(out, F.linear(x, weight, bias), rtol=1e-5, atol=1e-4)
+    if rows <= kernel_calls.KERNEL_ROWS:
+        alone = torch.cat([linear(x[i : i + 1]) for i in range(rows)])
+        assert torch.equal(out, alone)
+
+
 def test_an_empty_batch_gives_an_empty_answer(kernel_linear: type[Linear]) -> None:
     linear = kernel_linear(torch.ones(16, 16, dtype=torch.bfloat16))
     assert linear(torch.empty(0, 16, dtype=torch.bfloat16)).shape == (0, 16)

@@ -131,6 +131,20 @@ def test_any_run_of_guesses_gives_exactly_the_greedy_tokens(
     assert 0 < stats.accepted < stats.drafted and stats.tokens == stats.passes + stats.accepted
 
 
+def test_the_onednn_float32_path_gives_the_same_tokens_too(
+    tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EXOCTL_F32_MATMUL=torch: steps of few rows through oneDNN instead of the kernel."""
+    monkeypatch.setenv("EXOCTL_F32_MATMUL", "torch")
+    runner = speculating(tiny_models["qwen2"])
+    plain = ask(runner, "plain", COPY, speculate=False)
+    head = head_of(runner)
+    prompt = len(head.tokenizer.encode(COPY))  # type: ignore[union-attr]
+    head.speculator = Speculator(Scripted(prompt, plain.token_ids, head.stage.vocab_size))
+    assert ask(runner, "fast", COPY).token_ids == plain.token_ids
+    assert head.speculator.stats.accepted > 0
+
+
 def test_prompt_lookup_on_a_real_model_copying_its_prompt(smollm2_gguf: Path) -> None:
     """SmolLM2 asked to repeat a list: prompt lookup guesses most of it, with the same tokens."""
     runner = speculating(smollm2_gguf)

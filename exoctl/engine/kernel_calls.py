@@ -49,6 +49,33 @@ def bf16_kernel() -> ctypes.CDLL | None:
     return qkernel.optional_library() if by_kernel else None
 
 
+def f32_kernel() -> ctypes.CDLL | None:
+    """The node's float32 kernel for steps of few rows (EXOCTL_F32_MATMUL), or None: torch's."""
+    return qkernel.optional_library() if cpu_policy.f32_matmul_by_kernel() else None
+
+
+def f32_linear(
+    kernel: ctypes.CDLL,
+    x: torch.Tensor,
+    rows: int,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+) -> None:
+    """out [rows, N] = x [rows, K] @ weight [N, K]^T + bias, all float32 and contiguous."""
+    n, k = weight.shape
+    kernel.f32_linear(
+        x.data_ptr(),
+        rows,
+        k,
+        weight.data_ptr(),
+        0 if bias is None else bias.data_ptr(),
+        out.data_ptr(),
+        n,
+        torch.get_num_threads(),
+    )
+
+
 def step_kernel(rows: int, *tensors: torch.Tensor) -> ctypes.CDLL | None:
     """The library for a C per-layer step over `rows` rows of `tensors` (one dtype, contiguous),
     or None where torch's step runs."""

@@ -39,6 +39,14 @@ class Linear:
         if self.kernel is not None:
             weight = weight.contiguous()
             self.bias32 = None if bias is None else bias.float().contiguous()
+        # float32: steps of at most KERNEL_ROWS rows go through the node's kernel, which reads the
+        # plain row-major weight (oneDNN's prepacked copy stays for prompts: two copies would
+        # double the bytes, so the kernel path keeps the plain one and prompts use F.linear)
+        self.small = kernel_calls.f32_kernel() if weight.dtype is torch.float32 else None
+        if self.small is not None:
+            self.packed = False
+            weight = weight.contiguous()
+            self.bias32 = None if bias is None else bias.contiguous()
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1) if self.packed else weight
         # A tensor rank's o_proj/down_proj output is a partial sum: kept in float32 where the path
         # computes in float32 (the kernel, a float32 matrix), so ranks round once, after the sum.
@@ -55,6 +63,13 @@ class Linear:
         return self._torch(x)
 
     def _torch(self, x: torch.Tensor) -> torch.Tensor:
+        if self.small is not None:
+            rows = x.numel() // self.in_features
+            if 0 < rows <= kernel_calls.KERNEL_ROWS:
+                flat = x if x.is_contiguous() else x.contiguous()
+                out = torch.empty((*x.shape[:-1], self.out_features))
+                kernel_calls.f32_linear(self.small, flat, rows, self.weight, self.bias32, out)
+                return out
         if self.packed:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)

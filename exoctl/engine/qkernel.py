@@ -28,7 +28,8 @@ from exoctl.paths import exoctl_home
 KERNELS = Path(__file__).with_name("kernels")
 # one library: the matmuls and per-layer steps, and the ranks' shared-memory signalling
 SOURCES = tuple(
-    KERNELS / name for name in ("quant_matmul.c", "bf16_matmul.c", "layer_steps.c", "shm_signal.c")
+    KERNELS / name
+    for name in ("quant_matmul.c", "bf16_matmul.c", "f32_matmul.c", "layer_steps.c", "shm_signal.c")
 )
 HEADER = KERNELS / "exoctl_kernels.h"  # the exported prototypes (engine/kernel_calls.py's table)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
@@ -44,6 +45,7 @@ SIGNATURES: dict[str, tuple[type | None, list[type]]] = {
     "qmm_linear": (_i32, [_ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _i32, _i32]),
     "bf16_linear": (_i32, [_ptr, _i32, _i64, _i64, _ptr, _ptr, _ptr, _i32, _i64, _i32]),
     "bf16_widen": (None, [_ptr, _ptr, _i64, _i32]),
+    "f32_linear": (None, [_ptr, _i64, _i64, _ptr, _ptr, _ptr, _i64, _i32]),
     "rms_norm": (None, [_ptr, _ptr, _ptr, _i64, _i64, _f32, _i32, _i32]),
     "rope": (None, [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _i32]),
     "silu_mul": (None, [_ptr, _ptr, _i64, _i64, _i32, _i32]),

@@ -22,6 +22,9 @@ int qmm_linear(const float *x, int64_t M, int64_t K, const void *w, const void *
 int bf16_linear(const void *x, int x_bf16, int64_t M, int64_t K, const uint16_t *w, const float *bias, void *y,
                 int y_bf16, int64_t N, int threads);
 void bf16_widen(const uint16_t *src, float *dst, int64_t n, int threads);
+/* f32_matmul.c */
+void f32_linear(const float *x, int64_t M, int64_t K, const float *w, const float *bias, float *y, int64_t N,
+                int threads);
 /* layer_steps.c */
 void rms_norm(const void *x, void *y, const void *w, int64_t M, int64_t D, float eps, int bf16, int threads);
 void rope(void *x, int64_t M, int64_t stride, int64_t heads, int64_t D, const void *cos, const void *sin,
