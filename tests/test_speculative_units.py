@@ -25,7 +25,7 @@ from exoctl.wire.instance_messages import Forward, ForwardStep, StepRefused
 from exoctl.wire.messages import parse
 from exoctl.wire.protocol import Tensor
 from exoctl.wire.sampling_params import SamplingParams
-from exoctl.worker.speculation import MAX_K, PAUSE_PASSES, START_K, Speculator
+from exoctl.worker.speculation import MAX_K, PAUSE_PASSES, START_K, Speculator, best_k
 
 # --- prompt lookup --------------------------------------------------------------------------------
 
@@ -79,18 +79,32 @@ def pass_of(
     return guessed
 
 
-def test_k_grows_while_every_guess_is_accepted_and_shrinks_to_what_was() -> None:
+def test_k_is_chosen_by_acceptance_and_cost() -> None:
+    assert best_k(0.99, 0.05) == MAX_K  # guesses come true and positions are cheap: long runs
+    assert best_k(0.2, 0.1) == 1  # they mostly fail
+    assert best_k(0.7, 0.05) in (4, 5, 6)
+    assert best_k(0.9, 0.6) <= 2  # a draft model that costs most of a plain pass per guess
+
+
+def test_k_follows_what_the_sequence_shows() -> None:
     clock = Clock()
     spec = Speculator(Fixed(), clock)
-    assert [pass_of(spec, clock, 1.0) for _ in range(3)] == [START_K, START_K + 1, START_K + 2]
-    for _ in range(3):  # plain passes are timed too, to judge against
-        assert pass_of(spec, clock, 1.0) == 0
-    for _ in range(10):
+    assert pass_of(spec, clock, 1.0) == START_K
+    for _ in range(5):  # two more guessing passes, then three plain ones (timed, to judge against)
         pass_of(spec, clock, 1.0)
+    assert spec.sequences["s"].plain.passes == 3
+    for _ in range(6):  # every guess accepted, each costing 5% of a plain pass
+        guessed = len(spec.guesses("s", [1, 2, 3], 100, allowed=True))
+        clock.now += 1.0 + 0.05 * guessed
+        spec.took("s", 1 + guessed)
     assert spec.sequences["s"].k == MAX_K
-    pass_of(spec, clock, 1.0, accepted=2)
-    assert spec.sequences["s"].k == 3
-    assert pass_of(spec, clock, 1.0, room=2) == 1  # k + 1 tokens must fit what is left
+    state = spec.sequences["s"]
+    while state.rejected < 3:  # now nothing is accepted, and each guess costs 10% of a plain pass
+        guessed = len(spec.guesses("s", [1, 2, 3], 100, allowed=True))
+        clock.now += 1.0 + 0.1 * guessed
+        spec.took("s", 1)
+    assert state.k <= 2 and state.accepted / (state.accepted + state.rejected) < 0.5
+    assert pass_of(spec, clock, 1.0, room=2) <= 1  # k + 1 tokens must fit what is left
     assert spec.guesses("s", [1], 100, allowed=False) == ()  # a batch, or a request that said no
 
 

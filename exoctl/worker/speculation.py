@@ -5,8 +5,13 @@ them all (the weights are read once for the k + 1 positions), and the sampling r
 longest run the target agrees with. What that buys depends on how often the guesses are right and
 on what a pass costs, so each sequence adapts:
 
-- k: one more after a pass that accepted every guess (up to MAX_K), else one more than it
-  accepted (a pass that accepted a guesses suggests the next will accept about as many).
+- k: the count of guesses that gives the most tokens per second by what this sequence has shown.
+  Guesses are taken as accepted one after another with probability p (its accepted guesses over
+  those and its rejections, recent passes weighing most), so k guesses give (1 - p^(k+1)) / (1 - p)
+  tokens a pass; a pass of k guesses costs (1 + k (s + d)) plain passes, s the extra cost of a
+  verified position and d the drafter's time per guess, both measured from its passes. It picks the
+  k from 1 to MAX_K with the most tokens per cost: long runs where guesses come true and positions
+  are cheap, short ones where they fail or cost.
 - Worth it: the head times every decode pass of the sequence (sent to tokens back) and the
   drafter's time. Once it has seen JUDGE_AFTER passes of each kind, speculation whose tokens per
   second (tokens per pass over pass + draft time) fall below those of a plain pass pauses for
@@ -30,6 +35,10 @@ from exoctl.wire.runner_report import SpeculationReport
 
 START_K = 4
 MAX_K = 8
+# before a sequence has shown anything: guesses accepted 2 times in 3, a verified position 5% of a
+# plain pass (SmolLM2 float32, AVX2 EPYC: a step of 5 positions 1.24x one of 1)
+PRIOR_ACCEPTED, PRIOR_REJECTED, PRIOR_SLOPE = 2.0, 1.0, 0.05
+FORGETTING = 0.7  # each pass, older acceptance counts weigh this much less
 JUDGE_AFTER = 3  # passes of each kind timed before speculation is judged
 PAUSE_PASSES = 16  # plain passes after speculation lost; doubles while it keeps losing
 MAX_PAUSE = 256
@@ -69,6 +78,10 @@ class _Tally:
 @dataclass
 class _Sequence:
     k: int = START_K
+    accepted: float = PRIOR_ACCEPTED  # guesses accepted and rejections seen, recent ones weighing most
+    rejected: float = PRIOR_REJECTED
+    slope: float = PRIOR_SLOPE  # a verified position's cost over a plain pass's
+    draft_share: float = 0.0  # the drafter's time per guess over a plain pass's
     plain: _Tally = field(default_factory=_Tally)
     guessed: _Tally = field(default_factory=_Tally)
     pause: int = 0  # plain passes left before it guesses again
@@ -93,6 +106,17 @@ class SpeculationStats:
         return SpeculationReport(
             drafter, self.passes, self.tokens, self.verify_passes, self.drafted, self.accepted
         )
+
+
+def best_k(p: float, cost: float) -> int:
+    """The guesses per pass with the most expected tokens per cost, for guesses accepted in turn
+    with probability p and each costing `cost` of a plain pass."""
+
+    def rate(k: int) -> float:
+        tokens = k + 1 if p >= 1 else (1 - p ** (k + 1)) / (1 - p)
+        return tokens / (1 + k * cost)
+
+    return max(range(1, MAX_K + 1), key=rate)
 
 
 class Speculator:
@@ -145,8 +169,19 @@ class Speculator:
         stats.drafted += drafted
         stats.accepted += accepted
         state.guessed.add(seconds + state.draft_s, tokens)
-        state.k = min(MAX_K, state.k + 1) if accepted == drafted else max(1, accepted + 1)
+        self._learn(state, drafted, accepted, seconds)
         self._judge(state)
+
+    def _learn(self, state: _Sequence, drafted: int, accepted: int, seconds: float) -> None:
+        """Update the sequence's acceptance and costs from a verification pass, and choose its k."""
+        state.accepted = FORGETTING * state.accepted + accepted
+        state.rejected = FORGETTING * state.rejected + (1 if accepted < drafted else 0)
+        plain = state.plain.seconds
+        if plain > 0:
+            slope = min(max((seconds / plain - 1) / drafted, 0.0), 1.0)
+            state.slope += SMOOTHING * (slope - state.slope)
+            state.draft_share += SMOOTHING * (state.draft_s / drafted / plain - state.draft_share)
+        state.k = best_k(state.accepted / (state.accepted + state.rejected), state.slope + state.draft_share)
 
     def _judge(self, state: _Sequence) -> None:
         if state.plain.passes < JUDGE_AFTER or state.guessed.passes < JUDGE_AFTER:
@@ -156,8 +191,7 @@ class Speculator:
             return
         state.pause = min(MAX_PAUSE, PAUSE_PASSES << state.losses)
         state.losses += 1
-        state.guessed = _Tally()  # judged again on fresh passes when it tries again
-        state.k = START_K
+        state.guessed = _Tally()  # judged again on fresh passes when it tries again (with the k it learned)
 
     def forget(self, seq: str) -> None:
         self.sequences.pop(seq, None)
