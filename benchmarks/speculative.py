@@ -138,6 +138,43 @@ def step_cost_ratio(k: int) -> tuple[float, float]:
     return 1000 * one, best(k + 1) / one
 
 
+def step_costs() -> None:
+    """SmolLM2's step at 128 positions of history, one process: T positions of one sequence (a
+    verification step) and B sequences of one position (a batch), against one position of one."""
+    from exoctl.engine.model import load_model
+    from exoctl.models.default import find_gguf
+
+    print("| SmolLM2 step | B=1, T=1 | T=2 | T=3 | T=5 | T=9 | B=2, T=1 | B=4, T=1 |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for label, dtype, f32 in (
+        ("float32, oneDNN", "float32", "torch"),
+        ("float32, the kernel", "float32", "kernel"),
+        ("int4", "int4", "kernel"),
+    ):
+        os.environ["EXOCTL_F32_MATMUL"] = f32
+        model = load_model(find_gguf(), None, dtype)
+        caches = [model.new_cache() for _ in range(4)]
+        for cache in caches:
+            model.forward(torch.randint(0, 32000, (1, 128)), torch.arange(128)[None, :], [cache])
+
+        def best(batch: int, count: int, model: Any = model, caches: list[Any] = caches) -> float:
+            times = []
+            for _ in range(15):
+                ids = torch.randint(0, 32000, (batch, count))
+                positions = torch.arange(128, 128 + count)[None, :].repeat(batch, 1)
+                began = time.perf_counter()
+                model.forward(ids, positions, caches[:batch], all_logits=count > 1)
+                times.append(time.perf_counter() - began)
+                for cache in caches[:batch]:
+                    cache.truncate(128)
+            return min(times)
+
+        one = best(1, 1)
+        ratios = [best(1, t) / one for t in (2, 3, 5, 9)] + [best(b, 1) / one for b in (2, 4)]
+        print(f"| {label} | {one * 1000:.1f} ms | " + " | ".join(f"{r:.2f}x" for r in ratios) + " |")
+    os.environ.pop("EXOCTL_F32_MATMUL", None)
+
+
 def main() -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from bench_cluster import local_workers
@@ -151,7 +188,11 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--skip-projection", action="store_true")
+    parser.add_argument("--step-costs", action="store_true", help="Only the cost of a step by its shape.")
     args = parser.parse_args()
+    if args.step_costs:
+        step_costs()
+        return
     counts = [int(c) for c in args.workers.split(",")]
     flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
     features = ", ".join(

@@ -148,6 +148,7 @@ def test_place_chat_and_a_lost_node_from_the_page(
         choose(browser, "place-model", DEFAULT_MODEL_ID)
         choose(browser, "place-sharding", "Pipeline")
         choose(browser, "place-nodes", "2")
+        choose(browser, "place-draft", "ngram")  # speculative decoding by prompt lookup
         chosen = until(lambda: css(browser, "#preview tr.chosen"), 30, "a preview that fits")
         assert chosen[0].get_attribute("data-nodes") == "2" and "node1" in chosen[0].text
         assert re.search(r"node1\s+\[0, 15\) · [\d.]+ [MG]iB\s+node2\s+\[15, 30\)", chosen[0].text), chosen[
@@ -196,6 +197,10 @@ def test_place_chat_and_a_lost_node_from_the_page(
             return int(pill[0].get_attribute("data-hits")) if pill else 0
 
         assert until(hits, 10, "the cache hit on the instance card") >= 1
+        # placed with prompt lookup: the card says so, with the passes' tokens and acceptance
+        speculation = css(browser, f".instance[data-instance='{instance_id}'] [data-role=speculation]")
+        assert speculation and speculation[0].text.startswith("ngram · "), speculation
+        assert "tok/pass" in speculation[0].text and speculation[0].get_attribute("data-drafted") is not None
         notes = [
             n.text for n in css(browser, f".instance[data-instance='{instance_id}'] [data-role=runner-note]")
         ]

@@ -290,3 +290,33 @@ def test_the_draft_model_is_counted_on_the_head_node_only() -> None:
     small = [NodeProfile("only", 5 * GB, 5 * GB)]
     with pytest.raises(PlacementError, match="the draft model"):
         place(get_card("llama-3.1-8b-cpu"), small, PlacementRequest(dtype="int4", nodes=1, draft=draft))
+
+
+# --- what /metrics and /state say -------------------------------------------------------------------
+
+
+def test_metrics_and_the_state_document_carry_the_heads_counts() -> None:
+    from prometheus_client import generate_latest
+
+    from exoctl.api.metrics import Metrics
+    from exoctl.cluster.state import speculation_doc
+    from exoctl.cluster.views import NodeStatus
+    from exoctl.inventory import Node
+    from exoctl.wire.runner_report import RunnerReport, RunnerStatus, SpeculationReport
+
+    report = SpeculationReport("ngram", passes=10, tokens=25, verify_passes=6, drafted=20, accepted=15)
+    runner = RunnerReport(
+        "r", "i", "m", "pipeline", "float32", 0, 4, 4, 0, 1, ("a",), RunnerStatus.READY, speculation=report
+    )
+    assert RunnerReport.from_wire(runner.to_wire()) == runner  # through a status reply
+    text = generate_latest(Metrics(lambda: [NodeStatus(Node("a", "127.0.0.1"), None, [runner])]).registry)
+    lines = text.decode().splitlines()
+    for name, value in (
+        ("exoctl_decode_passes_total", 10),
+        ("exoctl_decode_pass_tokens_total", 25),
+        ("exoctl_speculative_drafted_tokens_total", 20),
+        ("exoctl_speculative_accepted_tokens_total", 15),
+    ):
+        assert f'{name}{{drafter="ngram",instance="i",model="m"}} {value:.1f}' in lines, name
+    doc = speculation_doc(report)
+    assert doc["tokensPerPass"] == 2.5 and doc["acceptance"] == 0.75 and doc["verifyPasses"] == 6
