@@ -74,6 +74,3 @@ class DraftModel:
 
     def forget(self, seq: str) -> None:
         self.drafting.pop(seq, None)
-
-    def clear(self) -> None:
-        self.drafting.clear()

@@ -126,10 +126,6 @@ class Speculator:
         self.sequences: dict[str, _Sequence] = {}
         self.stats = SpeculationStats()
 
-    @property
-    def name(self) -> str:
-        return self.drafter.name if self.drafter is not None else ""
-
     def guesses(self, seq: str, ids: Sequence[int], room: int, allowed: bool) -> tuple[int, ...]:
         """The tokens to verify in this sequence's next decode step (none: a plain step); `room`:
         how many more tokens it may take (its budget and the context), `allowed`: whether it may
