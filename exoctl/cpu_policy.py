@@ -7,16 +7,20 @@ test on an AVX2 machine runs what a bf16-native machine will run, and the other 
   KV cache for `auto`, int8 and int4 models. `auto` (the default): bfloat16 where the CPU has
   native bf16 dot products (AVX512-BF16 or AMX), float32 elsewhere (AVX2 runs bf16 maths 2-3x
   slower). A node's inventory field `activations` sets it for that node's worker.
-- `EXOCTL_BF16_MATMUL` (`torch` | `kernel` | `auto`): who multiplies bfloat16 weights. `auto`:
-  torch (oneDNN's native bf16 GEMM) where the CPU has native bf16, exoctl's own kernel (bf16
-  widened to float32 in registers) elsewhere.
+- `EXOCTL_BF16_MATMUL` (`torch` | `kernel` | `auto`): who multiplies bfloat16 weights in decode
+  steps. `auto` is exoctl's kernel on every CPU: native bf16 dot products (vdpbf16ps) where the
+  CPU has AVX512-BF16, bf16 widened to float32 in registers elsewhere; torch's GEMV reached 0.57x
+  llama.cpp's on a bf16-native CPU and half the memory bandwidth without. Prompts go to oneDNN's
+  bf16 GEMM where bf16 is native, to float32 GEMM of widened weights elsewhere (engine.linear).
 - `EXOCTL_F32_MATMUL` (`torch` | `kernel` | `auto`): who multiplies float32 weights by a step of
   at most 16 rows (decode, speculative decoding's verification). `auto` is the kernel, whose cost
   barely grows with the rows (each weight read once), where oneDNN's sgemm costs 1.7-2.2x one
   row's at 2 to 5 rows on the AVX2 EPYC it was measured on; prompts of more rows go to oneDNN.
-- `EXOCTL_KERNEL_ISA` (`native` | `portable` | `auto`): how the quantized kernel is built.
-  `auto` is `native` (`-march=native`: AVX2 intrinsics where the CPU has them); `portable` builds
-  the plain C loop a CPU without AVX2 runs (engine.qkernel).
+- `EXOCTL_KERNEL_ISA` (`native` | `avx512` | `avx2` | `portable` | `auto`): the target the kernel
+  library is built for. `auto` is `native` (`-march=native`: AVX512 with VNNI and BF16, AVX2 or
+  the plain C loop, as the CPU has them); the others force one path on any CPU that can run it
+  (engine.qkernel refuses one it cannot): `avx2` lets an AVX512 machine run the 256-bit path,
+  `portable` the C loop a CPU without AVX2 runs.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ BF16_MATMUL_CHOICES = ("auto", "torch", "kernel")
 F32_MATMUL_ENV = "EXOCTL_F32_MATMUL"
 F32_MATMUL_CHOICES = ("auto", "torch", "kernel")
 KERNEL_ISA_ENV = "EXOCTL_KERNEL_ISA"
-KERNEL_ISA_CHOICES = ("auto", "native", "portable")
+KERNEL_ISA_CHOICES = ("auto", "native", "avx512", "avx2", "portable")
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
@@ -88,12 +92,9 @@ def activations_name(native: bool | None = None) -> str:
     return "bfloat16" if bf16_activations(native) else "float32"
 
 
-def bf16_matmul_by_kernel(native: bool | None = None) -> bool:
+def bf16_matmul_by_kernel() -> bool:
     """Whether bfloat16 weights go through exoctl's kernel rather than torch's GEMM here."""
-    choice = forced(BF16_MATMUL_ENV, BF16_MATMUL_CHOICES)
-    if choice is not None:
-        return choice == "kernel"
-    return not (cpu_has_native_bf16() if native is None else native)
+    return forced(BF16_MATMUL_ENV, BF16_MATMUL_CHOICES) != "torch"
 
 
 def f32_matmul_by_kernel() -> bool:
@@ -101,6 +102,35 @@ def f32_matmul_by_kernel() -> bool:
     return forced(F32_MATMUL_ENV, F32_MATMUL_CHOICES) != "torch"
 
 
-def portable_kernel() -> bool:
-    """Whether the quantized kernel is built without -march=native (EXOCTL_KERNEL_ISA)."""
-    return forced(KERNEL_ISA_ENV, KERNEL_ISA_CHOICES) == "portable"
+def kernel_isa() -> str:
+    """The target the kernel library is built for (EXOCTL_KERNEL_ISA): `native` unless forced."""
+    return forced(KERNEL_ISA_ENV, KERNEL_ISA_CHOICES) or "native"
+
+
+# What the kernel library's paths need of the CPU (kernels/exoctl_kernels.h): AVX2 with FMA and
+# F16C for any vector path; AVX512F and BW for the 512-bit one; VNNI and BF16 each for its own.
+AVX2_FLAGS = ("avx2", "fma", "f16c")
+AVX512_FLAGS = ("avx512f", "avx512bw")
+TARGET_FEATURES = {"avx512": frozenset({"avx2", "avx512", "vnni", "bf16"}), "avx2": frozenset({"avx2"})}
+
+
+def kernel_path(target: str | None = None, flags: frozenset[str] | None = None) -> str:
+    """The vector path the kernel library built for `target` (EXOCTL_KERNEL_ISA's, else) runs on a
+    CPU with `flags` (this one's, else): "avx512+vnni+bf16", "avx512+vnni", "avx512", "avx2" or
+    "portable", as engine.qkernel names the built library's own report (a test checks the two)."""
+    target = kernel_isa() if target is None else target
+    flags = cpu_flags() if flags is None else flags
+    if target == "portable":
+        return "portable"
+    if target in TARGET_FEATURES:
+        features = TARGET_FEATURES[target]
+    elif not all(f in flags for f in AVX2_FLAGS):
+        return "portable"
+    elif all(f in flags for f in AVX512_FLAGS):
+        features = frozenset(
+            {"avx512"} | {n for n, f in (("vnni", "avx512_vnni"), ("bf16", "avx512_bf16")) if f in flags}
+        )
+    else:
+        features = frozenset({"avx2"})
+    names = [name for name in ("avx512", "vnni", "bf16") if name in features]
+    return "+".join(names) if names else "avx2"

@@ -141,39 +141,6 @@ def test_the_kernel_equals_the_dequantized_matmul_within_its_bound(bits: int, ro
     torch.testing.assert_close(quantized(x[-1:]), out[-1:])
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_the_portable_loop_gives_what_the_avx2_kernel_gives(tmp_path: Path, bits: int) -> None:
-    """A node whose CPU lacks AVX2 runs kernels/qmatmul.c's plain C loop over the same layout:
-    built here without -march=native, it must compute what the vector kernel computes."""
-    import ctypes
-
-    from exoctl.engine import qkernel
-
-    portable = tmp_path / "portable.so"
-    native = qkernel.library_path()
-    with pytest.MonkeyPatch.context() as patch:  # the switch that forces this build on any CPU
-        patch.setenv("EXOCTL_KERNEL_ISA", "portable")
-        assert qkernel.library_path() != native  # cached apart from the native build
-        qkernel.build(portable)
-        patch.setenv("EXOCTL_KERNEL_ISA", "sse9")
-        with pytest.raises(
-            UnsupportedModelError, match=r"EXOCTL_KERNEL_ISA='sse9' is not one of auto, native"
-        ):
-            qkernel.build_flags()
-    lib = ctypes.CDLL(str(portable))
-    lib.qmm_linear.argtypes = qkernel.library().qmm_linear.argtypes
-    assert lib.qmm_has_avx2() == 0
-    torch.manual_seed(bits)
-    w, bias = torch.randn(203, 320) * 0.05, torch.randn(203)
-    quantized = QuantLinear(quantize(w, bits), bias)
-    x = torch.randn(5, 320)
-    out = torch.empty(5, 203)
-    assert quantized.bias is not None
-    weights = (quantized.data.data_ptr(), quantized.scales.data_ptr(), quantized.bias.data_ptr())
-    assert lib.qmm_linear(x.data_ptr(), 5, 320, *weights, out.data_ptr(), 203, bits, 1) == 0
-    torch.testing.assert_close(out, quantized(x), rtol=1e-5, atol=1e-5)
-
-
 # --- models --------------------------------------------------------------------------------
 
 

@@ -138,6 +138,7 @@ def bench(
             s.node.name: {
                 "cpu": s.profile.cpu_model if s.profile else None,
                 "threads": s.profile.threads if s.profile else None,
+                "kernel": s.profile.kernel if s.profile else None,
             }
             for s in statuses
             if s.up and s.node.name in instance.nodes

@@ -61,17 +61,18 @@ def nodes_table(statuses: list[NodeStatus]) -> Table:
     table.add_column("CPUs", justify="right")
     if wide:
         table.add_column("device")
+        table.add_column("kernel")  # the vector path its matmuls run (engine.qkernel)
         table.add_column("version")
     table.add_column("runners")
     for status in statuses:
         node, profile = status.node, status.profile
         if profile is None:
             reason = "refused our key" if status.key_refused else "no answer"
-            extra = (node.device, "-") if wide else ()
+            extra = (node.device, "-", "-") if wide else ()
             table.add_row(node.name, node.address, styled("down"), "-", "-", "-", *extra, reason)
             continue
         used = profile.ram_total - profile.ram_available
-        extra = (profile.device, profile.version) if wide else ()
+        extra = (profile.device, profile.kernel, profile.version) if wide else ()
         table.add_row(
             node.name,
             node.address,

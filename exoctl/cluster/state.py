@@ -269,6 +269,7 @@ def node_documents(statuses: list[NodeStatus]) -> tuple[dict[str, Any], dict[str
                 loadAverage=list(profile.load_avg),
                 processRss={"inBytes": profile.rss},
                 bf16Native=profile.bf16_native,
+                kernelPath=profile.kernel,
                 runners=[r.runner_id for r in status.runners],
             )
         node_profiles[node.name] = entry

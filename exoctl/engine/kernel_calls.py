@@ -38,15 +38,21 @@ def bf16_activations() -> bool:
 
 
 def bf16_kernel() -> ctypes.CDLL | None:
-    """The node's own bfloat16 kernel where torch's bf16 matmul is slow, else None.
+    """The node's own bfloat16 kernel, unless EXOCTL_BF16_MATMUL=torch: None then.
 
     Without native bf16 maths (AVX2 CPUs) torch's bf16 GEMV reads weights at about half the
     memory bandwidth and costs 6-8x one row at 8 rows; the kernel widens bf16 to float32 in
     registers (1.1B shape's gate/up, 2 threads: 3.1 ms a row against torch's 5.2, 10 ms for 8
-    rows against 33). A node without a C compiler keeps torch's path: slower, still right.
+    rows against 33). With AVX512-BF16 it multiplies by vdpbf16ps, as llama.cpp does, where
+    torch's path reached 0.57x llama.cpp. A node without a C compiler keeps torch's path:
+    slower, still right.
     """
-    by_kernel = cpu_policy.bf16_matmul_by_kernel(cpu_has_native_bf16())  # EXOCTL_BF16_MATMUL forces it
-    return qkernel.optional_library() if by_kernel else None
+    return qkernel.optional_library() if cpu_policy.bf16_matmul_by_kernel() else None
+
+
+def rounds_x_to_bf16(kernel: ctypes.CDLL) -> bool:
+    """Whether this library's bf16 matmul rounds float32 x to bf16 first (the vdpbf16ps path)."""
+    return bool(kernel.kernel_isa() & qkernel.ISA_BF16_BIT)
 
 
 def f32_kernel() -> ctypes.CDLL | None:

@@ -15,7 +15,7 @@ from exoctl.engine.quant import QuantizedWeight, pack_tiles, unpack_tiles
 
 class Linear:
     """y = x @ W.T + b with W [out, in], prepacked for oneDNN where the CPU allows; bfloat16
-    weights on a CPU without native bf16 go through the node's own kernel (`bf16_kernel`)."""
+    weights go through the node's own kernel (`bf16_kernel`) in decode steps."""
 
     # Rows of x up to which the bf16 kernel beats widening the weight for float32 GEMM (measured
     # on the 1.1B shape's matrices, AVX2, 2 threads); WIDEN_ROWS weight rows are widened at a time.
@@ -30,6 +30,9 @@ class Linear:
         self.bias = bias
         self.dtype = weight.dtype
         self.kernel = kernel_calls.bf16_kernel() if weight.dtype is torch.bfloat16 else None
+        # prompts: oneDNN's bf16 GEMM where the CPU multiplies bf16 natively (AMX or AVX512-BF16),
+        # else float32 GEMM on widened weights (`_bf16`)
+        self.native_gemm = kernel_calls.cpu_has_native_bf16()
         if partial and self.kernel is None and weight.dtype is torch.bfloat16:
             # torch's bf16 GEMM can only write bf16: a partial sum goes through the kernel, which
             # writes float32 (oneDNN's is faster where bf16 is native, but rounds each part)
@@ -81,6 +84,11 @@ class Linear:
             x = x.float().contiguous()
         if rows == 0:
             return torch.empty((*x.shape[:-1], self.out_features), dtype=x.dtype)
+        if rows > self.GEMV_ROWS and self.native_gemm and not self.keep_float32:
+            # A prompt where bf16 is native: oneDNN's GEMM (a partial sum stays on the float32
+            # path below, which does not round it)
+            bias = None if self.bias is None else self.bias.bfloat16()
+            return F.linear(x.bfloat16(), self.weight, bias).to(x.dtype)
         if rows > self.GEMV_ROWS:
             # A prompt: float32 GEMM on the weight widened a block of rows at a time, so the
             # float32 copy never outgrows one block.

@@ -32,16 +32,36 @@ SOURCES = tuple(
     for name in ("quant_matmul.c", "bf16_matmul.c", "f32_matmul.c", "layer_steps.c", "shm_signal.c")
 )
 HEADER = KERNELS / "exoctl_kernels.h"  # the exported prototypes (engine/kernel_calls.py's table)
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
-# EXOCTL_KERNEL_ISA=portable (exoctl.cpu_policy) builds without -march=native: the plain C loop a
-# CPU without AVX2 runs, on any CPU
-PORTABLE_FLAGS = ("-O2", "-fopenmp", "-shared", "-fPIC")
-
+COMMON_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-Wno-psabi")
+# The target each EXOCTL_KERNEL_ISA value builds for (exoctl.cpu_policy): `native` is the node's own
+# CPU, every path it has (kernels/exoctl_kernels.h); the others force a path on any CPU that can
+# run it: `avx512` the AVX512 paths with VNNI and BF16 (Zen 4, Sapphire Rapids and later), `avx2`
+# the 256-bit paths alone (x86-64-v3, so an AVX512 machine tests and measures them), `portable`
+# the plain C loop a CPU without AVX2 runs.
+TARGETS: dict[str, tuple[str, ...]] = {
+    "native": ("-march=native",),
+    "avx512": ("-march=x86-64-v4", "-mavx512vnni", "-mavx512bf16", "-mf16c", "-mfma"),
+    "avx2": ("-march=x86-64-v3",),
+    "portable": (),
+}
+# The CPU flags (/proc/cpuinfo) a forced target needs to run
+TARGET_NEEDS: dict[str, tuple[str, ...]] = {
+    "avx512": ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16"),
+    "avx2": ("avx2", "fma", "f16c"),
+}
+# Tests only: the AVX512 paths on an AVX2 CPU, their 512-bit intrinsics done in portable C by SIMDe
+# (kernels/exoctl_kernels.h): `bw` AVX512BW's dot products, `vnni` vpdpbusd and vdpbf16ps.
+EMULATED = {"bw": "-DEXOCTL_EMULATE_AVX512=1", "vnni": "-DEXOCTL_EMULATE_AVX512=2"}
+SIMDE_HEADER = Path("/usr/include/simde/x86/avx512.h")
+# kernel_isa()'s bits (kernels/exoctl_kernels.h), as the profile and benchmarks name them
+ISA_BITS = (("avx2", 1), ("avx512", 2), ("vnni", 4), ("bf16", 8))
+ISA_BF16_BIT = 8
+ISA_EMULATED = 16
 
 _i64, _i32, _u32, _f32, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_uint32, ctypes.c_float, ctypes.c_void_p
 # name: (restype, argtypes), as kernels/exoctl_kernels.h declares them (a test compares the two)
 SIGNATURES: dict[str, tuple[type | None, list[type]]] = {
-    "qmm_has_avx2": (_i32, []),
+    "kernel_isa": (_i32, []),
     "qmm_linear": (_i32, [_ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _i32, _i32]),
     "bf16_linear": (_i32, [_ptr, _i32, _i64, _i64, _ptr, _ptr, _ptr, _i32, _i64, _i32]),
     "bf16_widen": (None, [_ptr, _ptr, _i64, _i32]),
@@ -54,12 +74,34 @@ SIGNATURES: dict[str, tuple[type | None, list[type]]] = {
 }
 
 
-def build_flags() -> tuple[str, ...]:
+def target() -> str:
+    """The target EXOCTL_KERNEL_ISA names (`native` where unset), refused where this CPU cannot run it."""
     try:
-        portable = cpu_policy.portable_kernel()
+        forced = cpu_policy.kernel_isa()
     except ExoctlError as exc:  # a bad switch: refused as a kernel that cannot be had
         raise UnsupportedModelError(exc.message, hint=exc.hint) from None
-    return PORTABLE_FLAGS if portable else FLAGS
+    missing = [flag for flag in TARGET_NEEDS.get(forced, ()) if flag not in cpu_policy.cpu_flags()]
+    if missing:
+        raise UnsupportedModelError(
+            f"{cpu_policy.KERNEL_ISA_ENV}={forced} builds code this CPU cannot run: "
+            f"it lacks {', '.join(missing)}",
+            hint=f"unset {cpu_policy.KERNEL_ISA_ENV} to build for this CPU's own features",
+        )
+    return forced
+
+
+def build_flags(name: str | None = None) -> tuple[str, ...]:
+    """The compiler flags of target `name` (else EXOCTL_KERNEL_ISA's)."""
+    return (*COMMON_FLAGS, *TARGETS[target() if name is None else name])
+
+
+def isa_name(bits: int) -> str:
+    """kernel_isa()'s bits as words: "avx512+vnni+bf16", "avx2", "portable" (+ " (emulated)")."""
+    names = [name for name, bit in ISA_BITS if bits & bit]
+    if bits & 2:  # AVX512 implies the AVX2 frame: name the widest path
+        names.remove("avx2")
+    text = "+".join(names) or "portable"
+    return f"{text} (emulated)" if bits & ISA_EMULATED else text
 
 
 def _cpu_key() -> str:
@@ -122,6 +164,11 @@ def library() -> ctypes.CDLL:
     path = library_path()
     if not path.is_file():
         build(path)
+    return load(path)
+
+
+def load(path: Path) -> ctypes.CDLL:
+    """The library at `path`, its functions typed as SIGNATURES says."""
     torch.get_num_threads()  # torch (and its libgomp) is loaded before the kernel links to it
     lib = ctypes.CDLL(str(path))
     for name, (restype, argtypes) in SIGNATURES.items():
@@ -130,10 +177,29 @@ def library() -> ctypes.CDLL:
     return lib
 
 
+def build_variant(folder: Path, name: str) -> ctypes.CDLL:
+    """Tests: the library for target `name` (TARGETS), or an emulated AVX512 one (`emulated-bw`,
+    `emulated-vnni`: EMULATED, needs SIMDe's headers), built into `folder` and loaded."""
+    if name.startswith("emulated-"):
+        flags = (*COMMON_FLAGS, *TARGETS["avx2"], EMULATED[name.removeprefix("emulated-")])
+    else:
+        flags = (*COMMON_FLAGS, *TARGETS[name])
+    path = folder / f"kernels-{name}.so"
+    if not path.is_file():
+        build(path, flags)
+    return load(path)
+
+
+def path_name() -> str:
+    """The vector path this node's kernel runs ("avx512+vnni+bf16", "avx2", "portable"), or why
+    it has none: the worker profile and the benchmarks report it."""
+    lib = optional_library()
+    return "none (no C compiler)" if lib is None else isa_name(lib.kernel_isa())
+
+
 def main() -> None:
     """`python -m exoctl.engine.qkernel`: build now (make does this at install), print where."""
-    avx2 = library().qmm_has_avx2()
-    print(f"{library_path()} (avx2: {'yes' if avx2 else 'no, the portable C loop'})")
+    print(f"{library_path()} ({isa_name(library().kernel_isa())})")
 
 
 if __name__ == "__main__":

@@ -25,8 +25,8 @@ from exoctl.errors import ExoctlError
 # 7: cached prefixes ("reuse" in a first step, "keep" in "release", "forget", "kept" in "lease",
 # the budget in "load", "cache_prompt" in "generate"); 8: speculative decoding ("drafts" in
 # "forward", a sequence once per accepted token in "token", the drafter in "load", "speculative"
-# in "generate")
-PROTOCOL_VERSION = 8
+# in "generate"); 9: the kernel's vector path ("kernel") in every node profile
+PROTOCOL_VERSION = 9
 MAX_HEADER_BYTES = 8 * 2**20
 MAX_TENSOR_BYTES = 2**31  # one 8192-token prefill of an 8192-wide model in float32 is 268 MB
 MAX_TENSORS = 4

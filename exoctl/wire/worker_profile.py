@@ -30,6 +30,7 @@ class WorkerProfile:
     bf16_native: bool
     activations: str  # what `auto`, int8 and int4 compute in here (cpu_policy)
     uptime_s: float
+    kernel: str  # the kernel library's vector path here: "avx512+vnni+bf16", "avx2", "portable"
 
     @classmethod
     def planned(cls, name: str, device: str, ram: int, machine_id: str, activations: str) -> WorkerProfile:
@@ -55,6 +56,7 @@ class WorkerProfile:
             False,
             activations,
             0.0,
+            "",
         )
 
     def to_wire(self) -> dict[str, Any]:

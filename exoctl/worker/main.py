@@ -55,6 +55,7 @@ def run_worker(options: WorkerOptions) -> None:
         # the engine and the profile read the switch from the environment (exoctl.cpu_policy)
         os.environ[cpu_policy.ACTIVATIONS_ENV] = cpu_policy.check_activations(options.activations)
     cpu_policy.activations_name()  # a bad EXOCTL_ACTIVATIONS stops the start, with what it takes
+    cpu_policy.kernel_isa()  # and so does a bad EXOCTL_KERNEL_ISA
     if options.threads is not None:
         if options.threads < 1:
             raise ExoctlError(f"--threads must be at least 1, got {options.threads}")

@@ -45,6 +45,7 @@ class NodeProfiler:
         self.started = time.time()
         self.process = psutil.Process()
         self.bf16 = cpu_policy.cpu_has_native_bf16()
+        self.kernel = cpu_policy.kernel_path()  # the worker checked EXOCTL_KERNEL_ISA at its start
         self.machine_id = machine_id()
         self.cpu_model = cpu_model()
         self.cpu_percent = 0.0
@@ -77,4 +78,5 @@ class NodeProfiler:
             # what `auto`, int8 and int4 compute in here: the CPU's choice, or EXOCTL_ACTIVATIONS's
             activations=cpu_policy.activations_name(self.bf16),
             uptime_s=round(time.time() - self.started, 1),
+            kernel=self.kernel,
         )

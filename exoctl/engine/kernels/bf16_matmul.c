@@ -1,6 +1,7 @@
-/* bfloat16-weight matmul, for CPUs without native bf16 maths, where torch's bf16 GEMV reaches
- * about half the memory bandwidth (engine/layers.py `Linear`). Built with the rest of the library
- * by exoctl/engine/qkernel.py. */
+/* bfloat16-weight matmul for decoding (engine/linear.py `Linear`): with native bf16 dot products
+ * (AVX512-BF16) where the CPU has them, else bf16 widened to float32 in registers (AVX2), where
+ * torch's bf16 GEMV reaches about half the memory bandwidth. Built with the rest of the library by
+ * exoctl/engine/qkernel.py. */
 #include "exoctl_kernels.h"
 
 /* y[M, N] = x[M, K] @ W[N, K]^T + b, W bfloat16 in the checkpoint's own row-major layout (no
@@ -95,9 +96,85 @@ static inline __attribute__((always_inline)) void bf16_row(
     for (int t = 0; t < mr; t++) y[(m0 + t) * N + n] = sums[t];
 }
 
+#ifdef EXO_BF16
+/* Native bf16 maths (AVX512-BF16): vdpbf16ps multiplies 32 bf16 pairs and adds each pair's two
+ * products into one float32 lane, so the weight row is used as it lies and x is rounded to bf16
+ * once per call (as llama.cpp's BF16 dot product does): 64 bytes of weights per instruction, where
+ * widening takes a shift or a mask and an FMA per 16. Sums stay float32. */
+static inline __m512bh as_bh(__m512i v) {
+    __m512bh r;
+    memcpy(&r, &v, sizeof r);
+    return r;
+}
+
+static inline float hsum16(__m512 v) {
+    float lanes[16], s = 0.0f;
+    _mm512_storeu_ps(lanes, v);
+    for (int i = 0; i < 16; i++) s += lanes[i];
+    return s;
+}
+
+/* Row n of W against rows m0 .. m0 + mr of xb (bf16); two accumulators per row of x (64 of K a
+ * step) hide vdpbf16ps's latency. */
+static inline __attribute__((always_inline)) void bf16_row_native(
+    const int mr, const uint16_t *xb, int64_t K, int64_t m0, const uint16_t *wrow, float *y, int64_t N, int64_t n) {
+    __m512 acc[BF_MR][2];
+    for (int t = 0; t < mr; t++) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) {
+        _mm_prefetch((const char *)(wrow + k + BF_PREFETCH), _MM_HINT_T0);
+        _mm_prefetch((const char *)(wrow + k + BF_PREFETCH + 32), _MM_HINT_T0);
+        const __m512bh w0 = as_bh(_mm512_loadu_si512((const void *)(wrow + k)));
+        const __m512bh w1 = as_bh(_mm512_loadu_si512((const void *)(wrow + k + 32)));
+        for (int t = 0; t < mr; t++) {
+            const uint16_t *xr = xb + (m0 + t) * K + k;
+            acc[t][0] = _mm512_dpbf16_ps(acc[t][0], w0, as_bh(_mm512_loadu_si512((const void *)xr)));
+            acc[t][1] = _mm512_dpbf16_ps(acc[t][1], w1, as_bh(_mm512_loadu_si512((const void *)(xr + 32))));
+        }
+    }
+    for (; k + 32 <= K; k += 32) {
+        const __m512bh w0 = as_bh(_mm512_loadu_si512((const void *)(wrow + k)));
+        for (int t = 0; t < mr; t++)
+            acc[t][0] = _mm512_dpbf16_ps(acc[t][0], w0, as_bh(_mm512_loadu_si512((const void *)(xb + (m0 + t) * K + k))));
+    }
+    for (int t = 0; t < mr; t++) {
+        float sum = hsum16(_mm512_add_ps(acc[t][0], acc[t][1]));
+        for (int64_t j = k; j < K; j++) sum += bf16_to_float(wrow[j]) * bf16_to_float(xb[(m0 + t) * K + j]);
+        y[(m0 + t) * N + n] = sum;
+    }
+}
+#endif
+
 /* x_bf16, y_bf16: whether x and y are bfloat16 (else float32). Returns 0, or -1 if out of memory. */
 int bf16_linear(const void *x, int x_bf16, int64_t M, int64_t K, const uint16_t *w, const float *bias, void *y,
                 int y_bf16, int64_t N, int threads) {
+#ifdef EXO_BF16
+    uint16_t *xb = x_bf16 ? NULL : (uint16_t *)malloc((size_t)(M * K) * sizeof(uint16_t));
+    float *ynat = y_bf16 ? (float *)malloc((size_t)(M * N) * sizeof(float)) : (float *)y;
+    if ((!x_bf16 && !xb) || !ynat) {
+        free(xb);
+        if (y_bf16) free(ynat);
+        return -1;
+    }
+    for (int64_t i = 0; !x_bf16 && i < M * K; i++) xb[i] = float_to_bf16(((const float *)x)[i]);
+    const uint16_t *xn = x_bf16 ? (const uint16_t *)x : xb;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const uint16_t *wrow = w + n * K;
+        int64_t m0 = 0;
+        for (; m0 + BF_MR <= M; m0 += BF_MR) bf16_row_native(BF_MR, xn, K, m0, wrow, ynat, N, n);
+        if (m0 < M) bf16_row_native(1, xn, K, m0, wrow, ynat, N, n);
+    }
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t n = 0; n < N; n++) {
+            const float v = ynat[m * N + n] + (bias ? bias[n] : 0.0f);
+            if (y_bf16) ((uint16_t *)y)[m * N + n] = float_to_bf16(v);
+            else ynat[m * N + n] = v;
+        }
+    free(xb);
+    if (y_bf16) free(ynat);
+    return 0;
+#else
     float *xf = (float *)malloc((size_t)(M * K) * sizeof(float)), *xp = (float *)malloc((size_t)(M * K) * sizeof(float));
     float *yf = y_bf16 ? (float *)malloc((size_t)(M * N) * sizeof(float)) : (float *)y;
     if (!xf || !xp || !yf) {
@@ -125,6 +202,7 @@ int bf16_linear(const void *x, int x_bf16, int64_t M, int64_t K, const uint16_t 
     free(xp);
     if (y_bf16) free(yf);
     return 0;
+#endif
 }
 
 /* dst[n] = float(src[n]): a bf16 weight widened for one prefill chunk's float32 GEMM. */

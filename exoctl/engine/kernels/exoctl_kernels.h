@@ -1,7 +1,16 @@
 /* What exoctl's kernel library exports, one prototype per function: the C files include it, and
  * engine/kernel_calls.py's ctypes table is checked against it (tests/test_cpu_kernels.py). Also the
- * helpers the files share: the vector path's switch (FAST: AVX2 with F16C and FMA) and bfloat16
- * conversions. */
+ * helpers the files share: the vector paths' switches and bfloat16 conversions.
+ *
+ * The vector paths, each compiled in where the build's target has it (engine/qkernel.py builds with
+ * -march=native, or the target EXOCTL_KERNEL_ISA forces):
+ *   FAST       AVX2 with F16C and FMA: the 256-bit paths, and every other path's frame
+ *   EXO_AVX512 AVX512F+BW: the quantized kernel's dot products 512 bits wide
+ *   EXO_VNNI   AVX512-VNNI: those dot products one vpdpbusd each (u8 x s8, 4 per 32-bit lane)
+ *   EXO_BF16   AVX512-BF16: bfloat16 weights by vdpbf16ps (bf16 pairs into float32 lanes)
+ * EXOCTL_EMULATE_AVX512 (tests only: qkernel.build_emulated) compiles the AVX512 paths on any
+ * AVX2 CPU with their 512-bit intrinsics done in portable C by SIMDe (libsimde-dev): 1 = AVX512BW
+ * alone, 2 = with VNNI and BF16. The same source lines then run on a machine that lacks them. */
 #ifndef EXOCTL_KERNELS_H
 #define EXOCTL_KERNELS_H
 
@@ -13,9 +22,36 @@
 #define FAST 1
 #include <immintrin.h>
 #endif
+#if defined(EXOCTL_EMULATE_AVX512) && defined(FAST)
+#define SIMDE_ENABLE_NATIVE_ALIASES
+#include <simde/x86/avx512.h>
+/* SIMDe 0.7.4's native alias of _mm512_madd_epi16 takes the masked form's 4 arguments */
+#undef _mm512_madd_epi16
+#define _mm512_madd_epi16(a, b) simde_mm512_madd_epi16(a, b)
+#define EXO_AVX512 1
+#if EXOCTL_EMULATE_AVX512 >= 2
+#define EXO_VNNI 1
+#define EXO_BF16 1
+#endif
+#elif defined(FAST) && defined(__AVX512F__) && defined(__AVX512BW__)
+#define EXO_AVX512 1
+#if defined(__AVX512VNNI__)
+#define EXO_VNNI 1
+#endif
+#if defined(__AVX512BF16__)
+#define EXO_BF16 1
+#endif
+#endif
+
+/* kernel_isa()'s bits: which paths this build holds */
+#define ISA_AVX2 1
+#define ISA_AVX512 2
+#define ISA_VNNI 4
+#define ISA_BF16 8
+#define ISA_EMULATED 16
 
 /* quant_matmul.c */
-int qmm_has_avx2(void);
+int kernel_isa(void);
 int qmm_linear(const float *x, int64_t M, int64_t K, const void *w, const void *ws, const float *bias, float *y,
                int64_t N, int bits, int threads);
 /* bf16_matmul.c */

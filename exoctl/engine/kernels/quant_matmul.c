@@ -21,6 +21,11 @@
  * int8, so each weight meets the same x as a whole: the rounding's error is weighted by w, not by
  * the nibble (x's float sum gave 2.8x the error in tests/test_quantized.py's 16-row matmul).
  *
+ * With AVX512 (EXO_AVX512, kernels/exoctl_kernels.h) a 512-bit register holds two groups of a
+ * block and the dot products are vpdpbusd (VNNI) where the CPU has it, maddubs/madd 512 bits wide
+ * where it has AVX512BW alone; the scales are applied as on AVX2, 8 rows at a time. Without AVX2,
+ * a plain C loop over the same layout.
+ *
  * Built by exoctl/engine/qkernel.py with the node's own compiler flags (-march=native); OpenMP is
  * the libgomp torch already loaded, and the thread count is torch's, passed in.
  */
@@ -31,12 +36,24 @@
 #define M_TILE 4  /* rows of x sharing one load of a weight group */
 #define Q_PREFETCH 4096 /* bytes: a software prefetch this far ahead of each block (1.8 -> 1.3 ms int8, 0.88 -> 0.76 int4, 11264 x 2048, one row) */
 
-int qmm_has_avx2(void) {
+int kernel_isa(void) {
+    int isa = 0;
 #ifdef FAST
-    return 1;
-#else
-    return 0;
+    isa |= ISA_AVX2;
 #endif
+#ifdef EXO_AVX512
+    isa |= ISA_AVX512;
+#endif
+#ifdef EXO_VNNI
+    isa |= ISA_VNNI;
+#endif
+#ifdef EXO_BF16
+    isa |= ISA_BF16;
+#endif
+#ifdef EXOCTL_EMULATE_AVX512
+    isa |= ISA_EMULATED;
+#endif
+    return isa;
 }
 
 static float half_to_float(uint16_t h) {
@@ -95,14 +112,122 @@ static inline int32_t load4(const int8_t *p) {
     return v;
 }
 
+/* The integer dot products of one block (32 columns of a tile's 8 rows) with rows m0 .. m0 + MR
+ * of x: isum[t] lane r = sum over the block of weight (row r) * xq (row m0 + t), int32. */
+#ifdef EXO_AVX512
+/* 512 bits hold two groups of the block: lanes 0-7 group g's 8 rows, lanes 8-15 group g + 1's; x's
+ * 4 bytes for each half are broadcast into it, and the two halves are added once per block. */
+static inline __m512i pair_x(const int8_t *lo, const int8_t *hi) {
+    return _mm512_mask_set1_epi32(_mm512_set1_epi32(load4(lo)), (__mmask16)0xff00, load4(hi));
+}
+
+/* acc + the sums of 4 adjacent u8 * s8 products per 32-bit lane */
+static inline __m512i dot_u8s8(__m512i acc, __m512i u, __m512i s) {
+#ifdef EXO_VNNI
+    return _mm512_dpbusd_epi32(acc, u, s);
+#else
+    /* maddubs's int16 pairs cannot saturate here: |u| <= 127 (int8's absolute value) or <= 15
+     * (a nibble), |s| <= 127, so a pair is at most 32258 */
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1)));
+#endif
+}
+
+static inline __attribute__((always_inline)) void block_sums(
+    const int MR, const int bits, const int8_t *xq, int64_t K, int64_t m0, int64_t b, const uint8_t *wb,
+    __m256i *isum) {
+    __m512i acc[M_TILE];
+    for (int t = 0; t < MR; t++) acc[t] = _mm512_setzero_si512();
+    if (bits == 8) {
+#ifdef EXO_VNNI
+        /* x enters as the unsigned operand, offset by 128 (x ^ 0x80 = x + 128 in [1, 255]), and
+         * 128 * sum(w) comes off after: two vpdpbusd per 64 weights for one row of x, where the
+         * sign trick takes an abs, a mask and a subtraction per row of x. */
+        const __m512i ones = _mm512_set1_epi8(1), flip = _mm512_set1_epi8((char)0x80);
+        __m512i wsum = _mm512_setzero_si512();
+        for (int q = 0; q < 4; q++) { /* groups 2q, 2q + 1: columns 8q .. 8q + 7 */
+            const __m512i wv = _mm512_loadu_si512((const void *)(wb + 64 * q));
+            wsum = _mm512_dpbusd_epi32(wsum, ones, wv);
+            for (int t = 0; t < MR; t++) {
+                const int8_t *xb = xq + (m0 + t) * K + b * QK + 8 * q;
+                acc[t] = _mm512_dpbusd_epi32(acc[t], _mm512_xor_si512(pair_x(xb, xb + 4), flip), wv);
+            }
+        }
+        for (int t = 0; t < MR; t++) acc[t] = _mm512_sub_epi32(acc[t], _mm512_slli_epi32(wsum, 7));
+#else
+        const __m512i zero = _mm512_setzero_si512();
+        for (int q = 0; q < 4; q++) {
+            const __m512i wv = _mm512_loadu_si512((const void *)(wb + 64 * q));
+            const __m512i aw = _mm512_abs_epi8(wv);
+            const __mmask64 negative = _mm512_movepi8_mask(wv);
+            for (int t = 0; t < MR; t++) {
+                const int8_t *xb = xq + (m0 + t) * K + b * QK + 8 * q;
+                const __m512i xv = pair_x(xb, xb + 4);
+                acc[t] = dot_u8s8(acc[t], aw, _mm512_mask_sub_epi8(xv, negative, zero, xv));
+            }
+        }
+#endif
+    } else {
+        /* group g's byte j: column 8g + j in its low nibble, 8g + 4 + j in its high one */
+        const __m512i low = _mm512_set1_epi8(0x0f);
+        for (int q = 0; q < 2; q++) { /* groups 2q, 2q + 1: columns 16q .. 16q + 15 */
+            const __m512i wv = _mm512_loadu_si512((const void *)(wb + 64 * q));
+            const __m512i lo = _mm512_and_si512(wv, low);
+            const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(wv, 4), low);
+            for (int t = 0; t < MR; t++) {
+                const int8_t *xb = xq + (m0 + t) * K + b * QK + 16 * q;
+                acc[t] = dot_u8s8(acc[t], lo, pair_x(xb, xb + 8));
+                acc[t] = dot_u8s8(acc[t], hi, pair_x(xb + 4, xb + 12));
+            }
+        }
+    }
+    for (int t = 0; t < MR; t++)
+        isum[t] = _mm256_add_epi32(_mm512_castsi512_si256(acc[t]), _mm512_extracti64x4_epi64(acc[t], 1));
+}
+#else
+static inline __attribute__((always_inline)) void block_sums(
+    const int MR, const int bits, const int8_t *xq, int64_t K, int64_t m0, int64_t b, const uint8_t *wb,
+    __m256i *isum) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int t = 0; t < MR; t++) isum[t] = _mm256_setzero_si256();
+    if (bits == 8) {
+        for (int g = 0; g < 8; g++) {
+            const __m256i wv = _mm256_loadu_si256((const __m256i *)(wb + 32 * g));
+            const __m256i aw = _mm256_sign_epi8(wv, wv);
+            for (int t = 0; t < MR; t++) {
+                const __m256i xv = _mm256_set1_epi32(load4(xq + (m0 + t) * K + b * QK + 4 * g));
+                const __m256i prod = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, wv));
+                isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(prod, ones));
+            }
+        }
+    } else {
+        /* int16 sums are safe over the whole block: a lane adds 16 products of a nibble
+         * (<= 15) and an int8 (|x| <= 127), at most 30480 < 32767; one madd per block. */
+        const __m256i low = _mm256_set1_epi8(0x0f);
+        __m256i part[M_TILE];
+        for (int t = 0; t < MR; t++) part[t] = _mm256_setzero_si256();
+        for (int g = 0; g < 4; g++) {
+            const __m256i wv = _mm256_loadu_si256((const __m256i *)(wb + 32 * g));
+            const __m256i lo = _mm256_and_si256(wv, low);
+            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), low);
+            for (int t = 0; t < MR; t++) {
+                const int8_t *xb = xq + (m0 + t) * K + b * QK + 8 * g;
+                const __m256i xl = _mm256_set1_epi32(load4(xb));
+                const __m256i xh = _mm256_set1_epi32(load4(xb + 4));
+                part[t] = _mm256_add_epi16(part[t], _mm256_maddubs_epi16(lo, xl));
+                part[t] = _mm256_add_epi16(part[t], _mm256_maddubs_epi16(hi, xh));
+            }
+        }
+        for (int t = 0; t < MR; t++) isum[t] = _mm256_madd_epi16(part[t], ones);
+    }
+}
+#endif
+
 /* One tile (8 output rows) against rows m0 .. m0 + MR of x; writes y[m, n0 .. n0 + 8). MR is a
  * constant at each call site, so the loops unroll and the accumulators stay in registers. */
-static inline __attribute__((always_inline)) void tile_avx2(
+static inline __attribute__((always_inline)) void tile_vector(
     const int MR, const int bits, const int8_t *xq, const float *xs, const int32_t *xsum, int64_t K, int64_t m0,
     const uint8_t *w, const void *ws, int64_t tile, float *y, int64_t N, const float *bias) {
     const int64_t blocks = K / QK;
-    const __m256i ones = _mm256_set1_epi16(1);
-    const __m256i low = _mm256_set1_epi8(0x0f);
     __m256 acc[M_TILE];
     for (int t = 0; t < MR; t++) acc[t] = _mm256_setzero_ps();
     const int64_t block_bytes = bits == 8 ? ROWS * QK : ROWS * QK / 2;
@@ -110,36 +235,7 @@ static inline __attribute__((always_inline)) void tile_avx2(
         const uint8_t *wb = w + (tile * blocks + b) * block_bytes;
         for (int64_t off = 0; off < block_bytes; off += 64) _mm_prefetch((const char *)wb + Q_PREFETCH + off, _MM_HINT_T0);
         __m256i isum[M_TILE];
-        for (int t = 0; t < MR; t++) isum[t] = _mm256_setzero_si256();
-        if (bits == 8) {
-            for (int g = 0; g < 8; g++) {
-                const __m256i wv = _mm256_loadu_si256((const __m256i *)(wb + 32 * g));
-                const __m256i aw = _mm256_sign_epi8(wv, wv);
-                for (int t = 0; t < MR; t++) {
-                    const __m256i xv = _mm256_set1_epi32(load4(xq + (m0 + t) * K + b * QK + 4 * g));
-                    const __m256i prod = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, wv));
-                    isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(prod, ones));
-                }
-            }
-        } else {
-            /* int16 sums are safe over the whole block: a lane adds 16 products of a nibble
-             * (<= 15) and an int8 (|x| <= 127), at most 30480 < 32767; one madd per block. */
-            __m256i part[M_TILE];
-            for (int t = 0; t < MR; t++) part[t] = _mm256_setzero_si256();
-            for (int g = 0; g < 4; g++) {
-                const __m256i wv = _mm256_loadu_si256((const __m256i *)(wb + 32 * g));
-                const __m256i lo = _mm256_and_si256(wv, low);
-                const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), low);
-                for (int t = 0; t < MR; t++) {
-                    const int8_t *xb = xq + (m0 + t) * K + b * QK + 8 * g;
-                    const __m256i xl = _mm256_set1_epi32(load4(xb));
-                    const __m256i xh = _mm256_set1_epi32(load4(xb + 4));
-                    part[t] = _mm256_add_epi16(part[t], _mm256_maddubs_epi16(lo, xl));
-                    part[t] = _mm256_add_epi16(part[t], _mm256_maddubs_epi16(hi, xh));
-                }
-            }
-            for (int t = 0; t < MR; t++) isum[t] = _mm256_madd_epi16(part[t], ones);
-        }
+        block_sums(MR, bits, xq, K, m0, b, wb, isum);
         if (bits == 8) {
             for (int t = 0; t < MR; t++) {
                 const __m256 s = _mm256_set1_ps(xs[(m0 + t) * blocks + b]);
@@ -181,17 +277,17 @@ static void tile_rows(int mt, int bits, const int8_t *xq, const float *xs, const
     /* constant MR and bits per branch: eight unrolled copies of the micro-kernel */
     if (bits == 8) {
         switch (mt) {
-        case 4: tile_avx2(4, 8, xq, xs, xsum, K, m0, w, ws, tile, y, N, bias); break;
-        case 3: tile_avx2(3, 8, xq, xs, xsum, K, m0, w, ws, tile, y, N, bias); break;
-        case 2: tile_avx2(2, 8, xq, xs, xsum, K, m0, w, ws, tile, y, N, bias); break;
-        default: tile_avx2(1, 8, xq, xs, xsum, K, m0, w, ws, tile, y, N, bias); break;
+        case 4: tile_vector(4, 8, xq, xs, xsum, K, m0, w, ws, tile, y, N, bias); break;
+        case 3: tile_vector(3, 8, xq, xs, xsum, K, m0, w, ws, tile, y, N, bias); break;
+        case 2: tile_vector(2, 8, xq, xs, xsum, K, m0, w, ws, tile, y, N, bias); break;
+        default: tile_vector(1, 8, xq, xs, xsum, K, m0, w, ws, tile, y, N, bias); break;
         }
     } else {
         switch (mt) {
-        case 4: tile_avx2(4, 4, xq, xs, xsum, K, m0, w, ws, tile, y, N, bias); break;
-        case 3: tile_avx2(3, 4, xq, xs, xsum, K, m0, w, ws, tile, y, N, bias); break;
-        case 2: tile_avx2(2, 4, xq, xs, xsum, K, m0, w, ws, tile, y, N, bias); break;
-        default: tile_avx2(1, 4, xq, xs, xsum, K, m0, w, ws, tile, y, N, bias); break;
+        case 4: tile_vector(4, 4, xq, xs, xsum, K, m0, w, ws, tile, y, N, bias); break;
+        case 3: tile_vector(3, 4, xq, xs, xsum, K, m0, w, ws, tile, y, N, bias); break;
+        case 2: tile_vector(2, 4, xq, xs, xsum, K, m0, w, ws, tile, y, N, bias); break;
+        default: tile_vector(1, 4, xq, xs, xsum, K, m0, w, ws, tile, y, N, bias); break;
         }
     }
 }
