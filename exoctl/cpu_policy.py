@@ -16,6 +16,9 @@ test on an AVX2 machine runs what a bf16-native machine will run, and the other 
   at most 16 rows (decode, speculative decoding's verification). `auto` is the kernel, whose cost
   barely grows with the rows (each weight read once), where oneDNN's sgemm costs 1.7-2.2x one
   row's at 2 to 5 rows on the AVX2 EPYC it was measured on; prompts of more rows go to oneDNN.
+- `EXOCTL_DECODE_LAYER` (`fused` | `steps` | `auto`): how a decode step goes through a decoder
+  layer whose every piece the kernel library computes (engine.fused_decode). `auto` is `fused`:
+  one C call per layer; `steps` is the Python layer's dozen calls, the same bits.
 - `EXOCTL_KERNEL_ISA` (`native` | `avx512` | `avx2` | `portable` | `auto`): the target the kernel
   library is built for. `auto` is `native` (`-march=native`: AVX512 with VNNI and BF16, AVX2 or
   the plain C loop, as the CPU has them); the others force one path on any CPU that can run it
@@ -38,6 +41,8 @@ BF16_MATMUL_CHOICES = ("auto", "torch", "kernel")
 F32_MATMUL_ENV = "EXOCTL_F32_MATMUL"
 F32_MATMUL_CHOICES = ("auto", "torch", "kernel")
 KERNEL_ISA_ENV = "EXOCTL_KERNEL_ISA"
+DECODE_LAYER_ENV = "EXOCTL_DECODE_LAYER"
+DECODE_LAYER_CHOICES = ("auto", "fused", "steps")
 KERNEL_ISA_CHOICES = ("auto", "native", "avx512", "avx2", "portable")
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
@@ -100,6 +105,11 @@ def bf16_matmul_by_kernel() -> bool:
 def f32_matmul_by_kernel() -> bool:
     """Whether float32 weights go through exoctl's kernel for steps of few rows (EXOCTL_F32_MATMUL)."""
     return forced(F32_MATMUL_ENV, F32_MATMUL_CHOICES) != "torch"
+
+
+def fused_decode() -> bool:
+    """Whether decode steps run a decoder layer as one C call where it can (EXOCTL_DECODE_LAYER)."""
+    return forced(DECODE_LAYER_ENV, DECODE_LAYER_CHOICES) != "steps"
 
 
 def kernel_isa() -> str:

@@ -12,7 +12,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_
 
 from exoctl.engine import kernel_calls, qkernel
 from exoctl.engine.kernel_calls import cpu_has_native_bf16, step_kernel
-from exoctl.engine.layers import GatedMLP, RMSNorm, Rotary
+from exoctl.engine.layers import GatedMLP, RMSNorm, Rotary, apply_rope
 from exoctl.engine.linear import Linear
 
 
@@ -216,3 +216,33 @@ def test_the_ctypes_table_matches_the_c_prototypes() -> None:
         exported |= set(re.findall(r"^(?:int|void) (\w+)\(", text, flags=re.M))
         assert '#include "exoctl_kernels.h"' in text, source.name  # so the compiler checks each against it
     assert exported == set(declared)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("past", [0, 1, 37, 300])
+def test_decode_attention_in_one_call_equals_rope_append_and_sdpa(dtype: torch.dtype, past: int) -> None:
+    """A decode step's attention in one C call: the rotated k and the v land in the cache at
+    `past`, and each query head's output is torch's SDPA over the cache (GQA: 6 query heads on 2
+    KV heads), within float32's sums (bf16: one rounding of the output)."""
+    heads, kv_heads, head_dim = 6, 2, 64
+    generator = torch.Generator().manual_seed(past)
+    qkv = torch.randn(1, 1, heads + 2 * kv_heads, head_dim, generator=generator).to(dtype)
+    cos, sin = Rotary(head_dim, 10000.0, None, dtype)(torch.tensor([[past]]))  # [1, 1, 1, D]
+    keys = torch.randn(kv_heads, past + 16, head_dim, generator=generator).to(dtype)
+    values = torch.randn(kv_heads, past + 16, head_dim, generator=generator).to(dtype)
+    expected_keys, expected_values = keys.clone(), values.clone()
+    rotated = apply_rope(qkv.float(), cos.float(), sin.float()).to(dtype)
+    kernel = qkernel.library()
+    out = kernel_calls.attend_decode(kernel, qkv, cos, sin, keys, values, past, heads)
+    q, k = rotated[0, 0, :heads], rotated[0, 0, heads : heads + kv_heads]
+    expected_keys[:, past] = k
+    expected_values[:, past] = qkv[0, 0, heads + kv_heads :]
+    # rope's own roundings are the rope kernel's (tested against transformers above)
+    torch.testing.assert_close(keys.float(), expected_keys.float(), rtol=2**-7, atol=2e-2)
+    assert torch.equal(values, expected_values)
+    key = keys.float()[:, : past + 1].repeat_interleave(heads // kv_heads, dim=0)
+    value = values.float()[:, : past + 1].repeat_interleave(heads // kv_heads, dim=0)
+    truth = F.scaled_dot_product_attention(q.float()[:, None], key, value).reshape(1, 1, -1)
+    assert out.shape == (1, 1, heads * head_dim) and out.dtype == dtype
+    tolerance = 1e-5 if dtype is torch.float32 else 2**-7
+    torch.testing.assert_close(out.float(), truth, rtol=tolerance, atol=tolerance)

@@ -222,6 +222,43 @@ def rope(kernel: ctypes.CDLL, qkv: torch.Tensor, heads: int, cos: torch.Tensor, 
     )
 
 
+def attend_decode(
+    kernel: ctypes.CDLL,
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    past: int,
+    heads: int,
+) -> torch.Tensor:
+    """One sequence's decode step through attention: qkv [1, 1, H + 2 KVH, D] (q and k rotated in
+    place by cos/sin [1, 1, 1, D]), its k and v stored at position `past` of keys/values [KVH,
+    capacity, D], and softmax(q k^T / sqrt(D)) v of each query head over positions 0 .. past
+    -> [1, 1, H * D]."""
+    kv_heads, capacity, head_dim = keys.shape
+    out = torch.empty((1, 1, heads * head_dim), dtype=qkv.dtype)
+    status = kernel.attend_decode(
+        qkv.data_ptr(),
+        cos.data_ptr(),
+        sin.data_ptr(),
+        keys.data_ptr(),
+        values.data_ptr(),
+        capacity,
+        past,
+        heads,
+        kv_heads,
+        head_dim,
+        head_dim**-0.5,
+        out.data_ptr(),
+        _is_bf16(qkv),
+        torch.get_num_threads(),
+    )
+    if status != 0:
+        raise MemoryError(f"no room for the attention scores of {past + 1} positions")
+    return out
+
+
 def silu_mul(kernel: ctypes.CDLL, both: torch.Tensor, size: int) -> torch.Tensor:
     """both [..., 2I] (gate, then up) -> silu(gate) * up [..., I]."""
     rows = both.numel() // (2 * size)

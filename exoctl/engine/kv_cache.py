@@ -52,14 +52,19 @@ class KVCache:
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Store k/v [T, KVH, D] of `layer`; return its keys/values so far [KVH, past + T, D] and past."""
         steps = k.shape[0]
-        past = self.length
-        self._reserve(past + steps)
-        keys, values = self.keys[layer], self.values[layer]
+        keys, values, past = self.slot(layer, steps)
         keys[:, past : past + steps] = k.transpose(0, 1)
         values[:, past : past + steps] = v.transpose(0, 1)
+        return keys[:, : past + steps], values[:, : past + steps], past
+
+    def slot(self, layer: int, steps: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Room for `steps` new positions of `layer`, which the caller writes at [:, past : past +
+        steps]: the layer's whole keys/values [KVH, capacity, D] and past."""
+        past = self.length
+        self._reserve(past + steps)
         if layer == self.layers[-1]:
             self.length = past + steps
-        return keys[:, : past + steps], values[:, : past + steps], past
+        return self.keys[layer], self.values[layer], past
 
     def truncate(self, length: int) -> None:
         """Forget positions from `length` on (a rejected prefix, a retried step)."""

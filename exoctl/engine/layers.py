@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from exoctl import cpu_policy
 from exoctl.engine import kernel_calls
+from exoctl.engine.fused_decode import FusedDecode
 from exoctl.engine.kv_cache import KVCache
 from exoctl.engine.linear import AnyLinear
 
@@ -138,6 +140,13 @@ class Attention:
         qkv = self.qkv(x).view(batch, steps, heads + 2 * kv_heads, self.head_dim)
         # q and k rotated in one go: a decode step of a small model is mostly per-call overhead
         kernel = kernel_calls.step_kernel(batch * steps, qkv, cos, sin)
+        if kernel is not None and steps == 1 and mask is None and caches[0].dtype is qkv.dtype:
+            # a decode step: rope, the cache's append and attention in one C call per sequence
+            outs = [
+                kernel_calls.attend_decode(kernel, qkv[b], cos[b], sin[b], *cache.slot(self.layer, 1), heads)
+                for b, cache in enumerate(caches)
+            ]
+            return self.o_proj(outs[0] if batch == 1 else torch.cat(outs))
         if kernel is not None:
             kernel_calls.rope(kernel, qkv, heads + kv_heads, cos, sin)  # in place
             qk = qkv
@@ -229,6 +238,13 @@ class DecoderLayer:
         self.post_norm = post_norm
         self.mlp = mlp
         self.reduce: Reduce | None = None
+        self._fused: FusedDecode | bool | None = False  # False: not built yet (`_decode_layer`)
+
+    def _decode_layer(self) -> FusedDecode | None:
+        """The layer's one-call decode step (EXOCTL_DECODE_LAYER), built at the first decode step."""
+        if self._fused is False:
+            self._fused = FusedDecode.build(self) if cpu_policy.fused_decode() else None
+        return self._fused if isinstance(self._fused, FusedDecode) else None
 
     def __call__(
         self,
@@ -239,6 +255,10 @@ class DecoderLayer:
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         reduce = self.reduce
+        if reduce is None and mask is None and h.shape[1] == 1:
+            fused = self._decode_layer()
+            if fused is not None and fused.takes(h, cos, caches):
+                return fused(h, cos, sin, caches)
         attended = self.attention(self.input_norm(h), cos, sin, caches, mask)
         h = h + (attended if reduce is None else reduce(attended).to(h.dtype))
         mixed = self.mlp(self.post_norm(h))

@@ -29,7 +29,15 @@ KERNELS = Path(__file__).with_name("kernels")
 # one library: the matmuls and per-layer steps, and the ranks' shared-memory signalling
 SOURCES = tuple(
     KERNELS / name
-    for name in ("quant_matmul.c", "bf16_matmul.c", "f32_matmul.c", "layer_steps.c", "shm_signal.c")
+    for name in (
+        "quant_matmul.c",
+        "bf16_matmul.c",
+        "f32_matmul.c",
+        "layer_steps.c",
+        "attention.c",
+        "layer_decode.c",
+        "shm_signal.c",
+    )
 )
 HEADER = KERNELS / "exoctl_kernels.h"  # the exported prototypes (engine/kernel_calls.py's table)
 COMMON_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-Wno-psabi")
@@ -69,6 +77,11 @@ SIGNATURES: dict[str, tuple[type | None, list[type]]] = {
     "rms_norm": (None, [_ptr, _ptr, _ptr, _i64, _i64, _f32, _i32, _i32]),
     "rope": (None, [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _i32]),
     "silu_mul": (None, [_ptr, _ptr, _i64, _i64, _i32, _i32]),
+    "attend_decode": (
+        _i32,
+        [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _f32, _ptr, _i32, _i32],
+    ),
+    "layer_decode": (_i32, [_ptr, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i32]),
     "shm_publish": (None, [_ptr, _u32]),
     "shm_wait": (_i32, [_ptr, _u32, _i64, _i64]),
 }

@@ -66,6 +66,30 @@ void rms_norm(const void *x, void *y, const void *w, int64_t M, int64_t D, float
 void rope(void *x, int64_t M, int64_t stride, int64_t heads, int64_t D, const void *cos, const void *sin,
           int bf16);
 void silu_mul(const void *gu, void *y, int64_t M, int64_t I, int bf16, int threads);
+/* attention.c */
+int attend_decode(void *qkv, const void *cos, const void *sin, void *keys, void *values, int64_t capacity,
+                  int64_t past, int64_t heads, int64_t kv_heads, int64_t D, float scale, void *out, int bf16,
+                  int threads);
+/* layer_decode.c: one decoder layer's weights as engine/fused_decode.py describes them */
+#define EXO_LINEAR_QUANT 1 /* int8/int4 in quant_matmul.c's tiles: w, ws (scales), bits */
+#define EXO_LINEAR_BF16 2  /* bfloat16 [n, k], row-major */
+#define EXO_LINEAR_F32 3   /* float32 [n, k], row-major */
+typedef struct {
+    int32_t kind, bits;
+    int64_t n, k;
+    const void *w, *ws;
+    const float *bias; /* [n] or NULL */
+} exo_linear;
+typedef struct {
+    const void *input_norm, *post_norm; /* [hidden], activation dtype */
+    float eps, scale;                   /* RMSNorm's epsilon; attention's 1 / sqrt(head_dim) */
+    int32_t bf16;                       /* activations bfloat16 (else float32) */
+    int64_t hidden, heads, kv_heads, head_dim, intermediate;
+    exo_linear qkv, o, gate_up, down;
+} exo_layer;
+int layer_decode(const exo_layer *L, const void *h, void *out, int64_t B, const void *cos, const void *sin,
+                 void *const *keys, void *const *values, const int64_t *capacity, const int64_t *past,
+                 int threads);
 /* shm_signal.c */
 void shm_publish(uint32_t *word, uint32_t value);
 int shm_wait(const uint32_t *word, uint32_t value, int64_t spin_ns, int64_t timeout_ns);
