@@ -212,6 +212,25 @@ def test_auto_dtype_follows_each_nodes_activations_switch(monkeypatch: pytest.Mo
         assert runtime_dtype("auto", [NodeStatus(Node("a", "h1"), reported)]) == policy
 
 
+def test_a_node_reports_its_kernel_path_on_the_wire(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The profile names the path the node's kernel library runs (EXOCTL_KERNEL_ISA's, else the
+    CPU's own), and it crosses the wire into /state's `kernelPath`."""
+    from exoctl import cpu_policy
+    from exoctl.cluster.state import node_documents
+    from exoctl.wire.worker_profile import WorkerProfile
+    from exoctl.worker.profile import NodeProfiler
+
+    monkeypatch.delenv("EXOCTL_KERNEL_ISA", raising=False)
+    assert NodeProfiler("n", "cpu", "boot").profile().kernel == cpu_policy.kernel_path("native")
+    monkeypatch.setenv("EXOCTL_KERNEL_ISA", "portable")
+    reported = NodeProfiler("n", "cpu", "boot").profile()
+    assert reported.kernel == "portable"
+    back = WorkerProfile.from_wire(reported.to_wire())
+    assert back == reported
+    _, profiles = node_documents([NodeStatus(Node("n", "127.0.0.1"), back)])
+    assert profiles["n"]["kernelPath"] == "portable"
+
+
 def test_a_node_downloads_only_the_files_of_its_layers() -> None:
     weight_map = {
         "model.embed_tokens.weight": "m-1.safetensors",

@@ -109,6 +109,30 @@ def test_f32_linear_equals_torch_and_each_row_is_the_same_bits_alone(
         assert torch.equal(out, alone)
 
 
+@pytest.mark.parametrize("partial", [False, True])
+def test_a_prompt_where_bf16_is_native_takes_the_bf16_gemm(
+    kernel_linear: type[Linear], partial: bool
+) -> None:
+    """Where the CPU multiplies bf16 natively (forced here on any CPU), a prompt's rows go to
+    torch's bf16 GEMM, x and the output rounded to bf16; a tensor rank's partial sum stays on the
+    float32 path, unrounded."""
+    generator = torch.Generator().manual_seed(5)
+    weight = torch.randn(300, 208, generator=generator).bfloat16()
+    bias = torch.randn(300, generator=generator).bfloat16()
+    x = torch.randn(1, Linear.GEMV_ROWS + 3, 208, generator=generator)
+    linear = kernel_linear(weight, bias, partial)
+    linear.native_gemm = True
+    out = linear(x)
+    assert out.dtype == torch.float32
+    if partial:
+        truth = F.linear(x, weight.float(), bias.float())
+        torch.testing.assert_close(out, truth, rtol=1e-5, atol=1e-4)
+    else:
+        truth = F.linear(x.bfloat16().float(), weight.float(), bias.float())
+        assert bool(((out - truth).abs() <= truth.abs() * 2**-7 + 2e-2).all())
+        assert torch.equal(out, out.bfloat16().float())  # rounded once, to bf16
+
+
 def test_an_empty_batch_gives_an_empty_answer(kernel_linear: type[Linear]) -> None:
     linear = kernel_linear(torch.ones(16, 16, dtype=torch.bfloat16))
     assert linear(torch.empty(0, 16, dtype=torch.bfloat16)).shape == (0, 16)

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from exoctl import cpu_policy
 from exoctl.models.catalog import DEFAULT_MODEL_ID
 from tests.browser import chromium, console_errors, screenshot, until, viewport
 from tests.cluster_helpers import Server, WorkerCluster, http, tiny_cluster
@@ -141,6 +142,9 @@ def test_place_chat_and_a_lost_node_from_the_page(
         until(
             lambda: all("GiB" in c.text and "RAM" in c.text for c in css(browser, ".node")), 10, "node memory"
         )
+        # each node card names the vector path its kernels run, as the node's profile reports it
+        kernels = [e.text for e in css(browser, ".node [data-role=kernel]")]
+        assert kernels == [f"kernel: {cpu_policy.kernel_path()}"] * 2, kernels
         assert console_errors(browser) == []
         screenshot(browser, "03-nodes")
 

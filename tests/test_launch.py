@@ -5,6 +5,7 @@ from __future__ import annotations
 import getpass
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -191,7 +192,8 @@ def test_up_reports_each_failure_by_node(tmp_path: Path, tiny_models: dict[str, 
 
 
 def test_up_local_writes_the_inventory_later_commands_use(tmp_path: Path) -> None:
-    home = {"EXOCTL_HOME": str(tmp_path / "home"), "EXOCTL_INVENTORY": ""}
+    # the kernel's path forced for this worker: its profile says so (`kernelPath`, `nodes`)
+    home = {"EXOCTL_HOME": str(tmp_path / "home"), "EXOCTL_INVENTORY": "", "EXOCTL_KERNEL_ISA": "portable"}
     (port,) = take_ports(["127.0.0.1"])
     up = exoctl("up", "--local", "1", "--base-port", str(port), "--threads", "1", "--json", env=home)
     try:
@@ -204,6 +206,9 @@ def test_up_local_writes_the_inventory_later_commands_use(tmp_path: Path) -> Non
         assert nodes.returncode == 0 and json.loads(nodes.stdout)[0]["node"] == "local1"
         state = json.loads(exoctl("state", "--json", env=home).stdout)
         assert state["nodeProfiles"]["local1"]["threads"] == 1  # the worker runs with the threads asked
+        assert state["nodeProfiles"]["local1"]["kernelPath"] == "portable"
+        wide = exoctl("nodes", env={**home, "COLUMNS": "200"})
+        assert re.search(r"local1 .* cpu +│ portable +│", wide.stdout), wide.stdout
     finally:
         down = exoctl("down", env=home)
     assert down.returncode == 0 and "local1" in down.stdout and "stopped" in down.stdout

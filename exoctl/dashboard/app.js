@@ -184,6 +184,8 @@ function renderNode(name) {
     h("span", {}, `${profile.runners.length} runner${profile.runners.length === 1 ? "" : "s"}`),
     h("span", {}, `worker ${bytes(profile.processRss.inBytes)}`)));
   if (profile.cpuModel) card.append(h("div", { class: "node-meta" }, profile.cpuModel));
+  // the vector path the node's kernels run (avx512+vnni+bf16, avx2, portable)
+  if (profile.kernelPath) card.append(h("div", { class: "node-meta", "data-role": "kernel" }, `kernel: ${profile.kernelPath}`));
   return card;
 }
 

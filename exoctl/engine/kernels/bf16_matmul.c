@@ -15,8 +15,11 @@
  * GB/s this way, where a plain sum of memory reaches 24): decoding is that read. Rows of x go
  * two at a time against a weight row, which the next pair re-reads from cache. */
 #define BF_MR 2
+#ifndef BF_PREFETCH
 #define BF_PREFETCH 512 /* elements: 1 KB ahead */
+#endif
 
+#ifndef EXO_BF16
 /* x[M, K] -> xp[M, K]: within each whole 16 of K, the 8 even elements then the 8 odd ones; the
  * tail past the last 16 stays in order. */
 static void deinterleave(const float *x, float *xp, int64_t M, int64_t K) {
@@ -32,6 +35,7 @@ static void deinterleave(const float *x, float *xp, int64_t M, int64_t K) {
         for (int64_t k = body; k < K; k++) dst[k] = src[k];
     }
 }
+#endif
 
 #ifdef FAST
 static inline float hsum8(__m256 v) {
@@ -145,52 +149,43 @@ static inline __attribute__((always_inline)) void bf16_row_native(
 }
 #endif
 
+#ifdef EXO_BF16
+typedef uint16_t x_elem; /* vdpbf16ps reads x as bf16, in order */
+#define ROW bf16_row_native
+#else
+typedef float x_elem; /* widening reads x as float32, each 16 reordered (deinterleave) */
+#define ROW bf16_row
+#endif
+
 /* x_bf16, y_bf16: whether x and y are bfloat16 (else float32). Returns 0, or -1 if out of memory. */
 int bf16_linear(const void *x, int x_bf16, int64_t M, int64_t K, const uint16_t *w, const float *bias, void *y,
                 int y_bf16, int64_t N, int threads) {
 #ifdef EXO_BF16
-    uint16_t *xb = x_bf16 ? NULL : (uint16_t *)malloc((size_t)(M * K) * sizeof(uint16_t));
-    float *ynat = y_bf16 ? (float *)malloc((size_t)(M * N) * sizeof(float)) : (float *)y;
-    if ((!x_bf16 && !xb) || !ynat) {
-        free(xb);
-        if (y_bf16) free(ynat);
-        return -1;
-    }
-    for (int64_t i = 0; !x_bf16 && i < M * K; i++) xb[i] = float_to_bf16(((const float *)x)[i]);
-    const uint16_t *xn = x_bf16 ? (const uint16_t *)x : xb;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-        const uint16_t *wrow = w + n * K;
-        int64_t m0 = 0;
-        for (; m0 + BF_MR <= M; m0 += BF_MR) bf16_row_native(BF_MR, xn, K, m0, wrow, ynat, N, n);
-        if (m0 < M) bf16_row_native(1, xn, K, m0, wrow, ynat, N, n);
-    }
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t n = 0; n < N; n++) {
-            const float v = ynat[m * N + n] + (bias ? bias[n] : 0.0f);
-            if (y_bf16) ((uint16_t *)y)[m * N + n] = float_to_bf16(v);
-            else ynat[m * N + n] = v;
-        }
-    free(xb);
-    if (y_bf16) free(ynat);
-    return 0;
+    const size_t x_room = x_bf16 ? 0 : (size_t)(M * K); /* float32 x rounded to bf16 once */
 #else
-    float *xf = (float *)malloc((size_t)(M * K) * sizeof(float)), *xp = (float *)malloc((size_t)(M * K) * sizeof(float));
-    float *yf = y_bf16 ? (float *)malloc((size_t)(M * N) * sizeof(float)) : (float *)y;
-    if (!xf || !xp || !yf) {
-        free(xf);
-        free(xp);
+    const size_t x_room = 2 * (size_t)(M * K); /* x widened, then reordered */
+#endif
+    x_elem *room = x_room ? (x_elem *)malloc(x_room * sizeof(x_elem)) : NULL;
+    float *yf = y_bf16 ? (float *)malloc((size_t)(M * N) * sizeof(float)) : (float *)y; /* the sums */
+    if ((x_room && !room) || !yf) {
+        free(room);
         if (y_bf16) free(yf);
         return -1;
     }
-    for (int64_t i = 0; i < M * K; i++) xf[i] = x_bf16 ? bf16_to_float(((const uint16_t *)x)[i]) : ((const float *)x)[i];
-    deinterleave(xf, xp, M, K);
+#ifdef EXO_BF16
+    for (int64_t i = 0; room && i < M * K; i++) room[i] = float_to_bf16(((const float *)x)[i]);
+    const x_elem *xs = room ? room : (const x_elem *)x;
+#else
+    for (int64_t i = 0; i < M * K; i++) room[i] = x_bf16 ? bf16_to_float(((const uint16_t *)x)[i]) : ((const float *)x)[i];
+    x_elem *xs = room + M * K;
+    deinterleave(room, xs, M, K);
+#endif
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t n = 0; n < N; n++) {
         const uint16_t *wrow = w + n * K;
         int64_t m0 = 0;
-        for (; m0 + BF_MR <= M; m0 += BF_MR) bf16_row(BF_MR, xp, K, m0, wrow, yf, N, n);
-        if (m0 < M) bf16_row(1, xp, K, m0, wrow, yf, N, n);
+        for (; m0 + BF_MR <= M; m0 += BF_MR) ROW(BF_MR, xs, K, m0, wrow, yf, N, n);
+        if (m0 < M) ROW(1, xs, K, m0, wrow, yf, N, n);
     }
     for (int64_t m = 0; m < M; m++)
         for (int64_t n = 0; n < N; n++) {
@@ -198,11 +193,9 @@ int bf16_linear(const void *x, int x_bf16, int64_t M, int64_t K, const uint16_t 
             if (y_bf16) ((uint16_t *)y)[m * N + n] = float_to_bf16(v);
             else yf[m * N + n] = v;
         }
-    free(xf);
-    free(xp);
+    free(room);
     if (y_bf16) free(yf);
     return 0;
-#endif
 }
 
 /* dst[n] = float(src[n]): a bf16 weight widened for one prefill chunk's float32 GEMM. */

@@ -7,7 +7,9 @@
 #include "exoctl_kernels.h"
 
 #define F_MR 2
+#ifndef F_PREFETCH
 #define F_PREFETCH 256 /* elements: 1 KB ahead */
+#endif
 
 /* Row n of W against rows m0 .. m0 + mr of x (mr <= F_MR, a constant at the call sites). Each
  * row of x has its own four accumulators (32 of K a step), summed in the same order whatever the

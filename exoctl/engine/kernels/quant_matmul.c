@@ -34,7 +34,9 @@
 #define QK 32     /* weights per block */
 #define ROWS 8    /* output rows per tile */
 #define M_TILE 4  /* rows of x sharing one load of a weight group */
+#ifndef Q_PREFETCH
 #define Q_PREFETCH 4096 /* bytes: a software prefetch this far ahead of each block (1.8 -> 1.3 ms int8, 0.88 -> 0.76 int4, 11264 x 2048, one row) */
+#endif
 
 int kernel_isa(void) {
     int isa = 0;
@@ -56,6 +58,7 @@ int kernel_isa(void) {
     return isa;
 }
 
+#ifndef FAST /* the portable loop's: the vector paths convert with F16C */
 static float half_to_float(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
     if (exp == 0) {
@@ -78,6 +81,7 @@ static float half_to_float(uint16_t h) {
     memcpy(&f, &bits, sizeof f);
     return f;
 }
+#endif
 
 /* x[M, K] float32 -> xq[M, K] int8, xs[M, K/32] scales and xsum[M, K/32] (the sum of each block's
  * int8 values, for int4's minimum), per block of 32. */
