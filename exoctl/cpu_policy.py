@@ -124,23 +124,29 @@ AVX512_FLAGS = ("avx512f", "avx512bw")
 TARGET_FEATURES = {"avx512": frozenset({"avx2", "avx512", "vnni", "bf16"}), "avx2": frozenset({"avx2"})}
 
 
+def path_name(features: frozenset[str]) -> str:
+    """A kernel path's name from the features its build holds ("avx2", "avx512", "vnni",
+    "bf16"): "avx512+vnni+bf16", "avx512", "avx2" or "portable" (none). Both the policy
+    (`kernel_path`) and the built library's own report (engine.qkernel.isa_name) name paths so."""
+    widest = [name for name in ("avx512", "vnni", "bf16") if name in features]
+    return "+".join(widest) if widest else "avx2" if "avx2" in features else "portable"
+
+
 def kernel_path(target: str | None = None, flags: frozenset[str] | None = None) -> str:
     """The vector path the kernel library built for `target` (EXOCTL_KERNEL_ISA's, else) runs on a
-    CPU with `flags` (this one's, else): "avx512+vnni+bf16", "avx512+vnni", "avx512", "avx2" or
-    "portable", as engine.qkernel names the built library's own report (a test checks the two)."""
+    CPU with `flags` (this one's, else), as engine.qkernel names the built library's own report
+    (a test checks the two)."""
     target = kernel_isa() if target is None else target
     flags = cpu_flags() if flags is None else flags
     if target == "portable":
-        return "portable"
+        return path_name(frozenset())
     if target in TARGET_FEATURES:
-        features = TARGET_FEATURES[target]
-    elif not all(f in flags for f in AVX2_FLAGS):
-        return "portable"
-    elif all(f in flags for f in AVX512_FLAGS):
-        features = frozenset(
-            {"avx512"} | {n for n, f in (("vnni", "avx512_vnni"), ("bf16", "avx512_bf16")) if f in flags}
-        )
-    else:
-        features = frozenset({"avx2"})
-    names = [name for name in ("avx512", "vnni", "bf16") if name in features]
-    return "+".join(names) if names else "avx2"
+        return path_name(TARGET_FEATURES[target])
+    if not all(f in flags for f in AVX2_FLAGS):
+        return path_name(frozenset())
+    features = {"avx2"}
+    if all(f in flags for f in AVX512_FLAGS):
+        features |= {"avx512"} | {
+            n for n, f in (("vnni", "avx512_vnni"), ("bf16", "avx512_bf16")) if f in flags
+        }
+    return path_name(frozenset(features))

@@ -66,12 +66,12 @@ def _describe(linear: AnyLinear) -> tuple[ExoLinear, tuple[torch.Tensor | None, 
         described = ExoLinear(QUANT, linear.bits, linear.out_features, linear.in_features)
         described.w, described.ws = linear.data.data_ptr(), linear.scales.data_ptr()
         keep: tuple[torch.Tensor | None, ...] = (linear.data, linear.scales, bias)
-    elif linear.dtype is torch.bfloat16 and linear.kernel is not None:
-        described = ExoLinear(BF16, 0, linear.out_features, linear.in_features)
-        described.w, bias = linear.weight.data_ptr(), linear.bias32
-        keep = (linear.weight, bias)
-    elif linear.dtype is torch.float32 and linear.small is not None:
-        described = ExoLinear(F32, 0, linear.out_features, linear.in_features)
+    elif (linear.dtype is torch.bfloat16 and linear.kernel is not None) or (
+        linear.dtype is torch.float32 and linear.small is not None
+    ):
+        # row-major weights on the library's own path, the bias as it takes it (float32)
+        kind = BF16 if linear.dtype is torch.bfloat16 else F32
+        described = ExoLinear(kind, 0, linear.out_features, linear.in_features)
         described.w, bias = linear.weight.data_ptr(), linear.bias32
         keep = (linear.weight, bias)
     else:
@@ -84,13 +84,18 @@ class FusedDecode:
     """One decoder layer's decode step in one C call; `build` says whether the layer has one."""
 
     def __init__(
-        self, lib: ctypes.CDLL, layer: ExoLayer, dtype: torch.dtype, keep: list[torch.Tensor | None]
+        self,
+        lib: ctypes.CDLL,
+        layer: ExoLayer,
+        index: int,
+        dtype: torch.dtype,
+        keep: list[torch.Tensor | None],
     ) -> None:
         self.function = lib.layer_decode
         self.layer = layer
         self.pointer = ctypes.byref(layer)
+        self.index = index  # the layer's index in the caches
         self.dtype = dtype
-        self.index = 0  # the layer's index in the caches, set by `build`
         self.keep = keep  # every pointer above stays valid while this object lives
 
     @classmethod
@@ -122,12 +127,10 @@ class FusedDecode:
             mlp.intermediate,
             *(d for d, _ in described),
         )
-        keep: list[torch.Tensor | None] = [norm_in.contiguous(), norm_post.contiguous()]
+        keep: list[torch.Tensor | None] = [norm_in, norm_post]  # RMSNorm keeps them contiguous
         for _, tensors in described:
             keep += tensors
-        fused = cls(lib, layer, dtype, keep)
-        fused.index = attention.layer
-        return fused
+        return cls(lib, layer, attention.layer, dtype, keep)
 
     def takes(self, h: torch.Tensor, cos: torch.Tensor, caches: list[KVCache]) -> bool:
         """Whether this step is one the C layer runs: each sequence one new position, at most

@@ -54,16 +54,16 @@ TARGETS: dict[str, tuple[str, ...]] = {
 }
 # The CPU flags (/proc/cpuinfo) a forced target needs to run
 TARGET_NEEDS: dict[str, tuple[str, ...]] = {
-    "avx512": ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16"),
-    "avx2": ("avx2", "fma", "f16c"),
+    "avx512": (*cpu_policy.AVX2_FLAGS, *cpu_policy.AVX512_FLAGS, "avx512vl", "avx512_vnni", "avx512_bf16"),
+    "avx2": cpu_policy.AVX2_FLAGS,
 }
 # Tests only: the AVX512 paths on an AVX2 CPU, their 512-bit intrinsics done in portable C by SIMDe
 # (kernels/exoctl_kernels.h): `bw` AVX512BW's dot products, `vnni` vpdpbusd and vdpbf16ps.
 EMULATED = {"bw": "-DEXOCTL_EMULATE_AVX512=1", "vnni": "-DEXOCTL_EMULATE_AVX512=2"}
 SIMDE_HEADER = Path("/usr/include/simde/x86/avx512.h")
 # kernel_isa()'s bits (kernels/exoctl_kernels.h), as the profile and benchmarks name them
-ISA_BITS = (("avx2", 1), ("avx512", 2), ("vnni", 4), ("bf16", 8))
 ISA_BF16_BIT = 8
+ISA_BITS = (("avx2", 1), ("avx512", 2), ("vnni", 4), ("bf16", ISA_BF16_BIT))
 ISA_EMULATED = 16
 
 _i64, _i32, _u32, _f32, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_uint32, ctypes.c_float, ctypes.c_void_p
@@ -110,10 +110,7 @@ def build_flags(name: str | None = None) -> tuple[str, ...]:
 
 def isa_name(bits: int) -> str:
     """kernel_isa()'s bits as words: "avx512+vnni+bf16", "avx2", "portable" (+ " (emulated)")."""
-    names = [name for name, bit in ISA_BITS if bits & bit]
-    if bits & 2:  # AVX512 implies the AVX2 frame: name the widest path
-        names.remove("avx2")
-    text = "+".join(names) or "portable"
+    text = cpu_policy.path_name(frozenset(name for name, bit in ISA_BITS if bits & bit))
     return f"{text} (emulated)" if bits & ISA_EMULATED else text
 
 
@@ -194,9 +191,9 @@ def build_variant(folder: Path, name: str) -> ctypes.CDLL:
     """Tests: the library for target `name` (TARGETS), or an emulated AVX512 one (`emulated-bw`,
     `emulated-vnni`: EMULATED, needs SIMDe's headers), built into `folder` and loaded."""
     if name.startswith("emulated-"):
-        flags = (*COMMON_FLAGS, *TARGETS["avx2"], EMULATED[name.removeprefix("emulated-")])
+        flags = (*build_flags("avx2"), EMULATED[name.removeprefix("emulated-")])
     else:
-        flags = (*COMMON_FLAGS, *TARGETS[name])
+        flags = build_flags(name)
     path = folder / f"kernels-{name}.so"
     if not path.is_file():
         build(path, flags)

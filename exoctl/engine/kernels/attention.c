@@ -5,10 +5,6 @@
  * rest of the library by exoctl/engine/qkernel.py. */
 #include "exoctl_kernels.h"
 
-static inline float load_at(const void *p, int64_t i, int bf16) {
-    return bf16 ? bf16_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
-}
-
 /* q . k over D, k float32 or bf16, q float32: eight partial sums, which the compiler keeps in one
  * vector register (a single running sum is a chain of dependent adds, 4x slower at D = 64) */
 static inline float dot_row(const float *q, const void *k, int64_t D, int bf16) {
@@ -52,7 +48,7 @@ int attend_decode(void *qkv, const void *cos, const void *sin, void *keys, void 
     for (int64_t h = 0; h < heads; h++) {
         float *score = scratch + h * (n + 2 * D), *q = score + n, *acc = q + D;
         const int64_t g = h / group;
-        for (int64_t i = 0; i < D; i++) q[i] = load_at(qkv, h * D + i, bf16) * scale;
+        for (int64_t i = 0; i < D; i++) q[i] = load_any(qkv, h * D + i, bf16) * scale;
         float top = -INFINITY;
         for (int64_t j = 0; j < n; j++) {
             score[j] = dot_row(q, (const char *)keys + ((g * capacity + j) * D) * item, D, bf16);
@@ -72,10 +68,7 @@ int attend_decode(void *qkv, const void *cos, const void *sin, void *keys, void 
             }
         }
         const float inv = 1.0f / total;
-        for (int64_t i = 0; i < D; i++) {
-            if (bf16) ((uint16_t *)out)[h * D + i] = float_to_bf16(acc[i] * inv);
-            else ((float *)out)[h * D + i] = acc[i] * inv;
-        }
+        for (int64_t i = 0; i < D; i++) store_any(out, h * D + i, acc[i] * inv, bf16);
     }
     free(scratch);
     return 0;

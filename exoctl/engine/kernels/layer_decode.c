@@ -9,14 +9,6 @@
 
 static inline size_t act_size(int bf16) { return bf16 ? 2 : 4; }
 
-static void to_float(const void *x, float *out, int64_t n, int bf16) {
-    if (!bf16) {
-        memcpy(out, x, (size_t)n * sizeof(float));
-        return;
-    }
-    for (int64_t i = 0; i < n; i++) out[i] = bf16_to_float(((const uint16_t *)x)[i]);
-}
-
 /* y [M, N] (activation dtype) = x [M, K] (activation dtype) @ W^T + b, as engine/linear.py does:
  * int8/int4 and float32 weights take x in float32 and their output is rounded to the activation
  * dtype; bf16 weights take x and write y in it. xf, yf: float32 room for M * K and M * N. */
@@ -26,7 +18,7 @@ static int linear_apply(const exo_linear *l, const void *x, int64_t M, void *y, 
         return bf16_linear(x, bf16, M, l->k, (const uint16_t *)l->w, l->bias, y, bf16, l->n, threads);
     const float *xin = (const float *)x;
     if (bf16) {
-        to_float(x, xf, M * l->k, 1);
+        for (int64_t i = 0; i < M * l->k; i++) xf[i] = load_any(x, i, 1);
         xin = xf;
     }
     float *yout = bf16 ? yf : (float *)y;
@@ -36,19 +28,13 @@ static int linear_apply(const exo_linear *l, const void *x, int64_t M, void *y, 
         f32_linear(xin, M, l->k, (const float *)l->w, l->bias, yout, l->n, threads);
     }
     if (bf16)
-        for (int64_t i = 0; i < M * l->n; i++) ((uint16_t *)y)[i] = float_to_bf16(yout[i]);
+        for (int64_t i = 0; i < M * l->n; i++) store_any(y, i, yout[i], 1);
     return 0;
 }
 
 /* out = h + part, rounded to the activation dtype as torch's add rounds */
 static void residual(const void *h, const void *part, void *out, int64_t n, int bf16) {
-    if (bf16) {
-        const uint16_t *a = (const uint16_t *)h, *b = (const uint16_t *)part;
-        for (int64_t i = 0; i < n; i++) ((uint16_t *)out)[i] = float_to_bf16(bf16_to_float(a[i]) + bf16_to_float(b[i]));
-    } else {
-        const float *a = (const float *)h, *b = (const float *)part;
-        for (int64_t i = 0; i < n; i++) ((float *)out)[i] = a[i] + b[i];
-    }
+    for (int64_t i = 0; i < n; i++) store_any(out, i, load_any(h, i, bf16) + load_any(part, i, bf16), bf16);
 }
 
 static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }

@@ -7,15 +7,6 @@
  * the same roundings as transformers' bfloat16 modules, so results match torch's to the bit
  * where the sums do. */
 
-static inline float load_any(const void *p, int64_t i, int bf16) {
-    return bf16 ? bf16_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
-}
-
-static inline void store_any(void *p, int64_t i, float v, int bf16) {
-    if (bf16) ((uint16_t *)p)[i] = float_to_bf16(v);
-    else ((float *)p)[i] = v;
-}
-
 /* Rounds as the tensor's dtype would: a no-op for float32. */
 static inline float round_as(float v, int bf16) { return bf16 ? bf16_to_float(float_to_bf16(v)) : v; }
 
