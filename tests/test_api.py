@@ -789,14 +789,21 @@ def test_an_api_key_is_required_when_set(cluster2: WorkerCluster) -> None:
 
 def test_what_is_not_supported_or_too_big_is_refused_with_a_clear_error(server: Server, placed: str) -> None:
     chat = {"model": placed, "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 2}
-    # response_format would be ignored: a 400 that says so, not free text that looks obeyed
-    for shape in (
-        {"type": "json_object"},
-        {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}},
+    # a response_format that cannot be obeyed: a 400 that says why, not free text that looks obeyed
+    for shape, why in (
+        ({"type": "xml"}, "unknown response_format type 'xml'"),
+        ({"type": "json_schema"}, "needs a 'json_schema' object"),
+        (
+            {
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"type": "string", "format": "iri"}},
+            },
+            "Unknown format: iri",
+        ),
     ):
         status, body = http(server, "POST", "/v1/chat/completions", {**chat, "response_format": shape})
         assert status == 400, body
-        assert "response_format" in body["error"]["message"] and "not supported" in body["error"]["message"]
+        assert why in body["error"]["message"], body
     status, _ = http(server, "POST", "/v1/chat/completions", {**chat, "response_format": {"type": "text"}})
     assert status == 200
     # a body over the limit is refused before it is read: by its Content-Length, and when chunked

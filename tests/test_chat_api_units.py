@@ -142,22 +142,27 @@ def test_text_before_a_hermes_call_is_streamed_before_the_call_ends() -> None:
 
 @pytest.mark.parametrize("fmt", ["hermes", "llama3", "mistral"])
 def test_a_forced_start_is_read_back_with_what_the_model_wrote(fmt: str) -> None:
-    named = {
-        "hermes": '{"city": "Paris"}}</tool_call>',
-        "llama3": '{"city": "Paris"}}',
-        "mistral": '{"city": "Paris"}}]',
+    """The opener the head writes for a required call, and the call the grammar made the model write."""
+    written = {
+        "hermes": '{"name": "get_weather", "arguments": {"city": "Paris"}}',
+        "llama3": '{"name": "get_weather", "parameters": {"city": "Paris"}}',
+        "mistral": '[{"name": "get_weather", "arguments": {"city": "Paris"}}]',
     }
-    stream = ToolStream(fmt, NAMES, forced_prefix(fmt, "get_weather"))
-    assert stream.feed(named[fmt]) == ""
+    stream = ToolStream(fmt, NAMES, forced_prefix(fmt))
+    assert stream.feed(written[fmt]) == ""
     assert calls_of(stream.finish()[1]) == [("get_weather", WEATHER)]
-    free = {
-        "hermes": 'get_time", "arguments": {"tz": "Europe/Paris"}}</tool_call>',
-        "llama3": 'get_time", "parameters": {"tz": "Europe/Paris"}}',
-        "mistral": 'get_time", "arguments": {"tz": "Europe/Paris"}}]',
-    }
-    stream = ToolStream(fmt, NAMES, forced_prefix(fmt, None))
-    stream.feed(free[fmt])
+
+
+def test_a_generic_answer_is_a_call_or_a_reply() -> None:
+    stream = ToolStream("generic", NAMES)
+    assert stream.feed('{"tool_call": {"name": "get_time", ') == ""  # JSON throughout: held
+    stream.feed('"arguments": {"tz": "Europe/Paris"}}}')
     assert calls_of(stream.finish()[1]) == [("get_time", TIME)]
+    stream = ToolStream("generic", NAMES)
+    stream.feed('{"response": "Bonjour !"}')
+    assert stream.finish() == ("Bonjour !", [])
+    # a call of a tool the request did not offer stays text
+    assert parse('{"tool_call": {"name": "launch", "arguments": {}}}', "generic", NAMES)[1] == []
 
 
 def test_the_format_comes_from_the_template() -> None:

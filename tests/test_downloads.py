@@ -74,6 +74,7 @@ def hub_cluster(
     hub.add("tiny/full", tiny_models["llama"])
     hub.add("tiny/resume", tiny_models["llama"])
     hub.add("tiny/watch", tiny_models["llama"])
+    hub.add("tiny/pull", tiny_models["qwen2"])
     env = {
         "HF_ENDPOINT": hub.url,
         "HF_HUB_DISABLE_TELEMETRY": "1",
@@ -362,3 +363,32 @@ def test_serve_and_the_dashboard_show_a_download_while_it_runs(
         server.stop()
     state = hub_cluster.cli("state")
     assert state.returncode == 0 and "Downloads" in state.stdout and "tiny/watch" in state.stdout
+
+
+def test_ollamas_pull_fetches_onto_the_nodes_with_progress_lines(
+    hub_cluster: HubCluster, tiny_models: dict[str, Path]
+) -> None:
+    """The `ollama` client's pull against `serve`: `exoctl download`'s machinery (each live node its
+    layers), reported as Ollama's progress lines, then loadable without fetching again."""
+    import ollama
+
+    from tests.cluster_helpers import Server
+
+    server = Server(hub_cluster.cluster)
+    try:
+        client = ollama.Client(host=server.base, timeout=300)
+        lines = list(client.pull("tiny/pull", stream=True))
+        assert lines[0].status == "pulling manifest" and lines[-1].status == "success"
+        sizes = [(line.completed, line.total) for line in lines if line.total]
+        assert sizes and sizes[-1][0] == sizes[-1][1] > 0
+        on_disk = {
+            **hub_cluster.snapshot_files("node1", "tiny/pull"),
+            **hub_cluster.snapshot_files("node2", "tiny/pull"),
+        }
+        every_weight = {n for n in os.listdir(tiny_models["qwen2"]) if n.endswith(".safetensors")}
+        assert every_weight <= set(on_disk)  # between them the nodes hold every layer
+        assert client.pull("tiny/pull", stream=False).status == "success"  # already there: at once
+        with pytest.raises(ollama.ResponseError, match="tiny/absent"):
+            client.pull("tiny/absent", stream=False)
+    finally:
+        server.stop()

@@ -8,7 +8,9 @@ tokenizer is byte-level (any text encodes) with a few whole-word tokens, and its
 with `<|assistant|>`, or `<|assistant_after_tool|>` after a tool's answer. So:
 - asked anything with tools, it calls get_weather for Paris;
 - given the tool's answer, it says it is sunny in Paris;
-- forced to start a call (tool_choice required or named), it completes the call.
+- forced to start a call (tool_choice required or named: the head writes `<tool_call>` and a
+  newline, and the grammar of a call of the one tool forces `{"name": "get_weather", "arguments":
+  {"city": "`), it writes the city, `Paris"}}` (one token, which the grammar must allow).
 A model that answered otherwise, or a template, parser or wire shape that lost the call, fails
 the tests: nothing here can pass by accident.
 """
@@ -18,11 +20,10 @@ from __future__ import annotations
 from pathlib import Path
 
 CALL = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
-ARGUMENTS = '{"city": "Paris"}}'  # after a forced '... "arguments": '
-NAME_AND_ARGUMENTS = 'get_weather", "arguments": {"city": "Paris"}}'  # after a forced '{"name": "'
 ANSWER = "It is sunny in Paris."
 SPECIALS = ["<|im_start|>", "<|im_end|>", "<|assistant|>", "<|assistant_after_tool|>"]
-WORDS = ["<tool_call>", "</tool_call>", CALL, ARGUMENTS, NAME_AND_ARGUMENTS, ANSWER]
+CITY = 'Paris"}}'  # after a forced '... {"city": "'
+WORDS = ["<tool_call>", "</tool_call>", CALL, CITY, ANSWER]
 
 TEMPLATE = (
     "{%- if tools %}<|im_start|>system\nYou may call these tools:\n"
@@ -58,15 +59,12 @@ def write_tool_model(folder: Path) -> Path:
     tokenizer.chat_template = TEMPLATE
     vocab = backend.get_vocab_size()
     ids = {word: backend.token_to_id(word) for word in SPECIALS + WORDS}
-    space, quote = backend.token_to_id("Ġ"), backend.token_to_id('"')
+    quote = backend.token_to_id('"')
     follows = {
         ids["<|assistant|>"]: ids["<tool_call>"],
         ids["<tool_call>"]: ids[CALL],
         ids[CALL]: ids["</tool_call>"],
-        space: ids[ARGUMENTS],  # a forced '..."arguments": ' ends in a space
-        ids[ARGUMENTS]: ids["</tool_call>"],
-        quote: ids[NAME_AND_ARGUMENTS],  # a forced '{"name": "' ends in a quote
-        ids[NAME_AND_ARGUMENTS]: ids["</tool_call>"],
+        quote: ids[CITY],  # the only free place in a forced call: the city's string
         ids["<|assistant_after_tool|>"]: ids[ANSWER],
     }
     hidden = -(-vocab // 8) * 8

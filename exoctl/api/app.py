@@ -18,12 +18,16 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from exoctl import __version__
+from exoctl.api.anthropic_messages import AnthropicMessages, MessagesRequest
 from exoctl.api.dashboard import DASHBOARD_PATHS, mount_dashboard
 from exoctl.api.error_handlers import install_error_handlers
 from exoctl.api.errors import error_body
 from exoctl.api.metrics import Metrics
 from exoctl.api.model_list import model_entry
+from exoctl.api.ollama import ollama_routes
 from exoctl.api.openai_chat import ChatCompletion
+from exoctl.api.openai_completions import CompletionRequest, TextCompletion
+from exoctl.api.openai_responses import OpenAIResponse, ResponsesRequest, Stored
 from exoctl.api.schemas import (
     MLX_INSTANCE_META,
     ChatRequest,
@@ -125,10 +129,15 @@ class Guard:
             right = scheme.lower() == "bearer" and secrets.compare_digest(
                 token.strip().encode(), self.api_key.encode()
             )
+            # Anthropic's clients send the key as x-api-key
+            given = request.headers.get("x-api-key")
+            right = right or (
+                given is not None and secrets.compare_digest(given.encode(), self.api_key.encode())
+            )
             if not right:
                 self.metrics.errors.labels("authentication_error").inc()
                 body = error_body(
-                    "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                    "missing or wrong API key: send 'Authorization: Bearer <key>' (or 'x-api-key: <key>')",
                     "authentication_error",
                     code="invalid_api_key",
                 )
@@ -197,10 +206,25 @@ def create_app(
     app.include_router(health_routes(service, metrics, api_key))
     for routes in (model_routes, place_routes, instance_routes, state_routes):
         app.include_router(routes(service))
+    app.include_router(ollama_routes(service, metrics))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request) -> Response:
         return await ChatCompletion(service, metrics, body).respond(request.is_disconnected)
+
+    stored = Stored()
+
+    @app.post("/v1/responses")
+    async def responses(body: ResponsesRequest, request: Request) -> Response:
+        return await OpenAIResponse(service, metrics, body, stored).respond(request.is_disconnected)
+
+    @app.post("/v1/messages")
+    async def messages(body: MessagesRequest, request: Request) -> Response:
+        return await AnthropicMessages(service, metrics, body).respond(request.is_disconnected)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await TextCompletion(service, metrics, body).respond(request.is_disconnected)
 
     return app
 

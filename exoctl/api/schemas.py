@@ -146,19 +146,8 @@ class ChatRequest(BaseModel):
     cache_prompt: bool = True
     # false decodes this request one token a step even where the instance drafts (speculative decoding)
     speculative: bool = True
-    # Not supported yet: refused with a 400 rather than answered in free text as if it were obeyed.
+    # text, json_object or json_schema: the answer constrained to it (`structured`)
     response_format: dict[str, Any] | None = None
-
-    @field_validator("response_format")
-    @classmethod
-    def _text_only(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        kind = None if value is None else value.get("type")
-        if value is not None and kind != "text":
-            raise ValueError(
-                f"response_format {kind!r} is not supported yet: exoctl cannot constrain the answer to "
-                "JSON; leave response_format out (or use type 'text') and ask for JSON in the prompt"
-            )
-        return value
 
     @field_validator("messages")
     @classmethod

@@ -6,9 +6,10 @@ one thread and the server answers many requests at once on a thread pool.
 
 from __future__ import annotations
 
+import re
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -36,6 +37,7 @@ from exoctl.models.gguf.file import is_gguf_model
 from exoctl.models.store import allowed_roots, as_path, hub_reference, is_model_folder, resolve_card
 from exoctl.placement.pipeline import Placement, PlacementError, PlacementRequest
 from exoctl.placement.sharding import Plan, check_sharding
+from exoctl.wire.download_report import DownloadReport
 from exoctl.wire.supervisor_event import SupervisorEvent
 
 
@@ -307,6 +309,32 @@ class ClusterService:
         self.start_load(card, ref, placement.sharding, placement, instance_id, wait)
         return instance_id, placement
 
+    def pull(
+        self, model: str, on_progress: Callable[[dict[str, DownloadReport]], None]
+    ) -> dict[str, DownloadReport]:
+        """The model's files onto the nodes `place` would give it, as `exoctl download` fetches them
+        (each node its layer range; every layer for a tensor split); each node's last report."""
+        statuses = self.statuses()
+        try:
+            card, ref = self.reference(model)
+        except ModelNotFoundError:
+            if not REPO_ID.fullmatch(model):
+                raise
+            card, ref = resolve_card(model)  # a Hub repo id: its card from the Hub
+        with self.cluster() as cluster:
+            request = PlacementRequest(dtype=runtime_dtype("auto", statuses, card.native_dtype))
+            placement = cluster.choose(card, request, statuses, "auto").placement
+        whole = (0, card.n_layers)
+        targets = [
+            (
+                self.inventory.node(s.node),
+                whole if placement.sharding == "tensor" else (s.start_layer, s.end_layer),
+            )
+            for s in placement.shards
+        ]
+        with self.cluster() as cluster:
+            return cluster.download(ref, card.n_layers, targets, on_progress)
+
     def delete(self, instance_id: str) -> dict[str, int]:
         statuses = self.statuses()
         view = instances_of(statuses).get(instance_id)
@@ -317,6 +345,9 @@ class ClusterService:
             freed = cluster.unload(instance_id, nodes)
         self.loads.pop(instance_id, None)
         return freed
+
+
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # a Hugging Face repo id: owner/name
 
 
 class NotFound(ExoctlError):

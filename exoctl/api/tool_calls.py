@@ -5,7 +5,10 @@ templates of the test plan's families use (`Tokenizer.tool_format` picks one fro
   (Qwen2.5's templates, and the fallback for any template that takes tools);
 - "llama3": the whole answer one JSON object `{"name": ..., "parameters": {...}}` (or
   "arguments"), after `<|python_tag|>` or alone; several joined by ";";
-- "mistral": `[TOOL_CALLS] [{"name": ..., "arguments": {...}}, ...]`.
+- "mistral": `[TOOL_CALLS] [{"name": ..., "arguments": {...}}, ...]`;
+- "generic" (llama.cpp's, for a template that takes no tools; `structured.generic_messages`): the
+  whole answer one JSON object, `{"tool_call": {"name": ..., "arguments": {...}}}` or
+  `{"response": "..."}`, constrained to that shape while it is decoded.
 
 Text that is not a valid call (bad JSON, no name, a name the request offered no tool for) stays
 text. `ToolStream` does the same on a stream of text deltas, split anywhere: it passes text on
@@ -70,6 +73,19 @@ def parse(text: str, fmt: str | None, names: frozenset[str] | None = None) -> tu
         return _parse_llama3(text, names)
     if fmt == "mistral":
         return _parse_mistral(text, names)
+    if fmt == "generic":
+        return _parse_generic(text, names)
+    return text, []
+
+
+def _parse_generic(text: str, names: frozenset[str] | None) -> tuple[str, list[ToolCall]]:
+    doc = _json(text.strip())
+    if isinstance(doc, dict) and isinstance(doc.get("response"), str):
+        return doc["response"], []
+    if isinstance(doc, dict) and "tool_call" in doc:
+        call = _call(doc["tool_call"], names)
+        if call is not None:
+            return "", [call]
     return text, []
 
 
@@ -117,15 +133,16 @@ def _parse_mistral(text: str, names: frozenset[str] | None) -> tuple[str, list[T
     return text[:at].strip(), [c for c in calls if c is not None]
 
 
-def forced_prefix(fmt: str, name: str | None) -> str:
-    """The start of an answer that must be a tool call (`tool_choice` "required"), or a call of
-    `name` (a named function): the head writes it after the generation prompt, and the model
-    goes on from there. The arguments themselves are not constrained."""
+def forced_prefix(fmt: str) -> str:
+    """The opener of an answer that must be a tool call (`tool_choice` "required" or a named
+    function) in a template's own format: the head writes it after the generation prompt (where a
+    tokenizer has it as one special token, as it is), and the grammar of the call
+    (`structured.native_call_grammar`) constrains what the model writes after it."""
     if fmt == "llama3":
-        return '{"name": "' + (f'{name}", "parameters": ' if name else "")
+        return ""  # the call is the whole answer
     if fmt == "mistral":
-        return '[TOOL_CALLS] [{"name": "' + (f'{name}", "arguments": ' if name else "")
-    return '<tool_call>\n{"name": "' + (f'{name}", "arguments": ' if name else "")
+        return "[TOOL_CALLS] "
+    return "<tool_call>\n"
 
 
 class ToolStream:
@@ -137,7 +154,8 @@ class ToolStream:
         self.fmt = fmt
         self.names = names
         self.held = start  # text not shown yet
-        self.capturing = bool(start)  # a call may be under way: hold everything to the end
+        # a call may be under way: hold everything to the end (a generic answer is JSON throughout)
+        self.capturing = bool(start) or fmt == "generic"
         self.shown = ""
 
     def feed(self, delta: str) -> str:
@@ -175,7 +193,8 @@ class ToolStream:
         if self.fmt is None or not self.held:
             return self.held, []
         text, calls = parse(self.held, self.fmt, self.names)
-        return (text if calls else self.held), calls
+        # a generic answer's reply is the text of its {"response": ...}
+        return (text if calls or self.fmt == "generic" else self.held), calls
 
 
 def _may_start(text: str, openers: tuple[str, ...]) -> bool:

@@ -376,10 +376,11 @@ class Cluster:
         chat: ChatOptions | None = None,
         cache_prompt: bool = True,
         speculative: bool = True,
+        prompt_ids: list[int] | None = None,
     ) -> Generation:
-        """Start a request on the instance's head; `cache_prompt` False neither reuses a cached
-        prefix nor keeps this one's; `speculative` False decodes it one token a step even where the
-        instance has a drafter."""
+        """Start a request on the instance's head (a chat, a text prompt, or `prompt_ids`, token ids
+        as they are); `cache_prompt` False neither reuses a cached prefix nor keeps this one's;
+        `speculative` False decodes it one token a step even where the instance has a drafter."""
         texts = [str(m.get("content") or "") for m in messages or []] + [prompt or "", *params.stop]
         if chat is not None:  # tools and calls count too
             texts += [json.dumps(chat.tools or [], ensure_ascii=False), chat.prefix]
@@ -390,6 +391,8 @@ class Cluster:
             raise InvalidRequestError(
                 f"the prompt is not valid Unicode text ({exc.reason}: {exc.object[exc.start : exc.end]!r})"
             ) from None
+        if prompt_ids is not None:
+            size += 4 * len(prompt_ids)
         if size > MAX_PROMPT_BYTES:
             raise InvalidRequestError(
                 f"the prompt is {size} bytes, over the limit of {MAX_PROMPT_BYTES} bytes",
@@ -399,7 +402,15 @@ class Cluster:
         request_id = uuid.uuid4().hex
         chat = chat or ChatOptions()
         request = GenerateRequest(
-            instance.instance_id, request_id, params, messages, prompt, chat, cache_prompt, speculative
+            instance.instance_id,
+            request_id,
+            params,
+            messages,
+            prompt,
+            prompt_ids,
+            chat,
+            cache_prompt,
+            speculative,
         )
         send_id = client.send(Generate(request))
         return Generation(client, request_id, send_id, silence)

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 
+from exoctl.engine.constraint import Constraint
 from exoctl.engine.model import CausalLM
 from exoctl.engine.sampling import Sampler
 from exoctl.engine.tokenizer import IncrementalDecoder, StopMatcher, Tokenizer
@@ -71,6 +73,7 @@ class SequenceStream:
         self.output = ""
         self.finish_reason = ""  # set once the sequence is done
         self.cancelled = False
+        self.prompt_logprobs: list[dict[str, Any]] | None = None  # OpenAI's entries, where asked
 
     @property
     def done(self) -> bool:
@@ -112,14 +115,19 @@ class SequenceStream:
             self.prompt_tokens,
             Timings(ttft, total, tps),
             self.cached_tokens,
+            self.prompt_logprobs,
+            self.text.stops.matched,
         )
 
 
-def generate_ids(model: CausalLM, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[int]:
-    """Sampled token ids, one per step, until the context is full (the caller decides when to stop)."""
+def generate_ids(
+    model: CausalLM, prompt_ids: Sequence[int], params: SamplingParams, constraint: Constraint | None = None
+) -> Iterator[int]:
+    """Sampled token ids, one per step, until the context is full (the caller decides when to stop);
+    `constraint` the matcher of `params.grammar`, where it has one."""
     context = model.config.max_position_embeddings
     check_prompt(prompt_ids, context)
-    sampler = Sampler.create(params, prompt_ids)
+    sampler = Sampler.create(params, prompt_ids, constraint)
     cache = model.new_cache()
     tokens = torch.tensor([list(prompt_ids)])  # [1, T]
     positions = torch.arange(len(prompt_ids))[None, :]
@@ -132,13 +140,17 @@ def generate_ids(model: CausalLM, prompt_ids: Sequence[int], params: SamplingPar
 
 
 def stream_completion(
-    model: CausalLM, tokenizer: Tokenizer, prompt_ids: Sequence[int], params: SamplingParams
+    model: CausalLM,
+    tokenizer: Tokenizer,
+    prompt_ids: Sequence[int],
+    params: SamplingParams,
+    constraint: Constraint | None = None,
 ) -> Iterator[str | Completion]:
     """Yield text deltas as they are decoded, then the finished `Completion`."""
     context = model.config.max_position_embeddings
     check_prompt(prompt_ids, context)
     seq = SequenceStream(tokenizer, params, len(prompt_ids), context)
-    for token in generate_ids(model, prompt_ids, params):
+    for token in generate_ids(model, prompt_ids, params, constraint):
         delta = seq.push(token)
         if delta:
             yield delta
@@ -148,9 +160,13 @@ def stream_completion(
 
 
 def generate_in_process(
-    model: CausalLM, tokenizer: Tokenizer, prompt_ids: Sequence[int], params: SamplingParams
+    model: CausalLM,
+    tokenizer: Tokenizer,
+    prompt_ids: Sequence[int],
+    params: SamplingParams,
+    constraint: Constraint | None = None,
 ) -> Completion:
-    for item in stream_completion(model, tokenizer, prompt_ids, params):
+    for item in stream_completion(model, tokenizer, prompt_ids, params, constraint):
         if isinstance(item, Completion):
             return item
     raise AssertionError("stream_completion always ends with a Completion")

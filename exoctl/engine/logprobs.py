@@ -65,3 +65,26 @@ def merge(parts: list[torch.Tensor], n: int) -> TokenLogprob:
         order = sorted(range(values.numel()), key=lambda i: (-float(values[i]), float(ids[i])))
         top = [(int(ids[i]), float(values[i]) - total) for i in order[:n] if ids[i] >= 0]
     return TokenLogprob(chosen - total, top)
+
+
+@dataclass
+class PromptScores:
+    """One sequence's prompt logprobs, gathered by the runner that samples as the prompt's chunks pass
+    it: the logprob of each prompt token after the first, given the ones before it."""
+
+    prompt: tuple[int, ...]
+    n: int  # alternatives per position
+    entries: list[TokenLogprob]
+
+    def targets(self, start: int, count: int) -> list[int]:
+        """The prompt token each of positions start..start+count-1 predicts, where there is one (the
+        last prompt position predicts the first sampled token: not the prompt's)."""
+        return list(self.prompt[start + 1 : start + count + 1])
+
+    def add(self, logits: torch.Tensor, start: int) -> None:
+        """logits [T, V] of a prompt chunk at positions start..start+T-1 (the full rows)."""
+        for i, target in enumerate(self.targets(start, logits.shape[0])):
+            self.entries.append(token_logprob(logits[i], target, self.n))
+
+    def to_wire(self) -> list[list[object]]:
+        return [entry.to_wire() for entry in self.entries]

@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from exoctl.engine.logprobs import merge, part_summary
+from exoctl.engine.constraint import Constraint
+from exoctl.engine.logprobs import PromptScores, merge, part_summary
 from exoctl.engine.penalties import TokenHistory, penalize
 from exoctl.engine.sampling import apply_temperature
 from exoctl.engine.shard import TensorShard
@@ -50,13 +51,17 @@ class RankSampler:
     # every rank sees the step's token ids and every chosen token: the same history on each
     history: TokenHistory = field(default_factory=TokenHistory)
     prefilling: bool = True  # until its first token: the ids it is given are the prompt's
+    # the grammar's matcher, on every rank: each masks its part, all accept the same tokens
+    constraint: Constraint | None = None
 
     @classmethod
-    def create(cls, params: SamplingParams, seed: int, rank: int) -> RankSampler:
+    def create(
+        cls, params: SamplingParams, seed: int, rank: int, constraint: Constraint | None = None
+    ) -> RankSampler:
         shared, local = torch.Generator(), torch.Generator()
         shared.manual_seed(seed)
         local.manual_seed((seed * 1_000_003 + rank + 1) % 2**63)
-        return cls(params, shared, local)
+        return cls(params, shared, local, constraint=constraint)
 
     def saw_prompt(self, ids: list[int]) -> None:
         if self.prefilling and self.params.repetition_penalty != 1:
@@ -65,6 +70,8 @@ class RankSampler:
     def chose(self, token: int) -> None:
         self.prefilling = False
         self.history.record(token)
+        if self.constraint is not None:
+            self.constraint.accept(token)
 
 
 def choose_tokens(
@@ -81,6 +88,10 @@ def choose_tokens(
     guesses = drafts if drafts is not None else [None] * rows
     vocab = shard.part(full_vocab)
     penalized = [penalize(logits[b], s.params, s.history, vocab.start) for b, s in enumerate(samplers)]
+    penalized = [
+        row if s.constraint is None else s.constraint.mask(row, vocab.start)
+        for row, s in zip(penalized, samplers, strict=True)
+    ]
     scaled = [
         row if s.params.greedy else apply_temperature(row, s.params.temperature)
         for row, s in zip(penalized, samplers, strict=True)
@@ -188,6 +199,26 @@ def rank_logprobs(
     for b in wanted:
         out[b] = merge([p[b] for p in parts], samplers[b].params.logprobs or 0).to_wire()
     return out
+
+
+def rank_prompt_logprobs(
+    logits: torch.Tensor,
+    shard: TensorShard,
+    full_vocab: int,
+    scores: PromptScores,
+    start: int,
+    gather: Gather,
+) -> None:
+    """A prompt chunk's logits [T, |part|] at positions start..start+T-1 -> each position's logprob
+    of the prompt token after it, added to `scores` (one gather of [T', 2 + 2n]; every rank calls it
+    for the same chunks, as every rank knows the prompt)."""
+    targets = scores.targets(start, logits.shape[0])
+    if not targets:
+        return
+    offset = shard.part(full_vocab).start
+    mine = torch.stack([part_summary(logits[i], offset, t, scores.n) for i, t in enumerate(targets)])
+    parts = gather(mine)
+    scores.entries += [merge([p[i] for p in parts], scores.n) for i in range(len(targets))]
 
 
 def _width(params: SamplingParams) -> int:

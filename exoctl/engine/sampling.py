@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from exoctl.engine.constraint import Constraint
 from exoctl.engine.penalties import TokenHistory, penalize
 from exoctl.wire.sampling_params import SamplingParams
 
@@ -78,23 +79,34 @@ def sample(
 
 @dataclass
 class Sampler:
-    """One sequence's choice of tokens: its parameters, its seeded generator, what it has seen."""
+    """One sequence's choice of tokens: its parameters, its seeded generator, what it has seen,
+    and the grammar its tokens must follow (None: any token)."""
 
     params: SamplingParams
     generator: torch.Generator | None
     history: TokenHistory
+    constraint: Constraint | None = None
 
     @classmethod
-    def create(cls, params: SamplingParams, prompt: Sequence[int] = ()) -> Sampler:
+    def create(
+        cls, params: SamplingParams, prompt: Sequence[int] = (), constraint: Constraint | None = None
+    ) -> Sampler:
         # the prompt is kept only where the repetition penalty reads it
         seen = frozenset(prompt) if params.repetition_penalty != 1 else frozenset()
-        return cls(params, make_generator(params.seed), TokenHistory(seen))
+        return cls(params, make_generator(params.seed), TokenHistory(seen), constraint)
 
     def choose(self, logits: torch.Tensor) -> int:
-        """logits [1, V] -> the token, recorded in the history."""
+        """logits [1, V] -> the token, recorded in the history (and the grammar's matcher)."""
+        if self.constraint is not None:
+            logits = self.constraint.mask(logits)
         token = int(sample(logits, self.params, self.generator, self.history))
-        self.history.record(token)
+        self._record(token)
         return token
+
+    def _record(self, token: int) -> None:
+        self.history.record(token)
+        if self.constraint is not None:
+            self.constraint.accept(token)
 
     def verify(self, logits: torch.Tensor, draft: int) -> int:
         """logits [1, V] at a position a drafter guessed `draft` for -> the token, recorded.
@@ -106,7 +118,7 @@ class Sampler:
         draft taken out and renormalised. The token's distribution is p exactly."""
         if self.params.greedy:
             return self.choose(logits)
-        row = logits[0]
+        row = logits[0] if self.constraint is None else self.constraint.mask(logits[0])
         if self.params.penalizes:
             row = penalize(row, self.params, self.history)
         scaled = apply_temperature(row, self.params.temperature)
@@ -126,7 +138,7 @@ class Sampler:
                 if float(residual.sum()) <= 0
                 else int(torch.multinomial(residual, 1, generator=self.generator))
             )
-        self.history.record(token)
+        self._record(token)
         return token
 
 

@@ -209,6 +209,7 @@ class StopMatcher:
         self.stops = tuple(stops)
         self.pending = ""
         self.stopped = False
+        self.matched: str | None = None  # the stop string that ended the text
 
     def feed(self, text: str) -> str:
         """Text safe to emit now (everything before a completed stop string, or not a stop prefix)."""
@@ -217,7 +218,7 @@ class StopMatcher:
         self.pending += text
         hits = [(self.pending.find(s), s) for s in self.stops if s in self.pending]
         if hits:
-            cut = min(index for index, _ in hits)
+            cut, self.matched = min(hits)
             self.stopped = True
             out, self.pending = self.pending[:cut], ""
             return out

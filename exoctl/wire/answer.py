@@ -29,6 +29,9 @@ class Completion:
     prompt_tokens: int = 0
     timings: Timings = field(default_factory=Timings)
     cached_tokens: int = 0  # of the prompt's tokens, those read from a cached prefix (not run again)
+    # OpenAI's logprob entry of each prompt token (the first's logprob null), where asked
+    prompt_logprobs: list[dict[str, Any]] | None = None
+    stop_string: str | None = None  # the stop string that ended the answer (None: another reason)
 
     @property
     def completion_tokens(self) -> int:
@@ -40,7 +43,13 @@ class Completion:
 
     def to_wire(self) -> dict[str, Any]:
         t = self.timings
+        extra: dict[str, Any] = (
+            {} if self.prompt_logprobs is None else {"prompt_logprobs": self.prompt_logprobs}
+        )
+        if self.stop_string is not None:
+            extra["stop_string"] = self.stop_string
         return {
+            **extra,
             "text": self.text,
             "token_ids": list(self.token_ids),
             "finish_reason": self.finish_reason,
@@ -68,6 +77,8 @@ class Completion:
                 finish_reason=str(raw["finish_reason"]),
                 prompt_tokens=int(raw["usage"]["prompt_tokens"]),
                 cached_tokens=int(raw["usage"]["prompt_tokens_details"]["cached_tokens"]),
+                prompt_logprobs=_entries(raw.get("prompt_logprobs")),
+                stop_string=None if raw.get("stop_string") is None else str(raw["stop_string"]),
                 timings=Timings(
                     float(timings["time_to_first_token_s"]),
                     float(timings["total_s"]),
@@ -79,3 +90,11 @@ class Completion:
                 f"the head's answer is malformed ({type(exc).__name__}: {exc})",
                 hint="run the same exoctl version everywhere",
             ) from None
+
+
+def _entries(raw: Any) -> list[dict[str, Any]] | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, list) or not all(isinstance(e, dict) for e in raw):
+        raise TypeError("prompt_logprobs must be a list of entries")
+    return raw

@@ -146,6 +146,8 @@ class Tokens:
     seqs: tuple[str, ...]
     tokens: tuple[int, ...]
     logprobs: tuple[LogprobWire | None, ...]
+    # with a sequence's first token, where it asked: the logprob entry of each prompt token but the first
+    prompt_logprobs: dict[str, list[LogprobWire]] = field(default_factory=dict)
 
     def frames(self) -> list[Any]:
         fields = {
@@ -153,6 +155,7 @@ class Tokens:
             "seqs": list(self.seqs),
             "tokens": list(self.tokens),
             "logprobs": list(self.logprobs),
+            "prompt_logprobs": self.prompt_logprobs,
         }
         return protocol.encode(self.KIND, fields)
 
@@ -325,7 +328,13 @@ def _tokens(message: Message) -> Tokens:
         raise ProtocolError(
             "'token' needs one logprob entry ([logprob, ids, logprobs] or null) per sequence id"
         )
-    return Tokens(message["instance_id"], seqs, tuple(tokens), tuple(logprobs))
+    prompt = message["prompt_logprobs"]
+    if not all(
+        seq in seqs and isinstance(entries, list) and all(_is_logprob(e) for e in entries)
+        for seq, entries in prompt.items()
+    ):
+        raise ProtocolError("'token' field 'prompt_logprobs' must map its sequence ids to logprob entries")
+    return Tokens(message["instance_id"], seqs, tuple(tokens), tuple(logprobs), prompt)
 
 
 # type name -> decoder of the messages between runners (`messages.KINDS` holds them with the rest)

@@ -25,8 +25,10 @@ from exoctl.errors import ExoctlError
 # 7: cached prefixes ("reuse" in a first step, "keep" in "release", "forget", "kept" in "lease",
 # the budget in "load", "cache_prompt" in "generate"); 8: speculative decoding ("drafts" in
 # "forward", a sequence once per accepted token in "token", the drafter in "load", "speculative"
-# in "generate"); 9: the kernel's vector path ("kernel") in every node profile
-PROTOCOL_VERSION = 9
+# in "generate"); 9: the kernel's vector path ("kernel") in every node profile; 10: "grammar" in
+# sampling parameters (constrained decoding), "prompt_logprobs" in them and in "token", "prompt_ids"
+# in "generate"
+PROTOCOL_VERSION = 10
 MAX_HEADER_BYTES = 8 * 2**20
 MAX_TENSOR_BYTES = 2**31  # one 8192-token prefill of an 8192-wide model in float32 is 268 MB
 MAX_TENSORS = 4
@@ -77,6 +79,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "request_id": str,
         "messages": (list, type(None)),
         "prompt": _OPT_STR,
+        "prompt_ids": (list, type(None)),  # or the prompt as token ids
         "params": dict,
         "chat": (dict, type(None)),  # ChatOptions' wire form
         "cache_prompt": bool,  # reuse (and keep) cached prefixes
@@ -91,7 +94,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     # a batch of B sequences: hidden [B, T, D] (T > 1 only for one sequence's prefill), or under
     # tensor sharding the token ids [B, T] every rank runs
     "forward": {"instance_id": str, "seqs": list, "positions": list},
-    "token": {"instance_id": str, "seqs": list, "tokens": list, "logprobs": list},
+    # prompt_logprobs: {seq: [logprob entry of each prompt token after the first]}, with its first token
+    "token": {"instance_id": str, "seqs": list, "tokens": list, "logprobs": list, "prompt_logprobs": dict},
     # a sequence ended: free it, or keep its first `keep` positions as a cached prefix
     "release": {"instance_id": str, "seq": str, "keep": (int, type(None))},
     # cached prefixes the head no longer holds

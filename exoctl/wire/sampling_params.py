@@ -51,6 +51,12 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logprobs: int | None = None  # report the chosen tokens' logprobs, with this many alternatives
     ignore_eos: bool = False  # generate max_tokens whatever the model says (benchmarks: a fixed length)
+    # llguidance's grammar (its JSON form) the answer must follow: a JSON schema, a tool call; the
+    # runner that samples masks the tokens it does not allow (engine.constraint)
+    grammar: str | None = None
+    # the logprob of each prompt token given those before it, with this many alternatives (vLLM's
+    # name; what `/v1/completions` echoes for an evaluation harness's loglikelihood)
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         for name in (
@@ -98,10 +104,20 @@ class SamplingParams:
             raise SamplingParamError(
                 "top_logprobs", f"must be a whole number from 0 to 20, got {self.logprobs!r}"
             )
+        if self.prompt_logprobs is not None and (
+            isinstance(self.prompt_logprobs, bool)
+            or not isinstance(self.prompt_logprobs, int)
+            or not 0 <= self.prompt_logprobs <= 20
+        ):
+            raise SamplingParamError(
+                "logprobs", f"must be a whole number from 0 to 20, got {self.prompt_logprobs!r}"
+            )
         if self.max_tokens < 1:
             raise SamplingParamError("max_tokens", f"must be >= 1, got {self.max_tokens}")
         if any(not s for s in self.stop):
             raise SamplingParamError("stop", "strings must not be empty")
+        if self.grammar is not None and not isinstance(self.grammar, str):
+            raise SamplingParamError("grammar", f"must be a string, got {type(self.grammar).__name__}")
         if not isinstance(self.ignore_eos, bool):
             raise SamplingParamError("ignore_eos", f"must be true or false, got {self.ignore_eos!r}")
 

@@ -174,12 +174,16 @@ class Head:
         chat = request.chat
         if request.messages is not None:
             ids = tokenizer.encode_chat(request.messages, chat.tools, chat.prefix)
+        elif request.prompt_ids is not None:
+            ids = self._check_ids(request.prompt_ids)
         else:
             ids = tokenizer.encode(request.prompt or "")
         context = self.stage.context
         check_prompt(ids, context)
         relieved = self._relieve(min(len(ids) + request.params.max_tokens, context))
-        reuse = self._reuse(ids) if request.cache_prompt and reuse_cached else None
+        # a prompt whose tokens are scored runs whole: a cached prefix's positions are not computed
+        scored = request.params.prompt_logprobs is not None
+        reuse = self._reuse(ids) if request.cache_prompt and reuse_cached and not scored else None
         cached = reuse.positions if reuse is not None else 0
         stream = SequenceStream(
             tokenizer, request.params, len(ids), context, special=chat.special, cached_tokens=cached
@@ -188,6 +192,16 @@ class Head:
         self.sequences[request_id] = HeadSequence(request_id, client, stream, request, ids, pinned)
         self.prompts[request_id] = ids
         return relieved + self.prefill(request_id, self.stage.admit(request_id, request.params, ids, reuse))
+
+    def _check_ids(self, ids: list[int]) -> list[int]:
+        vocab = self.stage.vocab_size
+        bad = next((i for i in ids if not 0 <= i < vocab), None)
+        if bad is not None:
+            raise InvalidRequestError(
+                f"prompt token id {bad} is outside the model's vocabulary of {vocab}",
+                hint=f"token ids run from 0 to {vocab - 1}",
+            )
+        return list(ids)
 
     def _relieve(self, positions: int) -> list[Out]:
         """Memory pressure: where a new sequence of `positions` positions would leave a node less
@@ -260,6 +274,9 @@ class Head:
                     continue  # cancelled, failed or finished meanwhile (a run's tokens after its end)
                 taken[seq_id] = taken.get(seq_id, 0) + 1
                 try:
+                    scored = batch.prompt_logprobs.get(seq_id)
+                    if scored is not None and seq.stream.prompt_logprobs is None:
+                        seq.stream.prompt_logprobs = self._prompt_entries(seq.prompt_ids, scored)
                     outs += self._take(seq, token, logprob)
                 except Exception as exc:  # one bad token (or a tokenizer error) ends its sequence only
                     log.warning("sequence %s failed at token %r: %s", seq_id, token, exc)
@@ -310,6 +327,13 @@ class Head:
         self.last_decode_tps = completion.timings.decode_tokens_per_s
         outs.append(ToClient(seq.client, Done(seq.request_id, completion)))
         return outs + self._end(seq.request_id, keep=True)
+
+    def _prompt_entries(self, prompt: list[int], scored: list[LogprobWire]) -> list[dict[str, Any]]:
+        """OpenAI's entries of a prompt's tokens: the first has no logprob (nothing comes before it)."""
+        tokenizer = self.tokenizer
+        assert tokenizer is not None
+        first = {**tokenizer.token_text(prompt[0]), "logprob": None, "top_logprobs": []}
+        return [first] + [self._logprob_entry(t, e) for t, e in zip(prompt[1:], scored, strict=True)]
 
     def _logprob_entry(self, token: int, logprob: LogprobWire) -> dict[str, Any]:
         """OpenAI's {token, logprob, bytes, top_logprobs} for a token and its alternatives."""

@@ -13,9 +13,11 @@ from pathlib import Path
 
 import torch
 
-from exoctl.engine.logprobs import token_logprob
+from exoctl.engine.constraint import Constraint
+from exoctl.engine.logprobs import PromptScores, token_logprob
 from exoctl.engine.model import CausalLM, load_model
 from exoctl.engine.sampling import Sampler, verify_drafts
+from exoctl.errors import ExoctlError
 from exoctl.wire.instance_messages import (
     Forward,
     ForwardStep,
@@ -32,6 +34,8 @@ from exoctl.worker.stage import HeadRoute, Stage
 from exoctl.worker.steps import check_hidden
 from exoctl.worker.tensors import from_tensor, to_tensor
 
+ConstraintFor = Callable[[SamplingParams], Constraint | None]  # the stage's, for the sampling end
+
 
 class HandOn:
     """Not the last stage: the hidden state goes on to the next stage's node."""
@@ -40,12 +44,16 @@ class HandOn:
         self.instance_id = instance_id
         self.address = address
 
-    def admit(self, seq: str, params: SamplingParams, prompt: list[int]) -> SequenceStart:
-        # the last stage penalizes the prompt's tokens too, and sees only hidden states
-        prompt_ids = tuple(prompt) if params.repetition_penalty != 1 else ()
+    def admit(
+        self, seq: str, params: SamplingParams, prompt: list[int], constrain: ConstraintFor
+    ) -> SequenceStart:
+        # the last stage penalizes the prompt's tokens too (and scores them, where asked), and sees
+        # only hidden states
+        wanted = params.repetition_penalty != 1 or params.prompt_logprobs is not None
+        prompt_ids = tuple(prompt) if wanted else ()
         return SequenceStart(params, prompt_ids)
 
-    def first_step(self, seq: str, start: SequenceStart) -> None:
+    def first_step(self, seq: str, start: SequenceStart, constrain: ConstraintFor) -> None:
         """Nothing to set up: this stage does not sample."""
 
     def finish(self, step: ForwardStep, out: torch.Tensor) -> list[Out]:
@@ -66,17 +74,29 @@ class SampleHere:
         self.node = node
         self.to_head = to_head
         self.samplers: dict[str, Sampler] = {}
+        self.scores: dict[str, PromptScores] = {}  # prompt logprobs, until the sequence's first token
 
-    def admit(self, seq: str, params: SamplingParams, prompt: list[int]) -> SequenceStart:
-        self.samplers[seq] = Sampler.create(params, prompt)
+    def admit(
+        self, seq: str, params: SamplingParams, prompt: list[int], constrain: ConstraintFor
+    ) -> SequenceStart:
+        self.samplers[seq] = Sampler.create(params, prompt, constrain(params))
+        self._score(seq, params, prompt)
         return SequenceStart(params)
 
-    def first_step(self, seq: str, start: SequenceStart) -> None:
-        self.samplers[seq] = Sampler.create(start.params, list(start.prompt_ids))
+    def first_step(self, seq: str, start: SequenceStart, constrain: ConstraintFor) -> None:
+        self.samplers[seq] = Sampler.create(start.params, list(start.prompt_ids), constrain(start.params))
+        self._score(seq, start.params, list(start.prompt_ids))
+
+    def _score(self, seq: str, params: SamplingParams, prompt: list[int]) -> None:
+        if params.prompt_logprobs is not None:
+            self.scores[seq] = PromptScores(tuple(prompt), params.prompt_logprobs, [])
 
     def finish(self, step: ForwardStep, out: torch.Tensor) -> list[Out]:
         """Logits [B, 1, V] (or [1, T, V] after a prompt): one token per sequence, to the head; a
         sequence whose draw fails is reported failed, and only it ends."""
+        for b, seq in enumerate(step.seqs):
+            if seq in self.scores:
+                self.scores[seq].add(out[b], step.starts[b])
         if step.partial:
             return []  # more of the prompt is coming: nothing to sample yet
         if step.drafts:
@@ -85,20 +105,21 @@ class SampleHere:
         choices = [self.samplers[seq] for seq in step.seqs]
         picked: dict[str, int] = {}
         failed: dict[str, str] = {}
-        if all(s.params.greedy and not s.params.penalizes for s in choices):
+        if all(s.params.greedy and not s.params.penalizes and s.constraint is None for s in choices):
             picked = dict(zip(step.seqs, (int(t) for t in logits.argmax(dim=-1)), strict=True))
         else:
             for i, seq in enumerate(step.seqs):
                 try:
                     picked[seq] = choices[i].choose(logits[i : i + 1])
-                except RuntimeError as exc:  # this sequence's draw failed: only it ends
+                except (RuntimeError, ExoctlError) as exc:  # this sequence's draw failed: only it ends
                     failed[seq] = f"node {self.node}: sampling failed: {exc}"
         outs: list[Out] = []
         if picked:
             logprobs = self._logprobs(step.seqs, logits, picked)
             entries = tuple(logprobs.get(seq) for seq in picked)
+            prompt = {seq: self.scores.pop(seq).to_wire() for seq in picked if seq in self.scores}
             outs.append(
-                self.to_head(Tokens(self.instance_id, tuple(picked), tuple(picked.values()), entries))
+                self.to_head(Tokens(self.instance_id, tuple(picked), tuple(picked.values()), entries, prompt))
             )
         outs += [self.to_head(SeqError(self.instance_id, (seq,), why)) for seq, why in failed.items()]
         return outs
@@ -115,7 +136,7 @@ class SampleHere:
             drafts = step.drafts.get(seq, ())
             try:
                 accepted = verify_drafts(sampler, out[b, : len(drafts) + 1], drafts)
-            except RuntimeError as exc:
+            except (RuntimeError, ExoctlError) as exc:
                 outs.append(
                     self.to_head(
                         SeqError(self.instance_id, (seq,), f"node {self.node}: sampling failed: {exc}")
@@ -144,6 +165,7 @@ class SampleHere:
 
     def release(self, seq: str) -> None:
         self.samplers.pop(seq, None)
+        self.scores.pop(seq, None)
 
     def held(self) -> set[str]:
         return set(self.samplers)
@@ -164,10 +186,14 @@ class PipelineStage(Stage):
     def admit(
         self, seq: str, params: SamplingParams, prompt: list[int], reuse: Reuse | None
     ) -> SequenceStart:
-        return replace(self.onward.admit(seq, params, prompt), reuse=reuse)
+        return replace(self.onward.admit(seq, params, prompt, self.constraint_for), reuse=reuse)
 
     def step(self, step: ForwardStep, ids: torch.Tensor) -> list[Out]:
         return self.onward.finish(step, self.run(step, ids))
+
+    def scores_prompt(self, step: ForwardStep) -> bool:
+        scores = self.onward.scores if isinstance(self.onward, SampleHere) else {}
+        return any(seq in scores for seq in step.seqs)
 
     def forward(self, message: Forward) -> list[Out]:
         """A middle or last stage: run this range on the hidden states from the previous stage."""
@@ -175,7 +201,7 @@ class PipelineStage(Stage):
         step = message.step
         for seq in step.seqs:
             if seq not in self.caches:
-                self.onward.first_step(seq, step.first_of(seq))
+                self.onward.first_step(seq, step.first_of(seq), self.constraint_for)
         hidden = to_tensor(message.tensor)
         return self.onward.finish(step, self.run(step, hidden))
 

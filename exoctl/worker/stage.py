@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from exoctl.engine.constraint import Constraint, Grammars
 from exoctl.engine.kv_cache import KVCache
 from exoctl.engine.mixtral import SparseMoE
 from exoctl.engine.model import CausalLM, held_in_float_note
@@ -62,6 +63,8 @@ class Stage(ABC):
         self.failure: Failure | None = None
         self.layers_loaded = 0
         self.model: CausalLM | None = None
+        self.folder: Path | None = None  # what it loaded from (the tokenizer a grammar compiles against)
+        self.grammars: Grammars | None = None  # built on the first constrained sequence
         self.note: str | None = None  # what the load kept other than asked (held_in_float_note)
         self.caches: dict[str, KVCache] = {}
         self.prefixes = PrefixStore(self.node, spec.prefix_bytes)
@@ -138,6 +141,7 @@ class Stage(ABC):
         if self.unloading:
             raise LoadCancelled
         self.model = model
+        self.folder = folder
         self._loaded()
 
     def fail(self, failure: Failure) -> None:
@@ -148,6 +152,7 @@ class Stage(ABC):
     def free(self) -> None:
         self.unloading = True
         self.model = None
+        self.grammars = None
         self.caches.clear()
         self.guessed_from.clear()
         self.prefixes.clear()
@@ -223,6 +228,20 @@ class Stage(ABC):
     def vocab_size(self) -> int:
         return self._model().config.vocab_size
 
+    def constraint_for(self, params: SamplingParams) -> Constraint | None:
+        """The matcher of a sequence's grammar, where it has one (the runner that samples it)."""
+        if params.grammar is None:
+            return None
+        if self.grammars is None:
+            if self.folder is None:
+                raise ExoctlError(f"runner {self.spec.runner_id} is {self.status.value}, not ready")
+            self.grammars = Grammars(self.folder, self.vocab_size)
+        return self.grammars.constraint(params.grammar)
+
+    def scores_prompt(self, step: ForwardStep) -> bool:
+        """Whether this runner scores the prompt of a sequence of the step (its logprobs)."""
+        return False
+
     def position(self, seq: str) -> int:
         """How many positions of a sequence this stage's KV cache holds."""
         cache = self.caches.get(seq)
@@ -243,8 +262,11 @@ class Stage(ABC):
         caches = [self.caches[seq] for seq in seqs]
         positions = torch.tensor(starts)[:, None] + torch.arange(count)[None, :]  # [B, T]
         began = time.perf_counter()
-        # a verification step's sampling runner needs every position's logits: [B, k + 1, V]
-        out = model.forward(inputs, positions, caches, all_logits=bool(step.drafts))
+        # a verification step's sampling runner needs every position's logits ([B, k + 1, V]), and
+        # so does a prompt whose tokens are scored
+        out = model.forward(
+            inputs, positions, caches, all_logits=bool(step.drafts) or self.scores_prompt(step)
+        )
         for seq, start in zip(seqs, starts, strict=True):
             if seq in step.drafts:
                 self.guessed_from[seq] = start + 1

@@ -23,8 +23,15 @@ from pathlib import Path
 
 import torch
 
+from exoctl.engine.logprobs import PromptScores
 from exoctl.engine.model import CausalLM, load_model
-from exoctl.engine.parallel_sampling import RankSampler, choose_tokens, rank_logprobs, verify_drafts
+from exoctl.engine.parallel_sampling import (
+    RankSampler,
+    choose_tokens,
+    rank_logprobs,
+    rank_prompt_logprobs,
+    verify_drafts,
+)
 from exoctl.engine.shard import TensorShard
 from exoctl.errors import CollectiveError, ExoctlError
 from exoctl.wire.instance_messages import Forward, ForwardStep, LogprobWire, Reuse, SequenceStart, Tokens
@@ -48,6 +55,7 @@ class TensorRank(Stage):
         self.shard = TensorShard(spec.rank, spec.world)
         self.collective = collective
         self.rank_samplers: dict[str, RankSampler] = {}
+        self.scores: dict[str, PromptScores] = {}  # prompt logprobs, until a sequence's first token
         self.addresses: dict[int, str] = {}  # rank -> collective address, this rank's included
         self.offers: dict[int, str | None] = {}  # rank -> its shared-memory offer (None: none)
         self.weights_loaded = False
@@ -102,6 +110,7 @@ class TensorRank(Stage):
 
     def release(self, seq: str, keep: int | None = None) -> None:
         self.rank_samplers.pop(seq, None)
+        self.scores.pop(seq, None)
         super().release(seq, keep)
 
     def held(self) -> set[str]:
@@ -125,15 +134,24 @@ class TensorRank(Stage):
     ) -> SequenceStart:
         # every rank needs the same seed for the draws they share: pick one if the request has none
         seed = params.seed if params.seed is not None else secrets.randbits(62)
-        sampler = self.rank_samplers[seq] = RankSampler.create(params, seed, self.spec.rank)
+        sampler = self.rank_samplers[seq] = RankSampler.create(
+            params, seed, self.spec.rank, self.constraint_for(params)
+        )
         # a reused prefix's ids pass no rank's step: a repetition penalty reads them from here
         reused = tuple(prompt[: reuse.positions]) if reuse is not None else ()
         sampler.saw_prompt(list(reused))
         penalized = reused if params.repetition_penalty != 1 else ()
+        if params.prompt_logprobs is not None:
+            # every rank scores the prompt (its part of each row), so every rank needs all of it
+            self.scores[seq] = PromptScores(tuple(prompt), params.prompt_logprobs, [])
+            penalized = tuple(prompt)
         return SequenceStart(replace(params, seed=seed), penalized, reuse)
 
     def batch_size(self, sequences: int) -> int:
         return self.max_batch  # no pipeline to keep busy: every sequence in one step
+
+    def scores_prompt(self, step: ForwardStep) -> bool:
+        return any(seq in self.scores for seq in step.seqs)
 
     def step(self, step: ForwardStep, ids: torch.Tensor) -> list[Out]:
         """The head's rank: every rank runs the step on the same ids [B, T]; the tokens they agree
@@ -147,12 +165,12 @@ class TensorRank(Stage):
         chosen = self._tokens_of(step, ids)
         if chosen is None:
             return []
-        seqs, tokens, logprobs = chosen
-        return [self.to_head(Tokens(spec.instance_id, tuple(seqs), tuple(tokens), tuple(logprobs)))]
+        seqs, tokens, logprobs, prompt = chosen
+        return [self.to_head(Tokens(spec.instance_id, tuple(seqs), tuple(tokens), tuple(logprobs), prompt))]
 
     def _tokens_of(
         self, step: ForwardStep, inputs: torch.Tensor
-    ) -> tuple[list[str], list[int], list[LogprobWire | None]] | None:
+    ) -> tuple[list[str], list[int], list[LogprobWire | None], dict[str, list[LogprobWire]]] | None:
         """Run every layer's part on ids [B, T]; the next token of each sequence, as all ranks agree
         (after a verification step, each sequence once per token it accepted), or None for a
         prompt chunk with more to come (every rank runs it, none samples)."""
@@ -161,12 +179,15 @@ class TensorRank(Stage):
             self.rank_samplers[seq].saw_prompt(inputs[row].tolist())
         waited = self.collective.busy_s
         out = self.run(step, inputs)
+        vocab = self._model().config.vocab_size
+        gather = self.collective.all_gather
+        for row, seq in enumerate(seqs):
+            if seq in self.scores:  # [T, V / k] of a prompt chunk
+                rank_prompt_logprobs(out[row], self.shard, vocab, self.scores[seq], step.starts[row], gather)
         if step.partial:
             return None
         began = time.perf_counter()
         samplers = [self.rank_samplers[seq] for seq in seqs]
-        vocab = self._model().config.vocab_size
-        gather = self.collective.all_gather
         if step.drafts:
             chosen = self._verify(step, out, samplers)
         else:
@@ -177,7 +198,8 @@ class TensorRank(Stage):
         if inputs.shape[1] == 1 or step.drafts:
             self.compute_s += time.perf_counter() - began
             self.decode_collective_s += self.collective.busy_s - waited
-        return chosen
+        prompt = {seq: self.scores.pop(seq).to_wire() for seq in seqs if seq in self.scores}
+        return (*chosen, prompt)
 
     def _verify(
         self, step: ForwardStep, out: torch.Tensor, samplers: list[RankSampler]
@@ -209,8 +231,12 @@ class TensorRank(Stage):
             sampling = step.first_of(seq).params
             if sampling.seed is None:
                 raise ExoctlError(f"sequence {seq} is unknown here and its first message has no seed")
-            sampler = self.rank_samplers[seq] = RankSampler.create(sampling, sampling.seed, self.spec.rank)
+            sampler = self.rank_samplers[seq] = RankSampler.create(
+                sampling, sampling.seed, self.spec.rank, self.constraint_for(sampling)
+            )
             sampler.saw_prompt(list(step.first_of(seq).prompt_ids))
+            if sampling.prompt_logprobs is not None:
+                self.scores[seq] = PromptScores(step.first_of(seq).prompt_ids, sampling.prompt_logprobs, [])
         self._tokens_of(step, to_tensor(message.tensor))
         return []
 
