@@ -343,7 +343,11 @@ def test_placement_errors_answer_at_once_with_the_numbers(server: Server) -> Non
 def test_previews_instances_state_and_metrics(server: Server, placed: str) -> None:
     status, body = http(server, "GET", f"/instance/previews?model_id={SMOLLM2_REPO}")
     assert status == 200 and body["model_id"] == DEFAULT_MODEL_ID and body["live_nodes"] == 2
-    pipeline = [p for p in body["previews"] if p["sharding"] == "Pipeline"]
+    # each plan once per runtime kind: exoctl's CpuRing, and EXO's MLX kinds its dashboard offers
+    assert {p["instance_meta"] for p in body["previews"]} == {"CpuRing", "MlxRing", "MlxJaccl"}
+    pipeline = [
+        p for p in body["previews"] if p["sharding"] == "Pipeline" and p["instance_meta"] == "CpuRing"
+    ]
     assert [p["nodes"] for p in pipeline] == [1, 2] and all(p["ok"] for p in pipeline)
     assert [len(p["shards"]) for p in pipeline] == [1, 2]
     # 9 heads and 3 KV heads: a tensor split over 2 nodes is not possible, one "split" over 1 is
@@ -356,6 +360,12 @@ def test_previews_instances_state_and_metrics(server: Server, placed: str) -> No
     status, large = http(server, "GET", f"/instance/previews?model_id={SMOLLM2_REPO}&dtype=float32")
     assert status == 200 and {p["dtype"] for p in large["previews"] if p["ok"]} == {"float32"}
     one_node = [p["shards"][0]["memory_bytes"] for p in (pipeline[0], large["previews"][0])]
+    # EXO's node filter
+    status, mine = http(
+        server, "GET", f"/instance/previews?model_id={SMOLLM2_REPO}&node_ids=node2&instance_meta=MlxRing"
+    )
+    assert status == 200 and mine["live_nodes"] == 1 and len(mine["previews"]) == 2
+    assert mine["previews"][0]["shards"][0]["node"] == "node2"
     assert one_node[0] < one_node[1]
     status, wrong = http(server, "GET", f"/instance/previews?model_id={SMOLLM2_REPO}&dtype=int3")
     assert status == 400 and "use one of auto, float32, bfloat16, int8, int4" in wrong["error"]["message"]
@@ -410,10 +420,10 @@ def test_exos_endpoints_and_shapes(server: Server, placed: str, tiny_models: dic
 
     status, state = http(server, "GET", "/state")
     assert state["topology"]["nodes"] == ["node1", "node2"]
-    assert [c[:2] for c in state["topology"]["connections"]] == [["node1", "node2"], ["node2", "node1"]]
-    assert state["topology"]["connections"][0][2]["sinkMultiaddr"]["address"].startswith(
-        "/ip4/127.0.0.12/tcp/"
-    )
+    # EXO's TopologySnapshot: source -> sink -> edges, what its dashboard draws links from
+    links = state["topology"]["connections"]
+    assert {a: sorted(sinks) for a, sinks in links.items()} == {"node1": ["node2"], "node2": ["node1"]}
+    assert links["node1"]["node2"][0]["sinkMultiaddr"]["address"].startswith("/ip4/127.0.0.12/tcp/")
     assert state["nodeIdentities"]["node2"]["friendlyName"] == "node2"
     assert http(server, "GET", "/node_id") == (200, "node1")
 
@@ -454,6 +464,8 @@ def test_exos_endpoints_and_shapes(server: Server, placed: str, tiny_models: dic
         assert [(s["node"], s["start_layer"], s["end_layer"]) for s in made["shards"]] == [
             (s["node"], s["start_layer"], s["end_layer"]) for s in two["shards"]
         ]
+        # the memory each node gives it, as the preview counted it
+        assert {s["node"]: s["memory_bytes"] for s in made["shards"]} == two["memory_delta_by_node"]
         status, loaded = http(server, "GET", f"/instance/{made['instance_id']}")
         assert loaded["CpuRingInstance"]["status"] == "ready"
         assert loaded["CpuRingInstance"]["shardAssignments"]["nodeToRunner"].keys() == {"node1", "node2"}
@@ -1122,3 +1134,13 @@ def test_bfloat16_answers_alone_are_the_same_every_time(
             assert first and answer(client, prompt, model=bf16, stream=True, cache=False) == first
     finally:
         assert http(server, "DELETE", f"/instance/{bf16}")[0] == 200
+
+
+def test_exo_dashboards_start_up_endpoints(server: Server) -> None:
+    """What EXO's dashboard (src/lib/stores/app.svelte.ts, routes/+page.svelte) asks at start:
+    its feature flags, and its first-run wizard's state, which a POST completes."""
+    assert http(server, "GET", "/v1/feature-flags") == (200, {"disaggregation": False})
+    status, first = http(server, "GET", "/onboarding")
+    assert status == 200 and isinstance(first["completed"], bool)
+    assert http(server, "POST", "/onboarding") == (200, {"completed": True})
+    assert http(server, "GET", "/onboarding") == (200, {"completed": True})

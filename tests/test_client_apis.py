@@ -737,7 +737,7 @@ def test_ollama_list_show_ps_version(ollama_client, instances: dict[str, str], s
         "node1"
     ]
     assert all(m.size and m.size > 0 for m in running)
-    assert ollama_client._client.get("/api/version").json()["version"]  # noqa: SLF001
+    assert http(server, "GET", "/api/version")[1]["version"]
     with pytest.raises(ollama.ResponseError, match="is not placed") as raised:
         ollama_client.chat(model="llama-3.1-8b-cpu", messages=[{"role": "user", "content": "hi"}])
     assert raised.value.status_code == 404

@@ -12,7 +12,7 @@ import pytest
 
 from exoctl.cluster.launcher import sh_path, ssh_command
 from exoctl.cluster.state import state_document
-from exoctl.cluster.views import NodeStatus, instances_of, runtime_dtype
+from exoctl.cluster.views import NodeStatus, instances_of, node_profiles, runtime_dtype
 from exoctl.inventory import Node
 from exoctl.models.catalog import card_from_folder, get_card
 from exoctl.models.store import files_for_layers
@@ -93,10 +93,10 @@ def test_state_document_has_exos_shape() -> None:
     assert doc["nodeProfiles"]["a"]["processRss"] == {"inBytes": 50}
     # EXO's topology (a link from each live node to each other) and node identities
     assert doc["topology"]["nodes"] == ["a", "b", "c"]
-    assert doc["topology"]["connections"] == [
-        ["a", "b", {"sinkMultiaddr": {"address": "/ip4/127.0.0.2/tcp/52416"}}],
-        ["b", "a", {"sinkMultiaddr": {"address": "/ip4/127.0.0.1/tcp/52416"}}],
-    ]
+    assert doc["topology"]["connections"] == {
+        "a": {"b": [{"sinkMultiaddr": {"address": "/ip4/127.0.0.2/tcp/52416", "ip_address": "127.0.0.2"}}]},
+        "b": {"a": [{"sinkMultiaddr": {"address": "/ip4/127.0.0.1/tcp/52416", "ip_address": "127.0.0.1"}}]},
+    }
     assert doc["nodeIdentities"]["c"]["friendlyName"] == "c"
     json.dumps(doc)
 
@@ -126,13 +126,30 @@ def test_an_instance_document_is_read_back_or_refused_naming_the_fault() -> None
 
     from dataclasses import replace
 
-    from exoctl.placement.pipeline import PREFIX_CACHE_TOKENS, kv_position_bytes
+    from exoctl.placement.pipeline import (
+        PREFIX_CACHE_TOKENS,
+        PlacementRequest,
+        kv_position_bytes,
+        place,
+        stage_bytes,
+    )
 
-    def budgeted(shard: Shard) -> Shard:  # what `place` reserves for cached prefixes by default
+    def budgeted(shard: Shard, index: int) -> Shard:  # what `place` reserves, cached prefixes included
         position = shard.n_layers * kv_position_bytes(card, "bfloat16")
-        return replace(shard, prefix_bytes=position * PREFIX_CACHE_TOKENS, position_bytes=position)
+        prefix = position * PREFIX_CACHE_TOKENS
+        need = stage_bytes(
+            card, PlacementRequest(dtype="bfloat16"), index, 2, shard.start_layer, shard.end_layer
+        )
+        return replace(shard, memory_bytes=need + prefix, prefix_bytes=prefix, position_bytes=position)
 
-    assert read(doc) == replace(placement, shards=tuple(budgeted(s) for s in placement.shards))
+    assert read(doc) == replace(
+        placement, shards=tuple(budgeted(s, i) for i, s in enumerate(placement.shards))
+    )
+    # a plan `place` made reads back with the memory it counted (what a preview shows per node)
+    roomy = [replace(s, profile=profile(ram_available=64 * 2**30)) for s in statuses]
+    planned = place(card, node_profiles(roomy)[:2], PlacementRequest(dtype="bfloat16", nodes=2))
+    again = read(planned_instance(roomy, planned, card.n_layers, uid), roomy)
+    assert [s.memory_bytes for s in again.shards] == [s.memory_bytes for s in planned.shards]
     assert read(doc).prefix_positions == PREFIX_CACHE_TOKENS
     assert planned_placement(doc, statuses, lambda m: (get_card(m), m))[3] == uid
     body = doc["CpuRingInstance"]
@@ -289,7 +306,6 @@ def test_remote_paths_expand_home_and_quote_the_rest() -> None:
 
 
 def test_workers_on_one_machine_share_its_memory() -> None:
-    from exoctl.cluster.views import node_profiles
 
     def on(machine: str, available: int) -> dict[str, Any]:
         return profile(machine_id=machine, ram_total=100, ram_available=available)

@@ -197,8 +197,13 @@ def test_a_bad_token_message_or_value_fails_only_itself(
                 ),
                 ({"seqs": [7], "tokens": [1], "logprobs": [None]}, "needs a list of sequence ids"),
                 ({"seqs": ["a"], "tokens": [1], "logprobs": [[0.5, [1], []]]}, "one logprob entry"),
-                ({"seqs": ["a"], "tokens": [1]}, "missing field 'logprobs'"),
+                ({"seqs": ["a"], "tokens": [1], "prompt_logprobs": {}}, "missing field 'logprobs'"),
+                (
+                    {"seqs": ["a"], "tokens": [1], "logprobs": [None], "prompt_logprobs": {"z": []}},
+                    "'prompt_logprobs' must map its sequence ids",
+                ),
             ]:
+                fields = {"prompt_logprobs": {}, **fields}
                 reply = ask(node1, header("token", instance_id=instance_id, **fields))
                 assert reply["type"] == "error" and text in reply["message"], reply
             assert done.wait(60)
@@ -214,6 +219,7 @@ def test_a_nan_budget_is_an_error_for_its_request(
             "instance_id": instance_id,
             "messages": None,
             "prompt": "hi",
+            "prompt_ids": None,
             "chat": None,
             "cache_prompt": True,
             "speculative": True,

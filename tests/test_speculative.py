@@ -6,6 +6,7 @@ and logprobs; a draft model of another tokenizer refused; the adaptive rule."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -257,3 +258,33 @@ def test_concurrent_requests_on_one_instance(tiny_models: dict[str, Path]) -> No
     done = drive(runner, *requests)
     assert done["a"].token_ids == alone[COPY].token_ids == done["c"].token_ids
     assert done["b"].token_ids == alone["Say hello"].token_ids[:8]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_a_constrained_answer_through_verification_steps(
+    tiny_models: dict[str, Path], temperature: float
+) -> None:
+    """A grammar's mask at each verified position: guesses the grammar forbids are rejected (the
+    scripted drafter spoils some), the accepted run moves the matcher on, and the answer is the one
+    decoded a token a step (greedy), valid by its schema (sampled too)."""
+    from exoctl.api.structured import schema_grammar
+
+    schema = {
+        "type": "object",
+        "properties": {"word": {"type": "string", "maxLength": 12}, "n": {"type": "integer", "maximum": 99}},
+        "required": ["word", "n"],
+        "additionalProperties": False,
+    }
+    params = SamplingParams(max_tokens=60, temperature=temperature, seed=4, grammar=schema_grammar(schema))
+    runner = speculating(tiny_models["llama"])
+    plain = ask(runner, "plain", COPY, params, speculate=False)
+    assert set(json.loads(plain.text)) == {"word", "n"}
+    head = head_of(runner)
+    prompt = len(head.tokenizer.encode(COPY))  # type: ignore[union-attr]
+    head.speculator = Speculator(Scripted(prompt, plain.token_ids, head.stage.vocab_size))
+    fast = ask(runner, "fast", COPY, params)
+    assert set(json.loads(fast.text)) == {"word", "n"}
+    stats = head.speculator.stats
+    assert stats.drafted > 0 and 0 < stats.accepted < stats.drafted
+    if temperature == 0:
+        assert fast.token_ids == plain.token_ids

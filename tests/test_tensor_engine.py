@@ -242,3 +242,71 @@ def test_a_top_k_wider_than_a_part_is_still_exact() -> None:
     chosen = choose_on_ranks(logits, [SamplingParams(temperature=1.0, top_k=7)], world=2, seed=3, steps=500)
     drawn = Counter(step[0] for step in chosen[0])
     assert set(drawn) == set(range(6, 13))  # never one of the 6 cut by top_k
+
+
+class AllowEvery:
+    """A matcher (llguidance's interface) that allows the ids ≡ step (mod 3), and records what it is given."""
+
+    def __init__(self, vocab: int) -> None:
+        self.vocab = vocab
+        self.step = 0
+        self.consumed: list[int] = []
+
+    def compute_bitmask(self) -> bytes:
+        bits = bytearray((self.vocab + 31) // 32 * 4)
+        for token in range(self.step % 3, self.vocab, 3):
+            bits[token // 8] |= 1 << (token % 8)
+        return bytes(bits)
+
+    def consume_token(self, token: int) -> bool:
+        assert token % 3 == self.step % 3, f"token {token} was not allowed at step {self.step}"
+        self.consumed.append(token)
+        self.step += 1
+        return True
+
+    def is_error(self) -> bool:
+        return False
+
+    def get_error(self) -> str:
+        return ""
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_grammar_mask_on_vocabulary_parts_chooses_as_on_the_whole_row(
+    world: int, temperature: float
+) -> None:
+    """Each rank masks its part with its own matcher: the tokens are the allowed ones the whole row's
+    masked choice gives (greedy), or follow the masked distribution (sampled); every rank's matcher
+    is moved on by the same tokens."""
+    from exoctl.engine.constraint import Constraint
+
+    torch.manual_seed(6)
+    vocab = 37
+    logits = torch.randn(1, vocab) * 2
+    params = SamplingParams(temperature=temperature, seed=3)
+    steps = 12 if temperature == 0 else 600
+
+    def work(rank: int, exchange: Exchange) -> list[int]:
+        shard = TensorShard(rank, world)
+        part = shard.part(vocab)
+        sampler = RankSampler.create(params, 3, rank, Constraint(AllowEvery(vocab), vocab))  # type: ignore[arg-type]
+        row = logits[:, part.start : part.stop]
+        return [choose_tokens(row, shard, vocab, [sampler], exchange.gather(rank))[0] for _ in range(steps)]
+
+    chosen = on_ranks(world, work)
+    assert all(c == chosen[0] for c in chosen)
+    assert all(token % 3 == step % 3 for step, token in enumerate(chosen[0]))
+    if temperature == 0:
+        alone = Sampler.create(params, (), Constraint(AllowEvery(vocab), vocab))  # type: ignore[arg-type]
+        assert chosen[0] == [alone.choose(logits) for _ in range(steps)]
+        return
+    for phase in range(3):  # the draws of each phase follow the softmax over its allowed ids
+        drawn = Counter(t for step, t in enumerate(chosen[0]) if step % 3 == phase)
+        allowed = torch.full((vocab,), float("-inf"))
+        allowed[phase::3] = 0
+        expected = (logits[0] + allowed).softmax(dim=-1)
+        total = sum(drawn.values())
+        for token in range(phase, vocab, 3):
+            p = float(expected[token])
+            assert abs(drawn[token] - p * total) <= 5 * math.sqrt(total * p * (1 - p)) + 1

@@ -14,22 +14,12 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal
 
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from exoctl.api.errors import classify
-from exoctl.api.generation_run import (
-    Delta,
-    Done,
-    Failed,
-    GenerationRun,
-    Job,
-    Started,
-    Tools,
-    run_to_end,
-)
+from exoctl.api.generation_run import Delta, Done, Failed, Finished, GenerationRun, Job, Tools, respond
 from exoctl.api.metrics import Metrics
-from exoctl.api.openai_chat import SSE_HEADERS
 from exoctl.api.schemas import MAX_MODEL_CHARS
 from exoctl.api.service import ClusterService
 from exoctl.api.structured import closed_objects, schema_grammar
@@ -215,29 +205,18 @@ class AnthropicMessages:
         except ExoctlError as exc:
             return self._error(exc)
         run = GenerationRun(self.service, job)
-        run.start()
-        event = await run.next()
-        if isinstance(event, Failed):
-            return self._error(event.error)
-        assert isinstance(event, Started)
-        if self.body.stream:
-            return StreamingResponse(self._stream(run), media_type="text/event-stream", headers=SSE_HEADERS)
-        ended = await run_to_end([run], disconnected, start=False)
-        if ended is None:
-            return Response(status_code=499)
-        if isinstance(ended, Failed):
-            return self._error(ended.error)
-        result = ended[0].result
-        self.metrics.completed(self.body.model, result)
-        text, calls = result.text, list[ToolCall]()
-        if run.tools is not None:
-            run.tools.feed(result.text)
-            rest, calls = run.tools.finish()
-            text = run.tools.shown + rest
-        content: list[dict[str, Any]] = [{"type": "text", "text": text}] if text or not calls else []
-        content += [tool_use(c) for c in calls]
-        reason, sequence = stop_reason(result, calls)
-        return JSONResponse(self._message(content, reason, sequence, result))
+
+        def finished(done: Finished) -> Response:
+            result = done.result
+            self.metrics.completed(run.model_id, result)
+            text, calls = run.answer(result.text)
+            content: list[dict[str, Any]] = [{"type": "text", "text": text}] if text or not calls else []
+            content += [tool_use(c) for c in calls]
+            reason, sequence = stop_reason(result, calls)
+            return JSONResponse(self._message(content, reason, sequence, result))
+
+        stream = (lambda: self._stream(run)) if self.body.stream else None
+        return await respond(run, disconnected, self._error, finished, stream)
 
     def _message(
         self,
@@ -263,47 +242,39 @@ class AnthropicMessages:
 
     async def _stream(self, run: GenerationRun) -> AsyncIterator[str]:
         block = -1  # the index of the open text block (-1: none yet)
+
+        def text(piece: str) -> list[str]:
+            """The events of a text delta: the text block opened first, at the first text."""
+            nonlocal block
+            events = []
+            if block < 0:
+                block = 0
+                start = {"index": 0, "content_block": {"type": "text", "text": ""}}
+                events.append(sse_event("content_block_start", start))
+            delta = {"index": 0, "delta": {"type": "text_delta", "text": piece}}
+            return [*events, sse_event("content_block_delta", delta)]
+
         try:
             yield sse_event("message_start", {"message": self._message([], None, None, None)})
             while True:
                 match await run.next():
-                    case Delta(text, _):
-                        shown = run.tools.feed(text) if run.tools is not None else text
-                        if shown:
-                            if block < 0:
-                                block = 0
-                                yield sse_event(
-                                    "content_block_start",
-                                    {"index": 0, "content_block": {"type": "text", "text": ""}},
-                                )
-                            yield sse_event(
-                                "content_block_delta",
-                                {"index": 0, "delta": {"type": "text_delta", "text": shown}},
-                            )
+                    case Delta(delta, _):
+                        shown = run.tools.feed(delta) if run.tools is not None else delta
+                        for event in text(shown) if shown else []:
+                            yield event
                     case Done(result):
-                        self.metrics.completed(self.body.model, result)
-                        calls: list[ToolCall] = []
-                        if run.tools is not None:
-                            rest, calls = run.tools.finish()
-                            if rest:
-                                if block < 0:
-                                    block = 0
-                                    yield sse_event(
-                                        "content_block_start",
-                                        {"index": 0, "content_block": {"type": "text", "text": ""}},
-                                    )
-                                yield sse_event(
-                                    "content_block_delta",
-                                    {"index": 0, "delta": {"type": "text_delta", "text": rest}},
-                                )
+                        self.metrics.completed(run.model_id, result)
+                        rest, calls = run.tools.finish() if run.tools is not None else ("", [])
+                        for event in text(rest) if rest else []:
+                            yield event
                         if block >= 0:
                             yield sse_event("content_block_stop", {"index": block})
                         for offset, call in enumerate(calls):
                             index = block + 1 + offset
                             start = {**tool_use(call), "input": {}}
                             yield sse_event("content_block_start", {"index": index, "content_block": start})
-                            delta = {"type": "input_json_delta", "partial_json": call.arguments}
-                            yield sse_event("content_block_delta", {"index": index, "delta": delta})
+                            json_delta = {"type": "input_json_delta", "partial_json": call.arguments}
+                            yield sse_event("content_block_delta", {"index": index, "delta": json_delta})
                             yield sse_event("content_block_stop", {"index": index})
                         reason, sequence = stop_reason(result, calls)
                         yield sse_event(

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import logging
 import secrets
+from pathlib import Path
 from typing import Any, get_args
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -38,6 +39,7 @@ from exoctl.api.schemas import (
 from exoctl.api.service import ClusterService, NotFound, shards_json
 from exoctl.cluster.views import no_node_up
 from exoctl.errors import InvalidRequestError
+from exoctl.paths import exoctl_home
 
 log = logging.getLogger("exoctl.serve")
 
@@ -276,7 +278,28 @@ def model_routes(service: ClusterService) -> APIRouter:
     async def node_id() -> str:
         return service.node_id()
 
+    # EXO's dashboard asks for these at start: its feature flags (exoctl has no prefill/decode
+    # disaggregation), and whether its first-run wizard was done (kept as EXO keeps it, in a file)
+    @app.get("/v1/feature-flags")
+    async def feature_flags() -> dict[str, bool]:
+        return {"disaggregation": False}
+
+    @app.get("/onboarding")
+    async def onboarding() -> dict[str, bool]:
+        return {"completed": onboarding_file().exists()}
+
+    @app.post("/onboarding")
+    async def complete_onboarding() -> dict[str, bool]:
+        path = onboarding_file()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("true")
+        return {"completed": True}
+
     return app
+
+
+def onboarding_file() -> Path:
+    return exoctl_home() / "onboarding-complete"
 
 
 def place_routes(service: ClusterService) -> APIRouter:
@@ -341,9 +364,14 @@ def place_routes(service: ClusterService) -> APIRouter:
         return await run_in_threadpool(service.placement_for, model_id, sharding, max(min_nodes, 1), dtype)
 
     @app.get("/instance/previews")
-    async def previews(model_id: str, dtype: str = "auto", instance_meta: str = "CpuRing") -> dict[str, Any]:
-        meta = check_instance_meta(instance_meta)
-        return await run_in_threadpool(service.previews, model_id, dtype, meta)
+    async def previews(
+        model_id: str,
+        dtype: str = "auto",
+        instance_meta: str | None = None,
+        node_ids: list[str] = Query(default_factory=list),  # noqa: B008  (FastAPI's way to take a list)
+    ) -> dict[str, Any]:
+        meta = check_instance_meta(instance_meta) if instance_meta is not None else None
+        return await run_in_threadpool(service.previews, model_id, dtype, meta, tuple(node_ids))
 
     return app
 

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from fastapi.responses import Response, StreamingResponse
+
 from exoctl.api.chat_setup import ToolChoice, chat_setup
 from exoctl.api.service import ClusterService
-from exoctl.api.tool_calls import ToolStream
+from exoctl.api.tool_calls import ToolCall, ToolStream
 from exoctl.errors import ExoctlError, InvalidRequestError
 from exoctl.wire.answer import Completion
 from exoctl.wire.sampling_params import SamplingDefaults, SamplingParamError, SamplingParams, SamplingRequest
@@ -108,6 +110,7 @@ class GenerationRun:
         self.events: asyncio.Queue[tuple[int, Event]] = events if events is not None else asyncio.Queue()
         self.cancelled = threading.Event()
         self.tools: ToolStream | None = None
+        self.model_id = ""  # the instance's model, once found (metrics count by it)
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -120,6 +123,14 @@ class GenerationRun:
     async def next(self) -> Event:
         _, event = await self.events.get()
         return event
+
+    def answer(self, text: str) -> tuple[str, list[ToolCall]]:
+        """A finished answer's text without its tool calls, and the calls (none without tools)."""
+        if self.tools is None:
+            return text, []
+        self.tools.feed(text)
+        rest, calls = self.tools.finish()
+        return self.tools.shown + rest, calls
 
     def _generate(self, loop: asyncio.AbstractEventLoop) -> None:
         def put(event: Event) -> None:
@@ -156,6 +167,7 @@ class GenerationRun:
                     cache_prompt=job.cache_prompt,
                     speculative=job.speculative,
                 )
+                self.model_id = view.model_id  # read by the loop only after an event below
                 put(Started(view.model_id))
                 for text, logprobs in generation.deltas():
                     if text or logprobs:
@@ -169,6 +181,33 @@ class GenerationRun:
             put(Failed(exc))
         except Exception as exc:  # the stream must end even on a bug
             put(Failed(ExoctlError(f"internal error: {exc!r}")))
+
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+async def respond(
+    run: GenerationRun,
+    disconnected: Callable[[], Awaitable[bool]],
+    error: Callable[[ExoctlError], Response],
+    finished: Callable[[Finished], Response],
+    stream: Callable[[], AsyncIterator[str]] | None = None,
+    media_type: str = "text/event-stream",
+) -> Response:
+    """Start `run` and answer: its error (before anything is sent: an error status), a stream of
+    `stream()` when given, or `finished` of the whole answer; 499 when the client went away."""
+    run.start()
+    event = await run.next()
+    if isinstance(event, Failed):
+        return error(event.error)
+    if stream is not None:
+        return StreamingResponse(stream(), media_type=media_type, headers=SSE_HEADERS)
+    ended = await run_to_end([run], disconnected, start=False)
+    if ended is None:
+        return Response(status_code=499)
+    if isinstance(ended, Failed):
+        return error(ended.error)
+    return finished(ended[0])
 
 
 async def placed(service: ClusterService, model: str) -> None:

@@ -13,8 +13,15 @@ from exoctl.cluster.views import NodeStatus, node_profiles, runtime_dtype
 from exoctl.dtypes import check_dtype
 from exoctl.errors import InvalidRequestError
 from exoctl.models.catalog import ModelCard
-from exoctl.placement.pipeline import Placement, PlacementError, Shard, prefix_budget
-from exoctl.placement.tensor import valid_rank_counts
+from exoctl.placement.pipeline import (
+    Placement,
+    PlacementError,
+    PlacementRequest,
+    Shard,
+    prefix_budget,
+    stage_bytes,
+)
+from exoctl.placement.tensor import rank_bytes, valid_rank_counts
 
 SHARD_TAGS = {"PipelineShardMetadata": "pipeline", "TensorShardMetadata": "tensor"}
 
@@ -63,14 +70,21 @@ def planned_placement(
     profiles = {p.name: p for p in node_profiles(statuses)}
     world = len(parts)
     shards = []
-    for _, node, _, start, end in parts:
+    for rank, node, _, start, end in parts:
         # the budget for cached prefixes `place` would have given this node
         layers, kv_heads = card.n_layers, card.num_key_value_heads // world
         if sharding == "pipeline":
             layers, kv_heads = end - start, card.num_key_value_heads
         own = profiles[node].prefix_cache_bytes
         prefix, position = prefix_budget(card, runtime, layers, kv_heads, own)
-        delta = int(memory.get(node, 0)) if isinstance(memory, dict) else 0
+        # what the preview said: the same count `place` makes (a posted figure only where it gave one)
+        request = PlacementRequest(dtype=runtime)
+        need = (
+            rank_bytes(card, world, request)
+            if sharding == "tensor"
+            else stage_bytes(card, request, rank, world, start, end)
+        )
+        delta = int(memory.get(node, 0)) if isinstance(memory, dict) and node in memory else need + prefix
         shards.append(Shard(node, start, end, delta, prefix_bytes=prefix, position_bytes=position))
     placement = Placement(card.id, sharding, runtime, tuple(shards))
     instance_id = body.get("instanceId")

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from exoctl import __version__
 from exoctl.api.errors import classify
-from exoctl.api.generation_run import Delta, Done, Failed, GenerationRun, Job, Started, Tools, run_to_end
+from exoctl.api.generation_run import Delta, Done, Failed, Finished, GenerationRun, Job, Tools, respond
 from exoctl.api.metrics import Metrics
 from exoctl.api.model_list import family
 from exoctl.api.service import ClusterService
@@ -245,26 +245,15 @@ class OllamaGeneration:
         except ExoctlError as exc:
             return error_response(self.metrics, exc)
         run = GenerationRun(self.service, job)
-        run.start()
-        event = await run.next()
-        if isinstance(event, Failed):
-            return error_response(self.metrics, event.error)
-        assert isinstance(event, Started)
-        if self.stream:
-            return StreamingResponse(self._lines(run), media_type=NDJSON)
-        ended = await run_to_end([run], disconnected, start=False)
-        if ended is None:
-            return Response(status_code=499)
-        if isinstance(ended, Failed):
-            return error_response(self.metrics, ended.error)
-        result = ended[0].result
-        self.metrics.completed(self.model, result)
-        text, calls = result.text, list[ToolCall]()
-        if run.tools is not None:
-            run.tools.feed(result.text)
-            rest, calls = run.tools.finish()
-            text = run.tools.shown + rest
-        return JSONResponse(self._last(result, text, calls))
+
+        def finished(done: Finished) -> Response:
+            self.metrics.completed(run.model_id, done.result)
+            return JSONResponse(self._last(done.result, *run.answer(done.result.text)))
+
+        stream = (lambda: self._lines(run)) if self.stream else None
+        return await respond(
+            run, disconnected, lambda e: error_response(self.metrics, e), finished, stream, media_type=NDJSON
+        )
 
     async def _lines(self, run: GenerationRun) -> AsyncIterator[str]:
         try:
@@ -275,7 +264,7 @@ class OllamaGeneration:
                         if shown:
                             yield json.dumps(self._line(shown, False), ensure_ascii=False) + "\n"
                     case Done(result):
-                        self.metrics.completed(self.model, result)
+                        self.metrics.completed(run.model_id, result)
                         rest, calls = run.tools.finish() if run.tools is not None else ("", [])
                         yield json.dumps(self._last(result, rest, calls), ensure_ascii=False) + "\n"
                         break

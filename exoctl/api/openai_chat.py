@@ -13,10 +13,10 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from exoctl.api.errors import classify, error_body, exoctl_error_response
-from exoctl.api.generation_run import Delta, Done, Failed, GenerationRun, Job, Started, Tools, run_to_end
+from exoctl.api.generation_run import Delta, Done, Failed, Finished, GenerationRun, Job, Tools, respond
 from exoctl.api.metrics import Metrics
 from exoctl.api.schemas import ChatRequest, NamedToolChoice
 from exoctl.api.service import ClusterService
@@ -24,8 +24,6 @@ from exoctl.api.structured import response_format_grammar
 from exoctl.errors import ExoctlError
 from exoctl.wire.answer import Completion
 from exoctl.wire.sampling_params import SamplingRequest
-
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def sse(data: dict[str, Any] | str) -> str:
@@ -107,47 +105,32 @@ class ChatCompletion:
         self.body = body
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
-        self.model = ""  # the instance's model id (metrics); answers name the model as asked
         self.logprobs: list[dict[str, Any]] = []  # entries not yet sent
-        self.run: GenerationRun | None = None
 
     async def respond(self, disconnected: Callable[[], Awaitable[bool]]) -> Response:
         """The answer; `disconnected` tells whether the client went away (its generation is then
         cancelled, streamed or not)."""
-        run = self.run = GenerationRun(self.service, chat_job(self.body))
-        run.start()
-        event = await run.next()
-        if isinstance(event, Failed):
-            return error_response(self.metrics, event.error)
-        assert isinstance(event, Started)
-        self.model = event.model
-        if self.body.stream:
-            return StreamingResponse(self._stream(run), media_type="text/event-stream", headers=SSE_HEADERS)
-        ended = await run_to_end([run], disconnected, start=False)
-        if ended is None:
-            return Response(status_code=499)
-        if isinstance(ended, Failed):
-            return error_response(self.metrics, ended.error)
-        (finished,) = ended
-        self.logprobs = finished.logprobs
-        self.metrics.completed(self.model, finished.result)
-        return JSONResponse(self._answer(run, finished.result))
+        run = GenerationRun(self.service, chat_job(self.body))
+
+        def finished(done: Finished) -> Response:
+            self.logprobs = done.logprobs
+            self.metrics.completed(run.model_id, done.result)
+            return JSONResponse(self._answer(run, done.result))
+
+        stream = (lambda: self._stream(run)) if self.body.stream else None
+        return await respond(run, disconnected, lambda e: error_response(self.metrics, e), finished, stream)
 
     def _answer(self, run: GenerationRun, result: Completion) -> dict[str, Any]:
-        message: dict[str, Any] = {"role": "assistant", "content": result.text}
+        text, calls = run.answer(result.text)
+        message: dict[str, Any] = {"role": "assistant", "content": text}
         finish = finish_reason(result)
-        if run.tools is not None:
-            run.tools.feed(result.text)
-            text, calls = run.tools.finish()
-            text = run.tools.shown + text
-            message = {"role": "assistant", "content": text}
-            if calls:
-                message = {
-                    "role": "assistant",
-                    "content": text or None,
-                    "tool_calls": [c.to_openai() for c in calls],
-                }
-                finish = "tool_calls"
+        if calls:
+            message = {
+                "role": "assistant",
+                "content": text or None,
+                "tool_calls": [c.to_openai() for c in calls],
+            }
+            finish = "tool_calls"
         return {
             "id": self.id,
             "object": "chat.completion",
@@ -196,7 +179,7 @@ class ChatCompletion:
                         if shown:
                             yield sse(self._delta({"content": shown}))
                     case Done(result):
-                        self.metrics.completed(self.model, result)
+                        self.metrics.completed(run.model_id, result)
                         finish = finish_reason(result)
                         if run.tools is not None:
                             rest, calls = run.tools.finish()

@@ -20,10 +20,20 @@ from typing import Any
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from exoctl.api.generation_run import Delta, Done, Event, Failed, GenerationRun, Job, placed, run_to_end
+from exoctl.api.generation_run import (
+    SSE_HEADERS,
+    Delta,
+    Done,
+    Event,
+    Failed,
+    GenerationRun,
+    Job,
+    placed,
+    run_to_end,
+)
 from exoctl.api.metrics import Metrics
-from exoctl.api.openai_chat import SSE_HEADERS, error_response, sse, stream_error
-from exoctl.api.schemas import MAX_MODEL_CHARS, StreamOptions
+from exoctl.api.openai_chat import error_response, sse, stream_error
+from exoctl.api.schemas import MAX_MODEL_CHARS, StreamOptions, stop_list
 from exoctl.api.service import ClusterService
 from exoctl.api.structured import response_format_grammar
 from exoctl.errors import InvalidRequestError
@@ -60,9 +70,7 @@ class CompletionRequest(BaseModel):
     @field_validator("stop")
     @classmethod
     def _stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
-        stops = [stop] if isinstance(stop, str) else stop or []
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("stop takes up to 4 non-empty strings")
+        stop_list(stop)
         return stop
 
     @field_validator("suffix")
@@ -94,7 +102,7 @@ class CompletionRequest(BaseModel):
         return items
 
     def sampling(self, choice: int) -> SamplingRequest:
-        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        stops = stop_list(self.stop)
         return SamplingRequest(
             temperature=self.temperature,
             top_p=self.top_p,
@@ -183,7 +191,7 @@ class TextCompletion:
             return error_response(self.metrics, ended.error)
         out = []
         for index, (choice, finished) in enumerate(zip(choices, ended, strict=True)):
-            self.metrics.completed(self.body.model, finished.result)
+            self.metrics.completed(runs[index].model_id, finished.result)
             out.append(self._choice(index, choice, finished.result, finished.logprobs))
         return JSONResponse(self._document(out, [f.result for f in ended]))
 
@@ -262,7 +270,7 @@ class TextCompletion:
                             yield self._chunk(index, text, entries, None)
                     case Done(result):
                         results[index] = result
-                        self.metrics.completed(self.body.model, result)
+                        self.metrics.completed(runs[index].model_id, result)
                         if self.body.echo:
                             prompt_text, prompt_entries = self._echo(choices[index], result)
                             text, entries = self._generated(result, held[index])

@@ -17,12 +17,12 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from exoctl.api.generation_run import Delta, Done, Failed, GenerationRun, Job, Started, Tools, run_to_end
+from exoctl.api.generation_run import Delta, Done, Failed, Finished, GenerationRun, Job, Tools, respond
 from exoctl.api.metrics import Metrics
-from exoctl.api.openai_chat import SSE_HEADERS, error_response, stream_error
+from exoctl.api.openai_chat import error_response, stream_error
 from exoctl.api.schemas import MAX_MODEL_CHARS
 from exoctl.api.service import ClusterService
 from exoctl.api.structured import response_format_grammar
@@ -191,30 +191,13 @@ class OpenAIResponse:
 
     async def respond(self, disconnected: Callable[[], Awaitable[bool]]) -> Response:
         run = GenerationRun(self.service, self._job())
-        run.start()
-        event = await run.next()
-        if isinstance(event, Failed):
-            return error_response(self.metrics, event.error)
-        assert isinstance(event, Started)
-        if self.body.stream:
-            return StreamingResponse(self._stream(run), media_type="text/event-stream", headers=SSE_HEADERS)
-        ended = await run_to_end([run], disconnected, start=False)
-        if ended is None:
-            return Response(status_code=499)
-        if isinstance(ended, Failed):
-            return error_response(self.metrics, ended.error)
-        result = ended[0].result
-        self.metrics.completed(self.body.model, result)
-        text, calls = self._split(run, result.text)
-        return JSONResponse(self._finished(result, text, calls))
 
-    @staticmethod
-    def _split(run: GenerationRun, text: str) -> tuple[str, list[ToolCall]]:
-        if run.tools is None:
-            return text, []
-        run.tools.feed(text)
-        rest, calls = run.tools.finish()
-        return run.tools.shown + rest, calls
+        def finished(done: Finished) -> Response:
+            self.metrics.completed(run.model_id, done.result)
+            return JSONResponse(self._finished(done.result, *run.answer(done.result.text)))
+
+        stream = (lambda: self._stream(run)) if self.body.stream else None
+        return await respond(run, disconnected, lambda e: error_response(self.metrics, e), finished, stream)
 
     def _message(self, item_id: str, text: str, status: str) -> dict[str, Any]:
         return {
@@ -325,7 +308,7 @@ class OpenAIResponse:
                                 logprobs=[],
                             )
                     case Done(result):
-                        self.metrics.completed(self.body.model, result)
+                        self.metrics.completed(run.model_id, result)
                         calls: list[ToolCall] = []
                         if run.tools is not None:
                             rest, calls = run.tools.finish()

@@ -89,6 +89,14 @@ def json_arguments(text: str) -> Any:
         return text  # the templates write a string as it is
 
 
+def stop_list(stop: str | list[str] | None) -> list[str]:
+    """OpenAI's `stop`: one string or up to 4 (ValueError, pydantic's field error, otherwise)."""
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > 4 or any(not s for s in stops):
+        raise ValueError("stop takes up to 4 non-empty strings")
+    return stops
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
     include_usage: bool = False
@@ -175,13 +183,11 @@ class ChatRequest(BaseModel):
     @field_validator("stop")
     @classmethod
     def _stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
-        stops = [stop] if isinstance(stop, str) else stop or []
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("stop takes up to 4 non-empty strings")
+        stop_list(stop)
         return stop
 
     def stops(self) -> list[str]:
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return stop_list(self.stop)
 
     def chat_messages(self) -> list[dict[str, Any]]:
         return [m.for_template() for m in self.messages]

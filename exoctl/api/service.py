@@ -260,22 +260,31 @@ class ClusterService:
         else:
             threading.Thread(target=load, name=f"load-{instance_id[:8]}", daemon=True).start()
 
-    def previews(self, model_id: str, dtype: str = "auto", instance_meta: str = "CpuRing") -> dict[str, Any]:
+    def previews(
+        self,
+        model_id: str,
+        dtype: str = "auto",
+        instance_meta: str | None = None,
+        node_ids: tuple[str, ...] = (),
+    ) -> dict[str, Any]:
         """Every sharding over 1..live nodes, in EXO's shape (`instance`, `memory_delta_by_node`,
-        `error` null when it fits) with exoctl's own fields (`nodes`, `ok`, `dtype`, `shards`)."""
+        `error` null when it fits) with exoctl's own fields (`nodes`, `ok`, `dtype`, `shards`).
+
+        Without `instance_meta`, each plan is listed once per runtime kind: exoctl's CpuRing and
+        EXO's MlxRing and MlxJaccl, all run as the CPU ring (EXO's dashboard offers only its MLX
+        kinds, and finds "No valid configurations" in previews of another). `node_ids` (EXO's
+        filter) keeps to those nodes."""
         check_dtype(dtype)
         statuses = self.statuses()
+        if node_ids:
+            statuses = [s for s in statuses if s.node.name in node_ids]
         card, ref = self.reference(model_id)
         live = sum(1 for s in statuses if s.up)
+        metas = (instance_meta,) if instance_meta else ("CpuRing", "MlxRing", "MlxJaccl")
         previews = []
         for sharding in ("Pipeline", "Tensor"):
             for count in range(1, max(live, 1) + 1):
-                entry: dict[str, Any] = {
-                    "model_id": card.id,
-                    "sharding": sharding,
-                    "instance_meta": instance_meta,
-                    "nodes": count,
-                }
+                entry: dict[str, Any] = {"model_id": card.id, "sharding": sharding, "nodes": count}
                 try:
                     _, _, chosen = self.plan(ref, sharding, count, 1, dtype, statuses)
                     placement = chosen.placement
@@ -289,7 +298,7 @@ class ClusterService:
                     )
                 except (PlacementError, ModelNotFoundError) as exc:
                     entry.update(instance=None, memory_delta_by_node=None, error=exc.message, ok=False)
-                previews.append(entry)
+                previews += [{**entry, "instance_meta": meta} for meta in metas]
         return {"model_id": card.id, "live_nodes": live, "previews": previews}
 
     def placement_for(self, model_id: str, sharding: str, min_nodes: int, dtype: str) -> dict[str, Any]:

@@ -145,15 +145,18 @@ def multiaddr(node: Node) -> str:
 
 
 def topology(statuses: list[NodeStatus]) -> dict[str, Any]:
-    """EXO's topology snapshot: the nodes, and a connection from each live node to each other live
-    node (an inventory's nodes reach each other over TCP; EXO lists the links it discovered)."""
+    """EXO's topology snapshot (`TopologySnapshot`: `connections` maps source -> sink -> its edges,
+    as EXO's dashboard reads them to draw links): the nodes, and a socket connection from each
+    live node to each other live node (an inventory's nodes reach each other over TCP)."""
     live = [s.node for s in statuses if s.up]
-    connections = [
-        [a.name, b.name, {"sinkMultiaddr": {"address": multiaddr(b)}}]
+    connections = {
+        a.name: {
+            b.name: [{"sinkMultiaddr": {"address": multiaddr(b), "ip_address": b.host}}]
+            for b in live
+            if b is not a
+        }
         for a in live
-        for b in live
-        if a is not b
-    ]
+    }
     return {"nodes": [s.node.name for s in statuses], "connections": connections}
 
 

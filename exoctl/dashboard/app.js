@@ -423,7 +423,7 @@ async function refreshPreview() {
   $("preview").textContent = "Working out where it would go…";
   const dtype = $("place-dtype").value;
   try {
-    const body = await apiJson(`/instance/previews?model_id=${encodeURIComponent(target)}&dtype=${dtype}`);
+    const body = await apiJson(`/instance/previews?model_id=${encodeURIComponent(target)}&dtype=${dtype}&instance_meta=CpuRing`);
     if (seq !== ui.previewSeq) return;
     const { matching, chosen } = pickPreview(body.previews);
     ui.chosenPreview = chosen;

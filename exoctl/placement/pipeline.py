@@ -192,6 +192,16 @@ class _Costs:
         return out
 
 
+def stage_bytes(
+    card: ModelCard, request: PlacementRequest, index: int, count: int, start: int, end: int
+) -> int:
+    """What stage `index` of `count` holding layers [start, end) needs, as `place` counts it (its
+    layers with their KV reserve, the embedding or head its position gives it, the runtime), before
+    its budget for cached prefixes."""
+    costs = _Costs.of(card, request)
+    return sum(costs.layers[start:end]) + costs.fixed(index, count)
+
+
 def split_layers(n_layers: int, budgets: list[int]) -> list[int]:
     """Layers per node in proportion to `budgets` (largest remainder), at least one each."""
     count = len(budgets)
