@@ -795,6 +795,12 @@ def test_an_api_key_is_required_when_set(cluster2: WorkerCluster) -> None:
         assert http(server, "GET", "/openapi.json")[0] == 401
         status, body = http(server, "GET", "/openapi.json", headers={"Authorization": "Bearer s3cret"})
         assert status == 200 and "/v1/chat/completions" in body["paths"]
+        # every API behind the same key: Anthropic's clients send it as x-api-key
+        for path in ("/v1/completions", "/v1/responses", "/v1/messages", "/api/chat", "/api/tags"):
+            method = "GET" if path == "/api/tags" else "POST"
+            assert http(server, method, path, {"model": "x"})[0] == 401, path
+        assert http(server, "GET", "/api/tags", headers={"x-api-key": "s3cret"})[0] == 200
+        assert http(server, "GET", "/api/tags", headers={"x-api-key": "wrong"})[0] == 401
     finally:
         server.stop()
 

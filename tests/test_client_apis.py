@@ -741,3 +741,25 @@ def test_ollama_list_show_ps_version(ollama_client, instances: dict[str, str], s
     with pytest.raises(ollama.ResponseError, match="is not placed") as raised:
         ollama_client.chat(model="llama-3.1-8b-cpu", messages=[{"role": "user", "content": "hi"}])
     assert raised.value.status_code == 404
+
+
+def test_completions_take_a_response_format_too(client: openai.OpenAI, instances: dict[str, str]) -> None:
+    """vLLM's extension: a raw prompt's answer constrained, here over two tensor ranks, n choices."""
+    schema = Address.model_json_schema()
+    done = client.completions.create(
+        model=instances["tiny-tensor"],
+        prompt="An address:",
+        max_tokens=80,
+        n=2,
+        temperature=1.0,
+        seed=9,
+        extra_body={
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "a", "schema": schema, "strict": True},
+            }
+        },
+    )
+    assert len(done.choices) == 2
+    for choice in done.choices:
+        Address.model_validate_json(choice.text)

@@ -246,19 +246,33 @@ def check_space(repo: str, needed: int) -> None:
 
 
 def _counting_bar(download: Download, name: str) -> type:
-    """A tqdm class that feeds the bytes huggingface_hub reads into `download` (and draws nothing)."""
+    """A tqdm class that feeds the bytes huggingface_hub has written into `download` (and draws
+    nothing). `http_get` counts a chunk before it writes it (chunks of up to 10 MB), so a chunk is
+    counted when the next one arrives, or at the end: a worker killed mid-file has on disk at least
+    what it reported, and the resume starts where the report said."""
     from tqdm import tqdm
 
     class CountingBar(tqdm):  # type: ignore[misc]
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             kwargs["disable"] = True
             super().__init__(*args, **kwargs)
+            self.unwritten = 0  # the last chunk's bytes, counted but maybe not on disk yet
             download.resumed(name, int(kwargs.get("initial") or 0))
 
         def update(self, n: float | None = 1) -> bool | None:
-            download.advance(name, int(n or 0))
+            count = int(n or 0)
+            if count < 0:  # a correction (a resume's start taken back): at once
+                download.advance(name, count)
+            else:
+                download.advance(name, self.unwritten)
+                self.unwritten = count
             shown: bool | None = super().update(n)
             return shown
+
+        def close(self) -> None:
+            download.advance(name, self.unwritten)
+            self.unwritten = 0
+            super().close()
 
     return CountingBar
 
