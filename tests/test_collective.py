@@ -267,3 +267,113 @@ def test_files_of_workers_that_died_are_swept_when_a_rank_starts() -> None:
     finally:
         stale.unlink(missing_ok=True)
         alive.unlink(missing_ok=True)
+
+
+# --- 8-bit partials (EXOCTL_TP_PARTIALS=q8) -------------------------------------------------------
+
+
+@pytest.mark.parametrize("count", [1, 31, 32, 33, 4096, 2048 * 3 + 5])
+def test_an_8_bit_partial_is_a_quarter_the_bytes_and_within_half_a_step(count: int) -> None:
+    from exoctl.worker.partials import BLOCK, decode, encode, encoded_size
+
+    torch.manual_seed(count)
+    partial = torch.randn(count) * torch.logspace(-3, 2, count)  # blocks of very different scales
+    partial[count // 2] = 0.0
+    encoded = encode(partial)
+    assert encoded.dtype == torch.uint8 and encoded.numel() == encoded_size(count)
+    assert encoded.numel() <= 0.29 * 4 * count + 36
+    back = decode(encoded, partial)
+    padded = torch.zeros(-(-count // BLOCK) * BLOCK)
+    padded[:count] = partial
+    step = (padded.view(-1, BLOCK).abs().amax(dim=1) / 127).repeat_interleave(BLOCK)[:count]
+    assert back.shape == partial.shape and back.dtype == torch.float32
+    assert bool(((back - partial).abs() <= step / 2 * (1 + 1e-6) + 1e-30).all())
+    assert float(back[count // 2]) == 0.0
+    zeros = torch.zeros(40)
+    assert torch.equal(decode(encode(zeros), zeros), zeros)  # an all-zero block has no scale to divide by
+
+
+def reduce_on_ranks(world: int, partials: list[torch.Tensor], modes: list[str]) -> list[torch.Tensor]:
+    """Each rank's all_reduce of its partial, each rank with its own EXOCTL_TP_PARTIALS (threads)."""
+    hosts = [f"127.0.0.{61 + r}" for r in range(world)]
+    addresses = loopback_addresses(hosts)
+    ctx: zmq.Context[Any] = zmq.Context()
+    results: list[torch.Tensor | None] = [None] * world
+    errors: list[BaseException] = []
+    collectives = []
+    for r in range(world):
+        collective = ZmqCollective(ctx, r, world, addresses[r], None, 10)
+        collective.quantize = modes[r] == "q8"
+        collectives.append(collective)
+    for collective in collectives:
+        collective.connect(addresses)
+
+    def rank(r: int) -> None:
+        try:
+            results[r] = collectives[r].all_reduce(partials[r])
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(world)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    for collective in collectives:
+        collective.close()
+    ctx.destroy(linger=0)
+    assert not errors, errors
+    return [r for r in results if r is not None]
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_8_bit_partials_sum_to_the_same_bits_on_every_rank_within_their_bound(
+    world: int, dtype: torch.dtype
+) -> None:
+    """Every rank adds the values that were sent (its own rounded too): the same bits everywhere,
+    within the ranks' half steps of the exact sum; the exact exchange is today's rank-order sum."""
+    from exoctl.worker.partials import decode, encode
+
+    torch.manual_seed(world)
+    partials = [(torch.randn(3, 1, 2048) * (r + 1)).to(dtype) for r in range(world)]
+    packed = reduce_on_ranks(world, partials, ["q8"] * world)
+    assert all(torch.equal(p, packed[0]) for p in packed) and packed[0].dtype == dtype
+    rounded = [decode(encode(p), p) for p in partials]
+    wide = rounded[0].clone()
+    for part in rounded[1:]:
+        wide += part
+    assert torch.equal(packed[0], wide.to(dtype))
+    exact = partials[0].float().clone()
+    for part in partials[1:]:
+        exact += part.float()
+    bound = sum(
+        p.float().reshape(-1, 32).abs().amax(dim=1).repeat_interleave(32).view(exact.shape) / 254
+        for p in partials
+    )
+    slack = 0.01 * exact.abs() if dtype == torch.bfloat16 else 1e-5
+    assert bool(((packed[0].float() - exact).abs() <= bound * 1.0001 + slack).all())
+    plain = reduce_on_ranks(world, partials, ["exact"] * world)
+    expected = partials[0].clone()
+    for part in partials[1:]:
+        expected += part
+    assert all(torch.equal(p, expected) for p in plain)  # exact mode: bit for bit what it was
+    mixed = reduce_on_ranks(world, partials, ["q8"] + ["exact"] * (world - 1))  # workers set apart
+    assert all(torch.equal(p, mixed[0]) for p in mixed)
+
+
+def test_the_switches_choose_the_partials(monkeypatch: pytest.MonkeyPatch) -> None:
+    from exoctl.errors import ExoctlError
+    from exoctl.worker.partials import quantized_partials
+
+    monkeypatch.delenv("EXOCTL_TP_PARTIALS", raising=False)
+    monkeypatch.delenv("EXOCTL_TP_EXACT", raising=False)
+    assert not quantized_partials()  # auto: exact until the links are measured
+    monkeypatch.setenv("EXOCTL_TP_PARTIALS", "q8")
+    assert quantized_partials()
+    monkeypatch.setenv("EXOCTL_TP_EXACT", "1")
+    assert not quantized_partials()  # exact wins
+    monkeypatch.setenv("EXOCTL_TP_PARTIALS", "q4")
+    monkeypatch.delenv("EXOCTL_TP_EXACT")
+    with pytest.raises(ExoctlError, match="EXOCTL_TP_PARTIALS='q4' is not one of auto, exact, q8"):
+        quantized_partials()

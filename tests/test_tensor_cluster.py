@@ -252,7 +252,9 @@ def test_ranks_told_not_to_share_memory_exchange_partials_over_zeromq(
     references: dict[str, list[int]],  # noqa: F811
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The path ranks on different hosts take, between real workers: the same tokens."""
+    """The path ranks on different hosts take, between real workers: the same tokens; and with
+    8-bit partials on one rank (EXOCTL_TP_PARTIALS=q8, each worker its own), an answer every rank
+    agrees on."""
     monkeypatch.setenv("EXOCTL_TP_SHM", "0")  # the workers `exoctl up` starts inherit it
     with tiny_cluster(tmp_path_factory, "tensor-zmq", 2, tiny_models) as cluster, cluster.client() as client:
         instance_id = place(client, model_ref("qwen2", tiny_models), 2)
@@ -261,5 +263,15 @@ def test_ranks_told_not_to_share_memory_exchange_partials_over_zeromq(
             runners = state_document(client.statuses(), "test")["runners"].values()
             ranks = [next(iter(r.values())) for r in runners]
             assert len(ranks) == 2 and all(r["collectiveTransport"] == "zmq" for r in ranks)
+        finally:
+            client.unload(instance_id)
+    monkeypatch.setenv("EXOCTL_TP_PARTIALS", "q8")
+    with tiny_cluster(tmp_path_factory, "tensor-q8", 2, tiny_models) as cluster, cluster.client() as client:
+        instance_id = place(client, model_ref("llama", tiny_models), 2)
+        try:
+            answer = generate(client, instance_id)["token_ids"]
+            # a rank that chose otherwise would have sent the head a token the others never ran
+            assert len(answer) == MAX_TOKENS and answer == generate(client, instance_id)["token_ids"]
+            assert answer[:4] == references["llama"][:4]  # logits far apart: the first choices hold
         finally:
             client.unload(instance_id)

@@ -5,6 +5,10 @@ all-reduce sums the k partials in rank order, so every rank holds bit-identical 
 Decoding on CPU does about 2 x layers of these per token, so latency is what counts:
 `benchmarks/allreduce.py` measures this against torch.distributed's gloo on the same tensors.
 
+Partials that cross the network may go as 8-bit blocks (`partials.py`, EXOCTL_TP_PARTIALS=q8):
+each message says how it is encoded, and every rank sums what was sent, its own partial included,
+so every rank still holds the same bits. all_gather (the token choice's summaries) is always exact.
+
 A rank binds its PULL socket first (on a port the OS picks, when the worker's runners share
 one host), tells its peers the address, and connects once it knows all of theirs. Ranks that all
 share one host exchange partials through shared memory instead (`shm_exchange.py`): no thread
@@ -23,6 +27,7 @@ import zmq
 from exoctl.errors import CollectiveError
 from exoctl.keys import ClusterKeys
 from exoctl.transport import secure_client, secure_server
+from exoctl.worker.partials import decode, encode, quantized_partials
 from exoctl.worker.shm_exchange import ShmExchange
 
 POLL_MS = 100  # how often a wait checks whether the instance was failed meanwhile
@@ -51,7 +56,9 @@ class ZmqCollective:
         self.step = 0
         self.busy_s = 0.0  # time spent in collectives, sending and waiting
         self.aborted: str | None = None  # set from another thread: the instance failed
-        self.early: dict[tuple[int, int], bytes] = {}  # (step, rank) -> partial that came ahead
+        # (step, rank) -> (8-bit?, partial) that came ahead
+        self.early: dict[tuple[int, int], tuple[bool, bytes]] = {}
+        self.quantize = quantized_partials()  # this rank's all-reduce partials go as 8-bit blocks
         self.pull = ctx.socket(zmq.PULL)
         self.pull.setsockopt(zmq.LINGER, 0)
         secure_server(self.pull, keys)
@@ -120,9 +127,9 @@ class ZmqCollective:
         parts = self._gather(partial)
         return [part if r == self.rank else part.clone() for r, part in enumerate(parts)]
 
-    def _gather(self, partial: torch.Tensor) -> list[torch.Tensor]:
+    def _gather(self, partial: torch.Tensor, lossy: bool = False) -> list[torch.Tensor]:
         """all_gather, where other ranks' parts may be views of shared memory, valid until this
-        rank's next collective returns."""
+        rank's next collective returns. `lossy`: over ZeroMQ, send 8-bit blocks (float32 parts)."""
         step, self.step = self.step, self.step + 1
         if self.world == 1:
             return [partial]
@@ -135,7 +142,7 @@ class ZmqCollective:
                 and self.shm.fits(partial.numel() * partial.element_size())
             ):
                 return self._exchange_shared(self.shm, step, partial)
-            return self._exchange(step, partial)
+            return self._exchange(step, partial, lossy and partial.is_floating_point())
         finally:
             self.busy_s += time.perf_counter() - began
 
@@ -165,16 +172,22 @@ class ZmqCollective:
             f"all-reduce step {step}: no partial from {who} within {self.timeout_ms / 1000:g} s"
         )
 
-    def _exchange(self, step: int, partial: torch.Tensor) -> list[torch.Tensor]:
-        header = msgpack.packb((step, self.rank))
-        payload = partial.view(torch.uint8).numpy().data
+    def _exchange(self, step: int, partial: torch.Tensor, lossy: bool = False) -> list[torch.Tensor]:
+        header = msgpack.packb((step, self.rank, lossy))
+        mine = partial
+        if lossy:
+            encoded = encode(partial)
+            mine = decode(encoded, partial)  # what the others will add: the same rounding here
+            payload = encoded.numpy().data
+        else:
+            payload = partial.view(torch.uint8).numpy().data
         for sock in self.push.values():
             sock.send_multipart([header, payload], copy=False)
-        parts: dict[int, torch.Tensor] = {self.rank: partial}
+        parts: dict[int, torch.Tensor] = {self.rank: mine}
         for peer in range(self.world):
-            raw = self.early.pop((step, peer), None)
-            if raw is not None:
-                parts[peer] = self._view(raw, partial)
+            early = self.early.pop((step, peer), None)
+            if early is not None:
+                parts[peer] = self._part(*early, partial)
         waited = 0
         while len(parts) < self.world:
             if self.aborted is not None:
@@ -185,18 +198,29 @@ class ZmqCollective:
                     raise self._silent(step, sorted(set(range(self.world)) - set(parts)))
                 continue
             head, raw = self.pull.recv_multipart()
-            their_step, peer = msgpack.unpackb(head)
+            their_step, peer, packed = msgpack.unpackb(head)
             if their_step == step:
-                parts[peer] = self._view(raw, partial)
+                parts[peer] = self._part(packed, raw, partial)
             else:
-                self.early[(their_step, peer)] = raw
+                self.early[(their_step, peer)] = (packed, raw)
         return [parts[r] for r in range(self.world)]
 
+    def _part(self, packed: bool, raw: bytes, like: torch.Tensor) -> torch.Tensor:
+        if packed:
+            return decode(torch.frombuffer(bytearray(raw), dtype=torch.uint8), like)
+        return self._view(raw, like)
+
     def all_reduce(self, partial: torch.Tensor) -> torch.Tensor:
-        """The sum over ranks of `partial` (any shape), added in rank order."""
-        parts = self._gather(partial)
+        """The sum over ranks of `partial` (any shape), added in rank order; parts that came as
+        8-bit blocks (float32 once decoded) are summed in float32."""
+        parts = self._gather(partial, lossy=self.quantize)
         if len(parts) == 1:
             return parts[0]
+        if any(part.dtype != partial.dtype for part in parts):
+            wide = parts[0].float().clone()
+            for part in parts[1:]:
+                wide += part.float()
+            return wide.to(partial.dtype)
         total = parts[0].clone()
         for part in parts[1:]:
             total += part

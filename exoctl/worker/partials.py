@@ -1,0 +1,75 @@
+"""How a tensor rank's partial sums travel to the other ranks over the network: as computed, or as
+8-bit blocks (distributed-llama's `q80`): each block of 32 values as int8 with one float32 scale
+(its largest magnitude / 127), 36 bytes for 128 of float32, a 0.28x payload. Ranks on one host
+exchange through shared memory and keep every bit; this is for partials that cross a link.
+
+The receiver sums in float32, in rank order, and every rank sums the values that were sent (its own
+partial too goes through the same rounding), so every rank still holds the same bits. Each value
+moves by at most half a step of its block (scale / 2); `tests/test_collective.py` checks that bound.
+
+`EXOCTL_TP_PARTIALS` (`exact` | `q8` | `auto`) chooses, per worker; `auto` is `exact` until the
+links are measured (issue 31's cost model decides then). `EXOCTL_TP_EXACT=1` forces `exact` over
+any other setting. (`EXOCTL_TP_SHM=0`, shm_exchange's, sends partials over ZeroMQ even between
+ranks on one host: how one machine tests the path ranks on other hosts take.)
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from exoctl.errors import ExoctlError
+
+BLOCK = 32
+PARTIALS_ENV = "EXOCTL_TP_PARTIALS"
+EXACT_ENV = "EXOCTL_TP_EXACT"
+PARTIALS_CHOICES = ("auto", "exact", "q8")
+
+
+def _choice(name: str, choices: tuple[str, ...]) -> str:
+    value = os.environ.get(name, "auto").strip().lower() or "auto"
+    if value not in choices:
+        raise ExoctlError(
+            f"{name}={value!r} is not one of {', '.join(choices)}", hint=f"unset {name} or fix it"
+        )
+    return value
+
+
+def quantized_partials() -> bool:
+    """Whether this worker sends its partials across links as 8-bit blocks."""
+    if os.environ.get(EXACT_ENV, "").strip() not in ("", "0"):
+        return False
+    return _choice(PARTIALS_ENV, PARTIALS_CHOICES) == "q8"
+
+
+def encode(partial: torch.Tensor) -> torch.Tensor:
+    """A partial (any shape, float) -> uint8 [4 * blocks + 32 * blocks]: the blocks' float32 scales,
+    then each block's 32 int8 values (the last block zero-padded)."""
+    flat = partial.detach().reshape(-1).float()
+    blocks = -(-flat.numel() // BLOCK)
+    padded = torch.zeros(blocks * BLOCK, dtype=torch.float32)
+    padded[: flat.numel()] = flat
+    rows = padded.view(blocks, BLOCK)
+    scales = rows.abs().amax(dim=1) / 127.0  # [blocks]
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+    q = torch.round(rows / safe[:, None]).clamp_(-127, 127).to(torch.int8)  # [blocks, 32]
+    return torch.cat([scales.view(torch.uint8), q.view(-1).view(torch.uint8)])
+
+
+def decode(raw: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`encode`'s bytes (uint8) -> float32 values in `like`'s shape."""
+    count = like.numel()
+    blocks = -(-count // BLOCK)
+    if raw.numel() != blocks * (4 + BLOCK):
+        raise ExoctlError(
+            f"an 8-bit partial of {raw.numel()} bytes does not fit {count} values "
+            f"({blocks * (4 + BLOCK)} bytes)"
+        )
+    scales = raw[: 4 * blocks].view(torch.float32)
+    q = raw[4 * blocks :].view(torch.int8).view(blocks, BLOCK)
+    return (q.float() * scales[:, None]).reshape(-1)[:count].view(like.shape)
+
+
+def encoded_size(count: int) -> int:
+    return -(-count // BLOCK) * (4 + BLOCK)
