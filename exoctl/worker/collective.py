@@ -142,7 +142,8 @@ class ZmqCollective:
                 and self.shm.fits(partial.numel() * partial.element_size())
             ):
                 return self._exchange_shared(self.shm, step, partial)
-            return self._exchange(step, partial, lossy and partial.is_floating_point())
+            # ranks of one host send a partial too big for shared memory as it is: no link to spare
+            return self._exchange(step, partial, lossy and not self.shared and partial.is_floating_point())
         finally:
             self.busy_s += time.perf_counter() - began
 
