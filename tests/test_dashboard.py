@@ -205,10 +205,19 @@ def test_place_chat_and_a_lost_node_from_the_page(
         speculation = css(browser, f".instance[data-instance='{instance_id}'] [data-role=speculation]")
         assert speculation and speculation[0].text.startswith("ngram · "), speculation
         assert "tok/pass" in speculation[0].text and speculation[0].get_attribute("data-drafted") is not None
-        notes = [
-            n.text for n in css(browser, f".instance[data-instance='{instance_id}'] [data-role=runner-note]")
-        ]
-        assert len(notes) == 2 and all("cache" in n and "1 hits" in n for n in notes), notes
+
+        def notes() -> list[str]:
+            return [
+                n.text
+                for n in css(browser, f".instance[data-instance='{instance_id}'] [data-role=runner-note]")
+            ]
+
+        # each runner's hit arrives with its own next status (the page polls every second)
+        until(
+            lambda: len(notes()) == 2 and all("cache" in n and "1 hits" in n for n in notes()),
+            10,
+            "both runners' hit",
+        )
         assert console_errors(browser) == []
         screenshot(browser, "06-chat")
         # usable at 800 wide: one column, nothing wider than the window
