@@ -35,19 +35,8 @@ def request_params(body: ChatRequest) -> SamplingRequest:
     does (SamplingRequest.resolve: greedy and DEFAULT_MAX_TOKENS where the model declares none).
     max_completion_tokens over the older max_tokens. top_k, min_p and repetition_penalty are
     vLLM's extensions (top_k -1 or 0: off)."""
-    return SamplingRequest(
-        temperature=body.temperature,
-        top_p=body.top_p,
-        top_k=None if body.top_k is None else max(body.top_k, 0),
-        min_p=body.min_p,
-        seed=body.seed,
-        max_tokens=body.max_completion_tokens or body.max_tokens,
-        stop=tuple(body.stops()),
-        frequency_penalty=body.frequency_penalty or 0.0,
-        presence_penalty=body.presence_penalty or 0.0,
-        repetition_penalty=body.repetition_penalty,
-        logprobs=(body.top_logprobs or 0) if body.logprobs else None,
-    )
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    return body.sampling(body.seed, body.max_completion_tokens or body.max_tokens, logprobs)
 
 
 def chat_job(body: ChatRequest) -> Job:

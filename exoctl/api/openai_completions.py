@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from exoctl.api.generation_run import (
     SSE_HEADERS,
@@ -33,7 +33,7 @@ from exoctl.api.generation_run import (
 )
 from exoctl.api.metrics import Metrics
 from exoctl.api.openai_chat import error_response, sse, stream_error
-from exoctl.api.schemas import MAX_MODEL_CHARS, StreamOptions, stop_list
+from exoctl.api.schemas import MAX_MODEL_CHARS, OpenAISampling, StreamOptions
 from exoctl.api.service import ClusterService
 from exoctl.api.structured import response_format_grammar
 from exoctl.errors import InvalidRequestError
@@ -43,20 +43,10 @@ from exoctl.wire.sampling_params import SamplingRequest
 MAX_CHOICES = 16  # prompts x n in one request: each is a sequence on the instance
 
 
-class CompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+class CompletionRequest(OpenAISampling):
     model: str = Field(min_length=1, max_length=MAX_MODEL_CHARS)
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(default=16, ge=0)  # OpenAI's default for this endpoint
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=-1)
-    min_p: float | None = Field(default=None, ge=0, le=1)
-    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
-    repetition_penalty: float | None = Field(default=None, gt=0, le=10)
-    seed: int | None = None
-    stop: str | list[str] | None = None
     n: int = Field(default=1, ge=1, le=MAX_CHOICES)
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=20)
@@ -66,12 +56,6 @@ class CompletionRequest(BaseModel):
     response_format: dict[str, Any] | None = None  # vLLM's extension: the answer constrained
     cache_prompt: bool = True
     speculative: bool = True
-
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
-        stop_list(stop)
-        return stop
 
     @field_validator("suffix")
     @classmethod
@@ -101,22 +85,11 @@ class CompletionRequest(BaseModel):
             raise InvalidRequestError("max_tokens 0 returns nothing without echo", hint="send echo: true")
         return items
 
-    def sampling(self, choice: int) -> SamplingRequest:
-        stops = stop_list(self.stop)
-        return SamplingRequest(
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=None if self.top_k is None else max(self.top_k, 0),
-            min_p=self.min_p,
-            # n > 1 with a seed: each choice its own, still reproducible
-            seed=None if self.seed is None else self.seed + choice,
-            max_tokens=max(self.max_tokens, 1) if self.max_tokens is not None else None,
-            stop=tuple(stops),
-            frequency_penalty=self.frequency_penalty or 0.0,
-            presence_penalty=self.presence_penalty or 0.0,
-            repetition_penalty=self.repetition_penalty,
-            logprobs=self.logprobs,
-        )
+    def choice_sampling(self, choice: int) -> SamplingRequest:
+        # n > 1 with a seed: each choice its own, still reproducible; max_tokens 0 computes one token
+        seed = None if self.seed is None else self.seed + choice
+        budget = None if self.max_tokens is None else max(self.max_tokens, 1)
+        return self.sampling(seed, budget, self.logprobs)
 
 
 def legacy_logprobs(entries: list[dict[str, Any]], start: int = 0) -> dict[str, Any]:
@@ -160,7 +133,7 @@ class TextCompletion:
             for i in range(body.n):
                 job = Job(
                     body.model,
-                    body.sampling(i),
+                    body.choice_sampling(i),
                     answer_grammar=grammar,
                     prompt=prompt if isinstance(prompt, str) else None,
                     prompt_ids=prompt if isinstance(prompt, list) else None,

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from exoctl.dtypes import UnsupportedDtypeError, check_dtype
 from exoctl.placement.pipeline import GB
+from exoctl.wire.sampling_params import SamplingRequest
 
 MAX_MODEL_CHARS = 1024  # longer than any path a model directory holds (PATH_MAX is 4096; ids are short)
 
@@ -126,15 +127,11 @@ class NamedToolChoice(BaseModel):
     function: NamedFunction
 
 
-class ChatRequest(BaseModel):
+class OpenAISampling(BaseModel):
+    """The sampling fields OpenAI's chat and completion requests share (with vLLM's `top_k`, `min_p`
+    and `repetition_penalty`); left out, they come from the model's own defaults."""
+
     model_config = ConfigDict(extra="ignore", strict=True)
-    # a model reference is an id, a repo id or a path: a long one is refused, never echoed back
-    model: str = Field(min_length=1, max_length=MAX_MODEL_CHARS)
-    messages: list[ChatMessage] = Field(min_length=1)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=-1)  # vLLM's spelling: -1 (or 0) turns it off
@@ -144,6 +141,40 @@ class ChatRequest(BaseModel):
     repetition_penalty: float | None = Field(default=None, gt=0, le=10)
     seed: int | None = None
     stop: str | list[str] | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        stop_list(stop)
+        return stop
+
+    def stops(self) -> list[str]:
+        return stop_list(self.stop)
+
+    def sampling(self, seed: int | None, max_tokens: int | None, logprobs: int | None) -> SamplingRequest:
+        return SamplingRequest(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=None if self.top_k is None else max(self.top_k, 0),
+            min_p=self.min_p,
+            seed=seed,
+            max_tokens=max_tokens,
+            stop=tuple(self.stops()),
+            frequency_penalty=self.frequency_penalty or 0.0,
+            presence_penalty=self.presence_penalty or 0.0,
+            repetition_penalty=self.repetition_penalty,
+            logprobs=logprobs,
+        )
+
+
+class ChatRequest(OpenAISampling):
+    # a model reference is an id, a repo id or a path: a long one is refused, never echoed back
+    model: str = Field(min_length=1, max_length=MAX_MODEL_CHARS)
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
     n: int = Field(default=1, ge=1, le=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
@@ -179,15 +210,6 @@ class ChatRequest(BaseModel):
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
         return self
-
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
-        stop_list(stop)
-        return stop
-
-    def stops(self) -> list[str]:
-        return stop_list(self.stop)
 
     def chat_messages(self) -> list[dict[str, Any]]:
         return [m.for_template() for m in self.messages]
