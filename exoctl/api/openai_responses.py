@@ -286,6 +286,23 @@ class OpenAIResponse:
         item_id = f"msg_{uuid.uuid4().hex}"
         opened = False
         text = ""
+
+        def text_events(piece: str) -> list[str]:
+            """The events of a piece of text: the message item opened first, at the first text."""
+            nonlocal opened, text
+            events = [] if opened else self._open(item_id)
+            opened = True
+            text += piece
+            delta = self._event(
+                "response.output_text.delta",
+                item_id=item_id,
+                output_index=0,
+                content_index=0,
+                delta=piece,
+                logprobs=[],
+            )
+            return [*events, delta]
+
         try:
             yield self._event("response.created", response=self._document("in_progress", [], None))
             yield self._event("response.in_progress", response=self._document("in_progress", [], None))
@@ -293,39 +310,13 @@ class OpenAIResponse:
                 match await run.next():
                     case Delta(delta, _):
                         shown = run.tools.feed(delta) if run.tools is not None else delta
-                        if shown:
-                            if not opened:
-                                opened = True
-                                for event in self._open(item_id):
-                                    yield event
-                            text += shown
-                            yield self._event(
-                                "response.output_text.delta",
-                                item_id=item_id,
-                                output_index=0,
-                                content_index=0,
-                                delta=shown,
-                                logprobs=[],
-                            )
+                        for event in text_events(shown) if shown else []:
+                            yield event
                     case Done(result):
                         self.metrics.completed(run.model_id, result)
-                        calls: list[ToolCall] = []
-                        if run.tools is not None:
-                            rest, calls = run.tools.finish()
-                            if rest:
-                                if not opened:
-                                    opened = True
-                                    for event in self._open(item_id):
-                                        yield event
-                                text += rest
-                                yield self._event(
-                                    "response.output_text.delta",
-                                    item_id=item_id,
-                                    output_index=0,
-                                    content_index=0,
-                                    delta=rest,
-                                    logprobs=[],
-                                )
+                        rest, calls = run.tools.finish() if run.tools is not None else ("", [])
+                        for event in text_events(rest) if rest else []:
+                            yield event
                         if not opened and not calls:
                             opened = True
                             for event in self._open(item_id):
