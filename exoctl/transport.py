@@ -20,6 +20,7 @@ from exoctl.keys import ClusterKeys
 from exoctl.wire import protocol
 from exoctl.wire.messages import (
     ErrorReply,
+    LinksReply,
     Ok,
     Outgoing,
     Pong,
@@ -180,6 +181,6 @@ def reply_or_raise(node: str, message: WireMessage) -> Reply:
     match message:
         case ErrorReply():
             raise error_reply(node, message)
-        case Pong() | StatusReply() | Ok():
+        case Pong() | StatusReply() | Ok() | LinksReply():
             return message
     raise NodeError(node, f"node {node} answered a request with '{message.KIND}'")

@@ -10,6 +10,7 @@ from rich.table import Table
 if TYPE_CHECKING:
     from exoctl.cluster.views import InstanceView, NodeStatus
     from exoctl.placement.pipeline import Placement
+    from exoctl.wire.node_speed import NodeSpeed
     from exoctl.wire.runner_report import RunnerReport
     from exoctl.wire.supervisor_event import SupervisorEvent
 
@@ -59,6 +60,8 @@ def nodes_table(statuses: list[NodeStatus]) -> Table:
     table.add_column("RAM used / total" if wide else "RAM used/total")
     table.add_column("CPU %", justify="right")
     table.add_column("CPUs", justify="right")
+    # what it decodes at: the rate its kernels read float32 and int4 weights (engine.node_speed)
+    table.add_column("read GB/s f32/int4", justify="right")
     if wide:
         table.add_column("device")
         table.add_column("kernel")  # the vector path its matmuls run (engine.qkernel)
@@ -69,7 +72,7 @@ def nodes_table(statuses: list[NodeStatus]) -> Table:
         if profile is None:
             reason = "refused our key" if status.key_refused else "no answer"
             extra = (node.device, "-", "-") if wide else ()
-            table.add_row(node.name, node.address, styled("down"), "-", "-", "-", *extra, reason)
+            table.add_row(node.name, node.address, styled("down"), "-", "-", "-", "-", *extra, reason)
             continue
         used = profile.ram_total - profile.ram_available
         extra = (profile.device, profile.kernel, profile.version) if wide else ()
@@ -80,10 +83,39 @@ def nodes_table(statuses: list[NodeStatus]) -> Table:
             f"{gb(used)} / {gb(profile.ram_total)}",
             f"{profile.cpu_percent:.0f}",
             str(profile.cpu_count),
+            read_rates(profile.speed),
             *extra,
             str(len(status.runners)),
         )
     return table
+
+
+def read_rates(speed: NodeSpeed | None) -> str:
+    if speed is None:
+        return "-"
+    return f"{speed.read_rate('float32') / 1e9:.1f} / {speed.read_rate('int4') / 1e9:.1f}"
+
+
+def links_table(statuses: list[NodeStatus]) -> Table | None:
+    """The links the workers measured (`exoctl nodes --probe`): round trip and throughput."""
+    from exoctl.cluster.views import fresh_links
+
+    links = fresh_links(statuses)
+    if not links:
+        return None
+    table = Table(title="links (measured by the sending node)", title_justify="left")
+    for column in ("from", "to", "round trip", "throughput"):
+        table.add_column(
+            column, no_wrap=True, justify="right" if column in ("round trip", "throughput") else "left"
+        )
+    for (source, sink), link in sorted(links.items()):
+        table.add_row(source, sink, f"{link.rtt_s * 1e3:.2f} ms", megabits(link.bytes_per_s))
+    return table
+
+
+def megabits(bytes_per_s: float) -> str:
+    bits = bytes_per_s * 8
+    return f"{bits / 1e9:.2f} Gbit/s" if bits >= 1e9 else f"{bits / 1e6:.0f} Mbit/s"
 
 
 def instances_table(views: list[InstanceView]) -> Table:

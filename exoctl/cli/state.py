@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.live import Live
@@ -11,7 +11,10 @@ from rich.live import Live
 from exoctl.cli.common import InventoryOption, open_cluster
 from exoctl.cli.options import JsonOption
 from exoctl.cli.output import console, out
-from exoctl.cli.render import nodes_table, state_view
+from exoctl.cli.render import links_table, nodes_table, state_view
+
+if TYPE_CHECKING:
+    from exoctl.cluster.views import NodeStatus
 
 STATE_EXAMPLES = (
     "Examples:\n\n  exoctl state\n\n  exoctl state --watch\n\n"
@@ -52,11 +55,31 @@ def state(
             pass
 
 
-def nodes(inventory: InventoryOption = None, json_output: JsonOption = False) -> None:
-    """Who is up: RAM, CPU, device, version and runners of every node."""
+def show_nodes(statuses: list[NodeStatus]) -> None:
+    console.print(nodes_table(statuses))
+    links = links_table(statuses)
+    if links is not None:
+        console.print(links)
+
+
+def nodes(
+    inventory: InventoryOption = None,
+    json_output: JsonOption = False,
+    probe: Annotated[
+        bool,
+        typer.Option(
+            "--probe",
+            help="Measure every link between the up workers again (round trip, throughput) first.",
+        ),
+    ] = False,
+) -> None:
+    """Who is up: RAM, CPU, measured speed, device, version and runners of every node, and the
+    links between them as measured (when a model is placed, or with --probe)."""
     out.mode(json_output)
     with open_cluster(inventory) as cluster:
         statuses = cluster.statuses()
+        if probe:
+            statuses = cluster.measure_links(statuses, force=True)
     document = [
         {
             "node": s.node.name,
@@ -68,7 +91,7 @@ def nodes(inventory: InventoryOption = None, json_output: JsonOption = False) ->
         }
         for s in statuses
     ]
-    out.result(document, lambda: console.print(nodes_table(statuses)))
+    out.result(document, lambda: show_nodes(statuses))
     from exoctl.cluster.views import no_node_up
 
     down = no_node_up(statuses)

@@ -14,7 +14,7 @@ from typing import Any
 
 import zmq
 
-from exoctl.cluster.views import InstanceView, NodeStatus, node_profiles
+from exoctl.cluster.views import InstanceView, NodeStatus, fresh_links, node_profiles, topology
 from exoctl.errors import ExoctlError, InvalidRequestError
 from exoctl.inventory import Inventory, Node
 from exoctl.keys import ClusterKeys
@@ -38,6 +38,7 @@ from exoctl.wire.messages import (
     Keepalive,
     Load,
     Ok,
+    ProbeLinks,
     Reply,
     Request,
     StatusReply,
@@ -54,6 +55,7 @@ from exoctl.wire.sampling_params import SamplingParams
 LoadWatcher = Callable[[dict[str, RunnerReport], dict[str, DownloadReport]], None]
 
 STATUS_TIMEOUT_S = 1.5  # a node silent this long is shown as down
+PROBE_TIMEOUT_S = 15.0  # a worker measures one link within this (link_probe.LINK_TIMEOUT_S and more)
 GENERATION_SILENCE_S = 6.0  # the head sends keepalives every second while a request runs
 LOAD_STALL_S = 10.0
 # what one request's text may weigh: the generate message's header has to stay within the limit
@@ -217,6 +219,31 @@ class Cluster:
                 result.append(NodeStatus(node, answer.profile, runners, downloads=downloads, events=events))
         return result
 
+    def measure_links(self, statuses: list[NodeStatus], force: bool = False) -> list[NodeStatus]:
+        """Have each up worker measure its links to the other up workers (those not measured since
+        either started, or all with `force`), one worker at a time so that no two probes share a
+        link; the statuses again, with the links in their profiles. A worker that fails to
+        measure a link leaves it unmeasured (placement then assumes it)."""
+        up = [s for s in statuses if s.profile is not None]
+        known = fresh_links(statuses)
+        probed = False
+        for status in up:
+            targets = tuple(
+                (other.node.name, other.node.address)
+                for other in up
+                if other is not status and (force or (status.node.name, other.node.name) not in known)
+            )
+            if not targets:
+                continue
+            try:
+                self.client(status.node.name).request(
+                    ProbeLinks(targets), timeout=PROBE_TIMEOUT_S * len(targets)
+                )
+            except NodeError:
+                continue  # that worker's links stay unmeasured; `exoctl nodes --probe` says why
+            probed = True
+        return self.statuses() if probed else statuses
+
     def plan(
         self,
         card: ModelCard,
@@ -236,7 +263,10 @@ class Cluster:
                 f"({len(statuses)} nodes in {self.inventory.source})",
                 hint="start them with `exoctl up`",
             )
-        return plan_sharding(card, node_profiles(statuses), request, sharding)
+        live = [s for s in statuses if s.up]
+        if len(live) > 1 and all(s.profile is not None and s.profile.speed is not None for s in live):
+            statuses = self.measure_links(statuses)  # nodes that joined since: measured once
+        return plan_sharding(card, node_profiles(statuses), request, sharding, topology(statuses))
 
     def load(
         self,
@@ -270,6 +300,7 @@ class Cluster:
                     prefix_positions=placement.prefix_positions,
                     prefix_bytes=shard.prefix_bytes,
                     position_bytes=position_bytes,
+                    partials=placement.partials,
                     **draft_fields(placement),
                 )
                 self.client(node.name).request(Load(spec))

@@ -13,9 +13,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from exoctl.cluster.downloads import downloads_document
-from exoctl.cluster.views import NodeStatus, instances_of
+from exoctl.cluster.views import NodeStatus, fresh_links, instances_of
 from exoctl.inventory import Node
 from exoctl.placement.pipeline import Placement
+from exoctl.wire.node_speed import WEIGHT_FORMATS
 from exoctl.wire.runner_report import (
     HeadPrefixStats,
     PrefixReport,
@@ -147,16 +148,21 @@ def multiaddr(node: Node) -> str:
 def topology(statuses: list[NodeStatus]) -> dict[str, Any]:
     """EXO's topology snapshot (`TopologySnapshot`: `connections` maps source -> sink -> its edges,
     as EXO's dashboard reads them to draw links): the nodes, and a socket connection from each
-    live node to each other live node (an inventory's nodes reach each other over TCP)."""
+    live node to each other live node (an inventory's nodes reach each other over TCP), with what
+    the source measured of it where it did: `latencyMs` (round trip of a small frame) and
+    `bandwidthMbps` (megabits a second), null until measured."""
     live = [s.node for s in statuses if s.up]
-    connections = {
-        a.name: {
-            b.name: [{"sinkMultiaddr": {"address": multiaddr(b), "ip_address": b.host}}]
-            for b in live
-            if b is not a
+    measured = fresh_links(statuses)
+
+    def edge(a: Node, b: Node) -> dict[str, Any]:
+        link = measured.get((a.name, b.name))
+        return {
+            "sinkMultiaddr": {"address": multiaddr(b), "ip_address": b.host},
+            "latencyMs": None if link is None else round(link.rtt_s * 1e3, 3),
+            "bandwidthMbps": None if link is None else round(link.bytes_per_s * 8 / 1e6, 1),
         }
-        for a in live
-    }
+
+    connections = {a.name: {b.name: [edge(a, b)] for b in live if b is not a} for a in live}
     return {"nodes": [s.node.name for s in statuses], "connections": connections}
 
 
@@ -273,6 +279,12 @@ def node_documents(statuses: list[NodeStatus]) -> tuple[dict[str, Any], dict[str
                 processRss={"inBytes": profile.rss},
                 bf16Native=profile.bf16_native,
                 kernelPath=profile.kernel,
+                # measured at the worker's start (engine.node_speed): bytes/s of weights a decode
+                # step reads in each format, GEMM FLOP/s; null when not measured
+                readRates=None
+                if profile.speed is None
+                else dict(zip(WEIGHT_FORMATS, profile.speed.read_rates, strict=True)),
+                gemmFlops=None if profile.speed is None else profile.speed.gemm_flops,
                 runners=[r.runner_id for r in status.runners],
             )
         node_profiles[node.name] = entry

@@ -15,8 +15,10 @@ from exoctl.inventory import Node
 from exoctl.models.catalog import DEFAULT_MODEL_ID, find_card
 from exoctl.models.gguf.file import model_name
 from exoctl.models.store import as_path, hub_reference
+from exoctl.placement.cost import LinkCost, Topology
 from exoctl.placement.pipeline import GB, NodeProfile
 from exoctl.wire.download_report import DownloadReport
+from exoctl.wire.node_speed import LinkMeasure
 from exoctl.wire.runner_report import RunnerReport, RunnerStatus
 from exoctl.wire.sampling_params import SamplingDefaults
 from exoctl.wire.supervisor_event import SupervisorEvent
@@ -172,8 +174,43 @@ def node_profiles(statuses: list[NodeStatus]) -> list[NodeProfile]:
         shared = machines[status.profile.machine_id]
         total = min(p.ram_total for p in shared) // len(shared)
         available = min(p.ram_available for p in shared) // len(shared)
-        profiles.append(NodeProfile(status.node.name, total, available, cap, True, prefix_bytes))
+        profile = status.profile
+        profiles.append(
+            NodeProfile(
+                status.node.name,
+                total,
+                available,
+                cap,
+                True,
+                prefix_bytes,
+                machine=profile.machine_id,
+                speed=profile.speed,
+                threads=profile.threads,
+                cpus=profile.cpu_count,
+            )
+        )
     return profiles
+
+
+def fresh_links(statuses: list[NodeStatus]) -> dict[tuple[str, str], LinkMeasure]:
+    """The links the up workers measured to each other, (source, sink) -> its measure: only those
+    whose sink still runs as it did then (a restarted worker is measured again)."""
+    boots = {s.node.name: s.profile.boot_id for s in statuses if s.profile is not None}
+    links: dict[tuple[str, str], LinkMeasure] = {}
+    for status in statuses:
+        if status.profile is None:
+            continue
+        for link in status.profile.links:
+            if boots.get(link.sink) == link.sink_boot:
+                links[(status.node.name, link.sink)] = link
+    return links
+
+
+def topology(statuses: list[NodeStatus]) -> Topology:
+    """Placement's view of the links (cost model)."""
+    return Topology(
+        {pair: LinkCost(link.rtt_s, link.bytes_per_s) for pair, link in fresh_links(statuses).items()}
+    )
 
 
 def offline_statuses(statuses: list[NodeStatus]) -> list[NodeStatus]:

@@ -186,6 +186,19 @@ function renderNode(name) {
   if (profile.cpuModel) card.append(h("div", { class: "node-meta" }, profile.cpuModel));
   // the vector path the node's kernels run (avx512+vnni+bf16, avx2, portable)
   if (profile.kernelPath) card.append(h("div", { class: "node-meta", "data-role": "kernel" }, `kernel: ${profile.kernelPath}`));
+  // measured speed: what its kernels read weights at (decode is memory-bound)
+  if (profile.readRates) {
+    card.append(h("div", { class: "node-meta", "data-role": "speed" },
+      `reads ${(profile.readRates.float32 / 1e9).toFixed(1)} GB/s f32 · ${(profile.readRates.int4 / 1e9).toFixed(1)} GB/s int4`));
+  }
+  // its links as it measured them (exoctl nodes --probe, or when a model is placed)
+  const links = Object.entries((ui.state.topology.connections || {})[name] || {})
+    .filter(([, edges]) => edges.length && edges[0].latencyMs !== null && edges[0].latencyMs !== undefined);
+  if (links.length) {
+    card.append(h("div", { class: "node-meta", "data-role": "links" },
+      ...links.map(([sink, edges]) => h("span", { "data-sink": sink },
+        `→ ${sink}: ${edges[0].latencyMs.toFixed(2)} ms, ${edges[0].bandwidthMbps >= 1000 ? (edges[0].bandwidthMbps / 1000).toFixed(2) + " Gbit/s" : edges[0].bandwidthMbps.toFixed(0) + " Mbit/s"}`))));
+  }
   return card;
 }
 

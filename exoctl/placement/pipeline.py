@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from exoctl.dtypes import embedding_bytes, float_bytes
 from exoctl.errors import ExoctlError
 from exoctl.models.catalog import ModelCard
+from exoctl.wire.node_speed import NodeSpeed
 
 GB = 10**9
 RUNTIME_OVERHEAD_BYTES = 2 * GB
@@ -36,6 +37,10 @@ class NodeProfile:
     memory_cap: int | None = None  # declared in the inventory: used instead of reported RAM
     live: bool = True
     prefix_cache_bytes: int | None = None  # declared in the inventory (None: PREFIX_CACHE_TOKENS)
+    machine: str = ""  # nodes of one machine share its memory bus (and /dev/shm)
+    speed: NodeSpeed | None = None  # measured by its worker (None: not known)
+    threads: int = 0  # its worker's compute threads
+    cpus: int = 0  # its machine's cores
 
     @property
     def capacity(self) -> int:
@@ -63,6 +68,7 @@ class PlacementRequest:
     kv_tokens: int = KV_RESERVE_TOKENS
     prefix_cache_bytes: int | None = None  # on every node, over what each node declares
     draft: DraftChoice | None = None  # speculative decoding's drafter, on the first node
+    partials: str = "auto"  # tensor partials across links: "auto" (by the links), "exact" or "q8"
 
     @property
     def draft_bytes(self) -> int:
@@ -97,6 +103,7 @@ class Placement:
     dtype: str
     shards: tuple[Shard, ...]
     draft: DraftChoice | None = None  # the head's drafter (on shards[0]'s node)
+    partials: str = "exact"  # tensor partials across links: "exact" or "q8" (8-bit blocks)
 
     @property
     def nodes(self) -> tuple[str, ...]:
@@ -220,6 +227,16 @@ def split_layers(n_layers: int, budgets: list[int]) -> list[int]:
     return [s + 1 for s in shares]
 
 
+def decode_weights(chosen: list[NodeProfile], dtype: str) -> list[int] | None:
+    """What a pipeline's layers are split by when every node's speed is measured: the rate each
+    reads weights at in `dtype` (a node twice as fast carries twice the layers, so the stages take
+    equal time), within memory (`_rebalance` moves layers off a node over its budget). None (split
+    by memory) when a speed is unknown."""
+    if not chosen or any(n.speed is None for n in chosen):
+        return None
+    return [max(1, int(n.speed.read_rate(dtype) / 1e6)) for n in chosen if n.speed is not None]
+
+
 def _rebalance(layers: list[int], budgets: list[int], costs: _Costs, per_layer: list[int]) -> bool:
     """Move single layers from nodes over budget to nodes with room; False if impossible."""
     largest = max(costs.layers)
@@ -247,7 +264,7 @@ def _try(
     budgets = [node.capacity - costs.fixed(i, count) - (given[i] or 0) for i, node in enumerate(chosen)]
     if any(b < min(costs.layers) + extra for b, extra in zip(budgets, per_layer, strict=True)):
         return None
-    layers = split_layers(card.n_layers, budgets)
+    layers = split_layers(card.n_layers, decode_weights(chosen, request.dtype) or budgets)
     if not _rebalance(layers, budgets, costs, per_layer):
         return None
     shards, start = [], 0

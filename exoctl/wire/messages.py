@@ -17,6 +17,7 @@ from exoctl.wire.answer import Completion
 from exoctl.wire.download_report import DownloadReport
 from exoctl.wire.generate_request import GenerateRequest
 from exoctl.wire.instance_messages import DECODERS, InstanceMessage
+from exoctl.wire.node_speed import LinkMeasure
 from exoctl.wire.protocol import Message, ProtocolError
 from exoctl.wire.runner_report import RunnerReport
 from exoctl.wire.runner_spec import RunnerSpec
@@ -125,6 +126,29 @@ class Shutdown:
 
     def to_fields(self) -> dict[str, Any]:
         return {}
+
+
+@dataclass(frozen=True)
+class ProbeLinks:
+    """Measure the links from this worker to each of `targets` (node name, address), one after
+    another; answered with `LinksReply` once all are measured."""
+
+    KIND: ClassVar[str] = "probe_links"
+    targets: tuple[tuple[str, str], ...]
+
+    def to_fields(self) -> dict[str, Any]:
+        return {"targets": [list(t) for t in self.targets]}
+
+
+@dataclass(frozen=True)
+class Echo:
+    """A probe's frame: answered `Ok` at once; `pad` is the bytes that measure a link's throughput."""
+
+    KIND: ClassVar[str] = "echo"
+    pad: bytes = b""
+
+    def to_fields(self) -> dict[str, Any]:
+        return {"pad": self.pad}
 
 
 # --- between workers, beside the instance messages --------------------------------------------
@@ -271,11 +295,33 @@ class Keepalive:
         return {"request_id": self.request_id}
 
 
+@dataclass(frozen=True)
+class LinksReply:
+    """What `ProbeLinks` measured: one entry per target that answered."""
+
+    KIND: ClassVar[str] = "links"
+    links: tuple[LinkMeasure, ...]
+
+    def to_fields(self) -> dict[str, Any]:
+        return {"links": [link.to_wire() for link in self.links]}
+
+
 Request = (
-    Ping | StatusRequest | Load | Unload | DownloadRequest | Record | Generate | Cancel | Alive | Shutdown
+    Ping
+    | StatusRequest
+    | Load
+    | Unload
+    | DownloadRequest
+    | Record
+    | Generate
+    | Cancel
+    | Alive
+    | Shutdown
+    | ProbeLinks
+    | Echo
 )
 BetweenWorkers = TensorHello | InstanceFailed | InstanceMessage
-Reply = Pong | StatusReply | Ok | ErrorReply | Delta | Done | Keepalive
+Reply = Pong | StatusReply | Ok | ErrorReply | Delta | Done | Keepalive | LinksReply
 WireMessage = Request | BetweenWorkers | Reply
 Outgoing = Request | TensorHello | InstanceFailed | Reply
 
@@ -316,6 +362,13 @@ def _hello(m: Message) -> TensorHello:
     return TensorHello(m["instance_id"], m["rank"], m["address"], shm)
 
 
+def _probe(m: Message) -> ProbeLinks:
+    targets = m["targets"]
+    if not all(isinstance(t, list) and len(t) == 2 and all(isinstance(x, str) for x in t) for t in targets):
+        raise ProtocolError("'probe_links' targets must be [node name, address] pairs")
+    return ProbeLinks(tuple((t[0], t[1]) for t in targets))
+
+
 def _ok(m: Message) -> Ok:
     freed, download_id = m.get("freed"), m.get("download_id")
     return Ok(
@@ -335,6 +388,8 @@ KINDS: dict[str, Callable[[Message], WireMessage]] = {
     "cancel": lambda m: Cancel(m["request_id"]),
     "alive": lambda m: Alive(m["request_id"]),
     "shutdown": lambda m: Shutdown(),
+    "probe_links": _probe,
+    "echo": lambda m: Echo(m["pad"]),
     "tp_hello": _hello,
     "fail": lambda m: InstanceFailed(m["instance_id"], m["message"], m["lost_node"]),
     **DECODERS,
@@ -345,6 +400,7 @@ KINDS: dict[str, Callable[[Message], WireMessage]] = {
     "delta": _delta,
     "done": lambda m: Done(m["request_id"], Completion.from_wire(m["result"])),
     "keepalive": lambda m: Keepalive(m["request_id"]),
+    "links": lambda m: LinksReply(tuple(LinkMeasure.from_wire(link) for link in m["links"])),
 }
 
 
@@ -352,7 +408,7 @@ KINDS: dict[str, Callable[[Message], WireMessage]] = {
 WORKER_TAKES = frozenset(
     kind
     for kind in KINDS
-    if kind not in ("pong", "status_reply", "ok", "error", "delta", "done", "keepalive")
+    if kind not in ("pong", "status_reply", "ok", "error", "delta", "done", "keepalive", "links")
 )
 
 

@@ -27,8 +27,9 @@ from exoctl.errors import ExoctlError
 # "forward", a sequence once per accepted token in "token", the drafter in "load", "speculative"
 # in "generate"); 9: the kernel's vector path ("kernel") in every node profile; 10: "grammar" in
 # sampling parameters (constrained decoding), "prompt_logprobs" in them and in "token", "prompt_ids"
-# in "generate"
-PROTOCOL_VERSION = 10
+# in "generate"; 11: measured links and speed ("probe_links", "echo", "links", "speed" and "links"
+# in every node profile, "partials" in "load")
+PROTOCOL_VERSION = 11
 MAX_HEADER_BYTES = 8 * 2**20
 MAX_TENSOR_BYTES = 2**31  # one 8192-token prefill of an 8192-wide model in float32 is 268 MB
 MAX_TENSORS = 4
@@ -43,6 +44,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     # requests from a client (each carries an "id" echoed in its replies)
     "ping": {},
     "status": {},
+    "probe_links": {"targets": list},
+    "echo": {"pad": bytes},
     "load": {
         "instance_id": str,
         "runner_id": str,
@@ -67,6 +70,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "draft_model_id": str,
         "draft_dtype": str,
         "draft_layers": int,
+        "partials": str,
     },
     "unload": {"instance_id": str},
     # fetch the files of layers [start_layer, end_layer) (all of them for [0, n_layers)); answered
@@ -116,6 +120,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "delta": {"request_id": str, "text": str, "tokens": list, "logprobs": list},
     "done": {"request_id": str, "result": dict},
     "keepalive": {"request_id": str},
+    "links": {"links": list},
 }
 
 

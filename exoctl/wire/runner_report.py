@@ -143,7 +143,7 @@ class RunnerReport:
     active_sequences: int = 0
     experts: tuple[ExpertLoad, ...] = field(default_factory=tuple)
     collective_ms_per_token: float | None = None  # tensor ranks: time in collectives
-    collective_transport: str | None = None  # tensor ranks: "shm" (ranks on one host) or "zmq"
+    collective_transport: str | None = None  # tensor ranks: "shm" (ranks on one host), "zmq" or "zmq+q8"
     tool_format: str | None = None  # head: how its chat template calls tools (Tokenizer.tool_format)
     sampling_defaults: SamplingDefaults | None = None  # head: the model's own sampling defaults
     note: str | None = None  # what the load kept other than asked (matrices held in float)

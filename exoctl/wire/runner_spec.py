@@ -26,6 +26,9 @@ def check_address(address: str) -> None:
         raise ProtocolError(f"peer address {shown!r} is not host:port with a port from 1 to 65535")
 
 
+PARTIALS = ("exact", "q8")  # how tensor partials cross links
+
+
 @dataclass(frozen=True)
 class RunnerSpec:
     instance_id: str
@@ -53,6 +56,9 @@ class RunnerSpec:
     draft_model_id: str = ""
     draft_dtype: str = ""
     draft_layers: int = 0
+    # how tensor partials cross links: "exact" (as computed) or "q8" (8-bit blocks), as placement
+    # chose by the links (worker.partials; the worker's EXOCTL_TP_EXACT / EXOCTL_TP_PARTIALS win)
+    partials: str = "exact"
 
     @property
     def drafts_with_model(self) -> bool:
@@ -109,6 +115,8 @@ class RunnerSpec:
             raise ProtocolError("'position_bytes' must give a positive byte count for each rank")
         if spec.prefix_positions < 0 or spec.prefix_bytes < 0:
             raise ProtocolError("'prefix_positions' and 'prefix_bytes' must be 0 or more")
+        if spec.partials not in PARTIALS:
+            raise ProtocolError(f"'partials' must be one of {', '.join(PARTIALS)}, got {spec.partials!r:.20}")
         if spec.drafts_with_model:
             check_dtype(spec.draft_dtype, RUNTIME_DTYPES)
             if spec.draft_layers < 1:

@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from exoctl.wire.field_types import checked_fields
+from exoctl.wire.node_speed import LinkMeasure, NodeSpeed
+from exoctl.wire.protocol import ProtocolError
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,8 @@ class WorkerProfile:
     activations: str  # what `auto`, int8 and int4 compute in here (cpu_policy)
     uptime_s: float
     kernel: str  # the kernel library's vector path here: "avx512+vnni+bf16", "avx2", "portable"
+    speed: NodeSpeed | None = None  # measured at the worker's start (None: not measured)
+    links: tuple[LinkMeasure, ...] = ()  # its links to other workers, as it last measured them
 
     @classmethod
     def planned(cls, name: str, device: str, ram: int, machine_id: str, activations: str) -> WorkerProfile:
@@ -62,10 +66,17 @@ class WorkerProfile:
     def to_wire(self) -> dict[str, Any]:
         wire = asdict(self)
         wire["load_avg"] = list(self.load_avg)
+        wire["speed"] = None if self.speed is None else self.speed.to_wire()
+        wire["links"] = [link.to_wire() for link in self.links]
         return wire
 
     @classmethod
     def from_wire(cls, raw: Any) -> WorkerProfile:
-        values = checked_fields(cls, raw, "node profile")
+        values = checked_fields(cls, raw, "node profile", skip=("speed", "links"))
         values["load_avg"] = tuple(values["load_avg"])
+        speed, links = raw.get("speed"), raw.get("links")
+        if not isinstance(links, list):
+            raise ProtocolError("node profile field 'links' must be a list")
+        values["speed"] = None if speed is None else NodeSpeed.from_wire(speed)
+        values["links"] = tuple(LinkMeasure.from_wire(link) for link in links)
         return cls(**values)

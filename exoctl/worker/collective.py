@@ -44,6 +44,7 @@ class ZmqCollective:
         timeout_s: float = 10.0,
         names: list[str] | None = None,
         shm: ShmExchange | None = None,
+        partials: str = "exact",
     ) -> None:
         """`bind`: host:port, or host:* for a port the OS picks (then read `address`). `shm`: this
         rank's shared-memory file, used if every rank offers one on this host (`connect`)."""
@@ -58,7 +59,7 @@ class ZmqCollective:
         self.aborted: str | None = None  # set from another thread: the instance failed
         # (step, rank) -> (8-bit?, partial) that came ahead
         self.early: dict[tuple[int, int], tuple[bool, bytes]] = {}
-        self.quantize = quantized_partials()  # this rank's all-reduce partials go as 8-bit blocks
+        self.quantize = quantized_partials(partials)  # this rank's all-reduce partials go as 8-bit blocks
         self.pull = ctx.socket(zmq.PULL)
         self.pull.setsockopt(zmq.LINGER, 0)
         secure_server(self.pull, keys)

@@ -8,6 +8,7 @@ import os
 
 from exoctl import cpu_policy
 from exoctl.errors import ExoctlError
+from exoctl.wire.node_speed import NodeSpeed
 from exoctl.worker.options import WorkerOptions
 from exoctl.worker.server import Worker
 
@@ -45,6 +46,16 @@ class BoundedFormatter(logging.Formatter):
         return text if len(text) <= self.RECORD else f"{text[: self.RECORD]}… (cut)"
 
 
+def measured_speed() -> NodeSpeed | None:
+    """This node's decode and prompt speed (engine.node_speed; cached per boot); None with
+    EXOCTL_NODE_SPEED=off (placement then splits by memory alone)."""
+    if os.environ.get("EXOCTL_NODE_SPEED", "").lower() in ("off", "0", "no"):
+        return None
+    from exoctl.engine.node_speed import node_speed
+
+    return node_speed(cpu_policy.kernel_path())
+
+
 def run_worker(options: WorkerOptions) -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(BoundedFormatter("%(asctime)s %(levelname)s %(message)s"))
@@ -65,5 +76,5 @@ def run_worker(options: WorkerOptions) -> None:
         import torch
 
         torch.set_num_threads(options.threads)
-    worker = Worker(options)
+    worker = Worker(options, measured_speed())
     worker.serve()

@@ -15,6 +15,7 @@ import zmq
 
 from exoctl.wire.instance_messages import Forget, Forward, InstanceMessage, Lease, Release, SeqError, Tokens
 from exoctl.wire.messages import Delta, Done, ErrorReply, frames
+from exoctl.wire.node_speed import LinkMeasure
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,18 @@ class FailInstance:
     message: str
 
 
-Out = ToClient | ToPeer | ToSelf | FailInstance
+@dataclass(frozen=True)
+class LinksMeasured:
+    """A link probe finished (worker.link_probe): keep what it measured, answer the client that
+    asked (request `reply_to`), or tell it what failed."""
+
+    client: bytes
+    reply_to: Any
+    links: tuple[LinkMeasure, ...]
+    failure: str | None
+
+
+Out = ToClient | ToPeer | ToSelf | FailInstance | LinksMeasured
 
 
 def client_error(

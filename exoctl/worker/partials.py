@@ -7,10 +7,11 @@ The receiver sums in float32, in rank order, and every rank sums the values that
 partial too goes through the same rounding), so every rank still holds the same bits. Each value
 moves by at most half a step of its block (scale / 2); `tests/test_collective.py` checks that bound.
 
-`EXOCTL_TP_PARTIALS` (`exact` | `q8` | `auto`) chooses, per worker; `auto` is `exact` until the
-links are measured (issue 31's cost model decides then). `EXOCTL_TP_EXACT=1` forces `exact` over
-any other setting. (`EXOCTL_TP_SHM=0`, shm_exchange's, sends partials over ZeroMQ even between
-ranks on one host: how one machine tests the path ranks on other hosts take.)
+Placement chooses per instance (`place --partials`, by default `auto`: 8-bit blocks when the
+measured links make the float32 exchange cost more than a few percent of a token, placement.cost);
+`EXOCTL_TP_PARTIALS` (`exact` | `q8` | `auto`) overrides it on a worker, and `EXOCTL_TP_EXACT=1`
+forces `exact` over any other setting. (`EXOCTL_TP_SHM=0`, shm_exchange's, sends partials over
+ZeroMQ even between ranks on one host: how one machine tests the path ranks on other hosts take.)
 """
 
 from __future__ import annotations
@@ -36,11 +37,14 @@ def _choice(name: str, choices: tuple[str, ...]) -> str:
     return value
 
 
-def quantized_partials() -> bool:
-    """Whether this worker sends its partials across links as 8-bit blocks."""
+def quantized_partials(planned: str = "exact") -> bool:
+    """Whether this worker sends its partials across links as 8-bit blocks: as placement `planned`
+    them for the instance ("exact" or "q8", chosen by the links), unless this worker's
+    EXOCTL_TP_EXACT or EXOCTL_TP_PARTIALS says otherwise."""
     if os.environ.get(EXACT_ENV, "").strip() not in ("", "0"):
         return False
-    return _choice(PARTIALS_ENV, PARTIALS_CHOICES) == "q8"
+    chosen = _choice(PARTIALS_ENV, PARTIALS_CHOICES)
+    return (planned if chosen == "auto" else chosen) == "q8"
 
 
 def encode(partial: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ from pathlib import Path
 import psutil
 
 from exoctl import __version__, cpu_policy
+from exoctl.wire.node_speed import LinkMeasure, NodeSpeed
 from exoctl.wire.protocol import PROTOCOL_VERSION
 from exoctl.wire.worker_profile import WorkerProfile
 
@@ -25,8 +26,15 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+MACHINE_ID_ENV = "EXOCTL_MACHINE_ID"
+
+
 def machine_id() -> str:
-    """Which machine this is, so that placement sees workers that share one machine's memory."""
+    """Which machine this is, so that placement sees workers that share one machine's memory.
+    EXOCTL_MACHINE_ID names it instead: workers on one host that are to act as machines of their
+    own (the tests' network namespaces, containers) share neither memory budget nor /dev/shm."""
+    if os.environ.get(MACHINE_ID_ENV):
+        return os.environ[MACHINE_ID_ENV]
     for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
         try:
             text = Path(path).read_text(encoding="utf-8").strip()
@@ -38,7 +46,7 @@ def machine_id() -> str:
 
 
 class NodeProfiler:
-    def __init__(self, name: str, device: str, boot_id: str) -> None:
+    def __init__(self, name: str, device: str, boot_id: str, speed: NodeSpeed | None = None) -> None:
         self.name = name
         self.device = device
         self.boot_id = boot_id
@@ -49,7 +57,13 @@ class NodeProfiler:
         self.machine_id = machine_id()
         self.cpu_model = cpu_model()
         self.cpu_percent = 0.0
+        self.speed = speed
+        self.links: dict[str, LinkMeasure] = {}  # by the sink's node name: the latest measure
         psutil.cpu_percent(interval=None)  # primes the counter: later calls measure since the last
+
+    def keep_links(self, links: tuple[LinkMeasure, ...]) -> None:
+        for link in links:
+            self.links[link.sink] = link
 
     def sample_cpu(self) -> None:
         self.cpu_percent = psutil.cpu_percent(interval=None)
@@ -79,4 +93,6 @@ class NodeProfiler:
             activations=cpu_policy.activations_name(self.bf16),
             uptime_s=round(time.time() - self.started, 1),
             kernel=self.kernel,
+            speed=self.speed,
+            links=tuple(self.links.values()),
         )

@@ -33,14 +33,17 @@ from exoctl.wire.messages import (
     Alive,
     Cancel,
     DownloadRequest,
+    Echo,
     ErrorReply,
     Generate,
     InstanceFailed,
     Keepalive,
+    LinksReply,
     Load,
     Ok,
     Ping,
     Pong,
+    ProbeLinks,
     Record,
     Reply,
     Shutdown,
@@ -52,6 +55,7 @@ from exoctl.wire.messages import (
     frames,
     parse,
 )
+from exoctl.wire.node_speed import LinkMeasure, NodeSpeed
 from exoctl.wire.protocol import ProtocolError
 from exoctl.wire.runner_report import Failure, RunnerStatus
 from exoctl.wire.runner_spec import RunnerSpec
@@ -60,11 +64,12 @@ from exoctl.worker.event_log import EventLog
 from exoctl.worker.held_instances import HeldInstances
 from exoctl.worker.lane import CancelJob, FromPeer, GenerateJob
 from exoctl.worker.lease_clock import LEASE_S, LeaseClock
+from exoctl.worker.link_probe import probe_links
 from exoctl.worker.loader import start_loading
 from exoctl.worker.model_access import check_reference
 from exoctl.worker.node_memory import NodeMemory
 from exoctl.worker.options import WorkerOptions, check_bind
-from exoctl.worker.outbox import FailInstance, Out, Outbox, ToClient, ToPeer
+from exoctl.worker.outbox import FailInstance, LinksMeasured, Out, Outbox, Poster, ToClient, ToPeer
 from exoctl.worker.peers import DOWN_AFTER_S, HEARTBEAT_S, SILENT_AFTER_S, Peers
 from exoctl.worker.profile import NodeProfiler
 from exoctl.worker.running_requests import KEEPALIVE_S, RunningRequests
@@ -79,7 +84,7 @@ log = logging.getLogger("exoctl.worker")
 
 
 class Worker:
-    def __init__(self, options: WorkerOptions) -> None:
+    def __init__(self, options: WorkerOptions, speed: NodeSpeed | None = None) -> None:
         check_bind(options.host, options.keys, options.insecure)
         self.options = options
         self.name = options.name
@@ -103,7 +108,8 @@ class Worker:
         self.meeting = Meeting(self.ctx, options.host, options.keys, options.max_batch, self.peers)
         self.downloads = Downloads(self.name, options.model_dirs)
         self.history = EventLog()  # the supervisor's record
-        self.profiler = NodeProfiler(self.name, options.device, uuid.uuid4().hex)
+        self.profiler = NodeProfiler(self.name, options.device, uuid.uuid4().hex, speed)
+        self.probing = False  # a link probe runs (one at a time: two would measure each other)
         # a head reads its nodes' free memory from here (its own now, its peers' from their pongs)
         memory = NodeMemory(self.address, self.peers.rooms.get)
         self.held = HeldInstances(self.name, options.max_batch, self.meeting, self.outbox, memory)
@@ -191,6 +197,13 @@ class Worker:
                 self.router.send_multipart([out.client, *out.frames()], copy=False)
             case ToPeer():
                 self.peers.send(out.address, out.frames())
+            case LinksMeasured(client, reply_to, links, failure):
+                self.probing = False
+                self.profiler.keep_links(links)
+                if failure is not None and not links:
+                    self._reply(client, reply_to, ErrorReply(f"node {self.name}: {failure}"))
+                else:  # what was measured; a failed target is missing from it
+                    self._reply(client, reply_to, LinksReply(links))
             case FailInstance(instance_id, message):
                 # a lane found its instance broken (a tensor-parallel step failed part-way)
                 runner = self.held.runners.get(instance_id)
@@ -250,6 +263,10 @@ class Worker:
             case Shutdown():
                 self._reply(client, reply_to, Ok())
                 self.stopping = True
+            case Echo():
+                self._reply(client, reply_to, Ok())
+            case ProbeLinks(targets):
+                self._probe(client, reply_to, targets)
             case Forward() | Tokens() | Release() | Forget() | SeqError() | Lease():  # another runner's
                 self._from_peer(message)
             case TensorHello():
@@ -261,6 +278,21 @@ class Worker:
                     self._fail_instance(instance_id, Failure(text, lost_node), notify=False)
             case _:
                 raise ProtocolError(f"a worker does not accept '{message.KIND}' messages")
+
+    def _probe(self, client: bytes, reply_to: Any, targets: tuple[tuple[str, str], ...]) -> None:
+        if self.probing:
+            raise ExoctlError(
+                f"node {self.name} is measuring its links already", hint="ask again when that is done"
+            )
+        self.probing = True
+
+        def done(links: tuple[LinkMeasure, ...], failure: str | None) -> None:
+            poster = Poster(self.outbox)
+            poster.post(LinksMeasured(client, reply_to, links, failure))
+            poster.close()
+
+        mine = [(name, address) for name, address in targets if address != self.address]
+        probe_links(self.ctx, self.options.keys, tuple(mine), done)
 
     def _generate(self, client: bytes, request: GenerateRequest) -> None:
         runner = self.held.get(request.instance_id)

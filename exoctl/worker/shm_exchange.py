@@ -26,6 +26,7 @@ import torch
 
 from exoctl.engine import qkernel
 from exoctl.errors import CollectiveError
+from exoctl.worker.profile import MACHINE_ID_ENV
 
 SHM_DIR = Path("/dev/shm")
 SLOT_BYTES = 8 * 2**20  # a 256-row prompt step of an 8192-wide model in float32
@@ -100,7 +101,7 @@ def host_key() -> str | None:
         mount = SHM_DIR.stat()
     except OSError:
         return None
-    return f"{socket.gethostname()}/{boot}/{mount.st_dev}"
+    return f"{socket.gethostname()}/{boot}/{mount.st_dev}/{os.environ.get(MACHINE_ID_ENV, '')}"
 
 
 class ShmExchange:

@@ -49,7 +49,15 @@ class Meeting:
         key = host_key()
         shm = ShmExchange(spec.rank, spec.world, key) if key is not None else None
         collective = ZmqCollective(
-            self.ctx, spec.rank, spec.world, bind, self.keys, COLLECTIVE_TIMEOUT_S, list(spec.nodes), shm
+            self.ctx,
+            spec.rank,
+            spec.world,
+            bind,
+            self.keys,
+            COLLECTIVE_TIMEOUT_S,
+            list(spec.nodes),
+            shm,
+            spec.partials,
         )
         runner = TensorRank(spec, self.max_batch, to_head, collective)
         # peers reach this node at the host they were given for it

@@ -119,7 +119,8 @@ class TensorRank(Stage):
     def report(self) -> RunnerReport:
         # decode steps only: time in collectives (sending, and waiting for the other ranks) per token
         per_token = round(1000 * self.decode_collective_s / max(self.decoded, 1), 3)
-        transport = "shm" if self.collective.shared else "zmq"
+        # "zmq+q8": partials cross the links as 8-bit blocks (placement's choice, or the worker's)
+        transport = "shm" if self.collective.shared else "zmq+q8" if self.collective.quantize else "zmq"
         return replace(
             super().report(),
             collective_ms_per_token=per_token,
