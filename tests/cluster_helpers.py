@@ -302,5 +302,6 @@ def load_header(**changes: Any) -> bytes:
         "draft_model_id": "",
         "draft_dtype": "",
         "draft_layers": 0,
+        "partials": "exact",
     }
     return header("load", **{**fields, **changes})

@@ -145,6 +145,11 @@ def test_place_chat_and_a_lost_node_from_the_page(
         # each node card names the vector path its kernels run, as the node's profile reports it
         kernels = [e.text for e in css(browser, ".node [data-role=kernel]")]
         assert kernels == [f"kernel: {cpu_policy.kernel_path()}"] * 2, kernels
+        # and what it measured of itself at its start: the rate its kernels read weights at
+        speeds = [e.text for e in css(browser, ".node [data-role=speed]")]
+        assert len(speeds) == 2 and all(
+            re.fullmatch(r"reads [\d.]+ GB/s f32 · [\d.]+ GB/s int4", s) for s in speeds
+        )
         assert console_errors(browser) == []
         screenshot(browser, "03-nodes")
 
@@ -174,6 +179,13 @@ def test_place_chat_and_a_lost_node_from_the_page(
         ]
         assert segments[0][1] == 0 and segments[-1][2] == 30 and segments[0][2] == segments[1][1]
         screenshot(browser, "05-placed")
+        # placing measured the links between the nodes: each card shows its own, as /state has them
+        link_text = until(
+            lambda: [e.text for e in css(browser, ".node[data-node=node1] [data-role=links]")],
+            10,
+            "node1's links",
+        )
+        assert re.fullmatch(r"→ node2: [\d.]+ ms, [\d.]+ (Gbit|Mbit)/s", link_text[0]), link_text
 
         # chat from the page: streamed, with time to first token and tokens/s
         choose(browser, "chat-instance", instance_id)

@@ -110,7 +110,10 @@ def test_zeromq_fuzz_keeps_the_worker_serving(cluster2: WorkerCluster, tiny_mode
             "draft_model_id",
             "draft_dtype",
             "draft_layers",
+            "partials",
         ],
+        "probe_links": ["targets"],
+        "echo": ["pad"],
         "unload": ["instance_id"],
         "generate": [
             "instance_id",
@@ -164,6 +167,7 @@ def test_zeromq_fuzz_keeps_the_worker_serving(cluster2: WorkerCluster, tiny_mode
                     draft_model_id=rng.choice(["", hostile(rng)]),
                     draft_dtype=rng.choice(["", "int4", hostile(rng)]),
                     draft_layers=rng.choice([0, 2, hostile(rng)]),
+                    partials=rng.choice(["exact", "q8", hostile(rng)]),
                 )
             if kind == "generate" and rng.random() < 0.5:
                 fields.update(

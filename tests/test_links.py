@@ -5,6 +5,7 @@ splits across the links giving the single process's greedy tokens."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,7 @@ def test_nodes_and_links_are_measured(linked4: tuple[WorkerCluster, Network]) ->
         limited = probed(cluster)
         for name, profile in limited.items():
             speed = profile["speed"]
-            # a decode step's kernels read weights at some GB/s on any CPU we run on; GEMM faster than 1 GFLOP/s
+            # a decode step's kernels read GB/s on any CPU we run on; GEMM beats 1 GFLOP/s
             assert all(1e8 < rate < 1e12 for rate in speed["read_rates"]), (name, speed)
             assert speed["gemm_flops"] > 1e9 and 0 < speed["call_s"] < 0.01
             assert profile["machine_id"] == f"netns-{name}"  # each namespace is a machine of its own
@@ -117,3 +118,27 @@ def test_eight_bit_partials_across_a_slow_link(
                 client.unload(instance_id)
     finally:
         network.limit(None)
+
+
+def test_a_probe_of_a_missing_node_fails_in_time_and_the_worker_keeps_answering(
+    linked4: tuple[WorkerCluster, Network],
+) -> None:
+    from exoctl.wire.messages import ProbeLinks, StatusRequest
+    from exoctl.worker.link_probe import LINK_TIMEOUT_S
+
+    cluster, network = linked4
+    ghost = f"{network.address(200)}:7100"  # in the subnet, no host there
+    with cluster.client() as client:
+        node = client.client("net1")
+        started = time.monotonic()
+        request_id = node.send(ProbeLinks((("ghost", ghost),)))
+        # the probe runs on its own thread: status is answered at once meanwhile
+        assert node.request(StatusRequest(), timeout=2.0).KIND == "status_reply"
+        while True:
+            received = node.receive(LINK_TIMEOUT_S + 5)
+            assert received is not None, "the probe never answered"
+            if received.reply_to == request_id:
+                break
+        elapsed = time.monotonic() - started
+        assert received.message.KIND == "error" and "ghost" in received.message.message  # type: ignore[attr-defined]
+        assert elapsed < LINK_TIMEOUT_S + 3

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tests.conftest import ROOT
 
-PACKAGES = "openssh-server openssh-client curl jq chromium chromium-driver"
+PACKAGES = "openssh-server openssh-client curl jq iproute2 chromium chromium-driver"
 
 
 def scratch(tmp_path: Path, uid: int, tools: tuple[str, ...] = ()) -> dict[str, str]:
@@ -62,12 +62,12 @@ def test_as_root_it_installs_exactly_what_is_missing(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "apt.log").read_text().splitlines() == [
         "update -qq",
-        "install -y -qq --no-install-recommends openssh-server chromium chromium-driver",
+        "install -y -qq --no-install-recommends openssh-server iproute2 chromium chromium-driver",
     ]
 
 
 def test_with_everything_there_it_does_nothing(tmp_path: Path) -> None:
-    tools = ("sshd", "ssh", "curl", "jq", "chromium", "chromedriver")
+    tools = ("sshd", "ssh", "curl", "jq", "ip", "tc", "chromium", "chromedriver")
     done = check(scratch(tmp_path, uid=1000, tools=tools))
     assert done.returncode == 0 and done.stderr == ""
     assert not (tmp_path / "apt.log").exists()

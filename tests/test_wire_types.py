@@ -126,7 +126,11 @@ def spec(**changes: object) -> RunnerSpec:
 
 @pytest.mark.parametrize(
     "sent",
-    [spec(), spec(prefix_positions=8192, prefix_bytes=2**28, position_bytes=(23040, 23040))],
+    [
+        spec(),
+        spec(prefix_positions=8192, prefix_bytes=2**28, position_bytes=(23040, 23040)),
+        spec(sharding="tensor", start_layer=0, end_layer=30, partials="q8"),
+    ],
 )
 def test_a_runner_spec_is_the_load_message_both_ways(sent: RunnerSpec) -> None:
     fields = through_msgpack(sent.to_fields())
@@ -148,6 +152,7 @@ def test_a_runner_spec_is_the_load_message_both_ways(sent: RunnerSpec) -> None:
         ({"position_bytes": [4]}, "'position_bytes' must give a positive byte count for each rank"),
         ({"position_bytes": [4, 0]}, "'position_bytes' must give a positive byte count for each rank"),
         ({"position_bytes": [4, 4], "prefix_bytes": -1}, "must be 0 or more"),
+        ({"partials": "q4"}, "'partials' must be one of exact, q8"),
     ],
 )
 def test_an_inconsistent_load_is_refused_in_one_place(change: dict[str, object], text: str) -> None:

@@ -295,6 +295,8 @@ class ClusterService:
                         ok=True,
                         dtype=placement.dtype,
                         shards=shards_json(placement),
+                        # the cost model's (placement.cost), null where a node's speed is unknown
+                        predicted=None if chosen.prediction is None else chosen.prediction.to_json(),
                     )
                 except (PlacementError, ModelNotFoundError) as exc:
                     entry.update(instance=None, memory_delta_by_node=None, error=exc.message, ok=False)

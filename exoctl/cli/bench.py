@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
@@ -18,8 +18,14 @@ from exoctl.cli.common import (
 from exoctl.cli.options import DtypeOption, JsonOption, ShardingOption
 from exoctl.cli.output import console, err_console, out
 from exoctl.cli.progress import LoadProgress
+from exoctl.cli.render import prediction_json
 from exoctl.errors import ExoctlError
 from exoctl.placement.sharding import check_sharding
+
+if TYPE_CHECKING:
+    from exoctl.cluster.views import InstanceView, NodeStatus
+    from exoctl.models.catalog import ModelCard
+    from exoctl.placement.cost import Prediction
 
 HELP = (
     "Measure a model on this cluster, as llama-bench does (warm-up, repetitions, mean ± sd): prefill "
@@ -134,6 +140,12 @@ def bench(
             if placed_here and not keep:
                 cluster.unload(instance.instance_id, [cluster.inventory.node(n) for n in instance.nodes])
         result["placed_by_bench"] = placed_here
+        # the cost model's prediction for this placement, beside what was measured
+        predicted = predict_instance(card, instance, cluster.statuses())
+        result["predicted"] = prediction_json(predicted)
+        if predicted is not None and result["decode"]["tokens_per_s"]["mean"] > 0:
+            measured = result["decode"]["tokens_per_s"]["mean"]
+            result["predicted"]["measured_over_predicted"] = round(measured / predicted.decode_tps, 3)
         result["machines"] = {
             s.node.name: {
                 "cpu": s.profile.cpu_model if s.profile else None,
@@ -149,6 +161,31 @@ def bench(
             console.print(table)
 
     out.result(result, show)
+
+
+def predict_instance(
+    card: ModelCard, instance: InstanceView, statuses: list[NodeStatus]
+) -> Prediction | None:
+    """What the cost model predicts for a placed instance, from its runners' layer ranges and the
+    nodes' measured speed and links (None where a node's speed is unknown)."""
+    from exoctl.cluster.views import node_profiles, topology
+    from exoctl.placement.cost import can_predict, predict
+    from exoctl.placement.pipeline import Placement, Shard
+
+    if any(n not in instance.runners for n in instance.nodes):
+        return None
+    runners = [instance.runners[n] for n in instance.nodes]
+    shards = tuple(
+        Shard(n, r.start_layer, r.end_layer, 0) for n, r in zip(instance.nodes, runners, strict=True)
+    )
+    q8 = any(r.collective_transport == "zmq+q8" for r in runners)
+    placement = Placement(
+        card.id, instance.sharding, instance.dtype, shards, partials="q8" if q8 else "exact"
+    )
+    nodes = node_profiles(statuses)
+    if not can_predict([n for n in nodes if n.name in instance.nodes]):
+        return None
+    return predict(card, placement, nodes, topology(statuses))
 
 
 def _pm(stat: dict[str, Any], digits: int = 2) -> str:
@@ -171,6 +208,16 @@ def tables(result: dict[str, Any]) -> list[Table]:
     speed.add_row(
         f"decode tg{decode['tokens']}, 1 stream", _pm(decode["tokens_per_s"]), _pm(decode["ttft_ms"], 1), ""
     )
+    predicted = result.get("predicted")
+    if predicted:
+        ratio = predicted.get("measured_over_predicted", 0)
+        compute, network = predicted["compute_ms_per_token"], predicted["network_ms_per_token"]
+        speed.add_row(
+            "decode, predicted (cost model)",
+            f"{predicted['decode_tokens_per_s']:.2f} (measured {ratio:.2f}x)",
+            "",
+            f"compute {compute:.1f} + network {network:.1f} ms",
+        )
     for run in result["concurrency"]:
         latency = run["latency_ms"]
         speed.add_row(

@@ -48,6 +48,7 @@ def plan_for(
     prefix_cache_gb: float | None = None,
     draft: str | None = None,
     draft_dtype: str = "auto",
+    partials: str = "auto",
 ) -> Plan:
     """Where `place` would put `card` on these nodes, and why (`auto` dtype resolved for them);
     `draft`: speculative decoding's drafter (`cluster.drafts`)."""
@@ -61,6 +62,7 @@ def plan_for(
         min_nodes=min_nodes,
         prefix_cache_bytes=None if prefix_cache_gb is None else int(prefix_cache_gb * GB),
         draft=choose_draft(card, draft, draft_dtype),
+        partials=partials,
     )
     return cluster.choose(card, request, statuses, sharding)
 

@@ -17,7 +17,13 @@ from exoctl.cli.common import (
 from exoctl.cli.options import DtypeOption, JsonOption, PrefixCacheOption, ShardingOption
 from exoctl.cli.output import console, out
 from exoctl.cli.progress import LoadProgress
-from exoctl.cli.render import placement_json, placement_table
+from exoctl.cli.render import (
+    candidates_json,
+    candidates_table,
+    placement_json,
+    placement_table,
+    prediction_json,
+)
 from exoctl.cluster.drafts import DRAFT_HELP
 from exoctl.errors import ExoctlError
 from exoctl.placement.sharding import check_sharding
@@ -54,7 +60,18 @@ def place(
     draft_dtype: Annotated[
         str, typer.Option("--draft-dtype", help="The draft model's dtype (auto: its GGUF's, else int4).")
     ] = "auto",
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; load nothing.")] = False,
+    partials: Annotated[
+        str,
+        typer.Option(
+            "--partials",
+            help="How a tensor split's partial sums cross links: auto (8-bit blocks where the measured "
+            "links make float32 the bottleneck), exact, or q8.",
+        ),
+    ] = "auto",
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="Print the plan and every candidate's predicted speed; load nothing."),
+    ] = False,
     inventory: InventoryOption = None,
     json_output: JsonOption = False,
 ) -> None:
@@ -73,7 +90,17 @@ def place(
 
             statuses = offline_statuses(statuses)
         chosen = plan_for(
-            cluster, statuses, card, dtype, sharding, nodes, min_nodes, prefix_cache_gb, draft, draft_dtype
+            cluster,
+            statuses,
+            card,
+            dtype,
+            sharding,
+            nodes,
+            min_nodes,
+            prefix_cache_gb,
+            draft,
+            draft_dtype,
+            partials,
         )
         placement = chosen.placement
         if dry_run:
@@ -81,6 +108,9 @@ def place(
 
             def show_plan() -> None:
                 show_placement(placement, chosen.reason)
+                table = candidates_table(chosen)
+                if table is not None:
+                    console.print(table)
                 if planned_offline:
                     console.print(
                         "[dim]planned from the inventory: no node is up (loopback nodes share this "
@@ -88,7 +118,14 @@ def place(
                     )
 
             out.result(
-                {**placement_json(placement), "reason": chosen.reason, "planned_from": source}, show_plan
+                {
+                    **placement_json(placement),
+                    "reason": chosen.reason,
+                    "planned_from": source,
+                    "prediction": prediction_json(chosen.prediction),
+                    "candidates": candidates_json(chosen),
+                },
+                show_plan,
             )
             return
         if not out.json:  # before the load: what is about to be loaded where

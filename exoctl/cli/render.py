@@ -9,7 +9,9 @@ from rich.table import Table
 
 if TYPE_CHECKING:
     from exoctl.cluster.views import InstanceView, NodeStatus
+    from exoctl.placement.cost import Prediction
     from exoctl.placement.pipeline import Placement
+    from exoctl.placement.sharding import Plan
     from exoctl.wire.node_speed import NodeSpeed
     from exoctl.wire.runner_report import RunnerReport
     from exoctl.wire.supervisor_event import SupervisorEvent
@@ -380,7 +382,51 @@ def placement_json(placement: Placement) -> dict[str, object]:
         # the positions the instance's cached prefixes may hold (the tightest node's budget)
         "prefix_cache_positions": placement.prefix_positions,
         "draft": draft_json(placement),
+        "partials": placement.partials,  # a tensor split's partials across links: exact or q8
     }
+
+
+def prediction_json(prediction: Prediction | None) -> dict[str, object] | None:
+    """The cost model's prediction (placement.cost), None where a node's speed is not measured."""
+    return None if prediction is None else prediction.to_json()
+
+
+def candidates_json(chosen: Plan) -> list[dict[str, object]]:
+    return [
+        {
+            "candidate": c.label,
+            "nodes": list(c.placement.nodes) if c.placement is not None else [],
+            "prediction": prediction_json(c.prediction),
+            "error": c.error,
+            "chosen": c.placement == chosen.placement,
+        }
+        for c in chosen.candidates
+    ]
+
+
+def candidates_table(chosen: Plan) -> Table | None:
+    """Every placement `auto` weighed, with its predicted speed or why it does not fit."""
+    if not chosen.candidates:
+        return None
+    table = Table(title="candidates (predicted from measured nodes and links)", title_justify="left")
+    for column in ("candidate", "nodes", "decode tok/s", "compute ms", "network ms", "prefill tok/s"):
+        table.add_column(column, justify="left" if column in ("candidate", "nodes") else "right")
+    for c in chosen.candidates:
+        mark = "* " if c.placement == chosen.placement else "  "
+        if c.prediction is None or c.placement is None:
+            table.add_row(mark + c.label, "-", "[dim]does not fit[/]", "-", "-", "-")
+            continue
+        p = c.prediction
+        partials = " (q8)" if p.partials == "q8" else ""
+        table.add_row(
+            mark + c.label,
+            ",".join(c.placement.nodes),
+            f"{p.decode_tps:.1f}",
+            f"{p.compute_s * 1e3:.1f}",
+            f"{p.network_s * 1e3:.1f}{partials}",
+            f"{p.prefill_tps:.0f}",
+        )
+    return table
 
 
 def draft_json(placement: Placement) -> dict[str, object] | None:

@@ -89,6 +89,16 @@ class Prediction:
     partials: str = "exact"  # a tensor placement's partials across links
     assumed_links: bool = False
 
+    def to_json(self) -> dict[str, object]:
+        return {
+            "decode_tokens_per_s": round(self.decode_tps, 2),
+            "prefill_tokens_per_s": round(self.prefill_tps, 1),
+            "compute_ms_per_token": round(self.compute_s * 1e3, 3),
+            "network_ms_per_token": round(self.network_s * 1e3, 3),
+            "partials": self.partials,
+            "links_assumed": self.assumed_links,
+        }
+
     def summary(self) -> str:
         partials = ", 8-bit partials" if self.partials == "q8" else ""
         assumed = " (some links assumed, not measured: `exoctl nodes --probe`)" if self.assumed_links else ""

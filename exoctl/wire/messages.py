@@ -20,7 +20,7 @@ from exoctl.wire.instance_messages import DECODERS, InstanceMessage
 from exoctl.wire.node_speed import LinkMeasure
 from exoctl.wire.protocol import Message, ProtocolError
 from exoctl.wire.runner_report import RunnerReport
-from exoctl.wire.runner_spec import RunnerSpec
+from exoctl.wire.runner_spec import MAX_WORLD, RunnerSpec, check_address
 from exoctl.wire.supervisor_event import SupervisorEvent
 from exoctl.wire.worker_profile import WorkerProfile
 
@@ -366,6 +366,10 @@ def _probe(m: Message) -> ProbeLinks:
     targets = m["targets"]
     if not all(isinstance(t, list) and len(t) == 2 and all(isinstance(x, str) for x in t) for t in targets):
         raise ProtocolError("'probe_links' targets must be [node name, address] pairs")
+    if len(targets) > MAX_WORLD:
+        raise ProtocolError(f"'probe_links' names {len(targets)} targets; at most {MAX_WORLD}")
+    for _, address in targets:
+        check_address(address)
     return ProbeLinks(tuple((t[0], t[1]) for t in targets))
 
 
