@@ -105,6 +105,8 @@ def model_part(tmp: Path, models_dir: Path, ref: str, dtype: str, tokens: int) -
         ("namespaces, 1 Gbit/s", 4, lambda: None, 1000.0),
     ]
     for name, count, make, rate in setups:
+        for sub in ("l1", "l2", "l4"):
+            (tmp / sub).mkdir(exist_ok=True)
         if rate is None:
             with make() as inventory, Cluster(load_inventory_file(inventory), find_keys()) as cluster:  # type: ignore[attr-defined]
                 _compare(cluster, card, ref, dtype, tokens, name, count)
@@ -139,15 +141,14 @@ def _compare(
     if got is None:
         got = measure(cluster, card, ref, auto.placement, tokens)
     best = max(measured.values())
-    print(
-        f"| {name}, {count} workers | auto: {label} | | {got:.2f} | | {got / best:.2f}x of the best |"
-    )
+    print(f"| {name}, {count} workers | auto: {label} | | {got:.2f} | | {got / best:.2f}x of the best |")
 
 
 def unequal_part(tmp: Path, models_dir: Path, ref: str, dtype: str, tokens: int) -> None:
     import yaml
 
     card, ref = resolve_card(ref)
+    (tmp / "unequal").mkdir(exist_ok=True)
     with local_workers(tmp / "unequal", 2, models_dir, quiet=True) as inventory:
         # one worker given half the threads of the other (`threads` in the inventory), restarted
         doc = yaml.safe_load(inventory.read_text())
@@ -190,14 +191,21 @@ def main() -> None:
     parser.add_argument("--model", default="llama-1.1b")
     parser.add_argument("--dtype", default="int4")
     parser.add_argument("--tokens", type=int, default=48)
+    parser.add_argument("--models-dir", default=str(Path(tempfile.gettempdir()) / "exoctl-bench-models"))
     args = parser.parse_args()
     print(f"machine: {cpu_name()}, {os.cpu_count()} cores")
     parts = {"links": links_part, "model": model_part, "unequal": unequal_part}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        models_dir = tmp / "models"
-        models_dir.mkdir()
-        ref = model_ref(args.model, models_dir)
+        # the random 1.1B is made once (about a minute) and kept for the next run
+        models_dir = Path(args.models_dir)
+        models_dir.mkdir(parents=True, exist_ok=True)
+        made = models_dir / "llama-1.1b"
+        ref = (
+            str(made)
+            if args.model == "llama-1.1b" and (made / "config.json").is_file()
+            else model_ref(args.model, models_dir)
+        )
         for part in args.parts.split(","):
             parts[part](tmp, models_dir, ref, args.dtype, args.tokens)
 

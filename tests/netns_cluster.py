@@ -66,8 +66,10 @@ def _free_subnet() -> int:
 
 
 def tbf_args(rate_mbit: float) -> list[str]:
-    """A token bucket for `rate_mbit`: a burst of about 2 ms of traffic (at least 32 kB)."""
-    burst = max(32 * 1024, int(rate_mbit * 1e6 / 8 * 0.002))
+    """A token bucket for `rate_mbit` as a wire of that speed behaves: a message goes out at the
+    rate, packet after packet (a bucket of two full frames, or 50 us of traffic on a fast link);
+    a bucket of milliseconds would let a tensor split's 8 kB partials through at the veth's speed."""
+    burst = max(2 * 1514, int(rate_mbit * 1e6 / 8 * 50e-6))
     return ["tbf", "rate", f"{rate_mbit}mbit", "burst", str(burst), "latency", "200ms"]
 
 
@@ -218,6 +220,7 @@ def netns_cluster(
     tag = f"x{os.getpid() % 10000:04d}{int(time.time() * 10) % 100:02d}"[:7]
     network = Network(tag, _free_subnet(), count)
     folder = tmp / "ssh"
+    tmp.mkdir(parents=True, exist_ok=True)
     folder.mkdir(mode=0o700)
     for name in ("host_key", "client_key"):
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(folder / name)], check=True)

@@ -296,6 +296,21 @@ def test_an_8_bit_partial_is_a_quarter_the_bytes_and_within_half_a_step(count: i
     assert torch.equal(decode(encode(zeros), zeros), zeros)  # an all-zero block has no scale to divide by
 
 
+@pytest.mark.parametrize("count", [1, 33, 2048 * 3 + 5])
+def test_the_kernel_encodes_8_bit_partials_as_torch_does_bit_for_bit(count: int) -> None:
+    """Ranks whose kernel library is built and ranks without it must agree on every byte: the
+    kernel's blocks and values are the torch code's (ties included: a value of exactly half a step)."""
+    from exoctl.engine import qkernel
+    from exoctl.worker.partials import decode, decode_torch, encode, encode_torch
+
+    assert qkernel.optional_library() is not None, "the kernel library builds on every test machine"
+    torch.manual_seed(count)
+    partial = torch.randn(count) * torch.logspace(-3, 2, count)
+    partial[: min(count, 32)] = torch.arange(min(count, 32)) * 0.5 - 8  # ties at half a step
+    assert torch.equal(encode(partial), encode_torch(partial))
+    assert torch.equal(decode(encode(partial), partial), decode_torch(encode_torch(partial), count))
+
+
 def reduce_on_ranks(world: int, partials: list[torch.Tensor], modes: list[str]) -> list[torch.Tensor]:
     """Each rank's all_reduce of its partial, each rank with its own EXOCTL_TP_PARTIALS (threads)."""
     hosts = [f"127.0.0.{61 + r}" for r in range(world)]
@@ -371,7 +386,8 @@ def test_the_switches_choose_the_partials(monkeypatch: pytest.MonkeyPatch) -> No
 
     monkeypatch.delenv("EXOCTL_TP_PARTIALS", raising=False)
     monkeypatch.delenv("EXOCTL_TP_EXACT", raising=False)
-    assert not quantized_partials()  # auto: exact until the links are measured
+    assert not quantized_partials()  # auto: as placement planned it, exact by default
+    assert quantized_partials("q8")
     monkeypatch.setenv("EXOCTL_TP_PARTIALS", "q8")
     assert quantized_partials()
     monkeypatch.setenv("EXOCTL_TP_EXACT", "1")

@@ -184,6 +184,7 @@ def node_profiles(statuses: list[NodeStatus]) -> list[NodeProfile]:
                 True,
                 prefix_bytes,
                 machine=profile.machine_id,
+                host=profile.host_id,
                 speed=profile.speed,
                 threads=profile.threads,
                 cpus=profile.cpu_count,

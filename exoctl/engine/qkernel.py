@@ -37,6 +37,7 @@ SOURCES = tuple(
         "attention.c",
         "layer_decode.c",
         "shm_signal.c",
+        "partials_q8.c",
     )
 )
 HEADER = KERNELS / "exoctl_kernels.h"  # the exported prototypes (engine/kernel_calls.py's table)
@@ -84,6 +85,8 @@ SIGNATURES: dict[str, tuple[type | None, list[type]]] = {
     "layer_decode": (_i32, [_ptr, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i32]),
     "shm_publish": (None, [_ptr, _u32]),
     "shm_wait": (_i32, [_ptr, _u32, _i64, _i64]),
+    "q8_encode": (None, [_ptr, _i64, _ptr]),
+    "q8_decode": (None, [_ptr, _i64, _ptr]),
 }
 
 

@@ -12,8 +12,9 @@ plus a fixed cost per layer (kernel calls, attention on a short cache). Then the
   own link (the sender's link is the bottleneck: (k - 1) partials of `hidden` values, each in
   float32 or, `q8`, as 8-bit blocks of 32 with a float32 scale).
 
-Ranks on one machine share its memory bus: together they read no faster than its fastest worker
-alone, and threads beyond its cores slow every rank by the ratio. Prompts are compute-bound: each
+Ranks on one host share its memory bus (its best worker's measured rate, scaled to the cores the
+ranks use at once), threads beyond its cores slow every rank by the ratio, and each collective
+then waits for the scheduler too. Prompts are compute-bound: each
 node's share of 2 x parameters x tokens at its GEMM rate, and the same hand-offs carrying every
 position at once.
 
@@ -38,6 +39,10 @@ TOKEN_CALLS = 60.0
 SHM_ALL_REDUCE_S = 25e-6  # one all-reduce between ranks of one host through shared memory
 Q8_BLOCK = 32
 PROMPT_TOKENS = 128  # the prompt the prefill prediction is for
+# a collective on a host whose ranks want more threads than it has cores waits for the scheduler:
+# per collective and per rank's worth of oversubscription (fitted: 4 one-thread ranks on 2 cores)
+OVERSUBSCRIBED_SHM_S = 0.5e-3
+OVERSUBSCRIBED_ZMQ_S = 2.0e-3
 Q8_WORTH = 0.05  # 8-bit partials when float32's exchange would be more than this share of a token
 
 
@@ -117,11 +122,33 @@ def _bytes_per_param(dtype: str) -> float:
     return {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "int8": 1.0}.get(dtype, 0.5625)
 
 
+def _host(node: NodeProfile) -> str:
+    return node.host or node.machine
+
+
+def same_host(node: NodeProfile, nodes: list[NodeProfile]) -> list[NodeProfile]:
+    """The nodes running on `node`'s host (itself included): they share its cores and memory bus."""
+    return [n for n in nodes if _host(n) and _host(n) == _host(node)] or [node]
+
+
 def _contention(node: NodeProfile, nodes: list[NodeProfile]) -> float:
-    """How much slower a rank runs when the ranks on its machine want more threads than it has cores."""
-    same = [n for n in nodes if n.machine and n.machine == node.machine] or [node]
-    threads = sum(max(n.threads, 1) for n in same)
+    """How much slower a rank runs when the ranks on its host want more threads than it has cores."""
+    threads = sum(max(n.threads, 1) for n in same_host(node, nodes))
     return max(1.0, threads / max(node.cpus, 1)) if node.cpus else 1.0
+
+
+def _bus(dtype: str, ranks: list[NodeProfile]) -> float:
+    """What the ranks on one host read together: a worker measured its rate with its own threads,
+    so the host's bus is its best worker's rate scaled to the cores the ranks can use at once
+    (two one-thread workers on two cores read about twice what one does)."""
+    cpus = max((n.cpus for n in ranks), default=0)
+    threads = sum(max(n.threads, 1) for n in ranks)
+    best = 0.0
+    for n in ranks:
+        assert n.speed is not None
+        usable = min(threads, cpus) if cpus else threads
+        best = max(best, n.speed.read_rate(dtype) * max(usable, 1) / max(n.threads, 1))
+    return best
 
 
 def _overhead_s(node: NodeProfile, layers: int, head: bool) -> float:
@@ -207,16 +234,20 @@ def _tensor(
     for rank, node in enumerate(chosen):
         assert node.speed is not None
         slower = _contention(node, chosen)
-        # ranks on one machine read through one memory bus: no faster together than its fastest
-        same = [n for n in chosen if n.machine and n.machine == node.machine] or [node]
-        bus = max(n.speed.read_rate(dtype) for n in same if n.speed is not None)
+        # ranks on one host read through its one memory bus
+        same = same_host(node, chosen)
         alone = read / node.speed.read_rate(dtype) * slower
-        shared = read * len(same) / bus
+        shared = read * len(same) / _bus(dtype, same)
         compute = max(compute, max(alone, shared) + _overhead_s(node, card.n_layers, rank == 0) * slower)
         flops = node.speed.gemm_flops / slower
         prefill = max(prefill, 2 * (read / _bytes_per_param(dtype)) * PROMPT_TOKENS * len(same) / flops)
     collectives = 2 * card.n_layers + 1
-    network = collectives * _all_reduce_s(chosen, topology, card.hidden_size, partials)
+    # a host with more ranks' threads than cores: each collective waits for a rank to get a core
+    waits = max(_contention(n, chosen) for n in chosen) - 1
+    machines = {n.machine for n in chosen}
+    shared_memory = len(machines) == 1 and "" not in machines
+    waits *= OVERSUBSCRIBED_SHM_S if shared_memory else OVERSUBSCRIBED_ZMQ_S
+    network = collectives * (_all_reduce_s(chosen, topology, card.hidden_size, partials) + waits)
     prompt_network = collectives * _all_reduce_s(chosen, topology, card.hidden_size * PROMPT_TOKENS, partials)
     return Prediction(
         1 / (compute + network),

@@ -37,7 +37,8 @@ class NodeProfile:
     memory_cap: int | None = None  # declared in the inventory: used instead of reported RAM
     live: bool = True
     prefix_cache_bytes: int | None = None  # declared in the inventory (None: PREFIX_CACHE_TOKENS)
-    machine: str = ""  # nodes of one machine share its memory bus (and /dev/shm)
+    machine: str = ""  # nodes of one machine share its memory (and /dev/shm)
+    host: str = ""  # nodes of one host share its cores and memory bus ("" : as `machine`)
     speed: NodeSpeed | None = None  # measured by its worker (None: not known)
     threads: int = 0  # its worker's compute threads
     cpus: int = 0  # its machine's cores

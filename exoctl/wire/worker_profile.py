@@ -35,6 +35,7 @@ class WorkerProfile:
     kernel: str  # the kernel library's vector path here: "avx512+vnni+bf16", "avx2", "portable"
     speed: NodeSpeed | None = None  # measured at the worker's start (None: not measured)
     links: tuple[LinkMeasure, ...] = ()  # its links to other workers, as it last measured them
+    host_id: str = ""  # the machine it really runs on (machine_id may be set to stand for another)
 
     @classmethod
     def planned(cls, name: str, device: str, ram: int, machine_id: str, activations: str) -> WorkerProfile:

@@ -20,6 +20,7 @@ import os
 
 import torch
 
+from exoctl.engine import qkernel
 from exoctl.errors import ExoctlError
 
 BLOCK = 32
@@ -49,8 +50,20 @@ def quantized_partials(planned: str = "exact") -> bool:
 
 def encode(partial: torch.Tensor) -> torch.Tensor:
     """A partial (any shape, float) -> uint8 [4 * blocks + 32 * blocks]: the blocks' float32 scales,
-    then each block's 32 int8 values (the last block zero-padded)."""
-    flat = partial.detach().reshape(-1).float()
+    then each block's 32 int8 values (the last block zero-padded). By the kernel library where it
+    is built (kernels/partials_q8.c: microseconds, where these torch calls take 144 us for 2048
+    values), with the same result bit for bit."""
+    flat = partial.detach().reshape(-1).float().contiguous()
+    library = qkernel.optional_library()
+    if library is not None:
+        out = torch.empty(encoded_size(flat.numel()), dtype=torch.uint8)
+        library.q8_encode(flat.data_ptr(), flat.numel(), out.data_ptr())
+        return out
+    return encode_torch(flat)
+
+
+def encode_torch(flat: torch.Tensor) -> torch.Tensor:
+    """`encode` in torch: flat float32 values -> their blocks."""
     blocks = -(-flat.numel() // BLOCK)
     padded = torch.zeros(blocks * BLOCK, dtype=torch.float32)
     padded[: flat.numel()] = flat
@@ -70,9 +83,21 @@ def decode(raw: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
             f"an 8-bit partial of {raw.numel()} bytes does not fit {count} values "
             f"({blocks * (4 + BLOCK)} bytes)"
         )
+    library = qkernel.optional_library()
+    if library is not None:
+        raw = raw.contiguous()
+        out = torch.empty(like.shape, dtype=torch.float32)
+        library.q8_decode(raw.data_ptr(), count, out.data_ptr())
+        return out
+    return decode_torch(raw, count).view(like.shape)
+
+
+def decode_torch(raw: torch.Tensor, count: int) -> torch.Tensor:
+    """`decode` in torch: blocks -> `count` float32 values."""
+    blocks = -(-count // BLOCK)
     scales = raw[: 4 * blocks].view(torch.float32)
     q = raw[4 * blocks :].view(torch.int8).view(blocks, BLOCK)
-    return (q.float() * scales[:, None]).reshape(-1)[:count].view(like.shape)
+    return (q.float() * scales[:, None]).reshape(-1)[:count]
 
 
 def encoded_size(count: int) -> int:

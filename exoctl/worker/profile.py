@@ -33,8 +33,12 @@ def machine_id() -> str:
     """Which machine this is, so that placement sees workers that share one machine's memory.
     EXOCTL_MACHINE_ID names it instead: workers on one host that are to act as machines of their
     own (the tests' network namespaces, containers) share neither memory budget nor /dev/shm."""
-    if os.environ.get(MACHINE_ID_ENV):
-        return os.environ[MACHINE_ID_ENV]
+    return os.environ.get(MACHINE_ID_ENV) or host_id()
+
+
+def host_id() -> str:
+    """The machine this process really runs on, whatever EXOCTL_MACHINE_ID says: workers that share
+    it share its cores and memory bus (what the cost model needs of the tests' namespaces)."""
     for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
         try:
             text = Path(path).read_text(encoding="utf-8").strip()
@@ -55,6 +59,7 @@ class NodeProfiler:
         self.bf16 = cpu_policy.cpu_has_native_bf16()
         self.kernel = cpu_policy.kernel_path()  # the worker checked EXOCTL_KERNEL_ISA at its start
         self.machine_id = machine_id()
+        self.host_id = host_id()
         self.cpu_model = cpu_model()
         self.cpu_percent = 0.0
         self.speed = speed
@@ -94,5 +99,6 @@ class NodeProfiler:
             uptime_s=round(time.time() - self.started, 1),
             kernel=self.kernel,
             speed=self.speed,
+            host_id=self.host_id,
             links=tuple(self.links.values()),
         )

@@ -93,6 +93,9 @@ int layer_decode(const exo_layer *L, const void *h, void *out, int64_t B, const 
 /* shm_signal.c */
 void shm_publish(uint32_t *word, uint32_t value);
 int shm_wait(const uint32_t *word, uint32_t value, int64_t spin_ns, int64_t timeout_ns);
+/* partials_q8.c */
+void q8_encode(const float *x, int64_t n, uint8_t *out);
+void q8_decode(const uint8_t *raw, int64_t n, float *y);
 
 static inline float bf16_to_float(uint16_t h) {
     uint32_t bits = (uint32_t)h << 16;
