@@ -761,8 +761,11 @@ def test_place_without_waiting_then_delete(server: Server, tiny_models: dict[str
     assert status == 202 and body["status"] == "loading"
     instance_id = body["instance_id"]
     assert wait_for(lambda: instance_status(server, instance_id) == "ready", 60)
+    # where `auto` put it (the cost model's pick on these two workers): each of those nodes frees memory
+    _, doc = http(server, "GET", f"/instance/{instance_id}")
+    nodes = set(doc["CpuRingInstance"]["shardAssignments"]["nodeToRunner"])
     status, body = http(server, "DELETE", f"/instance/{instance_id}")
-    assert status == 200 and set(body["freed_bytes"]) == {"node1"}
+    assert status == 200 and set(body["freed_bytes"]) == nodes and nodes <= {"node1", "node2"}
     assert http(server, "GET", f"/instance/{instance_id}")[0] in (200, 404)
     assert http(server, "DELETE", f"/instance/{instance_id}")[0] == 404
 

@@ -16,6 +16,7 @@ from exoctl.cluster.views import NodeStatus, instances_of, node_profiles, runtim
 from exoctl.inventory import Node
 from exoctl.models.catalog import card_from_folder, get_card
 from exoctl.models.store import files_for_layers
+from exoctl.wire.node_speed import LinkMeasure
 from exoctl.wire.runner_report import Failure, RunnerReport, RunnerStatus
 from exoctl.wire.worker_profile import WorkerProfile
 
@@ -93,10 +94,35 @@ def test_state_document_has_exos_shape() -> None:
     assert doc["nodeProfiles"]["a"]["processRss"] == {"inBytes": 50}
     # EXO's topology (a link from each live node to each other) and node identities
     assert doc["topology"]["nodes"] == ["a", "b", "c"]
+    # with what the source measured of each link: nothing yet
     assert doc["topology"]["connections"] == {
-        "a": {"b": [{"sinkMultiaddr": {"address": "/ip4/127.0.0.2/tcp/52416", "ip_address": "127.0.0.2"}}]},
-        "b": {"a": [{"sinkMultiaddr": {"address": "/ip4/127.0.0.1/tcp/52416", "ip_address": "127.0.0.1"}}]},
+        "a": {
+            "b": [
+                {
+                    "sinkMultiaddr": {"address": "/ip4/127.0.0.2/tcp/52416", "ip_address": "127.0.0.2"},
+                    "latencyMs": None,
+                    "bandwidthMbps": None,
+                }
+            ]
+        },
+        "b": {
+            "a": [
+                {
+                    "sinkMultiaddr": {"address": "/ip4/127.0.0.1/tcp/52416", "ip_address": "127.0.0.1"},
+                    "latencyMs": None,
+                    "bandwidthMbps": None,
+                }
+            ]
+        },
     }
+    # a's measure of its link to b (b still runs as it did then), and one of a b that restarted since
+    boot = statuses[1].profile.boot_id  # type: ignore[union-attr]
+    measured = LinkMeasure("b", "127.0.0.2:52416", boot, 0.00042, 1.25e8, 1.0)
+    stale = replace(measured, sink_boot="an earlier run")
+    for link, latency, mbps in ((measured, 0.42, 1000.0), (stale, None, None)):
+        statuses[0] = NodeStatus(a, profile(links=(link,)), statuses[0].runners)
+        edge = state_document(statuses, "lab")["topology"]["connections"]["a"]["b"][0]
+        assert (edge["latencyMs"], edge["bandwidthMbps"]) == (latency, mbps)
     assert doc["nodeIdentities"]["c"]["friendlyName"] == "c"
     json.dumps(doc)
 

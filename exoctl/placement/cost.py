@@ -36,13 +36,22 @@ from exoctl.placement.pipeline import NodeProfile, Placement
 # SmolLM2 (30 small layers, where they dominate) and the 1.1B shape (benchmarks/cost_model.py).
 LAYER_CALLS = 6.0
 TOKEN_CALLS = 60.0
+# A message between runners beyond its time on the wire: encoding, the I/O threads on both ends,
+# the receiving lane's wake-up (about 1 ms on the 2-core test machine, where a small call is 12 us):
+# paid per pipeline hop, and once a tensor step (the head's step to the ranks). Fitted on a tiny
+# model, where nothing else costs (a 2-stage pipeline 2.0 ms a token over one node, a 2-rank split 1.4).
+MESSAGE_CALLS = 80.0
 SHM_ALL_REDUCE_S = 25e-6  # one all-reduce between ranks of one host through shared memory
 Q8_BLOCK = 32
 PROMPT_TOKENS = 128  # the prompt the prefill prediction is for
 # a collective on a host whose ranks want more threads than it has cores waits for the scheduler:
 # per collective and per rank's worth of oversubscription (fitted: 4 one-thread ranks on 2 cores)
 OVERSUBSCRIBED_SHM_S = 0.5e-3
-OVERSUBSCRIBED_ZMQ_S = 2.0e-3
+OVERSUBSCRIBED_ZMQ_S = 1.3e-3
+# A host's memory bus serves more threads less than in proportion: a worker's measured rate scales
+# by (cores used / its threads) ** BUS_SCALING (1 -> 2 threads on the test machine: 1.35x in int4,
+# 1.8x in float32; benchmarks/links.py)
+BUS_SCALING = 0.7
 Q8_WORTH = 0.05  # 8-bit partials when float32's exchange would be more than this share of a token
 
 
@@ -140,14 +149,15 @@ def _contention(node: NodeProfile, nodes: list[NodeProfile]) -> float:
 def _bus(dtype: str, ranks: list[NodeProfile]) -> float:
     """What the ranks on one host read together: a worker measured its rate with its own threads,
     so the host's bus is its best worker's rate scaled to the cores the ranks can use at once
-    (two one-thread workers on two cores read about twice what one does)."""
+    (two one-thread workers on two cores read more than one does, less than twice)."""
     cpus = max((n.cpus for n in ranks), default=0)
     threads = sum(max(n.threads, 1) for n in ranks)
     best = 0.0
     for n in ranks:
         assert n.speed is not None
         usable = min(threads, cpus) if cpus else threads
-        best = max(best, n.speed.read_rate(dtype) * max(usable, 1) / max(n.threads, 1))
+        scale = (max(usable, 1) / max(n.threads, 1)) ** BUS_SCALING
+        best = max(best, n.speed.read_rate(dtype) * scale)
     return best
 
 
@@ -191,7 +201,7 @@ def _pipeline(
         if count > 1:  # this stage hands its hidden state on (the last hands the token to the head)
             link = topology.link(node, chosen[(i + 1) % count])
             last = i == count - 1
-            network += link.send_s(8 if last else card.hidden_size * 4)
+            network += link.send_s(8 if last else card.hidden_size * 4) + MESSAGE_CALLS * node.speed.call_s
             prompt_network += link.send_s(8 if last else card.hidden_size * 4 * PROMPT_TOKENS)
     return Prediction(
         1 / (compute + network),
@@ -248,6 +258,7 @@ def _tensor(
     shared_memory = len(machines) == 1 and "" not in machines
     waits *= OVERSUBSCRIBED_SHM_S if shared_memory else OVERSUBSCRIBED_ZMQ_S
     network = collectives * (_all_reduce_s(chosen, topology, card.hidden_size, partials) + waits)
+    network += MESSAGE_CALLS * max(n.speed.call_s for n in chosen if n.speed is not None)
     prompt_network = collectives * _all_reduce_s(chosen, topology, card.hidden_size * PROMPT_TOKENS, partials)
     return Prediction(
         1 / (compute + network),
