@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from exoctl.engine.model import CausalLM, load_model
+from exoctl.engine.node_speed import best_pass
 from exoctl.worker.profile import cpu_model
 
 PROMPT_TOKENS = 32
@@ -69,12 +70,8 @@ def make_llama_1b(
 
 
 def timed(fn: Callable[[], object], repeats: int = 2) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+    """The best of `repeats` runs' seconds (as a node times its own speed)."""
+    return best_pass(fn, repeats)
 
 
 def decode_rate(run: Callable[[int], object], tokens: int) -> float:

@@ -16,7 +16,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from tests.cluster_helpers import WorkerCluster, start, take_ports, write_inventory
+from tests.sshd import make_keys, running_sshd
 
 SSH_HOST = "127.0.0.41"
 
@@ -166,49 +166,6 @@ class Network:
 
 
 @contextmanager
-def _sshd(folder: Path, port: int) -> Iterator[None]:
-    from tests.test_launch import find_sshd
-
-    config = folder / "sshd_config"
-    config.write_text(
-        "\n".join(
-            [
-                f"Port {port}",
-                f"ListenAddress {SSH_HOST}",
-                f"HostKey {folder / 'host_key'}",
-                f"AuthorizedKeysFile {folder / 'authorized_keys'}",
-                f"PidFile {folder / 'sshd.pid'}",
-                "PasswordAuthentication no",
-                "KbdInteractiveAuthentication no",
-                "PubkeyAuthentication yes",
-                "PermitRootLogin prohibit-password",
-                "StrictModes no",
-                "UsePAM no",
-                "",
-            ]
-        )
-    )
-    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
-    daemon = subprocess.Popen([find_sshd(), "-D", "-e", "-f", str(config)], stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            with socket.socket() as probe:
-                if probe.connect_ex((SSH_HOST, port)) == 0:
-                    break
-            if daemon.poll() is not None:
-                pytest.fail(f"sshd did not start: {daemon.stderr.read() if daemon.stderr else ''}")
-            time.sleep(0.1)
-        yield
-    finally:
-        daemon.terminate()
-        try:
-            daemon.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-
-
-@contextmanager
 def netns_cluster(
     tmp: Path, count: int, model_dir: Path, rate_mbit: float | None = None, threads: int | None = None
 ) -> Iterator[tuple[WorkerCluster, Network]]:
@@ -220,11 +177,7 @@ def netns_cluster(
     tag = f"x{os.getpid() % 10000:04d}{int(time.time() * 10) % 100:02d}"[:7]
     network = Network(tag, _free_subnet(), count)
     folder = tmp / "ssh"
-    tmp.mkdir(parents=True, exist_ok=True)
-    folder.mkdir(mode=0o700)
-    for name in ("host_key", "client_key"):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(folder / name)], check=True)
-    (folder / "authorized_keys").write_text((folder / "client_key.pub").read_text())
+    make_keys(folder)
     (ssh_port,) = take_ports([SSH_HOST])
     # every node's address is reached at the loopback sshd; the command then enters its namespace
     (folder / "ssh_config").write_text(
@@ -261,7 +214,7 @@ def netns_cluster(
     try:
         network.up()
         network.limit(rate_mbit)
-        with _sshd(folder, ssh_port):
+        with running_sshd(folder, ssh_port, [SSH_HOST]):
             start(cluster)
             try:
                 yield cluster, network

@@ -6,9 +6,7 @@ import getpass
 import json
 import os
 import re
-import shutil
 import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -28,47 +26,17 @@ from tests.cluster_helpers import (
     take_ports,
     write_inventory,
 )
+from tests.sshd import make_keys, running_sshd
 
 SSH_HOSTS = ["127.0.0.21", "127.0.0.22"]
-
-
-def find_sshd() -> str:
-    for candidate in (shutil.which("sshd"), "/usr/sbin/sshd"):
-        if candidate and Path(candidate).is_file():
-            return candidate
-    pytest.fail("openssh-server is not installed (.ci/run installs it: apt-get install openssh-server)")
 
 
 @pytest.fixture
 def sshd(tmp_path: Path) -> Iterator[dict[str, str]]:
     """A real sshd on 127.0.0.21-22 with generated host and client keys; stopped afterwards."""
     folder = tmp_path / "ssh"
-    folder.mkdir(mode=0o700)
-    for name in ("host_key", "client_key"):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(folder / name)], check=True)
-    (folder / "authorized_keys").write_text((folder / "client_key.pub").read_text())
+    make_keys(folder)
     (port,) = take_ports(["127.0.0.21"])
-    config = folder / "sshd_config"
-    config.write_text(
-        "\n".join(
-            [
-                f"Port {port}",
-                *(f"ListenAddress {h}" for h in SSH_HOSTS),
-                f"HostKey {folder / 'host_key'}",
-                f"AuthorizedKeysFile {folder / 'authorized_keys'}",
-                f"PidFile {folder / 'sshd.pid'}",
-                "PasswordAuthentication no",
-                "KbdInteractiveAuthentication no",
-                "PubkeyAuthentication yes",
-                "PermitRootLogin prohibit-password",
-                "StrictModes no",
-                "UsePAM no",
-                "",
-            ]
-        )
-    )
-    if os.geteuid() == 0:
-        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation directory
     host_public = (folder / "host_key.pub").read_text().split()
     (folder / "known_hosts").write_text(
         "".join(f"[{h}]:{port} {host_public[0]} {host_public[1]}\n" for h in SSH_HOSTS)
@@ -77,23 +45,8 @@ def sshd(tmp_path: Path) -> Iterator[dict[str, str]]:
     client_config.write_text(
         f"Host 127.0.0.*\n  UserKnownHostsFile {folder / 'known_hosts'}\n  StrictHostKeyChecking yes\n"
     )
-    daemon = subprocess.Popen([find_sshd(), "-D", "-e", "-f", str(config)], stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            with socket.socket() as probe:
-                if probe.connect_ex((SSH_HOSTS[0], port)) == 0:
-                    break
-            if daemon.poll() is not None:
-                pytest.fail(f"sshd did not start: {daemon.stderr.read() if daemon.stderr else ''}")
-            time.sleep(0.1)
+    with running_sshd(folder, port, SSH_HOSTS):
         yield {"port": str(port), "identity": str(folder / "client_key"), "config": str(client_config)}
-    finally:
-        daemon.terminate()
-        try:
-            daemon.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
 
 
 def test_up_and_down_through_ssh(sshd: dict[str, str], tmp_path: Path, tiny_models: dict[str, Path]) -> None:

@@ -10,7 +10,7 @@ from rich.live import Live
 
 from exoctl.cli.common import InventoryOption, open_cluster
 from exoctl.cli.options import JsonOption
-from exoctl.cli.output import console, out
+from exoctl.cli.output import console, err_console, out
 from exoctl.cli.render import links_table, nodes_table, state_view
 
 if TYPE_CHECKING:
@@ -76,10 +76,13 @@ def nodes(
     """Who is up: RAM, CPU, measured speed, device, version and runners of every node, and the
     links between them as measured (when a model is placed, or with --probe)."""
     out.mode(json_output)
+    failures: dict[str, str] = {}
     with open_cluster(inventory) as cluster:
         statuses = cluster.statuses()
         if probe:
-            statuses = cluster.measure_links(statuses, force=True)
+            statuses = cluster.measure_links(statuses, force=True, failures=failures)
+    for node, why in failures.items():
+        err_console.print(f"[yellow]warning:[/] node {node} could not measure its links: {why}")
     document = [
         {
             "node": s.node.name,

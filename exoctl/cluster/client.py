@@ -219,11 +219,14 @@ class Cluster:
                 result.append(NodeStatus(node, answer.profile, runners, downloads=downloads, events=events))
         return result
 
-    def measure_links(self, statuses: list[NodeStatus], force: bool = False) -> list[NodeStatus]:
+    def measure_links(
+        self, statuses: list[NodeStatus], force: bool = False, failures: dict[str, str] | None = None
+    ) -> list[NodeStatus]:
         """Have each up worker measure its links to the other up workers (those not measured since
         either started, or all with `force`), one worker at a time so that no two probes share a
         link; the statuses again, with the links in their profiles. A worker that fails to
-        measure a link leaves it unmeasured (placement then assumes it)."""
+        measure a link leaves it unmeasured (placement then assumes it); why goes in `failures`
+        by the measuring node's name."""
         up = [s for s in statuses if s.profile is not None]
         known = fresh_links(statuses)
         probed = False
@@ -239,8 +242,10 @@ class Cluster:
                 self.client(status.node.name).request(
                     ProbeLinks(targets), timeout=PROBE_TIMEOUT_S * len(targets)
                 )
-            except NodeError:
-                continue  # that worker's links stay unmeasured; `exoctl nodes --probe` says why
+            except NodeError as exc:
+                if failures is not None:  # that worker's links stay unmeasured
+                    failures[status.node.name] = exc.message
+                continue
             probed = True
         return self.statuses() if probed else statuses
 

@@ -36,7 +36,7 @@ ROWS, COLS = 2048, 4096  # each matrix: the shape of a 7B's projection, halved
 PASSES = 3  # the best of these (the first one faults pages in)
 
 
-def _best_pass(run: Callable[[], object], passes: int = PASSES) -> float:
+def best_pass(run: Callable[[], object], passes: int = PASSES) -> float:
     best = float("inf")
     for _ in range(passes):
         start = time.perf_counter()
@@ -75,7 +75,7 @@ def read_rate(fmt: str) -> float:
         for linear in linears:
             linear(x)
 
-    seconds = _best_pass(sweep)
+    seconds = best_pass(sweep)
     return sum(linear.nbytes for linear in linears) / seconds
 
 
@@ -83,7 +83,7 @@ def gemm_flops() -> float:
     """float32 GEMM's rate on a 256-row prompt chunk through a 2048-square matrix."""
     x, w = torch.full((256, 2048), 0.5), torch.full((2048, 2048), 0.01)
     F.linear(x, w)
-    seconds = _best_pass(lambda: F.linear(x, w))
+    seconds = best_pass(lambda: F.linear(x, w))
     return 2 * 256 * 2048 * 2048 / seconds
 
 
@@ -94,7 +94,7 @@ def call_seconds() -> float:
     for _ in range(20):
         linear(x)
     calls = 200
-    return _best_pass(lambda: [linear(x) for _ in range(calls)]) / calls
+    return best_pass(lambda: [linear(x) for _ in range(calls)]) / calls
 
 
 def measure() -> NodeSpeed:
